@@ -1,0 +1,45 @@
+# dpo_ray — the README's commands. Everything installs into .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+export DS_ACCELERATOR ?= cpu
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_TRAIN_V2_ENABLED ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast lint demo bench clean
+
+install: $(STAMP)
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first: deepspeed's build imports it. 2.13.0 is the CPU wheel served locally.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: install
+	$(VENV)/bin/pytest -q -x --durations=15 $(PYTEST_ARGS)
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check dpo_ray tests bench examples
+
+demo: install
+	$(PY) -m dpo_ray demo --output_dir demo_output
+
+bench: install
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) demo_output dpo_output .pytest_cache

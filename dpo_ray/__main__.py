@@ -1,0 +1,3 @@
+from dpo_ray.cli import main
+
+raise SystemExit(main())

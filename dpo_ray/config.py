@@ -1,0 +1,447 @@
+"""DPOConfig: one validated configuration for the whole run.
+
+Field names follow TRL's ``DPOConfig`` / ``transformers.TrainingArguments``; the sections ``ray``,
+``reference`` and ``deepspeed`` hold what TRL does not have. Every cross-field rule lives in
+``_cross_field_problems``; validation collects every problem and raises one ``ConfigError`` that lists
+them all, each naming the key as the user writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dpo_ray.losses import F_DIVERGENCES, LOSS_ALIASES, LOSSES, LossParams, canonical_loss_name
+
+TruncationMode = Literal["keep_start", "keep_end"]
+ReferenceSource = Literal["actor", "local", "precomputed", "adapter_off", "ref_adapter", "none"]
+SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+
+
+class ConfigError(ValueError):
+    """Invalid configuration. ``problems`` is a list of (key, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        lines = [f"  - {key}: {msg}" for key, msg in problems]
+        super().__init__(f"{len(problems)} configuration problem(s):\n" + "\n".join(lines))
+
+
+class _RuleViolations(Exception):
+    # Not a ValueError on purpose: pydantic lets it through unwrapped, so __init__ can re-raise the
+    # collected problems as one ConfigError with the keys intact.
+    def __init__(self, problems):
+        self.problems = problems
+
+
+def _problems_from_pydantic(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    out = []
+    for e in err.errors():
+        key = prefix + ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            out.append((key, "unknown key; check its spelling (`dpo-ray validate --help` lists every key)"))
+        else:
+            out.append((key, f"{e['msg']} (got {e.get('input')!r})"))
+    return out
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RayConfig(_Section):
+    """Where and how wide the run is."""
+
+    address: str | None = Field(None, description="Ray cluster address; None joins RAY_ADDRESS or starts a local Ray")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each)")
+    use_gpu: bool | None = Field(None, description="one GPU per worker; None = auto (GPU when the cluster has one)")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray resources per worker, e.g. {CPU: 0.5, policy_gpu: 1}; empty = auto (fractional CPU on CPU)",
+    )
+    num_cpus: float | None = Field(None, description="logical CPUs for a local Ray (default: 2× cores, at least 4)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1 = forever)")
+    storage_path: str | None = Field(None, description="Ray Train storage (shared path on clusters); default output_dir/ray")
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="runtime_env for a local ray.init")
+
+
+class ReferenceConfig(_Section):
+    """Where reference log-probs come from."""
+
+    source: ReferenceSource = Field(
+        "actor",
+        description="actor: Ray actor pool; local: frozen copy on each worker; precomputed: one pass before training; "
+        "adapter_off / ref_adapter: PEFT; none: reference-free",
+    )
+    model_name_or_path: str | None = Field(None, description="reference model dir; None = the policy's initial weights")
+    num_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+    node_label: dict[str, str] = Field(default_factory=dict, description="node labels the actors must land on")
+    prefetch_depth: int = Field(2, ge=0, description="reference requests in flight ahead of the trainer")
+    max_restarts: int = Field(3, ge=0, description="restarts per actor before the run fails")
+    max_task_retries: int = Field(3, ge=0, description="retries of a request whose actor died")
+    batch_size: int | None = Field(None, ge=1, description="pairs per actor forward (default: per_device batch)")
+    cache_dir: str | None = Field(None, description="precomputed cache dir; default ~/.cache/dpo_ray/ref_logps")
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: int = Field(0, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    overrides: dict[str, Any] = Field(default_factory=dict, description="merged last into the DeepSpeed dict")
+
+
+class DPOConfig(BaseModel):
+    """The run's configuration. Field names and defaults follow TRL 1.x DPOConfig / TrainingArguments."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # --- model (TRL's ModelConfig, folded in) ---
+    model_name_or_path: str | None = Field(None, description="model directory; None = the bundled tiny Llama")
+    ref_model_name_or_path: str | None = Field(None, description="alias of reference.model_name_or_path")
+    model_init_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra from_pretrained kwargs")
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    use_peft: bool = False
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_modules: list[str] | None = None
+    lora_modules_to_save: list[str] | None = None
+    peft_adapter_path: str | None = Field(None, description="start from this existing adapter directory")
+    load_in_4bit: bool = Field(False, description="QLoRA: 4-bit base via bitsandbytes (GPU only)")
+    model_adapter_name: str | None = None
+    ref_adapter_name: str | None = None
+    merge_adapter: bool = Field(False, description="also save a merged full model under output_dir/merged")
+    router_aux_loss_coef: float = Field(0.001, ge=0)
+    output_router_logits: bool = Field(False, description="MoE: add the router load-balancing loss")
+
+    # --- data ---
+    dataset_name: str | None = Field(None, description="file/glob/dir (jsonl, parquet, csv, save_to_disk) or hub name; None = bundled")
+    dataset_config: str | None = None
+    dataset_train_split: str = "train"
+    dataset_test_split: str | None = "test"
+    eval_dataset_name: str | None = None
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="held-out fraction when there is no eval split")
+    max_length: int | None = Field(1024, ge=1)
+    truncation_mode: TruncationMode = "keep_start"
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+    length_bucketing: bool = False
+    bucket_size_multiplier: int = Field(16, ge=1, description="rows per bucket pool = multiplier × batch size")
+    on_bad_row: Literal["raise", "skip"] = "raise"
+    dataset_num_proc: int | None = None
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+
+    # --- DPO ---
+    beta: float = Field(0.1, gt=0)
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
+    label_smoothing: float = Field(0.0, ge=0, le=1)
+    rpo_alpha: float | None = None
+    use_weighting: bool = False
+    ld_alpha: float | None = None
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = Field(1.0, gt=0)
+    discopop_tau: float = Field(0.05, gt=0)
+    reference_free: bool = False
+    precompute_ref_log_probs: bool = False
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = Field(0.6, ge=0, le=1)
+    ref_model_sync_steps: int = Field(512, ge=1)
+    use_logits_to_keep: bool = False
+
+    # --- TrainingArguments ---
+    output_dir: str = "dpo_output"
+    overwrite_output_dir: bool = False
+    learning_rate: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = Field(1.0, ge=0)
+    per_device_train_batch_size: int = Field(8, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_train_epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler_type: SchedulerType = "linear"
+    logging_steps: int = Field(10, ge=1)
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    eval_steps: int | None = Field(None, ge=1)
+    save_strategy: Literal["no", "steps", "epoch"] = "steps"
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int | None = Field(None, ge=1)
+    save_only_model: bool = False
+    resume_from_checkpoint: str | None = None
+    seed: int = 42
+    data_seed: int | None = None
+    bf16: bool | None = Field(None, description="None = auto: bf16 on GPU, fp32 on CPU")
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    disable_dropout: bool = True
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    run_name: str | None = None
+    dataloader_num_workers: int = 0
+
+    # --- sections ---
+    ray: RayConfig = Field(default_factory=RayConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    def __init__(self, **data):
+        if isinstance(data.get("loss_type"), str):
+            data["loss_type"] = [data["loss_type"]]
+        if isinstance(data.get("report_to"), str):
+            data["report_to"] = [data["report_to"]]
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(_problems_from_pydantic(e)) from None
+        except _RuleViolations as e:
+            raise ConfigError(e.problems) from None
+
+    @model_validator(mode="after")
+    def _check_rules(self):
+        problems = _cross_field_problems(self)
+        if problems:
+            raise _RuleViolations(problems)
+        # TRL spellings of the reference source resolve into the reference section.
+        if self.reference_free:
+            self.reference.source = "none"
+        elif self.precompute_ref_log_probs:
+            self.reference.source = "precomputed"
+        if self.ref_model_name_or_path and not self.reference.model_name_or_path:
+            self.reference.model_name_or_path = self.ref_model_name_or_path
+        self.loss_type = [canonical_loss_name(n) for n in self.loss_type]
+        return self
+
+    # --- derived values: one source for the batch arithmetic ---
+    def loss_params(self) -> LossParams:
+        return LossParams(self.beta, self.label_smoothing, self.discopop_tau, self.f_divergence_type,
+                          self.f_alpha_divergence_coef)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.reference.source != "none" and any(LOSSES[n].needs_reference for n in self.loss_type)
+
+    def global_batch_size(self, world_size: int) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
+
+    def use_bf16(self, on_gpu: bool) -> bool:
+        return on_gpu if self.bf16 is None else self.bf16
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
+    p: list[tuple[str, str]] = []
+    known = sorted(set(LOSSES) | set(LOSS_ALIASES))
+    names = []
+    for raw in c.loss_type:
+        name = canonical_loss_name(raw)
+        if name not in LOSSES:
+            p.append(("loss_type", f"{raw!r} is not a known loss; choose from {', '.join(known)}"))
+        else:
+            names.append(name)
+    if not c.loss_type:
+        p.append(("loss_type", "needs at least one loss; e.g. --loss_type sigmoid"))
+    if c.loss_weights is not None and len(c.loss_weights) != len(c.loss_type):
+        p.append(("loss_weights", f"has {len(c.loss_weights)} value(s) but loss_type has {len(c.loss_type)}; "
+                                  "give one weight per loss, in the same order"))
+    eps = c.label_smoothing
+    if "exo_pair" in names and eps <= 0:
+        p.append(("label_smoothing", "loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3); "
+                                     "e.g. --label_smoothing 0.001"))
+    if "exo_pair" in names and eps >= 1:
+        p.append(("label_smoothing", "exo_pair needs label_smoothing < 1"))
+    if "robust" in names and not 0 <= eps < 0.5:
+        p.append(("label_smoothing", f"loss_type robust needs 0 <= label_smoothing < 0.5 (got {eps})"))
+    if c.f_divergence_type not in F_DIVERGENCES:
+        p.append(("f_divergence_type", f"{c.f_divergence_type!r} is not one of {', '.join(F_DIVERGENCES)}"))
+    elif c.f_divergence_type != "reverse_kl":
+        bad = [n for n in names if not LOSSES[n].uses_margin and n != "sft"]
+        if bad:
+            ok = sorted(n for n, s in LOSSES.items() if s.uses_margin)
+            p.append(("f_divergence_type", f"{c.f_divergence_type} replaces the margin d, which {', '.join(bad)} "
+                                           f"do(es) not use; use it only with {', '.join(ok)} (or sft)"))
+    if c.use_weighting and {"aot", "aot_unpaired"} & set(names):
+        p.append(("use_weighting", "WPO weights are per pair, but aot/aot_unpaired sort pairs across the batch; "
+                                   "turn off use_weighting or choose another loss"))
+    if c.ld_alpha is not None and not 0 <= c.ld_alpha <= 1:
+        p.append(("ld_alpha", f"must be in [0, 1] (got {c.ld_alpha}); the LD-DPO paper uses 0.3-0.7"))
+    if c.rpo_alpha is not None and c.rpo_alpha < 0:
+        p.append(("rpo_alpha", f"must be >= 0 (got {c.rpo_alpha}); the RPO paper uses 1.0"))
+    src = "none" if c.reference_free else "precomputed" if c.precompute_ref_log_probs else c.reference.source
+    if c.reference_free and c.precompute_ref_log_probs:
+        p.append(("precompute_ref_log_probs", "a reference-free run has no reference to precompute; drop one of them"))
+    if c.sync_ref_model and src not in ("actor", "local"):
+        p.append(("sync_ref_model", f"TR-DPO updates a reference model, but reference.source is {src!r}; "
+                                    "use reference.source actor or local (not precomputed/adapter/none)"))
+    if src in ("adapter_off", "ref_adapter") and not c.use_peft and not c.peft_adapter_path:
+        p.append(("reference.source", f"{src} needs a PEFT model; set use_peft: true (or peft_adapter_path)"))
+    if src == "ref_adapter" and not (c.ref_adapter_name and c.model_adapter_name):
+        p.append(("ref_adapter_name", "reference.source ref_adapter needs model_adapter_name and ref_adapter_name"))
+    if c.ref_adapter_name and src not in ("ref_adapter",):
+        p.append(("reference.source", "ref_adapter_name is set; set reference.source: ref_adapter to use it"))
+    if c.bf16 and c.fp16:
+        p.append(("fp16", "bf16 and fp16 are both on; choose one"))
+    if c.deepspeed.offload_param and c.deepspeed.zero_stage != 3:
+        p.append(("deepspeed.offload_param", "parameter offload needs deepspeed.zero_stage 3"))
+    if c.deepspeed.offload_optimizer and c.deepspeed.zero_stage == 0:
+        p.append(("deepspeed.offload_optimizer", "optimizer offload needs deepspeed.zero_stage >= 1"))
+    if c.load_in_4bit and not c.use_peft:
+        p.append(("load_in_4bit", "a 4-bit base cannot be trained directly; set use_peft: true (QLoRA)"))
+    if c.load_in_4bit and c.deepspeed.zero_stage == 3:
+        p.append(("load_in_4bit", "4-bit weights cannot be sharded by ZeRO-3; use deepspeed.zero_stage <= 2"))
+    if c.eval_strategy == "steps" and c.eval_steps is None:
+        pass  # falls back to logging_steps, as TrainingArguments does
+    if c.max_steps == 0 or c.max_steps < -1:
+        p.append(("max_steps", f"must be -1 (use num_train_epochs) or a positive step count (got {c.max_steps})"))
+    if c.max_length is not None and c.max_length < 2:
+        p.append(("max_length", "must leave room for a prompt and a completion token (>= 2)"))
+    return p
+
+
+def deepspeed_config(cfg: DPOConfig, world_size: int, on_gpu: bool) -> dict:
+    """The DeepSpeed dict, derived from the config (the only place batch arithmetic is written)."""
+    micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+    }
+    zero = ds["zero_optimization"]
+    if cfg.deepspeed.zero_stage >= 1 and cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if cfg.deepspeed.zero_stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True,
+                     "stage3_param_persistence_threshold": 1e4})
+        if cfg.deepspeed.offload_param:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    if cfg.use_bf16(on_gpu):
+        ds["bf16"] = {"enabled": True}
+    elif cfg.fp16:
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    _deep_merge(ds, cfg.deepspeed.overrides)
+    return ds
+
+
+def _deep_merge(base: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+
+
+# ---------------------------------------------------------------- loading: YAML + TRL-style flags
+
+def _is_list(annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation) if a is not type(None))
+    return origin is list
+
+
+def _is_bool(annotation) -> bool:
+    if annotation is bool:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return bool in typing.get_args(annotation)
+    return False
+
+
+def _is_dict(annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_dict(a) for a in typing.get_args(annotation) if a is not type(None))
+    return origin is dict
+
+
+def _flag_fields() -> dict[str, tuple[str, Any, str]]:
+    """Flag name -> (dotted key, annotation, help) for every field, sections as --section.key."""
+    out = {}
+    for name, f in DPOConfig.model_fields.items():
+        if isinstance(f.default_factory, type) and issubclass(f.default_factory, _Section):
+            for sub, sf in f.default_factory.model_fields.items():
+                out[f"{name}.{sub}"] = (f"{name}.{sub}", sf.annotation, sf.description or "")
+        else:
+            out[name] = (name, f.annotation, f.description or "")
+    return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with DPOConfig keys; flags override it")
+    group = parser.add_argument_group("DPOConfig (TRL spelling; sections as --ray.num_workers)")
+    for flag, (key, ann, help_) in _flag_fields().items():
+        kwargs: dict[str, Any] = {"dest": "cfg::" + key, "default": argparse.SUPPRESS, "help": help_ or None}
+        if _is_list(ann):
+            kwargs["nargs"] = "+"
+        elif _is_bool(ann):
+            kwargs.update(nargs="?", const="true")
+        group.add_argument(f"--{flag}", **kwargs)
+
+
+def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
+    fields = _flag_fields()
+    out: dict[str, Any] = {}
+    for dest, value in vars(ns).items():
+        if not dest.startswith("cfg::"):
+            continue
+        key = dest[5:]
+        if _is_dict(fields[key][1]) and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError([(key, f"expects a JSON object, e.g. '{{\"CPU\": 0.5}}' (got {value!r})")]) from None
+        if isinstance(value, str) and value.lower() in ("none", "null") and key not in ("loss_type",):
+            value = None
+        _set_dotted(out, key, value)
+    return out
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        d = d.setdefault(part, {})
+    d[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DPOConfig:
+    """YAML file (optional) + overrides (flags win) -> validated DPOConfig."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError([("config", f"file {path} not found")]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([("config", f"{path} is not valid YAML: {e}")]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError([("config", f"{path} must hold a mapping of DPOConfig keys")])
+        data = loaded
+    for k, v in (overrides or {}).items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k] = {**data[k], **v}
+        else:
+            data[k] = v
+    return DPOConfig(**data)
