@@ -1,0 +1,126 @@
+"""``dpo-ray`` (same as ``python -m dpo_ray``): train | sft | validate | demo | inspect-data.
+
+Flags are TRL's script flags (``--model_name_or_path``, ``--dataset_name``, ``--beta``, ...) plus
+``--config FILE.yaml``; flags override the file. Sections use dots: ``--ray.num_workers 2``.
+Exit status: 0 ok, 1 run failed / checks failed, 2 bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from dpo_ray.config import ConfigError, DPOConfig, add_config_arguments, deepspeed_config, load_config, overrides_from_args
+
+# The embedded default of `dpo-ray demo` (and examples/tiny_demo.yaml): SFT then DPO on the bundled task.
+DEMO_SFT = {"learning_rate": 3e-3, "num_train_epochs": 4, "per_device_train_batch_size": 32,
+            "logging_steps": 10, "warmup_ratio": 0.05, "lr_scheduler_type": "cosine", "save_strategy": "no",
+            "eval_strategy": "no", "reference": {"source": "none"}}
+DEMO_DPO = {"learning_rate": 5e-4, "beta": 0.1, "num_train_epochs": 1, "per_device_train_batch_size": 16,
+            "logging_steps": 10, "eval_strategy": "steps", "eval_steps": 40, "warmup_ratio": 0.05,
+            "lr_scheduler_type": "cosine", "save_strategy": "no"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpo-ray", description="DPO and its loss family on Ray Train + DeepSpeed")
+    sub = p.add_subparsers(dest="command", required=True)
+    specs = {
+        "train": "run DPO (or any loss of the family) on Ray",
+        "sft": "supervised fine-tuning on the chosen completions (the stage before DPO)",
+        "validate": "print the resolved config and the DeepSpeed dict, or every config error (exit 2)",
+        "demo": "SFT then DPO on the bundled task and tiny model; prints metrics and task accuracy",
+        "inspect-data": "preflight report on a preference dataset, before any training resources are taken",
+    }
+    for name, help_ in specs.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        add_config_arguments(sp)
+        sp.add_argument("--address", help="Ray cluster address (same as --ray.address; default RAY_ADDRESS)")
+        if name == "validate":
+            sp.add_argument("--world_size", type=int, default=None, help="workers for the DeepSpeed dict")
+        if name == "inspect-data":
+            sp.add_argument("--report_dir", default=None, help="where the JSON + PNG report goes")
+            sp.add_argument("--max_rows", type=int, default=None, help="inspect only the first N rows")
+    return p
+
+
+def _resolve(ns: argparse.Namespace, extra: dict[str, Any] | None = None) -> DPOConfig:
+    overrides = overrides_from_args(ns)
+    if getattr(ns, "address", None):
+        overrides.setdefault("ray", {})["address"] = ns.address
+    merged: dict[str, Any] = {}
+    for src in (extra or {}), overrides:
+        for k, v in src.items():
+            merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return load_config(ns.config, merged)
+
+
+def cmd_validate(ns) -> int:
+    cfg = _resolve(ns)
+    world = ns.world_size or cfg.ray.num_workers
+    print("# resolved DPOConfig")
+    print(cfg.to_yaml())
+    print(f"# DeepSpeed config (world_size={world}, CPU; on GPU bf16 turns on unless bf16: false)")
+    print(json.dumps(deepspeed_config(cfg, world, on_gpu=False), indent=2))
+    return 0
+
+
+def cmd_train(ns, mode: str) -> int:
+    from dpo_ray.trainer import DPOTrainer
+
+    extra = {"reference": {"source": "none"}} if mode == "sft" else None
+    cfg = _resolve(ns, extra)
+    out = DPOTrainer(args=cfg, mode=mode).train()
+    print_summary(out)
+    return 0
+
+
+def print_summary(out) -> None:
+    print(f"\n== {out.report['mode']} finished: {out.report['steps']} steps, {out.report['pairs']} "
+          f"{'pairs' if out.report['mode'] == 'dpo' else 'sequences'}, {out.report['tokens']} tokens, "
+          f"{out.report['wall_time_s']} s")
+    rows = {**out.metrics, **out.eval_metrics}
+    for k in sorted(rows):
+        if k != "step" and isinstance(rows[k], (int, float)):
+            print(f"  {k:<28} {rows[k]:.6g}")
+    if out.report.get("data"):
+        print(f"  data: {json.dumps(out.report['data'])}")
+    print(f"  outputs: {out.output_dir} (model, tokenizer, dpo_config.yaml, metrics.jsonl, metrics.png, report.json)")
+
+
+def cmd_demo(ns) -> int:
+    from pathlib import Path
+
+    from dpo_ray.demo import run_demo
+
+    overrides = overrides_from_args(ns)
+    return run_demo(Path(overrides.pop("output_dir", "demo_output")), overrides, config_file=ns.config)
+
+
+def cmd_inspect(ns) -> int:
+    from dpo_ray.inspect import run_inspect
+
+    cfg = _resolve(ns)
+    return run_inspect(cfg, report_dir=ns.report_dir, max_rows=ns.max_rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        if ns.command == "validate":
+            return cmd_validate(ns)
+        if ns.command in ("train", "sft"):
+            return cmd_train(ns, ns.command)
+        if ns.command == "demo":
+            return cmd_demo(ns)
+        if ns.command == "inspect-data":
+            return cmd_inspect(ns)
+    except ConfigError as e:
+        print(f"dpo-ray {ns.command}: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

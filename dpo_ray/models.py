@@ -1,0 +1,105 @@
+"""Building policy and reference models: from a directory, from a config (the tiny default), or from a
+state shipped through the Ray object store. No Ray, no DeepSpeed here."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpo_ray.config import DPOConfig
+
+# The embedded default: a Llama small enough to train in CPU minutes (≈1.2 M parameters + embeddings).
+TINY_LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tiny_llama_config(tokenizer, **overrides):
+    from transformers import LlamaConfig
+
+    params = {**TINY_LLAMA, **overrides}
+    return LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **params)
+
+
+def model_dtype(cfg: DPOConfig, on_gpu: bool) -> torch.dtype | str:
+    """Weights dtype: explicit torch_dtype wins; else fp32 master weights (DeepSpeed casts for bf16/fp16)."""
+    if cfg.torch_dtype in _DTYPES:
+        return _DTYPES[cfg.torch_dtype]
+    if cfg.torch_dtype == "auto":
+        return "auto"
+    return torch.float32
+
+
+def from_pretrained_kwargs(cfg: DPOConfig, on_gpu: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": model_dtype(cfg, on_gpu), "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    kwargs.update(cfg.model_init_kwargs)
+    return kwargs
+
+
+def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer, *, on_gpu: bool = False) -> nn.Module:
+    """A causal LM from a directory path, a shipped ``{"config", "state_dict"}`` dict, or None (tiny default).
+
+    The tiny default is initialised from ``cfg.seed`` so every worker (and the reference) starts identical.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if source is None:
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer), dtype=torch.float32)
+    elif isinstance(source, dict):
+        model = AutoModelForCausalLM.from_config(source["config"], dtype=torch.float32)
+        model.load_state_dict(source["state_dict"])
+    else:
+        if not Path(source).is_dir():
+            raise FileNotFoundError(
+                f"model_name_or_path={source!r} is not a directory. dpo_ray loads models from disk only "
+                "(no hub access at run time): download or save_pretrained the model and pass its directory."
+            )
+        model = AutoModelForCausalLM.from_pretrained(source, **from_pretrained_kwargs(cfg, on_gpu))
+    if cfg.output_router_logits:
+        if not hasattr(model.config, "router_aux_loss_coef") and not hasattr(model.config, "output_router_logits"):
+            raise ValueError(
+                f"output_router_logits=true needs a mixture-of-experts model, but {type(model).__name__} has no "
+                "router; turn output_router_logits off for dense models."
+            )
+        model.config.output_router_logits = True
+        model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, 0.0)
+
+
+def prepare_policy(model: nn.Module, cfg: DPOConfig) -> nn.Module:
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def shippable(model: nn.Module) -> dict:
+    """A model as {config, state_dict} on CPU, for ray.put to workers and reference actors."""
+    return {"config": model.config, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}

@@ -1,0 +1,141 @@
+"""The reference interface the worker loop uses, and the sources that live on the worker.
+
+A ``ReferenceClient`` turns a collated batch into (ref_chosen, ref_rejected) log-probs, each (B,)
+float32 on CPU. ``submit`` may start work ahead of use (the actor pool does); ``result`` blocks.
+
+TR-DPO and prefetch: each client has a ``version`` that a weight sync bumps. A request submitted under
+an older version is discarded and submitted again, so every micro-batch consumed after the sync at
+optimizer step s sees the mixed weights, whatever was in flight. The outcome is deterministic and the
+same for every source.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from dpo_ray.train.forward import reference_logps
+
+
+class ReferenceClient(Protocol):
+    version: int
+
+    def submit(self, batch: dict[str, Tensor]) -> Any: ...
+
+    def result(self, handle: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]: ...
+
+    def sync_from(self, policy: nn.Module, alpha: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def prefetched(batches: Iterable[dict[str, Tensor]], client: ReferenceClient, depth: int
+               ) -> Iterator[tuple[dict[str, Tensor], Tensor, Tensor]]:
+    """Yield (batch, ref_chosen, ref_rejected), keeping ``depth`` reference requests in flight ahead."""
+    pending: deque[tuple[dict, Any, int]] = deque()
+    it = iter(batches)
+    exhausted = False
+    while True:
+        while not exhausted and len(pending) <= depth:
+            batch = next(it, None)
+            if batch is None:
+                exhausted = True
+                break
+            pending.append((batch, client.submit(batch), client.version))
+        if not pending:
+            return
+        batch, handle, version = pending.popleft()
+        if version != client.version:  # weights changed since this request left: ask again
+            handle = client.submit(batch)
+        ref_chosen, ref_rejected = client.result(handle, batch)
+        yield batch, ref_chosen, ref_rejected
+        # re-submit stale in-flight requests early so the new weights' work overlaps the step
+        for i, (b, h, v) in enumerate(pending):
+            if v != client.version:
+                pending[i] = (b, client.submit(b), client.version)
+
+
+class NoReference:
+    """Reference-free: log-ratios are the policy log-probs themselves (ref log-probs = 0)."""
+
+    version = 0
+
+    def submit(self, batch):
+        return None
+
+    def result(self, handle, batch):
+        b = batch["input_ids"].shape[0] // 2
+        return torch.zeros(b), torch.zeros(b)
+
+    def sync_from(self, policy, alpha):
+        raise RuntimeError("sync_ref_model needs a reference model; reference.source is 'none'")
+
+    def close(self):
+        pass
+
+
+class PrecomputedReference(NoReference):
+    """Reference log-probs that the data pipeline attached as columns (reference.source: precomputed)."""
+
+    def result(self, handle, batch):
+        if "ref_chosen_logps" not in batch:
+            raise RuntimeError("reference.source is 'precomputed' but the batch carries no ref_chosen_logps column")
+        return batch["ref_chosen_logps"].float().cpu(), batch["ref_rejected_logps"].float().cpu()
+
+    def sync_from(self, policy, alpha):
+        raise RuntimeError("sync_ref_model cannot update precomputed reference log-probs")
+
+
+class LocalReference:
+    """A frozen copy of the model on the worker, run synchronously (reference.source: local).
+
+    Under ZeRO-3 ``model`` is a DeepSpeed inference engine sharded like the policy, so its forward
+    gathers parameters the same way and the TR-DPO mix works shard by shard.
+    """
+
+    version = 0
+
+    def __init__(self, model: nn.Module, device: torch.device, ld_alpha: float | None = None):
+        self.model, self.device, self.ld_alpha = model, device, ld_alpha
+
+    def submit(self, batch):
+        return None  # computed when asked: nothing to overlap on the same device
+
+    def result(self, handle, batch):
+        on_device = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                                               "completion_mask")}
+        chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.ld_alpha)
+        return chosen.cpu(), rejected.cpu()
+
+    @torch.no_grad()
+    def sync_from(self, policy: nn.Module, alpha: float) -> None:
+        mix_into(self.model, policy, alpha)
+        self.version += 1
+
+    def close(self):
+        pass
+
+
+@torch.no_grad()
+def mix_into(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
+    """π_ref ← α·π_θ + (1-α)·π_ref (TR-DPO, arXiv 2404.09656), parameter by parameter.
+
+    ZeRO-3 parameters are mixed on their local shards (``ds_tensor``): policy and reference are
+    partitioned identically, so no gather is needed.
+    """
+    ref_params = dict(reference.named_parameters())
+    for name, p in policy.named_parameters():
+        name = name.removeprefix("module.")
+        r = ref_params.get(name) or ref_params.get("module." + name)
+        if r is None:
+            raise KeyError(f"TR-DPO sync: reference has no parameter {name!r}; is it the same architecture?")
+        src = getattr(p, "ds_tensor", None)
+        dst = getattr(r, "ds_tensor", None)
+        if src is not None and dst is not None:
+            dst.mul_(1 - alpha).add_(src.to(dst.dtype), alpha=alpha)
+        else:
+            r.data.mul_(1 - alpha).add_(p.data.to(r.dtype), alpha=alpha)

@@ -1,0 +1,279 @@
+"""The driver API: ``DPOTrainer(model=..., args=DPOConfig(...), train_dataset=..., processing_class=...).train()``.
+
+Builds the Ray Data pipeline, the reference source, and a Ray Train ``TorchTrainer`` whose workers run
+``dpo_ray.train.loop.train_loop_per_worker``; then writes the outputs (metrics, plot, report, config).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpo_ray.config import DPOConfig
+
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+@dataclass
+class TrainOutput:
+    """What ``train()`` returns: the last logged metrics, every logged row, and the final report."""
+
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    report: dict[str, Any]
+    output_dir: str
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def init_ray(cfg: DPOConfig) -> None:
+    """Join ``ray.address`` / RAY_ADDRESS when given; otherwise start an in-process local Ray.
+
+    A local Ray gets more logical CPUs than cores (2× cores, at least 8): workers, reference actors and
+    Ray Data tasks request fractions, and on a 2-core box exact accounting starves Ray Data (FACTS).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {**WORKER_ENV, **cfg.ray.runtime_env.get("env_vars", {})}
+    runtime_env = {**cfg.ray.runtime_env, "env_vars": env}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        cpus = cfg.ray.num_cpus or max(8, 2 * (os.cpu_count() or 1))
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+
+
+def _cluster_has_gpu() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+class DPOTrainer:
+    """TRL-shaped driver. ``mode="sft"`` runs the supervised stage on the same machinery.
+
+    model: a directory path, an in-memory ``PreTrainedModel`` (shipped through the object store), or None
+    (``args.model_name_or_path``, else the bundled tiny Llama). ref_model: a directory or in-memory model
+    for the reference (default: the policy's initial weights). processing_class: a tokenizer (default:
+    loaded from the model directory, else the bundled one).
+    """
+
+    def __init__(self, model=None, ref_model=None, args: DPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, peft_config=None, mode: str = "dpo"):
+        self.args = args or DPOConfig()
+        if mode not in ("dpo", "sft"):
+            raise ValueError(f"mode={mode!r}: choose 'dpo' or 'sft'")
+        self.mode = mode
+        self.model = model if model is not None else self.args.model_name_or_path
+        self.ref_model = ref_model
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.processing_class = processing_class
+        if peft_config is not None:  # a peft.LoraConfig, TRL style: fold it into the config
+            self.args = _apply_peft_config(self.args, peft_config)
+
+    # ---------------------------------------------------------------------------------------- train
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
+        import ray
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        from dpo_ray.data import build_datasets, load_tokenizer
+        from dpo_ray.train.loop import train_loop_per_worker
+
+        cfg = self.args
+        t0 = time.perf_counter()
+        init_ray(cfg)
+        out = Path(cfg.output_dir).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else _cluster_has_gpu()
+
+        tokenizer = self.processing_class or load_tokenizer(
+            self.model if isinstance(self.model, str) else cfg)
+        prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
+        world = cfg.ray.num_workers
+        micro_per_epoch = prepared.num_train_rows_estimate // (world * cfg.per_device_train_batch_size)
+        if micro_per_epoch < cfg.gradient_accumulation_steps:
+            raise ValueError(
+                f"the training set (~{prepared.num_train_rows_estimate} rows) is too small for one optimizer "
+                f"step with {world} workers × per_device_train_batch_size {cfg.per_device_train_batch_size} × "
+                f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}; lower one of them")
+        steps_per_epoch = micro_per_epoch // cfg.gradient_accumulation_steps
+        if cfg.max_steps > 0:
+            total_steps = cfg.max_steps
+            num_epochs = math.ceil(total_steps / steps_per_epoch)
+        else:
+            total_steps = max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+            num_epochs = math.ceil(cfg.num_train_epochs)
+
+        model_source: Any = self.model
+        if model_source is not None and not isinstance(model_source, str):
+            from dpo_ray.models import shippable
+
+            model_source = ray.put(shippable(model_source))
+        loop_config: dict[str, Any] = {
+            "cfg": cfg.model_dump(mode="json"), "mode": self.mode, "tokenizer": tokenizer, "model": model_source,
+            "total_steps": total_steps, "num_epochs": num_epochs, "micro_per_epoch": micro_per_epoch,
+        }
+        pool = None
+        if self.mode == "dpo" and cfg.needs_reference:
+            pool = self._reference_setup(cfg, model_source, tokenizer, prepared, loop_config, use_gpu)
+
+        resume = _find_checkpoint(resume_from_checkpoint or cfg.resume_from_checkpoint, out)
+        _prepare_metrics_file(out, resume)
+        (out / "dpo_config.yaml").write_text(cfg.to_yaml())
+
+        datasets = {"train": prepared.train}
+        if prepared.eval is not None:
+            datasets["eval"] = prepared.eval
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=world, use_gpu=use_gpu, resources_per_worker=_worker_resources(cfg, use_gpu),
+                placement_strategy=cfg.ray.placement_strategy),
+            run_config=ray.train.RunConfig(
+                name=cfg.run_name or f"dpo_ray-{self.mode}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(Path(cfg.ray.storage_path or out / "ray_results").resolve()),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.save_total_limit),
+                worker_runtime_env={"env_vars": _worker_env(use_gpu)},
+            ),
+            datasets=datasets,
+            resume_from_checkpoint=resume,
+        )
+        try:
+            result = trainer.fit()
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        if getattr(result, "error", None) is not None:
+            raise result.error
+        history = _read_metrics(out / "metrics.jsonl")
+        report = self._final_report(cfg, history, prepared, time.perf_counter() - t0, out)
+        train_rows = [r for r in history if "loss" in r]
+        eval_rows = [r for r in history if any(k.startswith("eval_") for k in r)]
+        if history:
+            from dpo_ray.plotting import plot_metrics
+
+            plot_metrics(history, out / "metrics.png")
+        return TrainOutput(metrics=train_rows[-1] if train_rows else {}, history=history, report=report,
+                           output_dir=str(out), eval_metrics=eval_rows[-1] if eval_rows else {})
+
+    # ------------------------------------------------------------------------------------- helpers
+    def _reference_setup(self, cfg, model_source, tokenizer, prepared, loop_config, use_gpu):
+        """Start the reference actor pool, or run the precompute pass; returns what to shut down after."""
+        source = cfg.reference.source
+        ref_source = self.ref_model if self.ref_model is not None else cfg.reference.model_name_or_path
+        if ref_source is not None and not isinstance(ref_source, str):
+            import ray
+
+            from dpo_ray.models import shippable
+
+            ref_source = ray.put(shippable(ref_source))
+        if ref_source is None:
+            ref_source = model_source
+        if source == "actor":
+            from dpo_ray.reference.pool import ReferencePool
+
+            pool = ReferencePool.create(cfg, ref_source, tokenizer)
+            loop_config["reference_pool"] = pool.handles()
+            return pool
+        if source == "precomputed":
+            from dpo_ray.reference.precompute import attach_reference_logps
+
+            prepared.train = attach_reference_logps(prepared.train, cfg, ref_source, tokenizer, split="train")
+            if prepared.eval is not None:
+                prepared.eval = attach_reference_logps(prepared.eval, cfg, ref_source, tokenizer, split="eval")
+        elif source == "local" and ref_source is not model_source:
+            loop_config["ref_model"] = ref_source
+        return None
+
+    def _final_report(self, cfg, history, prepared, wall, out: Path) -> dict[str, Any]:
+        state_file = out / "train_state.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        report = {
+            "mode": self.mode,
+            "steps": state.get("global_step"),
+            "pairs": state.get("pairs_seen"),
+            "tokens": state.get("tokens_seen"),
+            "wall_time_s": round(wall, 2),
+            "data": prepared.stats.report() if prepared.stats is not None else {},
+            "final_metrics": next((r for r in reversed(history) if "loss" in r), {}),
+            "final_eval_metrics": next((r for r in reversed(history) if any(k.startswith("eval_") for k in r)), {}),
+        }
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        return report
+
+
+def _worker_resources(cfg: DPOConfig, use_gpu: bool) -> dict[str, float]:
+    if cfg.ray.resources_per_worker:
+        return dict(cfg.ray.resources_per_worker)
+    return {"CPU": 2, "GPU": 1} if use_gpu else {"CPU": 0.5}
+
+
+def _worker_env(use_gpu: bool) -> dict[str, str]:
+    env = dict(WORKER_ENV)
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def _find_checkpoint(resume, out: Path):
+    """resume_from_checkpoint: a checkpoint directory, or True/'latest' for the newest under output_dir."""
+    import ray.train
+
+    if not resume:
+        return None
+    if resume is True or str(resume).lower() in ("true", "latest"):
+        found = sorted((out / "ray_results").glob("*/checkpoint-*"), key=lambda p: p.name)
+        if not found:
+            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint under {out / 'ray_results'}")
+        resume = found[-1]
+    path = Path(resume)
+    if not (path / "trainer_state.json").exists():
+        raise FileNotFoundError(f"resume_from_checkpoint={resume}: not a dpo_ray checkpoint (no trainer_state.json)")
+    return ray.train.Checkpoint.from_directory(str(path))
+
+
+def _prepare_metrics_file(out: Path, resume) -> None:
+    """A fresh run starts a fresh metrics.jsonl; a resumed one keeps the rows up to its checkpoint."""
+    path = out / "metrics.jsonl"
+    for stale in ("train_state.json", "report.json"):
+        (out / stale).unlink(missing_ok=True)
+    if not path.exists():
+        return
+    if resume is None:
+        path.unlink()
+        return
+    step = json.loads(Path(resume.path, "trainer_state.json").read_text())["global_step"]
+    kept = [r for r in _read_metrics(path) if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _apply_peft_config(cfg: DPOConfig, peft_config) -> DPOConfig:
+    update = {"use_peft": True, "lora_r": peft_config.r, "lora_alpha": peft_config.lora_alpha,
+              "lora_dropout": peft_config.lora_dropout}
+    if peft_config.target_modules:
+        update["lora_target_modules"] = sorted(peft_config.target_modules)
+    if peft_config.modules_to_save:
+        update["lora_modules_to_save"] = list(peft_config.modules_to_save)
+    return DPOConfig(**{**cfg.model_dump(), **update})
