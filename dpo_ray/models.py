@@ -40,6 +40,11 @@ def from_pretrained_kwargs(cfg: DPOConfig, on_gpu: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": model_dtype(cfg, on_gpu), "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.load_in_4bit:
+        from dpo_ray.peft_utils import quantization_config
+
+        kwargs["quantization_config"] = quantization_config(cfg)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     kwargs.update(cfg.model_init_kwargs)
     return kwargs
 
@@ -63,7 +68,14 @@ def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer, *, on_g
                 f"model_name_or_path={source!r} is not a directory. dpo_ray loads models from disk only "
                 "(no hub access at run time): download or save_pretrained the model and pass its directory."
             )
-        model = AutoModelForCausalLM.from_pretrained(source, **from_pretrained_kwargs(cfg, on_gpu))
+        if (Path(source) / "adapter_config.json").exists() and not (Path(source) / "config.json").exists():
+            # an adapter directory: its base model with the adapter merged in (e.g. a PEFT reference model)
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(source, **from_pretrained_kwargs(cfg, on_gpu))
+            model = model.merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **from_pretrained_kwargs(cfg, on_gpu))
     if cfg.output_router_logits:
         if not hasattr(model.config, "router_aux_loss_coef") and not hasattr(model.config, "output_router_logits"):
             raise ValueError(

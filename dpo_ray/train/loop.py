@@ -309,7 +309,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 loss, metrics = sft_step(engine.module, cfg, _to(item, device))
             nonfinite |= ~torch.isfinite(loss.detach())
             boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(loss)
+            engine.backward(loss)  # at a boundary this also all-reduces the gradients
+            stage0_norm = _stage0_grad_norm(engine) if boundary and cfg.deepspeed.zero_stage == 0 else None
             engine.step()
             acc.add(metrics)
             state.micro_in_epoch += 1
@@ -317,7 +318,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             state.global_step += 1
             step = state.global_step
-            grad_norm = _grad_norm(engine)
+            grad_norm = stage0_norm if stage0_norm is not None else _grad_norm(engine)
             if bool(nonfinite) or (grad_norm is not None and not math.isfinite(grad_norm)):
                 raise NonFiniteError(
                     f"loss or gradient norm is not finite at step {step} (grad_norm={grad_norm}); lower "
@@ -386,6 +387,14 @@ def _skip(batches, n: int):
         if next(it, None) is None:
             break
     return it
+
+
+def _stage0_grad_norm(engine) -> float | None:
+    """ZeRO-0 engines with a client optimizer don't record the global norm; the grads are already reduced."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def _grad_norm(engine) -> float | None:
