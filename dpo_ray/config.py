@@ -210,7 +210,11 @@ class DPOConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise ConfigError(_problems_from_pydantic(e)) from None
+            problems = _problems_from_pydantic(e)
+            # The cross-field rules never ran; run them on the valid part so one error lists everything.
+            reported = {key for key, _ in problems}
+            problems += [pr for pr in _rule_problems(_without_invalid(data, e)) if pr[0] not in reported]
+            raise ConfigError(problems) from None
         except _RuleViolations as e:
             raise ConfigError(e.problems) from None
 
@@ -242,10 +246,35 @@ class DPOConfig(BaseModel):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
 
     def use_bf16(self, on_gpu: bool) -> bool:
-        return on_gpu if self.bf16 is None else self.bf16
+        # auto (None) means bf16 on GPU, unless the user asked for fp16 instead
+        return on_gpu and not self.fp16 if self.bf16 is None else self.bf16
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+_SECTIONS = ("ray", "reference", "deepspeed")
+
+
+def _without_invalid(data: dict[str, Any], err: ValidationError) -> dict[str, Any]:
+    """``data`` minus every key pydantic rejected: a section's bad sub-key, else the top-level key."""
+    out = {k: dict(v) if k in _SECTIONS and isinstance(v, dict) else v for k, v in data.items()}
+    for e in err.errors():
+        loc = e["loc"]
+        if len(loc) > 1 and loc[0] in _SECTIONS and isinstance(out.get(loc[0]), dict):
+            out[loc[0]].pop(loc[1], None)
+        elif loc:
+            out.pop(loc[0], None)
+    return out
+
+
+def _rule_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """The problems a DPOConfig built from ``data`` reports (the cross-field rules, for valid fields)."""
+    try:
+        DPOConfig(**data)
+    except ConfigError as e:
+        return e.problems
+    return []
 
 
 def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
