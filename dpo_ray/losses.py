@@ -13,10 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:  # logprobs does not import losses; the type is only named here
+    from dpo_ray.logprobs import SeqStats
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -44,6 +48,27 @@ class PairLogps:
     chosen_wpo_logw: Tensor | None = None
     rejected_wpo_logw: Tensor | None = None
 
+    @classmethod
+    def from_stats(cls, stats: SeqStats, ref_chosen: Tensor | None = None,
+                   ref_rejected: Tensor | None = None) -> PairLogps:
+        """Split SeqStats of 2B sequences ([chosen; rejected], CONTRACTS.md) into pairs.
+
+        ``ref_*`` are (B,) reference log-probs; None means reference-free (zeros).
+        """
+        n = stats.logps.shape[0]
+        if n % 2:
+            raise ValueError(f"expected [chosen; rejected] rows (an even count), got {n} sequences")
+        b = n // 2
+
+        def ref(x: Tensor | None) -> Tensor:
+            return torch.zeros_like(stats.logps[:b]) if x is None else x.to(stats.logps.device, torch.float32)
+
+        w = stats.wpo_logw
+        return cls(stats.logps[:b], stats.logps[b:], ref(ref_chosen), ref(ref_rejected),
+                   stats.num_tokens[:b], stats.num_tokens[b:], chosen_nll=stats.nll_mean[:b],
+                   chosen_wpo_logw=None if w is None else w[:b],
+                   rejected_wpo_logw=None if w is None else w[b:])
+
     @property
     def chosen_logratios(self) -> Tensor:  # c
         return self.chosen_logps - self.ref_chosen_logps
@@ -69,6 +94,7 @@ class LossSpec:
     doc: str
     uses_margin: bool = False  # built on d = c - r, so an f-divergence may replace d
     needs_reference: bool = True
+    pairwise: bool = True  # a preference loss on the pair: WPO's per-pair weight applies to it
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -77,10 +103,10 @@ LOSS_ALIASES: dict[str, str] = {}
 
 
 def register_loss(name: str, *, uses_margin: bool = False, needs_reference: bool = True,
-                  aliases: Sequence[str] = ()):
+                  pairwise: bool = True, aliases: Sequence[str] = ()):
     def wrap(fn):
         LOSSES[name] = LossSpec(name, fn, (fn.__doc__ or "").strip().splitlines()[0], uses_margin,
-                                needs_reference, tuple(aliases))
+                                needs_reference, pairwise, tuple(aliases))
         for alias in aliases:
             LOSS_ALIASES[alias] = name
         return fn
@@ -220,7 +246,7 @@ def discopop(p: PairLogps, cfg: LossParams) -> Tensor:
     return (1 - w) * -F.logsigmoid(m) + w * _capped_exp(-m)
 
 
-@register_loss("sft", needs_reference=False)
+@register_loss("sft", needs_reference=False, pairwise=False)
 def sft(p: PairLogps, cfg: LossParams) -> Tensor:
     """Mean NLL of the chosen completion tokens (supervised term; RPO when combined with sigmoid)."""
     if p.chosen_nll is None:
@@ -250,16 +276,32 @@ def dpo_loss(
     use_weighting: bool = False,
     rpo_alpha: float | None = None,
 ) -> Tensor:
-    """Per-pair combined loss, shape (B,): Σ_k w_k·loss_k, times the WPO weight, plus rpo_alpha·NLL."""
-    weights = loss_weights if loss_weights is not None else [1.0] * len(loss_type)
-    total = torch.zeros_like(p.chosen_logps)
+    """Per-pair combined loss, shape (B,): Σ_k w_k·loss_k.
+
+    ``use_weighting`` multiplies the preference losses (not sft) by the detached WPO weight.
+    ``rpo_alpha`` appends ("sft", rpo_alpha) to the terms (RPO, arXiv 2404.19733), so it is the same
+    as ``loss_type=[..., "sft"]`` with weight rpo_alpha, under WPO too.
+    """
+    weights = list(loss_weights) if loss_weights is not None else [1.0] * len(loss_type)
+    if len(weights) != len(loss_type):
+        raise ValueError(f"loss_weights has {len(weights)} value(s) but loss_type has {len(loss_type)}")
+    terms = list(zip(loss_type, weights))
+    if rpo_alpha:
+        terms.append(("sft", rpo_alpha))
     wpo = wpo_weights(p) if use_weighting else None
-    for name, w in zip(loss_type, weights):
-        per_pair = LOSSES[canonical_loss_name(name)].fn(p, params)
-        total = total + w * (per_pair * wpo if wpo is not None else per_pair)
-    if rpo_alpha is not None:
-        total = total + rpo_alpha * sft(p, params)
+    total = torch.zeros_like(p.chosen_logps)
+    for name, w in terms:
+        spec = LOSSES[canonical_loss_name(name)]
+        per_pair = spec.fn(p, params)
+        if wpo is not None and spec.pairwise:
+            per_pair = per_pair * wpo
+        total = total + w * per_pair
     return total
+
+
+def moe_aux_loss(loss: Tensor, aux_loss: Tensor | None, router_aux_loss_coef: float) -> Tensor:
+    """loss + router_aux_loss_coef·aux (the MoE router load-balancing loss); ``loss`` when aux is None."""
+    return loss if aux_loss is None else loss + router_aux_loss_coef * aux_loss.to(loss.dtype)
 
 
 def pair_metrics(p: PairLogps, beta: float) -> dict[str, Tensor]:
@@ -275,3 +317,26 @@ def pair_metrics(p: PairLogps, beta: float) -> dict[str, Tensor]:
             "logps/chosen": p.chosen_logps.mean(),
             "logps/rejected": p.rejected_logps.mean(),
         }
+
+
+def batch_metrics(p: PairLogps, stats: SeqStats, beta: float,
+                  attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+    """Every per-batch SPEC §4 metric the math knows, as detached 0-d tensors (no .item()).
+
+    ``logits/*`` and ``entropy`` are token-weighted means over the completion tokens (as TRL logs
+    them). ``num_tokens`` (a sum, like TRL's) counts the input tokens when ``attention_mask`` (2B, T)
+    is given, else the completion tokens.
+    """
+    out = pair_metrics(p, beta)
+    b = p.chosen_logps.shape[0]
+    with torch.no_grad():
+        n = stats.num_tokens.detach()
+
+        def token_mean(x: Tensor, rows: slice) -> Tensor:
+            return (x.detach()[rows] * n[rows]).sum() / n[rows].sum().clamp(min=1)
+
+        out["logits/chosen"] = token_mean(stats.mean_logit, slice(0, b))
+        out["logits/rejected"] = token_mean(stats.mean_logit, slice(b, 2 * b))
+        out["entropy"] = token_mean(stats.entropy, slice(0, 2 * b))
+        out["num_tokens"] = (attention_mask.sum() if attention_mask is not None else n.sum()).float()
+    return out
