@@ -1,0 +1,153 @@
+"""The frozen reference model served from its own process: ``ReferenceActor`` (a Ray actor).
+
+``ReferenceModelHost`` holds the logic and runs in-process too (tests, the precompute pass);
+``ReferenceActor`` is the same class as a Ray actor. Everything crossing the process boundary is on
+CPU: the client sends ``input_ids`` / ``attention_mask`` / ``completion_mask`` and gets back
+(request_id, weights_version, ref_chosen (B,), ref_rejected (B,)) as float32.
+
+Weights version: 0 is the loaded model; every TR-DPO mix (``mix``) moves it to the version the client
+names. The version travels with every result, so a client can tell an answer computed before a sync,
+or by an actor that restarted and reloaded version 0, from a current one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import ray
+import torch
+from torch import Tensor, nn
+
+from dpo_ray.config import DPOConfig
+
+REQUEST_KEYS = ("input_ids", "attention_mask", "completion_mask")
+
+
+def reference_device(num_gpus: float) -> torch.device:
+    """cuda when the actor was given a GPU (Ray sets CUDA_VISIBLE_DEVICES for it), else cpu."""
+    if num_gpus > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"reference.num_gpus={num_gpus} but the reference actor sees no CUDA device; check the node's "
+                "drivers or set reference.num_gpus: 0 to run the reference on CPU")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def reference_dtype(cfg: DPOConfig, device: torch.device) -> torch.dtype:
+    """bf16 (or fp16) on GPU following the run's precision flags; fp32 on CPU (no bf16 matrix units)."""
+    on_gpu = device.type == "cuda"
+    if cfg.torch_dtype in ("float32", "bfloat16", "float16"):
+        return getattr(torch, cfg.torch_dtype)
+    if on_gpu and cfg.use_bf16(on_gpu):
+        return torch.bfloat16
+    if on_gpu and cfg.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def cpu_threads(num_cpus: float) -> int:
+    """Intra-op threads for a CPU actor: its CPU share rounded, 1..2 (more oversubscribes small boxes)."""
+    return max(1, min(2, int(num_cpus)))
+
+
+class ReferenceModelHost:
+    """A frozen causal LM answering log-prob requests; the body of ``ReferenceActor``.
+
+    ``source``: a model directory, a ``{"config", "state_dict"}`` dict (an ObjectRef passed to a Ray
+    actor arrives resolved), or None for the tiny default seeded by ``cfg.seed``.
+    ``delay_s``: test knob, a (low, high) range of seconds slept before each answer.
+    """
+
+    def __init__(self, cfg: DPOConfig | dict, source: str | dict | None, tokenizer, *,
+                 delay_s: tuple[float, float] | None = None, delay_seed: int = 0):
+        from dpo_ray.models import load_causal_lm
+
+        self.cfg = cfg if isinstance(cfg, DPOConfig) else DPOConfig(**cfg)
+        rc = self.cfg.reference
+        self.device = reference_device(rc.num_gpus)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(rc.num_cpus))
+        if isinstance(source, ray.ObjectRef):  # nested refs are not resolved by Ray; top-level ones are
+            source = ray.get(source)
+        model = load_causal_lm(source, self.cfg, tokenizer, on_gpu=self.device.type == "cuda")
+        self.dtype = reference_dtype(self.cfg, self.device)
+        self.model: nn.Module = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.version = 0
+        self.forwards = 0
+        self._delay = delay_s
+        self._rng = random.Random(delay_seed + os.getpid())
+
+    # ------------------------------------------------------------------------------------- serving
+    def logps(self, request_id: Any, batch: Mapping[str, Tensor], ld_alpha: float | None = None
+              ) -> tuple[Any, int, Tensor, Tensor]:
+        """(request_id, weights_version, ref_chosen (B,), ref_rejected (B,)) for a collated pair batch."""
+        from dpo_ray.train.forward import reference_logps
+
+        if self._delay is not None:
+            time.sleep(self._rng.uniform(*self._delay))
+        on_device = {k: batch[k].to(self.device, non_blocking=True) for k in REQUEST_KEYS}
+        chosen, rejected = reference_logps(self.model, on_device, ld_alpha=ld_alpha)
+        self.forwards += 1
+        return request_id, self.version, chosen.float().cpu(), rejected.float().cpu()
+
+    # ------------------------------------------------------------------------------------- TR-DPO
+    @torch.no_grad()
+    def mix(self, state_dict: Mapping[str, Tensor], alpha: float, version: int) -> int:
+        """π_ref ← α·π_θ + (1-α)·π_ref (TR-DPO, arXiv 2404.09656), once per ``version``.
+
+        A repeated call with an already applied version is a no-op (Ray may retry the task); a version
+        more than one ahead means this actor missed a sync (it restarted) and raises.
+        """
+        if version <= self.version:
+            return self.version
+        if version != self.version + 1:
+            raise RuntimeError(
+                f"reference actor at weights version {self.version} was asked to apply sync {version}: it missed "
+                "a sync (restarted?) and must be restored with load_state first")
+        for name, p in self._params_for(state_dict).items():
+            src = _lookup(state_dict, name)
+            p.mul_(1 - alpha).add_(src.to(device=p.device, dtype=p.dtype), alpha=alpha)
+        self.version = version
+        return self.version
+
+    @torch.no_grad()
+    def load_state(self, state_dict: Mapping[str, Tensor], version: int) -> int:
+        """Overwrite the parameters with ``state_dict`` (a peer's weights) and adopt its version."""
+        for name, p in self._params_for(state_dict).items():
+            p.copy_(_lookup(state_dict, name).to(device=p.device, dtype=p.dtype))
+        self.version = version
+        return self.version
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The parameters on CPU, named as ``named_parameters`` names them (tied weights once)."""
+        return {n: p.detach().cpu() for n, p in self.model.named_parameters()}
+
+    def _params_for(self, state_dict: Mapping[str, Tensor]) -> dict[str, nn.Parameter]:
+        params = dict(self.model.named_parameters())
+        given = {k.removeprefix("module.") for k in state_dict}
+        missing, extra = sorted(set(params) - given), sorted(given - set(params))
+        if missing or extra:
+            raise KeyError(
+                f"TR-DPO sync: policy and reference parameters differ (missing in the policy: {missing[:5]}, "
+                f"unknown to the reference: {extra[:5]}); is the reference the same architecture?")
+        return params
+
+    # ------------------------------------------------------------------------------------- health
+    def weights_version(self) -> int:
+        return self.version
+
+    def ping(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "version": self.version, "forwards": self.forwards}
+
+
+def _lookup(state_dict: Mapping[str, Tensor], name: str) -> Tensor:
+    return state_dict[name] if name in state_dict else state_dict["module." + name]
+
+
+ReferenceActor = ray.remote(ReferenceModelHost)

@@ -1,0 +1,237 @@
+"""reference.source: precomputed — one Ray Data pass of the reference model before training, cached.
+
+``attach_reference_logps(ds, cfg, ref_source, tokenizer, split)`` returns ``ds`` with float32 columns
+``ref_chosen_logps`` / ``ref_rejected_logps``. The values are computed once by a pool of Ray Data
+actors holding the reference model (``map_batches`` with ``concurrency=reference.num_actors``), written
+as parquet (row_id + the two columns) under ``<cache_dir>/<key>/<split>`` and joined back onto the rows
+by ``row_id``. The next run with the same key reads the cache instead of running the model.
+
+The key hashes everything the numbers depend on: the model (directory path + file sizes/mtimes, or a
+hash of the shipped weights, or the tiny default's seed), the data (source files + sizes/mtimes, or a
+content hash of the tokenized rows when the dataset has no files), the tokenization and LD-DPO settings,
+and the reference precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from dpo_ray.config import DPOConfig
+
+CACHE_FORMAT = 1
+ROW_COLUMNS = ["row_id", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len"]
+OUT_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
+# Settings that change which rows exist or how they are tokenized (the data side of the key).
+_DATA_KEYS = ("dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split", "eval_dataset_name",
+              "eval_fraction", "max_train_samples", "max_eval_samples", "on_bad_row", "seed", "data_seed")
+
+
+# ============================================================================ cache key
+
+def _file_stats(paths: list[str]) -> list[tuple[str, int, int]]:
+    out = []
+    for p in sorted(set(paths)):
+        try:
+            st = os.stat(p)
+            out.append((p, st.st_size, st.st_mtime_ns))
+        except OSError:  # remote URI (s3://...): its name is what we have
+            out.append((p, -1, -1))
+    return out
+
+
+def state_dict_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_identity(ref_source: Any, cfg: DPOConfig, tokenizer) -> dict[str, Any]:
+    """What identifies the reference weights: a directory's files, shipped weights' hash, or the tiny seed."""
+    if isinstance(ref_source, ray.ObjectRef):
+        ref_source = ray.get(ref_source)
+    if ref_source is None:
+        from dpo_ray.models import TINY_LLAMA
+
+        return {"tiny_llama": TINY_LLAMA, "seed": cfg.seed, "vocab": len(tokenizer) if tokenizer is not None else None}
+    if isinstance(ref_source, dict):
+        config = ref_source["config"]
+        config_json = config.to_json_string() if hasattr(config, "to_json_string") else json.dumps(config, default=str)
+        return {"config": hashlib.sha256(config_json.encode()).hexdigest(),
+                "weights": state_dict_fingerprint(ref_source["state_dict"])}
+    path = Path(ref_source).resolve()
+    files = [str(p) for p in path.rglob("*") if p.is_file()] if path.is_dir() else [str(path)]
+    return {"path": str(path), "files": [(Path(f).name, s, m) for f, s, m in _file_stats(files)]}
+
+
+def _row_hashes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    h = hashlib.blake2b(digest_size=16)
+    rows = []
+    for i in range(len(batch["row_id"])):
+        r = hashlib.blake2b(digest_size=8)
+        for col in ROW_COLUMNS:
+            r.update(np.asarray(batch[col][i], dtype=np.int64).tobytes() + b"|")
+        rows.append(r.digest())
+    for d in sorted(rows):  # order-free within a batch; batches are combined order-free below
+        h.update(d)
+    return {"digest": np.array([h.hexdigest()]), "rows": np.array([len(rows)])}
+
+
+def dataset_fingerprint(ds: ray.data.Dataset, cfg: DPOConfig) -> dict[str, Any]:
+    """Source files + sizes/mtimes and the data settings; a content hash when there are no files."""
+    settings = {k: getattr(cfg, k) for k in _DATA_KEYS}
+    files = ds.input_files()
+    if files:
+        return {"files": _file_stats(files), "settings": settings}
+    parts = ds.select_columns(ROW_COLUMNS).map_batches(_row_hashes, batch_format="numpy",
+                                                       batch_size=1024).take_all()
+    h = hashlib.blake2b(digest_size=16)
+    for d in sorted(p["digest"] for p in parts):
+        h.update(d.encode())
+    return {"content": h.hexdigest(), "rows": int(sum(p["rows"] for p in parts)), "settings": settings}
+
+
+def tokenization_settings(cfg: DPOConfig, tokenizer) -> dict[str, Any]:
+    template = getattr(tokenizer, "chat_template", None)
+    rc = cfg.reference
+    return {"max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode, "ld_alpha": cfg.ld_alpha,
+            "tokenizer": getattr(tokenizer, "name_or_path", None),
+            "vocab_size": len(tokenizer) if tokenizer is not None else None,
+            "chat_template": hashlib.sha256(str(template).encode()).hexdigest()[:16] if template else None,
+            # the reference's precision changes the numbers
+            "precision": {"gpu": rc.num_gpus > 0, "torch_dtype": cfg.torch_dtype, "bf16": cfg.bf16, "fp16": cfg.fp16}}
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    blob = json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cache_root(cfg: DPOConfig) -> Path:
+    return Path(cfg.reference.cache_dir or "~/.cache/dpo_ray/ref_logps").expanduser()
+
+
+# ============================================================================ the pass
+
+def pad_pairs(rows: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows -> the collated pair batch (CONTRACTS): input_ids/attention_mask/completion_mask (2B, T)."""
+    seqs = list(rows["chosen_input_ids"]) + list(rows["rejected_input_ids"])
+    prompt_lens = list(rows["chosen_prompt_len"]) + list(rows["rejected_prompt_len"])
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    completion = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
+        n = len(s)
+        input_ids[i, :n] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+        attention[i, :n] = 1
+        completion[i, int(p):n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion,
+            "row_id": torch.as_tensor(np.asarray(rows["row_id"], dtype=np.int64))}
+
+
+class ReferenceScorer:
+    """Ray Data callable class: one reference model per actor, rows in, ref log-probs out."""
+
+    def __init__(self, cfg_dict: dict, ref_source: Any, tokenizer, pad_id: int):
+        from dpo_ray.reference.actor import ReferenceModelHost
+
+        self.host = ReferenceModelHost(cfg_dict, ref_source, tokenizer)
+        self.pad_id, self.ld_alpha = pad_id, self.host.cfg.ld_alpha
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = pad_pairs(rows, self.pad_id)
+        _, _, chosen, rejected = self.host.logps(None, batch, self.ld_alpha)
+        return {"row_id": np.asarray(rows["row_id"], dtype=np.int64),
+                "ref_chosen_logps": chosen.numpy().astype(np.float32),
+                "ref_rejected_logps": rejected.numpy().astype(np.float32)}
+
+
+def _compute(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, out_dir: Path) -> None:
+    rc = cfg.reference
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    kwargs: dict[str, Any] = {"num_cpus": rc.num_cpus, "num_gpus": rc.num_gpus} if rc.num_gpus else {"num_cpus": rc.num_cpus}
+    if rc.resources:
+        kwargs["resources"] = dict(rc.resources)
+    scored = ds.select_columns(ROW_COLUMNS).map_batches(
+        ReferenceScorer, fn_constructor_args=(cfg.model_dump(mode="json"), ref_source, tokenizer, pad_id),
+        batch_size=rc.batch_size or cfg.per_device_eval_batch_size, batch_format="numpy",
+        concurrency=rc.num_actors, **kwargs)
+    scored.write_parquet(str(out_dir))
+
+
+def _load_table(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(str(path), columns=["row_id", *OUT_COLUMNS])
+    ids = table.column("row_id").to_numpy().astype(np.int64)
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    if len(ids) > 1 and (np.diff(ids) == 0).any():
+        dup = int(ids[1:][np.diff(ids) == 0][0])
+        raise RuntimeError(f"reference cache {path} holds row_id {dup} twice; row_ids must be unique per split")
+    chosen = table.column(OUT_COLUMNS[0]).to_numpy().astype(np.float32)[order]
+    rejected = table.column(OUT_COLUMNS[1]).to_numpy().astype(np.float32)[order]
+    return ids, chosen, rejected
+
+
+_TABLES: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _attach(batch, table_ref: Any, source: str):
+    """Ray Data map: add the cached columns to a pyarrow batch by row_id."""
+    import pyarrow as pa
+
+    key = table_ref.hex() if isinstance(table_ref, ray.ObjectRef) else source
+    if key not in _TABLES:
+        _TABLES.clear()  # one table per process at a time
+        _TABLES[key] = ray.get(table_ref) if isinstance(table_ref, ray.ObjectRef) else table_ref
+    ids, chosen, rejected = _TABLES[key]
+    row_ids = batch.column("row_id").to_numpy().astype(np.int64)
+    pos = np.searchsorted(ids, row_ids).clip(max=len(ids) - 1)
+    missing = ids[pos] != row_ids
+    if missing.any():
+        raise RuntimeError(f"row_id {int(row_ids[missing][0])} has no reference log-probs in the cache {source}; "
+                           "the cache does not match this data: delete that directory to recompute it")
+    for name, values in zip(OUT_COLUMNS, (chosen[pos], rejected[pos])):
+        if name in batch.column_names:
+            batch = batch.drop_columns([name])
+        batch = batch.append_column(name, pa.array(values, type=pa.float32()))
+    return batch
+
+
+def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, split: str
+                           ) -> ray.data.Dataset:
+    """``ds`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` (float32) from the reference model, cached."""
+    parts = {"model": model_identity(ref_source, cfg, tokenizer), "data": dataset_fingerprint(ds, cfg),
+             "tokenization": tokenization_settings(cfg, tokenizer)}
+    key = cache_key(parts)
+    out = cache_root(cfg) / key / split
+    done = out / "_SUCCESS"
+    if done.exists():
+        print(f"reference cache hit: key {key} ({split}) at {out}", flush=True)
+    else:
+        print(f"reference cache miss: key {key} ({split}); computing reference log-probs into {out}", flush=True)
+        t0 = time.perf_counter()
+        tmp = out.with_name(f"{split}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _compute(ds, cfg, ref_source, tokenizer, tmp)
+        (tmp / "_key.json").write_text(json.dumps({"key": key, **parts}, indent=1, default=str))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        done.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {time.perf_counter() - t0:.1f}s\n")
+    table = _load_table(out)
+    return ds.map_batches(_attach, batch_format="pyarrow", batch_size=None,
+                          fn_kwargs={"table_ref": ray.put(table), "source": str(out)})

@@ -1,0 +1,283 @@
+"""The reference actor pool: exact log-probs, prefetch matching, actor death, TR-DPO, placement, cache.
+
+CPU only, on a local Ray with more logical CPUs than cores; the model is a tiny Llama built from a
+LlamaConfig (no downloads). Every blocking wait carries a timeout so a bug fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+
+import pytest
+import ray
+import torch
+
+from dpo_ray.config import DPOConfig
+from dpo_ray.reference import prefetched
+from dpo_ray.reference.pool import (
+    ActorPoolReference,
+    ReferencePlacementError,
+    ReferencePool,
+    placement_problem,
+)
+from dpo_ray.train.forward import reference_logps
+
+VOCAB, PAD = 100, 0
+
+
+def tiny_source(seed: int = 0) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=PAD, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    return {"config": config, "state_dict": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def build(source: dict) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(source["config"], dtype=torch.float32)
+    model.load_state_dict(source["state_dict"])
+    return model.eval().requires_grad_(False)
+
+
+def make_batch(b: int, seed: int, t: int = 12) -> dict[str, torch.Tensor]:
+    """A collated pair batch by hand (CONTRACTS): right-padded, prompt then completion."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((2 * b, t), PAD, dtype=torch.long)
+    attn, comp = torch.zeros_like(ids), torch.zeros_like(ids)
+    prompts = torch.randint(2, 5, (b,), generator=g)
+    for i in range(2 * b):
+        p = int(prompts[i % b])
+        n = int(torch.randint(p + 1, t + 1, (1,), generator=g))
+        ids[i, :n] = torch.randint(3, VOCAB, (n,), generator=g)
+        ids[i, :p] = ids[i % b, :p]  # chosen and rejected share the prompt
+        attn[i, :n] = 1
+        comp[i, p:n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp,
+            "row_id": torch.arange(seed * b, seed * b + b)}
+
+
+def config(**reference) -> DPOConfig:
+    return DPOConfig(reference={"num_cpus": 0.5, **reference})
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def source(ray_local):
+    return tiny_source()
+
+
+@pytest.fixture(scope="module")
+def source_ref(source):
+    return ray.put(source)
+
+
+def expected(model, batches, ld_alpha=None):
+    return [reference_logps(model, b, ld_alpha=ld_alpha) for b in batches]
+
+
+def assert_close(got, want, atol=1e-5):
+    for (gc, gr), (wc, wr) in zip(got, want, strict=True):
+        torch.testing.assert_close(gc, wc, atol=atol, rtol=0)
+        torch.testing.assert_close(gr, wr, atol=atol, rtol=0)
+
+
+def consume(client, batches, depth, on_item=None):
+    out = []
+    for i, (batch, c, r) in enumerate(prefetched(batches, client, depth)):
+        out.append((c, r))
+        if on_item is not None:
+            on_item(i, batch)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+@pytest.mark.timeout(120)
+def test_actor_logps_equal_in_process_and_prefetch_under_delays(source, source_ref):
+    """Two actors with random delays, two ranks, depth 3: every batch gets its own log-probs (1e-5)."""
+    cfg = config(num_actors=2)
+    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, delay_s=(0.0, 0.06))
+    try:
+        model = build(source)
+        batches = [make_batch(3, s) for s in range(10)]
+        want = expected(model, batches)
+        for rank in (0, 1):
+            client = ActorPoolReference(pool.handles(), cfg, rank=rank, timeout_s=60)
+            assert_close(consume(client, batches, depth=3), want)
+        # LD-DPO weighting travels with the request
+        cfg_ld = DPOConfig(ld_alpha=0.5, reference={"num_cpus": 0.5})
+        client = ActorPoolReference(pool.handles(), cfg_ld, rank=0, timeout_s=60)
+        assert_close(consume(client, batches[:3], depth=2), expected(model, batches[:3], ld_alpha=0.5))
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(150)
+def test_killed_actor_restarts_and_results_match(source, source_ref):
+    cfg = config(num_actors=1, max_restarts=2, max_task_retries=3)
+    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, delay_s=(0.02, 0.05))
+    try:
+        batches = [make_batch(2, s) for s in range(8)]
+        want = expected(build(source), batches)
+        client = ActorPoolReference(pool.handles(), cfg, rank=0, timeout_s=90)
+        pid_before = ray.get(pool.handles()[0].ping.remote(), timeout=60)["pid"]
+
+        def kill_midstream(i, _batch):
+            if i == 2:  # requests 3..5 are in flight now
+                ray.kill(pool.handles()[0], no_restart=False)
+
+        assert_close(consume(client, batches, depth=3, on_item=kill_midstream), want)
+        pid_after = ray.get(pool.handles()[0].ping.remote(), timeout=60)["pid"]
+        assert pid_after != pid_before  # a restarted process answered the rest
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_exhausted_retry_budget_raises_clear_error(source_ref):
+    cfg = config(num_actors=1, max_restarts=0, max_task_retries=1)
+    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90)
+    try:
+        client = ActorPoolReference(pool.handles(), cfg, rank=0, timeout_s=30)
+        batch = make_batch(2, 0)
+        handle = client.submit(batch)
+        ray.kill(pool.handles()[0], no_restart=True)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"retry budget reference.max_task_retries=1|are dead") as err:
+            client.result(handle, batch)
+            client.result(client.submit(batch), batch)
+        assert time.monotonic() - t0 < 30
+        assert "reference" in str(err.value)
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(150)
+def test_tr_dpo_sync_mixes_exactly_and_resubmits_stale(source, source_ref):
+    alpha = 0.6
+    cfg = config(num_actors=2, max_restarts=2, max_task_retries=3)
+    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, delay_s=(0.0, 0.03))
+    try:
+        ref_model = build(source)
+        policy = copy.deepcopy(ref_model)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        mixed = copy.deepcopy(ref_model)
+        with torch.no_grad():  # the same op order as the actor: π_ref·(1-α) + α·π_θ
+            for (_, r), (_, p) in zip(mixed.named_parameters(), policy.named_parameters()):
+                r.mul_(1 - alpha).add_(p, alpha=alpha)
+
+        batches = [make_batch(2, s) for s in range(9)]
+        old, new = expected(ref_model, batches), expected(mixed, batches)
+        client = ActorPoolReference(pool.handles(), cfg, rank=0, timeout_s=90)
+        submitted = []
+        real_submit = client.submit
+        client.submit = lambda b: submitted.append(int(b["row_id"][0])) or real_submit(b)
+        sync_after, kill_after = 2, 5
+
+        def step(i, _batch):
+            if i == sync_after:  # "optimizer step" boundary after the third micro-batch
+                client.sync_from(policy, alpha)
+            if i == kill_after:  # an actor restarts after the sync: it must get the mixed weights back
+                ray.kill(pool.handles()[0], no_restart=False)
+
+        got = consume(client, batches, depth=3, on_item=step)
+        assert_close(got[: sync_after + 1], old[: sync_after + 1])
+        assert_close(got[sync_after + 1:], new[sync_after + 1:])
+        assert client.version == 1
+        # the depth-many requests in flight at the sync were sent again
+        assert len(submitted) >= len(batches) + 3
+        for h in pool.handles():
+            assert ray.get(h.weights_version.remote(), timeout=60) == 1
+            state = ray.get(h.state_dict.remote(), timeout=60)
+            for name, p in mixed.named_parameters():
+                assert torch.equal(state[name], p), name
+        # idempotent: applying the same version again changes nothing
+        h = pool.handles()[1]
+        ray.get(h.mix.remote({n: torch.zeros_like(p) for n, p in policy.named_parameters()}, alpha, 1), timeout=60)
+        state = ray.get(h.state_dict.remote(), timeout=60)
+        assert all(torch.equal(state[n], p) for n, p in mixed.named_parameters())
+    finally:
+        pool.shutdown()
+
+
+def test_placement_fails_fast_naming_the_resource(ray_local, source_ref):
+    cfg = config(num_actors=2, num_gpus=1)
+    t0 = time.monotonic()
+    with pytest.raises(ReferencePlacementError, match=r"reference.num_gpus=1 × 2 actor\(s\) needs 2 GPU but the cluster has 0"):
+        ReferencePool.create(cfg, source_ref, None, ready_timeout_s=5)
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(ReferencePlacementError, match=r"reference.resources.ref_pool"):
+        ReferencePool.create(config(resources={"ref_pool": 1}), source_ref, None, ready_timeout_s=5)
+    with pytest.raises(ReferencePlacementError, match=r"reference.node_label"):
+        ReferencePool.create(config(node_label={"pool": "reference"}), source_ref, None, ready_timeout_s=5)
+
+
+def test_placement_per_node_fit():
+    nodes = [{"Resources": {"CPU": 8, "GPU": 1}}, {"Resources": {"CPU": 8, "GPU": 1}}]
+    assert placement_problem(config(num_actors=2, num_gpus=1), nodes) is None
+    problem = placement_problem(config(num_actors=1, num_gpus=2), nodes)
+    assert problem is not None and "single node" in problem
+
+
+def test_precompute_cache_hit_on_second_call(source, source_ref, tmp_path, capsys):
+    from dpo_ray.reference.precompute import attach_reference_logps
+
+    rng = random.Random(0)
+    rows = []
+    for rid in range(12):
+        p = rng.randint(2, 4)
+        prompt = [rng.randint(3, VOCAB - 1) for _ in range(p)]
+        rows.append({"row_id": rid, "chosen_prompt_len": p, "rejected_prompt_len": p,
+                     "chosen_input_ids": prompt + [rng.randint(3, VOCAB - 1) for _ in range(rng.randint(1, 6))],
+                     "rejected_input_ids": prompt + [rng.randint(3, VOCAB - 1) for _ in range(rng.randint(1, 6))]})
+    ds = ray.data.from_items(rows)
+    cfg = DPOConfig(per_device_eval_batch_size=4,
+                    reference={"num_cpus": 0.5, "num_actors": 1, "cache_dir": str(tmp_path)})
+
+    out = attach_reference_logps(ds, cfg, source_ref, None, split="train").take_all()
+    assert "reference cache miss" in capsys.readouterr().out
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    assert any(p.suffix == ".parquet" for p in files)
+
+    out2 = attach_reference_logps(ds, cfg, source_ref, None, split="train").take_all()
+    assert "reference cache hit" in capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in sorted(p for p in tmp_path.rglob("*") if p.is_file())] == mtimes
+
+    model = build(source)
+    by_id = {r["row_id"]: r for r in out}
+    by_id2 = {r["row_id"]: r for r in out2}
+    assert sorted(by_id) == list(range(12))
+    for row in rows:
+        from dpo_ray.reference.precompute import pad_pairs
+
+        one = pad_pairs({k: [row[k]] for k in row}, PAD)
+        c, r = reference_logps(model, one)
+        for got in (by_id[row["row_id"]], by_id2[row["row_id"]]):
+            assert got["chosen_input_ids"] == row["chosen_input_ids"] or list(got["chosen_input_ids"]) == row["chosen_input_ids"]
+            assert abs(got["ref_chosen_logps"] - float(c[0])) < 1e-4
+            assert abs(got["ref_rejected_logps"] - float(r[0])) < 1e-4
+
+    # a different ld_alpha is a different key: miss
+    cfg_ld = DPOConfig(ld_alpha=0.5, per_device_eval_batch_size=4,
+                       reference={"num_cpus": 0.5, "num_actors": 1, "cache_dir": str(tmp_path)})
+    attach_reference_logps(ds, cfg_ld, source_ref, None, split="train").take_all()
+    assert "reference cache miss" in capsys.readouterr().out
