@@ -226,6 +226,8 @@ def _worker_resources(cfg: DPOConfig, use_gpu: bool) -> dict[str, float]:
 
 def _worker_env(use_gpu: bool) -> dict[str, str]:
     env = dict(WORKER_ENV)
+    # DPO_RAY_* knobs (thread counts, test hooks) follow the driver to the workers
+    env.update({k: v for k, v in os.environ.items() if k.startswith("DPO_RAY_")})
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return env

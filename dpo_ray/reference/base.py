@@ -54,7 +54,7 @@ def prefetched(batches: Iterable[dict[str, Tensor]], client: ReferenceClient, de
         ref_chosen, ref_rejected = client.result(handle, batch)
         yield batch, ref_chosen, ref_rejected
         # re-submit stale in-flight requests early so the new weights' work overlaps the step
-        for i, (b, h, v) in enumerate(pending):
+        for i, (b, _, v) in enumerate(pending):
             if v != client.version:
                 pending[i] = (b, client.submit(b), client.version)
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from dpo_ray.config import DPOConfig, deepspeed_config
-from dpo_ray.losses import PairLogps, dpo_loss, pair_metrics
+from dpo_ray.losses import PairLogps, batch_metrics, dpo_loss, moe_aux_loss
 from dpo_ray.models import frozen_copy, load_causal_lm, prepare_policy
 from dpo_ray.train.forward import sequence_forward
 from dpo_ray.train.metrics import MetricAccumulator
@@ -153,26 +153,14 @@ def dpo_step(model, cfg: DPOConfig, batch, ref_chosen, ref_rejected) -> tuple[to
     """Forward one micro-batch of pairs; return (loss, detached metrics)."""
     fwd = sequence_forward(model, batch, ld_alpha=cfg.ld_alpha, want_wpo=cfg.use_weighting,
                            router_aux=cfg.output_router_logits)
-    s = fwd.stats
-    b = s.logps.shape[0] // 2  # (2B,) -> chosen [0, B), rejected [B, 2B)
-    dev = s.logps.device
-    pairs = PairLogps(
-        s.logps[:b], s.logps[b:], ref_chosen.to(dev), ref_rejected.to(dev), s.num_tokens[:b], s.num_tokens[b:],
-        chosen_nll=s.nll_mean[:b],
-        chosen_wpo_logw=s.wpo_logw[:b] if s.wpo_logw is not None else None,
-        rejected_wpo_logw=s.wpo_logw[b:] if s.wpo_logw is not None else None,
-    )
+    pairs = PairLogps.from_stats(fwd.stats, ref_chosen, ref_rejected)
     loss = dpo_loss(pairs, cfg.loss_params(), cfg.loss_type, cfg.loss_weights, cfg.use_weighting,
                     cfg.rpo_alpha).mean()
-    metrics = pair_metrics(pairs, cfg.beta)
+    metrics = batch_metrics(pairs, fwd.stats, cfg.beta, attention_mask=batch["attention_mask"])
     if fwd.aux_loss is not None:
         metrics["aux_loss"] = fwd.aux_loss.detach()
-        loss = loss + cfg.router_aux_loss_coef * fwd.aux_loss
-    metrics.update({
-        "logits/chosen": s.mean_logit[:b].mean(), "logits/rejected": s.mean_logit[b:].mean(),
-        "entropy": s.entropy.mean(), "num_tokens": batch["attention_mask"].sum().float(),
-        "num_pairs": torch.tensor(float(b), device=dev),
-    })
+        loss = moe_aux_loss(loss, fwd.aux_loss, cfg.router_aux_loss_coef)
+    metrics["num_pairs"] = torch.tensor(float(pairs.chosen_logps.shape[0]), device=loss.device)
     metrics["loss"] = loss.detach()
     return loss, metrics
 
@@ -287,7 +275,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     acc = MetricAccumulator()
     pad_id = tokenizer.pad_token_id
     micro = cfg.per_device_train_batch_size
-    accum = cfg.gradient_accumulation_steps
     eval_every = cfg.eval_steps or cfg.logging_steps
     last_log_t, last_log_tokens, last_log_pairs = time.perf_counter(), state.tokens_seen, state.pairs_seen
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
