@@ -103,8 +103,11 @@ def _short_now(cfg: DPOConfig) -> str | None:
 class ReferencePool:
     """The reference actors of one run, owned by the driver."""
 
-    def __init__(self, actors: list, cfg: DPOConfig):
+    def __init__(self, actors: list, cfg: DPOConfig, source: Any = None):
         self.actors, self.cfg = actors, cfg
+        # Restarted actors re-run their constructor with this argument: keep an ObjectRef source in scope
+        # for as long as the pool lives (ray-project/ray#53727).
+        self._source = source
 
     @classmethod
     def create(cls, cfg: DPOConfig, ref_source: str | ray.ObjectRef | None, tokenizer, *,
@@ -132,7 +135,7 @@ class ReferencePool:
         actors = [ReferenceActor.options(**options).remote(cfg_dict, ref_source, tokenizer, delay_s=delay_s,
                                                            delay_seed=i)
                   for i in range(rc.num_actors)]
-        pool = cls(actors, cfg)
+        pool = cls(actors, cfg, ref_source)
         try:
             pool._wait_ready(ready_timeout_s if ready_timeout_s is not None else READY_TIMEOUT_S)
         except BaseException:
@@ -165,7 +168,7 @@ class ReferencePool:
                 ray.kill(a, no_restart=True)
             except Exception:  # already gone
                 pass
-        self.actors = []
+        self.actors, self._source = [], None
 
 
 # ============================================================================ the client (workers)
