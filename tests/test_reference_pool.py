@@ -281,3 +281,77 @@ def test_precompute_cache_hit_on_second_call(source, source_ref, tmp_path, capsy
                        reference={"num_cpus": 0.5, "num_actors": 1, "cache_dir": str(tmp_path)})
     attach_reference_logps(ds, cfg_ld, source_ref, None, split="train").take_all()
     assert "reference cache miss" in capsys.readouterr().out
+
+
+def _sync_rank(rank: int, port: int, gcs: str, handles_blob: bytes, source: dict, alpha: float, out) -> None:
+    """One of two gloo ranks: consume 4 batches with a TR-DPO sync after the second."""
+    import pickle
+
+    import torch.distributed as dist
+
+    ray.init(address=gcs, log_to_driver=False)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(1)  # the same "trained" policy on both ranks, as after an all-reduced step
+        policy = build(source)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        client = ActorPoolReference(pickle.loads(handles_blob), config(num_actors=2), timeout_s=60)
+        assert client.rank == rank
+        batches = [make_batch(2, 10 * rank + s) for s in range(4)]
+        got = consume(client, batches, depth=2,
+                      on_item=lambda i, _b: client.sync_from(policy, alpha) if i == 1 else None)
+        out.put((rank, client.version, [(c.tolist(), r.tolist()) for c, r in got]))
+    except BaseException as e:  # report instead of hanging the parent
+        out.put((rank, -1, repr(e)))
+    finally:
+        dist.destroy_process_group()
+        ray.shutdown()
+
+
+@pytest.mark.timeout(150)
+def test_tr_dpo_sync_across_two_gloo_ranks(source, source_ref):
+    """Rank 0 mixes, both ranks bump the version, and both see the mixed weights after the sync."""
+    import multiprocessing as mp
+    import pickle
+    import socket
+
+    alpha = 0.5
+    cfg = config(num_actors=2)
+    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, delay_s=(0.0, 0.03))
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        out = ctx.Queue()
+        gcs = ray.get_runtime_context().gcs_address
+        blob = pickle.dumps(pool.handles())
+        procs = [ctx.Process(target=_sync_rank, args=(r, port, gcs, blob, source, alpha, out)) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        results = dict((r, (v, vals)) for r, v, vals in (out.get(timeout=120) for _ in procs))
+        for p in procs:
+            p.join(timeout=30)
+        ref_model = build(source)
+        torch.manual_seed(1)
+        policy = build(source)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        mixed = copy.deepcopy(ref_model)
+        with torch.no_grad():
+            for (_, r), (_, p) in zip(mixed.named_parameters(), policy.named_parameters()):
+                r.mul_(1 - alpha).add_(p, alpha=alpha)
+        for rank in (0, 1):
+            version, vals = results[rank]
+            assert version == 1, vals
+            batches = [make_batch(2, 10 * rank + s) for s in range(4)]
+            got = [(torch.tensor(c), torch.tensor(r)) for c, r in vals]
+            assert_close(got[:2], expected(ref_model, batches[:2]))
+            assert_close(got[2:], expected(mixed, batches[2:]))
+        for h in pool.handles():
+            assert ray.get(h.weights_version.remote(), timeout=60) == 1  # mixed once, not once per rank
+    finally:
+        pool.shutdown()
