@@ -1,0 +1,129 @@
+"""A worker's shard -> shuffled (optionally length-bucketed) collated batches.
+
+Rows are read from the shard in pools of ``pool × batch_size`` rows. Each pool is permuted with a
+generator seeded by (seed, epoch) -- the same order for the same seed and epoch -- and, with
+``length_bucketing``, sorted by length, cut into batches, and the batches shuffled again, so a batch
+holds rows of similar length and pads less. The final partial batch of the shard is dropped: with
+``streaming_split(equal=True)`` (Ray Train's default) every worker holds the same number of rows, so
+every worker yields the same number of batches (``rows_per_worker // batch_size``) and no collective
+waits for a worker that has run out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpo_ray.data.collate import collate_pairs, collate_sft
+from dpo_ray.data.rows import BadRowError
+
+SHUFFLE_POOL_BATCHES = 16  # without bucketing: the local shuffle buffer, in batches
+
+
+def unwrap_data_error(exc: BaseException) -> BadRowError | None:
+    """The BadRowError inside a Ray task error (RayTaskError / UserCodeException chains), if any."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, BadRowError):
+            return BadRowError(e.args[0], e.kind, e.row_id)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    text = str(exc)
+    if "bad row [" in text:  # the cause could not be deserialised: keep the message
+        start = text.index("bad row [")
+        return BadRowError(text[start:].split("\n")[0])
+    return None
+
+
+class BatchIterator:
+    """Iterable of collated batches. ``padding_fraction`` = pad tokens / all tokens in what was yielded."""
+
+    def __init__(self, shard, *, batch_size: int, pad_token_id: int, pad_to_multiple_of: int | None,
+                 bucketing: bool, bucket_multiplier: int, seed: int, epoch: int, shuffle: bool, mode: str):
+        self.shard, self.batch_size, self.pad_id = shard, batch_size, pad_token_id
+        self.pad_to_multiple_of, self.bucketing, self.shuffle = pad_to_multiple_of, bucketing, shuffle
+        self.pool_batches = bucket_multiplier if bucketing else SHUFFLE_POOL_BATCHES
+        self.rng = np.random.default_rng([seed, epoch])
+        self.collate = collate_sft if mode == "sft" else collate_pairs
+        self.key = "chosen_input_ids"
+        self.pad_tokens = 0
+        self.total_tokens = 0
+        self.batches = 0
+
+    @property
+    def padding_fraction(self) -> float:
+        return self.pad_tokens / self.total_tokens if self.total_tokens else 0.0
+
+    def _lengths(self, cols: dict[str, Any]) -> np.ndarray:
+        lens = np.fromiter((len(x) for x in cols[self.key]), dtype=np.int64, count=len(cols["row_id"]))
+        if "rejected_input_ids" in cols:
+            lens = np.maximum(lens, np.fromiter((len(x) for x in cols["rejected_input_ids"]), dtype=np.int64,
+                                                count=len(lens)))
+        return lens
+
+    def _pool_order(self, cols: dict[str, Any]) -> list[np.ndarray]:
+        """Row indices of each full batch of this pool, in yield order."""
+        n = len(cols["row_id"])
+        order = self.rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.bucketing:
+            lens = self._lengths(cols)[order]
+            order = order[np.argsort(lens, kind="stable")]
+        full = n - n % self.batch_size
+        batches = [order[i:i + self.batch_size] for i in range(0, full, self.batch_size)]
+        if self.bucketing and self.shuffle:
+            batches = [batches[i] for i in self.rng.permutation(len(batches))]
+        return batches
+
+    def _emit(self, cols: dict[str, Any], idx: np.ndarray) -> dict[str, torch.Tensor]:
+        sub = {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] for k, v in cols.items()}
+        batch = self.collate(sub, self.pad_id, self.pad_to_multiple_of)
+        mask = batch["attention_mask"]
+        self.total_tokens += mask.numel()
+        self.pad_tokens += mask.numel() - int(mask.sum())
+        self.batches += 1
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        pool_rows = self.pool_batches * self.batch_size
+        carry: dict[str, Any] | None = None
+        try:
+            for cols in self.shard.iter_batches(batch_size=pool_rows, batch_format="numpy", prefetch_batches=1):
+                cols = dict(cols)
+                if carry is not None:  # rows left over from a short pool join the next one
+                    cols = {k: np.concatenate([carry[k], cols[k]]) for k in cols}
+                    carry = None
+                n = len(cols["row_id"])
+                if n < pool_rows and n % self.batch_size:
+                    carry = cols  # a short pool mid-stream (block edge): wait for more rows
+                    continue
+                for idx in self._pool_order(cols):
+                    yield self._emit(cols, idx)
+            if carry is not None:
+                for idx in self._pool_order(carry):
+                    yield self._emit(carry, idx)
+        except Exception as e:
+            bad = unwrap_data_error(e)
+            if bad is not None:
+                raise bad from None
+            raise
+
+
+def iter_train_batches(shard, cfg, pad_token_id: int, *, batch_size: int, epoch: int, seed: int,
+                       mode: str = "dpo", shuffle: bool = True) -> BatchIterator:
+    """Collated batches from a Ray ``DataIterator`` shard (or a ``ray.data.Dataset``).
+
+    Deterministic for the same (seed, epoch) and shard contents; ``cfg.length_bucketing`` pools
+    ``cfg.bucket_size_multiplier × batch_size`` rows and batches them by length. The last partial batch
+    is dropped (see the module docstring). Read ``.padding_fraction`` on the returned iterator.
+    """
+    return BatchIterator(shard, batch_size=batch_size, pad_token_id=pad_token_id,
+                         pad_to_multiple_of=cfg.pad_to_multiple_of, bucketing=cfg.length_bucketing,
+                         bucket_multiplier=cfg.bucket_size_multiplier, seed=seed, epoch=epoch, shuffle=shuffle,
+                         mode=mode)

@@ -1,0 +1,61 @@
+"""Tokenized rows -> padded torch batches (docs/CONTRACTS.md). Built in numpy, one torch.from_numpy each."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _padded_len(lengths: Sequence[int], pad_to_multiple_of: int | None) -> int:
+    t = max(lengths) if len(lengths) else 0
+    if pad_to_multiple_of:
+        t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
+    return t
+
+
+def _pack(seqs: Sequence[Any], prompt_lens: Sequence[int], pad_id: int, pad_to_multiple_of: int | None):
+    """Right-padded (N, T) ids, attention mask and completion mask (int64 numpy)."""
+    lengths = [len(s) for s in seqs]
+    t = _padded_len(lengths, pad_to_multiple_of)
+    n = len(seqs)
+    ids = np.full((n, t), pad_id, dtype=np.int64)
+    attn = np.zeros((n, t), dtype=np.int64)
+    comp = np.zeros((n, t), dtype=np.int64)
+    for i, (s, length, p) in enumerate(zip(seqs, lengths, prompt_lens)):
+        ids[i, :length] = s
+        attn[i, :length] = 1
+        comp[i, int(p):length] = 1
+    return ids, attn, comp
+
+
+def _tensors(ids, attn, comp, batch: dict) -> dict[str, torch.Tensor]:
+    out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
+           "completion_mask": torch.from_numpy(comp),
+           "row_id": torch.from_numpy(np.array(batch["row_id"], dtype=np.int64))}
+    for k in ("ref_chosen_logps", "ref_rejected_logps"):
+        if k in batch:
+            out[k] = torch.from_numpy(np.array(batch[k], dtype=np.float32))
+    return out
+
+
+def collate_pairs(batch: dict[str, Any], pad_token_id: int, pad_to_multiple_of: int | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Pairs -> input_ids/attention_mask/completion_mask (2B, T): rows [0, B) chosen, [B, 2B) rejected.
+
+    ``batch`` holds the columns of a tokenized preference row (lists or numpy arrays); ``row_id`` (B,) and
+    ``ref_*_logps`` (B,) float32 pass through.
+    """
+    seqs = list(batch["chosen_input_ids"]) + list(batch["rejected_input_ids"])
+    plens = list(batch["chosen_prompt_len"]) + list(batch["rejected_prompt_len"])
+    return _tensors(*_pack(seqs, plens, pad_token_id, pad_to_multiple_of), batch)
+
+
+def collate_sft(batch: dict[str, Any], pad_token_id: int, pad_to_multiple_of: int | None = None
+                ) -> dict[str, torch.Tensor]:
+    """SFT rows -> input_ids/attention_mask/completion_mask (B, T) and row_id (B,)."""
+    ids, attn, comp = _pack(list(batch["chosen_input_ids"]), list(batch["chosen_prompt_len"]), pad_token_id,
+                            pad_to_multiple_of)
+    return _tensors(ids, attn, comp, batch)

@@ -1,0 +1,219 @@
+"""Normalised examples -> token ids: chat template, divergence point, EOS, truncation (SPEC §2).
+
+``RowProcessor`` turns a list of raw rows into the tokenized columns of docs/CONTRACTS.md, applying
+``on_bad_row``. It is what the Ray Data tasks run and what ``tokenize_rows`` runs in-process.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dpo_ray.data.rows import (
+    PROMPT_FILLS,
+    BadRow,
+    Example,
+    bad_row_error,
+    normalize_pair,
+    normalize_sft,
+)
+
+MAX_EXAMPLES = 5  # bad-row messages kept per part for the report
+
+
+@dataclass
+class TokenizeOptions:
+    max_length: int | None
+    truncation_mode: str = "keep_start"
+    on_bad_row: str = "raise"
+    mode: str = "dpo"  # "dpo" | "sft"
+
+    @classmethod
+    def from_config(cls, cfg, mode: str = "dpo") -> TokenizeOptions:
+        return cls(cfg.max_length, cfg.truncation_mode, cfg.on_bad_row, mode)
+
+
+@dataclass
+class PartStats:
+    """Counts for one processed piece of a split (merged by DataStats)."""
+
+    seen: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen, "kept": self.kept, "truncated": self.truncated,
+                "dropped": dict(self.dropped), "examples": self.examples}
+
+
+@dataclass
+class RawRow:
+    row_id: int
+    line: int | None  # 1-based line/row number in the source file, for messages
+    value: Any  # the parsed row, or a BadRow raised while reading it
+
+
+def diverge(prompt_ids: list[int], full_ids: list[int]) -> int:
+    """Index where prompt and prompt+completion token sequences first differ: the completion start.
+
+    Real BPE tokenizers can merge the last prompt characters with the first completion characters, so the
+    prompt's own tokens are not always a prefix of the joint tokenization (tested with DeepSeek's).
+    """
+    n = min(len(prompt_ids), len(full_ids))
+    i = 0
+    while i < n and prompt_ids[i] == full_ids[i]:
+        i += 1
+    return i
+
+
+def truncate(ids: list[int], prompt_len: int, max_length: int | None, mode: str) -> tuple[list[int], int, bool]:
+    """(ids, prompt_len) cut to max_length. keep_start keeps the head, keep_end the tail (prompt shrinks).
+
+    Raises BadRow(prompt_fills_max_length) when keep_start leaves no completion token.
+    """
+    if max_length is None or len(ids) <= max_length:
+        return ids, prompt_len, False
+    if mode == "keep_end":
+        cut = len(ids) - max_length
+        return ids[cut:], max(0, prompt_len - cut), True
+    if prompt_len >= max_length:
+        raise BadRow(PROMPT_FILLS, f"the prompt alone is {prompt_len} tokens, which fills max_length={max_length} "
+                                   "and leaves no completion token; raise max_length, shorten the prompt, or use "
+                                   "truncation_mode: keep_end")
+    return ids[:max_length], prompt_len, True
+
+
+class RowProcessor:
+    """Raw rows -> tokenized pyarrow table + PartStats, with the bad-row policy applied."""
+
+    def __init__(self, tokenizer, opts: TokenizeOptions, source: str | None = None):
+        self.tok, self.opts, self.source = tokenizer, opts, source
+        self.eos = tokenizer.eos_token_id
+        bos = getattr(tokenizer, "bos_token", None)
+        self._bos_text = bos if isinstance(bos, str) and bos else None
+        self._adds_bos = bool(tokenizer.bos_token_id is not None and
+                              tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id])
+
+    # -- texts -------------------------------------------------------------------------------------------
+    def _template(self, ex: Example, messages: list[dict], generation_prompt: bool) -> str:
+        if getattr(self.tok, "chat_template", None) is None:
+            raise ValueError(
+                "a conversational row (lists of {role, content} messages) needs a chat template, but the tokenizer "
+                "has none; set tokenizer.chat_template (a jinja string) or use standard string rows")
+        return self.tok.apply_chat_template(messages, tools=ex.tools, add_generation_prompt=generation_prompt,
+                                            tokenize=False, **ex.template_kwargs)
+
+    def _texts(self, ex: Example) -> tuple[str, list[str]]:
+        """(prompt text, [prompt+completion text per completion])."""
+        if ex.conversational:
+            prompt = self._template(ex, ex.prompt, True)
+            return prompt, [self._template(ex, ex.prompt + c, False) for c in ex.completions]
+        return ex.prompt, [ex.prompt + c for c in ex.completions]
+
+    def _special(self, ex: Example, prompt_text: str) -> bool:
+        # The chat template writes its own special tokens; a text that already starts with BOS gets no second one.
+        if ex.conversational:
+            return False
+        return not (self._adds_bos and self._bos_text and prompt_text.startswith(self._bos_text))
+
+    def _encode(self, texts: list[str], special: list[bool]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in texts]
+        for flag in (True, False):
+            idx = [i for i, s in enumerate(special) if s == flag]
+            if idx:
+                enc = self.tok([texts[i] for i in idx], add_special_tokens=flag, return_attention_mask=False)
+                for i, ids in zip(idx, enc["input_ids"]):
+                    out[i] = list(ids)
+        return out
+
+    # -- rows --------------------------------------------------------------------------------------------
+    def _normalize(self, rows: list[RawRow], stats: PartStats) -> list[tuple[RawRow, Example]]:
+        norm = normalize_sft if self.opts.mode == "sft" else normalize_pair
+        good = []
+        for r in rows:
+            try:
+                if isinstance(r.value, BadRow):
+                    raise r.value
+                good.append((r, norm(r.value)))
+            except BadRow as b:
+                self._bad(b, r, stats)
+        return good
+
+    def _bad(self, b: BadRow, r: RawRow, stats: PartStats) -> None:
+        err = bad_row_error(b, self.source, r.row_id, r.line)
+        if self.opts.on_bad_row == "raise":
+            raise err
+        stats.dropped[b.kind] += 1
+        if len(stats.examples) < MAX_EXAMPLES:
+            stats.examples.append(str(err).split(". Fix the row")[0])
+
+    def process(self, rows: list[RawRow]) -> tuple[pa.Table, PartStats]:
+        stats = PartStats(seen=len(rows))
+        good = self._normalize(rows, stats)
+        texts, special, spans = [], [], []
+        for _, ex in good:
+            prompt, fulls = self._texts(ex)
+            flag = self._special(ex, prompt)
+            spans.append(len(texts))
+            texts += [prompt, *fulls]
+            special += [flag] * (1 + len(fulls))
+        ids = self._encode(texts, special)
+        n_comp = 1 if self.opts.mode == "sft" else 2
+        cols: dict[str, list] = {"row_id": []}
+        names = ["chosen", "rejected"][:n_comp]
+        for n in names:
+            cols[f"{n}_input_ids"], cols[f"{n}_prompt_len"] = [], []
+        for (r, ex), start in zip(good, spans):
+            try:
+                seqs = [self._sequence(ids[start], ids[start + 1 + k], ex.conversational) for k in range(n_comp)]
+            except BadRow as b:
+                self._bad(b, r, stats)
+                continue
+            stats.truncated += any(t for _, _, t in seqs)
+            cols["row_id"].append(r.row_id)
+            for n, (seq, plen, _) in zip(names, seqs):
+                cols[f"{n}_input_ids"].append(seq)
+                cols[f"{n}_prompt_len"].append(plen)
+        stats.kept = len(cols["row_id"])
+        return to_table(cols, names), stats
+
+    def _sequence(self, prompt_ids: list[int], full_ids: list[int], conversational: bool):
+        start = diverge(prompt_ids, full_ids)
+        if not conversational and self.eos is not None and (not full_ids or full_ids[-1] != self.eos):
+            full_ids = full_ids + [self.eos]
+        if start >= len(full_ids):
+            from dpo_ray.data.rows import EMPTY_COMPLETION
+
+            raise BadRow(EMPTY_COMPLETION, "the completion adds no tokens after the prompt")
+        return truncate(full_ids, start, self.opts.max_length, self.opts.truncation_mode)
+
+
+def schema(names: Iterable[str]) -> pa.Schema:
+    fields = [pa.field("row_id", pa.int64())]
+    for n in names:
+        fields += [pa.field(f"{n}_input_ids", pa.list_(pa.int32())), pa.field(f"{n}_prompt_len", pa.int32())]
+    return pa.schema(fields)
+
+
+def to_table(cols: dict[str, list], names: list[str]) -> pa.Table:
+    sch = schema(names)
+    return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in sch}, schema=sch)
+
+
+def table_to_columns(table: pa.Table) -> dict[str, Any]:
+    """A tokenized table as the dict-of-columns ``collate_pairs`` takes (lists of int arrays)."""
+    out: dict[str, Any] = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if pa.types.is_list(col.type):
+            out[name] = [np.asarray(x, dtype=np.int64) for x in col.to_pylist()]
+        else:
+            out[name] = col.to_numpy()
+    return out

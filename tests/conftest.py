@@ -1,0 +1,34 @@
+"""Shared fixtures. ``ray_local``: one local Ray for the whole session (yields its GCS address).
+
+More logical CPUs than cores: training workers, reference actors and Ray Data tasks all request
+fractions, and exact accounting on a 2-core box starves Ray Data (docs/FACTS: the run hangs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# No hub at test time; quiet tokenizers' fork warnings; the Ray Train V2 API the trainer is written for.
+for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1",
+               "DS_ACCELERATOR": "cpu"}.items():
+    os.environ.setdefault(_k, _v)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ctx = ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+                       runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                                 "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        address = ctx.address_info["address"]
+    else:
+        address = ray.get_runtime_context().gcs_address
+    yield address
+    if started:
+        ray.shutdown()
