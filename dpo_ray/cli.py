@@ -12,7 +12,14 @@ import json
 import sys
 from typing import Any
 
-from dpo_ray.config import ConfigError, DPOConfig, add_config_arguments, deepspeed_config, load_config, overrides_from_args
+from dpo_ray.config import (
+    ConfigError,
+    DPOConfig,
+    add_config_arguments,
+    deepspeed_config,
+    load_config,
+    overrides_from_args,
+)
 
 # The embedded default of `dpo-ray demo` (and examples/tiny_demo.yaml): SFT then DPO on the bundled task.
 DEMO_SFT = {"learning_rate": 3e-3, "num_train_epochs": 4, "per_device_train_batch_size": 32,

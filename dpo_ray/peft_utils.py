@@ -19,8 +19,8 @@ def quantization_config(cfg: DPOConfig):
         raise RuntimeError("load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on "
                            "CPU. Drop load_in_4bit, or run on GPU workers (ray.use_gpu: true).")
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError as e:
         raise RuntimeError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from e
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -43,7 +43,12 @@ def init_ray(cfg: DPOConfig) -> None:
     Ray Data tasks request fractions, and on a 2-core box exact accounting starves Ray Data (FACTS).
     """
     import ray
+    import ray.data
 
+    # Ray Data's per-operator progress bars drown the metrics table in a terminal; the table is the UI.
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.enable_progress_bars = os.environ.get("DPO_RAY_DATA_PROGRESS", "0") == "1"
+    data_ctx.print_on_execution_start = False
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")

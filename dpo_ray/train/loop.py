@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -87,7 +88,8 @@ def build_engine(cfg: DPOConfig, model, total_steps: int, world: int, on_gpu: bo
     return engine, optimizer, scheduler
 
 
-def build_reference(cfg: DPOConfig, spec: dict, policy, tokenizer, device, world: int, on_gpu: bool):
+def build_reference(cfg: DPOConfig, spec: dict, policy, tokenizer, device, world: int, on_gpu: bool,
+                    policy_source=None):
     """The reference client for this worker, by ``reference.source`` (see dpo_ray.reference)."""
     from dpo_ray.reference import LocalReference, NoReference, PrecomputedReference
 
@@ -112,6 +114,10 @@ def build_reference(cfg: DPOConfig, spec: dict, policy, tokenizer, device, world
         if isinstance(ref_source, ray.ObjectRef):
             ref_source = ray.get(ref_source)
         ref = load_causal_lm(ref_source, cfg, tokenizer, on_gpu=on_gpu)
+    elif cfg.deepspeed.zero_stage == 3:
+        # ZeRO-3 parameters are already partitioned: a deepcopy would copy empty shards. Rebuild the
+        # initial weights from their source instead (zero.Init shards them as they load).
+        ref = load_causal_lm(policy_source, cfg, tokenizer, on_gpu=on_gpu)
     else:
         ref = frozen_copy(policy)
     ref.requires_grad_(False).eval()
@@ -211,8 +217,10 @@ class Logger:
         eta = elapsed / max(step, 1) * (self.total - step)
         cols = [(k, metrics[k]) for k in metrics if k in self.COLUMNS or k.startswith("eval_")]
         cells = " | ".join(f"{k} {v:.4g}" for k, v in cols if isinstance(v, (int, float)))
-        print(f"[{'#' * int(pct // 5):<20}] step {step}/{self.total} ({pct:.0f}%, eta {eta:.0f}s) | {cells}",
-              flush=True)
+        # sys.stdout directly: Ray Train patches print() into a logger that would echo every line twice
+        sys.stdout.write(f"[{'#' * int(pct // 5):<20}] step {step}/{self.total} ({pct:.0f}%, eta {eta:.0f}s) "
+                         f"| {cells}\n")
+        sys.stdout.flush()
 
     def close(self):
         if self.tb is not None:
@@ -239,6 +247,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model_source = config.get("model")
     if isinstance(model_source, ray.ObjectRef):
         model_source = ray.get(model_source)
+    import deepspeed
+
+    # Ray Train already made the process group; DeepSpeed adopts it (zero.Init needs the world size).
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     _seed_everything(cfg.seed)
     hf_ds_keepalive = None
     if cfg.deepspeed.zero_stage == 3:
@@ -252,7 +264,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         model = wrap_peft(model, cfg)
     prepare_policy(model, cfg)
-    reference = (build_reference(cfg, config, model, tokenizer, device, world, on_gpu)
+    reference = (build_reference(cfg, config, model, tokenizer, device, world, on_gpu, model_source)
                  if mode == "dpo" else None)
     engine, _, scheduler = build_engine(cfg, model, total_steps, world, on_gpu)
     _seed_everything(cfg.seed + rank)
@@ -263,8 +275,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             state = _load_checkpoint(engine, d, rank)
         if rank == 0:
-            print(f"resumed from checkpoint at step {state.global_step} (epoch {state.epoch}, "
-                  f"micro-batch {state.micro_in_epoch})", flush=True)
+            sys.stdout.write(f"resumed from checkpoint at step {state.global_step} (epoch {state.epoch}, "
+                             f"micro-batch {state.micro_in_epoch})\n")
 
     from dpo_ray.data import iter_train_batches
     from dpo_ray.reference import prefetched
@@ -333,10 +345,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 logger.log(step, reduced)
             if eval_shard is not None and cfg.eval_strategy == "steps" and step % eval_every == 0:
                 logger.log(step, evaluate(engine.module, cfg, eval_shard, reference, tokenizer, device, mode))
-            ckpt_due = cfg.save_strategy == "steps" and step % cfg.save_steps == 0 and step < total_steps
-            if ckpt_due or log_due:
-                _report(engine, state, {"step": step, **(reduced if log_due else {})}, rank,
-                        with_checkpoint=ckpt_due)
+            if cfg.save_strategy == "steps" and step % cfg.save_steps == 0 and step < total_steps:
+                save_checkpoint(engine, state, rank)
             if step >= total_steps:
                 done = True
                 break
@@ -347,7 +357,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 logger.log(state.global_step, evaluate(engine.module, cfg, eval_shard, reference, tokenizer,
                                                        device, mode))
             if cfg.save_strategy == "epoch" and state.epoch < num_epochs:
-                _report(engine, state, {"step": state.global_step}, rank, with_checkpoint=True)
+                save_checkpoint(engine, state, rank)
 
     if eval_shard is not None and cfg.eval_strategy != "no":
         logger.log(state.global_step, evaluate(engine.module, cfg, eval_shard, reference, tokenizer, device, mode))
@@ -416,12 +426,14 @@ def evaluate(model, cfg: DPOConfig, shard, reference, tokenizer, device, mode: s
     return {f"eval_{k}": v for k, v in reduced.items()}
 
 
-def _report(engine, state: TrainerState, metrics: dict, rank: int, with_checkpoint: bool) -> None:
+def save_checkpoint(engine, state: TrainerState, rank: int) -> None:
+    """Every rank writes its DeepSpeed shard (+ RNG) and reports it; Ray Train merges them in storage.
+
+    Metrics go to metrics.jsonl / TensorBoard, so Ray Train only ever sees checkpoints.
+    """
     import ray.train
 
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
+    metrics = {"step": state.global_step}
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=CKPT_TAG)
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
