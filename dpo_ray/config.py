@@ -321,6 +321,9 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
     if c.sync_ref_model and src not in ("actor", "local"):
         p.append(("sync_ref_model", f"TR-DPO updates a reference model, but reference.source is {src!r}; "
                                     "use reference.source actor or local (not precomputed/adapter/none)"))
+    if c.sync_ref_model and src == "actor" and (c.use_peft or c.peft_adapter_path):
+        p.append(("sync_ref_model", "TR-DPO with a PEFT policy mixes adapter-wrapped weights, which the actor's "
+                                    "plain reference model does not have; use reference.source local"))
     if src in ("adapter_off", "ref_adapter") and not c.use_peft and not c.peft_adapter_path:
         p.append(("reference.source", f"{src} needs a PEFT model; set use_peft: true (or peft_adapter_path)"))
     if src == "ref_adapter" and not (c.ref_adapter_name and c.model_adapter_name):

@@ -44,6 +44,7 @@ RULES = [
     ({"loss_weights": [1.0, 2.0]}, "loss_weights", "loss_type has 1"),
     ({"sync_ref_model": True, "precompute_ref_log_probs": True}, "sync_ref_model", "precomputed"),
     ({"sync_ref_model": True, "reference": {"source": "none"}}, "sync_ref_model", "'none'"),
+    ({"sync_ref_model": True, "use_peft": True, "reference": {"source": "actor"}}, "sync_ref_model", "PEFT"),
     ({"ld_alpha": 1.5}, "ld_alpha", "[0, 1]"),
     ({"ld_alpha": -0.1}, "ld_alpha", "[0, 1]"),
     ({"rpo_alpha": -1.0}, "rpo_alpha", ">= 0"),
