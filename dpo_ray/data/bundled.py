@@ -45,17 +45,21 @@ def apply_op(op: str, items: Sequence[str]) -> list[str]:
 
 
 def _near_miss(op: str, items: list[str], answer: list[str], rng: random.Random) -> list[str]:
-    """A wrong answer of the kind a small model produces: swap, drop, duplicate, or copy the input."""
+    """A wrong answer of the kind a small model produces (measured on the tiny Llama after SFT: mostly one
+    item replaced, then neighbours swapped, items dropped or duplicated, the input copied back)."""
     for _ in range(20):
-        kind = rng.choice(("swap", "swap", "drop", "dup", "copy"))
+        kind = rng.choice(("replace", "replace", "replace", "swap", "swap", "drop", "dup", "copy"))
         out = list(answer)
-        if kind == "swap":
-            i = rng.randrange(len(out) - 1)
+        i = rng.randrange(len(out))
+        if kind == "replace":  # one item wrong: a neighbour's value, or any digit
+            j = min(len(out) - 1, i + 1) if i == 0 else i - 1
+            out[i] = out[j] if rng.random() < 0.5 else str(rng.randrange(10))
+        elif kind == "swap":
+            i = min(i, len(out) - 2)
             out[i], out[i + 1] = out[i + 1], out[i]
         elif kind == "drop":
-            del out[rng.randrange(len(out))]
+            del out[i]
         elif kind == "dup":
-            i = rng.randrange(len(out))
             out.insert(i, out[i])
         else:
             out = list(items)
