@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpo_ray.losses import F_DIVERGENCES, LOSS_ALIASES, LOSSES, LossParams, canonical_loss_name
 
@@ -99,6 +99,58 @@ class DeepSpeedConfig(_Section):
     offload_optimizer: bool = False
     offload_param: bool = False
     overrides: dict[str, Any] = Field(default_factory=dict, description="merged last into the DeepSpeed dict")
+
+
+InspectLevel = Literal["error", "warn", "off"]
+
+# `dpo-ray inspect-data` checks (docs/inspect.md): name -> (default level, default max_fraction, meaning).
+# A check fires when the fraction of rows it finds exceeds max_fraction (0.0: any row). One table: the
+# inspect section validates its keys against it and dpo_ray.inspect runs exactly these checks.
+INSPECT_CHECKS: dict[str, tuple[str, float, str]] = {
+    "bad_rows_raise": ("error", 0.0, "bad rows while on_bad_row is raise: training would stop at the first"),
+    "dropped_rows": ("error", 0.05, "rows the pipeline drops (bad rows under skip, prompt fills max_length)"),
+    "identical_pairs": ("error", 0.0, "chosen identical to rejected: the pair teaches nothing"),
+    "whitespace_identical_pairs": ("warn", 0.0, "chosen and rejected differ only in whitespace"),
+    "prompt_not_prefix": ("error", 0.01, "the tokenized prompt is not a prefix of the tokenized prompt+completion"),
+    "doubled_bos": ("warn", 0.0, "a sequence starts with two BOS tokens"),
+    "doubled_eos": ("warn", 0.0, "a sequence ends with two EOS tokens"),
+    "missing_eos": ("warn", 0.0, "a completion does not end with EOS"),
+    "missing_generation_prompt": ("warn", 0.0, "the chat template renders the same prompt with and without "
+                                               "add_generation_prompt"),
+    "truncated_rows": ("warn", 0.20, "rows max_length truncates"),
+}
+
+
+class InspectConfig(_Section):
+    """Levels and thresholds of `dpo-ray inspect-data` (docs/inspect.md lists the checks)."""
+
+    levels: dict[str, InspectLevel] = Field(
+        default_factory=dict,
+        description="per-check level overrides (error | warn | off), e.g. {missing_eos: error, truncated_rows: off}",
+    )
+    max_fraction: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-check thresholds: fires when its share of rows exceeds this, e.g. {truncated_rows: 0.3}",
+    )
+    example_rows: int = Field(5, ge=1, le=100, description="row numbers listed per finding")
+    histogram_bins: int = Field(40, ge=5, le=500, description="bins of the token-length histograms")
+
+    @field_validator("levels", "max_fraction")
+    @classmethod
+    def _known_checks(cls, value: dict) -> dict:
+        unknown = [name for name in value if name not in INSPECT_CHECKS]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} is not a check; choose from {', '.join(INSPECT_CHECKS)}")
+        bad = {name: v for name, v in value.items() if isinstance(v, float) and not 0 <= v <= 1}
+        if bad:
+            raise ValueError(f"fractions must be in [0, 1]; {', '.join(bad)} is not")
+        return value
+
+    def level(self, check: str) -> str:
+        return self.levels.get(check, INSPECT_CHECKS[check][0])
+
+    def threshold(self, check: str) -> float:
+        return self.max_fraction.get(check, INSPECT_CHECKS[check][1])
 
 
 class DPOConfig(BaseModel):
@@ -201,6 +253,7 @@ class DPOConfig(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    inspect: InspectConfig = Field(default_factory=InspectConfig)
 
     def __init__(self, **data):
         if isinstance(data.get("loss_type"), str):
@@ -253,7 +306,7 @@ class DPOConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-_SECTIONS = ("ray", "reference", "deepspeed")
+_SECTIONS = ("ray", "reference", "deepspeed", "inspect")
 
 
 def _without_invalid(data: dict[str, Any], err: ValidationError) -> dict[str, Any]:
