@@ -1,0 +1,249 @@
+"""`ray job submit` against a real Ray head: the path docs/deploy.md gives for an existing cluster.
+
+Starts a private Ray head (own temp dir, every port picked free, dashboard on 127.0.0.1 only), submits
+`python -m dpo_ray train --config examples/tiny_demo.yaml` through the Jobs API with --working-dir and
+--runtime-env-json, waits for SUCCEEDED, and loads the saved model. Teardown stops only what this test
+started: the `ray start --block` process group, then every process carrying this test's marker variable
+(workers and the job's driver inherit the head's environment). Never `ray stop`: it would take down
+every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+MARKER = "DPO_RAY_JOB_SUBMIT_TEST"
+STARTUP_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 900
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(JOB_TIMEOUT_S + 300)]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _marked_pids(token: str) -> list[int]:
+    """Processes of this user whose environment carries MARKER=token: the ones this test started."""
+    needle = f"{MARKER}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except (PermissionError, FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+def _terminate(pids: list[int], grace_s: float = 10.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class PrivateRayHead:
+    """`ray start --head --block` in its own session, torn down by process group and marker."""
+
+    def __init__(self, num_cpus: int = 8):
+        # A short temp dir: Ray's unix sockets live under it and socket paths are limited to 107 bytes.
+        self.temp_dir = tempfile.mkdtemp(prefix="dporay-", dir="/tmp")
+        self.token = uuid.uuid4().hex
+        # Ray 2.60 turns on token auth when ~/.ray/auth_token exists; give this head a token of its own
+        # (inherited by the CLI calls below, the workers and the job's driver) instead of the user's.
+        self.auth_token = uuid.uuid4().hex + uuid.uuid4().hex
+        # Ray Client is not started (it needs ray[client]); every other port is picked free so this head
+        # never collides with another Ray on the machine (their defaults, e.g. the agent's 52365).
+        (self.gcs, self.dashboard, self.node_manager, self.object_manager, self.agent_http,
+         self.agent_grpc, self.metrics, self.runtime_env_agent) = _free_ports(8)
+        self.address = f"http://127.0.0.1:{self.dashboard}"
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env.update({
+            MARKER: self.token,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token,
+            # `python` inside a job resolves through the head's PATH: put this interpreter's bin first.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            # Offline, set on the head rather than in the job's runtime_env: dpo_ray's driver sets these
+            # in its own ray.init runtime_env, and Ray refuses to merge two that set the same variable.
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        })
+        cmd = [RAY, "start", "--head", "--block", "--disable-usage-stats",
+               "--node-ip-address", "127.0.0.1", "--port", str(self.gcs),
+               "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+               "--dashboard-port", str(self.dashboard),
+               "--node-manager-port", str(self.node_manager), "--object-manager-port", str(self.object_manager),
+               "--dashboard-agent-listen-port", str(self.agent_http),
+               "--dashboard-agent-grpc-port", str(self.agent_grpc), "--metrics-export-port", str(self.metrics),
+               "--runtime-env-agent-port", str(self.runtime_env_agent),
+               "--num-cpus", str(num_cpus), "--num-gpus", "0", "--object-store-memory", str(1 << 30),
+               "--temp-dir", self.temp_dir]
+        self.log = open(Path(self.temp_dir) / "ray_start.log", "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.start_log()}")
+            request = urllib.request.Request(f"{self.address}/api/jobs/",
+                                             headers={"Authorization": f"Bearer {self.auth_token}"})
+            try:
+                with urllib.request.urlopen(request, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"Ray dashboard not up after {STARTUP_TIMEOUT_S}s:\n{self.start_log()}")
+
+    def start_log(self) -> str:
+        self.log.flush()
+        return (Path(self.temp_dir) / "ray_start.log").read_text()[-4000:]
+
+    def stop(self) -> None:
+        # 1. the process group `ray start` leads (gcs, raylet, dashboard, ... started in its session)
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+        # 2. anything of ours that left the group (workers, the job's driver in its own session)
+        _terminate(_marked_pids(self.token))
+        self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _job_api(head: PrivateRayHead, path: str) -> dict:
+    """GET the Jobs REST API of this head (the CLI's status output is prose; the API is JSON)."""
+    request = urllib.request.Request(f"{head.address}/api/jobs/{path}",
+                                     headers={"Authorization": f"Bearer {head.auth_token}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _wait_for_job(head: PrivateRayHead, job_id: str, timeout_s: float) -> str:
+    """Poll the job until it ends; stop it (on this head only) if it outlives timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = _job_api(head, job_id)["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        time.sleep(3)
+    _ray("job", "stop", "--address", head.address, job_id, env=head.env)
+    return f"TIMEOUT after {timeout_s}s"
+
+
+def _job_logs(head: PrivateRayHead, job_id: str) -> str:
+    return _job_api(head, f"{job_id}/logs").get("logs", "")
+
+
+@pytest.fixture
+def ray_head():
+    # The Jobs API is served by the dashboard, which needs ray[default] (ray[train,data] lacks aiohttp & co).
+    from ray._private.utils import get_dashboard_dependency_error
+
+    missing = get_dashboard_dependency_error()
+    if missing is not None:
+        pytest.skip(f"`ray job submit` needs the Ray dashboard: pip install 'ray[default]==2.60.0' ({missing})")
+    head = PrivateRayHead()
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        head.stop()
+
+
+RUNTIME_ENV = {
+    # Only variables dpo_ray's driver does not set itself (see deploy/submit.sh).
+    "env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    "excludes": [".git", ".venv", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
+                 "demo_output", "dpo_output", "*_output", "bench/results", "*.safetensors", "*.bin"],
+}
+
+
+def test_ray_job_submit_runs_tiny_demo(ray_head, tmp_path):
+    env = ray_head.env
+
+    # 1. What `python` is inside a job on this head: this interpreter, with dpo_ray importable.
+    probe_id = f"probe-{uuid.uuid4().hex[:8]}"
+    probe = _ray("job", "submit", "--address", ray_head.address, "--submission-id", probe_id,
+                 "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(RUNTIME_ENV), "--",
+                 "python", "-c", "import sys, dpo_ray; print('PROBE', sys.prefix)", env=env, timeout=300)
+    assert probe.returncode == 0, f"probe job failed:\n{probe.stdout[-3000:]}\n{probe.stderr[-3000:]}"
+    assert f"PROBE {sys.prefix}" in probe.stdout + _job_logs(ray_head, probe_id), probe.stdout[-3000:]
+
+    # 2. The documented line, with this interpreter spelled out (the job must not pick another python).
+    out = tmp_path / "out"
+    job_id = f"dpo-ray-tiny-{uuid.uuid4().hex[:8]}"
+    submit = _ray("job", "submit", "--address", ray_head.address, "--submission-id", job_id, "--no-wait",
+                  "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(RUNTIME_ENV), "--",
+                  sys.executable, "-m", "dpo_ray", "train", "--config", "examples/tiny_demo.yaml",
+                  "--output_dir", str(out), "--max_steps", "4", env=env, timeout=300)
+    assert submit.returncode == 0, f"ray job submit failed:\n{submit.stdout[-3000:]}\n{submit.stderr[-3000:]}"
+
+    status = _wait_for_job(ray_head, job_id, JOB_TIMEOUT_S)
+    logs = _job_logs(ray_head, job_id)
+    assert status == "SUCCEEDED", f"job {job_id} ended {status}; last log lines:\n{logs[-12000:]}"
+
+    # 3. The outputs, written by the job on this (single-node) cluster.
+    assert (out / "config.json").exists(), sorted(p.name for p in out.iterdir())
+    assert any(out.glob("*.safetensors")) or (out / "pytorch_model.bin").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 4, report
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert rows and any("loss" in r for r in rows)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    AutoTokenizer.from_pretrained(out)
