@@ -60,6 +60,21 @@ def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer, *, on_g
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer), dtype=torch.float32)
     elif isinstance(source, dict):
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            # zero.Init partitions parameters as they are built; only from_pretrained knows how to load
+            # a full state dict into those shards, so go through a directory.
+            import tempfile
+
+            from safetensors.torch import save_file
+
+            with tempfile.TemporaryDirectory() as d:
+                source["config"].save_pretrained(d)
+                # clone: tied weights share storage, which safetensors refuses to write
+                save_file({k: v.contiguous().clone() for k, v in source["state_dict"].items()},
+                          str(Path(d) / "model.safetensors"), metadata={"format": "pt"})
+                return _finish(AutoModelForCausalLM.from_pretrained(d, **from_pretrained_kwargs(cfg, on_gpu)), cfg)
         model = AutoModelForCausalLM.from_config(source["config"], dtype=torch.float32)
         model.load_state_dict(source["state_dict"])
     else:
@@ -76,6 +91,10 @@ def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer, *, on_g
             model = model.merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **from_pretrained_kwargs(cfg, on_gpu))
+    return _finish(model, cfg)
+
+
+def _finish(model: nn.Module, cfg: DPOConfig) -> nn.Module:
     if cfg.output_router_logits:
         if not hasattr(model.config, "router_aux_loss_coef") and not hasattr(model.config, "output_router_logits"):
             raise ValueError(

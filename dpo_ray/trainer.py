@@ -123,10 +123,14 @@ class DPOTrainer:
             total_steps = max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
             num_epochs = math.ceil(cfg.num_train_epochs)
 
-        model_source: Any = self.model
-        if model_source is not None and not isinstance(model_source, str):
-            from dpo_ray.models import shippable
+        from dpo_ray.models import load_causal_lm, shippable
 
+        model_source: Any = self.model
+        if model_source is None:
+            # The tiny default is built here, once, and shipped: every worker and the reference then
+            # start from bit-identical weights, whatever else runs in their processes.
+            model_source = load_causal_lm(None, cfg, tokenizer)
+        if not isinstance(model_source, str):
             model_source = ray.put(shippable(model_source))
         loop_config: dict[str, Any] = {
             "cfg": cfg.model_dump(mode="json"), "mode": self.mode, "tokenizer": tokenizer, "model": model_source,
