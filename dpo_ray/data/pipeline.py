@@ -26,6 +26,7 @@ from dpo_ray.data.tokenize import RawRow, RowProcessor, TokenizeOptions, table_t
 DATA_TASK_CPUS = 0.25
 PIECE_ROWS = 1024  # rows tokenized per call (and per output block)
 PREFLIGHT_ROWS = 32
+BLOCK_BYTES = 1 << 20  # target output block size: small blocks reach the first batch sooner
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -244,7 +245,16 @@ def _preflight(src: _Source, proc: RowProcessor) -> None:
         proc.process(rows)
 
 
-def _dataset(src: _Source, proc: RowProcessor, rule: SplitRule, record: StatsRecorder, limit: int | None):
+def _concurrency(cfg) -> int:
+    """Tasks in flight: dataset_num_proc, else the driver's cores (with fractional CPUs Ray would run
+    4x more on a small box, time-slicing them so the first block arrives last)."""
+    import os
+
+    return cfg.dataset_num_proc or max(2, os.cpu_count() or 2)
+
+
+def _dataset(src: _Source, proc: RowProcessor, rule: SplitRule, record: StatsRecorder, limit: int | None,
+             concurrency: int):
     import ray
 
     if src.chunks is not None:
@@ -253,10 +263,10 @@ def _dataset(src: _Source, proc: RowProcessor, rule: SplitRule, record: StatsRec
         items = [c.to_item() for c in src.chunks]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(_ChunkUDF(proc, rule, record), batch_size=1, batch_format="pyarrow",
-                            num_cpus=DATA_TASK_CPUS)
+                            num_cpus=DATA_TASK_CPUS, concurrency=concurrency)
     else:
         ds = src.ray_ds.map_batches(_TableUDF(proc, rule, record), batch_size=PIECE_ROWS, batch_format="pyarrow",
-                                    num_cpus=DATA_TASK_CPUS)
+                                    num_cpus=DATA_TASK_CPUS, concurrency=concurrency)
     if limit is not None:
         ds = ds.limit(limit)
     return ds
@@ -314,7 +324,7 @@ def build_datasets(cfg, tokenizer, train_dataset: Any = None, eval_dataset: Any 
     stats = DataStats()
     train_rule = SplitRule("train", frac, seed)
     train = _dataset(train_src, RowProcessor(tokenizer, opts, train_src.label), train_rule,
-                     stats.recorder("train"), cfg.max_train_samples)
+                     stats.recorder("train"), cfg.max_train_samples, _concurrency(cfg))
     n_train = train_src.num_rows - (round(train_src.num_rows * frac) if frac else 0)
     if cfg.max_train_samples is not None:
         n_train = min(n_train, cfg.max_train_samples)
@@ -323,7 +333,7 @@ def build_datasets(cfg, tokenizer, train_dataset: Any = None, eval_dataset: Any 
         if eval_src is not train_src:
             _preflight(eval_src, RowProcessor(tokenizer, opts))
         ev = _dataset(eval_src, RowProcessor(tokenizer, opts, eval_src.label), SplitRule("eval", frac, seed),
-                      stats.recorder("eval"), cfg.max_eval_samples)
+                      stats.recorder("eval"), cfg.max_eval_samples, _concurrency(cfg))
         n_eval = round(eval_src.num_rows * frac) if frac else eval_src.num_rows
         if cfg.max_eval_samples is not None:
             n_eval = min(n_eval, cfg.max_eval_samples)
@@ -338,5 +348,6 @@ def _preserve_order(ds) -> None:
     """Deterministic block order (and so deterministic streaming_split contents) for this dataset only."""
     ctx = ds.context.copy() if hasattr(ds.context, "copy") else ds.context
     ctx.execution_options.preserve_order = True
+    ctx.target_max_block_size = BLOCK_BYTES
     ds._context = ctx  # the public setter would change every dataset in the process
     ds._logical_plan.context = ctx

@@ -23,7 +23,7 @@ from typing import Any
 from dpo_ray.data.rows import MALFORMED_JSON, UNDECODABLE, WRONG_TYPE, BadRow
 from dpo_ray.data.tokenize import RawRow
 
-CHUNK_BYTES = 1 << 20  # JSONL bytes per read task
+CHUNK_BYTES = 1 << 18  # JSONL bytes per read task (~3k short rows): the first block is ready fast
 LIST_CHUNK_ROWS = 4096  # in-memory rows per read task
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 
