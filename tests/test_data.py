@@ -10,9 +10,16 @@ import pytest
 import torch
 
 from dpo_ray import DPOConfig
-from dpo_ray.data import BadRowError, DataSourceError, build_datasets, collate_pairs, collate_sft, load_tokenizer, \
-    tokenize_rows
-from dpo_ray.data import bundled
+from dpo_ray.data import (
+    BadRowError,
+    DataSourceError,
+    build_datasets,
+    bundled,
+    collate_pairs,
+    collate_sft,
+    load_tokenizer,
+    tokenize_rows,
+)
 from dpo_ray.data.rows import BAD_ROW_KINDS, common_prefix
 
 

@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 
 from dpo_ray import DPOConfig
-from dpo_ray.data import BadRowError, build_datasets, iter_train_batches, load_tokenizer, tokenize_rows
-from dpo_ray.data import bundled
+from dpo_ray.data import (
+    BadRowError,
+    build_datasets,
+    bundled,
+    iter_train_batches,
+    load_tokenizer,
+    tokenize_rows,
+)
 
 pytestmark = pytest.mark.timeout(300)  # a starved Ray fails instead of hanging
 

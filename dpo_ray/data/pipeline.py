@@ -18,8 +18,16 @@ import numpy as np
 import pyarrow as pa
 
 from dpo_ray.data import bundled
-from dpo_ray.data.sources import Chunk, DataSourceError, Resolved, eval_files_beside, iter_chunk, plan_files, \
-    plan_rows, resolve
+from dpo_ray.data.sources import (
+    Chunk,
+    DataSourceError,
+    Resolved,
+    eval_files_beside,
+    iter_chunk,
+    plan_files,
+    plan_rows,
+    resolve,
+)
 from dpo_ray.data.stats import DataStats, StatsRecorder
 from dpo_ray.data.tokenize import RawRow, RowProcessor, TokenizeOptions, table_to_columns
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dpo_ray.data.rows import MALFORMED_JSON, UNDECODABLE, WRONG_TYPE, BadRow
+from dpo_ray.data.rows import MALFORMED_JSON, UNDECODABLE, BadRow
 from dpo_ray.data.tokenize import RawRow
 
 CHUNK_BYTES = 1 << 18  # JSONL bytes per read task (~3k short rows): the first block is ready fast
