@@ -1,0 +1,283 @@
+"""A merged ``Piece`` -> the report: check verdicts, length percentiles, padding, FLOPs; JSON, console, PNG.
+
+The JSON layout is documented in docs/inspect.md (``REPORT_VERSION`` changes when it does).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpo_ray.config import INSPECT_CHECKS
+from dpo_ray.data.batching import SHUFFLE_POOL_BATCHES
+from dpo_ray.data.rows import BAD_ROW_KINDS, PROMPT_FILLS
+from dpo_ray.inspect.analyze import Hits, Piece
+
+REPORT_VERSION = 1
+LENGTH_KEYS = ("prompt", "chosen", "rejected", "sequence")
+
+
+# ------------------------------------------------------------------------------------------- lengths
+def percentiles(x: np.ndarray) -> dict[str, float]:
+    if len(x) == 0:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
+    p50, p90, p99 = np.percentile(x, [50, 90, 99], method="lower")
+    return {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(x.max()), "mean": round(float(x.mean()), 2)}
+
+
+def length_arrays(piece: Piece) -> dict[str, np.ndarray]:
+    """Untruncated token counts per tokenized row: prompt, chosen/rejected completion, longer sequence."""
+    ln = piece.lengths
+    seq = np.maximum(ln["prompt"] + ln["chosen"], ln["prompt"] + ln["rejected"])
+    return {"prompt": ln["prompt"], "chosen": ln["chosen"], "rejected": ln["rejected"], "sequence": seq}
+
+
+# ------------------------------------------------------------------------------------------- padding
+def padding_fraction(chosen: np.ndarray, rejected: np.ndarray, batch_size: int, pad_to_multiple_of: int | None,
+                     bucketing: bool, bucket_multiplier: int, seed: int) -> float:
+    """Pad tokens / all tokens of the batches ``BatchIterator`` (dpo_ray.data.batching) builds from rows in
+    this order: pools of rows, each permuted by the (seed, epoch 0) generator, sorted by length and the
+    batches shuffled when bucketing; [chosen; rejected] padded to the batch's longest, partial batch dropped.
+    One stream (one worker): the fraction hardly depends on how rows are split between workers."""
+    rng = np.random.default_rng([seed, 0])
+    pool = (bucket_multiplier if bucketing else SHUFFLE_POOL_BATCHES) * batch_size
+    longest = np.maximum(chosen, rejected)
+    pad = total = 0
+    for lo in range(0, len(chosen), pool):
+        n = min(pool, len(chosen) - lo)
+        order = lo + rng.permutation(n)
+        if bucketing:
+            order = order[np.argsort(longest[order], kind="stable")]
+        batches = [order[i:i + batch_size] for i in range(0, n - n % batch_size, batch_size)]
+        if bucketing:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        for idx in batches:
+            t = int(longest[idx].max())
+            if pad_to_multiple_of:
+                t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
+            cells = 2 * len(idx) * t
+            total += cells
+            pad += cells - int(chosen[idx].sum() + rejected[idx].sum())
+    return pad / total if total else 0.0
+
+
+def padding_report(piece: Piece, cfg) -> dict[str, Any]:
+    ln = piece.lengths
+    order = np.argsort(ln["row_id"], kind="stable")  # the pipeline preserves row order
+    kept = order[ln["kept"][order] == 1]
+    c, r = ln["chosen_seq"][kept].astype(np.int64), ln["rejected_seq"][kept].astype(np.int64)
+    seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
+    b = cfg.per_device_train_batch_size
+    args = (b, cfg.pad_to_multiple_of)
+    out = {"batch_size": b, "pad_to_multiple_of": cfg.pad_to_multiple_of,
+           "length_bucketing": cfg.length_bucketing,
+           "without_bucketing": round(padding_fraction(c, r, *args, False, cfg.bucket_size_multiplier, seed), 4),
+           "with_bucketing": round(padding_fraction(c, r, *args, True, cfg.bucket_size_multiplier, seed), 4)}
+    out["configured"] = out["with_bucketing" if cfg.length_bucketing else "without_bucketing"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- compute
+def compute_report(piece: Piece, cfg, params: dict[str, Any], padding: float) -> dict[str, Any]:
+    """Tokens per epoch and FLOPs: 2·N·tokens for the reference forward, 6·N·tokens for the policy."""
+    ln = piece.lengths
+    kept = ln["kept"] == 1
+    tokens = int(ln["chosen_seq"][kept].sum() + ln["rejected_seq"][kept].sum())
+    padded = int(round(tokens / (1 - padding))) if padding < 1 else tokens
+    n, n_ref = params.get("policy"), params.get("reference")
+    needs_ref = bool(cfg.needs_reference)
+    out: dict[str, Any] = {"tokens_per_epoch": tokens, "tokens_per_epoch_padded": padded,
+                           "epochs": cfg.num_train_epochs, "parameters": n, "reference_parameters": n_ref,
+                           "parameter_source": params.get("source"), "needs_reference": needs_ref,
+                           "reference_source": cfg.reference.source}
+    if n is None:
+        out.update(policy_flops_per_epoch=None, reference_flops_per_epoch=None, total_flops=None)
+        return out
+    ref = 2 * (n_ref or n) * padded if needs_ref else 0
+    pol = 6 * n * padded
+    # a precomputed reference runs once, not every epoch
+    ref_total = ref if cfg.reference.source == "precomputed" else ref * cfg.num_train_epochs
+    out.update(policy_flops_per_epoch=float(pol), reference_flops_per_epoch=float(ref),
+               total_flops=float(pol * cfg.num_train_epochs + ref_total))
+    return out
+
+
+def parameter_count(path: str | None, tokenizer, trust_remote_code: bool = False) -> tuple[int | None, str]:
+    """(N, where it came from): the model config instantiated on the meta device, no weights loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if path is None:
+        from dpo_ray.models import tiny_llama_config
+
+        config, source = tiny_llama_config(tokenizer), "the bundled tiny Llama config"
+    elif (Path(path) / "config.json").exists():
+        config, source = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), f"{path}/config.json"
+    else:
+        return None, f"{path} has no config.json; FLOPs not estimated"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters()), source
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _rows(h: Hits) -> list[dict[str, Any]]:
+    return [{"row_id": i, "where": at, **({"detail": d} if d else {})} for i, at, d in h.rows]
+
+
+def check_hits(piece: Piece, on_bad_row: str) -> dict[str, Hits]:
+    """Every check's Hits: the per-row ones, plus the two derived from bad rows."""
+    hits = dict(piece.checks)
+    bad = Hits()
+    for h in piece.bad.values():
+        bad.merge(h, keep=max(len(h.rows), 5))
+    hits["dropped_rows"] = bad
+    hits["bad_rows_raise"] = bad if on_bad_row == "raise" else Hits()
+    return hits
+
+
+def evaluate(piece: Piece, cfg, keep: int) -> dict[str, dict[str, Any]]:
+    """{check: {level, max_fraction, count, fraction, status, meaning, rows}}; status ok | warn | error | off."""
+    hits = check_hits(piece, cfg.on_bad_row)
+    out = {}
+    for name, (_, _, meaning) in INSPECT_CHECKS.items():
+        h = hits.get(name, Hits())
+        level, limit = cfg.inspect.level(name), cfg.inspect.threshold(name)
+        frac = h.count / piece.rows if piece.rows else 0.0
+        fired = h.count > 0 and frac > limit
+        status = "off" if level == "off" else (level if fired else "ok")
+        out[name] = {"level": level, "max_fraction": limit, "count": h.count, "fraction": round(frac, 6),
+                     "status": status, "meaning": meaning, "rows": _rows(h)[:keep]}
+    return out
+
+
+def bad_row_report(piece: Piece, on_bad_row: str) -> dict[str, Any]:
+    kinds = {k: {"count": piece.bad[k].count if k in piece.bad else 0,
+                 "rows": _rows(piece.bad[k]) if k in piece.bad else []} for k in BAD_ROW_KINDS}
+    n = sum(v["count"] for v in kinds.values())
+    first = min((h.rows[0] for h in piece.bad.values() if h.rows), default=None)
+    if n == 0:
+        effect = "no bad rows"
+    elif on_bad_row == "raise":
+        effect = f"on_bad_row: raise, so training stops at the first bad row ({first[1]})"
+    else:
+        effect = f"on_bad_row: skip, so training drops {n} row(s) and reports them at the end"
+    return {"on_bad_row": on_bad_row, "total": n, "effect": effect, "kinds": kinds}
+
+
+def build_report(piece: Piece, cfg, *, dataset: str, tokenizer_name: str, params: dict[str, Any],
+                 keep: int) -> dict[str, Any]:
+    lengths = length_arrays(piece)
+    kept = int(piece.lengths["kept"].sum())
+    padding = padding_report(piece, cfg)
+    checks = evaluate(piece, cfg, keep)
+    statuses = {c["status"] for c in checks.values()}
+    status = "error" if "error" in statuses else "warn" if "warn" in statuses else "ok"
+    fills = piece.bad[PROMPT_FILLS].count if PROMPT_FILLS in piece.bad else 0
+    return {
+        "version": REPORT_VERSION,
+        "dataset": dataset,
+        "tokenizer": tokenizer_name,
+        "status": status,
+        "exit_status": 1 if status == "error" else 0,
+        "rows": {"seen": piece.rows, "kept": kept, "dropped": piece.rows - kept,
+                 "truncated": piece.checks["truncated_rows"].count,
+                 "by_format": dict(sorted(piece.formats.items())),
+                 "by_source": {s: {"rows": c["rows"], "kept": c["kept"], "bad_rows": c["bad_rows"]}
+                               for s, c in sorted(piece.sources.items())}},
+        "bad_rows": bad_row_report(piece, cfg.on_bad_row),
+        "lengths": {k: percentiles(v) for k, v in lengths.items()},
+        "truncation": {"max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode,
+                       "rows_truncated": piece.checks["truncated_rows"].count, "rows_dropped": fills,
+                       "completion_tokens_cut": piece.tokens_cut},
+        "checks": checks,
+        "padding": padding,
+        "compute": compute_report(piece, cfg, params, padding["configured"]),
+        "files": {},
+    }
+
+
+# ------------------------------------------------------------------------------------------- output
+def write_histograms(piece: Piece, cfg, out_dir: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    for name, x in length_arrays(piece).items():
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        ax.hist(x, bins=cfg.inspect.histogram_bins, color="#4c72b0")
+        if cfg.max_length and name in ("prompt", "sequence"):
+            ax.axvline(cfg.max_length, color="#c44e52", ls="--", label=f"max_length {cfg.max_length}")
+            ax.legend()
+        what = "completion" if name in ("chosen", "rejected") else ""
+        ax.set_title(f"{name} {what} tokens (untruncated), {len(x)} rows".replace("  ", " "))
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("rows")
+        fig.tight_layout()
+        path = out_dir / f"{name}_length.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files[f"{name}_histogram"] = str(path)
+    return files
+
+
+def write_report(report: dict[str, Any], piece: Piece, cfg, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["files"] = write_histograms(piece, cfg, out_dir)
+    path = out_dir / "report.json"
+    report["files"]["report"] = str(path)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def _flops(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def format_console(report: dict[str, Any]) -> str:
+    """The human-readable report (the JSON holds the same numbers)."""
+    r, lines = report["rows"], []
+    add = lines.append
+    add(f"== dpo-ray inspect-data: {report['dataset']} (tokenizer {report['tokenizer']})")
+    add(f"rows: {r['seen']} seen, {r['kept']} kept, {r['dropped']} dropped, {r['truncated']} truncated")
+    add("  by format: " + ", ".join(f"{k} {v}" for k, v in r["by_format"].items()))
+    for src, c in r["by_source"].items():
+        add(f"  {src}: {c['rows']} rows, {c['kept']} kept, {c['bad_rows']} bad")
+    bad = report["bad_rows"]
+    add(f"bad rows: {bad['total']} ({bad['effect']})")
+    for kind, v in bad["kinds"].items():
+        if v["count"]:
+            add(f"  {kind}: {v['count']}, e.g. " + "; ".join(x["where"] for x in v["rows"]))
+            add(f"    {v['rows'][0].get('detail', '')}")
+    add("token lengths (untruncated)   p50    p90    p99    max")
+    for k, p in report["lengths"].items():
+        add(f"  {k:<27} {p['p50']:>5}  {p['p90']:>5}  {p['p99']:>5}  {p['max']:>5}")
+    t = report["truncation"]
+    add(f"max_length {t['max_length']} ({t['truncation_mode']}): {t['rows_truncated']} rows truncated, "
+        f"{t['rows_dropped']} dropped (prompt fills max_length), {t['completion_tokens_cut']} tokens cut")
+    pad = report["padding"]
+    add(f"padding (batch {pad['batch_size']}): {pad['without_bucketing']:.1%} without length bucketing, "
+        f"{pad['with_bucketing']:.1%} with; configured: {pad['configured']:.1%}")
+    c = report["compute"]
+    add(f"compute: {c['tokens_per_epoch']} tokens/epoch ({c['tokens_per_epoch_padded']} with padding), "
+        f"N = {c['parameters'] if c['parameters'] is not None else 'unknown'} ({c['parameter_source']})")
+    add(f"  FLOPs/epoch: policy {_flops(c['policy_flops_per_epoch'])} (6·N·tokens), reference "
+        f"{_flops(c['reference_flops_per_epoch'])} (2·N·tokens{'' if c['needs_reference'] else ', no reference'}); "
+        f"run total {_flops(c['total_flops'])} over {c['epochs']:g} epoch(s)")
+    add("checks:")
+    for name, v in report["checks"].items():
+        mark = {"ok": "ok   ", "warn": "WARN ", "error": "ERROR", "off": "off  "}[v["status"]]
+        add(f"  [{mark}] {name}: {v['count']} rows ({v['fraction']:.2%}; {v['level']} above {v['max_fraction']:.0%})")
+        if v["status"] in ("warn", "error"):
+            add(f"          {v['meaning']}; e.g. " + "; ".join(x["where"] for x in v["rows"][:3]))
+            detail = next((x["detail"] for x in v["rows"] if x.get("detail")), "")
+            if detail:
+                add(f"          {detail}")
+    add(f"status: {report['status']} (exit {report['exit_status']})"
+        + (f"; report in {Path(report['files']['report']).parent}" if report["files"].get("report") else ""))
+    return "\n".join(lines)

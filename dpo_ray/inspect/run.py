@@ -1,0 +1,186 @@
+"""The inspect-data run: the training source planned as training plans it, analysed by Ray Data tasks.
+
+    source chunks --map_batches(read + Analyzer.analyze, fractional CPU)--> pickled Pieces --> driver merge
+
+Same sources, chunking and row steps as ``dpo_ray.data.build_datasets``; the tasks return counts instead
+of token ids, so only a few bytes per row reach the driver (about 28 bytes of lengths per row).
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from dpo_ray.data.pipeline import DATA_TASK_CPUS, PIECE_ROWS, PREFLIGHT_ROWS, _Source, _sources
+from dpo_ray.data.sources import Chunk, DataSourceError, iter_chunk
+from dpo_ray.data.tokenize import RawRow
+from dpo_ray.inspect.analyze import Analyzer, Piece
+from dpo_ray.inspect.report import build_report, format_console, parameter_count, write_report
+
+
+def _encode(piece: Piece) -> pa.Table:
+    return pa.table({"piece": pa.array([pickle.dumps(piece, protocol=5)], type=pa.binary())})
+
+
+class _ChunkUDF:
+    """One chunk spec in, one pickled Piece per PIECE_ROWS rows out."""
+
+    def __init__(self, analyzer: Analyzer):
+        self.analyzer = analyzer
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        for spec in batch.to_pylist():
+            chunk = Chunk(**spec)
+            rows: list[RawRow] = []
+            for row in iter_chunk(chunk):
+                rows.append(row)
+                if len(rows) == PIECE_ROWS:
+                    yield _encode(self.analyzer.analyze(rows, chunk.source))
+                    rows = []
+            if rows:
+                yield _encode(self.analyzer.analyze(rows, chunk.source))
+
+
+class _TableUDF:
+    """In-memory tables (datasets.Dataset, ray.data.Dataset) whose rows carry ``row_id``."""
+
+    def __init__(self, analyzer: Analyzer, label: str):
+        self.analyzer, self.label = analyzer, label
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [RawRow(int(r.pop("row_id")), None, r) for r in batch.to_pylist()]
+        return _encode(self.analyzer.analyze(rows, self.label))
+
+
+def _plan(cfg, dataset: Any, max_rows: int | None) -> _Source:
+    """The training source exactly as build_datasets plans it: every row (no held-out split), capped."""
+    cap = max_rows if max_rows is not None else cfg.max_train_samples
+    whole = cfg.model_copy(update={"eval_fraction": 0.0, "max_train_samples": cap, "eval_dataset_name": None,
+                                   "dataset_test_split": None})
+    src, _, _ = _sources(whole, dataset, None)
+    return src
+
+
+def _preflight(src: _Source, analyzer: Analyzer) -> None:
+    """The first rows on the driver: a source or template error surfaces here, not inside a Ray task."""
+    if src.preview is not None:
+        analyzer.analyze(src.preview, src.label)
+    elif src.chunks:
+        analyzer.analyze([r for _, r in zip(range(PREFLIGHT_ROWS), iter_chunk(src.chunks[0]))], src.chunks[0].source)
+    elif src.chunks is not None:
+        raise DataSourceError(f"{src.label}: no rows")
+
+
+def _pieces(src: _Source, analyzer: Analyzer) -> Iterator[Piece]:
+    import ray
+
+    if src.chunks is not None:
+        items = [c.to_item() for c in src.chunks]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(_ChunkUDF(analyzer), batch_size=1, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+    else:
+        ds = src.ray_ds.map_batches(_TableUDF(analyzer, src.label), batch_size=PIECE_ROWS,
+                                    batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for blob in batch.column("piece").to_pylist():
+            yield pickle.loads(blob)
+
+
+class _Progress:
+    """One status line on stderr: redrawn in place on a terminal, every few seconds otherwise."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.start, self.last = total, enabled, time.monotonic(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, rows: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not final and not self.tty and now - self.last < 5):
+            return
+        self.last = now
+        pct = f" ({rows / self.total:.0%})" if self.total else ""
+        line = f"inspect-data: {rows}/{self.total} rows{pct}, {now - self.start:.1f} s"
+        sys.stderr.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+
+def _parameters(cfg, tokenizer) -> dict[str, Any]:
+    try:
+        n, source = parameter_count(cfg.model_name_or_path, tokenizer, cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - an unknown architecture only costs the FLOPs estimate
+        n, source = None, f"could not build the model config ({type(e).__name__}: {str(e)[:120]})"
+    ref = cfg.reference.model_name_or_path
+    n_ref = None
+    if ref and ref != cfg.model_name_or_path:
+        try:
+            n_ref = parameter_count(ref, tokenizer, cfg.trust_remote_code)[0]
+        except Exception:  # noqa: BLE001
+            n_ref = None
+    return {"policy": n, "reference": n_ref, "source": source}
+
+
+def inspect_data(cfg, *, dataset: Any = None, tokenizer=None, max_rows: int | None = None,
+                 progress: bool = True) -> tuple[dict[str, Any], Piece]:
+    """(report dict, merged Piece) for the training data of ``cfg`` (or ``dataset``). Needs Ray initialised."""
+    from dpo_ray.data import load_tokenizer
+
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+    keep = cfg.inspect.example_rows
+    analyzer = Analyzer(tok, cfg, keep=keep)
+    src = _plan(cfg, dataset, max_rows)
+    _preflight(src, analyzer)
+    bar = _Progress(src.num_rows, progress)
+    total = Piece()
+    for piece in _pieces(src, analyzer):
+        total.merge(piece, keep)
+        bar.update(total.rows)
+    bar.update(total.rows, final=True)
+    name = cfg.model_name_or_path or ("bundled" if tokenizer is None else getattr(tok, "name_or_path", "") or "given")
+    report = build_report(total, cfg, dataset=src.label, tokenizer_name=name, params=_parameters(cfg, tok),
+                          keep=keep)
+    return report, total
+
+
+def _data_error(e: BaseException) -> str | None:
+    """The user-facing message of a data/source/template failure (also inside a Ray task error), else None."""
+    from dpo_ray.data import BadRowError, DataSourceError
+
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or any(x is s for s in seen):
+            continue
+        seen.append(x)
+        if isinstance(x, (DataSourceError, BadRowError, ValueError, FileNotFoundError)):
+            return str(x).strip().splitlines()[-1] if "Traceback" in str(x) else str(x)
+        todo += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+    return None
+
+
+def run_inspect(cfg, report_dir: str | Path | None = None, max_rows: int | None = None, *, dataset: Any = None,
+                tokenizer=None) -> int:
+    """``dpo-ray inspect-data``: print the report, write JSON + PNGs to ``report_dir`` (default
+    ``<output_dir>/data_report``), return 0 when clean and 1 when an error-level check fires or the
+    pipeline itself cannot read the data."""
+    from dpo_ray.trainer import init_ray
+
+    init_ray(cfg)
+    try:
+        report, piece = inspect_data(cfg, dataset=dataset, tokenizer=tokenizer, max_rows=max_rows)
+    except Exception as e:
+        msg = _data_error(e)
+        if msg is None:
+            raise
+        print(f"dpo-ray inspect-data: the training pipeline cannot read this data: {msg}", file=sys.stderr)
+        return 1
+    out_dir = Path(report_dir) if report_dir is not None else Path(cfg.output_dir) / "data_report"
+    write_report(report, piece, cfg, out_dir)
+    print(format_console(report))
+    return int(report["exit_status"])
