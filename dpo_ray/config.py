@@ -67,7 +67,8 @@ class RayConfig(_Section):
         description="Ray resources per worker, e.g. {CPU: 0.5, policy_gpu: 1}; empty = auto (fractional CPU on CPU)",
     )
     num_cpus: float | None = Field(None, description="logical CPUs for a local Ray (default: 2× cores, at least 4)")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how the workers' bundles are placed across nodes")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1 = forever)")
     storage_path: str | None = Field(None, description="Ray Train storage (shared path on clusters); default output_dir/ray")
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="runtime_env for a local ray.init")
@@ -82,9 +83,9 @@ class ReferenceConfig(_Section):
         "adapter_off / ref_adapter: PEFT; none: reference-free",
     )
     model_name_or_path: str | None = Field(None, description="reference model dir; None = the policy's initial weights")
-    num_actors: int = Field(1, ge=1)
-    num_cpus: float = Field(0.5, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_actors: int = Field(1, ge=1, description="reference actors in the pool")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs per reference actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per reference actor (fractions share a GPU)")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
     node_label: dict[str, str] = Field(default_factory=dict, description="node labels the actors must land on")
     prefetch_depth: int = Field(2, ge=0, description="reference requests in flight ahead of the trainer")
@@ -95,9 +96,11 @@ class ReferenceConfig(_Section):
 
 
 class DeepSpeedConfig(_Section):
-    zero_stage: int = Field(0, ge=0, le=3)
-    offload_optimizer: bool = False
-    offload_param: bool = False
+    """DeepSpeed ZeRO; the rest of the DeepSpeed dict is derived from the top-level keys."""
+
+    zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage: 0 DDP-like, 1 optimizer, 2 +gradients, 3 +parameters sharded")
+    offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (stage >= 1)")
+    offload_param: bool = Field(False, description="keep parameters in CPU memory (stage 3)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="merged last into the DeepSpeed dict")
 
 
@@ -162,92 +165,88 @@ class DPOConfig(BaseModel):
     model_name_or_path: str | None = Field(None, description="model directory; None = the bundled tiny Llama")
     ref_model_name_or_path: str | None = Field(None, description="alias of reference.model_name_or_path")
     model_init_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra from_pretrained kwargs")
-    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
-    attn_implementation: str | None = None
-    trust_remote_code: bool = False
-    use_peft: bool = False
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    lora_target_modules: list[str] | None = None
-    lora_modules_to_save: list[str] | None = None
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(None, description="weights dtype for from_pretrained (default float32 master weights; DeepSpeed casts for bf16/fp16)")
+    attn_implementation: str | None = Field(None, description="eager | sdpa | flash_attention_2 (passed to from_pretrained)")
+    trust_remote_code: bool = Field(False, description="allow model code from the model directory (off by default)")
+    use_peft: bool = Field(False, description="train a LoRA adapter instead of the full model")
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (0 when disable_dropout)")
+    lora_target_modules: list[str] | None = Field(None, description="module names to adapt (default: all linear layers)")
+    lora_modules_to_save: list[str] | None = Field(None, description="modules trained in full and saved with the adapter (e.g. lm_head)")
     peft_adapter_path: str | None = Field(None, description="start from this existing adapter directory")
     load_in_4bit: bool = Field(False, description="QLoRA: 4-bit base via bitsandbytes (GPU only)")
-    model_adapter_name: str | None = None
-    ref_adapter_name: str | None = None
+    model_adapter_name: str | None = Field(None, description="name of the trained adapter (default 'default')")
+    ref_adapter_name: str | None = Field(None, description="name of the frozen reference adapter (reference.source ref_adapter)")
     merge_adapter: bool = Field(False, description="also save a merged full model under output_dir/merged")
-    router_aux_loss_coef: float = Field(0.001, ge=0)
+    router_aux_loss_coef: float = Field(0.001, ge=0, description="weight of the MoE router load-balancing loss")
     output_router_logits: bool = Field(False, description="MoE: add the router load-balancing loss")
 
     # --- data ---
     dataset_name: str | None = Field(None, description="file/glob/dir (jsonl, parquet, csv, save_to_disk) or hub name; None = bundled")
-    dataset_config: str | None = None
-    dataset_train_split: str = "train"
-    dataset_test_split: str | None = "test"
-    eval_dataset_name: str | None = None
+    dataset_config: str | None = Field(None, description="hub dataset configuration name")
+    dataset_train_split: str = Field("train", description="split (or file stem) to train on")
+    dataset_test_split: str | None = Field("test", description="split (or file beside the training file) to evaluate on")
+    eval_dataset_name: str | None = Field(None, description="a separate eval dataset (same forms as dataset_name)")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="held-out fraction when there is no eval split")
-    max_length: int | None = Field(1024, ge=1)
-    truncation_mode: TruncationMode = "keep_start"
-    pad_to_multiple_of: int | None = Field(None, ge=1)
-    length_bucketing: bool = False
+    max_length: int | None = Field(1024, ge=1, description="truncate prompt+completion to this many tokens (None: no truncation)")
+    truncation_mode: TruncationMode = Field("keep_start", description="keep_start: keep the first max_length tokens (rows whose prompt fills it are dropped); keep_end: keep the last")
+    pad_to_multiple_of: int | None = Field(None, ge=1, description="pad batch length up to a multiple of this (tensor-core friendly on GPU)")
+    length_bucketing: bool = Field(False, description="batch rows of similar length together (less padding)")
     bucket_size_multiplier: int = Field(16, ge=1, description="rows per bucket pool = multiplier × batch size")
-    on_bad_row: Literal["raise", "skip"] = "raise"
-    dataset_num_proc: int | None = None
-    max_train_samples: int | None = Field(None, ge=1)
-    max_eval_samples: int | None = Field(None, ge=1)
+    on_bad_row: Literal["raise", "skip"] = Field("raise", description="raise: stop at the first bad row, naming it; skip: drop and count bad rows by kind")
+    dataset_num_proc: int | None = Field(None, description="tokenization tasks in flight (default: the driver's cores)")
+    max_train_samples: int | None = Field(None, ge=1, description="use at most this many training rows")
+    max_eval_samples: int | None = Field(None, ge=1, description="use at most this many eval rows")
 
     # --- DPO ---
-    beta: float = Field(0.1, gt=0)
-    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"])
-    loss_weights: list[float] | None = None
-    label_smoothing: float = Field(0.0, ge=0, le=1)
-    rpo_alpha: float | None = None
-    use_weighting: bool = False
-    ld_alpha: float | None = None
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = Field(1.0, gt=0)
-    discopop_tau: float = Field(0.05, gt=0)
-    reference_free: bool = False
-    precompute_ref_log_probs: bool = False
-    sync_ref_model: bool = False
-    ref_model_mixup_alpha: float = Field(0.6, ge=0, le=1)
-    ref_model_sync_steps: int = Field(512, ge=1)
-    use_logits_to_keep: bool = False
+    beta: float = Field(0.1, gt=0, description="β: deviation from the reference (reward = β·log-ratio)")
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], description="one or more losses of the family (docs/losses.md)")
+    loss_weights: list[float] | None = Field(None, description="one weight per loss_type (default 1 each)")
+    label_smoothing: float = Field(0.0, ge=0, le=1, description="ε: cDPO on sigmoid, noise rate of robust, EXO's ε")
+    rpo_alpha: float | None = Field(None, description="RPO: adds rpo_alpha × chosen NLL")
+    use_weighting: bool = Field(False, description="WPO: weight each pair by its policy probability (no gradient through the weight)")
+    ld_alpha: float | None = Field(None, description="LD-DPO: weight of tokens past the shorter completion's length, in [0, 1]")
+    f_divergence_type: str = Field("reverse_kl", description="reverse_kl | forward_kl | js_divergence | alpha_divergence (margin losses only)")
+    f_alpha_divergence_coef: float = Field(1.0, gt=0, description="α of alpha_divergence")
+    discopop_tau: float = Field(0.05, gt=0, description="τ of the discopop loss")
+    reference_free: bool = Field(False, description="TRL spelling of reference.source: none")
+    precompute_ref_log_probs: bool = Field(False, description="TRL spelling of reference.source: precomputed")
+    sync_ref_model: bool = Field(False, description="TR-DPO: mix the policy into the reference every ref_model_sync_steps")
+    ref_model_mixup_alpha: float = Field(0.6, ge=0, le=1, description="TR-DPO α: π_ref ← α·π_θ + (1-α)·π_ref")
+    ref_model_sync_steps: int = Field(512, ge=1, description="TR-DPO: optimizer steps between reference syncs")
 
     # --- TrainingArguments ---
-    output_dir: str = "dpo_output"
-    overwrite_output_dir: bool = False
-    learning_rate: float = Field(1e-6, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = Field(1.0, ge=0)
-    per_device_train_batch_size: int = Field(8, ge=1)
-    per_device_eval_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    num_train_epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
-    warmup_steps: int = Field(0, ge=0)
-    lr_scheduler_type: SchedulerType = "linear"
-    logging_steps: int = Field(10, ge=1)
-    eval_strategy: Literal["no", "steps", "epoch"] = "no"
-    eval_steps: int | None = Field(None, ge=1)
-    save_strategy: Literal["no", "steps", "epoch"] = "steps"
-    save_steps: int = Field(500, ge=1)
-    save_total_limit: int | None = Field(None, ge=1)
-    save_only_model: bool = False
-    resume_from_checkpoint: str | None = None
-    seed: int = 42
-    data_seed: int | None = None
+    output_dir: str = Field("dpo_output", description="model, tokenizer, config, metrics, plot, report and checkpoints go here")
+    learning_rate: float = Field(1e-6, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on norms and biases)")
+    adam_beta1: float = Field(0.9, description="AdamW β1")
+    adam_beta2: float = Field(0.999, description="AdamW β2")
+    adam_epsilon: float = Field(1e-8, description="AdamW ε")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off)")
+    per_device_train_batch_size: int = Field(8, ge=1, description="pairs per worker per micro-batch")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="pairs per worker per eval batch")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    num_train_epochs: float = Field(3.0, gt=0, description="epochs (fractions allowed) when max_steps is -1")
+    max_steps: int = Field(-1, description="optimizer steps; -1 = from num_train_epochs")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps with linear warmup")
+    warmup_steps: int = Field(0, ge=0, description="warmup steps (overrides warmup_ratio)")
+    lr_scheduler_type: SchedulerType = Field("linear", description="linear | cosine | constant | constant_with_warmup")
+    logging_steps: int = Field(10, ge=1, description="log (console table, metrics.jsonl, TensorBoard) every N optimizer steps")
+    eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="no | steps | epoch")
+    eval_steps: int | None = Field(None, ge=1, description="eval every N steps (default logging_steps)")
+    save_strategy: Literal["no", "steps", "epoch"] = Field("steps", description="no | steps | epoch (checkpoints through ray.train.report)")
+    save_steps: int = Field(500, ge=1, description="checkpoint every N steps")
+    save_total_limit: int | None = Field(None, ge=1, description="keep at most this many checkpoints")
+    resume_from_checkpoint: str | None = Field(None, description="a checkpoint directory, or 'latest' for the newest under output_dir")
+    seed: int = Field(42, description="seed for model init, data order and dropout")
+    data_seed: int | None = Field(None, description="seed for data order (default seed)")
     bf16: bool | None = Field(None, description="None = auto: bf16 on GPU, fp32 on CPU")
-    fp16: bool = False
-    gradient_checkpointing: bool = False
-    disable_dropout: bool = True
-    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
-    run_name: str | None = None
-    dataloader_num_workers: int = 0
+    fp16: bool = Field(False, description="fp16 mixed precision (GPU)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    disable_dropout: bool = Field(True, description="turn off dropout in the policy (and LoRA)")
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="tensorboard, or none")
+    run_name: str | None = Field(None, description="Ray Train run name (default dpo_ray-<mode>-<time>)")
 
     # --- sections ---
     ray: RayConfig = Field(default_factory=RayConfig)
