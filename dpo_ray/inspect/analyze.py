@@ -59,7 +59,14 @@ class Piece:
     bad: dict[str, Hits] = field(default_factory=dict)
     checks: dict[str, Hits] = field(default_factory=lambda: {c: Hits() for c in ROW_CHECKS})
     tokens_cut: int = 0  # completion tokens max_length removes
-    lengths: dict[str, np.ndarray] = field(default_factory=_lengths)
+    length_parts: list[dict[str, np.ndarray]] = field(default_factory=list)  # concatenated once, when read
+
+    @property
+    def lengths(self) -> dict[str, np.ndarray]:
+        if len(self.length_parts) != 1:
+            parts = self.length_parts or [_lengths()]
+            self.length_parts = [{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}]
+        return self.length_parts[0]
 
     def merge(self, other: Piece, keep: int) -> Piece:
         self.rows += other.rows
@@ -71,7 +78,7 @@ class Piece:
         for name, h in other.checks.items():
             self.checks.setdefault(name, Hits()).merge(h, keep)
         self.tokens_cut += other.tokens_cut
-        self.lengths = {k: np.concatenate([v, other.lengths[k]]) for k, v in self.lengths.items()}
+        self.length_parts += other.length_parts
         return self
 
 
@@ -168,7 +175,7 @@ class Analyzer:
                 lens[k][n] = v
             lens["row_id"][n] = r.row_id
             n += 1
-        piece.lengths = {k: v[:n] for k, v in lens.items()}
+        piece.length_parts = [{k: v[:n] for k, v in lens.items()}]
 
     def _row(self, piece: Piece, row_id: int, at: str, p_ids: list[int], full_ids: list[list[int]], conv: bool):
         """Checks on one tokenized row -> (its lengths or None, the BadRow training would drop it for or None)."""
@@ -188,7 +195,9 @@ class Analyzer:
             bad, cut = b, [(s, st, False) for s, st in zip(seqs, starts)]
         truncated = bad is None and any(t for _, _, t in cut)
         if truncated:
-            piece.checks["truncated_rows"].add(row_id, at, f"{max(len(s) for s in seqs)} tokens", keep=self.keep)
+            longest = max(len(s) for s in seqs)
+            piece.checks["truncated_rows"].add(row_id, at, f"{longest} tokens > max_length {self.proc.opts.max_length}",
+                                               keep=self.keep)
             piece.tokens_cut += sum(len(s) - len(c) for s, (c, _, _) in zip(seqs, cut))
         out.update(chosen_seq=len(cut[0][0]), rejected_seq=len(cut[1][0]), kept=int(bad is None))
         return out, bad

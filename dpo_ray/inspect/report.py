@@ -239,11 +239,24 @@ def _flops(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3g}"
 
 
+def _shortener(sources: list[str]):
+    """Row locations with file names instead of full paths (when the names are unique), for the console."""
+    names = {s: Path(s).name for s in sources if s}
+    if len(set(names.values())) != len(names):
+        return lambda text: text
+    def short(text: str) -> str:
+        for full, name in names.items():
+            text = text.replace(full, name)
+        return text
+    return short
+
+
 def format_console(report: dict[str, Any]) -> str:
-    """The human-readable report (the JSON holds the same numbers)."""
+    """The human-readable report (the JSON holds the same numbers, with full paths)."""
     r, lines = report["rows"], []
-    add = lines.append
-    add(f"== dpo-ray inspect-data: {report['dataset']} (tokenizer {report['tokenizer']})")
+    short = _shortener(list(r["by_source"]))
+    add = lambda line: lines.append(short(line))  # noqa: E731
+    lines.append(f"== dpo-ray inspect-data: {report['dataset']} (tokenizer {report['tokenizer']})")
     add(f"rows: {r['seen']} seen, {r['kept']} kept, {r['dropped']} dropped, {r['truncated']} truncated")
     add("  by format: " + ", ".join(f"{k} {v}" for k, v in r["by_format"].items()))
     for src, c in r["by_source"].items():
