@@ -76,9 +76,10 @@ def cmd_validate(ns) -> int:
     return 0
 
 
-def cmd_train(ns, mode: str) -> int:
+def cmd_train(ns, command: str) -> int:
     from dpo_ray.trainer import DPOTrainer
 
+    mode = "sft" if command == "sft" else "dpo"
     extra = {"reference": {"source": "none"}} if mode == "sft" else None
     cfg = _resolve(ns, extra)
     out = DPOTrainer(args=cfg, mode=mode).train()

@@ -54,6 +54,14 @@ def init_ray(cfg: DPOConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {**WORKER_ENV, **cfg.ray.runtime_env.get("env_vars", {})}
     runtime_env = {**cfg.ray.runtime_env, "env_vars": env}
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job_config:
+        # Under `ray job submit` Ray merges the job's runtime_env with ours and refuses any key set twice:
+        # the job's settings win, ours fill only what it leaves open.
+        job_env = (json.loads(job_config).get("runtime_env") or {})
+        job_vars = job_env.get("env_vars") or {}
+        runtime_env = {k: v for k, v in runtime_env.items() if k not in job_env or k == "env_vars"}
+        runtime_env["env_vars"] = {k: v for k, v in env.items() if k not in job_vars}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -142,6 +150,9 @@ class DPOTrainer:
 
         resume = _find_checkpoint(resume_from_checkpoint or cfg.resume_from_checkpoint, out)
         _prepare_metrics_file(out, resume)
+        # Ray Train V2 resumes its own run from get_checkpoint(); a checkpoint from an earlier run is
+        # handed to the workers as a path (shared storage on a cluster) and loaded when that is empty.
+        loop_config["resume_checkpoint"] = str(resume) if resume is not None else None
         (out / "dpo_config.yaml").write_text(cfg.to_yaml())
 
         datasets = {"train": prepared.train}
@@ -161,7 +172,6 @@ class DPOTrainer:
                 worker_runtime_env={"env_vars": _worker_env(use_gpu)},
             ),
             datasets=datasets,
-            resume_from_checkpoint=resume,
         )
         try:
             result = trainer.fit()
@@ -169,7 +179,10 @@ class DPOTrainer:
             if pool is not None:
                 pool.shutdown()
         if getattr(result, "error", None) is not None:
-            raise result.error
+            from dpo_ray.data import unwrap_data_error
+
+            bad_row = unwrap_data_error(result.error)  # a bad row met mid-stream: name it, not the worker
+            raise (bad_row or result.error) from result.error
         history = _read_metrics(out / "metrics.jsonl")
         report = self._final_report(cfg, history, prepared, time.perf_counter() - t0, out)
         train_rows = [r for r in history if "loss" in r]
@@ -242,10 +255,8 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def _find_checkpoint(resume, out: Path):
+def _find_checkpoint(resume, out: Path) -> Path | None:
     """resume_from_checkpoint: a checkpoint directory, or True/'latest' for the newest under output_dir."""
-    import ray.train
-
     if not resume:
         return None
     if resume is True or str(resume).lower() in ("true", "latest"):
@@ -253,10 +264,10 @@ def _find_checkpoint(resume, out: Path):
         if not found:
             raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint under {out / 'ray_results'}")
         resume = found[-1]
-    path = Path(resume)
+    path = Path(resume).resolve()
     if not (path / "trainer_state.json").exists():
         raise FileNotFoundError(f"resume_from_checkpoint={resume}: not a dpo_ray checkpoint (no trainer_state.json)")
-    return ray.train.Checkpoint.from_directory(str(path))
+    return path
 
 
 def _prepare_metrics_file(out: Path, resume) -> None:
@@ -269,7 +280,7 @@ def _prepare_metrics_file(out: Path, resume) -> None:
     if resume is None:
         path.unlink()
         return
-    step = json.loads(Path(resume.path, "trainer_state.json").read_text())["global_step"]
+    step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
     kept = [r for r in _read_metrics(path) if r.get("step", 0) <= step]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 

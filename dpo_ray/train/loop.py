@@ -270,7 +270,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _seed_everything(cfg.seed + rank)
 
     state = TrainerState()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # this run's latest (after a worker-group restart)
+    if checkpoint is None and config.get("resume_checkpoint"):
+        checkpoint = ray.train.Checkpoint.from_directory(config["resume_checkpoint"])
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = _load_checkpoint(engine, d, rank)
