@@ -236,6 +236,18 @@ def test_cli_exit_status_gates(ray_local, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[ERROR] identical_pairs: 1 rows" in out and "pairs.jsonl line 21" in out
     assert (tmp_path / "out" / "data_report" / "report.json").exists()
+    assert main(base + ["--dataset_name", str(tmp_path / "missing.jsonl")]) == 1
+    assert "cannot read this data" in capsys.readouterr().err
+
+
+def test_parameter_count_from_a_config_without_weights(tmp_path):
+    from transformers import LlamaConfig
+
+    from dpo_ray.inspect.report import parameter_count
+
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=32000).save_pretrained(tmp_path)  # Llama-2-7B's shape
+    assert parameter_count(str(tmp_path), None) == (6_738_415_616, f"{tmp_path}/config.json")
 
 
 @pytest.mark.parametrize("bucketing", [False, True])
