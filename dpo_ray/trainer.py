@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,11 @@ class DPOTrainer:
         tokenizer = self.processing_class or load_tokenizer(
             self.model if isinstance(self.model, str) else cfg)
         prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
+        if self.mode == "dpo" and prepared.preview_rows:
+            from dpo_ray.inspect import quick_checks
+
+            for warning in quick_checks(prepared.preview_rows, tokenizer, cfg):  # once per kind
+                print(f"dpo-ray data warning: {warning}", file=sys.stderr)
         world = cfg.ray.num_workers
         micro_per_epoch = prepared.num_train_rows_estimate // (world * cfg.per_device_train_batch_size)
         if micro_per_epoch < cfg.gradient_accumulation_steps:

@@ -263,3 +263,18 @@ def test_padding_estimate_matches_the_training_batches(ray_local, tok, bucketing
     assert n == 600 // 8
     assert padding_report(piece, c)["configured"] == pytest.approx(batches.padding_fraction, abs=1e-4)
     assert np.all(piece.lengths["kept"] == 1)
+
+
+def test_training_preview_rows_feed_quick_checks(ray_local):
+    """`dpo-ray train` warns from the rows build_datasets read on the driver (no extra pass)."""
+    from dpo_ray.config import DPOConfig
+    from dpo_ray.data import build_datasets, load_tokenizer
+
+    cfg = DPOConfig(on_bad_row="skip")
+    tok = load_tokenizer(cfg)
+    rows = [{"prompt": "sort: 3 1 2 =", "chosen": " 1 2 3", "rejected": " 1 2 3"}] * 4 + \
+           [{"prompt": "sort: 2 1 =", "chosen": " 1 2", "rejected": " 2 1"}] * 4
+    prepared = build_datasets(cfg, tok, rows)
+    assert len(prepared.preview_rows) == 8
+    warnings = quick_checks(prepared.preview_rows, tok, cfg)
+    assert any("identical" in w for w in warnings)

@@ -10,7 +10,7 @@ a preflight of the first few rows on the driver, which surfaces format errors be
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -241,9 +241,10 @@ def _plan(data: Any, max_rows: int | None) -> _Source:
 
 
 # ------------------------------------------------------------------------------------------- pipeline
-def _preflight(src: _Source, proc: RowProcessor) -> None:
+def _preflight(src: _Source, proc: RowProcessor) -> list:
     """Tokenize the first rows on the driver: a format error (wrong columns, no chat template) surfaces here,
-    before any worker starts. Counts nothing (the pipeline counts these rows when it reads them)."""
+    before any worker starts. Counts nothing (the pipeline counts these rows when it reads them).
+    Returns those raw rows (the trainer's quick data checks read them)."""
     rows = src.preview
     if rows is None and src.chunks:
         it = iter_chunk(src.chunks[0])
@@ -251,6 +252,7 @@ def _preflight(src: _Source, proc: RowProcessor) -> None:
         proc.source = src.chunks[0].source
     if rows:
         proc.process(rows)
+    return [r.value for r in rows or [] if isinstance(r.value, dict)]
 
 
 def _concurrency(cfg) -> int:
@@ -291,6 +293,7 @@ class PreparedData:
     num_eval_rows_estimate: int = 0
     train_source: str = ""
     eval_source: str = ""
+    preview_rows: list = field(default_factory=list)  # the first raw training rows, as read
 
 
 def _sources(cfg, train_dataset, eval_dataset) -> tuple[_Source, _Source | None, float]:
@@ -328,7 +331,7 @@ def build_datasets(cfg, tokenizer, train_dataset: Any = None, eval_dataset: Any 
     train_src, eval_src, frac = _sources(cfg, train_dataset, eval_dataset)
     seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
     opts = TokenizeOptions.from_config(cfg, mode)
-    _preflight(train_src, RowProcessor(tokenizer, opts))
+    preview = _preflight(train_src, RowProcessor(tokenizer, opts))
     stats = DataStats()
     train_rule = SplitRule("train", frac, seed)
     train = _dataset(train_src, RowProcessor(tokenizer, opts, train_src.label), train_rule,
@@ -349,7 +352,7 @@ def build_datasets(cfg, tokenizer, train_dataset: Any = None, eval_dataset: Any 
         if ds is not None:
             _preserve_order(ds)
     return PreparedData(train, ev, stats, int(n_train), int(n_eval), train_src.label,
-                        eval_src.label if eval_src is not None else "")
+                        eval_src.label if eval_src is not None else "", preview)
 
 
 def _preserve_order(ds) -> None:
