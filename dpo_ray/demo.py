@@ -32,7 +32,11 @@ def greedy_task_accuracy(model_dir: Path, limit: int = 200) -> float:
 
 
 def run_demo(output_dir: Path, overrides: dict, config_file=None) -> int:
+    from transformers.utils import logging as hf_logging
+
     from dpo_ray.trainer import DPOTrainer
+
+    hf_logging.disable_progress_bar()  # the metrics table is the demo's output
 
     output_dir = output_dir.resolve()
     print(f"== dpo_ray demo: SFT then DPO on the bundled task, tiny Llama, local Ray -> {output_dir}")

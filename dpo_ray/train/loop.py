@@ -332,10 +332,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if log_due:
                 reduced = acc.reduce()
                 now = time.perf_counter()
-                state.pairs_seen += int(reduced.get("num_pairs", 0))
+                state.pairs_seen += int(reduced.pop("num_pairs", 0))
                 state.tokens_seen += int(reduced.get("num_tokens", 0))
                 dt = max(now - last_log_t, 1e-9)
                 reduced.update({
+                    "num_tokens": state.tokens_seen,  # as TRL logs it: input tokens seen so far
                     "learning_rate": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm if grad_norm is not None else float("nan"),
                     "epoch": state.epoch + state.micro_in_epoch / max(config["micro_per_epoch"], 1),
