@@ -1,0 +1,57 @@
+"""``make bench``: every benchmark in turn, each printing its table and writing bench/results/<name>.json.
+
+    python bench/run_all.py [--quick] [--only throughput,scale,reference,padding,gpu]
+
+--quick shrinks each run (fewer pairs/repeats, TRL scale capped at 1k) to check the scripts in minutes;
+the numbers in docs/BENCHMARKS.md come from the full defaults. The benchmarks run one after another,
+never side by side: they measure the same 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+
+FULL = {
+    "throughput": ["bench_throughput.py", "--pairs", "1024", "--repeats", "3"],
+    "scale": ["bench_scale.py", "--sizes", "1000,100000,1000000", "--trl_max", "100000"],
+    "reference": ["bench_reference.py"],
+    "padding": ["bench_padding.py", "--pairs", "512", "--rounds", "3"],
+    "gpu": ["bench_gpu.py"],
+}
+QUICK = {
+    "throughput": ["bench_throughput.py", "--pairs", "256", "--repeats", "1", "--name", "throughput_quick"],
+    "scale": ["bench_scale.py", "--sizes", "1000,10000", "--trl_max", "1000", "--name", "scale_quick"],
+    "reference": ["bench_reference.py", "--steps", "4", "--rounds", "1", "--out",
+                  str(BENCH / "results" / "reference_quick.json")],
+    "padding": ["bench_padding.py", "--pairs", "128", "--rounds", "1", "--name", "padding_quick"],
+    "gpu": ["bench_gpu.py", "--pairs", "256", "--repeats", "1"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default=",".join(FULL))
+    args = ap.parse_args()
+    plan = QUICK if args.quick else FULL
+    failed = []
+    for name in args.only.split(","):
+        cmd = [sys.executable, str(BENCH / plan[name][0]), *plan[name][1:]]
+        print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, cwd=BENCH.parent).returncode
+        print(f"=== {name}: exit {rc} after {time.perf_counter() - t0:.0f}s", flush=True)
+        if rc:
+            failed.append(name)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
