@@ -145,7 +145,7 @@ class PrivateRayHead:
         except ProcessLookupError:
             pass
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=5)  # `ray start --block` rarely exits on TERM alone
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
