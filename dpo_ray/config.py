@@ -398,6 +398,14 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
         p.append(("max_steps", f"must be -1 (use num_train_epochs) or a positive step count (got {c.max_steps})"))
     if c.max_length is not None and c.max_length < 2:
         p.append(("max_length", "must leave room for a prompt and a completion token (>= 2)"))
+    from dpo_ray.vision import is_vision_model_dir, keep_end_problem
+
+    if is_vision_model_dir(c.model_name_or_path):  # reads config.json only
+        if c.truncation_mode == "keep_end":
+            p.append(("truncation_mode", keep_end_problem()))
+        if src == "precomputed":
+            p.append(("reference.source", "precomputed reference log-probs do not carry images yet; use "
+                                          "reference.source actor or local for a vision-language model"))
     return p
 
 

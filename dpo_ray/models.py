@@ -49,9 +49,25 @@ def from_pretrained_kwargs(cfg: DPOConfig, on_gpu: bool) -> dict[str, Any]:
     return kwargs
 
 
+def _auto_class(config_or_dir):
+    """AutoModelForImageTextToText for vision-language configs (LLaVA, Qwen2-VL, ...), else AutoModelForCausalLM."""
+    from dpo_ray.vision import is_vision_config, is_vision_model_dir
+
+    vision = is_vision_model_dir(config_or_dir) if isinstance(config_or_dir, (str, Path)) \
+        else is_vision_config(config_or_dir)
+    if vision:
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
 def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer, *, on_gpu: bool = False) -> nn.Module:
     """A causal LM from a directory path, a shipped ``{"config", "state_dict"}`` dict, or None (tiny default).
 
+    Vision-language models (a config with a ``vision_config``) load through AutoModelForImageTextToText.
     The tiny default is initialised from ``cfg.seed`` so every worker (and the reference) starts identical.
     """
     from transformers import AutoModelForCausalLM
@@ -74,8 +90,9 @@ def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer, *, on_g
                 # clone: tied weights share storage, which safetensors refuses to write
                 save_file({k: v.contiguous().clone() for k, v in source["state_dict"].items()},
                           str(Path(d) / "model.safetensors"), metadata={"format": "pt"})
-                return _finish(AutoModelForCausalLM.from_pretrained(d, **from_pretrained_kwargs(cfg, on_gpu)), cfg)
-        model = AutoModelForCausalLM.from_config(source["config"], dtype=torch.float32)
+                return _finish(_auto_class(source["config"]).from_pretrained(d, **from_pretrained_kwargs(cfg, on_gpu)),
+                               cfg)
+        model = _auto_class(source["config"]).from_config(source["config"], dtype=torch.float32)
         model.load_state_dict(source["state_dict"])
     else:
         if not Path(source).is_dir():
@@ -90,7 +107,7 @@ def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer, *, on_g
             model = AutoPeftModelForCausalLM.from_pretrained(source, **from_pretrained_kwargs(cfg, on_gpu))
             model = model.merge_and_unload()
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, **from_pretrained_kwargs(cfg, on_gpu))
+            model = _auto_class(source).from_pretrained(source, **from_pretrained_kwargs(cfg, on_gpu))
     return _finish(model, cfg)
 
 

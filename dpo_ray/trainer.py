@@ -104,8 +104,9 @@ class DPOTrainer:
         import ray.train
         from ray.train.torch import TorchTrainer
 
-        from dpo_ray.data import build_datasets, load_tokenizer
+        from dpo_ray.data import build_datasets, load_processing_class
         from dpo_ray.train.loop import train_loop_per_worker
+        from dpo_ray.vision import is_processor
 
         cfg = self.args
         t0 = time.perf_counter()
@@ -114,10 +115,10 @@ class DPOTrainer:
         out.mkdir(parents=True, exist_ok=True)
         use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else _cluster_has_gpu()
 
-        tokenizer = self.processing_class or load_tokenizer(
+        tokenizer = self.processing_class or load_processing_class(
             self.model if isinstance(self.model, str) else cfg)
         prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
-        if self.mode == "dpo" and prepared.preview_rows:
+        if self.mode == "dpo" and prepared.preview_rows and not is_processor(tokenizer):
             from dpo_ray.inspect import quick_checks
 
             for warning in quick_checks(prepared.preview_rows, tokenizer, cfg):  # once per kind

@@ -192,7 +192,8 @@ BAD = {
 
 
 def test_every_kind_has_a_case():
-    assert set(BAD) | {"malformed_json"} == set(BAD_ROW_KINDS)  # malformed_json: files only (test_data_ray)
+    # malformed_json: files only (test_data_ray); bad_image: vision rows (test_vision)
+    assert set(BAD) | {"malformed_json", "bad_image"} == set(BAD_ROW_KINDS)
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))

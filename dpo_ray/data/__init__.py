@@ -5,13 +5,20 @@ The training code imports exactly these names.
 
 from dpo_ray.data.batching import BatchIterator, iter_train_batches, unwrap_data_error
 from dpo_ray.data.collate import collate_pairs, collate_sft
-from dpo_ray.data.pipeline import PreparedData, build_datasets, load_tokenizer, tokenize_rows
+from dpo_ray.data.pipeline import (
+    PreparedData,
+    build_datasets,
+    load_processing_class,
+    load_tokenizer,
+    tokenize_rows,
+)
 from dpo_ray.data.rows import BAD_ROW_KINDS, BadRowError
 from dpo_ray.data.sources import DataSourceError
 from dpo_ray.data.stats import DataStats
 
 __all__ = [
     "BAD_ROW_KINDS", "BadRowError", "BatchIterator", "DataSourceError", "DataStats", "PreparedData",
-    "build_datasets", "collate_pairs", "collate_sft", "iter_train_batches", "load_tokenizer", "tokenize_rows",
+    "build_datasets", "collate_pairs", "collate_sft", "iter_train_batches", "load_processing_class", "load_tokenizer",
+    "tokenize_rows",
     "unwrap_data_error",
 ]

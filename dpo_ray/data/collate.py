@@ -31,6 +31,22 @@ def _pack(seqs: Sequence[Any], prompt_lens: Sequence[int], pad_id: int, pad_to_m
     return ids, attn, comp
 
 
+def _pixels(batch: dict, repeat: int) -> dict[str, torch.Tensor]:
+    """Vision rows: each pixel column K (flat per row, shape in K_shape) -> the rows' arrays concatenated in
+    row order and repeated ``repeat`` times, so [chosen; rejected] rows see their images in the same order
+    as their image tokens. Batches without any image get no pixel keys."""
+    out = {}
+    for key in batch:
+        if not key.endswith("_shape") or key[: -len("_shape")] not in batch:
+            continue
+        name = key[: -len("_shape")]
+        arrays = [np.asarray(flat).reshape([int(d) for d in shape]) for flat, shape in zip(batch[name], batch[key])]
+        joined = np.concatenate(arrays) if arrays else np.zeros((0,))
+        if joined.shape[0]:
+            out[name] = torch.from_numpy(np.ascontiguousarray(np.concatenate([joined] * repeat)))
+    return out
+
+
 def _tensors(ids, attn, comp, batch: dict) -> dict[str, torch.Tensor]:
     out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
            "completion_mask": torch.from_numpy(comp),
@@ -46,11 +62,12 @@ def collate_pairs(batch: dict[str, Any], pad_token_id: int, pad_to_multiple_of: 
     """Pairs -> input_ids/attention_mask/completion_mask (2B, T): rows [0, B) chosen, [B, 2B) rejected.
 
     ``batch`` holds the columns of a tokenized preference row (lists or numpy arrays); ``row_id`` (B,) and
-    ``ref_*_logps`` (B,) float32 pass through.
+    ``ref_*_logps`` (B,) float32 pass through. Vision rows' pixel columns become ``pixel_values`` etc. (the
+    rows' images for [chosen; rejected], i.e. twice).
     """
     seqs = list(batch["chosen_input_ids"]) + list(batch["rejected_input_ids"])
     plens = list(batch["chosen_prompt_len"]) + list(batch["rejected_prompt_len"])
-    return _tensors(*_pack(seqs, plens, pad_token_id, pad_to_multiple_of), batch)
+    return {**_tensors(*_pack(seqs, plens, pad_token_id, pad_to_multiple_of), batch), **_pixels(batch, 2)}
 
 
 def collate_sft(batch: dict[str, Any], pad_token_id: int, pad_to_multiple_of: int | None = None
@@ -58,4 +75,4 @@ def collate_sft(batch: dict[str, Any], pad_token_id: int, pad_to_multiple_of: in
     """SFT rows -> input_ids/attention_mask/completion_mask (B, T) and row_id (B,)."""
     ids, attn, comp = _pack(list(batch["chosen_input_ids"]), list(batch["chosen_prompt_len"]), pad_token_id,
                             pad_to_multiple_of)
-    return _tensors(ids, attn, comp, batch)
+    return {**_tensors(ids, attn, comp, batch), **_pixels(batch, 1)}

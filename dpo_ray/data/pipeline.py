@@ -56,6 +56,22 @@ def load_tokenizer(cfg_or_path: Any = None):
     return tok
 
 
+def load_processing_class(cfg_or_path: Any = None):
+    """A vision model directory's AutoProcessor (image processor + tokenizer), else ``load_tokenizer``."""
+    from dpo_ray.vision import has_processor, is_vision_model_dir, text_tokenizer
+
+    path = getattr(cfg_or_path, "model_name_or_path", cfg_or_path)
+    if not (is_vision_model_dir(path) and has_processor(path)):
+        return load_tokenizer(cfg_or_path)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(path))
+    tok = text_tokenizer(processor)
+    if tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return processor
+
+
 # ------------------------------------------------------------------------------------------- in-process
 def tokenize_rows(rows: list[dict], tokenizer, cfg, mode: str = "dpo") -> dict[str, Any]:
     """Tokenize a list of raw rows in this process (no Ray): the columns ``collate_pairs`` takes.

@@ -18,8 +18,9 @@ INVALID_MESSAGE = "invalid_message"
 UNDECODABLE = "undecodable_text"
 MALFORMED_JSON = "malformed_json"
 PROMPT_FILLS = "prompt_fills_max_length"
+BAD_IMAGE = "bad_image"
 BAD_ROW_KINDS = (MISSING_COLUMN, WRONG_TYPE, EMPTY_COMPLETION, IDENTICAL, INVALID_MESSAGE, UNDECODABLE,
-                 MALFORMED_JSON, PROMPT_FILLS)
+                 MALFORMED_JSON, PROMPT_FILLS, BAD_IMAGE)
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _SKIP_HINT = "Fix the row, or set on_bad_row: skip (--on_bad_row skip) to drop such rows; they are counted and reported."
@@ -66,6 +67,7 @@ class Example:
     completions: list[Any]  # [chosen, rejected] (dpo) or [chosen] (sft)
     tools: list | None = None
     template_kwargs: dict = field(default_factory=dict)
+    images: Any = None  # the raw ``images`` column (vision rows), decoded by the tokenize step
 
 
 def _text(value: Any, name: str) -> str:
@@ -86,7 +88,26 @@ def _text(value: Any, name: str) -> str:
     return value
 
 
-def _messages(value: Any, name: str) -> list[dict]:
+def _parts(value: list, name: str) -> list[dict]:
+    """Typed message content (vision rows): [{"type": "image"}, {"type": "text", "text": str}, ...]."""
+    out = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            out.append({**part, "text": _text(part.get("text"), f"{name}[{j}].text")})
+        elif kind == "image":
+            out.append(part)
+        else:
+            raise BadRow(INVALID_MESSAGE, f"{name}[{j}] should be {{\"type\": \"text\", \"text\": ...}} or "
+                                          f"{{\"type\": \"image\"}}, got {part!r:.80}")
+    return out
+
+
+def _content_text(content: Any) -> str:
+    return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
+
+
+def _messages(value: Any, name: str, typed: bool = False) -> list[dict]:
     if not isinstance(value, list):
         raise BadRow(WRONG_TYPE, f"column {name!r} should be a list of {{role, content}} messages, "
                                  f"got {type(value).__name__}")
@@ -97,15 +118,19 @@ def _messages(value: Any, name: str) -> list[dict]:
         role = _text(m["role"], f"{name}[{i}].role")
         if role not in ROLES:
             raise BadRow(INVALID_MESSAGE, f"{name}[{i}] has role {role!r}; use one of {', '.join(sorted(ROLES))}")
+        if typed and isinstance(m["content"], list):
+            out.append({**m, "role": role, "content": _parts(m["content"], f"{name}[{i}].content")})
+            continue
         if not isinstance(m["content"], (str, bytes)):
             raise BadRow(INVALID_MESSAGE, f"{name}[{i}].content should be a string, got {type(m['content']).__name__} "
-                                          "(multimodal content needs a processor, which this pipeline does not take)")
+                                          "(typed multimodal content needs an 'images' column and a processor)")
         out.append({**m, "role": role, "content": _text(m["content"], f"{name}[{i}].content")})
     return out
 
 
 def _field(row: dict, name: str, conversational: bool) -> Any:
-    return _messages(row[name], name) if conversational else _text(row[name], name)
+    # typed content ({"type": "image"} parts) belongs to vision rows: those with an ``images`` column
+    return _messages(row[name], name, typed="images" in row) if conversational else _text(row[name], name)
 
 
 def _require(row: dict, names: tuple[str, ...], hint: str) -> None:
@@ -156,7 +181,8 @@ def _extras(row: dict) -> tuple[list | None, dict]:
 
 
 def _check_completion(value: Any, name: str, conversational: bool) -> None:
-    empty = (not value or all(not m["content"].strip() for m in value)) if conversational else not value.strip()
+    empty = (not value or all(not _content_text(m["content"]).strip() for m in value)) if conversational \
+        else not value.strip()
     if empty:
         raise BadRow(EMPTY_COMPLETION, f"column {name!r} has an empty completion")
 
@@ -190,7 +216,7 @@ def normalize_pair(row: Any) -> Example:
     if chosen == rejected:
         raise BadRow(IDENTICAL, "'chosen' and 'rejected' are identical, so the pair teaches nothing")
     tools, kwargs = _extras(row)
-    return Example(conv, prompt, [chosen, rejected], tools, kwargs)
+    return Example(conv, prompt, [chosen, rejected], tools, kwargs, row.get("images"))
 
 
 def normalize_sft(row: Any) -> Example:
@@ -202,7 +228,7 @@ def normalize_sft(row: Any) -> Example:
     if not isinstance(row, dict):
         raise BadRow(WRONG_TYPE, f"a row should be an object, got {type(row).__name__}")
     if row.get("messages") is not None:
-        msgs = _messages(row["messages"], "messages")
+        msgs = _messages(row["messages"], "messages", typed="images" in row)
         if len(msgs) < 1:
             raise BadRow(EMPTY_COMPLETION, "'messages' is empty")
         prompt, completion, conv = msgs[:-1], msgs[-1:], True
@@ -224,4 +250,4 @@ def normalize_sft(row: Any) -> Example:
             prompt = ""
     _check_completion(completion, "completion", conv)
     tools, kwargs = _extras(row)
-    return Example(conv, prompt, [completion], tools, kwargs)
+    return Example(conv, prompt, [completion], tools, kwargs, row.get("images"))

@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from dpo_ray.data.rows import (
+    BAD_IMAGE,
     PROMPT_FILLS,
     BadRow,
     Example,
@@ -24,6 +26,7 @@ from dpo_ray.data.rows import (
 )
 
 MAX_EXAMPLES = 5  # bad-row messages kept per part for the report
+SHAPE_SUFFIX = "_shape"  # a pixel column K is stored flat, with its per-row array shape in K_shape
 
 
 @dataclass
@@ -94,6 +97,17 @@ class RowProcessor:
     """Raw rows -> tokenized pyarrow table + PartStats, with the bad-row policy applied."""
 
     def __init__(self, tokenizer, opts: TokenizeOptions, source: str | None = None):
+        from dpo_ray import vision
+
+        # A processor (vision): its tokenizer does the text, the processor expands image tokens and makes pixels.
+        self.processor = tokenizer if vision.is_processor(tokenizer) else None
+        tokenizer = vision.text_tokenizer(tokenizer)
+        self.pixel_specs: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        self.image_ids: set[int] = set()
+        if self.processor is not None:
+            vision.check_truncation(opts)  # keep_end would cut the prompt's image tokens
+            self.image_ids = vision.image_token_ids(self.processor)
+            self.pixel_specs = self._probe_pixels()
         self.tok, self.opts, self.source = tokenizer, opts, source
         self.eos = tokenizer.eos_token_id
         bos = getattr(tokenizer, "bos_token", None)
@@ -101,8 +115,53 @@ class RowProcessor:
         self._adds_bos = bool(tokenizer.bos_token_id is not None and
                               tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id])
 
+    # -- vision ------------------------------------------------------------------------------------------
+    def _probe_pixels(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """The processor's pixel outputs for one dummy image: key -> (dtype, per-image trailing shape).
+        Fixes the pixel columns of every piece, so blocks with and without images share one schema."""
+        from PIL import Image
+
+        from dpo_ray.vision import IMAGE_TOKEN, PIXEL_KEYS
+
+        token = getattr(self.processor, "image_token", None) or IMAGE_TOKEN
+        out = self.processor(text=[token], images=[Image.new("RGB", (32, 32))], return_tensors="np")
+        specs = {}
+        for k in PIXEL_KEYS:
+            if k in out:
+                a = np.asarray(out[k])
+                specs[k] = (np.dtype(np.float32 if a.dtype.kind == "f" else np.int64), tuple(a.shape[1:]))
+        return specs
+
+    def _base_dir(self) -> Path | None:
+        """Relative image paths resolve against the data file's directory."""
+        if self.source and Path(self.source).is_file():
+            return Path(self.source).resolve().parent
+        return None
+
+    def _vision_encode(self, ex: Example, texts: list[str], special: bool) -> tuple[list[list[int]], dict]:
+        """(ids of [prompt, *prompt+completion] with image tokens expanded, pixel arrays of the row's images)."""
+        from dpo_ray.vision import ImageError, load_images
+
+        try:
+            images = load_images(ex.images, self._base_dir())
+        except ImageError as e:
+            raise BadRow(BAD_IMAGE, str(e)) from None
+        try:
+            prompt = self.processor(text=texts[:1], images=images, add_special_tokens=special, return_tensors="np")
+            fulls = self.processor(text=texts[1:], images=images * (len(texts) - 1), add_special_tokens=special)
+        except (ValueError, TypeError, IndexError) as e:  # e.g. image placeholders and images disagree
+            raise BadRow(BAD_IMAGE, f"the processor refused the row's {len(images)} image(s): {e}") from None
+        ids = [list(map(int, prompt["input_ids"][0]))] + [list(map(int, x)) for x in fulls["input_ids"]]
+        return ids, {k: np.asarray(prompt[k], dtype=dt) for k, (dt, _) in self.pixel_specs.items()}
+
+    def _no_pixels(self) -> dict[str, np.ndarray]:
+        return {k: np.zeros((0, *shape), dtype=dt) for k, (dt, shape) in self.pixel_specs.items()}
+
     # -- texts -------------------------------------------------------------------------------------------
     def _template(self, ex: Example, messages: list[dict], generation_prompt: bool) -> str:
+        if self.processor is not None and getattr(self.processor, "chat_template", None):
+            return self.processor.apply_chat_template(messages, tools=ex.tools, add_generation_prompt=generation_prompt,
+                                                      tokenize=False, **ex.template_kwargs)
         if getattr(self.tok, "chat_template", None) is None:
             raise ValueError(
                 "a conversational row (lists of {role, content} messages) needs a chat template, but the tokenizer "
@@ -161,28 +220,43 @@ class RowProcessor:
         for _, ex in good:
             prompt, fulls = self._texts(ex)
             flag = self._special(ex, prompt)
+            if ex.images is not None and self.processor is None and _has_images(ex.images):
+                raise ValueError("rows carry an 'images' column but the processing class is a tokenizer; pass the "
+                                 "vision model's AutoProcessor (processing_class=processor, or a model directory "
+                                 "that holds its processor files)")
             spans.append(len(texts))
             texts += [prompt, *fulls]
-            special += [flag] * (1 + len(fulls))
+            # image rows (flag None here) are encoded by the processor, one row at a time
+            special += [None if self.processor is not None and _has_images(ex.images) else flag] * (1 + len(fulls))
         ids = self._encode(texts, special)
         n_comp = 1 if self.opts.mode == "sft" else 2
         cols: dict[str, list] = {"row_id": []}
         names = ["chosen", "rejected"][:n_comp]
         for n in names:
             cols[f"{n}_input_ids"], cols[f"{n}_prompt_len"] = [], []
+        for k in self.pixel_specs:
+            cols[k], cols[k + SHAPE_SUFFIX] = [], []
         for (r, ex), start in zip(good, spans):
             try:
-                seqs = [self._sequence(ids[start], ids[start + 1 + k], ex.conversational) for k in range(n_comp)]
+                row_ids, pixels = ids[start:start + 1 + n_comp], None
+                if special[start] is None:
+                    row_ids, pixels = self._vision_encode(ex, texts[start:start + 1 + n_comp],
+                                                          self._special(ex, texts[start]))
+                seqs = [self._sequence(row_ids[0], row_ids[1 + k], ex.conversational) for k in range(n_comp)]
             except BadRow as b:
                 self._bad(b, r, stats)
                 continue
             stats.truncated += any(t for _, _, t in seqs)
+            if self.pixel_specs:
+                for k, a in (pixels if pixels is not None else self._no_pixels()).items():
+                    cols[k].append(a.reshape(-1))
+                    cols[k + SHAPE_SUFFIX].append(list(a.shape))
             cols["row_id"].append(r.row_id)
             for n, (seq, plen, _) in zip(names, seqs):
                 cols[f"{n}_input_ids"].append(seq)
                 cols[f"{n}_prompt_len"].append(plen)
         stats.kept = len(cols["row_id"])
-        return to_table(cols, names), stats
+        return to_table(cols, names, self.pixel_specs), stats
 
     def _sequence(self, prompt_ids: list[int], full_ids: list[int], conversational: bool):
         start = diverge(prompt_ids, full_ids)
@@ -192,18 +266,33 @@ class RowProcessor:
             from dpo_ray.data.rows import EMPTY_COMPLETION
 
             raise BadRow(EMPTY_COMPLETION, "the completion adds no tokens after the prompt")
-        return truncate(full_ids, start, self.opts.max_length, self.opts.truncation_mode)
+        seq = truncate(full_ids, start, self.opts.max_length, self.opts.truncation_mode)
+        if seq[2] and self.image_ids:  # truncation must never separate image tokens from their pixels
+            lost = sum(t in self.image_ids for t in full_ids) - sum(t in self.image_ids for t in seq[0])
+            if lost:
+                raise BadRow(PROMPT_FILLS, f"max_length={self.opts.max_length} would cut {lost} of the row's image "
+                                           f"tokens (the row is {len(full_ids)} tokens with its images expanded); "
+                                           "raise max_length or use fewer/smaller images")
+        return seq
 
 
-def schema(names: Iterable[str]) -> pa.Schema:
+def _has_images(value: Any) -> bool:
+    from dpo_ray.vision import _as_list
+
+    return bool(_as_list(value))
+
+
+def schema(names: Iterable[str], pixel_specs: dict | None = None) -> pa.Schema:
     fields = [pa.field("row_id", pa.int64())]
     for n in names:
         fields += [pa.field(f"{n}_input_ids", pa.list_(pa.int32())), pa.field(f"{n}_prompt_len", pa.int32())]
+    for k, (dt, _) in (pixel_specs or {}).items():  # vision: flat pixel arrays + their shapes
+        fields += [pa.field(k, pa.list_(pa.from_numpy_dtype(dt))), pa.field(k + SHAPE_SUFFIX, pa.list_(pa.int32()))]
     return pa.schema(fields)
 
 
-def to_table(cols: dict[str, list], names: list[str]) -> pa.Table:
-    sch = schema(names)
+def to_table(cols: dict[str, list], names: list[str], pixel_specs: dict | None = None) -> pa.Table:
+    sch = schema(names, pixel_specs)
     return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in sch}, schema=sch)
 
 
@@ -213,7 +302,8 @@ def table_to_columns(table: pa.Table) -> dict[str, Any]:
     for name in table.column_names:
         col = table.column(name)
         if pa.types.is_list(col.type):
-            out[name] = [np.asarray(x, dtype=np.int64) for x in col.to_pylist()]
+            dt = np.float32 if pa.types.is_floating(col.type.value_type) else np.int64
+            out[name] = [np.asarray(x, dtype=dt) for x in col.to_pylist()]
         else:
             out[name] = col.to_numpy()
     return out

@@ -2,7 +2,8 @@
 
 ``ReferenceModelHost`` holds the logic and runs in-process too (tests, the precompute pass);
 ``ReferenceActor`` is the same class as a Ray actor. Everything crossing the process boundary is on
-CPU: the client sends ``input_ids`` / ``attention_mask`` / ``completion_mask`` and gets back
+CPU: the client sends ``input_ids`` / ``attention_mask`` / ``completion_mask`` (plus the pixel inputs of
+vision batches, ``request_keys``) and gets back
 (request_id, weights_version, ref_chosen (B,), ref_rejected (B,)) as float32.
 
 Weights version: 0 is the loaded model; every TR-DPO mix (``mix``) moves it to the version the client
@@ -23,8 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from dpo_ray.config import DPOConfig
+from dpo_ray.vision import PIXEL_KEYS
 
 REQUEST_KEYS = ("input_ids", "attention_mask", "completion_mask")
+
+
+def request_keys(batch: Mapping[str, Tensor]) -> tuple[str, ...]:
+    """What a reference request carries: the text tensors, and the pixel inputs when the batch has images."""
+    return REQUEST_KEYS + tuple(k for k in PIXEL_KEYS if k in batch)
 
 
 def reference_device(num_gpus: float) -> torch.device:
@@ -90,7 +97,7 @@ class ReferenceModelHost:
 
         if self._delay is not None:
             time.sleep(self._rng.uniform(*self._delay))
-        on_device = {k: batch[k].to(self.device, non_blocking=True) for k in REQUEST_KEYS}
+        on_device = {k: batch[k].to(self.device, non_blocking=True) for k in request_keys(batch)}
         chosen, rejected = reference_logps(self.model, on_device, ld_alpha=ld_alpha)
         self.forwards += 1
         return request_id, self.version, chosen.float().cpu(), rejected.float().cpu()

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dpo_ray.train.forward import reference_logps
+from dpo_ray.vision import PIXEL_KEYS
 
 
 class ReferenceClient(Protocol):
@@ -107,7 +108,7 @@ class LocalReference:
 
     def result(self, handle, batch):
         on_device = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
-                                                                               "completion_mask")}
+                                                                               "completion_mask", *PIXEL_KEYS)}
         chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.ld_alpha)
         return chosen.cpu(), rejected.cpu()
 

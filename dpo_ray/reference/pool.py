@@ -31,7 +31,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from torch import Tensor, nn
 
 from dpo_ray.config import DPOConfig
-from dpo_ray.reference.actor import REQUEST_KEYS, ReferenceActor
+from dpo_ray.reference.actor import ReferenceActor, request_keys
 
 # Seconds to wait for one answer / for the actors to load. A request normally takes well under a
 # second; the limit only turns a wedged actor into an error instead of a hang.
@@ -231,7 +231,7 @@ class ActorPoolReference:
 
     def submit(self, batch: Mapping[str, Tensor]) -> RefRequest:
         """Send the batch's ids (CPU) to an actor; returns at once."""
-        payload = {k: batch[k].detach().cpu() for k in REQUEST_KEYS}
+        payload = {k: batch[k].detach().cpu() for k in request_keys(batch)}
         request_id = (self.rank, self._seq)
         actor = self._pick()
         self._seq += 1

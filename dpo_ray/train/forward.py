@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from dpo_ray.logprobs import SeqStats, completion_logps, completion_logps_from_hidden
+from dpo_ray.vision import PIXEL_KEYS
 
 
 @dataclass
@@ -40,18 +41,24 @@ def sequence_forward(
     ``lean`` projects only completion positions through the LM head, chunked and recomputed in
     backward, so the (N, T, V) logits never exist. It is skipped where the head's weight is not a
     plain tensor (ZeRO-3 partitions it; hooks gather it only inside ``head.forward``) and for MoE
-    runs, which need the full forward's ``aux_loss``.
+    runs, which need the full forward's ``aux_loss``, and for vision batches (``pixel_values`` etc.), whose
+    image features only the full model merges into the sequence.
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     completion_mask = batch["completion_mask"]
-    decoder, head = _decoder_and_head(model) if lean and not router_aux else (None, None)
+    pixels = {k: batch[k] for k in PIXEL_KEYS if k in batch}
+    if "pixel_values" in pixels and torch.is_floating_point(pixels["pixel_values"]):
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if dtype is not None:  # bf16 models take bf16 pixels
+            pixels["pixel_values"] = pixels["pixel_values"].to(dtype)
+    decoder, head = _decoder_and_head(model) if lean and not router_aux and not pixels else (None, None)
     if decoder is not None and getattr(head.weight, "ds_id", None) is None:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         stats = completion_logps_from_hidden(hidden, head.weight, input_ids, completion_mask,
                                              lm_head_bias=head.bias, ld_alpha=ld_alpha, want_wpo=want_wpo)
         return ForwardOut(stats)
     kwargs = {"output_router_logits": True} if router_aux else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **pixels, **kwargs)
     stats = completion_logps(out.logits, input_ids, completion_mask, ld_alpha=ld_alpha, want_wpo=want_wpo)
     aux = getattr(out, "aux_loss", None) if router_aux else None
     return ForwardOut(stats, aux)

@@ -27,6 +27,7 @@ from dpo_ray.models import frozen_copy, load_causal_lm, prepare_policy
 from dpo_ray.train.forward import sequence_forward
 from dpo_ray.train.metrics import MetricAccumulator
 from dpo_ray.train.schedule import lr_lambda, warmup_steps
+from dpo_ray.vision import text_tokenizer
 
 STATE_FILE = "trainer_state.json"
 CKPT_TAG = "engine"
@@ -287,7 +288,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     eval_shard = _optional_shard("eval")
     logger = Logger(cfg, rank, total_steps)
     acc = MetricAccumulator()
-    pad_id = tokenizer.pad_token_id
+    pad_id = text_tokenizer(tokenizer).pad_token_id  # a vision processor holds its tokenizer
     micro = cfg.per_device_train_batch_size
     eval_every = cfg.eval_steps or cfg.logging_steps
     last_log_t, last_log_tokens, last_log_pairs = time.perf_counter(), state.tokens_seen, state.pairs_seen
@@ -413,7 +414,7 @@ def evaluate(model, cfg: DPOConfig, shard, reference, tokenizer, device, mode: s
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()
-    batches = _synced(iter_train_batches(shard, cfg, tokenizer.pad_token_id,
+    batches = _synced(iter_train_batches(shard, cfg, text_tokenizer(tokenizer).pad_token_id,
                                          batch_size=cfg.per_device_eval_batch_size, epoch=0, seed=cfg.seed,
                                          mode=mode, shuffle=False), device)
     if mode == "dpo":
