@@ -51,6 +51,11 @@ CONFIGS = {
     "dpo_ray_1w2t": {"kind": "dpo_ray", "workers": 1, "threads": 2},
     "trl": {"kind": "trl", "workers": 1, "threads": 2},
 }
+# "+name" suffixes on a dpo_ray config name add DPOConfig keys (e.g. dpo_ray_1w2t+local+bucket)
+VARIANTS = {
+    "local": {"reference": {"source": "local"}},
+    "bucket": {"length_bucketing": True},
+}
 SEED = 42
 
 
@@ -101,6 +106,7 @@ def child_dpo_ray(args) -> dict:
     return {"losses": [r["loss"] for r in rows], "step_times": step_times,
             "logps_chosen": [r.get("logps/chosen") for r in rows],
             "first_step_s": first["t"] - t0,  # train() start to the end of optimizer step 1
+            "first_step_from_start_s": first["t"] - T_START,
             "train_wall_s": train_wall, "report_wall_s": out.report["wall_time_s"],
             "pairs": out.report["pairs"], "tokens": out.report["tokens"],
             "startup_s": first["t"] - t0 - step_times[0]}
@@ -166,11 +172,19 @@ def child_trl(args) -> dict:
     step_times = [b - a for a, b in zip([timer.begin, *timer.stamps[:-1]], timer.stamps)]
     return {"losses": [r["loss"] for r in logs], "step_times": step_times,
             "logps_chosen": [r.get("logps/chosen") for r in logs],
-            "first_step_s": timer.stamps[0] - t0, "train_wall_s": train_wall,
+            "first_step_s": timer.stamps[0] - t0, "first_step_from_start_s": timer.stamps[0] - T_START,
+            "train_wall_s": train_wall,
             "pairs": len(timer.stamps) * args.batch, "startup_s": timer.begin - t0}
 
 
 # ------------------------------------------------------------------------------------- parent
+
+def variant_extra(name: str, extra_json: str) -> dict:
+    extra = json.loads(extra_json) if extra_json else {}
+    for v in name.split("+")[1:]:
+        extra.update(VARIANTS[v])
+    return extra
+
 
 def smooth(xs: list[float], k: int) -> list[float]:
     return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
@@ -217,13 +231,14 @@ def main() -> None:
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for rep in range(args.repeats):
         for name in names:
-            c = CONFIGS[name]
+            c = CONFIGS[name.split("+")[0]]
             out = work / f"{name}.json"
             child = [__file__, "--child", c["kind"], "--model", str(model), "--data", str(data),
                      "--workers", str(c["workers"]), "--threads", str(c["threads"]), "--out", str(out),
                      "--workdir", str(work / f"run_{name}"), "--batch", str(args.batch), "--epochs",
                      str(args.epochs), "--lr", str(args.lr), "--max_length", str(args.max_length),
-                     "--dpo_ray_extra", args.dpo_ray_extra] + (["--gpu"] if args.gpu else [])
+                     "--dpo_ray_extra", json.dumps(variant_extra(name, args.dpo_ray_extra))]
+            child += ["--gpu"] if args.gpu else []
             res = run_child(child, out, args.timeout, log=work / f"{name}_{rep}.log")
             if "error" in res:
                 print(f"[{rep}] {name}: FAILED ({res['error']})\n{res['log_tail']}", file=sys.stderr)
@@ -253,6 +268,7 @@ def main() -> None:
             "steady_pairs_s": median([r["steady_pairs_s"] for r in ok]),
             "steady_tokens_s": median([r["steady_pairs_s"] for r in ok]) * tokens_per_pair,
             "first_step_s": median([r["first_step_s"] for r in ok]),
+            "first_step_from_start_s": median([r["first_step_from_start_s"] for r in ok]),
             "process_wall_s": median([r["process_wall_s"] for r in ok]),
             "peak_rss_mib": median([r["peak_rss_mib"] for r in ok]),
             "peak_pss_mib": median([r["peak_pss_mib"] for r in ok]),
@@ -273,7 +289,8 @@ def main() -> None:
         summary[name]["speedup_vs_trl"] = summary[name]["steady_pairs_s"] / summary["trl"]["steady_pairs_s"]
         summary[name]["pss_vs_trl"] = summary[name]["peak_pss_mib"] / summary["trl"]["peak_pss_mib"]
 
-    headers = ["config", "pairs/s (steady)", "tokens/s", "× TRL", "first step s", "wall s", "peak PSS MiB",
+    headers = ["config", "pairs/s (steady)", "tokens/s", "× TRL", "first step s (trainer)",
+               "first step s (process)", "wall s", "peak PSS MiB",
                "peak RSS MiB", "max |Δloss| (N steps)", "max |Δloss| smoothed"]
     rows = []
     for name in names:
@@ -282,7 +299,7 @@ def main() -> None:
             rows.append([name, "failed"] + [""] * (len(headers) - 2))
             continue
         rows.append([name, s["steady_pairs_s"], s["steady_tokens_s"], s.get("speedup_vs_trl", 1.0),
-                     s["first_step_s"], s["process_wall_s"], s["peak_pss_mib"], s["peak_rss_mib"],
+                     s["first_step_s"], s["first_step_from_start_s"], s["process_wall_s"], s["peak_pss_mib"], s["peak_rss_mib"],
                      f"{s['max_abs_dloss']:.2e} ({s['loss_steps_compared']})" if "max_abs_dloss" in s else "-",
                      f"{s['max_abs_dloss_smooth10']:.2e}" if "max_abs_dloss_smooth10" in s else "-"])
     print(f"\n{args.pairs} bundled pairs, global batch {args.batch}, max_length {args.max_length}, "
