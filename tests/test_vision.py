@@ -176,6 +176,15 @@ def test_both_reference_paths_send_the_pixels(vlm_dir, processor):
     assert torch.equal(FakeActor.sent["pixel_values"], batch["pixel_values"])
 
 
+def test_precomputed_reference_is_refused_for_vision(vlm_dir, processor):
+    from dpo_ray.reference.precompute import attach_reference_logps
+
+    with pytest.raises(ConfigError, match=r"reference.source: precomputed reference log-probs do not carry images"):
+        DPOConfig(model_name_or_path=vlm_dir, reference={"source": "precomputed"})
+    with pytest.raises(ConfigError, match=r"reference.source"):
+        attach_reference_logps(None, cfg(), None, processor, split="train")
+
+
 def test_rows_with_images_need_a_processor():
     from dpo_ray.data import load_tokenizer
 

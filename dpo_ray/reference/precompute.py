@@ -215,6 +215,13 @@ def _attach(batch, table_ref: Any, source: str):
 def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, split: str
                            ) -> ray.data.Dataset:
     """``ds`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` (float32) from the reference model, cached."""
+    from dpo_ray.vision import is_processor
+
+    if is_processor(tokenizer):  # the pass below builds text-only batches: its log-probs would ignore the images
+        from dpo_ray.config import ConfigError
+
+        raise ConfigError([("reference.source", "precomputed reference log-probs do not carry images yet; use "
+                                                "reference.source actor or local for a vision-language model")])
     parts = {"model": model_identity(ref_source, cfg, tokenizer), "data": dataset_fingerprint(ds, cfg),
              "tokenization": tokenization_settings(cfg, tokenizer)}
     key = cache_key(parts)
