@@ -6,6 +6,7 @@ One optimizer step = ``gradient_accumulation_steps`` micro-batches; each micro-b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -48,12 +49,20 @@ class TrainerState:
 
 # ------------------------------------------------------------------------------------------ setup
 
-def _worker_env() -> None:
+def _worker_env(local_world_size: int = 1) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed JIT-builds ops into TORCH_EXTENSIONS_DIR; torch's default is one directory per user that
+    # every venv shares, and each switch of venv rebuilds it (25-77 s and 3 GB on CPU, docs/BENCHMARKS.md).
+    prefix_key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                          str(Path.home() / ".cache" / "dpo_ray" / "torch_extensions" / prefix_key))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # Two workers on a small CPU box: one intra-op thread each keeps them from oversubscribing.
-        torch.set_num_threads(int(os.environ.get("DPO_RAY_TORCH_THREADS", "1")))
+        # The node's cores split between its workers: 2 workers on 2 cores get one intra-op thread each (no
+        # oversubscription), a single worker gets both. DPO_RAY_TORCH_THREADS overrides.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        default = max(1, cores // max(local_world_size, 1))
+        torch.set_num_threads(int(os.environ.get("DPO_RAY_TORCH_THREADS", default)))
 
 
 def _seed_everything(seed: int) -> None:
@@ -231,10 +240,11 @@ class Logger:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: cfg (dict), mode, tokenizer, model (path | ObjectRef | None),
     total_steps, steps_per_epoch, num_epochs, and the reference pool handle when source is actor."""
-    _worker_env()
     import ray
     import ray.train
     import ray.train.torch
+
+    _worker_env(ray.train.get_context().get_local_world_size())
 
     cfg = DPOConfig(**config["cfg"])
     mode = config.get("mode", "dpo")
