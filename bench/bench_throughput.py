@@ -49,6 +49,8 @@ from common import (  # noqa: E402
 CONFIGS = {
     "dpo_ray_2w1t": {"kind": "dpo_ray", "workers": 2, "threads": 1},
     "dpo_ray_1w2t": {"kind": "dpo_ray", "workers": 1, "threads": 2},
+    "dpo_ray_1w1t": {"kind": "dpo_ray", "workers": 1, "threads": 1},
+    "dpo_ray_1w": {"kind": "dpo_ray", "workers": 1, "threads": 0},  # threads 0: the worker's own default
     "trl": {"kind": "trl", "workers": 1, "threads": 2},
 }
 # "+name" suffixes on a dpo_ray config name add DPOConfig keys (e.g. dpo_ray_1w2t+local+bucket)
@@ -67,7 +69,8 @@ def hparams(args) -> dict:
 # ------------------------------------------------------------------------------------- children
 
 def child_dpo_ray(args) -> dict:
-    os.environ["DPO_RAY_TORCH_THREADS"] = str(args.threads)
+    if args.threads:
+        os.environ["DPO_RAY_TORCH_THREADS"] = str(args.threads)
     from dpo_ray import DPOConfig, DPOTrainer
 
     hp = hparams(args)
@@ -298,7 +301,7 @@ def main() -> None:
         if "error" in s:
             rows.append([name, "failed"] + [""] * (len(headers) - 2))
             continue
-        rows.append([name, s["steady_pairs_s"], s["steady_tokens_s"], s.get("speedup_vs_trl", 1.0),
+        rows.append([name, s["steady_pairs_s"], s["steady_tokens_s"], s.get("speedup_vs_trl", 1.0 if name == "trl" else "-"),
                      s["first_step_s"], s["first_step_from_start_s"], s["process_wall_s"], s["peak_pss_mib"], s["peak_rss_mib"],
                      f"{s['max_abs_dloss']:.2e} ({s['loss_steps_compared']})" if "max_abs_dloss" in s else "-",
                      f"{s['max_abs_dloss_smooth10']:.2e}" if "max_abs_dloss_smooth10" in s else "-"])
