@@ -18,7 +18,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 
 FULL = {
-    "throughput": ["bench_throughput.py", "--pairs", "1024", "--repeats", "3"],
+    "throughput": ["bench_throughput.py", "--pairs", "1024", "--repeats", "3", "--configs",
+                   "dpo_ray_2w1t,dpo_ray_1w2t+local,dpo_ray_2w1t+local+bucket,trl"],
     "scale": ["bench_scale.py", "--sizes", "1000,100000,1000000", "--trl_max", "100000"],
     "reference": ["bench_reference.py"],
     "padding": ["bench_padding.py", "--pairs", "512", "--rounds", "3"],
