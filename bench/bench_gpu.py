@@ -8,7 +8,7 @@ the realistic part). Configurations, alternated ``--repeats`` times, bf16, one G
 
   dpo_ray_1w   1 worker, reference actor pool on the same GPU (reference.num_gpus 0.5)
   dpo_ray_1w_local  1 worker, reference as a frozen copy on the worker (no overlap): actor / local
-               is the reference-overlap gain on GPU
+               is the reference-overlap gain on GPU; with and without prefix sharing (+noshare)
   trl          TRL DPOTrainer, bf16, in-process reference
 
 Without CUDA it prints why it is skipped, writes bench/results/gpu.json saying so, and exits 0.
@@ -101,8 +101,10 @@ def main() -> None:
     subprocess.run(base + ["--configs", "dpo_ray_1w2t,trl", "--name", "gpu_throughput", "--workdir", str(work / "actor"),
                            "--dpo_ray_extra", json.dumps({"reference": {"source": "actor", "num_gpus": 0.5}})],
                    check=True)
-    subprocess.run(base + ["--configs", "dpo_ray_1w2t", "--name", "gpu_throughput_local_ref", "--workdir",
-                           str(work / "local"), "--dpo_ray_extra", json.dumps({"reference": {"source": "local"}})],
+    # local reference with and without prefix sharing: the sharing gain on GPU (bf16, sdpa)
+    subprocess.run(base + ["--configs", "dpo_ray_1w2t+noshare,dpo_ray_1w2t", "--name", "gpu_throughput_local_ref",
+                           "--workdir", str(work / "local"),
+                           "--dpo_ray_extra", json.dumps({"reference": {"source": "local"}})],
                    check=True)
 
 

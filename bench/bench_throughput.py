@@ -57,6 +57,7 @@ CONFIGS = {
 VARIANTS = {
     "local": {"reference": {"source": "local"}},
     "bucket": {"length_bucketing": True},
+    "noshare": {"prefix_sharing": "off"},  # the standard [chosen; rejected] layout (before prefix sharing)
 }
 SEED = 42
 

@@ -1,6 +1,6 @@
 """``make bench``: every benchmark in turn, each printing its table and writing bench/results/<name>.json.
 
-    python bench/run_all.py [--quick] [--only throughput,scale,reference,padding,gpu]
+    python bench/run_all.py [--quick] [--only throughput,scale,reference,padding,prefix,gpu]
 
 --quick shrinks each run (fewer pairs/repeats, TRL scale capped at 1k) to check the scripts in minutes;
 the numbers in docs/BENCHMARKS.md come from the full defaults. The benchmarks run one after another,
@@ -23,6 +23,7 @@ FULL = {
     "scale": ["bench_scale.py", "--sizes", "1000,100000,1000000", "--trl_max", "100000"],
     "reference": ["bench_reference.py"],
     "padding": ["bench_padding.py", "--pairs", "512", "--rounds", "3"],
+    "prefix": ["bench_prefix.py", "--pairs", "32", "--rounds", "3"],
     "gpu": ["bench_gpu.py"],
 }
 QUICK = {
@@ -31,6 +32,7 @@ QUICK = {
     "reference": ["bench_reference.py", "--steps", "4", "--rounds", "1", "--out",
                   str(BENCH / "results" / "reference_quick.json")],
     "padding": ["bench_padding.py", "--pairs", "128", "--rounds", "1", "--name", "padding_quick"],
+    "prefix": ["bench_prefix.py", "--pairs", "8", "--rounds", "1", "--name", "prefix_quick"],
     "gpu": ["bench_gpu.py", "--pairs", "256", "--repeats", "1"],
 }
 

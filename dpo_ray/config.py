@@ -193,6 +193,7 @@ class DPOConfig(BaseModel):
     truncation_mode: TruncationMode = Field("keep_start", description="keep_start: keep the first max_length tokens (rows whose prompt fills it are dropped); keep_end: keep the last")
     pad_to_multiple_of: int | None = Field(None, ge=1, description="pad batch length up to a multiple of this (tensor-core friendly on GPU)")
     length_bucketing: bool = Field(False, description="batch rows of similar length together (less padding)")
+    prefix_sharing: Literal["auto", "on", "off"] = Field("auto", description="run each pair as one [prompt, chosen, rejected] row so the prompt is computed once (policy and reference); auto: on where the attention takes a custom 4-D mask (sdpa, eager) and the first batch agrees with the standard layout; on: skip that check; off: never (true/false also accepted)")
     bucket_size_multiplier: int = Field(16, ge=1, description="rows per bucket pool = multiplier × batch size")
     on_bad_row: Literal["raise", "skip"] = Field("raise", description="raise: stop at the first bad row, naming it; skip: drop and count bad rows by kind")
     dataset_num_proc: int | None = Field(None, description="tokenization tasks in flight (default: the driver's cores)")
@@ -269,6 +270,11 @@ class DPOConfig(BaseModel):
             raise ConfigError(problems) from None
         except _RuleViolations as e:
             raise ConfigError(e.problems) from None
+
+    @field_validator("prefix_sharing", mode="before")
+    @classmethod
+    def _prefix_sharing_bool(cls, v):
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _check_rules(self):

@@ -159,17 +159,22 @@ def completion_logps(
     ld_alpha: float | None = None,
     want_wpo: bool = False,
     chunk_tokens: int = 4096,
+    score_index: Tensor | None = None,
 ) -> SeqStats:
     """Per-sequence completion statistics from full logits.
 
     logits (N, T, V) any float dtype; input_ids, completion_mask (N, T). Completion positions are
     scored ``chunk_tokens`` at a time, each chunk upcast to float32 on its own.
+    ``score_index``: the logits come from another layout (``dpo_ray.prefix.pack_pairs``): (M,) flat
+    indices into ``logits.reshape(-1, V)``, one per completion token of ``input_ids`` in row-major order.
     """
-    n, t, v = logits.shape
+    v = logits.shape[-1]
     labels, mask = _shifted(input_ids, completion_mask)  # (N, T-1)
-    rows, cols = mask.nonzero(as_tuple=True)  # (M,)
-    positions = rows * t + cols  # flat index into logits.reshape(N*T, V) of the scoring logits (t-1)
-    flat = logits.reshape(n * t, v)
+    if score_index is None:
+        rows, cols = mask.nonzero(as_tuple=True)  # (M,)
+        score_index = rows * logits.shape[1] + cols  # flat index of the scoring logits (position t-1)
+    positions = score_index
+    flat = logits.reshape(-1, v)
     tok, ent, mean, wpo = _score_positions(lambda idx, lg: lg[idx], (flat,), positions, labels[mask],
                                            chunk_tokens, want_wpo)
     return _reduce(tok, ent, mean, wpo, mask, ld_alpha)
@@ -185,16 +190,19 @@ def completion_logps_from_hidden(
     ld_alpha: float | None = None,
     want_wpo: bool = False,
     chunk_tokens: int = 1024,
+    score_index: Tensor | None = None,
 ) -> SeqStats:
     """The memory-lean path: same result as ``completion_logps(hidden @ W.T + b, ...)``.
 
     hidden (N, T, H); lm_head_weight (V, H); lm_head_bias (V,) or None. Only completion positions
     are projected, ``chunk_tokens`` at a time under checkpoint, so no (N, T, V) logits exist and no
-    (chunk, V) logits are kept for backward.
+    (chunk, V) logits are kept for backward. ``score_index`` as in ``completion_logps``.
     """
-    n, t, h = hidden.shape
     labels, mask = _shifted(input_ids, completion_mask)
-    flat = hidden[:, :-1][mask]  # (M, H): the states that score the completion tokens
+    if score_index is None:
+        flat = hidden[:, :-1][mask]  # (M, H): the states that score the completion tokens
+    else:
+        flat = hidden.reshape(-1, hidden.shape[-1])[score_index]
     sources = (flat, lm_head_weight) if lm_head_bias is None else (flat, lm_head_weight, lm_head_bias)
     positions = torch.arange(flat.shape[0], device=flat.device)
     tok, ent, mean, wpo = _score_positions(lambda idx, x, *head: F.linear(x[idx], *head), sources, positions,

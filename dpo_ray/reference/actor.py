@@ -86,6 +86,9 @@ class ReferenceModelHost:
         self.model: nn.Module = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.version = 0
         self.forwards = 0
+        from dpo_ray.train.forward import PrefixSharing
+
+        self.sharing = PrefixSharing(self.cfg.prefix_sharing, "reference")
         self._delay = delay_s
         self._rng = random.Random(delay_seed + os.getpid())
 
@@ -98,7 +101,7 @@ class ReferenceModelHost:
         if self._delay is not None:
             time.sleep(self._rng.uniform(*self._delay))
         on_device = {k: batch[k].to(self.device, non_blocking=True) for k in request_keys(batch)}
-        chosen, rejected = reference_logps(self.model, on_device, ld_alpha=ld_alpha)
+        chosen, rejected = reference_logps(self.model, on_device, ld_alpha=ld_alpha, sharing=self.sharing)
         self.forwards += 1
         return request_id, self.version, chosen.float().cpu(), rejected.float().cpu()
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from dpo_ray.train.forward import reference_logps
+from dpo_ray.train.forward import PrefixSharing, reference_logps
 from dpo_ray.vision import PIXEL_KEYS
 
 
@@ -100,8 +100,10 @@ class LocalReference:
 
     version = 0
 
-    def __init__(self, model: nn.Module, device: torch.device, ld_alpha: float | None = None):
+    def __init__(self, model: nn.Module, device: torch.device, ld_alpha: float | None = None,
+                 sharing: PrefixSharing | None = None):
         self.model, self.device, self.ld_alpha = model, device, ld_alpha
+        self.sharing = sharing
 
     def submit(self, batch):
         return None  # computed when asked: nothing to overlap on the same device
@@ -109,7 +111,7 @@ class LocalReference:
     def result(self, handle, batch):
         on_device = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
                                                                                "completion_mask", *PIXEL_KEYS)}
-        chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.ld_alpha)
+        chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.ld_alpha, sharing=self.sharing)
         return chosen.cpu(), rejected.cpu()
 
     @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dpo_ray.config import DPOConfig
-from dpo_ray.train.forward import reference_logps
+from dpo_ray.train.forward import PrefixSharing, reference_logps
 
 
 class AdapterReference:
@@ -18,6 +18,7 @@ class AdapterReference:
     def __init__(self, policy: nn.Module, cfg: DPOConfig, device: torch.device):
         self.model, self.cfg, self.device = policy, cfg, device
         self.active = cfg.model_adapter_name or "default"
+        self.sharing = PrefixSharing(cfg.prefix_sharing, "reference")
 
     @contextlib.contextmanager
     def _reference_weights(self):
@@ -41,7 +42,7 @@ class AdapterReference:
         self.model.eval()  # no LoRA dropout in the reference pass
         try:
             with torch.no_grad(), self._reference_weights():
-                chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.cfg.ld_alpha)
+                chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.cfg.ld_alpha, sharing=self.sharing)
         finally:
             self.model.train(was_training)
         return chosen.cpu(), rejected.cpu()

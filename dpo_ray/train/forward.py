@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from dpo_ray import prefix
 from dpo_ray.logprobs import SeqStats, completion_logps, completion_logps_from_hidden
 from dpo_ray.vision import PIXEL_KEYS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +39,7 @@ def sequence_forward(
     want_wpo: bool = False,
     lean: bool = True,
     router_aux: bool = False,
+    share_prefix: bool = False,
 ) -> ForwardOut:
     """Forward ``batch["input_ids"]`` (N, T) and score the completion tokens.
 
@@ -43,6 +48,9 @@ def sequence_forward(
     plain tensor (ZeRO-3 partitions it; hooks gather it only inside ``head.forward``) and for MoE
     runs, which need the full forward's ``aux_loss``, and for vision batches (``pixel_values`` etc.), whose
     image features only the full model merges into the sequence.
+
+    ``share_prefix`` runs each pair as one [prompt, chosen, rejected] row (``dpo_ray.prefix``); the
+    caller decides (``PrefixSharing``); the statistics are those of the standard layout.
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     completion_mask = batch["completion_mask"]
@@ -51,24 +59,84 @@ def sequence_forward(
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         if dtype is not None:  # bf16 models take bf16 pixels
             pixels["pixel_values"] = pixels["pixel_values"].to(dtype)
+    inputs, score_index = {"input_ids": input_ids, "attention_mask": attention_mask}, None
+    if share_prefix and not pixels and not router_aux:
+        packed = prefix.pack_pairs(input_ids, attention_mask, completion_mask)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids,
+                  "attention_mask": prefix.attention_mask_for(model, packed.keep, dtype)}
+        score_index = packed.score_index
     decoder, head = _decoder_and_head(model) if lean and not router_aux and not pixels else (None, None)
     if decoder is not None and getattr(head.weight, "ds_id", None) is None:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        stats = completion_logps_from_hidden(hidden, head.weight, input_ids, completion_mask,
-                                             lm_head_bias=head.bias, ld_alpha=ld_alpha, want_wpo=want_wpo)
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state
+        stats = completion_logps_from_hidden(hidden, head.weight, input_ids, completion_mask, lm_head_bias=head.bias,
+                                             ld_alpha=ld_alpha, want_wpo=want_wpo, score_index=score_index)
         return ForwardOut(stats)
     kwargs = {"output_router_logits": True} if router_aux else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **pixels, **kwargs)
-    stats = completion_logps(out.logits, input_ids, completion_mask, ld_alpha=ld_alpha, want_wpo=want_wpo)
+    out = model(**inputs, use_cache=False, **pixels, **kwargs)
+    stats = completion_logps(out.logits, input_ids, completion_mask, ld_alpha=ld_alpha, want_wpo=want_wpo,
+                             score_index=score_index)
     aux = getattr(out, "aux_loss", None) if router_aux else None
     return ForwardOut(stats, aux)
 
 
+class PrefixSharing:
+    """Whether a model's pair forwards pack [prompt, chosen, rejected] (config ``prefix_sharing``).
+
+    ``off``: never. ``on``: wherever the model's attention takes a custom 4-D mask (``prefix.supports``).
+    ``auto`` (default): the same, and the first pair batch is also run both ways once, without grad,
+    and sharing stays on only if the log-probs agree (a model whose attention ignores the custom mask
+    would let rejected tokens see the chosen ones; the check catches that before any step uses it).
+    Decided once per holder (the policy on each worker, each reference model).
+    """
+
+    def __init__(self, mode: str = "auto", who: str = "policy"):
+        self.mode, self.who = mode, who
+        self.enabled: bool | None = False if mode == "off" else None
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor], **fwd) -> bool:
+        if self.enabled is None:
+            self.enabled = self._decide(model, batch, **fwd)
+        return self.enabled
+
+    def _decide(self, model: nn.Module, batch: dict[str, Tensor], **fwd) -> bool:
+        ok, why = prefix.supports(model)
+        if ok and any(k in batch for k in PIXEL_KEYS):
+            ok, why = False, "vision batches keep the standard layout"
+        if not ok:
+            log.info("prefix_sharing off for the %s: %s", self.who, why)
+            return False
+        if self.mode == "on":
+            return True
+        fwd = {k: v for k, v in fwd.items() if k in ("ld_alpha", "lean")}
+        was_training = model.training
+        model.eval()  # dropout would make the two forwards differ
+        try:
+            with torch.no_grad():
+                plain = sequence_forward(model, batch, **fwd).stats
+                packed = sequence_forward(model, batch, share_prefix=True, **fwd).stats
+        finally:
+            model.train(was_training)
+        diff = (plain.logps - packed.logps).abs()
+        half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
+        tol = (2e-2 if half else 1e-3) * plain.num_tokens.clamp(min=1)  # per sequence, grows with its tokens
+        agree = bool((diff <= tol).all())
+        if agree:
+            log.info("prefix_sharing on for the %s (first batch agrees: max |Δlogp| %.2e)", self.who,
+                     float(diff.max()) if diff.numel() else 0.0)
+        else:
+            log.warning("prefix_sharing off for the %s: packed and standard log-probs differ by up to %.3g on "
+                        "the first batch (does this model's attention honour a custom 4-D mask?)",
+                        self.who, float(diff.max()))
+        return agree
+
+
 @torch.no_grad()
 def reference_logps(model: nn.Module, batch: dict[str, Tensor], *, ld_alpha: float | None = None,
-                    lean: bool = True) -> tuple[Tensor, Tensor]:
+                    lean: bool = True, sharing: PrefixSharing | None = None) -> tuple[Tensor, Tensor]:
     """Frozen-model log-probs for the pairs: (ref_chosen, ref_rejected), each (B,) float32."""
-    stats = sequence_forward(model, batch, ld_alpha=ld_alpha, lean=lean).stats
+    share = sharing(model, batch, ld_alpha=ld_alpha, lean=lean) if sharing is not None else False
+    stats = sequence_forward(model, batch, ld_alpha=ld_alpha, lean=lean, share_prefix=share).stats
     logps = stats.logps.float()
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from dpo_ray.config import DPOConfig, deepspeed_config
 from dpo_ray.losses import PairLogps, batch_metrics, dpo_loss, moe_aux_loss
 from dpo_ray.models import frozen_copy, load_causal_lm, prepare_policy
-from dpo_ray.train.forward import sequence_forward
+from dpo_ray.train.forward import PrefixSharing, sequence_forward
 from dpo_ray.train.metrics import MetricAccumulator
 from dpo_ray.train.schedule import lr_lambda, warmup_steps
 from dpo_ray.vision import text_tokenizer
@@ -143,7 +143,7 @@ def build_reference(cfg: DPOConfig, spec: dict, policy, tokenizer, device, world
         ref = ref.to(device)
         if cfg.use_bf16(on_gpu):
             ref = ref.to(torch.bfloat16)
-    return LocalReference(ref, device, cfg.ld_alpha)
+    return LocalReference(ref, device, cfg.ld_alpha, sharing=PrefixSharing(cfg.prefix_sharing, "reference"))
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -165,10 +165,11 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def dpo_step(model, cfg: DPOConfig, batch, ref_chosen, ref_rejected) -> tuple[torch.Tensor, dict]:
+def dpo_step(model, cfg: DPOConfig, batch, ref_chosen, ref_rejected, share_prefix: bool = False
+             ) -> tuple[torch.Tensor, dict]:
     """Forward one micro-batch of pairs; return (loss, detached metrics)."""
     fwd = sequence_forward(model, batch, ld_alpha=cfg.ld_alpha, want_wpo=cfg.use_weighting,
-                           router_aux=cfg.output_router_logits)
+                           router_aux=cfg.output_router_logits, share_prefix=share_prefix)
     pairs = PairLogps.from_stats(fwd.stats, ref_chosen, ref_rejected)
     loss = dpo_loss(pairs, cfg.loss_params(), cfg.loss_type, cfg.loss_weights, cfg.use_weighting,
                     cfg.rpo_alpha).mean()
@@ -179,6 +180,17 @@ def dpo_step(model, cfg: DPOConfig, batch, ref_chosen, ref_rejected) -> tuple[to
     metrics["num_pairs"] = torch.tensor(float(pairs.chosen_logps.shape[0]), device=loss.device)
     metrics["loss"] = loss.detach()
     return loss, metrics
+
+
+def decide_sharing(sharing: PrefixSharing, model, cfg: DPOConfig, batch, device) -> bool:
+    """The policy's prefix-sharing decision on its first batch, the same on every worker (the minimum)."""
+    if sharing.enabled is None:
+        on = sharing(model, batch, ld_alpha=cfg.ld_alpha)
+        if dist.is_initialized():
+            flag = torch.tensor([int(on)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            sharing.enabled = bool(flag.item())
+    return bool(sharing.enabled)
 
 
 def sft_step(model, cfg: DPOConfig, batch) -> tuple[torch.Tensor, dict]:
@@ -303,6 +315,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     eval_every = cfg.eval_steps or cfg.logging_steps
     last_log_t, last_log_tokens, last_log_pairs = time.perf_counter(), state.tokens_seen, state.pairs_seen
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    sharing = PrefixSharing(cfg.prefix_sharing if mode == "dpo" else "off", "policy")
     kill_at = int(os.environ.get("DPO_RAY_TEST_KILL_AT_STEP", "0"))
 
     done = state.global_step >= total_steps
@@ -315,8 +328,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stream = prefetched(stream, reference, cfg.reference.prefetch_depth)
         for item in stream:
             if mode == "dpo":
-                batch, ref_c, ref_r = item
-                loss, metrics = dpo_step(engine.module, cfg, _to(batch, device), ref_c, ref_r)
+                batch, ref_c, ref_r = _to(item[0], device), item[1], item[2]
+                first_decision = sharing.enabled is None
+                share = decide_sharing(sharing, engine.module, cfg, batch, device)
+                if first_decision and rank == 0 and cfg.prefix_sharing != "off":
+                    sys.stdout.write(f"prefix sharing {'on' if share else 'off'} for the policy "
+                                     f"(prefix_sharing: {cfg.prefix_sharing}; docs/training.md)\n")
+                loss, metrics = dpo_step(engine.module, cfg, batch, ref_c, ref_r, share)
             else:
                 loss, metrics = sft_step(engine.module, cfg, _to(item, device))
             nonfinite |= ~torch.isfinite(loss.detach())
@@ -358,7 +376,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 last_log_t, last_log_tokens, last_log_pairs = now, state.tokens_seen, state.pairs_seen
                 logger.log(step, reduced)
             if eval_shard is not None and cfg.eval_strategy == "steps" and step % eval_every == 0:
-                logger.log(step, evaluate(engine.module, cfg, eval_shard, reference, tokenizer, device, mode))
+                logger.log(step, evaluate(engine.module, cfg, eval_shard, reference, tokenizer, device, mode,
+                                          sharing))
             if cfg.save_strategy == "steps" and step % cfg.save_steps == 0 and step < total_steps:
                 save_checkpoint(engine, state, rank)
             if step >= total_steps:
@@ -369,12 +388,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.micro_in_epoch = 0
             if eval_shard is not None and cfg.eval_strategy == "epoch":
                 logger.log(state.global_step, evaluate(engine.module, cfg, eval_shard, reference, tokenizer,
-                                                       device, mode))
+                                                       device, mode, sharing))
             if cfg.save_strategy == "epoch" and state.epoch < num_epochs:
                 save_checkpoint(engine, state, rank)
 
     if eval_shard is not None and cfg.eval_strategy != "no":
-        logger.log(state.global_step, evaluate(engine.module, cfg, eval_shard, reference, tokenizer, device, mode))
+        logger.log(state.global_step, evaluate(engine.module, cfg, eval_shard, reference, tokenizer, device, mode,
+                                               sharing))
     save_model(engine, cfg, tokenizer, rank)
     if rank == 0:
         (Path(cfg.output_dir) / "train_state.json").write_text(json.dumps(asdict(state)))
@@ -416,7 +436,8 @@ def _grad_norm(engine) -> float | None:
 
 
 @torch.no_grad()
-def evaluate(model, cfg: DPOConfig, shard, reference, tokenizer, device, mode: str) -> dict[str, float]:
+def evaluate(model, cfg: DPOConfig, shard, reference, tokenizer, device, mode: str,
+             sharing: PrefixSharing | None = None) -> dict[str, float]:
     """One pass over this worker's eval shard; metrics reduced over all workers, prefixed eval_."""
     from dpo_ray.data import iter_train_batches
     from dpo_ray.reference import prefetched
@@ -428,8 +449,11 @@ def evaluate(model, cfg: DPOConfig, shard, reference, tokenizer, device, mode: s
                                          batch_size=cfg.per_device_eval_batch_size, epoch=0, seed=cfg.seed,
                                          mode=mode, shuffle=False), device)
     if mode == "dpo":
+        sharing = sharing or PrefixSharing(cfg.prefix_sharing, "policy")
         for batch, ref_c, ref_r in prefetched(batches, reference, cfg.reference.prefetch_depth):
-            acc.add(dpo_step(model, cfg, _to(batch, device), ref_c, ref_r)[1])
+            batch = _to(batch, device)
+            share = decide_sharing(sharing, model, cfg, batch, device)
+            acc.add(dpo_step(model, cfg, batch, ref_c, ref_r, share)[1])
     else:
         for batch in batches:
             acc.add(sft_step(model, cfg, _to(batch, device))[1])

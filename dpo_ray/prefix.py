@@ -1,0 +1,104 @@
+"""Prefix sharing: one row per pair, [prompt, chosen, rejected], so the prompt is run once, not twice.
+
+A DPO batch is (2B, T): rows [0, B) chosen and [B, 2B) rejected, each prompt + completion, right
+padded (docs/CONTRACTS.md). Both rows of a pair start with the same prompt tokens, so the standard
+forward runs every prompt twice. ``pack_pairs`` rewrites the batch as (B, S) rows
+
+    [shared prefix (L) | rest of chosen | rest of rejected | pad]
+
+with position ids that restart at L for the rejected part and a 4-D attention mask under which
+rejected tokens see the prefix and themselves but never the chosen part. Every hidden state then
+equals the one the standard layout computes, and ``score_index`` says where, in the packed
+(B·S) positions, the state that scores each completion token of the standard layout sits (in the
+order of ``completion_mask[:, 1:].nonzero()``), so the log-prob reduction is unchanged.
+
+The prefix is the longest common token prefix of the two rows, cut at the first completion token
+of either row: completion tokens are never shared, only the prompt (after tokenization a prompt can
+end differently in the two rows when its last token merges with the completion's first).
+
+Saving: the policy and the reference each run L fewer tokens per pair, and chosen and rejected are
+padded together instead of each to the longest row. Attention is still dense over the packed row
+(the mask hides, it does not skip), which is cheap next to the MLPs at the lengths DPO trains on.
+Works with attention implementations that take a custom 4-D mask: ``sdpa`` (boolean) and
+``eager`` (additive float). Flash-attention kernels take no such mask; ``supports`` says no there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+MASK_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass
+class PackedPairs:
+    input_ids: Tensor  # (B, S)
+    position_ids: Tensor  # (B, S)
+    keep: Tensor  # (B, 1, S, S) bool: query may attend to key
+    score_index: Tensor  # (M,) flat index into (B·S) positions, one per standard completion token
+    tokens: int  # non-pad tokens in the packed rows (the standard layout has Σ attention_mask)
+
+
+def attn_implementation(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+def supports(model: nn.Module) -> tuple[bool, str]:
+    """(can this model take a packed pair batch, why not)."""
+    impl = attn_implementation(model)
+    if impl not in MASK_IMPLEMENTATIONS:
+        return False, f"attn_implementation {impl!r} takes no custom 4-D mask (needs one of {MASK_IMPLEMENTATIONS})"
+    return True, ""
+
+
+def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, pad_id: int = 0) -> PackedPairs:
+    """(2B, T) right-padded [chosen; rejected] -> one packed row per pair (see the module doc)."""
+    n, t = input_ids.shape
+    if n % 2 or n == 0:
+        raise ValueError(f"prefix sharing needs [chosen; rejected] rows (an even, non-zero count), got {n}")
+    b, dev = n // 2, input_ids.device
+    attn = attention_mask.bool()
+    comp = completion_mask.bool() & attn
+    lens = attn.sum(-1)  # (2B,)
+    first = torch.where(comp.any(-1), comp.float().argmax(-1), lens)  # first completion column
+    same = (input_ids[:b] == input_ids[b:]) & attn[:b] & attn[b:]
+    common = same.long().cumprod(-1).sum(-1)
+    shared = torch.minimum(common, torch.minimum(first[:b], first[b:]))  # (B,)
+    len_c, len_r = lens[:b], lens[b:]
+    total = len_c + len_r - shared  # (B,)
+    s = max(int(total.max()), 1)
+
+    p = torch.arange(s, device=dev)[None, :]  # (1, S)
+    in_c = p < len_c[:, None]
+    in_r = ~in_c & (p < total[:, None])
+    col_c = p.clamp(max=t - 1).expand(b, s)
+    col_r = (p - len_c[:, None] + shared[:, None]).clamp(0, t - 1)
+    ids = torch.where(in_c, input_ids[:b].gather(1, col_c),
+                      torch.where(in_r, input_ids[b:].gather(1, col_r), torch.full_like(col_r, pad_id)))
+    pos = torch.where(in_c, p, torch.where(in_r, col_r, torch.zeros_like(col_r)))
+
+    # branch: 0 shared prefix, 1 chosen, 2 rejected, 3 padding
+    branch = torch.where(p < shared[:, None], 0, torch.where(in_c, 1, torch.where(in_r, 2, 3)))
+    q, k = branch[:, :, None], branch[:, None, :]
+    causal = p[:, :, None] >= p[:, None, :]  # (1, S, S)
+    keep = causal & (q < 3) & (k < 3) & ((k == 0) | (k == q))
+    keep = keep | torch.eye(s, dtype=torch.bool, device=dev)  # pad rows see themselves: no all-masked softmax
+
+    # where each scored position of the standard layout lives in the packed rows
+    rows, cols = comp[:, 1:].nonzero(as_tuple=True)  # state at col scores the token at col + 1
+    pair = rows % b
+    is_r = rows >= b
+    at = torch.where(is_r & (cols >= shared[pair]), len_c[pair] + cols - shared[pair], cols)
+    score_index = pair * s + at
+    return PackedPairs(ids, pos, keep[:, None], score_index, int(total.sum()))
+
+
+def attention_mask_for(model: nn.Module, keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """The 4-D mask in the form the model's attention takes: bool for sdpa, additive float for eager."""
+    if attn_implementation(model) == "eager":
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+    return keep
