@@ -20,7 +20,8 @@ Saving: the policy and the reference each run L fewer tokens per pair, and chose
 padded together instead of each to the longest row. Attention is still dense over the packed row
 (the mask hides, it does not skip), which is cheap next to the MLPs at the lengths DPO trains on.
 Works with attention implementations that take a custom 4-D mask: ``sdpa`` (boolean) and
-``eager`` (additive float). Flash-attention kernels take no such mask; ``supports`` says no there.
+``eager`` (additive float). Flash-attention kernels take no such mask, and a custom mask would replace
+a sliding window (Mistral, Gemma's local layers); ``supports`` says no there.
 """
 
 from __future__ import annotations
@@ -47,11 +48,21 @@ def attn_implementation(model: nn.Module) -> str | None:
     return getattr(config, "_attn_implementation", None) if config is not None else None
 
 
+def _sliding(config) -> bool:
+    """Does any layer attend through a sliding window (which a single custom mask would override)?"""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return True
+    return getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+
+
 def supports(model: nn.Module) -> tuple[bool, str]:
     """(can this model take a packed pair batch, why not)."""
     impl = attn_implementation(model)
     if impl not in MASK_IMPLEMENTATIONS:
         return False, f"attn_implementation {impl!r} takes no custom 4-D mask (needs one of {MASK_IMPLEMENTATIONS})"
+    if _sliding(model.config):
+        return False, "sliding-window attention: a custom 4-D mask would replace the window"
     return True, ""
 
 

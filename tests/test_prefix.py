@@ -153,6 +153,17 @@ def test_auto_stays_off_for_attention_without_custom_masks(tok):
     assert PrefixSharing("off")(tiny(tok), bundled_batch(tok)) is False
 
 
+def test_sliding_window_models_keep_the_standard_layout():
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    small = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 2}
+    windowed = AutoModelForCausalLM.from_config(MistralConfig(sliding_window=16, **small))
+    assert prefix.supports(windowed) == (False, "sliding-window attention: a custom 4-D mask would replace the window")
+    full = AutoModelForCausalLM.from_config(Qwen2Config(use_sliding_window=False, **small))
+    assert prefix.supports(full) == (True, "")
+
+
 def test_auto_check_catches_a_model_that_ignores_the_mask(tok, monkeypatch, caplog):
     """A model whose attention ignored the custom mask would let rejected tokens see the chosen ones:
     emulated by handing it a plain causal mask over the packed row; the first-batch check says no."""
