@@ -55,14 +55,12 @@ def sequence_forward(
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     completion_mask = batch["completion_mask"]
     pixels = {k: batch[k] for k in PIXEL_KEYS if k in batch}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if "pixel_values" in pixels and torch.is_floating_point(pixels["pixel_values"]):
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        if dtype is not None:  # bf16 models take bf16 pixels
-            pixels["pixel_values"] = pixels["pixel_values"].to(dtype)
+        pixels["pixel_values"] = pixels["pixel_values"].to(dtype)  # bf16 models take bf16 pixels
     inputs, score_index = {"input_ids": input_ids, "attention_mask": attention_mask}, None
     if share_prefix and not pixels and not router_aux:
         packed = prefix.pack_pairs(input_ids, attention_mask, completion_mask)
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids,
                   "attention_mask": prefix.attention_mask_for(model, packed.keep, dtype)}
         score_index = packed.score_index
