@@ -26,6 +26,7 @@ a sliding window (Mistral, Gemma's local layers); ``supports`` says no there.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,8 @@ def supports(model: nn.Module) -> tuple[bool, str]:
         return False, f"attn_implementation {impl!r} takes no custom 4-D mask (needs one of {MASK_IMPLEMENTATIONS})"
     if _sliding(model.config):
         return False, "sliding-window attention: a custom 4-D mask would replace the window"
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return False, f"{type(model).__name__}.forward takes no position_ids (positions from the mask, e.g. ALiBi)"
     return True, ""
 
 

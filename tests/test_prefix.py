@@ -80,6 +80,31 @@ def test_packed_statistics_equal_the_standard_layout(tok, impl, lean):
                           sequence_forward(model, batch, share_prefix=True, **kw).stats)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gpt_neox"])
+def test_other_architectures_agree(arch):
+    """Absolute positions (GPT-2), attention biases and grouped KV heads (Qwen2), partial rotary (NeoX)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    small = {"gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 2, "bos_token_id": 1, "eos_token_id": 2},
+             "qwen2": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "num_key_value_heads": 1, "use_sliding_window": False},
+             "gpt_neox": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                          "num_attention_heads": 2}}[arch]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, vocab_size=64, **small)).eval()
+    batch = edge_batch(64)
+    assert prefix.supports(model) == (True, "")
+    assert_same_stats(sequence_forward(model, batch).stats, sequence_forward(model, batch, share_prefix=True).stats)
+
+
+def test_alibi_models_keep_the_standard_layout():
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    bloom = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+    ok, why = prefix.supports(bloom)
+    assert not ok and "position_ids" in why
+
+
 def test_packed_gradients_equal_the_standard_layout(tok):
     model = tiny(tok)
     batch = edge_batch(len(tok))

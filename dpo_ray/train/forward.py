@@ -113,6 +113,10 @@ class PrefixSharing:
             with torch.no_grad():
                 plain = sequence_forward(model, batch, **fwd).stats
                 packed = sequence_forward(model, batch, share_prefix=True, **fwd).stats
+        except (TypeError, ValueError, RuntimeError) as e:  # the model rejects the packed inputs
+            log.warning("prefix_sharing off for the %s: the packed forward failed (%s: %s)", self.who,
+                        type(e).__name__, e)
+            return False
         finally:
             model.train(was_training)
         diff = (plain.logps - packed.logps).abs()
