@@ -168,12 +168,15 @@ def test_auto_turns_on_where_the_mask_is_honoured(tok):
     sharing = PrefixSharing("auto")
     assert sharing(model, bundled_batch(tok)) is True
     assert model.training  # the check ran in eval mode and put the mode back
+    assert sharing.why.startswith("the first batch agrees")
 
 
 def test_auto_stays_off_for_attention_without_custom_masks(tok):
     model = tiny(tok)
     model.config._attn_implementation = "flash_attention_2"  # decided from the config, no kernel is run
-    assert PrefixSharing("auto")(model, bundled_batch(tok)) is False
+    sharing = PrefixSharing("auto")
+    assert sharing(model, bundled_batch(tok)) is False
+    assert "flash_attention_2" in sharing.why
     assert PrefixSharing("on")(model, bundled_batch(tok)) is False
     assert PrefixSharing("off")(tiny(tok), bundled_batch(tok)) is False
 

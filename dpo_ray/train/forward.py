@@ -91,6 +91,7 @@ class PrefixSharing:
     def __init__(self, mode: str = "auto", who: str = "policy"):
         self.mode, self.who = mode, who
         self.enabled: bool | None = False if mode == "off" else None
+        self.why = "prefix_sharing: off" if mode == "off" else ""  # the reason for the decision, once made
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], **fwd) -> bool:
         if self.enabled is None:
@@ -102,9 +103,11 @@ class PrefixSharing:
         if ok and any(k in batch for k in PIXEL_KEYS):
             ok, why = False, "vision batches keep the standard layout"
         if not ok:
+            self.why = why
             log.info("prefix_sharing off for the %s: %s", self.who, why)
             return False
         if self.mode == "on":
+            self.why = "prefix_sharing: on"
             return True
         fwd = {k: v for k, v in fwd.items() if k in ("ld_alpha", "lean")}
         was_training = model.training
@@ -114,8 +117,8 @@ class PrefixSharing:
                 plain = sequence_forward(model, batch, **fwd).stats
                 packed = sequence_forward(model, batch, share_prefix=True, **fwd).stats
         except (TypeError, ValueError, RuntimeError) as e:  # the model rejects the packed inputs
-            log.warning("prefix_sharing off for the %s: the packed forward failed (%s: %s)", self.who,
-                        type(e).__name__, e)
+            self.why = f"the packed forward failed ({type(e).__name__}: {e})"
+            log.warning("prefix_sharing off for the %s: %s", self.who, self.why)
             return False
         finally:
             model.train(was_training)
@@ -123,13 +126,14 @@ class PrefixSharing:
         half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
         tol = (2e-2 if half else 1e-3) * plain.num_tokens.clamp(min=1)  # per sequence, grows with its tokens
         agree = bool((diff <= tol).all())
+        worst = float(diff.max()) if diff.numel() else 0.0
         if agree:
-            log.info("prefix_sharing on for the %s (first batch agrees: max |Δlogp| %.2e)", self.who,
-                     float(diff.max()) if diff.numel() else 0.0)
+            self.why = f"the first batch agrees with the standard layout: max |Δlogp| {worst:.2e}"
+            log.debug("prefix_sharing on for the %s: %s", self.who, self.why)
         else:
-            log.warning("prefix_sharing off for the %s: packed and standard log-probs differ by up to %.3g on "
-                        "the first batch (does this model's attention honour a custom 4-D mask?)",
-                        self.who, float(diff.max()))
+            self.why = (f"packed and standard log-probs differ by up to {worst:.3g} on the first batch (does this "
+                        "model's attention honour a custom 4-D mask?)")
+            log.warning("prefix_sharing off for the %s: %s", self.who, self.why)
         return agree
 
 

@@ -190,6 +190,8 @@ def decide_sharing(sharing: PrefixSharing, model, cfg: DPOConfig, batch, device)
             flag = torch.tensor([int(on)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             sharing.enabled = bool(flag.item())
+            if on and not sharing.enabled:
+                sharing.why = "another worker's check said no"
     return bool(sharing.enabled)
 
 
@@ -333,7 +335,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 share = decide_sharing(sharing, engine.module, cfg, batch, device)
                 if first_decision and rank == 0 and cfg.prefix_sharing != "off":
                     sys.stdout.write(f"prefix sharing {'on' if share else 'off'} for the policy "
-                                     f"(prefix_sharing: {cfg.prefix_sharing}; docs/training.md)\n")
+                                     f"(prefix_sharing: {cfg.prefix_sharing}; {sharing.why})\n")
                 loss, metrics = dpo_step(engine.module, cfg, batch, ref_c, ref_r, share)
             else:
                 loss, metrics = sft_step(engine.module, cfg, _to(item, device))
