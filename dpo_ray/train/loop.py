@@ -81,14 +81,23 @@ def _param_groups(model, weight_decay: float):
     return [g for g in groups if g["params"]]
 
 
+def _adamw(groups: list[dict], **kw) -> torch.optim.AdamW:
+    """torch's fused AdamW (one kernel for all parameters, on CPU as on GPU: AdamW steps 3.5-6.4x faster
+    than the default on this CPU, bench/bench_optimizer.py), or the default where fused is not available."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, **kw)
+
+
 def build_engine(cfg: DPOConfig, model, total_steps: int, world: int, on_gpu: bool):
     import deepspeed
 
     ds_cfg = deepspeed_config(cfg, world, on_gpu)
     if cfg.deepspeed.offload_optimizer:
         ds_cfg.setdefault("zero_force_ds_cpu_optimizer", False)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    optimizer = _adamw(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     warm = warmup_steps(total_steps, cfg.warmup_ratio, cfg.warmup_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_cfg, dist_init_required=False,
