@@ -211,6 +211,8 @@ def main() -> None:
     ap.add_argument("--dpo_ray_extra", default="", help="JSON of extra DPOConfig keys for the dpo_ray runs")
     ap.add_argument("--model_dir", help="a saved model directory to use instead of the tiny Llama")
     ap.add_argument("--data_file", help="a JSON Lines file to use instead of the bundled subset")
+    ap.add_argument("--long_pairs", metavar="MIN,MAX", help="generate --pairs bundled-task pairs of MIN..MAX "
+                    "tokens per sequence (prompt about as long as the completion) instead of the bundled subset")
     ap.add_argument("--gpu", action="store_true", help="one GPU per trainer process, bf16 (bench_gpu.py)")
     # child mode
     ap.add_argument("--child", choices=["dpo_ray", "trl"])
@@ -230,7 +232,13 @@ def main() -> None:
     print(f"DeepSpeed ops ready in {warm_deepspeed_ops():.1f}s (built once, outside the timed runs)", flush=True)
     work = Path(args.workdir)
     model = Path(args.model_dir) if args.model_dir else save_tiny_model(work / "model")
-    data = Path(args.data_file) if args.data_file else bundled_subset(work / "data" / "train.jsonl", args.pairs)
+    if args.long_pairs:
+        from bench_gpu import long_pairs
+
+        lo, hi = (int(x) for x in args.long_pairs.split(","))
+        data = long_pairs(work / "data" / f"long_{lo}_{hi}_{args.pairs}.jsonl", args.pairs, lo, hi)
+    else:
+        data = Path(args.data_file) if args.data_file else bundled_subset(work / "data" / "train.jsonl", args.pairs)
     names = args.configs.split(",")
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for rep in range(args.repeats):
