@@ -105,6 +105,21 @@ def test_alibi_models_keep_the_standard_layout():
     assert not ok and "position_ids" in why
 
 
+@pytest.mark.parametrize("kind", ["conversational", "keep_end"])
+def test_chat_template_and_left_truncation_agree(tok, kind):
+    """Conversational rows (the chat template renders the prompt) and keep_end truncation (the prompt is
+    cut from the left by a different amount in each row, so the rows may share no prefix at all)."""
+    if kind == "conversational":
+        cfg, path = CFG, DATA_DIR / "conversational" / "train.jsonl"
+    else:
+        cfg, path = DPOConfig(max_length=12, truncation_mode="keep_end"), DATA_DIR / "train.jsonl"
+    with open(path) as f:
+        rows = [json.loads(line) for _, line in zip(range(16), f)]
+    batch = collate_pairs(tokenize_rows(rows, tok, cfg), tok.pad_token_id)
+    model = tiny(tok).eval()
+    assert_same_stats(sequence_forward(model, batch).stats, sequence_forward(model, batch, share_prefix=True).stats)
+
+
 def test_packed_gradients_equal_the_standard_layout(tok):
     model = tiny(tok)
     batch = edge_batch(len(tok))
