@@ -41,7 +41,12 @@ class PackedPairs:
     position_ids: Tensor  # (B, S)
     keep: Tensor  # (B, 1, S, S) bool: query may attend to key
     score_index: Tensor  # (M,) flat index into (B·S) positions, one per standard completion token
-    tokens: int  # non-pad tokens in the packed rows (the standard layout has Σ attention_mask)
+    lengths: Tensor  # (B,) non-pad tokens of each packed row
+
+    @property
+    def tokens(self) -> int:
+        """Non-pad tokens in the packed rows (the standard layout has Σ attention_mask); a host sync."""
+        return int(self.lengths.sum())
 
 
 def attn_implementation(model: nn.Module) -> str | None:
@@ -84,7 +89,7 @@ def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tenso
     shared = torch.minimum(common, torch.minimum(first[:b], first[b:]))  # (B,)
     len_c, len_r = lens[:b], lens[b:]
     total = len_c + len_r - shared  # (B,)
-    s = max(int(total.max()), 1)
+    s = max(int(total.max()), 1)  # the one host sync: the packed width sets the shapes
 
     p = torch.arange(s, device=dev)[None, :]  # (1, S)
     in_c = p < len_c[:, None]
@@ -108,7 +113,7 @@ def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tenso
     is_r = rows >= b
     at = torch.where(is_r & (cols >= shared[pair]), len_c[pair] + cols - shared[pair], cols)
     score_index = pair * s + at
-    return PackedPairs(ids, pos, keep[:, None], score_index, int(total.sum()))
+    return PackedPairs(ids, pos, keep[:, None], score_index, total)
 
 
 def attention_mask_for(model: nn.Module, keep: Tensor, dtype: torch.dtype) -> Tensor:
