@@ -173,9 +173,8 @@ def completion_logps(
     if score_index is None:
         rows, cols = mask.nonzero(as_tuple=True)  # (M,)
         score_index = rows * logits.shape[1] + cols  # flat index of the scoring logits (position t-1)
-    positions = score_index
     flat = logits.reshape(-1, v)
-    tok, ent, mean, wpo = _score_positions(lambda idx, lg: lg[idx], (flat,), positions, labels[mask],
+    tok, ent, mean, wpo = _score_positions(lambda idx, lg: lg[idx], (flat,), score_index, labels[mask],
                                            chunk_tokens, want_wpo)
     return _reduce(tok, ent, mean, wpo, mask, ld_alpha)
 

@@ -42,7 +42,8 @@ class AdapterReference:
         self.model.eval()  # no LoRA dropout in the reference pass
         try:
             with torch.no_grad(), self._reference_weights():
-                chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.cfg.ld_alpha, sharing=self.sharing)
+                chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.cfg.ld_alpha,
+                                                   sharing=self.sharing)
         finally:
             self.model.train(was_training)
         return chosen.cpu(), rejected.cpu()

@@ -191,8 +191,9 @@ def dpo_step(model, cfg: DPOConfig, batch, ref_chosen, ref_rejected, share_prefi
     return loss, metrics
 
 
-def decide_sharing(sharing: PrefixSharing, model, cfg: DPOConfig, batch, device) -> bool:
-    """The policy's prefix-sharing decision on its first batch, the same on every worker (the minimum)."""
+def decide_sharing(sharing: PrefixSharing, model, cfg: DPOConfig, batch, device, announce: bool = False) -> bool:
+    """The policy's prefix-sharing decision on its first batch, the same on every worker (the minimum);
+    ``announce`` (rank 0) prints the decision and its reason once."""
     if sharing.enabled is None:
         on = sharing(model, batch, ld_alpha=cfg.ld_alpha)
         if dist.is_initialized():
@@ -201,6 +202,9 @@ def decide_sharing(sharing: PrefixSharing, model, cfg: DPOConfig, batch, device)
             sharing.enabled = bool(flag.item())
             if on and not sharing.enabled:
                 sharing.why = "another worker's check said no"
+        if announce and cfg.prefix_sharing != "off":
+            sys.stdout.write(f"prefix sharing {'on' if sharing.enabled else 'off'} for the policy "
+                             f"(prefix_sharing: {cfg.prefix_sharing}; {sharing.why})\n")
     return bool(sharing.enabled)
 
 
@@ -340,11 +344,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for item in stream:
             if mode == "dpo":
                 batch, ref_c, ref_r = _to(item[0], device), item[1], item[2]
-                first_decision = sharing.enabled is None
-                share = decide_sharing(sharing, engine.module, cfg, batch, device)
-                if first_decision and rank == 0 and cfg.prefix_sharing != "off":
-                    sys.stdout.write(f"prefix sharing {'on' if share else 'off'} for the policy "
-                                     f"(prefix_sharing: {cfg.prefix_sharing}; {sharing.why})\n")
+                share = decide_sharing(sharing, engine.module, cfg, batch, device, announce=rank == 0)
                 loss, metrics = dpo_step(engine.module, cfg, batch, ref_c, ref_r, share)
             else:
                 loss, metrics = sft_step(engine.module, cfg, _to(item, device))
