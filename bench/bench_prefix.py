@@ -65,7 +65,7 @@ def epoch(policy, ref, init: dict, batches: list[dict], cfg, share: bool) -> flo
     """Seconds for one pass of DPO steps over ``batches`` from the weights ``init``."""
     import torch
 
-    from dpo_ray.train.forward import PrefixSharing, reference_logps
+    from dpo_ray.forward import PrefixSharing, reference_logps
     from dpo_ray.train.loop import dpo_step
 
     policy.load_state_dict(init)
@@ -99,8 +99,8 @@ def main() -> None:
     from dpo_ray import prefix
     from dpo_ray.config import DPOConfig
     from dpo_ray.data import collate_pairs, load_tokenizer
+    from dpo_ray.forward import sequence_forward
     from dpo_ray.models import load_causal_lm
-    from dpo_ray.train.forward import sequence_forward
 
     torch.set_num_threads(args.threads)
     cfg = DPOConfig(max_length=None, learning_rate=1e-4)

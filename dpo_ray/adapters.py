@@ -13,20 +13,6 @@ from torch import nn
 from dpo_ray.config import DPOConfig
 
 
-def quantization_config(cfg: DPOConfig):
-    """QLoRA's 4-bit base (bitsandbytes NF4, bf16 compute). GPU only: a clear error elsewhere."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on "
-                           "CPU. Drop load_in_4bit, or run on GPU workers (ray.use_gpu: true).")
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as e:
-        raise RuntimeError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from e
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
-
-
 def wrap_peft(model: nn.Module, cfg: DPOConfig) -> nn.Module:
     """Add (or load) the trainable LoRA adapter; with reference.source ref_adapter also a frozen copy."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training

@@ -21,17 +21,6 @@ from dpo_ray.config import (
     overrides_from_args,
 )
 
-# The embedded default of `dpo-ray demo` (and examples/tiny_demo.yaml): SFT then DPO on the bundled task.
-DEMO_SFT = {"learning_rate": 3e-3, "num_train_epochs": 4, "per_device_train_batch_size": 32,
-            "logging_steps": 10, "warmup_ratio": 0.05, "lr_scheduler_type": "cosine", "save_strategy": "no",
-            "eval_strategy": "no", "reference": {"source": "none"}}
-# rpo_alpha 1.0 (the RPO paper's value): plain DPO on this task lowers the likelihood of the chosen
-# answers too and the greedy accuracy falls below SFT's; the NLL term keeps them up (docs/data.md).
-DEMO_DPO = {"learning_rate": 5e-4, "beta": 0.1, "rpo_alpha": 1.0, "num_train_epochs": 1,
-            "per_device_train_batch_size": 16,
-            "logging_steps": 10, "eval_strategy": "steps", "eval_steps": 40, "warmup_ratio": 0.05,
-            "lr_scheduler_type": "cosine", "save_strategy": "no"}
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpo-ray", description="DPO and its loss family on Ray Train + DeepSpeed")
@@ -77,7 +66,7 @@ def cmd_validate(ns) -> int:
 
 
 def cmd_train(ns, command: str) -> int:
-    from dpo_ray.trainer import DPOTrainer
+    from dpo_ray.trainer import DPOTrainer, print_summary
 
     mode = "sft" if command == "sft" else "dpo"
     extra = {"reference": {"source": "none"}} if mode == "sft" else None
@@ -85,19 +74,6 @@ def cmd_train(ns, command: str) -> int:
     out = DPOTrainer(args=cfg, mode=mode).train()
     print_summary(out)
     return 0
-
-
-def print_summary(out) -> None:
-    print(f"\n== {out.report['mode']} finished: {out.report['steps']} steps, {out.report['pairs']} "
-          f"{'pairs' if out.report['mode'] == 'dpo' else 'sequences'}, {out.report['tokens']} tokens, "
-          f"{out.report['wall_time_s']} s")
-    rows = {**out.metrics, **out.eval_metrics}
-    for k in sorted(rows):
-        if k != "step" and isinstance(rows[k], (int, float)):
-            print(f"  {k:<28} {rows[k]:.6g}")
-    if out.report.get("data"):
-        print(f"  data: {json.dumps(out.report['data'])}")
-    print(f"  outputs: {out.output_dir} (model, tokenizer, dpo_config.yaml, metrics.jsonl, metrics.png, report.json)")
 
 
 def cmd_demo(ns) -> int:
@@ -110,7 +86,7 @@ def cmd_demo(ns) -> int:
 
 
 def cmd_inspect(ns) -> int:
-    from dpo_ray.inspect import run_inspect
+    from dpo_ray.preflight import run_inspect
 
     cfg = _resolve(ns)
     return run_inspect(cfg, report_dir=ns.report_dir, max_rows=ns.max_rows)

@@ -18,20 +18,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dpo_ray.data.checks import INSPECT_CHECKS
+from dpo_ray.errors import ConfigError
 from dpo_ray.losses import F_DIVERGENCES, LOSS_ALIASES, LOSSES, LossParams, canonical_loss_name
 
 TruncationMode = Literal["keep_start", "keep_end"]
 ReferenceSource = Literal["actor", "local", "precomputed", "adapter_off", "ref_adapter", "none"]
 SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
-
-
-class ConfigError(ValueError):
-    """Invalid configuration. ``problems`` is a list of (key, message) pairs."""
-
-    def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = problems
-        lines = [f"  - {key}: {msg}" for key, msg in problems]
-        super().__init__(f"{len(problems)} configuration problem(s):\n" + "\n".join(lines))
 
 
 class _RuleViolations(Exception):
@@ -105,24 +98,6 @@ class DeepSpeedConfig(_Section):
 
 
 InspectLevel = Literal["error", "warn", "off"]
-
-# `dpo-ray inspect-data` checks (docs/inspect.md): name -> (default level, default max_fraction, meaning).
-# A check fires when the fraction of rows it finds exceeds max_fraction (0.0: any row). One table: the
-# inspect section validates its keys against it and dpo_ray.inspect runs exactly these checks.
-INSPECT_CHECKS: dict[str, tuple[str, float, str]] = {
-    "bad_rows_raise": ("error", 0.0, "bad rows while on_bad_row is raise: training would stop at the first"),
-    "dropped_rows": ("error", 0.05, "rows the pipeline drops (bad rows under skip, prompt fills max_length)"),
-    "identical_pairs": ("error", 0.0, "chosen identical to rejected: the pair teaches nothing"),
-    "whitespace_identical_pairs": ("warn", 0.0, "chosen and rejected differ only in whitespace"),
-    "prompt_not_prefix": ("error", 0.01, "the tokenized prompt is not a prefix of the tokenized prompt+completion"),
-    "doubled_bos": ("warn", 0.0, "a sequence starts with two BOS tokens"),
-    "doubled_eos": ("warn", 0.0, "a sequence ends with two EOS tokens"),
-    "missing_eos": ("warn", 0.0, "a completion does not end with EOS"),
-    "missing_generation_prompt": ("warn", 0.0, "the chat template renders the same prompt with and without "
-                                               "add_generation_prompt"),
-    "truncated_rows": ("warn", 0.20, "rows max_length truncates"),
-}
-
 
 class InspectConfig(_Section):
     """Levels and thresholds of `dpo-ray inspect-data` (docs/inspect.md lists the checks)."""

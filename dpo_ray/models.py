@@ -36,13 +36,25 @@ def model_dtype(cfg: DPOConfig, on_gpu: bool) -> torch.dtype | str:
     return torch.float32
 
 
+def quantization_config(cfg: DPOConfig):
+    """QLoRA's 4-bit base (bitsandbytes NF4, bf16 compute). GPU only: a clear error elsewhere."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on "
+                           "CPU. Drop load_in_4bit, or run on GPU workers (ray.use_gpu: true).")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise RuntimeError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from e
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def from_pretrained_kwargs(cfg: DPOConfig, on_gpu: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": model_dtype(cfg, on_gpu), "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.load_in_4bit:
-        from dpo_ray.peft_utils import quantization_config
-
         kwargs["quantization_config"] = quantization_config(cfg)
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     kwargs.update(cfg.model_init_kwargs)

@@ -8,22 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpo_ray.cluster import cluster_has_gpu, init_ray, worker_env, worker_resources
 from dpo_ray.config import DPOConfig
-
-WORKER_ENV = {
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "RAY_TRAIN_V2_ENABLED": "1",
-}
 
 
 @dataclass
@@ -35,45 +27,6 @@ class TrainOutput:
     report: dict[str, Any]
     output_dir: str
     eval_metrics: dict[str, float] = field(default_factory=dict)
-
-
-def init_ray(cfg: DPOConfig) -> None:
-    """Join ``ray.address`` / RAY_ADDRESS when given; otherwise start an in-process local Ray.
-
-    A local Ray gets more logical CPUs than cores (2× cores, at least 8): workers, reference actors and
-    Ray Data tasks request fractions, and on a 2-core box exact accounting starves Ray Data (FACTS).
-    """
-    import ray
-    import ray.data
-
-    # Ray Data's per-operator progress bars drown the metrics table in a terminal; the table is the UI.
-    data_ctx = ray.data.DataContext.get_current()
-    data_ctx.enable_progress_bars = os.environ.get("DPO_RAY_DATA_PROGRESS", "0") == "1"
-    data_ctx.print_on_execution_start = False
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {**WORKER_ENV, **cfg.ray.runtime_env.get("env_vars", {})}
-    runtime_env = {**cfg.ray.runtime_env, "env_vars": env}
-    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if job_config:
-        # Under `ray job submit` Ray merges the job's runtime_env with ours and refuses any key set twice:
-        # the job's settings win, ours fill only what it leaves open.
-        job_env = (json.loads(job_config).get("runtime_env") or {})
-        job_vars = job_env.get("env_vars") or {}
-        runtime_env = {k: v for k, v in runtime_env.items() if k not in job_env or k == "env_vars"}
-        runtime_env["env_vars"] = {k: v for k, v in env.items() if k not in job_vars}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        cpus = cfg.ray.num_cpus or max(8, 2 * (os.cpu_count() or 1))
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
-
-
-def _cluster_has_gpu() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 class DPOTrainer:
@@ -113,13 +66,13 @@ class DPOTrainer:
         init_ray(cfg)
         out = Path(cfg.output_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
-        use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else _cluster_has_gpu()
+        use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else cluster_has_gpu()
 
         tokenizer = self.processing_class or load_processing_class(
             self.model if isinstance(self.model, str) else cfg)
         prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
         if self.mode == "dpo" and prepared.preview_rows and not is_processor(tokenizer):
-            from dpo_ray.inspect import quick_checks
+            from dpo_ray.preflight import quick_checks
 
             for warning in quick_checks(prepared.preview_rows, tokenizer, cfg):  # once per kind
                 print(f"dpo-ray data warning: {warning}", file=sys.stderr)
@@ -169,14 +122,14 @@ class DPOTrainer:
             train_loop_per_worker,
             train_loop_config=loop_config,
             scaling_config=ray.train.ScalingConfig(
-                num_workers=world, use_gpu=use_gpu, resources_per_worker=_worker_resources(cfg, use_gpu),
+                num_workers=world, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg, use_gpu),
                 placement_strategy=cfg.ray.placement_strategy),
             run_config=ray.train.RunConfig(
                 name=cfg.run_name or f"dpo_ray-{self.mode}-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=str(Path(cfg.ray.storage_path or out / "ray_results").resolve()),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.save_total_limit),
-                worker_runtime_env={"env_vars": _worker_env(use_gpu)},
+                worker_runtime_env={"env_vars": worker_env(use_gpu)},
             ),
             datasets=datasets,
         )
@@ -247,21 +200,6 @@ class DPOTrainer:
         return report
 
 
-def _worker_resources(cfg: DPOConfig, use_gpu: bool) -> dict[str, float]:
-    if cfg.ray.resources_per_worker:
-        return dict(cfg.ray.resources_per_worker)
-    return {"CPU": 2, "GPU": 1} if use_gpu else {"CPU": 0.5}
-
-
-def _worker_env(use_gpu: bool) -> dict[str, str]:
-    env = dict(WORKER_ENV)
-    # DPO_RAY_* knobs (thread counts, test hooks) follow the driver to the workers
-    env.update({k: v for k, v in os.environ.items() if k.startswith("DPO_RAY_")})
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
-
-
 def _find_checkpoint(resume, out: Path) -> Path | None:
     """resume_from_checkpoint: a checkpoint directory, or True/'latest' for the newest under output_dir."""
     if not resume:
@@ -296,6 +234,19 @@ def _read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def print_summary(out) -> None:
+    print(f"\n== {out.report['mode']} finished: {out.report['steps']} steps, {out.report['pairs']} "
+          f"{'pairs' if out.report['mode'] == 'dpo' else 'sequences'}, {out.report['tokens']} tokens, "
+          f"{out.report['wall_time_s']} s")
+    rows = {**out.metrics, **out.eval_metrics}
+    for k in sorted(rows):
+        if k != "step" and isinstance(rows[k], (int, float)):
+            print(f"  {k:<28} {rows[k]:.6g}")
+    if out.report.get("data"):
+        print(f"  data: {json.dumps(out.report['data'])}")
+    print(f"  outputs: {out.output_dir} (model, tokenizer, dpo_config.yaml, metrics.jsonl, metrics.png, report.json)")
 
 
 def _apply_peft_config(cfg: DPOConfig, peft_config) -> DPOConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 
-from dpo_ray.vision import VISION_DIR, make_shapes_dataset
+from dpo_ray.vision.tiny import VISION_DIR, make_shapes_dataset
 
 if __name__ == "__main__":
     shutil.rmtree(VISION_DIR, ignore_errors=True)

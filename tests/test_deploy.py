@@ -318,7 +318,7 @@ def test_submit_script_uses_the_jobs_api():
     runtime_env = json.loads(m.group(1))
     assert ".venv" in runtime_env["excludes"] and ".git" in runtime_env["excludes"]
     # Ray refuses to merge a job's runtime_env with the driver's when both set one variable.
-    from dpo_ray.trainer import WORKER_ENV
+    from dpo_ray.cluster import WORKER_ENV
 
     clash = set(runtime_env.get("env_vars", {})) & set(WORKER_ENV)
     assert not clash, f"submit.sh sets {clash}, which dpo_ray's driver sets too: ray.init would fail"

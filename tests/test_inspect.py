@@ -14,10 +14,10 @@ import pytest
 
 from dpo_ray import DPOConfig
 from dpo_ray.data import bundled, load_tokenizer
+from dpo_ray.data.analyze import Analyzer
 from dpo_ray.data.tokenize import RawRow
-from dpo_ray.inspect import quick_checks
-from dpo_ray.inspect.analyze import Analyzer
-from dpo_ray.inspect.report import evaluate
+from dpo_ray.preflight import quick_checks
+from dpo_ray.preflight.report import evaluate
 
 pytestmark = pytest.mark.timeout(300)  # a starved Ray fails instead of hanging
 
@@ -190,7 +190,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def test_report_counts_match_the_rows(ray_local, tmp_path, tok):
-    from dpo_ray.inspect import run_inspect
+    from dpo_ray.preflight import run_inspect
 
     std = read(bundled.TRAIN_FILE, 10)
     a = std + ["{not json", {"prompt": "sort: 1 =", "chosen": " 1"}, {"prompt": "x", "chosen": " 1", "rejected": " 1"}]
@@ -243,7 +243,7 @@ def test_cli_exit_status_gates(ray_local, tmp_path, capsys):
 def test_parameter_count_from_a_config_without_weights(tmp_path):
     from transformers import LlamaConfig
 
-    from dpo_ray.inspect.report import parameter_count
+    from dpo_ray.preflight.report import parameter_count
 
     LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 vocab_size=32000).save_pretrained(tmp_path)  # Llama-2-7B's shape
@@ -253,7 +253,7 @@ def test_parameter_count_from_a_config_without_weights(tmp_path):
 @pytest.mark.parametrize("bucketing", [False, True])
 def test_padding_estimate_matches_the_training_batches(ray_local, tok, bucketing):
     from dpo_ray.data import build_datasets, iter_train_batches
-    from dpo_ray.inspect.report import padding_report
+    from dpo_ray.preflight.report import padding_report
 
     c = cfg(max_train_samples=600, length_bucketing=bucketing, bucket_size_multiplier=4, dataset_test_split=None)
     batches = iter_train_batches(build_datasets(c, tok).train, c, tok.pad_token_id, batch_size=8, epoch=0, seed=c.seed)

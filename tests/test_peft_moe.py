@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
+from dpo_ray.adapters import wrap_peft
 from dpo_ray.config import DPOConfig
+from dpo_ray.forward import reference_logps, sequence_forward
 from dpo_ray.models import load_causal_lm
-from dpo_ray.peft_utils import wrap_peft
 from dpo_ray.reference.peft_ref import AdapterReference
-from dpo_ray.train.forward import reference_logps, sequence_forward
 from dpo_ray.train.loop import dpo_step
 
 VOCAB = 64

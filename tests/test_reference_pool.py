@@ -15,6 +15,7 @@ import ray
 import torch
 
 from dpo_ray.config import DPOConfig
+from dpo_ray.forward import reference_logps
 from dpo_ray.reference import prefetched
 from dpo_ray.reference.pool import (
     ActorPoolReference,
@@ -22,7 +23,6 @@ from dpo_ray.reference.pool import (
     ReferencePool,
     placement_problem,
 )
-from dpo_ray.train.forward import reference_logps
 
 VOCAB, PAD = 100, 0
 

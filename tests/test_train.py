@@ -127,7 +127,7 @@ def test_saved_model_reproduces_eval_logps(ray_local, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out.output_dir).eval()
     tok = load_tokenizer(out.output_dir)
     batch = collate_pairs(tokenize_rows(eval_rows, tok, cfg), tok.pad_token_id)
-    from dpo_ray.train.forward import sequence_forward
+    from dpo_ray.forward import sequence_forward
 
     with torch.no_grad():
         stats = sequence_forward(model, batch).stats

@@ -1,5 +1,5 @@
 """Vision-language DPO: image rows through the processor, pixels through collate, both reference paths and
-the model, and a 2-worker run on the tiny LLaVA (dpo_ray/vision.py, docs/data.md "Vision-language models")."""
+the model, and a 2-worker run on the tiny LLaVA (dpo_ray/vision/, docs/data.md "Vision-language models")."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 from dpo_ray.config import ConfigError, DPOConfig
 from dpo_ray.data import BadRowError, collate_pairs, load_processing_class, tokenize_rows
 from dpo_ray.data.rows import BadRow
-from dpo_ray.vision import VISION_DIR, VISION_TRAIN_FILE, build_tiny_vlm, image_token_ids, vision_pair
+from dpo_ray.vision import image_token_ids
+from dpo_ray.vision.tiny import VISION_DIR, VISION_TRAIN_FILE, build_tiny_vlm, vision_pair
 
 IMAGE_TOKENS = 16  # 32x32 images in 8x8 patches
 
@@ -134,8 +135,8 @@ def test_keep_start_never_cuts_into_image_tokens(processor):
 
 
 def test_model_loads_as_image_text_to_text_and_uses_the_pixels(vlm_dir, processor):
+    from dpo_ray.forward import reference_logps, sequence_forward
     from dpo_ray.models import load_causal_lm
-    from dpo_ray.train.forward import reference_logps, sequence_forward
 
     model = load_causal_lm(vlm_dir, cfg(), processor)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
@@ -148,10 +149,10 @@ def test_model_loads_as_image_text_to_text_and_uses_the_pixels(vlm_dir, processo
 
 
 def test_both_reference_paths_send_the_pixels(vlm_dir, processor):
+    from dpo_ray.forward import reference_logps
     from dpo_ray.reference import LocalReference
     from dpo_ray.reference.actor import ReferenceModelHost
     from dpo_ray.reference.pool import ActorPoolReference
-    from dpo_ray.train.forward import reference_logps
 
     c = cfg(model_name_or_path=vlm_dir)
     batch = collate_pairs(tokenize_rows(bundled_rows(2), processor, c), processor.tokenizer.pad_token_id)

@@ -1,13 +1,32 @@
-"""``quick_checks``: the inspect-data checks on a handful of rows, in-process, for ``dpo-ray train`` to warn."""
+"""The data checks of `dpo-ray inspect-data` (``INSPECT_CHECKS``), and ``quick_checks``: the same checks on a
+handful of rows, in-process, for ``dpo-ray train`` to warn."""
 
 from __future__ import annotations
 
+from dpo_ray.data.analyze import Analyzer
 from dpo_ray.data.rows import PROMPT_FILLS
 from dpo_ray.data.tokenize import RawRow
-from dpo_ray.inspect.analyze import Analyzer
 
 QUICK_CHECKS = ("doubled_bos", "doubled_eos", "prompt_not_prefix", "identical_pairs", "whitespace_identical_pairs",
                 "missing_eos", "missing_generation_prompt")
+# `dpo-ray inspect-data` checks (docs/inspect.md): name -> (default level, default max_fraction, meaning).
+# A check fires when the fraction of rows it finds exceeds max_fraction (0.0: any row). One table: the
+# config's inspect section validates its keys against it and dpo_ray.preflight runs exactly these checks.
+INSPECT_CHECKS: dict[str, tuple[str, float, str]] = {
+    "bad_rows_raise": ("error", 0.0, "bad rows while on_bad_row is raise: training would stop at the first"),
+    "dropped_rows": ("error", 0.05, "rows the pipeline drops (bad rows under skip, prompt fills max_length)"),
+    "identical_pairs": ("error", 0.0, "chosen identical to rejected: the pair teaches nothing"),
+    "whitespace_identical_pairs": ("warn", 0.0, "chosen and rejected differ only in whitespace"),
+    "prompt_not_prefix": ("error", 0.01, "the tokenized prompt is not a prefix of the tokenized prompt+completion"),
+    "doubled_bos": ("warn", 0.0, "a sequence starts with two BOS tokens"),
+    "doubled_eos": ("warn", 0.0, "a sequence ends with two EOS tokens"),
+    "missing_eos": ("warn", 0.0, "a completion does not end with EOS"),
+    "missing_generation_prompt": ("warn", 0.0, "the chat template renders the same prompt with and without "
+                                               "add_generation_prompt"),
+    "truncated_rows": ("warn", 0.20, "rows max_length truncates"),
+}
+
+
 _HINT = "run `dpo-ray inspect-data` with the same flags for the whole dataset"
 
 
@@ -42,8 +61,6 @@ def _detail(rows) -> str:
 
 
 def _message(name: str, count: int, total: int, ids: list[int], detail: str) -> str:
-    from dpo_ray.config import INSPECT_CHECKS
-
     extra = f" [{detail}]" if detail else ""
     return (f"{name}: {count} of the first {total} rows (rows {', '.join(map(str, ids))}): "
             f"{INSPECT_CHECKS[name][2]}{extra}; {_HINT}")

@@ -24,6 +24,7 @@ from dpo_ray.data.rows import (
     normalize_pair,
     normalize_sft,
 )
+from dpo_ray.errors import ConfigError
 
 MAX_EXAMPLES = 5  # bad-row messages kept per part for the report
 SHAPE_SUFFIX = "_shape"  # a pixel column K is stored flat, with its per-row array shape in K_shape
@@ -105,7 +106,8 @@ class RowProcessor:
         self.pixel_specs: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
         self.image_ids: set[int] = set()
         if self.processor is not None:
-            vision.check_truncation(opts)  # keep_end would cut the prompt's image tokens
+            if opts.truncation_mode == "keep_end":  # keep_end would cut the prompt's image tokens
+                raise ConfigError([("truncation_mode", vision.keep_end_problem())])
             self.image_ids = vision.image_token_ids(self.processor)
             self.pixel_specs = self._probe_pixels()
         self.tok, self.opts, self.source = tokenizer, opts, source
@@ -140,7 +142,7 @@ class RowProcessor:
 
     def _vision_encode(self, ex: Example, texts: list[str], special: bool) -> tuple[list[list[int]], dict]:
         """(ids of [prompt, *prompt+completion] with image tokens expanded, pixel arrays of the row's images)."""
-        from dpo_ray.vision import ImageError, load_images
+        from dpo_ray.vision.images import ImageError, load_images
 
         try:
             images = load_images(ex.images, self._base_dir())
@@ -277,9 +279,9 @@ class RowProcessor:
 
 
 def _has_images(value: Any) -> bool:
-    from dpo_ray.vision import _as_list
+    from dpo_ray.vision.images import as_list
 
-    return bool(_as_list(value))
+    return bool(as_list(value))
 
 
 def schema(names: Iterable[str], pixel_specs: dict | None = None) -> pa.Schema:

@@ -6,7 +6,7 @@ exit status (0 clean, 1 when a check at error level fires). ``quick_checks(rows,
 same checks in-process on a few rows, for ``dpo-ray train`` to warn about. docs/inspect.md has the details.
 """
 
-from dpo_ray.inspect.quick import quick_checks
-from dpo_ray.inspect.run import inspect_data, run_inspect
+from dpo_ray.data.checks import quick_checks
+from dpo_ray.preflight.run import inspect_data, run_inspect
 
 __all__ = ["inspect_data", "quick_checks", "run_inspect"]

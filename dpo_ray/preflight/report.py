@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from dpo_ray.config import INSPECT_CHECKS
+from dpo_ray.data.analyze import Hits, Piece
 from dpo_ray.data.batching import SHUFFLE_POOL_BATCHES
+from dpo_ray.data.checks import INSPECT_CHECKS
 from dpo_ray.data.rows import BAD_ROW_KINDS, PROMPT_FILLS
-from dpo_ray.inspect.analyze import Hits, Piece
 
 REPORT_VERSION = 1
 LENGTH_KEYS = ("prompt", "chosen", "rejected", "sequence")

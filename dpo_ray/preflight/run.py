@@ -17,11 +17,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from dpo_ray.data.analyze import Analyzer, Piece
 from dpo_ray.data.pipeline import DATA_TASK_CPUS, PIECE_ROWS, PREFLIGHT_ROWS, _Source, _sources
 from dpo_ray.data.sources import Chunk, DataSourceError, iter_chunk
 from dpo_ray.data.tokenize import RawRow
-from dpo_ray.inspect.analyze import Analyzer, Piece
-from dpo_ray.inspect.report import build_report, format_console, parameter_count, write_report
+from dpo_ray.preflight.report import build_report, format_console, parameter_count, write_report
 
 
 def _encode(piece: Piece) -> pa.Table:
@@ -169,7 +169,7 @@ def run_inspect(cfg, report_dir: str | Path | None = None, max_rows: int | None 
     """``dpo-ray inspect-data``: print the report, write JSON + PNGs to ``report_dir`` (default
     ``<output_dir>/data_report``), return 0 when clean and 1 when an error-level check fires or the
     pipeline itself cannot read the data."""
-    from dpo_ray.trainer import init_ray
+    from dpo_ray.cluster import init_ray
 
     init_ray(cfg)
     try:

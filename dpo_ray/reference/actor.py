@@ -86,7 +86,7 @@ class ReferenceModelHost:
         self.model: nn.Module = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.version = 0
         self.forwards = 0
-        from dpo_ray.train.forward import PrefixSharing
+        from dpo_ray.forward import PrefixSharing
 
         self.sharing = PrefixSharing(self.cfg.prefix_sharing, "reference")
         self._delay = delay_s
@@ -96,7 +96,7 @@ class ReferenceModelHost:
     def logps(self, request_id: Any, batch: Mapping[str, Tensor], ld_alpha: float | None = None
               ) -> tuple[Any, int, Tensor, Tensor]:
         """(request_id, weights_version, ref_chosen (B,), ref_rejected (B,)) for a collated pair batch."""
-        from dpo_ray.train.forward import reference_logps
+        from dpo_ray.forward import reference_logps
 
         if self._delay is not None:
             time.sleep(self._rng.uniform(*self._delay))

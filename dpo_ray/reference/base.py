@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from dpo_ray.train.forward import PrefixSharing, reference_logps
+from dpo_ray.forward import PrefixSharing, reference_logps
 from dpo_ray.vision import PIXEL_KEYS
 
 

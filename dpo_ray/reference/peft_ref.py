@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dpo_ray.config import DPOConfig
-from dpo_ray.train.forward import PrefixSharing, reference_logps
+from dpo_ray.forward import PrefixSharing, reference_logps
 
 
 class AdapterReference:

@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 
 from dpo_ray.config import DPOConfig, deepspeed_config
+from dpo_ray.forward import PrefixSharing, sequence_forward
 from dpo_ray.losses import PairLogps, batch_metrics, dpo_loss, moe_aux_loss
 from dpo_ray.models import frozen_copy, load_causal_lm, prepare_policy
-from dpo_ray.train.forward import PrefixSharing, sequence_forward
 from dpo_ray.train.metrics import MetricAccumulator
 from dpo_ray.train.schedule import lr_lambda, warmup_steps
 from dpo_ray.vision import text_tokenizer
@@ -298,7 +298,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         hf_ds_keepalive = HfDeepSpeedConfig(deepspeed_config(cfg, world, on_gpu))  # noqa: F841
     model = load_causal_lm(model_source, cfg, tokenizer, on_gpu=on_gpu)
     if cfg.use_peft or cfg.peft_adapter_path:
-        from dpo_ray.peft_utils import wrap_peft
+        from dpo_ray.adapters import wrap_peft
 
         model = wrap_peft(model, cfg)
     prepare_policy(model, cfg)
@@ -516,7 +516,7 @@ def save_model(engine, cfg: DPOConfig, tokenizer, rank: int) -> None:
         return
     module = engine.module
     if cfg.use_peft or cfg.peft_adapter_path:
-        from dpo_ray.peft_utils import save_peft
+        from dpo_ray.adapters import save_peft
 
         save_peft(module, cfg, out, state_dict)
     else:

@@ -1,142 +1,21 @@
-"""Vision-language DPO: image decoding, processor helpers, and the tiny LLaVA built offline (docs/data.md).
-
-Rows carry an ``images`` column; an ``AutoProcessor`` replaces the tokenizer: its chat template writes an
-image placeholder, the processor expands it to the model's image-token count and returns the pixel inputs
-(``PIXEL_KEYS``) that travel with the row to the model. No Ray, torch or transformers at import time (the
-config and the forward import this module).
+"""The tiny LLaVA and the shape-colour image set, built offline for tests and examples (docs/data.md).
 
     python -m dpo_ray.vision OUT_DIR      # the tiny VLM + processor, save_pretrained into OUT_DIR
 """
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from pathlib import Path
-from typing import Any
 
-# Model inputs besides the text that a processor may return; collate and both reference paths pass exactly
-# these through (docs/CONTRACTS.md).
-PIXEL_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask")
-IMAGE_TOKEN = "<image>"
-VISION_DIR = Path(__file__).parent / "assets" / "vision"
+from dpo_ray.data.bundled import TOKENIZER_DIR
+from dpo_ray.vision import IMAGE_TOKEN
+
+VISION_DIR = Path(__file__).parent.parent / "assets" / "vision"
 VISION_TRAIN_FILE = VISION_DIR / "train.jsonl"
-VISION_TEST_FILE = VISION_DIR / "test.jsonl"
-_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
-# ------------------------------------------------------------------------------------------ detection
-def is_processor(obj: Any) -> bool:
-    """A multimodal processor (image processor + tokenizer), as opposed to a plain tokenizer."""
-    return getattr(obj, "image_processor", None) is not None and getattr(obj, "tokenizer", None) is not None
-
-
-def text_tokenizer(obj: Any):
-    """The tokenizer inside a processor, or the tokenizer itself."""
-    return obj.tokenizer if is_processor(obj) else obj
-
-
-def is_vision_config(config: Any) -> bool:
-    """A transformers config of an image-text-to-text model (it nests a vision tower's config)."""
-    return getattr(config, "vision_config", None) is not None
-
-
-def is_vision_model_dir(path: Any) -> bool:
-    """``path`` is a model directory whose config.json describes a vision-language model (JSON only)."""
-    if not path:
-        return False
-    f = Path(str(path)) / "config.json"
-    try:
-        return f.is_file() and json.loads(f.read_text()).get("vision_config") is not None
-    except (OSError, ValueError):
-        return False
-
-
-def has_processor(path: Any) -> bool:
-    return bool(path) and Path(str(path)).is_dir() and any((Path(str(path)) / f).exists() for f in _PROCESSOR_FILES)
-
-
-def keep_end_problem() -> str:
-    return ("keep_end cuts tokens from the front of the sequence, which would drop the prompt's image tokens "
-            "while their pixel inputs stay; vision-language models need truncation_mode: keep_start (rows whose "
-            "prompt and image tokens do not fit max_length are dropped and counted) or a larger max_length")
-
-
-def check_truncation(cfg) -> None:
-    """Refuse keep_end for a vision processor, naming the key (the driver's check before any worker starts)."""
-    if cfg.truncation_mode == "keep_end":
-        from dpo_ray.config import ConfigError
-
-        raise ConfigError([("truncation_mode", keep_end_problem())])
-
-
-def image_token_ids(processor) -> set[int]:
-    """Ids of the tokens that stand for image features (never completion tokens)."""
-    tok = text_tokenizer(processor)
-    ids = {getattr(processor, "image_token_id", None)}
-    for name in ("image_token", "boi_token", "eoi_token"):
-        t = getattr(processor, name, None)
-        if isinstance(t, str) and t in tok.get_vocab():
-            ids.add(tok.convert_tokens_to_ids(t))
-    return {i for i in ids if isinstance(i, int)}
-
-
-# ------------------------------------------------------------------------------------------ images
-class ImageError(ValueError):
-    """An image that cannot be read; the message names the item (and its file)."""
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if hasattr(value, "tolist") and not isinstance(value, (bytes, bytearray)) and getattr(value, "ndim", 0) == 1:
-        return list(value)  # a numpy object array from Arrow
-    return [value]
-
-
-def load_images(value: Any, base_dir: str | Path | None = None) -> list:
-    """The ``images`` column of one row -> RGB PIL images.
-
-    Items: a PIL image, a path (relative paths resolve against ``base_dir``, the data file's directory, then
-    the working directory), encoded bytes, or a ``{"bytes", "path"}`` dict (datasets' Image feature).
-    Raises ``ImageError`` naming the item and the file.
-    """
-    from PIL import Image
-
-    out = []
-    for i, item in enumerate(_as_list(value)):
-        what = f"images[{i}]"
-        if isinstance(item, dict):
-            item = item.get("bytes") or item.get("path")
-        try:
-            if isinstance(item, Image.Image):
-                img = item
-            elif isinstance(item, (bytes, bytearray, memoryview)):
-                what += " (bytes)"
-                img = Image.open(io.BytesIO(bytes(item)))
-            elif isinstance(item, (str, Path)):
-                path = Path(item).expanduser()
-                if not path.is_absolute() and base_dir is not None and (Path(base_dir) / path).exists():
-                    path = Path(base_dir) / path
-                what += f" file {str(path)!r}"
-                if not path.is_file():
-                    where = f" (relative paths resolve against {base_dir} and the working directory)" if base_dir else ""
-                    raise ImageError(f"{what} not found{where}")
-                img = Image.open(path)
-            else:
-                raise ImageError(f"{what} should be a path, bytes or a PIL image, got {type(item).__name__}")
-            out.append(img.convert("RGB"))  # forces the decode: a truncated file fails here, not in a worker
-        except ImageError:
-            raise
-        except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-            raise ImageError(f"{what} is not a readable image ({type(e).__name__}: {e})") from None
-    return out
-
-
-# ------------------------------------------------------------------------------------------ the tiny VLM
 VISION_WORDS = ["what", "colour", "is", "the", "shape", "circle", "square", "triangle",
                 "red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
@@ -160,8 +39,6 @@ TINY_VLM = dict(image_size=32, patch_size=8, vision_hidden=32, text_hidden=64, t
 def _tiny_tokenizer(out_dir: Path):
     """The bundled WordLevel tokenizer plus the task's words and an ``<image>`` special token."""
     from transformers import AutoTokenizer
-
-    from dpo_ray.data.bundled import TOKENIZER_DIR
 
     spec = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
@@ -261,11 +138,3 @@ def make_shapes_dataset(out_dir: str | Path = VISION_DIR, n_train: int = 128, n_
     for fname, part in (("train.jsonl", rows[:n_train]), ("test.jsonl", rows[n_train:])):
         (out / fname).write_text("".join(json.dumps(r) + "\n" for r in part))
     return out
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m dpo_ray.vision OUT_DIR   (writes the tiny VLM and its processor)")
-    print(build_tiny_vlm(sys.argv[1]))
