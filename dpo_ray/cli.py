@@ -20,6 +20,7 @@ from dpo_ray.config import (
     load_config,
     overrides_from_args,
 )
+from dpo_ray.paths import check_paths, resolve_config_paths
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,11 +53,13 @@ def _resolve(ns: argparse.Namespace, extra: dict[str, Any] | None = None) -> DPO
     for src in (extra or {}), overrides:
         for k, v in src.items():
             merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
-    return load_config(ns.config, merged)
+    # Relative paths (flags and the YAML file alike) are the working directory's: absolute from here on.
+    return resolve_config_paths(load_config(ns.config, merged))
 
 
 def cmd_validate(ns) -> int:
     cfg = _resolve(ns)
+    check_paths(cfg)
     world = ns.world_size or cfg.ray.num_workers
     print("# resolved DPOConfig")
     print(cfg.to_yaml())

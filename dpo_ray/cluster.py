@@ -9,6 +9,8 @@ import json
 import os
 
 from dpo_ray.config import DPOConfig
+from dpo_ray.errors import ConfigError
+from dpo_ray.paths import local_inputs
 
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -71,3 +73,62 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return env
+
+
+def _probe(paths: dict[str, str], marker: str | None) -> dict[str, bool]:
+    """On one node: which of ``paths`` (globs allowed) exist, and whether the driver's marker file is visible."""
+    import glob as glob_
+
+    seen = {key: bool(glob_.glob(p)) or os.path.exists(p) for key, p in paths.items()}
+    if marker is not None:
+        seen["output_dir"] = os.path.exists(marker)
+    return seen
+
+
+def paths_missing_on_nodes(paths: dict[str, str], output_dir: str | None = None,
+                           timeout_s: float = 120.0) -> list[tuple[str, str]]:
+    """(key, message) for each local path some alive node of the cluster cannot see.
+
+    Runs a zero-CPU probe task pinned to every alive node. ``output_dir``: the driver writes a marker file there
+    first, so a directory that exists on every node but is not *shared* (each node its own disk) is caught too:
+    rank 0 and the checkpoints may land on another node than the driver. One node: nothing to check.
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2 or not (paths or output_dir):
+        return []
+    marker = None
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        marker = os.path.join(output_dir, f".dpo_ray_node_check_{uuid.uuid4().hex}")
+        open(marker, "w").close()
+    probe = ray.remote(num_cpus=0)(_probe)
+    try:
+        refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(paths, marker) for n in nodes}
+        results = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
+    finally:
+        if marker is not None:
+            os.unlink(marker)
+    where = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in nodes}
+    problems = []
+    for key in [*paths, *(["output_dir"] if marker else [])]:
+        blind = [f"{node[:8]} ({where[node]})" for node, seen in results.items() if not seen[key]]
+        if blind:
+            value = output_dir if key == "output_dir" else paths[key]
+            what = "is not shared with" if key == "output_dir" else "does not exist on"
+            problems.append((key, f"{value} {what} node(s) {', '.join(blind)}: workers, reference actors and data "
+                                  "tasks run on every node. Put it on storage every node mounts (NFS, a "
+                                  "Kubernetes PVC: deploy/pvc.yaml) and give that path"))
+    return problems
+
+
+def check_nodes_see_paths(cfg: DPOConfig) -> None:
+    """On a multi-node cluster, fail before training when a local input or output_dir is not on every node."""
+    problems = paths_missing_on_nodes(local_inputs(cfg), cfg.output_dir)
+    if problems:
+        raise ConfigError(problems)

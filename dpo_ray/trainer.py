@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo_ray.cluster import cluster_has_gpu, init_ray, worker_env, worker_resources
+from dpo_ray.cluster import check_nodes_see_paths, cluster_has_gpu, init_ray, worker_env, worker_resources
 from dpo_ray.config import DPOConfig
+from dpo_ray.paths import check_paths, resolve_config_paths
 
 
 @dataclass
@@ -40,9 +42,19 @@ class DPOTrainer:
 
     def __init__(self, model=None, ref_model=None, args: DPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, peft_config=None, mode: str = "dpo"):
-        self.args = args or DPOConfig()
         if mode not in ("dpo", "sft"):
             raise ValueError(f"mode={mode!r}: choose 'dpo' or 'sft'")
+        args = args or DPOConfig()
+        # A model or reference given as a path is the config's path (one place to resolve and check it).
+        if isinstance(model, (str, os.PathLike)):
+            args = DPOConfig(**{**args.model_dump(), "model_name_or_path": str(model)})
+            model = None
+        if isinstance(ref_model, (str, os.PathLike)):
+            dump = args.model_dump()
+            args = DPOConfig(**{**dump, "reference": {**dump["reference"], "model_name_or_path": str(ref_model)}})
+            ref_model = None
+        # Relative paths are the working directory's, here on the driver; workers get absolute ones.
+        self.args = resolve_config_paths(args)
         self.mode = mode
         self.model = model if model is not None else self.args.model_name_or_path
         self.ref_model = ref_model
@@ -63,7 +75,9 @@ class DPOTrainer:
 
         cfg = self.args
         t0 = time.perf_counter()
+        check_paths(cfg)  # before Ray starts: a missing model directory fails here, once, naming the key
         init_ray(cfg)
+        check_nodes_see_paths(cfg)
         out = Path(cfg.output_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
         use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else cluster_has_gpu()
