@@ -29,6 +29,7 @@ class SeqStats:
     num_tokens: completion tokens scored. nll_mean: plain (not LD-weighted) mean token NLL; grad.
     mean_logit: mean over vocab and completion tokens of the logits; detached.
     entropy: mean over completion tokens of the next-token entropy; detached.
+    num_correct: completion tokens whose label is the argmax of their logits (mean_token_accuracy); detached.
     logps_shared / logps_tail: LD-DPO's split at the shorter completion's length (only with ld_alpha).
     wpo_logw: WPO's length-normalised, distribution-adjusted log-prob (only when asked); detached.
     """
@@ -38,6 +39,7 @@ class SeqStats:
     nll_mean: Tensor
     mean_logit: Tensor
     entropy: Tensor
+    num_correct: Tensor | None = None
     logps_shared: Tensor | None = None
     logps_tail: Tensor | None = None
     wpo_logw: Tensor | None = None
@@ -47,7 +49,8 @@ class SeqStats:
 
 def _chunk_stats(logits: Tensor, labels: Tensor, want_wpo: bool) -> tuple[Tensor, ...]:
     """(c, V) any float dtype, (c,) -> per-token float32 (c,) each: label log-prob (grad), and
-    detached entropy, mean logit and WPO-adjusted log-prob (None unless want_wpo)."""
+    detached entropy, mean logit, whether the label is the argmax (1.0/0.0; the first maximum on ties,
+    as TRL's is_top1) and WPO-adjusted log-prob (None unless want_wpo)."""
     # log-softmax in float32: bf16 log-probs drift by ~1e-2 summed over 2k tokens
     lg = logits.float()
     lse = torch.logsumexp(lg, dim=-1)  # (c,)
@@ -56,12 +59,13 @@ def _chunk_stats(logits: Tensor, labels: Tensor, want_wpo: bool) -> tuple[Tensor
         lg, lse = lg.detach(), lse.detach()
         entropy = lse - (torch.softmax(lg, dim=-1) * lg).sum(-1)  # -Σ p·log p = lse - Σ p·logit
         mean_logit = lg.mean(-1)
+        correct = (lg.argmax(-1) == labels).float()
         wpo = None
         if want_wpo:
             # WPO (arXiv 2406.11827; TRL use_weighting): log p(y_t) - log Σ_v p(v)², with
             # log Σ_v p(v)² = logsumexp_v(2·log_softmax) = logsumexp(2·logits) - 2·lse.
             wpo = label_logp.detach() - (torch.logsumexp(2 * lg, dim=-1) - 2 * lse)
-    return label_logp, entropy, mean_logit, wpo
+    return label_logp, entropy, mean_logit, correct, wpo
 
 
 def _score_positions(
@@ -71,11 +75,12 @@ def _score_positions(
     labels: Tensor,
     chunk: int,
     want_wpo: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Score M flat positions, ``chunk`` at a time.
 
     ``logits_at(idx, *sources)`` returns the (c, V) logits of positions ``idx`` (c,). Returns the
-    label log-probs (M,) with grad, and detached entropy (M,), mean logit (M,), WPO (M,) or None.
+    label log-probs (M,) with grad, and detached entropy (M,), mean logit (M,), argmax-is-label (M,),
+    WPO (M,) or None.
     """
     def run(idx: Tensor, lab: Tensor, *src: Tensor) -> tuple[Tensor, ...]:
         return _chunk_stats(logits_at(idx, *src), lab, want_wpo)
@@ -88,9 +93,10 @@ def _score_positions(
         parts.append(checkpoint(run, *args, use_reentrant=False) if needs_grad else run(*args))
     if not parts:  # no completion tokens at all
         empty = sources[0].new_zeros(0, dtype=torch.float32)
-        return empty, empty, empty, (empty if want_wpo else None)
-    logps, ents, means, wpos = zip(*parts)
-    return torch.cat(logps), torch.cat(ents), torch.cat(means), (torch.cat(wpos) if want_wpo else None)
+        return empty, empty, empty, empty, (empty if want_wpo else None)
+    logps, ents, means, correct, wpos = zip(*parts)
+    return (torch.cat(logps), torch.cat(ents), torch.cat(means), torch.cat(correct),
+            torch.cat(wpos) if want_wpo else None)
 
 
 # ----------------------------------------------------------------------------- per-sequence reduction
@@ -119,6 +125,7 @@ def _reduce(
     token_logps: Tensor,
     entropy: Tensor,
     mean_logit: Tensor,
+    correct: Tensor,
     wpo: Tensor | None,
     mask: Tensor,
     ld_alpha: float | None,
@@ -134,6 +141,7 @@ def _reduce(
         nll_mean=-plain / denom,
         mean_logit=_scatter(mean_logit, mask).sum(-1) / denom,
         entropy=_scatter(entropy, mask).sum(-1) / denom,
+        num_correct=_scatter(correct, mask).sum(-1),
         wpo_logw=_scatter(wpo, mask).sum(-1) / denom if wpo is not None else None,
     )
     if ld_alpha is not None:
@@ -174,9 +182,8 @@ def completion_logps(
         rows, cols = mask.nonzero(as_tuple=True)  # (M,)
         score_index = rows * logits.shape[1] + cols  # flat index of the scoring logits (position t-1)
     flat = logits.reshape(-1, v)
-    tok, ent, mean, wpo = _score_positions(lambda idx, lg: lg[idx], (flat,), score_index, labels[mask],
-                                           chunk_tokens, want_wpo)
-    return _reduce(tok, ent, mean, wpo, mask, ld_alpha)
+    per_token = _score_positions(lambda idx, lg: lg[idx], (flat,), score_index, labels[mask], chunk_tokens, want_wpo)
+    return _reduce(*per_token, mask, ld_alpha)
 
 
 def completion_logps_from_hidden(
@@ -204,6 +211,6 @@ def completion_logps_from_hidden(
         flat = hidden.reshape(-1, hidden.shape[-1])[score_index]
     sources = (flat, lm_head_weight) if lm_head_bias is None else (flat, lm_head_weight, lm_head_bias)
     positions = torch.arange(flat.shape[0], device=flat.device)
-    tok, ent, mean, wpo = _score_positions(lambda idx, x, *head: F.linear(x[idx], *head), sources, positions,
-                                           labels[mask], chunk_tokens, want_wpo)
-    return _reduce(tok, ent, mean, wpo, mask, ld_alpha)
+    per_token = _score_positions(lambda idx, x, *head: F.linear(x[idx], *head), sources, positions,
+                                 labels[mask], chunk_tokens, want_wpo)
+    return _reduce(*per_token, mask, ld_alpha)

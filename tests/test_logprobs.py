@@ -35,15 +35,16 @@ def naive(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict[s
     n = m.sum(-1)
     ent = -(logp_all.exp() * logp_all).sum(-1)
     wpo = tok - torch.logsumexp(2 * logp_all, -1)
+    correct = (lg.argmax(-1) == labels).double()
     return {
         "tok": tok * m, "logps": (tok * m).sum(-1), "num_tokens": n, "nll_mean": -(tok * m).sum(-1) / n,
         "entropy": (ent * m).sum(-1) / n, "mean_logit": (lg.mean(-1) * m).sum(-1) / n,
-        "wpo_logw": (wpo * m).sum(-1) / n,
+        "wpo_logw": (wpo * m).sum(-1) / n, "num_correct": (correct * m).sum(-1),
     }
 
 
 def check(stats: SeqStats, want: dict, rtol: float, atol: float = 1e-5):
-    for key in ("logps", "num_tokens", "nll_mean", "entropy", "mean_logit"):
+    for key in ("logps", "num_tokens", "nll_mean", "entropy", "mean_logit", "num_correct"):
         got = getattr(stats, key)
         assert got.dtype == torch.float32 and got.shape == (N,), key
         torch.testing.assert_close(got.double(), want[key], rtol=rtol, atol=atol, msg=key)
@@ -119,7 +120,7 @@ def test_hidden_path_equals_logits_path(bias):
     full = completion_logps(torch.nn.functional.linear(hidden, weight, b), ids, mask, **kw)
     lean = completion_logps_from_hidden(hidden, weight, ids, mask, lm_head_bias=b, chunk_tokens=5, **kw)
     for key in ("logps", "num_tokens", "nll_mean", "mean_logit", "entropy", "logps_shared", "logps_tail",
-                "wpo_logw"):
+                "wpo_logw", "num_correct"):
         torch.testing.assert_close(getattr(lean, key), getattr(full, key), rtol=1e-5, atol=1e-5, msg=key)
     for g_lean, g_full in zip(grads(lean), grads(full)):
         torch.testing.assert_close(g_lean, g_full, rtol=1e-5, atol=1e-5)
@@ -212,3 +213,23 @@ def test_wpo_and_entropy_on_a_hand_example():
         torch.testing.assert_close(s.wpo_logw, torch.tensor([want]).log())
         torch.testing.assert_close(s.entropy, torch.tensor([0.562335]))
         torch.testing.assert_close(s.mean_logit, torch.tensor([0.549306]))
+        assert s.num_correct.item() == float(label == 1)  # label 1 is the argmax
+
+
+def test_num_correct_counts_argmax_hits_on_completion_tokens_only():
+    """Row 0 scores 3 completion tokens (positions 2-4): logits at 1 and 3 put the max on the label, at 2
+    on another token; the prompt position 0 hits too but is not a completion token. A tie counts for the
+    first maximal index only (TRL's is_top1): the tie at position 3 of row 1 is won by token 0, not the label 2."""
+    v = 5
+    ids = torch.tensor([[1, 2, 3, 4, 0], [0, 1, 2, 3, 2]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
+    logits = torch.zeros(2, 5, v)
+    logits[0, 0, 2] = logits[0, 1, 3] = logits[0, 3, 0] = 5.0  # hits at positions 1 and 3 score tokens 3 and 0
+    logits[0, 2, 1] = 5.0  # position 2 scores token 4 but puts the max on 1: a miss
+    logits[1, 2, 3] = 5.0  # hit (scores token 3)
+    logits[1, 3, 0] = logits[1, 3, 2] = 5.0  # tie between 0 and 2; the label 2 loses it
+    for fn in (completion_logps, lambda *a: completion_logps(*a, chunk_tokens=1)):
+        s = fn(logits, ids, mask)
+        torch.testing.assert_close(s.num_correct, torch.tensor([2.0, 1.0]))
+        torch.testing.assert_close(s.num_tokens, torch.tensor([3.0, 2.0]))
+        assert not s.num_correct.requires_grad
