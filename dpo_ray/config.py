@@ -183,8 +183,8 @@ class DPOConfig(BaseModel):
     rpo_alpha: float | None = Field(None, description="RPO: adds rpo_alpha × chosen NLL")
     use_weighting: bool = Field(False, description="WPO: weight each pair by its policy probability (no gradient through the weight)")
     ld_alpha: float | None = Field(None, description="LD-DPO: weight of tokens past the shorter completion's length, in [0, 1]")
-    f_divergence_type: str = Field("reverse_kl", description="reverse_kl | forward_kl | js_divergence | alpha_divergence (margin losses only)")
-    f_alpha_divergence_coef: float = Field(1.0, gt=0, description="α of alpha_divergence")
+    f_divergence_type: str = Field("reverse_kl", description="reverse_kl | forward_kl | js_divergence | alpha_divergence (with sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft, as TRL)")
+    f_alpha_divergence_coef: float = Field(0.5, description="α of alpha_divergence, score (t^(α-1) - 1)/(α-1) as TRL 1.x; α = 1 is reverse KL, α = 0 forward KL; a pre-1.0 α is 1 - α here")
     discopop_tau: float = Field(0.05, gt=0, description="τ of the discopop loss")
     reference_free: bool = Field(False, description="TRL spelling of reference.source: none")
     precompute_ref_log_probs: bool = Field(False, description="TRL spelling of reference.source: precomputed")
@@ -336,11 +336,12 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
     if c.f_divergence_type not in F_DIVERGENCES:
         p.append(("f_divergence_type", f"{c.f_divergence_type!r} is not one of {', '.join(F_DIVERGENCES)}"))
     elif c.f_divergence_type != "reverse_kl":
-        bad = [n for n in names if not LOSSES[n].uses_margin and n != "sft"]
+        bad = [n for n in names if not LOSSES[n].takes_f_divergence]
         if bad:
-            ok = sorted(n for n, s in LOSSES.items() if s.uses_margin)
-            p.append(("f_divergence_type", f"{c.f_divergence_type} replaces the margin d, which {', '.join(bad)} "
-                                           f"do(es) not use; use it only with {', '.join(ok)} (or sft)"))
+            ok = sorted(n for n, s in LOSSES.items() if s.takes_f_divergence)
+            p.append(("f_divergence_type", f"{c.f_divergence_type} replaces the log-ratios by f-divergence scores, "
+                                           f"which has no valid form for {', '.join(bad)} (as in TRL); use it only "
+                                           f"with {', '.join(ok)}, or f_divergence_type reverse_kl"))
     if c.use_weighting and {"aot", "aot_unpaired"} & set(names):
         p.append(("use_weighting", "WPO weights are per pair, but aot/aot_unpaired sort pairs across the batch; "
                                    "turn off use_weighting or choose another loss"))

@@ -24,8 +24,13 @@ if TYPE_CHECKING:  # logprobs does not import losses; the type is only named her
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
-# exp() of a log-ratio can overflow float32 (88.7); cap its argument as TRL's cap_exp does.
-_EXP_CAP = 50.0
+# exp() of a log-ratio can overflow float32 (88.7); cap its argument. 40, not 50: IPO squares the score, and
+# e^40 squared (5e34) still fits float32. Realistic log-ratios never reach it, so TRL's numbers are unchanged.
+_EXP_CAP = 40.0
+
+# Metric weights for the cross-worker reduction (dpo_ray.train.metrics): the entry METRIC_WEIGHT + name holds
+# how many tokens (or pairs) the metric ``name`` of this micro-batch averages over.
+METRIC_WEIGHT = "weight::"
 
 
 @dataclass
@@ -34,7 +39,8 @@ class PairLogps:
 
     ``*_logps`` are sums of completion-token log-probs (LD-DPO weighted when ``ld_alpha`` is set);
     ``ref_*`` are the reference model's (zeros for a reference-free run); ``*_lengths`` count the
-    completion tokens; ``chosen_nll`` is the plain mean token NLL of the chosen completion (SFT/RPO);
+    scored completion tokens; ``chosen_nll`` is the plain mean token NLL of each chosen completion (SFT/RPO
+    reduce it to one token mean over the batch);
     ``*_wpo_logw`` are WPO's length-normalised, distribution-adjusted log-probs (only with use_weighting).
     """
 
@@ -84,7 +90,7 @@ class LossParams:
     label_smoothing: float = 0.0
     discopop_tau: float = 0.05
     f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 1.0
+    f_alpha_divergence_coef: float = 0.5  # TRL 1.x's α (α = 1: reverse KL; a pre-1.0 α is 1 - α here)
 
 
 @dataclass(frozen=True)
@@ -92,9 +98,9 @@ class LossSpec:
     name: str
     fn: Callable[[PairLogps, LossParams], Tensor]
     doc: str
-    uses_margin: bool = False  # built on d = c - r, so an f-divergence may replace d
+    # built on the chosen/rejected scores, so f_divergence_type may replace the log-ratios (TRL 1.x's set)
+    takes_f_divergence: bool = False
     needs_reference: bool = True
-    pairwise: bool = True  # a preference loss on the pair: WPO's per-pair weight applies to it
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -102,11 +108,11 @@ LOSSES: dict[str, LossSpec] = {}
 LOSS_ALIASES: dict[str, str] = {}
 
 
-def register_loss(name: str, *, uses_margin: bool = False, needs_reference: bool = True,
-                  pairwise: bool = True, aliases: Sequence[str] = ()):
+def register_loss(name: str, *, takes_f_divergence: bool = False, needs_reference: bool = True,
+                  aliases: Sequence[str] = ()):
     def wrap(fn):
-        LOSSES[name] = LossSpec(name, fn, (fn.__doc__ or "").strip().splitlines()[0], uses_margin,
-                                needs_reference, pairwise, tuple(aliases))
+        LOSSES[name] = LossSpec(name, fn, (fn.__doc__ or "").strip().splitlines()[0], takes_f_divergence,
+                                needs_reference, tuple(aliases))
         for alias in aliases:
             LOSS_ALIASES[alias] = name
         return fn
@@ -122,24 +128,31 @@ def _capped_exp(x: Tensor) -> Tensor:
     return torch.exp(torch.clamp(x, max=_EXP_CAP))
 
 
-def margin(p: PairLogps, cfg: LossParams) -> Tensor:
-    """The preference margin d under the configured f-divergence (f-PO, arXiv 2309.16240).
+def f_score(u: Tensor, cfg: LossParams) -> Tensor:
+    """f'(t) at t = e^u for a log-ratio u, under the configured f-divergence (f-DPO, arXiv 2309.16240, as TRL 1.x).
 
-    reverse_kl: c - r (plain DPO); forward_kl: e^{-r} - e^{-c}; js_divergence:
-    (c - r) - (softplus(c) - softplus(r)); alpha_divergence: (e^{-αr} - e^{-αc}) / α.
+    Each f' is shifted so that f'(1) = 0: reverse_kl u; forward_kl 1 - e^{-u}; js_divergence log 2 + logσ(u);
+    alpha_divergence (e^{(α-1)u} - 1)/(α-1), α = f_alpha_divergence_coef, α = 1 being reverse KL (its limit).
+    The shift cancels in d = score(c) - score(r) but not in IPO's and sigmoid_norm's length averages.
     """
-    c, r = p.chosen_logratios, p.rejected_logratios
     kind = cfg.f_divergence_type
     if kind == "reverse_kl":
-        return c - r
+        return u
     if kind == "forward_kl":
-        return _capped_exp(-r) - _capped_exp(-c)
+        return 1 - _capped_exp(-u)
     if kind == "js_divergence":
-        return (c - r) - (F.softplus(c) - F.softplus(r))
+        return math.log(2) + F.logsigmoid(u)
     if kind == "alpha_divergence":
-        a = cfg.f_alpha_divergence_coef
-        return (_capped_exp(-a * r) - _capped_exp(-a * c)) / a
+        a = cfg.f_alpha_divergence_coef - 1.0
+        if abs(a) < 1e-6:  # the α → 1 limit is log t (TRL's cut-off)
+            return u
+        return torch.expm1(torch.clamp(a * u, max=_EXP_CAP)) / a
     raise ValueError(f"f_divergence_type={kind!r} is not one of {F_DIVERGENCES}")
+
+
+def margin(p: PairLogps, cfg: LossParams) -> Tensor:
+    """The preference margin d = score(c) - score(r); plain DPO's c - r under reverse_kl."""
+    return f_score(p.chosen_logratios, cfg) - f_score(p.rejected_logratios, cfg)
 
 
 def _smoothed_sigmoid(z: Tensor, eps: float) -> Tensor:
@@ -147,31 +160,32 @@ def _smoothed_sigmoid(z: Tensor, eps: float) -> Tensor:
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
-@register_loss("sigmoid", uses_margin=True)
+@register_loss("sigmoid", takes_f_divergence=True)
 def sigmoid(p: PairLogps, cfg: LossParams) -> Tensor:
     """-(1-ε)·logσ(βd) - ε·logσ(-βd). DPO (arXiv 2305.18290, eq. 7); cDPO for ε > 0."""
     return _smoothed_sigmoid(cfg.beta * margin(p, cfg), cfg.label_smoothing)
 
 
-@register_loss("hinge", uses_margin=True)
+@register_loss("hinge", takes_f_divergence=True)
 def hinge(p: PairLogps, cfg: LossParams) -> Tensor:
     """relu(1 - βd). SLiC / RSO (arXiv 2309.06657)."""
     return torch.relu(1 - cfg.beta * margin(p, cfg))
 
 
-def _length_averaged_margin(p: PairLogps) -> Tensor:
-    chosen = (p.chosen_logps - p.ref_chosen_logps) / p.chosen_lengths.clamp(min=1)
-    rejected = (p.rejected_logps - p.ref_rejected_logps) / p.rejected_lengths.clamp(min=1)
+def _length_averaged_margin(p: PairLogps, cfg: LossParams) -> Tensor:
+    # the f-divergence scores first, then each side divided by its completion length (TRL's order)
+    chosen = f_score(p.chosen_logratios, cfg) / p.chosen_lengths.clamp(min=1)
+    rejected = f_score(p.rejected_logratios, cfg) / p.rejected_lengths.clamp(min=1)
     return chosen - rejected
 
 
-@register_loss("ipo")
+@register_loss("ipo", takes_f_divergence=True)
 def ipo(p: PairLogps, cfg: LossParams) -> Tensor:
-    """(d̄ - 1/(2β))², d̄ from length-averaged log-ratios. IPO (arXiv 2310.12036, eq. 17)."""
-    return (_length_averaged_margin(p) - 1 / (2 * cfg.beta)) ** 2
+    """(d̄ - 1/(2β))², d̄ from length-averaged log-ratios (scores). IPO (arXiv 2310.12036, eq. 17)."""
+    return (_length_averaged_margin(p, cfg) - 1 / (2 * cfg.beta)) ** 2
 
 
-@register_loss("exo_pair", uses_margin=True)
+@register_loss("exo_pair", takes_f_divergence=True)
 def exo_pair(p: PairLogps, cfg: LossParams) -> Tensor:
     """σ(βd)(logσ(βd) - log(1-ε)) + σ(-βd)(logσ(-βd) - log ε). EXO (arXiv 2402.00856); needs ε > 0."""
     z, eps = cfg.beta * margin(p, cfg), cfg.label_smoothing
@@ -186,7 +200,7 @@ def nca_pair(p: PairLogps, cfg: LossParams) -> Tensor:
     return -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
 
 
-@register_loss("robust", uses_margin=True)
+@register_loss("robust", takes_f_divergence=True)
 def robust(p: PairLogps, cfg: LossParams) -> Tensor:
     """(-(1-ε)·logσ(βd) + ε·logσ(-βd)) / (1-2ε). Robust DPO (arXiv 2403.00409, eq. 8); 0 ≤ ε < ½."""
     z, eps = cfg.beta * margin(p, cfg), cfg.label_smoothing
@@ -238,7 +252,7 @@ def apo_down(p: PairLogps, cfg: LossParams) -> Tensor:
     return torch.sigmoid(cfg.beta * c) + (1 - torch.sigmoid(cfg.beta * (c - r)))
 
 
-@register_loss("discopop", uses_margin=True)
+@register_loss("discopop", takes_f_divergence=True)
 def discopop(p: PairLogps, cfg: LossParams) -> Tensor:
     """(1-w)·(-logσ(m)) + w·exp(-m), m = βd, w = σ(m/τ). DiscoPOP (arXiv 2406.08414)."""
     m = cfg.beta * margin(p, cfg)
@@ -246,26 +260,32 @@ def discopop(p: PairLogps, cfg: LossParams) -> Tensor:
     return (1 - w) * -F.logsigmoid(m) + w * _capped_exp(-m)
 
 
-@register_loss("sft", needs_reference=False, pairwise=False)
+@register_loss("sft", needs_reference=False, takes_f_divergence=True)
 def sft(p: PairLogps, cfg: LossParams) -> Tensor:
-    """Mean NLL of the chosen completion tokens (supervised term; RPO when combined with sigmoid)."""
+    """NLL of the chosen completions as one token mean over the micro-batch, the same for every pair (as TRL).
+
+    Σ_i n_i·nll_i / Σ_i n_i over pairs i with n_i chosen tokens: long completions weigh more than in a mean of
+    per-sequence means. The mean over pairs is that token mean. f_divergence_type does not change it.
+    """
     if p.chosen_nll is None:
         raise ValueError("loss_type 'sft' needs chosen_nll in PairLogps")
-    return p.chosen_nll
+    n = p.chosen_lengths
+    token_mean = (p.chosen_nll * n).sum() / n.sum().clamp(min=1)
+    return token_mean.expand_as(p.chosen_nll)
 
 
-@register_loss("sigmoid_norm")
+@register_loss("sigmoid_norm", takes_f_divergence=True)
 def sigmoid_norm(p: PairLogps, cfg: LossParams) -> Tensor:
-    """-(1-ε)·logσ(βd̄) - ε·logσ(-βd̄) on length-averaged log-ratios d̄."""
-    return _smoothed_sigmoid(cfg.beta * _length_averaged_margin(p), cfg.label_smoothing)
+    """-logσ(βd̄) on length-averaged log-ratios (scores) d̄; ε does not apply (as TRL)."""
+    return -F.logsigmoid(cfg.beta * _length_averaged_margin(p, cfg))
 
 
 def wpo_weights(p: PairLogps) -> Tensor:
-    """WPO (arXiv 2406.11827): min(1, exp(w_c + w_r)), detached; w_* are the length-normalised,
-    distribution-adjusted sequence log-probs from ``logprobs``."""
+    """WPO (arXiv 2406.11827, eq. 2): exp(w_c + w_r), detached and not clamped (as TRL 1.x and the paper);
+    w_* are the length-normalised, distribution-adjusted sequence log-probs from ``logprobs``."""
     if p.chosen_wpo_logw is None or p.rejected_wpo_logw is None:
         raise ValueError("use_weighting needs chosen_wpo_logw / rejected_wpo_logw in PairLogps")
-    return torch.clamp(torch.exp(p.chosen_wpo_logw + p.rejected_wpo_logw), max=1.0).detach()
+    return torch.exp(p.chosen_wpo_logw + p.rejected_wpo_logw).detach()
 
 
 def dpo_loss(
@@ -278,9 +298,9 @@ def dpo_loss(
 ) -> Tensor:
     """Per-pair combined loss, shape (B,): Σ_k w_k·loss_k.
 
-    ``use_weighting`` multiplies the preference losses (not sft) by the detached WPO weight.
-    ``rpo_alpha`` appends ("sft", rpo_alpha) to the terms (RPO, arXiv 2404.19733), so it is the same
-    as ``loss_type=[..., "sft"]`` with weight rpo_alpha, under WPO too.
+    ``use_weighting`` multiplies every term, sft included, by the detached WPO weight (as TRL 1.x; TRL 0.x
+    weighted the RPO term too). ``rpo_alpha`` appends ("sft", rpo_alpha) to the terms (RPO, arXiv
+    2404.19733), so it is the same as ``loss_type=[..., "sft"]`` with weight rpo_alpha, under WPO too.
     """
     weights = list(loss_weights) if loss_weights is not None else [1.0] * len(loss_type)
     if len(weights) != len(loss_type):
@@ -293,7 +313,7 @@ def dpo_loss(
     for name, w in terms:
         spec = LOSSES[canonical_loss_name(name)]
         per_pair = spec.fn(p, params)
-        if wpo is not None and spec.pairwise:
+        if wpo is not None:
             per_pair = per_pair * wpo
         total = total + w * per_pair
     return total
@@ -319,24 +339,50 @@ def pair_metrics(p: PairLogps, beta: float) -> dict[str, Tensor]:
         }
 
 
+def _token_weighted(out: dict[str, Tensor], name: str, per_seq: Tensor, n: Tensor) -> None:
+    """out[name] = Σ per_seq·n / Σ n (0 without tokens, as TRL), and its weight Σ n for the worker reduction."""
+    total = n.sum()
+    out[name] = (per_seq.detach() * n).sum() / total.clamp(min=1)
+    out[METRIC_WEIGHT + name] = total
+
+
+def _token_accuracy(out: dict[str, Tensor], stats: SeqStats, rows: slice) -> None:
+    """mean_token_accuracy: the fraction of the rows' completion tokens whose argmax is the label."""
+    if stats.num_correct is None:
+        return
+    n = stats.num_tokens.detach()[rows]
+    _token_weighted(out, "mean_token_accuracy", stats.num_correct[rows] / n.clamp(min=1), n)
+
+
+def sequence_metrics(stats: SeqStats) -> dict[str, Tensor]:
+    """Token-weighted ``entropy`` and ``mean_token_accuracy`` over every sequence (the SFT stage's metrics,
+    as TRL's SFTTrainer logs them), detached 0-d tensors with their ``METRIC_WEIGHT`` entries."""
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        _token_weighted(out, "entropy", stats.entropy, stats.num_tokens.detach())
+        _token_accuracy(out, stats, slice(None))
+    return out
+
+
 def batch_metrics(p: PairLogps, stats: SeqStats, beta: float,
                   attention_mask: Tensor | None = None) -> dict[str, Tensor]:
     """Every per-batch SPEC §4 metric the math knows, as detached 0-d tensors (no .item()).
 
-    ``logits/*`` and ``entropy`` are token-weighted means over the completion tokens (as TRL logs
-    them). ``num_tokens`` (a sum, like TRL's) counts the input tokens when ``attention_mask`` (2B, T)
-    is given, else the completion tokens.
+    ``logits/*``, ``entropy`` and ``mean_token_accuracy`` (chosen completions only) are token-weighted means
+    over the completion tokens, as TRL logs them; ``rewards/*`` and ``logps/*`` are means over pairs. Each
+    carries its weight (tokens or pairs) under ``METRIC_WEIGHT + name``, so the reduction across workers
+    weights them as TRL's gather does. ``num_tokens`` (a sum, like TRL's) counts the input tokens when
+    ``attention_mask`` (2B, T) is given, else the completion tokens.
     """
     out = pair_metrics(p, beta)
     b = p.chosen_logps.shape[0]
     with torch.no_grad():
+        pairs = torch.tensor(float(b), device=p.chosen_logps.device)
+        out.update({METRIC_WEIGHT + k: pairs for k in list(out)})
         n = stats.num_tokens.detach()
-
-        def token_mean(x: Tensor, rows: slice) -> Tensor:
-            return (x.detach()[rows] * n[rows]).sum() / n[rows].sum().clamp(min=1)
-
-        out["logits/chosen"] = token_mean(stats.mean_logit, slice(0, b))
-        out["logits/rejected"] = token_mean(stats.mean_logit, slice(b, 2 * b))
-        out["entropy"] = token_mean(stats.entropy, slice(0, 2 * b))
+        _token_weighted(out, "logits/chosen", stats.mean_logit[:b], n[:b])
+        _token_weighted(out, "logits/rejected", stats.mean_logit[b:], n[b:])
+        _token_weighted(out, "entropy", stats.entropy, n)
+        _token_accuracy(out, stats, slice(0, b))
         out["num_tokens"] = (attention_mask.sum() if attention_mask is not None else n.sum()).float()
     return out

@@ -35,7 +35,8 @@ RULES = [
     ({"loss_type": "exo_pair"}, "label_smoothing", "label_smoothing > 0"),
     ({"loss_type": "robust", "label_smoothing": 0.5}, "label_smoothing", "< 0.5"),
     ({"loss_type": ["sigmoid", "robust"], "label_smoothing": 0.7}, "label_smoothing", "robust"),
-    ({"loss_type": "ipo", "f_divergence_type": "js_divergence"}, "f_divergence_type", "ipo"),
+    ({"loss_type": "aot", "f_divergence_type": "js_divergence"}, "f_divergence_type", "aot"),
+    ({"loss_type": ["ipo", "nca_pair"], "f_divergence_type": "alpha_divergence"}, "f_divergence_type", "nca_pair"),
     ({"loss_type": "bco_pair", "f_divergence_type": "forward_kl"}, "f_divergence_type", "bco_pair"),
     ({"f_divergence_type": "hellinger"}, "f_divergence_type", "hellinger"),
     ({"loss_type": "aot", "use_weighting": True}, "use_weighting", "aot"),
@@ -73,8 +74,16 @@ def test_exo_pair_and_robust_accept_their_ranges():
     assert DPOConfig(loss_type="exo_pair", label_smoothing=1e-3).loss_type == ["exo_pair"]
     assert DPOConfig(loss_type="robust", label_smoothing=0.49).label_smoothing == 0.49
     for name, spec in LOSSES.items():
-        if spec.uses_margin:  # f-divergences are fine on the margin losses, also next to sft
+        if spec.takes_f_divergence:  # f-divergences are fine on these losses, also next to sft
             DPOConfig(loss_type=[name, "sft"], f_divergence_type="alpha_divergence", label_smoothing=0.01)
+
+
+def test_the_losses_that_take_an_f_divergence_are_trls():
+    """Exactly TRL 1.x's set (ipo and sigmoid_norm length-average the scores)."""
+    assert {n for n, s in LOSSES.items() if s.takes_f_divergence} == {
+        "sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+    assert DPOConfig(loss_type=["ipo", "sigmoid_norm"], f_divergence_type="forward_kl").loss_type == ["ipo", "sigmoid_norm"]
+    assert DPOConfig().f_alpha_divergence_coef == 0.5  # TRL 1.x's default
 
 
 def test_unknown_keys_top_level_and_in_sections():

@@ -8,6 +8,7 @@ The worked batch used throughout (β = 0.5, ε = 0.1 where a loss uses it, τ = 
     r = π - π_ref  -1.0    2.0    0.0
     d = c - r       2.0   -3.0    0.5      β·d = 1.0, -1.5, 0.25
     |y_w|, |y_l|    2, 4   4, 2   5, 5
+    chosen NLL      5.0    3.0    1.6      (per-token mean; the sft token mean is 30/11)
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from dpo_ray.logprobs import SeqStats
 from dpo_ray.losses import (
     F_DIVERGENCES,
     LOSSES,
+    METRIC_WEIGHT,
     LossParams,
     PairLogps,
     batch_metrics,
     canonical_loss_name,
     dpo_loss,
     moe_aux_loss,
+    sequence_metrics,
     wpo_weights,
 )
 
@@ -80,8 +83,7 @@ def pair_loss(name: str, c: float, r: float, c_len: int, r_len: int, nll: float,
         "apo_zero": lambda: (1 - sigmoid(b * c)) + sigmoid(b * r),
         "apo_down": lambda: sigmoid(b * c) + (1 - sigmoid(z)),
         "discopop": lambda: (1 - sigmoid(z / tau)) * -log_sigmoid(z) + sigmoid(z / tau) * math.exp(-z),
-        "sft": lambda: nll,
-        "sigmoid_norm": lambda: smoothed(b * d_bar, eps),
+        "sigmoid_norm": lambda: -log_sigmoid(b * d_bar),  # ε does not apply (TRL)
     }
     return formulas[name]()
 
@@ -90,6 +92,8 @@ def reference_losses(name: str, c, r, cl, rl, nll, b=BETA, eps=EPS, tau=TAU) -> 
     """Per-pair losses of a batch in float64 (aot, which also sorts reference gaps, has its own test)."""
     if name == "aot_unpaired":  # sort c and r separately across the batch
         return [smoothed(b * (ci - ri), eps) for ci, ri in zip(sorted(c), sorted(r))]
+    if name == "sft":  # one token mean over all chosen tokens of the batch, the same for every pair
+        return [sum(x * n for x, n in zip(nll, cl)) / sum(cl)] * len(c)
     return [pair_loss(name, *row, b, eps, tau) for row in zip(c, r, cl, rl, nll)]
 
 
@@ -197,7 +201,7 @@ def test_zero_margin():
 @pytest.mark.parametrize("name", sorted(set(LOSSES) - {"sft"}))
 def test_large_margins_stay_finite(name):
     """|d| = 10⁴ in float32: no inf/NaN in values or gradients (exp() of log-ratios is capped)."""
-    for div in F_DIVERGENCES if LOSSES[name].uses_margin else ("reverse_kl",):
+    for div in F_DIVERGENCES if LOSSES[name].takes_f_divergence else ("reverse_kl",):
         p = make_pairs(c=[5e3, -5e3, 3e3], r=[-5e3, 5e3, 1e3], grad=True)
         params = LossParams(beta=BETA, label_smoothing=EPS, f_divergence_type=div)
         loss = per_pair(name, p, params)
@@ -252,8 +256,12 @@ def test_registered_losses_all_have_a_gradient_test():
     assert PUSHES_REJECTED_DOWN | {"sft"} == set(LOSSES)
 
 
-def test_sft_is_the_chosen_nll_and_needs_it():
-    torch.testing.assert_close(per_pair("sft", make_pairs()), torch.tensor(CHOSEN_NLL))
+def test_sft_is_one_token_mean_over_the_batch_and_needs_the_nll():
+    """(2·5.0 + 4·3.0 + 5·1.6) / 11 = 30/11 for every pair (a mean of per-sequence means would give 3.2)."""
+    torch.testing.assert_close(per_pair("sft", make_pairs()), torch.full((3,), 30 / 11))
+    p = make_pairs(chosen_nll=torch.tensor(CHOSEN_NLL, requires_grad=True))
+    per_pair("sft", p).mean().backward()  # each token of the batch weighs 1/11: d/d nll_i = n_i / 11
+    torch.testing.assert_close(p.chosen_nll.grad, torch.tensor(CHOSEN_LEN) / 11)
     with pytest.raises(ValueError, match="chosen_nll"):
         per_pair("sft", make_pairs(chosen_nll=None))
 
@@ -312,17 +320,17 @@ def test_rpo_alpha_equals_sigmoid_plus_weighted_sft(use_weighting):
     rpo = dpo_loss(p, PARAMS, ["sigmoid"], use_weighting=use_weighting, rpo_alpha=0.7)
     both = dpo_loss(p, PARAMS, ["sigmoid", "sft"], [1.0, 0.7], use_weighting=use_weighting)
     torch.testing.assert_close(rpo, both)
-    weight = wpo_weights(p) if use_weighting else 1.0
-    torch.testing.assert_close(rpo, weight * per_pair("sigmoid", p) + 0.7 * torch.tensor(CHOSEN_NLL))
+    weight = wpo_weights(p) if use_weighting else 1.0  # WPO weighs the sft term too (TRL)
+    torch.testing.assert_close(rpo, weight * (per_pair("sigmoid", p) + 0.7 * 30 / 11))
 
 
 def test_wpo_weight_value_and_no_gradient():
-    """weight = min(1, exp(w_c + w_r)): pair 0 exp(-0.5) = 0.60653, pair 1 exp(-0.6) = 0.54881,
-    pair 2 exp(+0.5) clamps to 1. The weight is a constant for autograd."""
+    """weight = exp(w_c + w_r), not clamped (TRL 1.x, the WPO paper): pair 0 exp(-0.5) = 0.60653,
+    pair 1 exp(-0.6) = 0.54881, pair 2 exp(+0.5) = 1.64872. The weight is a constant for autograd."""
     wc = torch.tensor([-0.2, -0.5, 0.3], requires_grad=True)
     wr = torch.tensor([-0.3, -0.1, 0.2], requires_grad=True)
     p = make_pairs(grad=True, chosen_wpo_logw=wc, rejected_wpo_logw=wr)
-    torch.testing.assert_close(wpo_weights(p), torch.tensor([0.60653066, 0.54881164, 1.0]))
+    torch.testing.assert_close(wpo_weights(p), torch.tensor([0.60653066, 0.54881164, 1.64872127]))
     loss = dpo_loss(p, PARAMS, ["sigmoid"], use_weighting=True)
     torch.testing.assert_close(loss, wpo_weights(p) * per_pair("sigmoid", p))
     loss.sum().backward()
@@ -332,45 +340,79 @@ def test_wpo_weight_value_and_no_gradient():
         dpo_loss(make_pairs(), PARAMS, ["sigmoid"], use_weighting=True)
 
 
+def f_prime(kind: str, u: float, alpha: float) -> float:
+    """f-DPO (arXiv 2309.16240) scores f'(u), u = π/π_ref = e^{log-ratio}, shifted so that f'(1) = 0 (TRL 1.x):
+    reverse KL log u; forward KL 1 - 1/u; JS log(2u/(1+u)); α-divergence (u^(α-1) - 1)/(α-1)."""
+    return {
+        "reverse_kl": lambda: math.log(u),
+        "forward_kl": lambda: 1 - 1 / u,
+        "js_divergence": lambda: math.log(2 * u / (1 + u)),
+        "alpha_divergence": lambda: (u ** (alpha - 1) - 1) / (alpha - 1),
+    }[kind]()
+
+
 def f_margin(kind: str, c: float, r: float, alpha: float) -> float:
-    """f-PO (arXiv 2309.16240): d_f = f'(u_w) - f'(u_l), u = π/π_ref = e^{log-ratio}.
-
-    reverse KL f'(u) = log u + 1; forward KL f'(u) = -1/u; JS f'(u) = log(2u/(1+u));
-    α-divergence f'(u) = (1 - u^{-α})/α.
-    """
-    fprime = {
-        "reverse_kl": lambda u: math.log(u) + 1,
-        "forward_kl": lambda u: -1 / u,
-        "js_divergence": lambda u: math.log(2 * u / (1 + u)),
-        "alpha_divergence": lambda u: (1 - u ** -alpha) / alpha,
-    }[kind]
-    return fprime(math.exp(c)) - fprime(math.exp(r))
+    return f_prime(kind, math.exp(c), alpha) - f_prime(kind, math.exp(r), alpha)
 
 
+@pytest.mark.parametrize("alpha", [0.5, 0.2, 1.7])
 @pytest.mark.parametrize("kind", F_DIVERGENCES)
-@pytest.mark.parametrize("name", ["sigmoid", "hinge", "discopop"])
-def test_f_divergences_replace_the_margin(kind, name):
-    """Each f-divergence's margin from f' directly, fed to the margin losses (sigmoid, hinge, discopop)."""
-    alpha = 0.5
-    params = LossParams(beta=BETA, f_divergence_type=kind, f_alpha_divergence_coef=alpha)
+@pytest.mark.parametrize("name", ["sigmoid", "hinge", "discopop", "exo_pair", "robust"])
+def test_f_divergences_replace_the_margin(kind, name, alpha):
+    """Each f-divergence's margin from f' directly, fed to the margin losses."""
+    params = LossParams(beta=BETA, label_smoothing=EPS, f_divergence_type=kind, f_alpha_divergence_coef=alpha)
     got = per_pair(name, make_pairs(), params)
     margins = [f_margin(kind, c, r, alpha) for c, r in zip(C, R)]
     # feed the f-margin through the plain loss by building pairs with c = d_f, r = 0
-    want = per_pair(name, make_pairs(c=margins, r=[0.0] * 3), LossParams(beta=BETA))
+    want = per_pair(name, make_pairs(c=margins, r=[0.0] * 3), LossParams(beta=BETA, label_smoothing=EPS))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_f_divergence_special_cases():
-    """α-divergence at α = 1 is forward KL; as α → 0 it tends to reverse KL (plain DPO)."""
+@pytest.mark.parametrize("alpha", [0.5, 0.2, 1.7])
+@pytest.mark.parametrize("kind", F_DIVERGENCES)
+def test_f_divergences_length_average_the_scores_in_ipo_and_sigmoid_norm(kind, alpha):
+    """IPO and sigmoid_norm divide each side's score f'(e^u) by its length (TRL's order), so the shift
+    f'(1) = 0 matters: d̄ = f'(e^c)/|y_w| - f'(e^r)/|y_l|. Pair 0 under forward KL:
+    (1 - e^{-1})/2 - (1 - e)/4 = 0.31606 + 0.42957 = 0.74563."""
+    params = LossParams(beta=BETA, f_divergence_type=kind, f_alpha_divergence_coef=alpha)
+    d_bar = [f_prime(kind, math.exp(c), alpha) / cl - f_prime(kind, math.exp(r), alpha) / rl
+             for c, r, cl, rl in zip(C, R, CHOSEN_LEN, REJECTED_LEN)]
+    want_ipo = [(x - 1 / (2 * BETA)) ** 2 for x in d_bar]
+    want_norm = [-log_sigmoid(BETA * x) for x in d_bar]
     p = make_pairs()
+    torch.testing.assert_close(per_pair("ipo", p, params).double(), torch.tensor(want_ipo, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per_pair("sigmoid_norm", p, params).double(),
+                               torch.tensor(want_norm, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    if kind == "forward_kl":
+        assert d_bar[0] == pytest.approx(0.74563, abs=1e-5)
+
+
+def test_f_divergence_special_cases():
+    """α-divergence at α = 1 is reverse KL (plain DPO; TRL's limit), tends to it as α → 1, and at α = 0
+    is forward KL. A pre-1.0 α (score (1 - e^{-αu})/α) is the TRL 1.x α' = 1 - α."""
+    p = make_pairs()
+    plain = per_pair("sigmoid", p, LossParams(beta=BETA))
     fwd = per_pair("sigmoid", p, LossParams(beta=BETA, f_divergence_type="forward_kl"))
-    a1 = per_pair("sigmoid", p, LossParams(beta=BETA, f_divergence_type="alpha_divergence"))
-    torch.testing.assert_close(fwd, a1)
-    a0 = per_pair("sigmoid", p, LossParams(beta=BETA, f_divergence_type="alpha_divergence",
-                                           f_alpha_divergence_coef=1e-3))
-    torch.testing.assert_close(a0, per_pair("sigmoid", p, LossParams(beta=BETA)), rtol=1e-2, atol=1e-3)
+
+    def alpha_div(a):
+        return per_pair("sigmoid", p, LossParams(beta=BETA, f_divergence_type="alpha_divergence",
+                                                 f_alpha_divergence_coef=a))
+
+    torch.testing.assert_close(alpha_div(1.0), plain)
+    torch.testing.assert_close(alpha_div(1.0 - 1e-3), plain, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(alpha_div(0.0), fwd)
+    old_alpha = 0.3
+    old_margin = [(math.exp(-old_alpha * r) - math.exp(-old_alpha * c)) / old_alpha for c, r in zip(C, R)]
+    old = per_pair("sigmoid", make_pairs(c=old_margin, r=[0.0] * 3), LossParams(beta=BETA))
+    torch.testing.assert_close(alpha_div(1 - old_alpha), old, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="f_divergence_type"):
         per_pair("sigmoid", p, LossParams(f_divergence_type="hellinger"))
+
+
+def test_sft_ignores_the_f_divergence():
+    params = LossParams(beta=BETA, f_divergence_type="js_divergence")
+    torch.testing.assert_close(per_pair("sft", make_pairs(), params), per_pair("sft", make_pairs()))
 
 
 def test_moe_aux_loss():
@@ -389,6 +431,7 @@ def test_pairs_from_stats_and_batch_metrics():
         nll_mean=torch.tensor([5.0, 3.0, 3.5, 5.0]),
         mean_logit=torch.tensor([1.0, 4.0, -2.0, 1.0]),
         entropy=torch.tensor([0.5, 1.0, 2.0, 3.0]),
+        num_correct=torch.tensor([1.0, 3.0, 2.0, 0.0]),
         wpo_logw=torch.tensor([-0.1, -0.2, -0.3, -0.4]),
     )
     p = PairLogps.from_stats(stats, torch.tensor([-11.0, -11.0]), torch.tensor([-13.0, -12.0]))
@@ -402,11 +445,20 @@ def test_pairs_from_stats_and_batch_metrics():
         "logps/chosen": -11.0, "logps/rejected": -12.0,
         "logits/chosen": (2 * 1.0 + 4 * 4.0) / 6, "logits/rejected": (4 * -2.0 + 2 * 1.0) / 6,
         "entropy": (2 * 0.5 + 4 * 1.0 + 4 * 2.0 + 2 * 3.0) / 12, "num_tokens": 12.0,
+        "mean_token_accuracy": (1 + 3) / 6,  # chosen completions only, token-weighted
     }
+    # each averaged metric carries its weight for the cross-worker reduction: pairs or tokens
+    weights = {k: 2.0 for k in expected if k.startswith(("rewards/", "logps/"))}
+    weights.update({"logits/chosen": 6.0, "logits/rejected": 6.0, "entropy": 12.0, "mean_token_accuracy": 6.0})
+    expected.update({METRIC_WEIGHT + k: w for k, w in weights.items()})
     assert set(m) == set(expected)
     for k, v in expected.items():
         assert m[k].dim() == 0 and not m[k].requires_grad, k
         assert m[k].item() == pytest.approx(v), k
+    seq = sequence_metrics(stats)  # the SFT stage's: over every sequence
+    assert seq["mean_token_accuracy"].item() == pytest.approx(6 / 12)
+    assert seq["entropy"].item() == pytest.approx(expected["entropy"])
+    assert seq[METRIC_WEIGHT + "mean_token_accuracy"].item() == 12.0
     mask = torch.ones(4, 7)
     assert batch_metrics(p, stats, BETA, attention_mask=mask)["num_tokens"].item() == 28.0
     free = PairLogps.from_stats(stats)  # reference-free: zeros
