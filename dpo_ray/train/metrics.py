@@ -1,10 +1,21 @@
-"""Metric accumulation on device, reduced across workers once per logging step (no per-micro-batch sync)."""
+"""Metric accumulation on device, reduced across workers once per logging step (no per-micro-batch sync).
+
+Three kinds of metric, as TRL logs them:
+- summed (``SUMMED``): added over micro-batches and workers;
+- weighted: a metric sent with ``METRIC_WEIGHT + name`` (its token or pair count) is, per micro-batch, the
+  weighted mean over workers (TRL gathers the counts of every rank), then the plain mean over micro-batches;
+- the rest: the plain mean over micro-batches and workers.
+Weighted metrics need every worker to add the same number of micro-batches between reductions (the loop's
+``_synced`` batches guarantee it): their per-micro-batch values line up in the one all-reduce.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from dpo_ray.losses import METRIC_WEIGHT
 
 # Metrics that add up across micro-batches and workers; every other metric is averaged.
 SUMMED = ("num_tokens", "num_pairs")
@@ -13,12 +24,20 @@ SUMMED = ("num_tokens", "num_pairs")
 class MetricAccumulator:
     def __init__(self):
         self._totals: dict[str, Tensor] = {}
+        self._weighted: dict[str, list[Tensor]] = {}  # name -> per micro-batch [value·weight, weight]
         self._count = 0
 
     def add(self, values: dict[str, Tensor]) -> None:
         for k, v in values.items():
+            if k.startswith(METRIC_WEIGHT):
+                continue
             v = v.detach().float()
-            self._totals[k] = self._totals[k] + v if k in self._totals else v.clone()
+            w = values.get(METRIC_WEIGHT + k)
+            if w is not None:
+                w = w.detach().float().reshape(())
+                self._weighted.setdefault(k, []).append(torch.stack([v.reshape(()) * w, w]))
+            else:
+                self._totals[k] = self._totals[k] + v if k in self._totals else v.clone()
         self._count += 1
 
     def __len__(self) -> int:
@@ -26,19 +45,28 @@ class MetricAccumulator:
 
     def reduce(self) -> dict[str, float]:
         """All-reduce every metric in one collective, then one host copy. Resets the accumulator."""
-        if not self._totals:
+        if not self._totals and not self._weighted:
             return {}
         keys = sorted(self._totals)
-        flat = torch.stack([self._totals[k].reshape(()) for k in keys])
-        count = torch.tensor([float(self._count)], device=flat.device)
-        flat = torch.cat([flat, count])
+        wkeys = sorted(self._weighted)
+        parts = [self._totals[k].reshape(1) for k in keys]
+        parts += [torch.stack(self._weighted[k]).reshape(-1) for k in wkeys]  # (K·2,) each
+        device = parts[0].device
+        flat = torch.cat(parts + [torch.tensor([float(self._count)], device=device)])
         world = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flat)
             world = dist.get_world_size()
-        values = flat.cpu().tolist()  # the one host sync of the logging step
-        n_micro = values[-1]
-        out = {k: (v if k in SUMMED else v / max(n_micro, 1.0)) for k, v in zip(keys, values[:-1])}
+        values = flat.cpu()  # the one host sync of the logging step
+        n_micro = float(values[-1])
+        out = {k: (v if k in SUMMED else v / max(n_micro, 1.0)) for k, v in zip(keys, values[:len(keys)].tolist())}
+        start = len(keys)
+        for k in wkeys:
+            n = 2 * len(self._weighted[k])
+            num, den = values[start:start + n].view(-1, 2).double().unbind(-1)
+            start += n
+            # a micro-batch without tokens on any worker counts as 0, as TRL logs it
+            out[k] = float(torch.where(den > 0, num / den.clamp(min=1e-12), 0.0).mean())
         out["_micro_batches"] = n_micro / world
-        self._totals, self._count = {}, 0
+        self._totals, self._weighted, self._count = {}, {}, 0
         return out
