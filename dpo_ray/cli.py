@@ -2,7 +2,17 @@
 
 Flags are TRL's script flags (``--model_name_or_path``, ``--dataset_name``, ``--beta``, ...) plus
 ``--config FILE.yaml``; flags override the file. Sections use dots: ``--ray.num_workers 2``.
-Exit status: 0 ok, 1 run failed / checks failed, 2 bad configuration.
+Exit status (also in README.md, "Exit codes"):
+
+- 0: ok.
+- 1: the run failed (a training error: its traceback is printed), or ``inspect-data`` found a problem at
+  level ``error``.
+- 2: bad configuration: every problem, by key (``ConfigError``).
+- 3: the data, or a file it is read with, cannot be used as given (``dpo_ray.errors.DataError``): a bad row
+  under ``on_bad_row: raise``, a missing or unreadable data file, a column spelled another way, more than
+  ``max_dropped_fraction`` of a split dropped, a run with nothing to train on, a model directory without
+  tokenizer files. One message naming the file, row or key and the fix; the traceback goes to
+  ``<output_dir>/error.log`` (``--debug`` prints it).
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from typing import Any
 
 from dpo_ray.config import (
@@ -20,6 +31,7 @@ from dpo_ray.config import (
     load_config,
     overrides_from_args,
 )
+from dpo_ray.errors import DataError
 from dpo_ray.paths import check_paths, resolve_config_paths
 
 
@@ -37,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         add_config_arguments(sp)
         sp.add_argument("--address", help="Ray cluster address (same as --ray.address; default RAY_ADDRESS)")
+        sp.add_argument("--debug", action="store_true",
+                        help="print the traceback of a data error (exit 3) too; it always goes to <output_dir>/error.log")
         if name == "validate":
             sp.add_argument("--world_size", type=int, default=None, help="workers for the DeepSpeed dict")
         if name == "inspect-data":
@@ -54,7 +68,9 @@ def _resolve(ns: argparse.Namespace, extra: dict[str, Any] | None = None) -> DPO
         for k, v in src.items():
             merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
     # Relative paths (flags and the YAML file alike) are the working directory's: absolute from here on.
-    return resolve_config_paths(load_config(ns.config, merged))
+    cfg = resolve_config_paths(load_config(ns.config, merged))
+    ns.error_log_dir = cfg.output_dir  # where main() writes a data error's traceback
+    return cfg
 
 
 def cmd_validate(ns) -> int:
@@ -109,7 +125,30 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dpo-ray {ns.command}: {e}", file=sys.stderr)
         return 2
+    except DataError as e:
+        return _data_error(ns, e)
     return 1
+
+
+def _data_error(ns, e: DataError) -> int:
+    """The message alone (it names the file, row or key and the fix), last on stderr; the traceback in the log."""
+    import traceback
+    from pathlib import Path
+
+    trace = "".join(traceback.format_exception(e))
+    where = getattr(ns, "error_log_dir", None)
+    log = Path(where) / "error.log" if where else Path(tempfile.gettempdir()) / "dpo-ray-error.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(trace)
+    except OSError:
+        log = None
+    if getattr(ns, "debug", False):
+        print(trace, file=sys.stderr)
+    print(f"\ndpo-ray {ns.command}: {e}", file=sys.stderr)
+    if log is not None and not getattr(ns, "debug", False):
+        print(f"(traceback in {log}; --debug prints it)", file=sys.stderr)
+    return e.exit_code
 
 
 if __name__ == "__main__":

@@ -171,6 +171,7 @@ class DPOConfig(BaseModel):
     prefix_sharing: Literal["auto", "on", "off"] = Field("auto", description="run each pair as one [prompt, chosen, rejected] row so the prompt is computed once (policy and reference); auto: on where the attention takes a custom 4-D mask (sdpa, eager) and the first batch agrees with the standard layout; on: skip that check; off: never (true/false also accepted)")
     bucket_size_multiplier: int = Field(16, ge=1, description="rows per bucket pool = multiplier × batch size")
     on_bad_row: Literal["raise", "skip"] = Field("raise", description="raise: stop at the first bad row, naming it; skip: drop and count bad rows by kind")
+    max_dropped_fraction: float = Field(0.5, ge=0, le=1, description="stop the run (exit 3) when more than this fraction of a split's rows is dropped (on_bad_row: skip, prompts that fill max_length); a split with every row dropped always stops it; 1.0 = no limit")
     dataset_num_proc: int | None = Field(None, description="tokenization tasks in flight (default: the driver's cores)")
     max_train_samples: int | None = Field(None, ge=1, description="use at most this many training rows")
     max_eval_samples: int | None = Field(None, ge=1, description="use at most this many eval rows")

@@ -57,6 +57,10 @@ def run_demo(output_dir: Path, overrides: dict, config_file=None) -> int:
     print(f"  task accuracy after SFT (greedy, held-out prompts): {acc_sft:.3f}")
 
     dpo_cfg = _stage_config(DEMO_DPO, output_dir / "dpo", overrides, config_file)
+    if dpo_cfg.dataset_name is None:  # a model of its own (the SFT output) names its data: no silent default
+        from dpo_ray.data.bundled import TRAIN_FILE
+
+        dpo_cfg = dpo_cfg.model_copy(update={"dataset_name": str(TRAIN_FILE)})
     dpo = DPOTrainer(model=str(output_dir / "sft"), args=dpo_cfg).train()
     print_summary(dpo)
     acc_dpo = greedy_task_accuracy(output_dir / "dpo")

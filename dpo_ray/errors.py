@@ -6,7 +6,40 @@ from __future__ import annotations
 class ConfigError(ValueError):
     """Invalid configuration. ``problems`` is a list of (key, message) pairs, each key as the user writes it."""
 
+    exit_code = 2
+
     def __init__(self, problems: list[tuple[str, str]]):
         self.problems = problems
         lines = [f"  - {key}: {msg}" for key, msg in problems]
         super().__init__(f"{len(problems)} configuration problem(s):\n" + "\n".join(lines))
+
+
+class DataError(ValueError):
+    """The data, or a file the run reads to make tokens (dataset files, the tokenizer), cannot be used as
+    given. The message names the file, row or column and the fix. ``dpo-ray`` exits with ``exit_code``."""
+
+    exit_code = 3
+
+
+class DataSourceError(DataError):
+    """The dataset source cannot be found or read; the message says what to pass instead."""
+
+
+class BadRowError(DataError):
+    """A row the pipeline cannot use. The message names the source file, the row and the fix."""
+
+    def __init__(self, message: str, kind: str = "", row_id: int = -1):
+        super().__init__(message)
+        self.kind, self.row_id = kind, row_id
+
+    def __reduce__(self):  # survives the trip out of a Ray task with its fields
+        return (BadRowError, (self.args[0], self.kind, self.row_id))
+
+
+class TooFewRowsError(DataError):
+    """Too little of the data is usable: every row dropped, more than ``max_dropped_fraction`` dropped, or a
+    run that would train (or trained) zero optimizer steps."""
+
+
+class ModelFilesError(DataError):
+    """A model directory lacks files the run needs (tokenizer files, weights); the message names them."""

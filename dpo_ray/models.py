@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dpo_ray.config import DPOConfig
+from dpo_ray.errors import ModelFilesError
 
 # The embedded default: a Llama small enough to train in CPU minutes (≈1.2 M parameters + embeddings).
 TINY_LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
@@ -112,6 +113,7 @@ def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer, *, on_g
                 f"model_name_or_path={source!r} is not a directory. dpo_ray loads models from disk only "
                 "(no hub access at run time): download or save_pretrained the model and pass its directory."
             )
+        _check_model_dir(Path(source))
         if (Path(source) / "adapter_config.json").exists() and not (Path(source) / "config.json").exists():
             # an adapter directory: its base model with the adapter merged in (e.g. a PEFT reference model)
             from peft import AutoPeftModelForCausalLM
@@ -121,6 +123,22 @@ def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer, *, on_g
         else:
             model = _auto_class(source).from_pretrained(source, **from_pretrained_kwargs(cfg, on_gpu))
     return _finish(model, cfg)
+
+
+_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def _check_model_dir(d: Path) -> None:
+    """A directory save_pretrained wrote: config.json and weights (or an adapter: adapter_config.json and its
+    weights). Named here, not as transformers' OSError from inside a worker."""
+    if (d / "adapter_config.json").exists() and not (d / "config.json").exists():
+        return  # a PEFT adapter directory: peft checks its own files and names the base model
+    if not (d / "config.json").is_file():
+        raise ModelFilesError(f"model directory {d} has no config.json; give the directory that save_pretrained "
+                              "wrote (model.save_pretrained(DIR) writes config.json and the weights)")
+    if not any(next(d.glob(p), None) for p in _WEIGHTS):
+        raise ModelFilesError(f"model directory {d} has a config.json but no weights (*.safetensors or "
+                              "pytorch_model*.bin): the copy is incomplete, or only the config was saved")
 
 
 def _finish(model: nn.Module, cfg: DPOConfig) -> nn.Module:

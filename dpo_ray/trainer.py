@@ -7,7 +7,6 @@ Builds the Ray Data pipeline, the reference source, and a Ray Train ``TorchTrain
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -85,25 +84,18 @@ class DPOTrainer:
         tokenizer = self.processing_class or load_processing_class(
             self.model if isinstance(self.model, str) else cfg)
         prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
+        print(prepared.summary(), flush=True)  # which tokenizer, which files: never a silent fallback
         if self.mode == "dpo" and prepared.preview_rows and not is_processor(tokenizer):
             from dpo_ray.preflight import quick_checks
 
             for warning in quick_checks(prepared.preview_rows, tokenizer, cfg):  # once per kind
                 print(f"dpo-ray data warning: {warning}", file=sys.stderr)
+        from dpo_ray.data.steps import plan_steps, require_steps
+
         world = cfg.ray.num_workers
-        micro_per_epoch = prepared.num_train_rows_estimate // (world * cfg.per_device_train_batch_size)
-        if micro_per_epoch < cfg.gradient_accumulation_steps:
-            raise ValueError(
-                f"the training set (~{prepared.num_train_rows_estimate} rows) is too small for one optimizer "
-                f"step with {world} workers × per_device_train_batch_size {cfg.per_device_train_batch_size} × "
-                f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}; lower one of them")
-        steps_per_epoch = micro_per_epoch // cfg.gradient_accumulation_steps
-        if cfg.max_steps > 0:
-            total_steps = cfg.max_steps
-            num_epochs = math.ceil(total_steps / steps_per_epoch)
-        else:
-            total_steps = max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
-            num_epochs = math.ceil(cfg.num_train_epochs)
+        plan = plan_steps(prepared.num_train_rows_estimate, cfg, world)  # from the rows counted, not yet kept
+        require_steps(plan, cfg)
+        micro_per_epoch, total_steps, num_epochs = plan.micro_per_epoch, plan.total_steps, plan.num_epochs
 
         from dpo_ray.models import load_causal_lm, shippable
 
@@ -159,6 +151,13 @@ class DPOTrainer:
             raise (bad_row or result.error) from result.error
         history = _read_metrics(out / "metrics.jsonl")
         report = self._final_report(cfg, history, prepared, time.perf_counter() - t0, out)
+        from dpo_ray.data.stats import check_trained
+
+        # 0 steps, or a split mostly dropped: an error (exit 3); fewer steps than planned: said plainly
+        short = check_trained(report["steps"], total_steps, report["data"], prepared.num_train_rows_estimate,
+                              cfg.max_dropped_fraction)
+        if short:
+            print(f"dpo-ray: {short}", file=sys.stderr)
         train_rows = [r for r in history if "loss" in r]
         eval_rows = [r for r in history if any(k.startswith("eval_") for k in r)]
         if history:

@@ -188,6 +188,13 @@ BAD = {
                         "content": "1"}], "rejected": [{"role": "assistant", "content": "2"}]},
     "undecodable_text": {"prompt": "sort: 2 1 =", "chosen": b"\xff\xfe 1 2", "rejected": " 2 1"},
     "prompt_fills_max_length": {"prompt": "sort: " + "1 " * 70 + "=", "chosen": " 1", "rejected": " 2"},
+    "null_value": {"prompt": None, "chosen": " 1 2", "rejected": " 2 1"},
+    "misnamed_column": {"Prompt": "sort: 2 1 =", "chosen": " 1 2", "rejected": " 2 1"},
+    "template_error": {"prompt": [{"role": "user", "content": "sort: 2 1 ="}],
+                       "chosen": [{"role": "assistant", "content": "1 2"}],
+                       "rejected": [{"role": "assistant", "content": "2 1"}],
+                       "chat_template_kwargs": {"add_generation_prompt": False}},  # given twice: TypeError
+    "identical_after_truncation": {"prompt": "sort: 2 1 =", "chosen": " 1" * 70 + " 2", "rejected": " 1" * 70 + " 3"},
 }
 
 

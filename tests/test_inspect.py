@@ -1,5 +1,5 @@
 """`dpo-ray inspect-data` and quick_checks: each check fires on data made for it and stays quiet on the bundled
-task; the report's counts match the rows; the exit status gates (0 clean, 1 error)."""
+task; the report's counts match the rows; the exit status gates (0 clean, 1 error, 3 unreadable data)."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def test_identical_and_whitespace_only_pairs(tok, deepseek):
             {"prompt": "sort: 3 1 =", "chosen": " 1 3", "rejected": " 3 1"}]
     checks = run_checks(rows, deepseek)
     assert fired(checks) == {"identical_pairs": 2, "whitespace_identical_pairs": 1, "bad_rows_raise": 2,
-                             "dropped_rows": 2}
+                             "dropped_rows": 2, "mixed_formats": 1}  # row 1's implicit prompt among explicit ones
     assert [r["row_id"] for r in checks["identical_pairs"]["rows"]] == [0, 1]
     # the bundled tokenizer drops whitespace: the whitespace-only pair is identical token for token
     checks = run_checks(rows, tok)
@@ -236,7 +236,7 @@ def test_cli_exit_status_gates(ray_local, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[ERROR] identical_pairs: 1 rows" in out and "pairs.jsonl line 21" in out
     assert (tmp_path / "out" / "data_report" / "report.json").exists()
-    assert main(base + ["--dataset_name", str(tmp_path / "missing.jsonl")]) == 1
+    assert main(base + ["--dataset_name", str(tmp_path / "missing.jsonl")]) == 3  # a DataError: exit 3
     assert "cannot read this data" in capsys.readouterr().err
 
 

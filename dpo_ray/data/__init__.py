@@ -12,12 +12,13 @@ from dpo_ray.data.pipeline import (
     load_tokenizer,
     tokenize_rows,
 )
-from dpo_ray.data.rows import BAD_ROW_KINDS, BadRowError
-from dpo_ray.data.sources import DataSourceError
+from dpo_ray.data.rows import BAD_ROW_KINDS
 from dpo_ray.data.stats import DataStats
+from dpo_ray.errors import BadRowError, DataError, DataSourceError, ModelFilesError, TooFewRowsError
 
 __all__ = [
-    "BAD_ROW_KINDS", "BadRowError", "BatchIterator", "DataSourceError", "DataStats", "PreparedData",
+    "BAD_ROW_KINDS", "BadRowError", "BatchIterator", "DataError", "DataSourceError", "DataStats", "ModelFilesError",
+    "PreparedData", "TooFewRowsError",
     "build_datasets", "collate_pairs", "collate_sft", "iter_train_batches", "load_processing_class", "load_tokenizer",
     "tokenize_rows",
     "unwrap_data_error",

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from dpo_ray.data.rows import BadRow, normalize_pair, where
-from dpo_ray.data.tokenize import RawRow, RowProcessor, TokenizeOptions, diverge
+from dpo_ray.data.tokenize import RawRow, RowProcessor, TokenizeOptions, diverge, identical_tokens
 
-# Checks counted per row here; "bad_rows_raise" and "dropped_rows" are derived from the bad-row counts.
+# Checks counted per row here; "bad_rows_raise", "dropped_rows", "mixed_formats" and "no_training_steps" are
+# derived from the counts when the report is built.
 ROW_CHECKS = ("identical_pairs", "whitespace_identical_pairs", "prompt_not_prefix", "doubled_bos", "doubled_eos",
-              "missing_eos", "missing_generation_prompt", "truncated_rows")
+              "missing_eos", "missing_generation_prompt", "truncated_rows", "empty_prompt")
 UNREADABLE = "unreadable"
 _WS = re.compile(r"\s+")
 
@@ -56,6 +57,7 @@ class Piece:
     rows: int = 0
     formats: Counter = field(default_factory=Counter)
     sources: dict[str, Counter] = field(default_factory=dict)
+    source_formats: dict[tuple[str, str], Hits] = field(default_factory=dict)  # (source, format) -> its rows
     bad: dict[str, Hits] = field(default_factory=dict)
     checks: dict[str, Hits] = field(default_factory=lambda: {c: Hits() for c in ROW_CHECKS})
     tokens_cut: int = 0  # completion tokens max_length removes
@@ -73,6 +75,8 @@ class Piece:
         self.formats.update(other.formats)
         for src, c in other.sources.items():
             self.sources.setdefault(src, Counter()).update(c)
+        for key, h in other.source_formats.items():
+            self.source_formats.setdefault(key, Hits()).merge(h, keep)
         for kind, h in other.bad.items():
             self.bad.setdefault(kind, Hits()).merge(h, keep)
         for name, h in other.checks.items():
@@ -133,6 +137,7 @@ class Analyzer:
             fmt = row_format(None if isinstance(r.value, BadRow) else r.value)
             piece.formats[fmt] += 1
             at = where(source, r.row_id, r.line)
+            piece.source_formats.setdefault((source or "in-memory rows", fmt), Hits()).add(r.row_id, at, keep=self.keep)
             same = pair_identity(r.value)
             if same:
                 name = "identical_pairs" if same == "identical" else "whitespace_identical_pairs"
@@ -153,12 +158,22 @@ class Analyzer:
 
     def _tokenized(self, piece: Piece, src: Counter, good: list) -> None:
         proc = self.proc
-        texts, special, gen_missing = [], [], []
-        for _, _, ex in good:
-            prompt, fulls = proc._texts(ex)
+        texts, special, gen_missing, rendered = [], [], [], []
+        for r, at, ex in good:
+            try:
+                prompt, fulls = proc._texts(ex)
+                gen_missing.append(ex.conversational and proc._template(ex, ex.prompt, False) == prompt)
+            except BadRow as b:
+                self._bad(piece, src, b, r.row_id, at)
+                continue
+            rendered.append((r, at, ex))
             texts += [prompt, *fulls]
             special += [proc._special(ex, prompt)] * 3
-            gen_missing.append(ex.conversational and proc._template(ex, ex.prompt, False) == prompt)
+            if ex.prompt in ("", []):
+                how = "'prompt' is empty" if isinstance(r.value, dict) and r.value.get("prompt") is not None \
+                    else "chosen and rejected share no prefix, so the implicit prompt is empty"
+                piece.checks["empty_prompt"].add(r.row_id, at, how, keep=self.keep)
+        good = rendered
         ids = proc._encode(texts, special) if texts else []
         lens = _lengths(len(good))
         n = 0
@@ -191,6 +206,7 @@ class Analyzer:
         bad = None
         try:
             cut = [self.proc._sequence(p_ids, f, conv) for f in full_ids]
+            identical_tokens(cut, self.proc.opts.max_length, self.proc.opts.truncation_mode)  # training drops these
         except BadRow as b:
             bad, cut = b, [(s, st, False) for s, st in zip(seqs, starts)]
         truncated = bad is None and any(t for _, _, t in cut)

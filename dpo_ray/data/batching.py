@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from dpo_ray.data.collate import collate_pairs, collate_sft
-from dpo_ray.data.rows import BadRowError
+from dpo_ray.errors import BadRowError, DataError
 
 SHUFFLE_POOL_BATCHES = 16  # without bucketing: the local shuffle buffer, in batches
 
 
-def unwrap_data_error(exc: BaseException) -> BadRowError | None:
-    """The BadRowError inside a Ray task error (RayTaskError / UserCodeException chains), if any."""
+def unwrap_data_error(exc: BaseException) -> DataError | None:
+    """The DataError (a bad row, too many dropped rows, an unreadable file) inside a Ray task or Train error
+    (RayTaskError / UserCodeException / worker-group chains), if any, as a plain exception of its own type."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -34,7 +35,12 @@ def unwrap_data_error(exc: BaseException) -> BadRowError | None:
         seen.add(id(e))
         if isinstance(e, BadRowError):
             return BadRowError(e.args[0], e.kind, e.row_id)
+        if isinstance(e, DataError) and type(e).__module__ == DataError.__module__:  # not Ray's dual class
+            return type(e)(*e.args)
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        failures = getattr(e, "worker_failures", None)  # Ray Train V2's WorkerGroupError: rank -> exception
+        if isinstance(failures, dict):
+            todo += list(failures.values())
     text = str(exc)
     if "bad row [" in text:  # the cause could not be deserialised: keep the message
         start = text.index("bad row [")

@@ -8,7 +8,7 @@ from dpo_ray.data.rows import PROMPT_FILLS
 from dpo_ray.data.tokenize import RawRow
 
 QUICK_CHECKS = ("doubled_bos", "doubled_eos", "prompt_not_prefix", "identical_pairs", "whitespace_identical_pairs",
-                "missing_eos", "missing_generation_prompt")
+                "missing_eos", "missing_generation_prompt", "empty_prompt")
 # `dpo-ray inspect-data` checks (docs/inspect.md): name -> (default level, default max_fraction, meaning).
 # A check fires when the fraction of rows it finds exceeds max_fraction (0.0: any row). One table: the
 # config's inspect section validates its keys against it and dpo_ray.preflight runs exactly these checks.
@@ -24,6 +24,11 @@ INSPECT_CHECKS: dict[str, tuple[str, float, str]] = {
     "missing_generation_prompt": ("warn", 0.0, "the chat template renders the same prompt with and without "
                                                "add_generation_prompt"),
     "truncated_rows": ("warn", 0.20, "rows max_length truncates"),
+    "empty_prompt": ("warn", 0.0, "the prompt is empty: the pair is trained with no context to prefer in"),
+    "mixed_formats": ("error", 0.0, "a source file mixes row formats (standard and conversational, or explicit and "
+                                    "implicit prompts): the minority rows are tokenized another way"),
+    "no_training_steps": ("error", 0.0, "the rows kept are too few for one optimizer step (workers × "
+                                        "per_device_train_batch_size × gradient_accumulation_steps)"),
 }
 
 

@@ -20,16 +20,17 @@ import pyarrow as pa
 from dpo_ray.data import bundled
 from dpo_ray.data.sources import (
     Chunk,
-    DataSourceError,
     Resolved,
+    check_columns,
     eval_files_beside,
     iter_chunk,
     plan_files,
     plan_rows,
     resolve,
 )
-from dpo_ray.data.stats import DataStats, StatsRecorder
+from dpo_ray.data.stats import DataStats, StatsRecorder, too_many_dropped
 from dpo_ray.data.tokenize import RawRow, RowProcessor, TokenizeOptions, table_to_columns
+from dpo_ray.errors import DataSourceError, ModelFilesError, TooFewRowsError
 
 DATA_TASK_CPUS = 0.25
 PIECE_ROWS = 1024  # rows tokenized per call (and per output block)
@@ -40,14 +41,25 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 # ------------------------------------------------------------------------------------------ tokenizer
 def load_tokenizer(cfg_or_path: Any = None):
-    """The model's tokenizer (AutoTokenizer from its directory), else the bundled one; pad falls back to EOS."""
+    """The model directory's tokenizer (AutoTokenizer); the bundled one only when there is no model directory at
+    all (the embedded default). A model directory without tokenizer files is an error, never the bundled
+    tokenizer in its place. Pad falls back to EOS."""
     from transformers import AutoTokenizer
 
     path = getattr(cfg_or_path, "model_name_or_path", cfg_or_path)
-    if path is not None and Path(path).is_dir() and any((Path(path) / f).exists() for f in _TOKENIZER_FILES):
-        tok = AutoTokenizer.from_pretrained(str(path))
-    else:
+    if path is None:
         tok = AutoTokenizer.from_pretrained(str(bundled.TOKENIZER_DIR))
+    elif not Path(path).is_dir():
+        raise ModelFilesError(f"model_name_or_path={str(path)!r} is not a directory, so it has no tokenizer to load; "
+                              "give the directory that save_pretrained wrote (dpo_ray downloads nothing)")
+    elif not any((Path(path) / f).exists() for f in _TOKENIZER_FILES):
+        raise ModelFilesError(
+            f"model_name_or_path={str(path)!r} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}): "
+            "model.save_pretrained(DIR) writes only the model; also run tokenizer.save_pretrained(DIR) for the "
+            "tokenizer the model was trained with, or pass processing_class=tokenizer from Python. dpo_ray does not "
+            "substitute its bundled 66-token tokenizer for a model of yours")
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:
         if tok.eos_token is None:
             raise ValueError(f"the tokenizer from {path or bundled.TOKENIZER_DIR} has neither a pad nor an EOS "
@@ -70,6 +82,24 @@ def load_processing_class(cfg_or_path: Any = None):
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return processor
+
+
+def is_bundled_tokenizer(tokenizer) -> bool:
+    from dpo_ray.vision import text_tokenizer
+
+    path = getattr(text_tokenizer(tokenizer), "name_or_path", "") or ""
+    return bool(path) and Path(path).resolve() == bundled.TOKENIZER_DIR.resolve()
+
+
+def describe_tokenizer(tokenizer) -> str:
+    """'the bundled tokenizer (66 tokens, ...)' / 'DIR (32000 tokens)', for the run's data summary."""
+    from dpo_ray.vision import text_tokenizer
+
+    tok = text_tokenizer(tokenizer)
+    path = getattr(tok, "name_or_path", "") or type(tok).__name__
+    if is_bundled_tokenizer(tokenizer):
+        return f"the bundled tokenizer ({len(tok)} tokens, {path}; no model_name_or_path)"
+    return f"{path} ({len(tok)} tokens)"
 
 
 # ------------------------------------------------------------------------------------------- in-process
@@ -164,6 +194,9 @@ class _Source:
     chunks: list[Chunk] | None = None
     ray_ds: Any = None
     preview: list[RawRow] | None = None
+    files: list[str] = field(default_factory=list)  # the source files, for the run's data summary
+    ignored: list[str] = field(default_factory=list)  # "FILE (why)": data files beside them left out
+    notes: list[str] = field(default_factory=list)
 
 
 def _from_table(table, label: str, max_rows: int | None) -> _Source:
@@ -172,6 +205,7 @@ def _from_table(table, label: str, max_rows: int | None) -> _Source:
 
     if not isinstance(table, pa.Table):
         table = table.with_format("arrow")[:]  # respects select/shuffle index mappings
+    check_columns(table.column_names, label)
     if max_rows is not None:
         table = table.slice(0, max_rows)
     table = table.append_column("row_id", pa.array(np.arange(table.num_rows, dtype=np.int64)))
@@ -186,6 +220,7 @@ def _from_ray(ds, max_rows: int | None) -> _Source:
 
     if max_rows is not None:
         ds = ds.limit(max_rows)
+    check_columns(ds.schema().names if ds.schema() is not None else [], "ray.data.Dataset")
     if "row_id" in (ds.schema().names if ds.schema() is not None else []):
         return _Source("ray.data.Dataset", ds.count(), ray_ds=ds)
     refs = ds.to_arrow_refs()
@@ -224,9 +259,12 @@ _num_rows, _add_row_ids = _Lazy(_num_rows_fn), _Lazy(_add_row_ids_fn)
 
 def _from_resolved(r: Resolved, max_rows: int | None) -> _Source:
     if r.table is not None:
-        return _from_table(r.table, r.label, max_rows)
-    chunks, n = plan_files(r.files, max_rows)
-    return _Source(r.label, n, chunks=chunks)
+        src = _from_table(r.table, r.label, max_rows)
+    else:
+        chunks, n = plan_files(r.files, max_rows)
+        src = _Source(r.label, n, chunks=chunks, files=list(r.files))
+    src.ignored, src.notes = list(r.ignored), list(r.notes)
+    return src
 
 
 def _plan(data: Any, max_rows: int | None) -> _Source:
@@ -257,17 +295,23 @@ def _plan(data: Any, max_rows: int | None) -> _Source:
 
 
 # ------------------------------------------------------------------------------------------- pipeline
-def _preflight(src: _Source, proc: RowProcessor) -> list:
+def _preflight(src: _Source, proc: RowProcessor, split: str = "train", max_dropped: float = 1.0) -> list:
     """Tokenize the first rows on the driver: a format error (wrong columns, no chat template) surfaces here,
-    before any worker starts. Counts nothing (the pipeline counts these rows when it reads them).
+    before any worker starts; when those rows are the whole source, too few usable rows fail here too
+    (``on_bad_row: skip``). Counts nothing (the pipeline counts these rows when it reads them).
     Returns those raw rows (the trainer's quick data checks read them)."""
     rows = src.preview
+    whole = rows is not None and src.num_rows <= len(rows)
     if rows is None and src.chunks:
-        it = iter_chunk(src.chunks[0])
-        rows = [r for _, r in zip(range(PREFLIGHT_ROWS), it)]
+        rows = [r for _, r in zip(range(PREFLIGHT_ROWS + 1), iter_chunk(src.chunks[0]))]
+        whole = len(src.chunks) == 1 and len(rows) <= PREFLIGHT_ROWS
+        rows = rows[:PREFLIGHT_ROWS]
         proc.source = src.chunks[0].source
     if rows:
-        proc.process(rows)
+        _, stats = proc.process(rows)
+        problem = whole and too_many_dropped(split, stats.seen, dict(stats.dropped), max_dropped)
+        if problem:
+            raise TooFewRowsError(f"{src.label}: {problem}")
     return [r.value for r in rows or [] if isinstance(r.value, dict)]
 
 
@@ -310,27 +354,89 @@ class PreparedData:
     train_source: str = ""
     eval_source: str = ""
     preview_rows: list = field(default_factory=list)  # the first raw training rows, as read
+    inputs: dict[str, Any] = field(default_factory=dict)  # describe_inputs(...): tokenizer, files, eval use
+
+    def summary(self) -> str:
+        """Which tokenizer and which data the run uses (printed by `dpo-ray train` before any worker starts)."""
+        i = self.inputs
+        lines = [f"dpo-ray data: tokenizer {i['tokenizer']}", f"  train: {i['train']}", f"  eval:  {i['eval']}"]
+        lines += [f"  not used: {x}" for x in i["not_used"]]
+        lines += [f"  warning: {x}" for x in i["notes"]]
+        return "\n".join(lines)
 
 
-def _sources(cfg, train_dataset, eval_dataset) -> tuple[_Source, _Source | None, float]:
-    """(train source, eval source or None, held-out fraction to apply to the train source)."""
+def _listing(files: list[str], label: str, limit: int = 10) -> str:
+    if not files:
+        return label
+    shown = ", ".join(files[:limit]) + (f", ... and {len(files) - limit} more" if len(files) > limit else "")
+    return f"{len(files)} file(s): {shown}" if len(files) > 1 else shown
+
+
+def _bundled_default(cfg, tokenizer) -> str:
+    """The bundled task's file, only for the embedded default: no model_name_or_path and the bundled tokenizer."""
+    if cfg.model_name_or_path is not None or (tokenizer is not None and not is_bundled_tokenizer(tokenizer)):
+        whose = (f"model_name_or_path={cfg.model_name_or_path!r}" if cfg.model_name_or_path is not None
+                 else f"the tokenizer {describe_tokenizer(tokenizer)}")
+        raise DataSourceError(
+            f"dataset_name is not set. The bundled toy task (sorting digits) is the default data only of the "
+            f"bundled tiny model, not of {whose}: give your preference data with --dataset_name FILE|DIR|GLOB "
+            f"(dataset_name: in YAML, train_dataset= in Python). To train on the toy task on purpose, pass "
+            f"--dataset_name {bundled.TRAIN_FILE}")
+    return str(bundled.TRAIN_FILE)
+
+
+def _sources(cfg, train_dataset, eval_dataset, tokenizer=None) -> tuple[_Source, _Source | None, float]:
+    """(train source, eval source or None, held-out fraction to apply to the train source).
+
+    No file is in both: an eval file that is also a training file is an error."""
     frac = cfg.eval_fraction
     if train_dataset is not None:
         train = _plan(train_dataset, None if frac else cfg.max_train_samples)
         beside = None
     else:
-        name = cfg.dataset_name or str(bundled.TRAIN_FILE)
-        resolved = resolve(name, cfg.dataset_train_split, cfg.dataset_config)
+        name = cfg.dataset_name or _bundled_default(cfg, tokenizer)
+        resolved = resolve(name, cfg.dataset_train_split, cfg.dataset_config, cfg.dataset_test_split)
         train = _from_resolved(resolved, None if frac else cfg.max_train_samples)
-        beside = eval_files_beside(resolved, name, cfg.dataset_test_split, cfg.dataset_config)
+        beside = eval_files_beside(resolved, name, cfg.dataset_train_split, cfg.dataset_test_split, cfg.dataset_config)
     if eval_dataset is not None:
-        return train, _plan(eval_dataset, cfg.max_eval_samples), 0.0
-    if cfg.eval_dataset_name:
-        r = resolve(cfg.eval_dataset_name, cfg.dataset_test_split or "test", cfg.dataset_config)
-        return train, _from_resolved(r, cfg.max_eval_samples), 0.0
-    if beside is not None and (beside.files or beside.table is not None) and not frac:
-        return train, _from_resolved(beside, cfg.max_eval_samples), 0.0
-    return train, (train if frac else None), frac
+        ev = _plan(eval_dataset, cfg.max_eval_samples)
+    elif cfg.eval_dataset_name:
+        r = resolve(cfg.eval_dataset_name, cfg.dataset_test_split or "test", cfg.dataset_config,
+                    cfg.dataset_train_split)
+        ev = _from_resolved(r, cfg.max_eval_samples)
+    elif beside is not None and (beside.files or beside.table is not None) and not frac:
+        ev = _from_resolved(beside, cfg.max_eval_samples)
+    else:
+        return train, (train if frac else None), frac
+    both = sorted({str(Path(f).resolve()) for f in train.files} & {str(Path(f).resolve()) for f in ev.files})
+    if both:
+        raise DataSourceError(f"{', '.join(both)} would be both training and eval data; give eval_dataset_name a "
+                              "file that is not in the training data, or set dataset_test_split: null")
+    return train, ev, 0.0
+
+
+def describe_inputs(cfg, tokenizer, train_src: _Source, eval_src: _Source | None, frac: float,
+                    n_train: int) -> dict[str, Any]:
+    """Which tokenizer, training files and eval rows a run uses, and the data files beside them it leaves out:
+    what `dpo-ray train` prints and `dpo-ray inspect-data` reports (``inputs``)."""
+    seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
+    if eval_src is None:
+        ev = "none"
+    elif frac:
+        ev = f"{frac:g} of the training rows held out (eval_fraction, by a hash of row_id and seed {seed})"
+    else:
+        ev = f"{_listing(eval_src.files, eval_src.label)} (~{eval_src.num_rows} rows)"
+    if eval_src is not None and cfg.eval_strategy == "no":
+        ev += "; not used: eval_strategy is 'no'"
+    eval_files = eval_src.files if eval_src is not None and eval_src is not train_src else []
+    used = {str(Path(f).resolve()) for f in eval_files}
+    not_used = [x for x in train_src.ignored if str(Path(x.rsplit(" (", 1)[0]).resolve()) not in used]
+    if len(not_used) > 10:
+        not_used = not_used[:10] + [f"... and {len(not_used) - 10} more"]
+    return {"tokenizer": describe_tokenizer(tokenizer),
+            "train": f"{_listing(train_src.files, train_src.label)} (~{n_train} rows)",
+            "train_files": list(train_src.files), "eval": ev, "eval_files": list(eval_files),
+            "not_used": not_used, "notes": list(train_src.notes)}
 
 
 def build_datasets(cfg, tokenizer, train_dataset: Any = None, eval_dataset: Any = None,
@@ -338,37 +444,40 @@ def build_datasets(cfg, tokenizer, train_dataset: Any = None, eval_dataset: Any 
     """Tokenized train (and eval) Ray datasets for ``cfg`` (docs/data.md).
 
     train_dataset / eval_dataset: a datasets.Dataset, ray.data.Dataset, list of dicts, path, or None
-    (then ``cfg.dataset_name``; None = the bundled task). Eval: ``eval_dataset``, else
-    ``eval_dataset_name``, else a ``dataset_test_split`` beside the training data, else ``eval_fraction``
-    of the training rows (by a hash of row_id and data_seed), else none.
+    (then ``cfg.dataset_name``; None = the bundled task, only for the bundled model and tokenizer). Eval:
+    ``eval_dataset``, else ``eval_dataset_name``, else a ``dataset_test_split`` file the training file's name
+    pairs with (or split files in the directory), else ``eval_fraction`` of the training rows (by a hash of
+    row_id and data_seed), else none. Eval rows are checked on the driver only when eval_strategy uses them.
     """
     if mode not in ("dpo", "sft"):
         raise ValueError(f"mode must be 'dpo' or 'sft', got {mode!r}")
-    train_src, eval_src, frac = _sources(cfg, train_dataset, eval_dataset)
+    train_src, eval_src, frac = _sources(cfg, train_dataset, eval_dataset, tokenizer)
     seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
     opts = TokenizeOptions.from_config(cfg, mode)
-    preview = _preflight(train_src, RowProcessor(tokenizer, opts))
+    limit = cfg.max_dropped_fraction
+    preview = _preflight(train_src, RowProcessor(tokenizer, opts), "train", limit)
     stats = DataStats()
     train_rule = SplitRule("train", frac, seed)
-    train = _dataset(train_src, RowProcessor(tokenizer, opts, train_src.label), train_rule,
-                     stats.recorder("train"), cfg.max_train_samples, _concurrency(cfg))
     n_train = train_src.num_rows - (round(train_src.num_rows * frac) if frac else 0)
     if cfg.max_train_samples is not None:
         n_train = min(n_train, cfg.max_train_samples)
+    train = _dataset(train_src, RowProcessor(tokenizer, opts, train_src.label), train_rule,
+                     stats.recorder("train", limit, n_train), cfg.max_train_samples, _concurrency(cfg))
     ev, n_eval = None, 0
     if eval_src is not None:
-        if eval_src is not train_src:
-            _preflight(eval_src, RowProcessor(tokenizer, opts))
-        ev = _dataset(eval_src, RowProcessor(tokenizer, opts, eval_src.label), SplitRule("eval", frac, seed),
-                      stats.recorder("eval"), cfg.max_eval_samples, _concurrency(cfg))
         n_eval = round(eval_src.num_rows * frac) if frac else eval_src.num_rows
         if cfg.max_eval_samples is not None:
             n_eval = min(n_eval, cfg.max_eval_samples)
+        if eval_src is not train_src and cfg.eval_strategy != "no":
+            _preflight(eval_src, RowProcessor(tokenizer, opts), "eval", limit)
+        ev = _dataset(eval_src, RowProcessor(tokenizer, opts, eval_src.label), SplitRule("eval", frac, seed),
+                      stats.recorder("eval", limit, n_eval), cfg.max_eval_samples, _concurrency(cfg))
     for ds in (train, ev):
         if ds is not None:
             _preserve_order(ds)
     return PreparedData(train, ev, stats, int(n_train), int(n_eval), train_src.label,
-                        eval_src.label if eval_src is not None else "", preview)
+                        eval_src.label if eval_src is not None else "", preview,
+                        describe_inputs(cfg, tokenizer, train_src, eval_src, frac, int(n_train)))
 
 
 def _preserve_order(ds) -> None:

@@ -6,8 +6,11 @@ Pure Python (no Ray, no tokenizer): the same checks run in the Ray Data tasks an
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
+
+from dpo_ray.errors import BadRowError
 
 # Bad-row kinds, as counted in ``DataStats.report()`` and named in errors.
 MISSING_COLUMN = "missing_column"
@@ -19,22 +22,20 @@ UNDECODABLE = "undecodable_text"
 MALFORMED_JSON = "malformed_json"
 PROMPT_FILLS = "prompt_fills_max_length"
 BAD_IMAGE = "bad_image"
+NULL_VALUE = "null_value"
+MISNAMED_COLUMN = "misnamed_column"
+TEMPLATE_ERROR = "template_error"
+IDENTICAL_TRUNCATED = "identical_after_truncation"
 BAD_ROW_KINDS = (MISSING_COLUMN, WRONG_TYPE, EMPTY_COMPLETION, IDENTICAL, INVALID_MESSAGE, UNDECODABLE,
-                 MALFORMED_JSON, PROMPT_FILLS, BAD_IMAGE)
+                 MALFORMED_JSON, PROMPT_FILLS, BAD_IMAGE, NULL_VALUE, MISNAMED_COLUMN, TEMPLATE_ERROR,
+                 IDENTICAL_TRUNCATED)
+# The columns a row is read from. A null in one of the TEXT_COLUMNS is a bad row (not "absent"): a file
+# whose rows have prompts must not train one row as implicit-prompt because its cell was empty.
+KNOWN_COLUMNS = ("prompt", "chosen", "rejected", "completion", "messages", "images", "tools", "chat_template_kwargs")
+TEXT_COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "sft": ("prompt", "chosen", "completion", "messages")}
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _SKIP_HINT = "Fix the row, or set on_bad_row: skip (--on_bad_row skip) to drop such rows; they are counted and reported."
-
-
-class BadRowError(ValueError):
-    """A row the pipeline cannot use. The message names the source file, the row and the fix."""
-
-    def __init__(self, message: str, kind: str = "", row_id: int = -1):
-        super().__init__(message)
-        self.kind, self.row_id = kind, row_id
-
-    def __reduce__(self):  # survives the trip out of a Ray task with its fields
-        return (BadRowError, (self.args[0], self.kind, self.row_id))
 
 
 class BadRow(Exception):
@@ -51,6 +52,33 @@ def where(source: str | None, row_id: int, line: int | None) -> str:
         unit = "line" if source.endswith((".jsonl", ".json", ".csv")) else "row"
         return f"{source} {unit} {line} (row_id {row_id})"
     return f"{source or 'dataset'}, row {row_id}"
+
+
+def _canonical(name: str) -> str:
+    """A column name without case, invisible characters (BOM, zero-width), whitespace, '_' or '-'."""
+    return "".join(ch for ch in unicodedata.normalize("NFKC", name)
+                   if unicodedata.category(ch)[0] not in "CZ" and ch not in "_-").casefold()
+
+
+_CANONICAL = {_canonical(k): k for k in KNOWN_COLUMNS}
+
+
+def misnamed_columns(names) -> list[tuple[str, str]]:
+    """(name as written, the known column it spells) for names that are a known column up to case or
+    invisible characters ('\\ufeffprompt', 'Chosen', 'rejected ')."""
+    out = []
+    for n in names:
+        if isinstance(n, str) and n not in KNOWN_COLUMNS and _canonical(n) in _CANONICAL:
+            out.append((n, _CANONICAL[_canonical(n)]))
+    return out
+
+
+def misnamed_message(pairs: list[tuple[str, str]]) -> str:
+    spelled = "; ".join(f"{ascii(n)} looks like {k!r} (differs in case, spaces or invisible characters)"
+                        for n, k in pairs)
+    bom = any("\ufeff" in n for n, _ in pairs)
+    return (f"column {spelled}; dpo_ray reads only the exact names {', '.join(KNOWN_COLUMNS)}: rename the column"
+            + (" ('\\ufeff' is a byte-order mark: save the file as UTF-8 without BOM)" if bom else ""))
 
 
 def bad_row_error(bad: BadRow, source: str | None, row_id: int, line: int | None) -> BadRowError:
@@ -133,6 +161,18 @@ def _field(row: dict, name: str, conversational: bool) -> Any:
     return _messages(row[name], name, typed="images" in row) if conversational else _text(row[name], name)
 
 
+def _check_columns(row: dict, mode: str) -> None:
+    """Misspelled known columns and nulls in the text columns are bad rows, never 'absent'."""
+    misnamed = misnamed_columns(row)
+    if misnamed:
+        raise BadRow(MISNAMED_COLUMN, misnamed_message(misnamed))
+    for n in TEXT_COLUMNS[mode]:
+        if n in row and row[n] is None:
+            raise BadRow(NULL_VALUE, f"column {n!r} is null (JSON null, an empty CSV cell or a missing Parquet "
+                                     f"value), so the row would train as if it had no {n!r}; give it a value, "
+                                     f"or leave the key out of rows that have none (JSON Lines)")
+
+
 def _require(row: dict, names: tuple[str, ...], hint: str) -> None:
     for n in names:
         if row.get(n) is None:
@@ -174,7 +214,11 @@ def _extras(row: dict) -> tuple[list | None, dict]:
     if tools is not None and not isinstance(tools, list):
         raise BadRow(WRONG_TYPE, f"column 'tools' should be a list of tool schemas, got {type(tools).__name__}")
     if isinstance(kwargs, str):
-        kwargs = json.loads(kwargs) if kwargs.strip() else None
+        try:
+            kwargs = json.loads(kwargs) if kwargs.strip() else None
+        except json.JSONDecodeError as e:
+            raise BadRow(WRONG_TYPE, f"column 'chat_template_kwargs' is a string but not a JSON object ({e.msg} at "
+                                     f"column {e.colno}); give an object such as {{\"enable_thinking\": false}}") from None
     if kwargs is not None and not isinstance(kwargs, dict):
         raise BadRow(WRONG_TYPE, f"column 'chat_template_kwargs' should be an object, got {type(kwargs).__name__}")
     return tools or None, kwargs or {}
@@ -191,6 +235,7 @@ def normalize_pair(row: Any) -> Example:
     """A DPO row in any TRL preference format -> Example(prompt, [chosen, rejected])."""
     if not isinstance(row, dict):
         raise BadRow(WRONG_TYPE, f"a row should be an object with prompt/chosen/rejected, got {type(row).__name__}")
+    _check_columns(row, "dpo")
     hint = "DPO rows need 'chosen' and 'rejected' ('prompt' optional)"
     if row.get("chosen") is None and ("completion" in row or "messages" in row):
         hint += "; this looks like SFT data (completion/messages): run `dpo-ray sft` for it"
@@ -227,6 +272,7 @@ def normalize_sft(row: Any) -> Example:
     """
     if not isinstance(row, dict):
         raise BadRow(WRONG_TYPE, f"a row should be an object, got {type(row).__name__}")
+    _check_columns(row, "sft")
     if row.get("messages") is not None:
         msgs = _messages(row["messages"], "messages", typed="images" in row)
         if len(msgs) < 1:

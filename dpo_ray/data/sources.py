@@ -12,24 +12,29 @@ from __future__ import annotations
 import csv
 import glob
 import json
-import mmap
 import os
 import pickle
+import re
+import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo_ray.data.rows import MALFORMED_JSON, UNDECODABLE, BadRow
+from dpo_ray.data.rows import MALFORMED_JSON, UNDECODABLE, BadRow, misnamed_columns, misnamed_message
 from dpo_ray.data.tokenize import RawRow
+from dpo_ray.errors import DataSourceError
 
 CHUNK_BYTES = 1 << 18  # JSONL bytes per read task (~3k short rows): the first block is ready fast
+READ_BYTES = 1 << 20  # planning reads files in blocks of this size: driver memory does not grow with the file
+JSON_ARRAY_MAX_BYTES = 64 << 20  # a JSON array is one document, parsed whole on the driver: bounded here
 LIST_CHUNK_ROWS = 4096  # in-memory rows per read task
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataSourceError(ValueError):
-    """The dataset source cannot be found or read; the message says what to pass instead."""
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark (Excel's "CSV UTF-8", Notepad): read as utf-8-sig
+# Split names recognised in file and folder names, besides dataset_train_split / dataset_test_split
+# themselves: a file named for any of them is never training data by default.
+SPLIT_ALIASES = {"train": ("training",), "test": ("testing",)}
+OTHER_SPLITS = ("train", "training", "test", "testing", "eval", "evaluation", "validation", "valid", "val", "dev")
 
 
 @dataclass
@@ -48,20 +53,45 @@ class Chunk:
 
 
 # ------------------------------------------------------------------------------------------ planning
+def _first_byte(f) -> bytes:
+    """The file's first byte that is not whitespace (after a BOM), reading block by block."""
+    f.seek(0)
+    if f.read(3) != BOM:
+        f.seek(0)
+    while block := f.read(READ_BYTES):
+        head = block.lstrip()
+        if head:
+            return head[:1]
+    return b""
+
+
 def _plan_jsonl(path: str, first_row_id: int) -> list[Chunk]:
+    """Byte ranges of about CHUNK_BYTES cut after a newline, and their line counts: one pass over the file in
+    READ_BYTES blocks, so the driver's memory stays flat whatever the file size."""
     size = os.path.getsize(path)
     if size == 0:
         return []
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:size].lstrip()[:1] == b"[":  # a JSON array file: one chunk, parsed whole
+    chunks: list[Chunk] = []
+    start = line = n = pos = 0  # chunk start byte and line, newlines since start, bytes read so far
+    last = b""
+    with open(path, "rb") as f:
+        if _first_byte(f) == b"[":  # a JSON array file: one chunk, parsed whole
             return [Chunk("jsonarray", path, first_row_id, 0, 0, 0, size)]
-        chunks, start, line = [], 0, 0
-        while start < size:
-            nl = mm.find(b"\n", min(start + CHUNK_BYTES, size) - 1)
-            end = size if nl < 0 else nl + 1
-            n = mm[start:end].count(b"\n") + (0 if mm[end - 1:end] == b"\n" else 1)
-            chunks.append(Chunk("jsonl", path, first_row_id + line, line, n, start, end))
-            start, line = end, line + n
+        f.seek(0)
+        while block := f.read(READ_BYTES):
+            i = 0
+            while True:  # cut at the first newline at or after byte start + CHUNK_BYTES - 1
+                nl = block.find(b"\n", max(start + CHUNK_BYTES - 1 - pos, i))
+                if nl < 0:
+                    n += block.count(b"\n", i)
+                    break
+                n += block.count(b"\n", i, nl + 1)
+                chunks.append(Chunk("jsonl", path, first_row_id + line, line, n, start, pos + nl + 1))
+                start, line, n, i = pos + nl + 1, line + n, 0, nl + 1
+            pos += len(block)
+            last = block[-1:]
+    if start < size:  # the tail after the last cut (its last line may lack a newline)
+        chunks.append(Chunk("jsonl", path, first_row_id + line, line, n + (last != b"\n"), start, size))
     return chunks
 
 
@@ -69,6 +99,7 @@ def _plan_parquet(path: str, first_row_id: int) -> list[Chunk]:
     import pyarrow.parquet as pq
 
     meta = pq.ParquetFile(path).metadata
+    check_columns(meta.schema.to_arrow_schema().names, path)
     chunks, line = [], 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
@@ -77,15 +108,53 @@ def _plan_parquet(path: str, first_row_id: int) -> list[Chunk]:
     return chunks
 
 
+def check_columns(names, source: str) -> None:
+    """A file's columns (CSV header, Parquet schema, table columns): a known column spelled another way (case,
+    BOM, invisible characters) is an error naming both spellings, before any row is read."""
+    misnamed = misnamed_columns(names)
+    if misnamed:
+        raise DataSourceError(f"{source}: {misnamed_message(misnamed)}")
+
+
+def _csv_rows(path: str, f) -> Iterator[tuple[int, list[str]]]:
+    """(first line, cells) of each non-blank CSV record; a malformed line is an error naming file and line."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # cells of long completions (the default is 128 KiB)
+    reader = csv.reader(f)
+    start = 1
+    try:
+        for cells in reader:
+            if cells:
+                yield start, cells
+            start = reader.line_num + 1  # a quoted cell may span lines
+    except csv.Error as e:
+        raise DataSourceError(f"{path} line {reader.line_num}: not readable as CSV ({e}); check the quoting of "
+                              "that line, or write the data as JSON Lines or Parquet") from None
+
+
+def _open_text(path: str):
+    # utf-8-sig: a BOM (Excel's "CSV UTF-8") is not part of the first column's name
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
 def _plan_csv(path: str, first_row_id: int) -> list[Chunk]:
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        n = max(0, sum(1 for _ in csv.reader(f)) - 1)  # minus the header
+    with _open_text(path) as f:
+        rows = _csv_rows(path, f)
+        header = next(rows, None)
+        if header is not None:
+            check_columns(header[1], path)
+        n = sum(1 for _ in rows)
     return [Chunk("csv", path, first_row_id, 0, n)]
 
 
 def _plan_json_array(path: str, first_row_id: int) -> list[Chunk]:
+    size = os.path.getsize(path)
+    if size > JSON_ARRAY_MAX_BYTES:
+        raise DataSourceError(
+            f"{path} is one JSON array of {size / 2**20:.0f} MiB; a JSON array is parsed whole on the driver, so "
+            f"dpo_ray reads arrays of at most {JSON_ARRAY_MAX_BYTES >> 20} MiB. Write it as JSON Lines (one object "
+            "per line, e.g. `jq -c '.[]' in.json > in.jsonl`), which is read in parallel pieces")
     try:
-        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+        rows = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataSourceError(f"{path} starts with '[' but is not a valid JSON array ({e}); write JSON Lines "
                               "(one object per line) instead") from None
@@ -149,6 +218,8 @@ def iter_chunk(c: Chunk) -> Iterator[RawRow]:
         with open(c.source, "rb") as f:
             f.seek(c.start)
             data = f.read(c.end - c.start)
+        if c.start == 0 and data.startswith(BOM):
+            data = data[len(BOM):]
         for i, raw in enumerate(data.split(b"\n")[: c.n_rows]):
             if raw.strip():
                 yield RawRow(c.first_row_id + i, c.first_line + i + 1, _parse_line(raw))
@@ -159,13 +230,15 @@ def iter_chunk(c: Chunk) -> Iterator[RawRow]:
         for i, r in enumerate(rows):
             yield RawRow(c.first_row_id + i, c.first_line + i + 1, r)
     elif c.kind == "csv":
-        with open(c.source, encoding="utf-8", errors="surrogateescape", newline="") as f:
-            for i, r in enumerate(csv.DictReader(f)):
+        with _open_text(c.source) as f:
+            rows = _csv_rows(c.source, f)
+            header = next(rows, (0, []))[1]
+            for i, (line, cells) in enumerate(rows):
                 if i >= c.n_rows:
                     break
-                # CSV has no nulls: an empty cell is a missing value
-                yield RawRow(c.first_row_id + i, i + 2, {k: (v if v != "" else None) for k, v in r.items()
-                                                         if k is not None})
+                # CSV has no nulls: an empty cell is a null, a bad row in a text column (rows.TEXT_COLUMNS)
+                r = {k: (v if v != "" else None) for k, v in zip(header, cells)}
+                yield RawRow(c.first_row_id + i, line, r)
     elif c.kind == "rows":
         for i, r in enumerate(pickle.loads(c.payload)):
             yield RawRow(c.first_row_id + i, None, r)
@@ -181,51 +254,102 @@ class Resolved:
     files: list[str] | None = None
     table: Any = None  # datasets.Dataset
     label: str = ""
+    ignored: list[str] = field(default_factory=list)  # "FILE (why)": data files beside these, not in this split
+    notes: list[str] = field(default_factory=list)  # warnings for the run's data summary
 
 
 def _data_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
 
 
-def _split_files(files: list[Path], split: str) -> list[Path]:
-    return [f for f in files if f.stem == split or f.stem.startswith(f"{split}-") or f.stem.startswith(f"{split}_")
-            or f"_{split}" in f.stem or f.parent.name == split]
+def _names(split: str) -> set[str]:
+    s = split.lower()
+    return {s, *SPLIT_ALIASES.get(s, ())}
 
 
-def _sibling(path: Path, test_split: str) -> Path | None:
-    cands = [path.with_name(test_split + path.suffix)]
-    if "train" in path.name:
-        cands.append(path.with_name(path.name.replace("train", test_split)))
-    return next((c for c in cands if c.exists() and c != path), None)
+def _words(part: str) -> list[str]:
+    return [w for w in re.split(r"[-_.\s]+", part.lower()) if w]
+
+
+def split_of(rel: Path, splits: tuple[str, ...]) -> str | None:
+    """The split a file's path names: its folders (relative to the dataset root) and its stem, cut into words at
+    - _ . and spaces ('train/0.jsonl', 'prefs_train.jsonl', 'train-00000-of-00002.parquet' -> 'train'). ``splits``
+    (the configured names, first wins on a tie) and OTHER_SPLITS are recognised; None: no split named; '?': two."""
+    words = {w for part in (*rel.parent.parts, rel.stem) for w in _words(part)}
+    named = [sp for sp in splits if words & _names(sp)]
+    known = set().union(*(_names(sp) for sp in splits))
+    named += sorted(words & set(OTHER_SPLITS) - known)
+    if not named:
+        return None
+    return named[0] if len(named) == 1 else "?"
+
+
+def split_files(root: Path, split: str, other: str | None, fallback: bool) -> tuple[list[Path], list[str]]:
+    """(files of ``split`` in directory ``root``, "FILE (why)" for the data files left out).
+
+    The files named for ``split``; when none is and ``fallback``, the files named for no split. A file named for
+    another split (``other``, or one of OTHER_SPLITS) or for two is never taken, so no file is in two splits."""
+    files = _data_files(root)
+    splits = (split,) if not other or other == split else (split, other)
+    label = {f: split_of(f.relative_to(root), splits) for f in files}
+    chosen = [f for f in files if label[f] == split]
+    if not chosen and fallback:
+        chosen = [f for f in files if label[f] is None]
+    why = {None: "named for no split", "?": "named for two splits"}
+    ignored = [f"{f} ({why.get(label[f], f'named for split {label[f]!r}')})" for f in files if f not in chosen]
+    return chosen, ignored
+
+
+def _sibling(path: Path, train_split: str, test_split: str) -> Path | None:
+    """The eval file a training file's name pairs it with, only when the names say so: the train word replaced
+    by the test split (train.jsonl -> test.jsonl, foo_train.parquet -> foo_test.parquet), or for a name with no
+    split word, the name + _test / -test (prefs.jsonl -> prefs_test.jsonl). Never an unrelated test.jsonl."""
+    parts = re.split(r"([-_.\s]+)", path.stem)
+    hits = [i for i, part in enumerate(parts) if part.lower() in _names(train_split)]
+    if hits:
+        stems = ["".join(test_split if j == i else part for j, part in enumerate(parts)) for i in hits]
+    elif split_of(Path(path.name), (train_split, test_split)) is None:
+        stems = [f"{path.stem}{sep}{test_split}" for sep in ("_", "-", ".")]
+    else:
+        return None  # the file is itself named for another split
+    cands = [path.with_name(stem + path.suffix) for stem in stems]
+    return next((c for c in cands if c.is_file() and c != path), None)
 
 
 def _is_save_to_disk(d: Path) -> bool:
     return (d / "dataset_dict.json").exists() or (d / "state.json").exists()
 
 
-def resolve(name: str, split: str, config: str | None, for_eval_of: str | None = None) -> Resolved:
-    """dataset_name (file, glob, directory, save_to_disk dir, hub name) -> files or a datasets.Dataset."""
+def resolve(name: str, split: str, config: str | None, other_split: str | None = None) -> Resolved:
+    """dataset_name (file, glob, directory, save_to_disk dir, hub name) -> files or a datasets.Dataset.
+
+    A directory gives the files named for ``split``, else the files named for no split (``split_files``);
+    ``other_split`` is the split the same directory's other files may be named for (never taken here)."""
     p = Path(name).expanduser()
     if p.is_file():
         return Resolved(files=[str(p)], label=str(p))
     if p.is_dir():
         if _is_save_to_disk(p):
             return Resolved(table=_load_from_disk(p, split), label=f"{p} [{split}]")
-        files = _data_files(p)
-        if not files:
+        if not _data_files(p):
             raise DataSourceError(f"dataset_name={name!r} is a directory with no .jsonl/.json/.parquet/.csv files "
                                   "and is not a save_to_disk directory")
-        chosen = _split_files(files, split)
+        chosen, ignored = split_files(p, split, other_split, fallback=True)
         if not chosen:
-            if for_eval_of is not None:
-                return Resolved()  # no eval split in this directory
-            chosen = files  # no split names: every file is training data
-        return Resolved(files=[str(f) for f in chosen], label=str(p))
+            raise DataSourceError(
+                f"dataset_name={name!r}: no file in this directory is named for split {split!r} or for no split, so "
+                f"none is training data ({'; '.join(ignored)}). Name the training files *{split}* (or set "
+                "dataset_train_split), or give one file as dataset_name")
+        return Resolved(files=[str(f) for f in chosen], label=str(p), ignored=ignored)
     if any(ch in name for ch in "*?["):
         files = sorted(glob.glob(os.path.expanduser(name), recursive=True))
         if not files:
             raise DataSourceError(f"dataset_name={name!r} is a glob that matches no files")
-        return Resolved(files=files, label=name)
+        splits = (split, other_split) if other_split and other_split != split else (split,)
+        named = [(f, split_of(Path(Path(f).name), splits)) for f in files]
+        notes = [f"{f} is named for split {sp!r} but the glob {name!r} puts it in the training data; narrow the "
+                 "glob if it is held-out data" for f, sp in named if sp is not None and sp != split]
+        return Resolved(files=files, label=name, notes=notes)
     return Resolved(table=_load_hub(name, config, split), label=f"{name} [{split}]")
 
 
@@ -256,17 +380,18 @@ def _load_hub(name: str, config: str | None, split: str):
             "files), copy it here, and pass the local path as dataset_name.") from None
 
 
-def eval_files_beside(train: Resolved, name: str, test_split: str | None,
+def eval_files_beside(train: Resolved, name: str, train_split: str, test_split: str | None,
                       config: str | None = None) -> Resolved | None:
-    """The eval split that sits beside the training data: a `test` file, split files in the directory."""
+    """The eval split that sits beside the training data, when names say so: the paired sibling of a training
+    file (``_sibling``), the files named for ``test_split`` in the directory, a DatasetDict's split."""
     if test_split is None:
         return None
     p = Path(name).expanduser()
     if p.is_file():
-        sib = _sibling(p, test_split)
+        sib = _sibling(p, train_split, test_split)
         return Resolved(files=[str(sib)], label=str(sib)) if sib else None
     if p.is_dir() and not _is_save_to_disk(p):
-        files = _split_files(_data_files(p), test_split)
+        files, _ = split_files(p, test_split, train_split, fallback=False)
         return Resolved(files=[str(f) for f in files], label=str(p)) if files else None
     if p.is_dir():
         import datasets

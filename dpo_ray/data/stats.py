@@ -2,7 +2,9 @@
 
 Each processed piece reports its ``PartStats`` under a stable key (split, chunk, piece) to one small
 actor (``num_cpus=0``). Keys make the counts idempotent: a dataset re-executed every epoch, or a retried
-task, overwrites its own entry instead of counting twice.
+task, overwrites its own entry instead of counting twice. The actor answers each report with the split's
+running totals, so a task stops the run once more than ``max_dropped_fraction`` of the rows read so far
+were dropped (after ``DROP_CHECK_MIN_ROWS`` rows, or the whole split when it is smaller).
 """
 
 from __future__ import annotations
@@ -13,15 +15,44 @@ from typing import Any
 import ray
 
 from dpo_ray.data.rows import BAD_ROW_KINDS
+from dpo_ray.errors import TooFewRowsError
+
+DROP_CHECK_MIN_ROWS = 2000  # rows read before the running dropped fraction may stop a run
+_FIX = ("run `dpo-ray inspect-data` with the same flags to list the bad rows; fix the data, or raise "
+        "max_dropped_fraction (1.0 turns this check off)")
+
+
+def too_many_dropped(split: str, seen: int, dropped: dict[str, int], limit: float) -> str | None:
+    """The problem when every row read was dropped, or more than ``limit`` of them; else None."""
+    n = sum(dropped.values())
+    if seen == 0 or n == 0:
+        return None
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1]) if v)
+    if n >= seen:
+        return f"all {seen} {split} rows read were dropped ({kinds}): nothing to train on; {_FIX}"
+    if n / seen > limit:
+        return (f"{n} of {seen} {split} rows read were dropped ({n / seen:.0%}, above max_dropped_fraction="
+                f"{limit:g}; {kinds}): the data is mostly unusable for this run; {_FIX}")
+    return None
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class _StatsActor:
     def __init__(self):
         self.parts: dict[tuple, dict] = {}
+        self.totals: dict[str, dict[str, Any]] = {}  # split -> {"seen", "dropped": Counter}, kept current
 
-    def record(self, key: tuple, part: dict) -> None:
+    def record(self, key: tuple, part: dict) -> dict[str, Any]:
+        """Store one piece's counts; return its split's totals {"seen", "dropped": {kind: n}}."""
+        t = self.totals.setdefault(key[0], {"seen": 0, "dropped": Counter()})
+        old = self.parts.get(key)
+        if old is not None:  # the same piece read again (next epoch, retried task): replace, not add
+            t["seen"] -= old["seen"]
+            t["dropped"].subtract(old["dropped"])
         self.parts[key] = part
+        t["seen"] += part["seen"]
+        t["dropped"].update(part["dropped"])
+        return {"seen": t["seen"], "dropped": {k: v for k, v in t["dropped"].items() if v}}
 
     def parts_list(self) -> list[tuple[tuple, dict]]:
         return list(self.parts.items())
@@ -56,8 +87,8 @@ class DataStats:
     def __init__(self):
         self.actor = _StatsActor.remote()
 
-    def recorder(self, split: str) -> StatsRecorder:
-        return StatsRecorder(self.actor, split)
+    def recorder(self, split: str, max_dropped_fraction: float = 1.0, expected_rows: int = 0) -> StatsRecorder:
+        return StatsRecorder(self.actor, split, max_dropped_fraction, expected_rows)
 
     def report(self) -> dict[str, Any]:
         out = summarize(ray.get(self.actor.parts_list.remote()))
@@ -66,10 +97,43 @@ class DataStats:
 
 
 class StatsRecorder:
-    """Shipped into the map tasks: records one part per key (blocking, one small RPC per piece)."""
+    """Shipped into the map tasks: records one part per key (blocking, one small RPC per piece), and raises
+    TooFewRowsError when the split's running dropped fraction passes ``max_dropped_fraction``."""
 
-    def __init__(self, actor, split: str):
+    def __init__(self, actor, split: str, max_dropped_fraction: float = 1.0, expected_rows: int = 0):
         self.actor, self.split = actor, split
+        self.limit = max_dropped_fraction
+        self.min_rows = min(DROP_CHECK_MIN_ROWS, expected_rows) if expected_rows > 0 else DROP_CHECK_MIN_ROWS
 
     def __call__(self, key: tuple, part: dict) -> None:
-        ray.get(self.actor.record.remote((self.split, *key), part))
+        totals = ray.get(self.actor.record.remote((self.split, *key), part))
+        if totals["seen"] >= self.min_rows:
+            problem = too_many_dropped(self.split, totals["seen"], totals["dropped"], self.limit)
+            if problem:
+                raise TooFewRowsError(problem)
+
+
+def check_trained(steps: int | None, planned_steps: int, report: dict[str, Any], rows_estimate: int,
+                  limit: float) -> str | None:
+    """After a run, on the driver: raise TooFewRowsError when it trained 0 optimizer steps or dropped more than
+    ``limit`` of a split's rows; else a plain note when it ended before its planned steps (None when not).
+
+    ``report``: ``DataStats.report()``; ``rows_estimate``: the raw row count the steps were planned from."""
+    for split in ("train", "eval"):
+        s = report.get(split)
+        problem = s and too_many_dropped(split, s["rows_seen"], s["dropped"], limit)
+        if problem:
+            raise TooFewRowsError(problem)
+    train = report.get("train") or {}
+    kept, seen = train.get("rows_kept", 0), train.get("rows_seen", 0)
+    why = (f"{kept} of the {seen} training rows read were kept ({train.get('rows_dropped', 0)} dropped: "
+           f"{train.get('dropped') or {}}), against the ~{rows_estimate} rows counted to plan the steps")
+    if not steps:
+        raise TooFewRowsError(
+            f"the run trained 0 optimizer steps: {why}, too few for one batch on every worker. The weights in "
+            "output_dir are the untouched input weights. Give more rows, or lower per_device_train_batch_size / "
+            "gradient_accumulation_steps / ray.num_workers")
+    if steps < planned_steps:
+        return (f"the run ended at step {steps} of the {planned_steps} planned: {why}. The learning-rate "
+                f"schedule was sized for {planned_steps} steps, so it stopped before its end")
+    return None

@@ -17,7 +17,10 @@ import pyarrow as pa
 
 from dpo_ray.data.rows import (
     BAD_IMAGE,
+    IDENTICAL,
+    IDENTICAL_TRUNCATED,
     PROMPT_FILLS,
+    TEMPLATE_ERROR,
     BadRow,
     Example,
     bad_row_error,
@@ -172,11 +175,18 @@ class RowProcessor:
                                             tokenize=False, **ex.template_kwargs)
 
     def _texts(self, ex: Example) -> tuple[str, list[str]]:
-        """(prompt text, [prompt+completion text per completion])."""
-        if ex.conversational:
+        """(prompt text, [prompt+completion text per completion]). A chat template that refuses the row
+        (jinja's raise_exception, e.g. "roles must alternate", or a bad template argument) is a bad row."""
+        if not ex.conversational:
+            return ex.prompt, [ex.prompt + c for c in ex.completions]
+        from jinja2 import TemplateError
+
+        try:
             prompt = self._template(ex, ex.prompt, True)
             return prompt, [self._template(ex, ex.prompt + c, False) for c in ex.completions]
-        return ex.prompt, [ex.prompt + c for c in ex.completions]
+        except (TemplateError, TypeError) as e:
+            raise BadRow(TEMPLATE_ERROR, f"the chat template refused the row ({type(e).__name__}: {str(e)[:200]}); "
+                                         "fix the messages (or tools / chat_template_kwargs) to fit the template") from None
 
     def _special(self, ex: Example, prompt_text: str) -> bool:
         # The chat template writes its own special tokens; a text that already starts with BOS gets no second one.
@@ -218,9 +228,14 @@ class RowProcessor:
     def process(self, rows: list[RawRow]) -> tuple[pa.Table, PartStats]:
         stats = PartStats(seen=len(rows))
         good = self._normalize(rows, stats)
-        texts, special, spans = [], [], []
-        for _, ex in good:
-            prompt, fulls = self._texts(ex)
+        texts, special, spans, rendered = [], [], [], []
+        for r, ex in good:
+            try:
+                prompt, fulls = self._texts(ex)
+            except BadRow as b:
+                self._bad(b, r, stats)
+                continue
+            rendered.append((r, ex))
             flag = self._special(ex, prompt)
             if ex.images is not None and self.processor is None and _has_images(ex.images):
                 raise ValueError("rows carry an 'images' column but the processing class is a tokenizer; pass the "
@@ -230,6 +245,7 @@ class RowProcessor:
             texts += [prompt, *fulls]
             # image rows (flag None here) are encoded by the processor, one row at a time
             special += [None if self.processor is not None and _has_images(ex.images) else flag] * (1 + len(fulls))
+        good = rendered
         ids = self._encode(texts, special)
         n_comp = 1 if self.opts.mode == "sft" else 2
         cols: dict[str, list] = {"row_id": []}
@@ -245,6 +261,8 @@ class RowProcessor:
                     row_ids, pixels = self._vision_encode(ex, texts[start:start + 1 + n_comp],
                                                           self._special(ex, texts[start]))
                 seqs = [self._sequence(row_ids[0], row_ids[1 + k], ex.conversational) for k in range(n_comp)]
+                if n_comp == 2:
+                    identical_tokens(seqs, self.opts.max_length, self.opts.truncation_mode)
             except BadRow as b:
                 self._bad(b, r, stats)
                 continue
@@ -276,6 +294,21 @@ class RowProcessor:
                                            f"tokens (the row is {len(full_ids)} tokens with its images expanded); "
                                            "raise max_length or use fewer/smaller images")
         return seq
+
+
+def identical_tokens(seqs, max_length: int | None, mode: str) -> None:
+    """Raise BadRow when chosen and rejected are the same token sequence as training sees it: after
+    tokenization (texts that differ only where the tokenizer maps them alike), or after truncation (they
+    differed only in tokens ``max_length`` cut): the pair's margin is 0 by construction."""
+    (chosen, c_len, c_cut), (rejected, r_len, r_cut) = seqs
+    if chosen != rejected or c_len != r_len:
+        return
+    if c_cut or r_cut:
+        raise BadRow(IDENTICAL_TRUNCATED, f"chosen and rejected are the same {len(chosen)} tokens after truncation to "
+                                          f"max_length={max_length} ({mode}): they differ only in the tokens it cut; "
+                                          "raise max_length, or shorten the prompt")
+    raise BadRow(IDENTICAL, "chosen and rejected are different texts but the same tokens (the tokenizer maps the "
+                            "characters where they differ alike, e.g. to <unk>), so the pair teaches nothing")
 
 
 def _has_images(value: Any) -> bool:

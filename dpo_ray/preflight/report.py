@@ -11,12 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from dpo_ray.data.analyze import Hits, Piece
+from dpo_ray.data.analyze import UNREADABLE, Hits, Piece
 from dpo_ray.data.batching import SHUFFLE_POOL_BATCHES
 from dpo_ray.data.checks import INSPECT_CHECKS
 from dpo_ray.data.rows import BAD_ROW_KINDS, PROMPT_FILLS
+from dpo_ray.data.steps import plan_steps, steps_reached
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 LENGTH_KEYS = ("prompt", "chosen", "rejected", "sequence")
 
 
@@ -128,33 +129,62 @@ def _rows(h: Hits) -> list[dict[str, Any]]:
     return [{"row_id": i, "where": at, **({"detail": d} if d else {})} for i, at, d in h.rows]
 
 
-def check_hits(piece: Piece, on_bad_row: str) -> dict[str, Hits]:
-    """Every check's Hits: the per-row ones, plus the two derived from bad rows."""
-    hits = dict(piece.checks)
-    bad = Hits()
-    for h in piece.bad.values():
-        bad.merge(h, keep=max(len(h.rows), 5))
-    hits["dropped_rows"] = bad
-    hits["bad_rows_raise"] = bad if on_bad_row == "raise" else Hits()
-    return hits
-
-
-def evaluate(piece: Piece, cfg, keep: int) -> dict[str, dict[str, Any]]:
-    """{check: {level, max_fraction, count, fraction, status, meaning, rows}}; status ok | warn | error | off."""
-    hits = check_hits(piece, cfg.on_bad_row)
-    out = {}
-    for name, (_, _, meaning) in INSPECT_CHECKS.items():
-        h = hits.get(name, Hits())
-        level, limit = cfg.inspect.level(name), cfg.inspect.threshold(name)
-        frac = h.count / piece.rows if piece.rows else 0.0
-        fired = h.count > 0 and frac > limit
-        status = "off" if level == "off" else (level if fired else "ok")
-        out[name] = {"level": level, "max_fraction": limit, "count": h.count, "fraction": round(frac, 6),
-                     "status": status, "meaning": meaning, "rows": _rows(h)[:keep]}
+def mixed_formats(piece: Piece, keep: int) -> Hits:
+    """Rows of a source file that are not in the file's most common format (standard / conversational ×
+    explicit / implicit prompt); lines that are not rows at all are bad rows, not a format."""
+    out = Hits()
+    by_source: dict[str, dict[str, Hits]] = {}
+    for (src, fmt), h in piece.source_formats.items():
+        if fmt != UNREADABLE:
+            by_source.setdefault(src, {})[fmt] = h
+    for _, formats in sorted(by_source.items()):
+        if len(formats) < 2:
+            continue
+        main = max(formats, key=lambda f: formats[f].count)
+        mix = ", ".join(f"{f} {h.count}" for f, h in sorted(formats.items(), key=lambda kv: -kv[1].count))
+        for fmt, h in formats.items():
+            if fmt != main:
+                out.merge(Hits(h.count, [(i, at, f"{fmt} in a file of {main} ({mix})") for i, at, _ in h.rows]), keep)
     return out
 
 
-def bad_row_report(piece: Piece, on_bad_row: str) -> dict[str, Any]:
+def check_hits(piece: Piece, on_bad_row: str, keep: int = 5) -> dict[str, Hits]:
+    """Every check's Hits: the per-row ones, the two derived from bad rows (each row's detail names its
+    kind, so the example says why the pipeline drops it), and the mixed formats per source file."""
+    hits = dict(piece.checks)
+    bad = Hits()
+    for kind, h in piece.bad.items():
+        bad.merge(Hits(h.count, [(i, at, f"[{kind}] {d}") for i, at, d in h.rows]), keep=max(len(h.rows), keep))
+    hits["dropped_rows"] = bad
+    hits["bad_rows_raise"] = bad if on_bad_row == "raise" else Hits()
+    hits["mixed_formats"] = mixed_formats(piece, keep)
+    return hits
+
+
+def evaluate(piece: Piece, cfg, keep: int, extra: dict[str, tuple[int, str]] | None = None) -> dict[str, dict[str, Any]]:
+    """{check: {level, max_fraction, count, fraction, status, meaning, rows}}; status ok | warn | error | off.
+
+    ``extra``: checks not counted per row (``no_training_steps``): name -> (rows affected, detail)."""
+    hits = check_hits(piece, cfg.on_bad_row, keep)
+    by_kind = {k: h.count for k, h in sorted(piece.bad.items(), key=lambda kv: -kv[1].count) if h.count}
+    out = {}
+    for name, (_, _, meaning) in INSPECT_CHECKS.items():
+        h = hits.get(name, Hits())
+        count, detail = (extra or {}).get(name, (h.count, ""))
+        level, limit = cfg.inspect.level(name), cfg.inspect.threshold(name)
+        frac = count / piece.rows if piece.rows else 0.0
+        fired = count > 0 and frac > limit
+        status = "off" if level == "off" else (level if fired else "ok")
+        out[name] = {"level": level, "max_fraction": limit, "count": count, "fraction": round(frac, 6),
+                     "status": status, "meaning": meaning, "rows": _rows(h)[:keep]}
+        if detail:
+            out[name]["detail"] = detail
+        if name in ("dropped_rows", "bad_rows_raise") and h.count:
+            out[name]["by_kind"] = by_kind
+    return out
+
+
+def bad_row_report(piece: Piece, on_bad_row: str, max_dropped: float = 1.0) -> dict[str, Any]:
     kinds = {k: {"count": piece.bad[k].count if k in piece.bad else 0,
                  "rows": _rows(piece.bad[k]) if k in piece.bad else []} for k in BAD_ROW_KINDS}
     n = sum(v["count"] for v in kinds.values())
@@ -165,15 +195,38 @@ def bad_row_report(piece: Piece, on_bad_row: str) -> dict[str, Any]:
         effect = f"on_bad_row: raise, so training stops at the first bad row ({first[1]})"
     else:
         effect = f"on_bad_row: skip, so training drops {n} row(s) and reports them at the end"
+        if n >= piece.rows or n / piece.rows > max_dropped:
+            effect += (f"; {n / piece.rows:.0%} dropped is above max_dropped_fraction={max_dropped:g} (or is every "
+                       "row), so training stops with exit status 3")
     return {"on_bad_row": on_bad_row, "total": n, "effect": effect, "kinds": kinds}
 
 
+def steps_report(piece: Piece, cfg, rows_counted: int | None) -> dict[str, Any]:
+    """The optimizer steps training plans (from the rows counted, as the trainer counts them) and the steps the
+    kept rows reach (dpo_ray.data.steps), with ``eval_fraction``'s share held out of both."""
+    kept = int(piece.lengths["kept"].sum())
+    counted = piece.rows if rows_counted is None else rows_counted
+    held = cfg.eval_fraction
+    counted, kept = counted - round(counted * held), kept - round(kept * held)
+    plan = plan_steps(counted, cfg)
+    kept_plan = plan_steps(kept, cfg)
+    return {"workers": plan.world, "rows_per_step": plan.rows_per_step(cfg), "rows_counted": counted,
+            "rows_kept": kept, "planned_steps": plan.total_steps, "planned_steps_per_epoch": plan.steps_per_epoch,
+            "kept_steps_per_epoch": kept_plan.steps_per_epoch, "epochs": plan.num_epochs,
+            "steps_reached": steps_reached(plan, kept, cfg) if plan.total_steps else 0}
+
+
 def build_report(piece: Piece, cfg, *, dataset: str, tokenizer_name: str, params: dict[str, Any],
-                 keep: int) -> dict[str, Any]:
+                 keep: int, rows_counted: int | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     lengths = length_arrays(piece)
     kept = int(piece.lengths["kept"].sum())
     padding = padding_report(piece, cfg)
-    checks = evaluate(piece, cfg, keep)
+    steps = steps_report(piece, cfg, rows_counted)
+    extra = {}
+    if steps["kept_steps_per_epoch"] == 0 and piece.rows:
+        extra["no_training_steps"] = (piece.rows, f"{steps['rows_kept']} rows kept for training; one optimizer "
+                                                  f"step takes {steps['rows_per_step']}")
+    checks = evaluate(piece, cfg, keep, extra)
     statuses = {c["status"] for c in checks.values()}
     status = "error" if "error" in statuses else "warn" if "warn" in statuses else "ok"
     fills = piece.bad[PROMPT_FILLS].count if PROMPT_FILLS in piece.bad else 0
@@ -188,7 +241,9 @@ def build_report(piece: Piece, cfg, *, dataset: str, tokenizer_name: str, params
                  "by_format": dict(sorted(piece.formats.items())),
                  "by_source": {s: {"rows": c["rows"], "kept": c["kept"], "bad_rows": c["bad_rows"]}
                                for s, c in sorted(piece.sources.items())}},
-        "bad_rows": bad_row_report(piece, cfg.on_bad_row),
+        "inputs": inputs or {},
+        "bad_rows": bad_row_report(piece, cfg.on_bad_row, cfg.max_dropped_fraction),
+        "steps": steps,
         "lengths": {k: percentiles(v) for k, v in lengths.items()},
         "truncation": {"max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode,
                        "rows_truncated": piece.checks["truncated_rows"].count, "rows_dropped": fills,
@@ -257,6 +312,13 @@ def format_console(report: dict[str, Any]) -> str:
     short = _shortener(list(r["by_source"]))
     add = lambda line: lines.append(short(line))  # noqa: E731
     lines.append(f"== dpo-ray inspect-data: {report['dataset']} (tokenizer {report['tokenizer']})")
+    inputs = report.get("inputs") or {}
+    if inputs:
+        lines.append(f"tokenizer: {inputs['tokenizer']}")
+        lines.append(f"train: {inputs['train']}")
+        lines.append(f"eval:  {inputs['eval']}")
+        lines += [f"  not used: {x}" for x in inputs.get("not_used", [])]
+        lines += [f"  warning: {x}" for x in inputs.get("notes", [])]
     add(f"rows: {r['seen']} seen, {r['kept']} kept, {r['dropped']} dropped, {r['truncated']} truncated")
     add("  by format: " + ", ".join(f"{k} {v}" for k, v in r["by_format"].items()))
     for src, c in r["by_source"].items():
@@ -273,6 +335,10 @@ def format_console(report: dict[str, Any]) -> str:
     t = report["truncation"]
     add(f"max_length {t['max_length']} ({t['truncation_mode']}): {t['rows_truncated']} rows truncated, "
         f"{t['rows_dropped']} dropped (prompt fills max_length), {t['completion_tokens_cut']} tokens cut")
+    st = report["steps"]
+    add(f"steps: {st['rows_counted']} training rows counted, {st['rows_kept']} kept; one optimizer step takes "
+        f"{st['rows_per_step']} rows: {st['planned_steps']} steps planned ({st['planned_steps_per_epoch']}/epoch), "
+        f"the kept rows reach {st['steps_reached']} ({st['kept_steps_per_epoch']}/epoch)")
     pad = report["padding"]
     add(f"padding (batch {pad['batch_size']}): {pad['without_bucketing']:.1%} without length bucketing, "
         f"{pad['with_bucketing']:.1%} with; configured: {pad['configured']:.1%}")
@@ -287,8 +353,11 @@ def format_console(report: dict[str, Any]) -> str:
         mark = {"ok": "ok   ", "warn": "WARN ", "error": "ERROR", "off": "off  "}[v["status"]]
         add(f"  [{mark}] {name}: {v['count']} rows ({v['fraction']:.2%}; {v['level']} above {v['max_fraction']:.0%})")
         if v["status"] in ("warn", "error"):
-            add(f"          {v['meaning']}; e.g. " + "; ".join(x["where"] for x in v["rows"][:3]))
-            detail = next((x["detail"] for x in v["rows"] if x.get("detail")), "")
+            add(f"          {v['meaning']}" + ("; e.g. " + "; ".join(x["where"] for x in v["rows"][:3])
+                                               if v["rows"] else ""))
+            detail = v.get("detail") or next((x["detail"] for x in v["rows"] if x.get("detail")), "")
+            if v.get("by_kind"):  # the kinds, not one row's reason (another check may say that one)
+                detail = "by kind: " + ", ".join(f"{k} {n}" for k, n in v["by_kind"].items())
             if detail:
                 add(f"          {detail}")
     add(f"status: {report['status']} (exit {report['exit_status']})"

@@ -18,9 +18,17 @@ from typing import Any
 import pyarrow as pa
 
 from dpo_ray.data.analyze import Analyzer, Piece
-from dpo_ray.data.pipeline import DATA_TASK_CPUS, PIECE_ROWS, PREFLIGHT_ROWS, _Source, _sources
-from dpo_ray.data.sources import Chunk, DataSourceError, iter_chunk
+from dpo_ray.data.pipeline import (
+    DATA_TASK_CPUS,
+    PIECE_ROWS,
+    PREFLIGHT_ROWS,
+    _Source,
+    _sources,
+    describe_inputs,
+)
+from dpo_ray.data.sources import Chunk, iter_chunk
 from dpo_ray.data.tokenize import RawRow
+from dpo_ray.errors import DataSourceError
 from dpo_ray.preflight.report import build_report, format_console, parameter_count, write_report
 
 
@@ -58,13 +66,20 @@ class _TableUDF:
         return _encode(self.analyzer.analyze(rows, self.label))
 
 
-def _plan(cfg, dataset: Any, max_rows: int | None) -> _Source:
+def _plan(cfg, dataset: Any, max_rows: int | None, tokenizer=None) -> _Source:
     """The training source exactly as build_datasets plans it: every row (no held-out split), capped."""
     cap = max_rows if max_rows is not None else cfg.max_train_samples
     whole = cfg.model_copy(update={"eval_fraction": 0.0, "max_train_samples": cap, "eval_dataset_name": None,
                                    "dataset_test_split": None})
-    src, _, _ = _sources(whole, dataset, None)
+    src, _, _ = _sources(whole, dataset, None, tokenizer)
     return src
+
+
+def _inputs(cfg, dataset: Any, tokenizer) -> dict[str, Any]:
+    """The tokenizer, train and eval files as `dpo-ray train` would use them (planning only, no rows read)."""
+    train, ev, frac = _sources(cfg, dataset, None, tokenizer)
+    n = train.num_rows - (round(train.num_rows * frac) if frac else 0)
+    return describe_inputs(cfg, tokenizer, train, ev, frac, min(n, cfg.max_train_samples or n))
 
 
 def _preflight(src: _Source, analyzer: Analyzer) -> None:
@@ -133,7 +148,8 @@ def inspect_data(cfg, *, dataset: Any = None, tokenizer=None, max_rows: int | No
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     keep = cfg.inspect.example_rows
     analyzer = Analyzer(tok, cfg, keep=keep)
-    src = _plan(cfg, dataset, max_rows)
+    inputs = _inputs(cfg, dataset, tok)
+    src = _plan(cfg, dataset, max_rows, tok)
     _preflight(src, analyzer)
     bar = _Progress(src.num_rows, progress)
     total = Piece()
@@ -143,14 +159,18 @@ def inspect_data(cfg, *, dataset: Any = None, tokenizer=None, max_rows: int | No
     bar.update(total.rows, final=True)
     name = cfg.model_name_or_path or ("bundled" if tokenizer is None else getattr(tok, "name_or_path", "") or "given")
     report = build_report(total, cfg, dataset=src.label, tokenizer_name=name, params=_parameters(cfg, tok),
-                          keep=keep)
+                          keep=keep, rows_counted=src.num_rows, inputs=inputs)
     return report, total
 
 
-def _data_error(e: BaseException) -> str | None:
-    """The user-facing message of a data/source/template failure (also inside a Ray task error), else None."""
-    from dpo_ray.data import BadRowError, DataSourceError
+def _data_error(e: BaseException) -> tuple[str, int] | None:
+    """(the user-facing message, exit status) of a data/source/template failure (also inside a Ray task
+    error): a DataError exits 3, another ValueError (a tokenizer with no chat template) 1; else None."""
+    from dpo_ray.data import unwrap_data_error
 
+    data = unwrap_data_error(e)
+    if data is not None:
+        return str(data), data.exit_code
     seen: list[BaseException] = []
     todo: list[BaseException | None] = [e]
     while todo:
@@ -158,8 +178,8 @@ def _data_error(e: BaseException) -> str | None:
         if x is None or any(x is s for s in seen):
             continue
         seen.append(x)
-        if isinstance(x, (DataSourceError, BadRowError, ValueError, FileNotFoundError)):
-            return str(x).strip().splitlines()[-1] if "Traceback" in str(x) else str(x)
+        if isinstance(x, (ValueError, FileNotFoundError)):
+            return (str(x).strip().splitlines()[-1] if "Traceback" in str(x) else str(x)), 1
         todo += [x.__cause__, x.__context__, getattr(x, "cause", None)]
     return None
 
@@ -167,19 +187,19 @@ def _data_error(e: BaseException) -> str | None:
 def run_inspect(cfg, report_dir: str | Path | None = None, max_rows: int | None = None, *, dataset: Any = None,
                 tokenizer=None) -> int:
     """``dpo-ray inspect-data``: print the report, write JSON + PNGs to ``report_dir`` (default
-    ``<output_dir>/data_report``), return 0 when clean and 1 when an error-level check fires or the
-    pipeline itself cannot read the data."""
+    ``<output_dir>/data_report``), return 0 when clean, 1 when an error-level check fires, 3 when the data
+    (or the model directory's tokenizer) cannot be read at all (``DataError.exit_code``)."""
     from dpo_ray.cluster import init_ray
 
     init_ray(cfg)
     try:
         report, piece = inspect_data(cfg, dataset=dataset, tokenizer=tokenizer, max_rows=max_rows)
     except Exception as e:
-        msg = _data_error(e)
-        if msg is None:
+        found = _data_error(e)
+        if found is None:
             raise
-        print(f"dpo-ray inspect-data: the training pipeline cannot read this data: {msg}", file=sys.stderr)
-        return 1
+        print(f"dpo-ray inspect-data: the training pipeline cannot read this data: {found[0]}", file=sys.stderr)
+        return found[1]
     out_dir = Path(report_dir) if report_dir is not None else Path(cfg.output_dir) / "data_report"
     write_report(report, piece, cfg, out_dir)
     print(format_console(report))
