@@ -9,6 +9,7 @@ them all, each naming the key as the user writes it.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import types
 import typing
@@ -21,10 +22,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dpo_ray.data.checks import INSPECT_CHECKS
 from dpo_ray.errors import ConfigError
 from dpo_ray.losses import F_DIVERGENCES, LOSS_ALIASES, LOSSES, LossParams, canonical_loss_name
+from dpo_ray.train.optim import canonical_optimizer, optimizer_problems
+from dpo_ray.train.schedule import SCHEDULES, scheduler_kwargs_problems
+from dpo_ray.trl_keys import TRL_KEYS, translate
 
 TruncationMode = Literal["keep_start", "keep_end"]
 ReferenceSource = Literal["actor", "local", "precomputed", "adapter_off", "ref_adapter", "none"]
-SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+
+# The logged metric names (SPEC §4) that metric_for_best_model may name, with or without eval_.
+METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy",
+                "mean_token_accuracy", "aux_loss")
+# Keys that only mean something for a PEFT policy (use_peft or peft_adapter_path).
+PEFT_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "merge_adapter",
+             "model_adapter_name")
 
 
 class _RuleViolations(Exception):
@@ -34,12 +45,26 @@ class _RuleViolations(Exception):
         self.problems = problems
 
 
+def _did_you_mean(key: str) -> str:
+    """' did you mean X?' for a misspelt key (sections dotted: ray.num_worker -> ray.num_workers), else ''."""
+    known = list(_flag_fields()) + [k for k in TRL_KEYS if k not in DPOConfig.model_fields]
+    section = key.rpartition(".")[0]
+    pool = [k for k in known if k.rpartition(".")[0] == section] or known
+    close = difflib.get_close_matches(key, pool, n=1, cutoff=0.75) or difflib.get_close_matches(
+        key.rpartition(".")[2], [k.rpartition(".")[2] for k in known], n=1, cutoff=0.85)
+    if not close:
+        return ""
+    match = next((k for k in known if k == close[0] or k.endswith("." + close[0])), close[0])
+    return f"; did you mean {match}?"
+
+
 def _problems_from_pydantic(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
     out = []
     for e in err.errors():
         key = prefix + ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
-            out.append((key, "unknown key; check its spelling (`dpo-ray validate --help` lists every key)"))
+            out.append((key, "unknown key" + (_did_you_mean(key) or "; check its spelling (`dpo-ray validate --help` "
+                                                                  "lists every key)")))
         else:
             out.append((key, f"{e['msg']} (got {e.get('input')!r})"))
     return out
@@ -73,7 +98,8 @@ class ReferenceConfig(_Section):
     source: ReferenceSource = Field(
         "actor",
         description="actor: Ray actor pool; local: frozen copy on each worker; precomputed: one pass before training; "
-        "adapter_off / ref_adapter: PEFT; none: reference-free",
+        "adapter_off / ref_adapter: PEFT; none: reference-free. Unset: actor, but under PEFT without a reference "
+        "model TRL's choice: adapter_off for a new adapter, ref_adapter (a frozen copy named ref) for peft_adapter_path",
     )
     model_name_or_path: str | None = Field(None, description="reference model dir; None = the policy's initial weights")
     num_actors: int = Field(1, ge=1, description="reference actors in the pool")
@@ -208,13 +234,21 @@ class DPOConfig(BaseModel):
     max_steps: int = Field(-1, description="optimizer steps; -1 = from num_train_epochs")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps with linear warmup")
     warmup_steps: int = Field(0, ge=0, description="warmup steps (overrides warmup_ratio)")
-    lr_scheduler_type: SchedulerType = Field("linear", description="linear | cosine | constant | constant_with_warmup")
+    lr_scheduler_type: str = Field("linear", description=f"{' | '.join(SCHEDULES)} (transformers' schedules)")
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict, description="the schedule's arguments in transformers' names, e.g. {num_cycles: 0.5} (cosine), {min_lr_rate: 0.1} (cosine_with_min_lr)")
+    optim: str = Field("adamw_torch_fused", description="optimizer, TrainingArguments names: adamw_torch_fused, adamw_torch (adamw_hf), adafactor, sgd, adagrad, rmsprop")
+    optim_args: str | None = Field(None, description="optimizer arguments as 'k=v,k2=v2' (sgd: momentum, dampening, nesterov; adagrad; rmsprop)")
     logging_steps: int = Field(10, ge=1, description="log (console table, metrics.jsonl, TensorBoard) every N optimizer steps")
+    logging_first_step: bool = Field(False, description="also log after the first optimizer step")
+    eval_on_start: bool = Field(False, description="evaluate once before the first step (a baseline)")
     eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="no | steps | epoch")
     eval_steps: int | None = Field(None, ge=1, description="eval every N steps (default logging_steps)")
     save_strategy: Literal["no", "steps", "epoch"] = Field("steps", description="no | steps | epoch (checkpoints through ray.train.report)")
     save_steps: int = Field(500, ge=1, description="checkpoint every N steps")
     save_total_limit: int | None = Field(None, ge=1, description="keep at most this many checkpoints")
+    load_best_model_at_end: bool = Field(False, description="save the checkpoint with the best metric_for_best_model as the final model (needs save_strategy = eval_strategy)")
+    metric_for_best_model: str | None = Field(None, description="eval metric that ranks checkpoints, e.g. loss or rewards/accuracies (default loss)")
+    greater_is_better: bool | None = Field(None, description="whether a larger metric_for_best_model is better (default: false for *loss, else true)")
     resume_from_checkpoint: str | None = Field(None, description="a checkpoint directory, or 'latest' for the newest under output_dir")
     seed: int = Field(42, description="seed for model init, data order and dropout")
     data_seed: int | None = Field(None, description="seed for data order (default seed)")
@@ -236,16 +270,20 @@ class DPOConfig(BaseModel):
             data["loss_type"] = [data["loss_type"]]
         if isinstance(data.get("report_to"), str):
             data["report_to"] = [data["report_to"]]
+        # TRL / TrainingArguments keys dpo_ray spells differently or does not have (dpo_ray/trl_keys.py)
+        data, trl_problems = translate(data, set(type(self).model_fields))
         try:
             super().__init__(**data)
         except ValidationError as e:
-            problems = _problems_from_pydantic(e)
+            problems = trl_problems + _problems_from_pydantic(e)
             # The cross-field rules never ran; run them on the valid part so one error lists everything.
             reported = {key for key, _ in problems}
             problems += [pr for pr in _rule_problems(_without_invalid(data, e)) if pr[0] not in reported]
             raise ConfigError(problems) from None
         except _RuleViolations as e:
-            raise ConfigError(e.problems) from None
+            raise ConfigError(trl_problems + e.problems) from None
+        if trl_problems:
+            raise ConfigError(trl_problems)
 
     @field_validator("prefix_sharing", mode="before")
     @classmethod
@@ -262,10 +300,56 @@ class DPOConfig(BaseModel):
             self.reference.source = "none"
         elif self.precompute_ref_log_probs:
             self.reference.source = "precomputed"
+        elif self.reference_source_defaulted:
+            # TRL's reference under PEFT. Written past pydantic so model_fields_set still says the user left
+            # it unset (reference_source_defaulted; a rebuild from model_dump(exclude_unset=True) re-resolves).
+            source = _default_reference_source(self)
+            self.reference.__dict__["source"] = source
+            if source == "ref_adapter":  # TRL's names: the trained adapter "default", its frozen copy "ref"
+                self.model_adapter_name = self.model_adapter_name or "default"
+                self.ref_adapter_name = self.ref_adapter_name or "ref"
         if self.ref_model_name_or_path and not self.reference.model_name_or_path:
             self.reference.model_name_or_path = self.ref_model_name_or_path
+        if self.load_best_model_at_end:  # transformers' defaults
+            self.metric_for_best_model = self.metric_for_best_model or "loss"
+            if self.greater_is_better is None:
+                self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+        self.optim = canonical_optimizer(self.optim)
         self.loss_type = [canonical_loss_name(n) for n in self.loss_type]
         return self
+
+    @property
+    def reference_source_defaulted(self) -> bool:
+        """True when reference.source was not given (nor reference_free / precompute_ref_log_probs), so the run
+        uses the default: adapter_off / ref_adapter under PEFT without a reference model (as TRL), else actor."""
+        return ("source" not in self.reference.model_fields_set and not self.reference_free
+                and not self.precompute_ref_log_probs)
+
+    def describe_reference(self) -> str:
+        """One line for the run header: the reference source and where it came from."""
+        src = self.reference.source
+        what = {"actor": f"a Ray actor pool ({self.reference.num_actors} actor(s))",
+                "local": "a frozen copy on each worker", "precomputed": "log-probs precomputed before training",
+                "adapter_off": "the policy with its adapter disabled",
+                "ref_adapter": f"the frozen adapter {self.ref_adapter_name!r}", "none": "none (reference-free)"}[src]
+        if not self.needs_reference and src != "none":
+            what += "; not used by " + ", ".join(self.loss_type)
+        if self.reference_free or self.precompute_ref_log_probs:
+            why = "reference_free" if self.reference_free else "precompute_ref_log_probs"
+        elif not self.reference_source_defaulted:
+            why = "reference.source"
+        elif src in ("adapter_off", "ref_adapter"):
+            why = "default under PEFT, as TRL; reference.source: actor for a separate reference model"
+        else:
+            why = "default"
+        return f"reference: {src} = {what} ({why})"
+
+    def best_model_metric(self) -> tuple[str, bool] | None:
+        """(eval metric key as logged, greater_is_better) for load_best_model_at_end, else None."""
+        if not self.load_best_model_at_end:
+            return None
+        name = self.metric_for_best_model or "loss"
+        return (name if name.startswith("eval_") else f"eval_{name}"), bool(self.greater_is_better)
 
     # --- derived values: one source for the batch arithmetic ---
     def loss_params(self) -> LossParams:
@@ -311,6 +395,37 @@ def _rule_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
     return []
 
 
+def _default_reference_source(c: DPOConfig) -> str:
+    """reference.source when the user gives none: TRL's reference under PEFT without a reference model (the
+    adapter disabled for a new adapter; a frozen copy of a loaded adapter, or of the named one), else actor."""
+    if (c.use_peft or c.peft_adapter_path) and not (c.reference.model_name_or_path or c.ref_model_name_or_path):
+        return "ref_adapter" if c.peft_adapter_path or c.ref_adapter_name else "adapter_off"
+    return "actor"
+
+
+def _best_model_problems(c: DPOConfig) -> list[tuple[str, str]]:
+    """transformers' rules for load_best_model_at_end, and a metric name the run logs."""
+    p: list[tuple[str, str]] = []
+    name = c.metric_for_best_model
+    if name is not None and name.removeprefix("eval_") not in METRIC_NAMES:
+        close = difflib.get_close_matches(name.removeprefix("eval_"), METRIC_NAMES, n=1)
+        p.append(("metric_for_best_model", f"{name!r} is not a logged metric"
+                  + (f"; did you mean {close[0]}?" if close else f"; choose from {', '.join(METRIC_NAMES)}")))
+    if not c.load_best_model_at_end:
+        return p
+    if c.eval_strategy == "no":
+        p.append(("load_best_model_at_end", "needs evaluations to rank checkpoints; set eval_strategy steps or epoch"))
+    elif c.save_strategy != c.eval_strategy:
+        p.append(("load_best_model_at_end", f"needs save_strategy equal to eval_strategy (got save_strategy "
+                                            f"{c.save_strategy!r}, eval_strategy {c.eval_strategy!r}), so every "
+                                            "checkpoint has an evaluation"))
+    elif c.eval_strategy == "steps" and c.save_steps % (c.eval_steps or c.logging_steps):
+        p.append(("load_best_model_at_end", f"needs save_steps ({c.save_steps}) to be a multiple of eval_steps "
+                                            f"({c.eval_steps or c.logging_steps}), so every checkpoint has an "
+                                            "evaluation"))
+    return p
+
+
 def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
     p: list[tuple[str, str]] = []
     known = sorted(set(LOSSES) | set(LOSS_ALIASES))
@@ -350,18 +465,21 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
         p.append(("ld_alpha", f"must be in [0, 1] (got {c.ld_alpha}); the LD-DPO paper uses 0.3-0.7"))
     if c.rpo_alpha is not None and c.rpo_alpha < 0:
         p.append(("rpo_alpha", f"must be >= 0 (got {c.rpo_alpha}); the RPO paper uses 1.0"))
-    src = "none" if c.reference_free else "precomputed" if c.precompute_ref_log_probs else c.reference.source
+    defaulted = c.reference_source_defaulted
+    src = ("none" if c.reference_free else "precomputed" if c.precompute_ref_log_probs
+           else _default_reference_source(c) if defaulted else c.reference.source)
     if c.reference_free and c.precompute_ref_log_probs:
         p.append(("precompute_ref_log_probs", "a reference-free run has no reference to precompute; drop one of them"))
     if c.sync_ref_model and src not in ("actor", "local"):
-        p.append(("sync_ref_model", f"TR-DPO updates a reference model, but reference.source is {src!r}; "
-                                    "use reference.source actor or local (not precomputed/adapter/none)"))
+        p.append(("sync_ref_model", f"TR-DPO updates a reference model, but reference.source is {src!r}"
+                                    + (" (the default under PEFT)" if defaulted else "")
+                                    + "; use reference.source actor or local (not precomputed/adapter/none)"))
     if c.sync_ref_model and src == "actor" and (c.use_peft or c.peft_adapter_path):
         p.append(("sync_ref_model", "TR-DPO with a PEFT policy mixes adapter-wrapped weights, which the actor's "
                                     "plain reference model does not have; use reference.source local"))
     if src in ("adapter_off", "ref_adapter") and not c.use_peft and not c.peft_adapter_path:
         p.append(("reference.source", f"{src} needs a PEFT model; set use_peft: true (or peft_adapter_path)"))
-    if src == "ref_adapter" and not (c.ref_adapter_name and c.model_adapter_name):
+    if src == "ref_adapter" and not defaulted and not (c.ref_adapter_name and c.model_adapter_name):
         p.append(("ref_adapter_name", "reference.source ref_adapter needs model_adapter_name and ref_adapter_name"))
     if c.ref_adapter_name and src not in ("ref_adapter",):
         p.append(("reference.source", "ref_adapter_name is set; set reference.source: ref_adapter to use it"))
@@ -379,6 +497,15 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
         pass  # falls back to logging_steps, as TrainingArguments does
     if c.max_steps == 0 or c.max_steps < -1:
         p.append(("max_steps", f"must be -1 (use num_train_epochs) or a positive step count (got {c.max_steps})"))
+    p += [("optim" if msg.startswith("optim ") else "optim_args", msg) for msg in optimizer_problems(c.optim, c.optim_args)]
+    for msg in scheduler_kwargs_problems(c.lr_scheduler_type, c.lr_scheduler_kwargs, c.learning_rate):
+        p.append(("lr_scheduler_type" if msg.startswith("lr_scheduler_type") else "lr_scheduler_kwargs", msg))
+    p += _best_model_problems(c)
+    if not (c.use_peft or c.peft_adapter_path):
+        for key in PEFT_KEYS:
+            if key in c.model_fields_set and getattr(c, key) != DPOConfig.model_fields[key].default:
+                p.append((key, f"is set but use_peft is false, so the model trains in full and {key} has no "
+                               "effect; set use_peft: true or drop it"))
     if c.max_length is not None and c.max_length < 2:
         p.append(("max_length", "must leave room for a prompt and a completion token (>= 2)"))
     from dpo_ray.vision import is_vision_model_dir, keep_end_problem
@@ -474,6 +601,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif _is_bool(ann):
             kwargs.update(nargs="?", const="true")
         group.add_argument(f"--{flag}", **kwargs)
+    # TRL / TrainingArguments flags dpo_ray translates or refuses with a reason (docs/config.md lists them);
+    # hidden from --help, values parsed as YAML ("true", "4", '{"a": 1}')
+    for key in TRL_KEYS:
+        if key not in DPOConfig.model_fields:
+            group.add_argument(f"--{key}", dest="cfg::" + key, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                               nargs="?", const="true")
 
 
 def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
@@ -483,6 +616,9 @@ def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
         if not dest.startswith("cfg::"):
             continue
         key = dest[5:]
+        if key not in fields:  # a TRL-only key: dpo_ray.trl_keys.translate reads its YAML value
+            out[key] = value
+            continue
         if _is_dict(fields[key][1]) and isinstance(value, str):
             try:
                 value = json.loads(value)
