@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         "inspect-data": "preflight report on a preference dataset, before any training resources are taken",
     }
     for name, help_ in specs.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
+        # resolve: --debug below is this CLI's (a data error's traceback), not TRL's TrainingArguments.debug
+        sp = sub.add_parser(name, help=help_, description=help_, conflict_handler="resolve")
         add_config_arguments(sp)
         sp.add_argument("--address", help="Ray cluster address (same as --ray.address; default RAY_ADDRESS)")
         sp.add_argument("--debug", action="store_true",
@@ -113,6 +114,7 @@ def cmd_inspect(ns) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    ns.ray_was_up = _ray_up()
     try:
         if ns.command == "validate":
             return cmd_validate(ns)
@@ -130,10 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def _ray_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def _data_error(ns, e: DataError) -> int:
     """The message alone (it names the file, row or key and the fix), last on stderr; the traceback in the log."""
     import traceback
     from pathlib import Path
+
+    if _ray_up() and not ns.ray_was_up:  # a Ray this command started: stop its worker logs streaming in after
+        sys.modules["ray"].shutdown()
 
     trace = "".join(traceback.format_exception(e))
     where = getattr(ns, "error_log_dir", None)

@@ -139,16 +139,20 @@ class DPOTrainer:
             ),
             datasets=datasets,
         )
+        from dpo_ray.data import unwrap_data_error
+
         try:
-            result = trainer.fit()
+            result = trainer.fit()  # Ray Train V2 raises a worker's error (WorkerGroupError) from fit()
+        except Exception as e:
+            data_error = unwrap_data_error(e)  # a bad row met mid-stream: name it, not the worker
+            if data_error is None:
+                raise
+            raise data_error from e
         finally:
             if pool is not None:
                 pool.shutdown()
         if getattr(result, "error", None) is not None:
-            from dpo_ray.data import unwrap_data_error
-
-            bad_row = unwrap_data_error(result.error)  # a bad row met mid-stream: name it, not the worker
-            raise (bad_row or result.error) from result.error
+            raise (unwrap_data_error(result.error) or result.error) from result.error
         history = _read_metrics(out / "metrics.jsonl")
         report = self._final_report(cfg, history, prepared, time.perf_counter() - t0, out)
         from dpo_ray.data.stats import check_trained

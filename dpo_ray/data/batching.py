@@ -33,10 +33,11 @@ def unwrap_data_error(exc: BaseException) -> DataError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        # Ray Data appends its retry advice to the message on new lines: data error messages are one line
         if isinstance(e, BadRowError):
-            return BadRowError(e.args[0], e.kind, e.row_id)
+            return BadRowError(str(e.args[0]).split("\n")[0], e.kind, e.row_id)
         if isinstance(e, DataError) and type(e).__module__ == DataError.__module__:  # not Ray's dual class
-            return type(e)(*e.args)
+            return type(e)(str(e.args[0]).split("\n")[0] if e.args else "")
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         failures = getattr(e, "worker_failures", None)  # Ray Train V2's WorkerGroupError: rank -> exception
         if isinstance(failures, dict):

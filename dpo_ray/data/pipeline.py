@@ -302,6 +302,7 @@ def _preflight(src: _Source, proc: RowProcessor, split: str = "train", max_dropp
     Returns those raw rows (the trainer's quick data checks read them)."""
     rows = src.preview
     whole = rows is not None and src.num_rows <= len(rows)
+    proc.source = src.label
     if rows is None and src.chunks:
         rows = [r for _, r in zip(range(PREFLIGHT_ROWS + 1), iter_chunk(src.chunks[0]))]
         whole = len(src.chunks) == 1 and len(rows) <= PREFLIGHT_ROWS
