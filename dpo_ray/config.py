@@ -234,7 +234,7 @@ class DPOConfig(BaseModel):
     max_steps: int = Field(-1, description="optimizer steps; -1 = from num_train_epochs")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps with linear warmup")
     warmup_steps: int = Field(0, ge=0, description="warmup steps (overrides warmup_ratio)")
-    lr_scheduler_type: str = Field("linear", description=f"{' | '.join(SCHEDULES)} (transformers' schedules)")
+    lr_scheduler_type: str = Field("linear", description=f"{', '.join(SCHEDULES)} (transformers' schedules)")
     lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict, description="the schedule's arguments in transformers' names, e.g. {num_cycles: 0.5} (cosine), {min_lr_rate: 0.1} (cosine_with_min_lr)")
     optim: str = Field("adamw_torch_fused", description="optimizer, TrainingArguments names: adamw_torch_fused, adamw_torch (adamw_hf), adafactor, sgd, adagrad, rmsprop")
     optim_args: str | None = Field(None, description="optimizer arguments as 'k=v,k2=v2' (sgd: momentum, dampening, nesterov; adagrad; rmsprop)")

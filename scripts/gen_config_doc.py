@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from dpo_ray.config import DPOConfig, _Section
+from dpo_ray.trl_keys import TRL_KEYS
 
 
 def _fmt_type(ann) -> str:
@@ -36,7 +37,30 @@ def render() -> str:
         for sub, f in cls.model_fields.items():
             default = f.default_factory() if f.default_factory else f.default
             lines.append(f"| `{name}.{sub}` | {_fmt_type(f.annotation)} | `{default!r}` | {f.description or ''} |")
+    lines += _trl_table()
     return "\n".join(lines).replace("|  |", "| |") + "\n"
+
+
+_TREATMENT = {"same": "same key", "maps": "translated", "ignored": "accepted, no effect",
+              "default_only": "only TRL's default"}
+
+
+def _trl_table() -> list[str]:
+    """Every TRL 1.x key (DPOConfig with TrainingArguments, and the ModelConfig / ScriptArguments of TRL's
+    scripts) and what dpo_ray does with it, from dpo_ray/trl_keys.py."""
+    lines = ["", "## TRL 1.x keys", "",
+             "Every key of TRL 1.x's `DPOConfig` (with `TrainingArguments`) and of the `ModelConfig` / `ScriptArguments`",
+             "of TRL's scripts, and what dpo_ray does with it (table: `dpo_ray/trl_keys.py`). *same key*: the dpo_ray",
+             "key above; *translated*: turned into the dpo_ray key named; *accepted, no effect*: what it tunes does not",
+             "exist here; *only TRL's default*: accepted at that value (what dpo_ray always does), any other value is",
+             "refused with the reason given. A YAML dumped from TRL's `DPOConfig.to_dict()` loads as it is.", "",
+             "| TRL key | from | dpo_ray | notes |", "|---|---|---|---|"]
+    for key, entry in TRL_KEYS.items():
+        what = _TREATMENT[entry.treatment]
+        if entry.treatment == "default_only":
+            what += f" (`{entry.default!r}`)"
+        lines.append(f"| `{key}` | {entry.source} | {what} | {entry.note.replace('|', '/')} |")
+    return lines
 
 
 if __name__ == "__main__":
