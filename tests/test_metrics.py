@@ -81,3 +81,16 @@ def test_two_workers_weight_by_tokens_per_micro_batch(tmp_path):
     assert want["mean_token_accuracy"] == pytest.approx(0.65625)
     for rank in (0, 1):
         assert results[rank] == pytest.approx(want), rank
+
+
+def test_best_checkpoint_step():
+    from dpo_ray.train.metrics import best_checkpoint_step
+
+    rows = [{"step": 10, "loss": 0.6}, {"step": 10, "eval_loss": 0.50, "eval_rewards/accuracies": 0.6},
+            {"step": 20, "eval_loss": 0.40, "eval_rewards/accuracies": 0.7},
+            {"step": 30, "eval_loss": 0.40, "eval_rewards/accuracies": 0.9},
+            {"step": 40, "eval_loss": float("nan")}]
+    assert best_checkpoint_step(rows, [10, 20, 30, 40], "eval_loss", False) == 20  # ties: the first
+    assert best_checkpoint_step(rows, [10, 30], "eval_rewards/accuracies", True) == 30
+    assert best_checkpoint_step(rows, [10], "eval_rewards/accuracies", True) == 10
+    assert best_checkpoint_step(rows, [5], "eval_loss", False) is None

@@ -70,3 +70,15 @@ class MetricAccumulator:
         out["_micro_batches"] = n_micro / world
         self._totals, self._weighted, self._count = {}, {}, 0
         return out
+
+
+def best_checkpoint_step(rows: list[dict], saved_steps: list[int], key: str, greater_is_better: bool) -> int | None:
+    """load_best_model_at_end: the saved step whose eval ``key`` (e.g. "eval_loss") is best, as transformers
+    picks it (the first of equal values wins), from the logged rows (each with "step"); None without one."""
+    at_step = {r["step"]: r[key] for r in rows if key in r and r[key] == r[key]}  # the eval of each step, NaN out
+    best = None
+    for step in sorted(saved_steps):
+        if step in at_step and (best is None or (at_step[step] > at_step[best] if greater_is_better
+                                                  else at_step[step] < at_step[best])):
+            best = step
+    return best
