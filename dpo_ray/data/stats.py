@@ -128,12 +128,12 @@ def check_trained(steps: int | None, planned_steps: int, report: dict[str, Any],
     kept, seen = train.get("rows_kept", 0), train.get("rows_seen", 0)
     why = (f"{kept} of the {seen} training rows read were kept ({train.get('rows_dropped', 0)} dropped: "
            f"{train.get('dropped') or {}}), against the ~{rows_estimate} rows counted to plan the steps")
-    if not steps:
+    if steps == 0:
         raise TooFewRowsError(
             f"the run trained 0 optimizer steps: {why}, too few for one batch on every worker. The weights in "
             "output_dir are the untouched input weights. Give more rows, or lower per_device_train_batch_size / "
             "gradient_accumulation_steps / ray.num_workers")
-    if steps < planned_steps:
+    if steps is not None and steps < planned_steps:
         return (f"the run ended at step {steps} of the {planned_steps} planned: {why}. The learning-rate "
                 f"schedule was sized for {planned_steps} steps, so it stopped before its end")
     return None
