@@ -197,12 +197,19 @@ class _Source:
     files: list[str] = field(default_factory=list)  # the source files, for the run's data summary
     ignored: list[str] = field(default_factory=list)  # "FILE (why)": data files beside them left out
     notes: list[str] = field(default_factory=list)
+    table_blocks: list | None = None  # an in-memory table's slices (with row_id), put in the object store on use
+
+    def dataset(self):
+        """The Ray dataset of an in-memory source; a table reaches the object store only here, when read."""
+        if self.ray_ds is None and self.table_blocks is not None:
+            import ray
+
+            self.ray_ds = ray.data.from_arrow(self.table_blocks)
+        return self.ray_ds
 
 
 def _from_table(table, label: str, max_rows: int | None) -> _Source:
-    """A datasets.Dataset / pyarrow.Table -> in-memory Ray dataset with a row_id column."""
-    import ray
-
+    """A datasets.Dataset / pyarrow.Table -> in-memory Ray dataset with a row_id column (made when read)."""
     if not isinstance(table, pa.Table):
         table = table.with_format("arrow")[:]  # respects select/shuffle index mappings
     check_columns(table.column_names, label)
@@ -211,7 +218,7 @@ def _from_table(table, label: str, max_rows: int | None) -> _Source:
     table = table.append_column("row_id", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     blocks = [table.slice(i, PIECE_ROWS * 4) for i in range(0, max(table.num_rows, 1), PIECE_ROWS * 4)]
     preview = [RawRow(r.pop("row_id"), None, r) for r in table.slice(0, PREFLIGHT_ROWS).to_pylist()]
-    return _Source(label, table.num_rows, ray_ds=ray.data.from_arrow(blocks), preview=preview)
+    return _Source(label, table.num_rows, table_blocks=blocks, preview=preview)
 
 
 def _from_ray(ds, max_rows: int | None) -> _Source:
@@ -336,7 +343,7 @@ def _dataset(src: _Source, proc: RowProcessor, rule: SplitRule, record: StatsRec
         ds = ds.map_batches(_ChunkUDF(proc, rule, record), batch_size=1, batch_format="pyarrow",
                             num_cpus=DATA_TASK_CPUS, concurrency=concurrency)
     else:
-        ds = src.ray_ds.map_batches(_TableUDF(proc, rule, record), batch_size=PIECE_ROWS, batch_format="pyarrow",
+        ds = src.dataset().map_batches(_TableUDF(proc, rule, record), batch_size=PIECE_ROWS, batch_format="pyarrow",
                                     num_cpus=DATA_TASK_CPUS, concurrency=concurrency)
     if limit is not None:
         ds = ds.limit(limit)

@@ -75,9 +75,12 @@ def _plan(cfg, dataset: Any, max_rows: int | None, tokenizer=None) -> _Source:
     return src
 
 
-def _inputs(cfg, dataset: Any, tokenizer) -> dict[str, Any]:
-    """The tokenizer, train and eval files as `dpo-ray train` would use them (planning only, no rows read)."""
-    train, ev, frac = _sources(cfg, dataset, None, tokenizer)
+def _inputs(cfg, dataset: Any, tokenizer, src: _Source) -> dict[str, Any]:
+    """The tokenizer, train and eval files as `dpo-ray train` would use them (planning only, no rows read;
+    an in-memory ``dataset`` is the training data as given, ``src``, with no eval split)."""
+    if dataset is not None:
+        return describe_inputs(cfg, tokenizer, src, None, 0.0, src.num_rows)
+    train, ev, frac = _sources(cfg, None, None, tokenizer)
     n = train.num_rows - (round(train.num_rows * frac) if frac else 0)
     return describe_inputs(cfg, tokenizer, train, ev, frac, min(n, cfg.max_train_samples or n))
 
@@ -100,7 +103,7 @@ def _pieces(src: _Source, analyzer: Analyzer) -> Iterator[Piece]:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(_ChunkUDF(analyzer), batch_size=1, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
     else:
-        ds = src.ray_ds.map_batches(_TableUDF(analyzer, src.label), batch_size=PIECE_ROWS,
+        ds = src.dataset().map_batches(_TableUDF(analyzer, src.label), batch_size=PIECE_ROWS,
                                     batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for blob in batch.column("piece").to_pylist():
@@ -148,8 +151,8 @@ def inspect_data(cfg, *, dataset: Any = None, tokenizer=None, max_rows: int | No
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     keep = cfg.inspect.example_rows
     analyzer = Analyzer(tok, cfg, keep=keep)
-    inputs = _inputs(cfg, dataset, tok)
     src = _plan(cfg, dataset, max_rows, tok)
+    inputs = _inputs(cfg, dataset, tok, src)
     _preflight(src, analyzer)
     bar = _Progress(src.num_rows, progress)
     total = Piece()
