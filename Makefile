@@ -12,6 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_TRAIN_V2_ENABLED ?= 1
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install test test-fast lint demo bench clean
 
@@ -26,7 +27,7 @@ $(STAMP):
 	touch $@
 
 test: install
-	$(VENV)/bin/pytest -q -x --durations=15 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -x -rs --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
@@ -35,7 +36,7 @@ lint: install
 	$(VENV)/bin/ruff check dpo_ray tests bench examples
 
 demo: install
-	$(PY) -m dpo_ray demo --output_dir demo_output
+	$(PY) -m dpo_ray demo --output_dir demo_output $(DEMO_ARGS)
 
 bench: install
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"

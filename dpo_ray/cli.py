@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="print the traceback of a data error (exit 3) too; it always goes to <output_dir>/error.log")
         if name == "validate":
             sp.add_argument("--world_size", type=int, default=None, help="workers for the DeepSpeed dict")
+            sp.add_argument("--no_path_check", action="store_true",
+                            help="check the keys only, not that model directories exist (a config for another machine)")
         if name == "inspect-data":
             sp.add_argument("--report_dir", default=None, help="where the JSON + PNG report goes")
             sp.add_argument("--max_rows", type=int, default=None, help="inspect only the first N rows")
@@ -76,7 +78,8 @@ def _resolve(ns: argparse.Namespace, extra: dict[str, Any] | None = None) -> DPO
 
 def cmd_validate(ns) -> int:
     cfg = _resolve(ns)
-    check_paths(cfg)
+    if not ns.no_path_check:
+        check_paths(cfg)
     world = ns.world_size or cfg.ray.num_workers
     print("# resolved DPOConfig")
     print(cfg.to_yaml())
