@@ -57,7 +57,7 @@ def main() -> None:
     from dpo_ray.config import DPOConfig
     from dpo_ray.data import iter_train_batches, load_tokenizer
     from dpo_ray.models import load_causal_lm, prepare_policy
-    from dpo_ray.train.loop import dpo_step
+    from dpo_ray.train.steps import dpo_step
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(None)

@@ -66,7 +66,7 @@ def epoch(policy, ref, init: dict, batches: list[dict], cfg, share: bool) -> flo
     import torch
 
     from dpo_ray.forward import PrefixSharing, reference_logps
-    from dpo_ray.train.loop import dpo_step
+    from dpo_ray.train.steps import dpo_step
 
     policy.load_state_dict(init)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate)

@@ -36,8 +36,9 @@ from dpo_ray.config import DPOConfig  # noqa: E402
 from dpo_ray.forward import reference_logps  # noqa: E402
 from dpo_ray.models import load_causal_lm, prepare_policy, shippable  # noqa: E402
 from dpo_ray.reference import prefetched  # noqa: E402
-from dpo_ray.reference.pool import ActorPoolReference, ReferencePool  # noqa: E402
-from dpo_ray.train.loop import dpo_step  # noqa: E402
+from dpo_ray.reference.client import ActorPoolReference  # noqa: E402
+from dpo_ray.reference.pool import ReferencePool  # noqa: E402
+from dpo_ray.train.steps import dpo_step  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "reference.json"
 

@@ -1,7 +1,7 @@
 """dpo_ray against TRL's DPOTrainer: same tiny model, data, hyper-parameters and CPU cores.
 
 Both load the tiny Llama dpo_ray builds by default, saved once to a directory (TRL also gets an explicit
-``ref_model`` loaded from it: docs/FACTS), and train one epoch over the first ``--pairs`` rows of the
+``ref_model`` loaded from it: TRL otherwise reloads the reference from the hub by name), and train one epoch over the first ``--pairs`` rows of the
 bundled train.jsonl with a global batch of ``--batch`` pairs, sigmoid loss, β 0.1, linear LR from
 ``--lr``, fp32, no gradient checkpointing, seed 42, logging every step. Configurations, each in its own
 process, alternated (A B C A B C ...) ``--repeats`` times because the 2 cores are shared:

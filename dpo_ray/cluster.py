@@ -25,7 +25,8 @@ def init_ray(cfg: DPOConfig) -> None:
     """Join ``ray.address`` / RAY_ADDRESS when given; otherwise start an in-process local Ray.
 
     A local Ray gets more logical CPUs than cores (2× cores, at least 8): workers, reference actors and
-    Ray Data tasks request fractions, and on a 2-core box exact accounting starves Ray Data (FACTS).
+    Ray Data tasks request fractions, and on a 2-core box exact accounting starves Ray Data: the run hangs
+    with "cluster resources are not enough to run any task".
     """
     import ray
     import ray.data

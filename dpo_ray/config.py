@@ -84,11 +84,11 @@ class RayConfig(_Section):
         default_factory=dict,
         description="Ray resources per worker, e.g. {CPU: 0.5, policy_gpu: 1}; empty = auto (fractional CPU on CPU)",
     )
-    num_cpus: float | None = Field(None, description="logical CPUs for a local Ray (default: 2× cores, at least 4)")
+    num_cpus: float | None = Field(None, description="logical CPUs for a local Ray (default: 2× cores, at least 8)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how the workers' bundles are placed across nodes")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1 = forever)")
-    storage_path: str | None = Field(None, description="Ray Train storage (shared path on clusters); default output_dir/ray")
+    storage_path: str | None = Field(None, description="Ray Train storage (shared path on clusters); default output_dir/ray_results")
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="runtime_env for a local ray.init")
 
 
@@ -112,6 +112,12 @@ class ReferenceConfig(_Section):
     max_task_retries: int = Field(3, ge=0, description="retries of a request whose actor died")
     batch_size: int | None = Field(None, ge=1, description="pairs per actor forward (default: per_device batch)")
     cache_dir: str | None = Field(None, description="precomputed cache dir; default ~/.cache/dpo_ray/ref_logps")
+    request_timeout_s: float = Field(600.0, gt=0, description="seconds a worker waits for one reference answer before "
+                                     "failing (a wedged actor becomes an error, not a hang); env DPO_RAY_REF_TIMEOUT_S overrides")
+    ready_timeout_s: float = Field(900.0, gt=0, description="seconds the driver waits for the actors to load their "
+                                   "model; env DPO_RAY_REF_READY_TIMEOUT_S overrides")
+    check_placement: bool = Field(True, description="fail at once when the cluster's nodes cannot hold the pool; turn "
+                                  "off under an autoscaler that adds nodes on demand (env DPO_RAY_SKIP_PLACEMENT_CHECK=1 too)")
 
 
 class DeepSpeedConfig(_Section):
@@ -357,6 +363,11 @@ class DPOConfig(BaseModel):
                           self.f_alpha_divergence_coef)
 
     @property
+    def uses_peft(self) -> bool:
+        """The policy is a PEFT model: a new adapter (use_peft) or one loaded from peft_adapter_path."""
+        return self.use_peft or self.peft_adapter_path is not None
+
+    @property
     def needs_reference(self) -> bool:
         return self.reference.source != "none" and any(LOSSES[n].needs_reference for n in self.loss_type)
 
@@ -474,10 +485,10 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
         p.append(("sync_ref_model", f"TR-DPO updates a reference model, but reference.source is {src!r}"
                                     + (" (the default under PEFT)" if defaulted else "")
                                     + "; use reference.source actor or local (not precomputed/adapter/none)"))
-    if c.sync_ref_model and src == "actor" and (c.use_peft or c.peft_adapter_path):
+    if c.sync_ref_model and src == "actor" and c.uses_peft:
         p.append(("sync_ref_model", "TR-DPO with a PEFT policy mixes adapter-wrapped weights, which the actor's "
                                     "plain reference model does not have; use reference.source local"))
-    if src in ("adapter_off", "ref_adapter") and not c.use_peft and not c.peft_adapter_path:
+    if src in ("adapter_off", "ref_adapter") and not c.uses_peft:
         p.append(("reference.source", f"{src} needs a PEFT model; set use_peft: true (or peft_adapter_path)"))
     if src == "ref_adapter" and not defaulted and not (c.ref_adapter_name and c.model_adapter_name):
         p.append(("ref_adapter_name", "reference.source ref_adapter needs model_adapter_name and ref_adapter_name"))
@@ -493,8 +504,6 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
         p.append(("load_in_4bit", "a 4-bit base cannot be trained directly; set use_peft: true (QLoRA)"))
     if c.load_in_4bit and c.deepspeed.zero_stage == 3:
         p.append(("load_in_4bit", "4-bit weights cannot be sharded by ZeRO-3; use deepspeed.zero_stage <= 2"))
-    if c.eval_strategy == "steps" and c.eval_steps is None:
-        pass  # falls back to logging_steps, as TrainingArguments does
     if c.max_steps == 0 or c.max_steps < -1:
         p.append(("max_steps", f"must be -1 (use num_train_epochs) or a positive step count (got {c.max_steps})"))
     p += [("optim" if msg.startswith("optim ") else "optim_args", msg) for msg in optimizer_problems(c.optim, c.optim_args)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +80,17 @@ def sequence_forward(
     return ForwardOut(stats, aux)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` for the block, then the train/eval mode it had (no dropout in a scoring pass)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 class PrefixSharing:
     """Whether a model's pair forwards pack [prompt, chosen, rejected] (config ``prefix_sharing``).
 
@@ -110,18 +123,14 @@ class PrefixSharing:
             self.why = "prefix_sharing: on"
             return True
         fwd = {k: v for k, v in fwd.items() if k in ("ld_alpha", "lean")}
-        was_training = model.training
-        model.eval()  # dropout would make the two forwards differ
         try:
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():  # dropout would make the two forwards differ
                 plain = sequence_forward(model, batch, **fwd).stats
                 packed = sequence_forward(model, batch, share_prefix=True, **fwd).stats
         except (TypeError, ValueError, RuntimeError) as e:  # the model rejects the packed inputs
             self.why = f"the packed forward failed ({type(e).__name__}: {e})"
             log.warning("prefix_sharing off for the %s: %s", self.who, self.why)
             return False
-        finally:
-            model.train(was_training)
         diff = (plain.logps - packed.logps).abs()
         half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
         tol = (2e-2 if half else 1e-3) * plain.num_tokens.clamp(min=1)  # per sequence, grows with its tokens

@@ -28,12 +28,24 @@ def tiny_llama_config(tokenizer, **overrides):
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **params)
 
 
-def model_dtype(cfg: DPOConfig, on_gpu: bool) -> torch.dtype | str:
+def model_dtype(cfg: DPOConfig) -> torch.dtype | str:
     """Weights dtype: explicit torch_dtype wins; else fp32 master weights (DeepSpeed casts for bf16/fp16)."""
     if cfg.torch_dtype in _DTYPES:
         return _DTYPES[cfg.torch_dtype]
     if cfg.torch_dtype == "auto":
         return "auto"
+    return torch.float32
+
+
+def reference_dtype(cfg: DPOConfig, device: torch.device) -> torch.dtype:
+    """bf16 (or fp16) on GPU following the run's precision flags; fp32 on CPU (no bf16 matrix units)."""
+    on_gpu = device.type == "cuda"
+    if cfg.torch_dtype in ("float32", "bfloat16", "float16"):
+        return getattr(torch, cfg.torch_dtype)
+    if on_gpu and cfg.use_bf16(on_gpu):
+        return torch.bfloat16
+    if on_gpu and cfg.fp16:
+        return torch.float16
     return torch.float32
 
 
@@ -51,8 +63,8 @@ def quantization_config(cfg: DPOConfig):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def from_pretrained_kwargs(cfg: DPOConfig, on_gpu: bool) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"dtype": model_dtype(cfg, on_gpu), "trust_remote_code": cfg.trust_remote_code}
+def from_pretrained_kwargs(cfg: DPOConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": model_dtype(cfg), "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.load_in_4bit:
@@ -77,7 +89,7 @@ def _auto_class(config_or_dir):
     return AutoModelForCausalLM
 
 
-def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer, *, on_gpu: bool = False) -> nn.Module:
+def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer) -> nn.Module:
     """A causal LM from a directory path, a shipped ``{"config", "state_dict"}`` dict, or None (tiny default).
 
     Vision-language models (a config with a ``vision_config``) load through AutoModelForImageTextToText.
@@ -103,7 +115,7 @@ def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer, *, on_g
                 # clone: tied weights share storage, which safetensors refuses to write
                 save_file({k: v.contiguous().clone() for k, v in source["state_dict"].items()},
                           str(Path(d) / "model.safetensors"), metadata={"format": "pt"})
-                return _finish(_auto_class(source["config"]).from_pretrained(d, **from_pretrained_kwargs(cfg, on_gpu)),
+                return _finish(_auto_class(source["config"]).from_pretrained(d, **from_pretrained_kwargs(cfg)),
                                cfg)
         model = _auto_class(source["config"]).from_config(source["config"], dtype=torch.float32)
         model.load_state_dict(source["state_dict"])
@@ -118,10 +130,10 @@ def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer, *, on_g
             # an adapter directory: its base model with the adapter merged in (e.g. a PEFT reference model)
             from peft import AutoPeftModelForCausalLM
 
-            model = AutoPeftModelForCausalLM.from_pretrained(source, **from_pretrained_kwargs(cfg, on_gpu))
+            model = AutoPeftModelForCausalLM.from_pretrained(source, **from_pretrained_kwargs(cfg))
             model = model.merge_and_unload()
         else:
-            model = _auto_class(source).from_pretrained(source, **from_pretrained_kwargs(cfg, on_gpu))
+            model = _auto_class(source).from_pretrained(source, **from_pretrained_kwargs(cfg))
     return _finish(model, cfg)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from dpo_ray.cluster import check_nodes_see_paths, cluster_has_gpu, init_ray, worker_env, worker_resources
 from dpo_ray.config import DPOConfig
 from dpo_ray.paths import check_paths, resolve_config_paths
+from dpo_ray.train.checkpoint import CHECKPOINT_STATE_FILE, FINAL_STATE_FILE
 
 
 @dataclass
@@ -68,8 +69,9 @@ class DPOTrainer:
         import ray.train
         from ray.train.torch import TorchTrainer
 
-        from dpo_ray.data import build_datasets, load_processing_class
+        from dpo_ray.data import build_datasets, load_processing_class, unwrap_data_error
         from dpo_ray.train.loop import train_loop_per_worker
+        from dpo_ray.train.setup import LoopConfig
         from dpo_ray.vision import is_processor
 
         cfg = self.args
@@ -79,6 +81,7 @@ class DPOTrainer:
         check_nodes_see_paths(cfg)
         out = Path(cfg.output_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
+        resume = _find_checkpoint(resume_from_checkpoint or cfg.resume_from_checkpoint, out)
         use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else cluster_has_gpu()
 
         tokenizer = self.processing_class or load_processing_class(
@@ -86,7 +89,7 @@ class DPOTrainer:
         prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
         print(prepared.summary(), flush=True)  # which tokenizer, which files: never a silent fallback
         if self.mode == "dpo" and prepared.preview_rows and not is_processor(tokenizer):
-            from dpo_ray.preflight import quick_checks
+            from dpo_ray.data.checks import quick_checks
 
             for warning in quick_checks(prepared.preview_rows, tokenizer, cfg):  # once per kind
                 print(f"dpo-ray data warning: {warning}", file=sys.stderr)
@@ -106,48 +109,42 @@ class DPOTrainer:
             model_source = load_causal_lm(None, cfg, tokenizer)
         if not isinstance(model_source, str):
             model_source = ray.put(shippable(model_source))
-        loop_config: dict[str, Any] = {
-            "cfg": cfg.model_dump(mode="json"), "mode": self.mode, "tokenizer": tokenizer, "model": model_source,
-            "total_steps": total_steps, "num_epochs": num_epochs, "micro_per_epoch": micro_per_epoch,
-        }
-        pool = None
-        if self.mode == "dpo" and cfg.needs_reference:
-            pool = self._reference_setup(cfg, model_source, tokenizer, prepared, loop_config, use_gpu)
-
-        resume = _find_checkpoint(resume_from_checkpoint or cfg.resume_from_checkpoint, out)
-        _prepare_metrics_file(out, resume)
         # Ray Train V2 resumes its own run from get_checkpoint(); a checkpoint from an earlier run is
         # handed to the workers as a path (shared storage on a cluster) and loaded when that is empty.
-        loop_config["resume_checkpoint"] = str(resume) if resume is not None else None
-        (out / "dpo_config.yaml").write_text(cfg.to_yaml())
-
-        datasets = {"train": prepared.train}
-        if prepared.eval is not None:
-            datasets["eval"] = prepared.eval
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop_config,
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=world, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg, use_gpu),
-                placement_strategy=cfg.ray.placement_strategy),
-            run_config=ray.train.RunConfig(
-                name=cfg.run_name or f"dpo_ray-{self.mode}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(Path(cfg.ray.storage_path or out / "ray_results").resolve()),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.save_total_limit),
-                worker_runtime_env={"env_vars": worker_env(use_gpu)},
-            ),
-            datasets=datasets,
-        )
-        from dpo_ray.data import unwrap_data_error
-
-        try:
-            result = trainer.fit()  # Ray Train V2 raises a worker's error (WorkerGroupError) from fit()
-        except Exception as e:
-            data_error = unwrap_data_error(e)  # a bad row met mid-stream: name it, not the worker
-            if data_error is None:
-                raise
-            raise data_error from e
+        lc = LoopConfig(cfg=cfg, mode=self.mode, tokenizer=tokenizer, total_steps=total_steps, num_epochs=num_epochs,
+                        micro_per_epoch=micro_per_epoch, model=model_source,
+                        resume_checkpoint=str(resume) if resume is not None else None)
+        pool = None
+        try:  # from here on, whatever fails, the reference actors are stopped
+            if self.mode == "dpo" and cfg.needs_reference:
+                pool = self._reference_setup(cfg, model_source, tokenizer, prepared, lc)
+            _prepare_metrics_file(out, resume)
+            (out / "dpo_config.yaml").write_text(cfg.to_yaml())
+            datasets = {"train": prepared.train}
+            if prepared.eval is not None:
+                datasets["eval"] = prepared.eval
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"loop": lc},
+                scaling_config=ray.train.ScalingConfig(
+                    num_workers=world, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg, use_gpu),
+                    placement_strategy=cfg.ray.placement_strategy),
+                run_config=ray.train.RunConfig(
+                    name=cfg.run_name or f"dpo_ray-{self.mode}-{time.strftime('%Y%m%d-%H%M%S')}",
+                    storage_path=str(Path(cfg.ray.storage_path or out / "ray_results").resolve()),
+                    failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.save_total_limit),
+                    worker_runtime_env={"env_vars": worker_env(use_gpu)},
+                ),
+                datasets=datasets,
+            )
+            try:
+                result = trainer.fit()  # Ray Train V2 raises a worker's error (WorkerGroupError) from fit()
+            except Exception as e:
+                data_error = unwrap_data_error(e)  # a bad row met mid-stream: name it, not the worker
+                if data_error is None:
+                    raise
+                raise data_error from e
         finally:
             if pool is not None:
                 pool.shutdown()
@@ -172,7 +169,7 @@ class DPOTrainer:
                            output_dir=str(out), eval_metrics=eval_rows[-1] if eval_rows else {})
 
     # ------------------------------------------------------------------------------------- helpers
-    def _reference_setup(self, cfg, model_source, tokenizer, prepared, loop_config, use_gpu):
+    def _reference_setup(self, cfg, model_source, tokenizer, prepared, lc):
         """Start the reference actor pool, or run the precompute pass; returns what to shut down after."""
         source = cfg.reference.source
         ref_source = self.ref_model if self.ref_model is not None else cfg.reference.model_name_or_path
@@ -188,7 +185,7 @@ class DPOTrainer:
             from dpo_ray.reference.pool import ReferencePool
 
             pool = ReferencePool.create(cfg, ref_source, tokenizer)
-            loop_config["reference_pool"] = pool.handles()
+            lc.reference_pool = pool.handles()
             return pool
         if source == "precomputed":
             from dpo_ray.reference.precompute import attach_reference_logps
@@ -197,11 +194,11 @@ class DPOTrainer:
             if prepared.eval is not None:
                 prepared.eval = attach_reference_logps(prepared.eval, cfg, ref_source, tokenizer, split="eval")
         elif source == "local" and ref_source is not model_source:
-            loop_config["ref_model"] = ref_source
+            lc.ref_model = ref_source
         return None
 
     def _final_report(self, cfg, history, prepared, wall, out: Path) -> dict[str, Any]:
-        state_file = out / "train_state.json"
+        state_file = out / FINAL_STATE_FILE
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
         report = {
             "mode": self.mode,
@@ -227,22 +224,22 @@ def _find_checkpoint(resume, out: Path) -> Path | None:
             raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint under {out / 'ray_results'}")
         resume = found[-1]
     path = Path(resume).resolve()
-    if not (path / "trainer_state.json").exists():
-        raise FileNotFoundError(f"resume_from_checkpoint={resume}: not a dpo_ray checkpoint (no trainer_state.json)")
+    if not (path / CHECKPOINT_STATE_FILE).exists():
+        raise FileNotFoundError(f"resume_from_checkpoint={resume}: not a dpo_ray checkpoint (no {CHECKPOINT_STATE_FILE})")
     return path
 
 
 def _prepare_metrics_file(out: Path, resume) -> None:
     """A fresh run starts a fresh metrics.jsonl; a resumed one keeps the rows up to its checkpoint."""
     path = out / "metrics.jsonl"
-    for stale in ("train_state.json", "report.json"):
+    for stale in (FINAL_STATE_FILE, "report.json"):
         (out / stale).unlink(missing_ok=True)
     if not path.exists():
         return
     if resume is None:
         path.unlink()
         return
-    step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
+    step = json.loads((resume / CHECKPOINT_STATE_FILE).read_text())["global_step"]
     kept = [r for r in _read_metrics(path) if r.get("step", 0) <= step]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 

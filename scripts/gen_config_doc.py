@@ -21,7 +21,16 @@ def render() -> str:
     lines = ["# Configuration reference", "",
              "Generated from `dpo_ray/config.py` by `python scripts/gen_config_doc.py`. Every key works in a",
              "YAML file (`--config FILE`) and as a flag (`--key value`; sections as `--ray.num_workers 2`).",
-             "Lists take several values (`--loss_type sigmoid sft`); dicts take JSON (`'{\"CPU\": 0.5}'`).", ""]
+             "Lists take several values (`--loss_type sigmoid sft`); dicts take JSON (`'{\"CPU\": 0.5}'`).", "",
+             "Paths: a relative path means relative to the working directory of the command (or Python process)",
+             "that reads the config, the same for flags, YAML files and the Python API (not the YAML file's",
+             "folder; TRL's scripts do the same). The driver makes every path absolute once, before anything",
+             "starts (`dpo_ray/paths.py`), so Ray workers and reference actors, which run in other directories,",
+             "get absolute paths; `dpo-ray validate` and `dpo_config.yaml` show them. Remote URIs (`s3://`,",
+             "`gs://`, ...) pass through. `model_name_or_path` (and the reference's) must be a directory holding",
+             "`config.json`: this is checked before Ray starts (`validate --no_path_check` skips it for a config",
+             "meant for another machine). On a cluster of several nodes the driver also checks, on every node,",
+             "that the model and data paths exist and that `output_dir` is the same shared directory.", ""]
     sections = []
     lines += ["## Top level (TRL / TrainingArguments names)", "", "| key | type | default | meaning |",
               "|---|---|---|---|"]

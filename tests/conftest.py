@@ -1,7 +1,7 @@
 """Shared fixtures. ``ray_local``: one local Ray for the whole session (yields its GCS address).
 
 More logical CPUs than cores: training workers, reference actors and Ray Data tasks all request
-fractions, and exact accounting on a 2-core box starves Ray Data (docs/FACTS: the run hangs).
+fractions, and exact accounting on a 2-core box starves Ray Data: the run hangs.
 """
 
 from __future__ import annotations

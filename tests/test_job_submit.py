@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -244,6 +245,12 @@ def test_ray_job_submit_runs_tiny_demo(ray_head, tmp_path):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert sum(p.numel() for p in model.parameters()) > 0
-    AutoTokenizer.from_pretrained(out)
+    from dpo_ray.config import load_config
+    from dpo_ray.models import load_causal_lm
+
+    # the job trained the bundled tiny model: the saved weights are not its (seeded) initial ones
+    trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    tok = AutoTokenizer.from_pretrained(out)
+    initial = load_causal_lm(None, load_config(ROOT / "examples" / "tiny_demo.yaml"), tok).state_dict()
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial), "the job saved the untrained weights"

@@ -11,16 +11,15 @@ from dpo_ray.config import DPOConfig
 from dpo_ray.forward import reference_logps, sequence_forward
 from dpo_ray.models import load_causal_lm
 from dpo_ray.reference.peft_ref import AdapterReference
-from dpo_ray.train.loop import dpo_step
+from dpo_ray.train.steps import dpo_step
+
+import helpers
 
 VOCAB = 64
 
 
 def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return helpers.tiny_llama(VOCAB, seed)
 
 
 def batch(b: int = 3, t: int = 12, seed: int = 1) -> dict:
@@ -87,9 +86,15 @@ def test_ref_adapter_from_existing_adapter_dir(tmp_path):
 
 
 def test_ref_adapter_without_start_dir_equals_base_at_step0():
+    """With no adapter to start from, the reference adapter is a fresh (identity) one: the base model, even
+    after the policy's own adapter has moved (perturbed here: at step 0 every LoRA B is zero, so a reference
+    that wrongly used the policy's adapter would pass unperturbed)."""
     cfg = lora_cfg(reference={"source": "ref_adapter"}, model_adapter_name="policy", ref_adapter_name="reference")
     policy = wrap_peft(tiny_llama(), cfg)
+    perturb_lora(policy, "policy")
     expected = reference_logps(tiny_llama(), batch())
+    moved = reference_logps(policy, batch())
+    assert not torch.allclose(moved[0], expected[0], atol=1e-3), "perturbing the policy adapter changed nothing"
     got = AdapterReference(policy, cfg, torch.device("cpu")).result(None, batch())
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -116,7 +121,7 @@ def test_qlora_without_gpu_is_a_clear_error():
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         from dpo_ray.models import from_pretrained_kwargs
 
-        from_pretrained_kwargs(cfg, on_gpu=False)
+        from_pretrained_kwargs(cfg)
 
 
 @pytest.mark.gpu
@@ -125,7 +130,7 @@ def test_qlora_on_gpu(tmp_path):
     pytest.importorskip("bitsandbytes")
     tiny_llama().save_pretrained(tmp_path / "base")
     cfg = lora_cfg(load_in_4bit=True, reference={"source": "adapter_off"})
-    model = wrap_peft(load_causal_lm(str(tmp_path / "base"), cfg, None, on_gpu=True), cfg)
+    model = wrap_peft(load_causal_lm(str(tmp_path / "base"), cfg, None), cfg)
     b = {k: v.cuda() for k, v in batch().items()}
     ref = AdapterReference(model, cfg, torch.device("cuda"))
     loss, _ = dpo_step(model, cfg, b, *ref.result(None, b))

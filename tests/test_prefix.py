@@ -17,7 +17,7 @@ from dpo_ray.data import collate_pairs, load_processing_class, tokenize_rows
 from dpo_ray.data.bundled import DATA_DIR
 from dpo_ray.forward import PrefixSharing, reference_logps, sequence_forward
 from dpo_ray.models import load_causal_lm
-from dpo_ray.train.loop import dpo_step
+from dpo_ray.train.steps import dpo_step
 
 CFG = DPOConfig()
 

@@ -17,25 +17,16 @@ import torch
 from dpo_ray.config import DPOConfig
 from dpo_ray.forward import reference_logps
 from dpo_ray.reference import prefetched
-from dpo_ray.reference.pool import (
-    ActorPoolReference,
-    ReferencePlacementError,
-    ReferencePool,
-    placement_problem,
-)
+from dpo_ray.reference.client import ActorPoolReference
+from dpo_ray.reference.pool import ReferencePlacementError, ReferencePool, placement_problem
+from helpers import tiny_llama
 
 VOCAB, PAD = 100, 0
 
 
 def tiny_source(seed: int = 0) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=PAD, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
-    return {"config": config, "state_dict": {k: v.clone() for k, v in model.state_dict().items()}}
+    model = tiny_llama(VOCAB, seed, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    return {"config": model.config, "state_dict": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
 def build(source: dict) -> torch.nn.Module:
@@ -65,16 +56,6 @@ def make_batch(b: int, seed: int, t: int = 12) -> dict[str, torch.Tensor]:
 
 def config(**reference) -> DPOConfig:
     return DPOConfig(reference={"num_cpus": 0.5, **reference})
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

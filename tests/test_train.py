@@ -135,26 +135,25 @@ def test_saved_model_reproduces_eval_logps(ray_local, tmp_path):
     assert chosen == pytest.approx(out.eval_metrics["eval_logps/chosen"], abs=1e-4)
 
 
-def test_cli_sft_then_train(ray_local, tmp_path):
-    import subprocess
-    import sys
-
-    data = tmp_path / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(32)))
-    env = {**os.environ, "RAY_ADDRESS": ray_local}
-    common = ["--dataset_name", str(data), "--max_steps", "2", "--per_device_train_batch_size", "4",
-              "--logging_steps", "1", "--report_to", "none", "--ray.num_workers", "2"]
-    sft = subprocess.run([sys.executable, "-m", "dpo_ray", "sft", *common, "--output_dir", str(tmp_path / "sft"),
-                          "--learning_rate", "1e-3"], env=env, capture_output=True, text=True, timeout=600)
-    assert sft.returncode == 0, sft.stderr[-3000:]
-    dpo = subprocess.run([sys.executable, "-m", "dpo_ray", "train", *common, "--model_name_or_path",
-                          str(tmp_path / "sft"), "--output_dir", str(tmp_path / "dpo"),
-                          "--reference.source", "local"], env=env, capture_output=True, text=True, timeout=600)
-    assert dpo.returncode == 0, dpo.stderr[-3000:]
-    assert "rewards/accuracies" in dpo.stdout
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(tmp_path / "dpo")
+def test_dpo_after_sft_starts_from_the_sft_weights(ray_local, tmp_path):
+    """SFT from a saved initial model, then DPO from the SFT output with the *initial* model as reference:
+    at step 1 (logged before any DPO update moves the policy) rewards/chosen = β·(log π_sft - log π_init) on
+    chosen completions, which SFT raised; a policy that started anywhere else would log 0 here."""
+    cfg = DPOConfig(**{**BASE, "output_dir": str(tmp_path)})
+    tok = load_tokenizer(cfg)
+    init = tmp_path / "init"
+    load_causal_lm(None, cfg, tok).save_pretrained(init)
+    tok.save_pretrained(init)
+    rows = make_rows(64)
+    sft = DPOTrainer(model=str(init), args=DPOConfig(**{**BASE, "output_dir": str(tmp_path / "sft"), "max_steps": 6,
+                                                         "learning_rate": 1e-2, "reference": {"source": "none"}}),
+                     train_dataset=rows, mode="sft").train()
+    assert sft.report["steps"] == 6
+    dpo = train(tmp_path, "dpo", rows, model=str(tmp_path / "sft"), max_steps=1,
+                reference={"source": "local", "model_name_or_path": str(init)})
+    first = dpo.history[0]
+    assert first["step"] == 1 and first["rewards/chosen"] > 0.1, first
+    assert load_causal_lm(str(tmp_path / "dpo"), cfg, tok) is not None
 
 
 def test_actor_pool_reference_matches_local_reference(ray_local, tmp_path):

@@ -152,7 +152,7 @@ def test_both_reference_paths_send_the_pixels(vlm_dir, processor):
     from dpo_ray.forward import reference_logps
     from dpo_ray.reference import LocalReference
     from dpo_ray.reference.actor import ReferenceModelHost
-    from dpo_ray.reference.pool import ActorPoolReference
+    from dpo_ray.reference.client import ActorPoolReference
 
     c = cfg(model_name_or_path=vlm_dir)
     batch = collate_pairs(tokenize_rows(bundled_rows(2), processor, c), processor.tokenizer.pad_token_id)

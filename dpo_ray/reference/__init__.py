@@ -13,7 +13,7 @@ from dpo_ray.reference.base import (
 )
 
 _LAZY = {
-    "ActorPoolReference": "dpo_ray.reference.pool",
+    "ActorPoolReference": "dpo_ray.reference.client",
     "ReferencePool": "dpo_ray.reference.pool",
     "ReferencePlacementError": "dpo_ray.reference.pool",
     "ReferenceActor": "dpo_ray.reference.actor",

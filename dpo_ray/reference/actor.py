@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from dpo_ray.config import DPOConfig
+from dpo_ray.forward import PrefixSharing, reference_logps
+from dpo_ray.models import load_causal_lm, reference_dtype
 from dpo_ray.vision import PIXEL_KEYS
 
 REQUEST_KEYS = ("input_ids", "attention_mask", "completion_mask")
@@ -45,18 +47,6 @@ def reference_device(num_gpus: float) -> torch.device:
     return torch.device("cpu")
 
 
-def reference_dtype(cfg: DPOConfig, device: torch.device) -> torch.dtype:
-    """bf16 (or fp16) on GPU following the run's precision flags; fp32 on CPU (no bf16 matrix units)."""
-    on_gpu = device.type == "cuda"
-    if cfg.torch_dtype in ("float32", "bfloat16", "float16"):
-        return getattr(torch, cfg.torch_dtype)
-    if on_gpu and cfg.use_bf16(on_gpu):
-        return torch.bfloat16
-    if on_gpu and cfg.fp16:
-        return torch.float16
-    return torch.float32
-
-
 def cpu_threads(num_cpus: float) -> int:
     """Intra-op threads for a CPU actor: its CPU share rounded, 1..2 (more oversubscribes small boxes)."""
     return max(1, min(2, int(num_cpus)))
@@ -72,8 +62,6 @@ class ReferenceModelHost:
 
     def __init__(self, cfg: DPOConfig | dict, source: str | dict | None, tokenizer, *,
                  delay_s: tuple[float, float] | None = None, delay_seed: int = 0):
-        from dpo_ray.models import load_causal_lm
-
         self.cfg = cfg if isinstance(cfg, DPOConfig) else DPOConfig(**cfg)
         rc = self.cfg.reference
         self.device = reference_device(rc.num_gpus)
@@ -81,13 +69,11 @@ class ReferenceModelHost:
             torch.set_num_threads(cpu_threads(rc.num_cpus))
         if isinstance(source, ray.ObjectRef):  # nested refs are not resolved by Ray; top-level ones are
             source = ray.get(source)
-        model = load_causal_lm(source, self.cfg, tokenizer, on_gpu=self.device.type == "cuda")
+        model = load_causal_lm(source, self.cfg, tokenizer)
         self.dtype = reference_dtype(self.cfg, self.device)
         self.model: nn.Module = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.version = 0
         self.forwards = 0
-        from dpo_ray.forward import PrefixSharing
-
         self.sharing = PrefixSharing(self.cfg.prefix_sharing, "reference")
         self._delay = delay_s
         self._rng = random.Random(delay_seed + os.getpid())
@@ -96,8 +82,6 @@ class ReferenceModelHost:
     def logps(self, request_id: Any, batch: Mapping[str, Tensor], ld_alpha: float | None = None
               ) -> tuple[Any, int, Tensor, Tensor]:
         """(request_id, weights_version, ref_chosen (B,), ref_rejected (B,)) for a collated pair batch."""
-        from dpo_ray.forward import reference_logps
-
         if self._delay is not None:
             time.sleep(self._rng.uniform(*self._delay))
         on_device = {k: batch[k].to(self.device, non_blocking=True) for k in request_keys(batch)}

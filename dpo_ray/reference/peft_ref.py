@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dpo_ray.config import DPOConfig
-from dpo_ray.forward import PrefixSharing, reference_logps
+from dpo_ray.forward import PrefixSharing, eval_mode, reference_logps
 
 
 class AdapterReference:
@@ -38,14 +38,9 @@ class AdapterReference:
 
     def result(self, handle, batch):
         on_device = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "completion_mask")}
-        was_training = self.model.training
-        self.model.eval()  # no LoRA dropout in the reference pass
-        try:
-            with torch.no_grad(), self._reference_weights():
-                chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.cfg.ld_alpha,
-                                                   sharing=self.sharing)
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), torch.no_grad(), self._reference_weights():  # no LoRA dropout here
+            chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.cfg.ld_alpha,
+                                               sharing=self.sharing)
         return chosen.cpu(), rejected.cpu()
 
     def sync_from(self, policy, alpha):

@@ -40,9 +40,6 @@ class MetricAccumulator:
                 self._totals[k] = self._totals[k] + v if k in self._totals else v.clone()
         self._count += 1
 
-    def __len__(self) -> int:
-        return self._count
-
     def reduce(self) -> dict[str, float]:
         """All-reduce every metric in one collective, then one host copy. Resets the accumulator."""
         if not self._totals and not self._weighted:
@@ -53,12 +50,10 @@ class MetricAccumulator:
         parts += [torch.stack(self._weighted[k]).reshape(-1) for k in wkeys]  # (K·2,) each
         device = parts[0].device
         flat = torch.cat(parts + [torch.tensor([float(self._count)], device=device)])
-        world = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flat)
-            world = dist.get_world_size()
         values = flat.cpu()  # the one host sync of the logging step
-        n_micro = float(values[-1])
+        n_micro = float(values[-1])  # micro-batches of all workers
         out = {k: (v if k in SUMMED else v / max(n_micro, 1.0)) for k, v in zip(keys, values[:len(keys)].tolist())}
         start = len(keys)
         for k in wkeys:
@@ -67,7 +62,6 @@ class MetricAccumulator:
             start += n
             # a micro-batch without tokens on any worker counts as 0, as TRL logs it
             out[k] = float(torch.where(den > 0, num / den.clamp(min=1e-12), 0.0).mean())
-        out["_micro_batches"] = n_micro / world
         self._totals, self._weighted, self._count = {}, {}, 0
         return out
 

@@ -112,6 +112,6 @@ def lr_lambda_for(cfg, total_steps: int):
     return lr_lambda(cfg.lr_scheduler_type, total_steps, warm, cfg.lr_scheduler_kwargs, cfg.learning_rate)
 
 
-def build_scheduler(optimizer, kind: str, total_steps: int, warmup: int, kwargs: dict | None = None):
-    base_lr = optimizer.defaults.get("lr")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(kind, total_steps, warmup, kwargs, base_lr))
+def build_scheduler(optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's schedule around ``optimizer`` (DeepSpeed steps it once per optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(cfg, total_steps))

@@ -1,0 +1,254 @@
+"""Worker side of the reference actor pool: ``ActorPoolReference``, the ``ReferenceClient`` each training
+worker uses (the driver side, placement and start-up, is ``dpo_ray.reference.pool``).
+
+``submit`` sends a micro-batch's ids to an actor and returns at once; ``result`` waits for that request's
+answer, checks it is that batch's answer at the current weights version, and survives actor deaths (retry
+on the restarted actor or a peer). ``sync_from`` applies a TR-DPO mix on every actor.
+
+Which batches see TR-DPO's new weights (see docs/reference.md): the sync after optimizer step s happens on
+every rank before any micro-batch of step s+1 is consumed; a request's answer is used only when it was
+computed at the client's current version, so every micro-batch of steps ≤ s used the old weights and every
+micro-batch consumed after the sync uses the mixed ones, whatever was in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+from torch import Tensor, nn
+
+from dpo_ray.config import DPOConfig
+from dpo_ray.reference.actor import request_keys
+from dpo_ray.reference.pool import env_override
+
+
+@dataclass
+class RefRequest:
+    """A reference request in flight: what ``submit`` returns and ``result`` redeems."""
+
+    request_id: tuple[int, int]  # (rank, sequence number): unique per client
+    actor: int
+    ref: ray.ObjectRef
+    version: int  # the client's weights version when submitted
+    payload: dict[str, Tensor]
+
+
+def _worker_rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        import ray.train
+
+        return ray.train.get_context().get_world_rank()
+    except Exception:
+        return 0
+
+
+class ActorPoolReference:
+    """``ReferenceClient`` over the pool's actors, one per training worker."""
+
+    def __init__(self, handles: Sequence, cfg: DPOConfig, *, rank: int | None = None,
+                 timeout_s: float | None = None):
+        if not handles:
+            raise ValueError("ActorPoolReference needs at least one reference actor handle")
+        self.actors = list(handles)
+        self.rank = _worker_rank() if rank is None else rank
+        self.ld_alpha = cfg.ld_alpha
+        self.retries = cfg.reference.max_task_retries
+        self.timeout_s = (env_override("DPO_RAY_REF_TIMEOUT_S", cfg.reference.request_timeout_s)
+                          if timeout_s is None else timeout_s)
+        self.version = 0
+        self._seq = 0
+        self._dead: set[int] = set()
+        self._inflight: dict[tuple[int, int], RefRequest] = {}
+
+    # ------------------------------------------------------------------------------------ requests
+    def _pick(self, after: int | None = None) -> int:
+        """Round-robin over live actors, offset by rank so workers start on different actors."""
+        n = len(self.actors)
+        start = (self.rank + self._seq) % n if after is None else (after + 1) % n
+        for k in range(n):
+            i = (start + k) % n
+            if i not in self._dead:
+                return i
+        raise RuntimeError(f"all {n} reference actor(s) are dead (restart budget reference.max_restarts spent)")
+
+    def _send(self, request_id, actor: int, payload: dict[str, Tensor], version: int) -> RefRequest:
+        ref = self.actors[actor].logps.remote(request_id, payload, self.ld_alpha)
+        req = RefRequest(request_id, actor, ref, version, payload)
+        self._inflight[request_id] = req
+        return req
+
+    def submit(self, batch: Mapping[str, Tensor]) -> RefRequest:
+        """Send the batch's ids (CPU) to an actor; returns at once."""
+        payload = {k: batch[k].detach().cpu() for k in request_keys(batch)}
+        request_id = (self.rank, self._seq)
+        actor = self._pick()
+        self._seq += 1
+        return self._send(request_id, actor, payload, self.version)
+
+    def result(self, handle: RefRequest, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(ref_chosen, ref_rejected) for ``batch``, each (B,) float32 on CPU; blocks up to the timeout."""
+        if not torch.equal(handle.payload["input_ids"], batch["input_ids"].detach().cpu()):
+            raise RuntimeError(f"reference request {handle.request_id} was submitted for another batch than the "
+                               "one being trained; answers are matched by request, never by arrival order")
+        if handle.version != self.version:
+            raise RuntimeError(f"reference request {handle.request_id} was computed at weights version "
+                               f"{handle.version} but the reference is at {self.version}; submit it again")
+        req, failures = handle, 0
+        while True:
+            try:
+                request_id, version, chosen, rejected = ray.get(req.ref, timeout=self.timeout_s)
+            except GetTimeoutError:
+                raise RuntimeError(
+                    f"reference actor {req.actor} gave no answer to request {req.request_id} within "
+                    f"{self.timeout_s:g}s (reference.request_timeout_s); it may be wedged or starved of resources"
+                ) from None
+            except RayActorError as e:
+                failures += 1
+                if not isinstance(e, ActorUnavailableError):  # died for good (restarts spent)
+                    self._dead.add(req.actor)
+                if failures > self.retries:
+                    raise RuntimeError(
+                        f"reference request {req.request_id} failed {failures} time(s); the last on reference actor "
+                        f"{req.actor} ({type(e).__name__}); retry budget reference.max_task_retries={self.retries} "
+                        "spent. Check the actor logs (out of memory?) or raise reference.max_restarts / "
+                        "max_task_retries") from e
+                req = self._retry(req, unavailable=isinstance(e, ActorUnavailableError))
+                continue
+            if version < req.version:  # the actor restarted and reloaded the initial weights
+                failures += 1
+                if failures > self.retries:
+                    raise RuntimeError(f"reference actor {req.actor} keeps answering at weights version {version}, "
+                                       f"expected {req.version}")
+                self._restore(req.actor, req.version)
+                req = self._send(req.request_id, req.actor, req.payload, req.version)
+                continue
+            break
+        self._inflight.pop(handle.request_id, None)
+        if request_id != handle.request_id:
+            raise RuntimeError(f"reference actor answered request {request_id} when asked for {handle.request_id}")
+        if version != handle.version:
+            raise RuntimeError(
+                f"reference request {handle.request_id} was answered at weights version {version}, not {handle.version}: "
+                "a TR-DPO sync reached the actors before the batches of its step were consumed")
+        b = batch["input_ids"].shape[0] // 2
+        if chosen.shape != (b,) or rejected.shape != (b,):
+            raise RuntimeError(f"reference answer shapes {tuple(chosen.shape)}/{tuple(rejected.shape)} do not match "
+                               f"the batch's {b} pairs")
+        return chosen, rejected
+
+    def _retry(self, req: RefRequest, unavailable: bool) -> RefRequest:
+        """Send the same request again: to the same actor when it is restarting, else to the next live one."""
+        if unavailable:
+            time.sleep(0.5)  # restarting: give it a moment
+            actor = req.actor
+        else:
+            actor = self._pick(after=req.actor)
+        return self._send(req.request_id, actor, req.payload, req.version)
+
+    def _restore(self, actor: int, version: int) -> None:
+        """Give a restarted actor the weights of a live peer at ``version`` (TR-DPO mixes it lost)."""
+        for j, peer in enumerate(self.actors):
+            if j == actor or j in self._dead:
+                continue
+            try:
+                if ray.get(peer.weights_version.remote(), timeout=self.timeout_s) != version:
+                    continue
+                ray.get(self.actors[actor].load_state.remote(peer.state_dict.remote(), version),
+                        timeout=self.timeout_s)
+                return
+            except RayActorError:
+                continue
+        raise RuntimeError(
+            f"reference actor {actor} restarted and lost the TR-DPO weights of version {version}, and no live peer "
+            "holds them; with sync_ref_model, run reference.num_actors >= 2 so a peer can restore it")
+
+    # ------------------------------------------------------------------------------------ TR-DPO
+    def sync_from(self, policy: nn.Module, alpha: float) -> None:
+        """π_ref ← α·π_θ + (1-α)·π_ref on every actor; every rank must call it at the same step.
+
+        Rank 0 gathers the policy (ZeRO-3: parameter by parameter, a collective all ranks join), puts it
+        in the object store once and mixes every actor at version+1; then all ranks learn the outcome
+        and bump ``version`` together, so ``prefetched`` re-submits requests sent before the sync.
+        """
+        state = gather_policy_state(policy)
+        new_version = self.version + 1
+        error = None
+        if self.rank == 0:
+            try:
+                self._mix_all(state, alpha, new_version)
+            except Exception as e:  # reported to every rank below, so none waits forever
+                error = f"{type(e).__name__}: {e}"
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise RuntimeError(f"TR-DPO reference sync to weights version {new_version} failed: {error}")
+        self.version = new_version
+        self._cancel_stale()
+
+    def _mix_all(self, state: dict[str, Tensor], alpha: float, version: int) -> None:
+        state_ref = ray.put(state)
+        live = [i for i in range(len(self.actors)) if i not in self._dead]
+        calls = {i: self.actors[i].mix.remote(state_ref, alpha, version) for i in live}
+        behind = []
+        for i, ref in calls.items():
+            try:
+                ray.get(ref, timeout=self.timeout_s)
+            except ActorUnavailableError:  # restarting: restore it from a peer below
+                behind.append(i)
+            except RayActorError:
+                self._dead.add(i)
+            except ray.exceptions.RayTaskError:
+                # restarted since an earlier sync (back at version 0): restore from a peer; else a real error
+                if ray.get(self.actors[i].weights_version.remote(), timeout=self.timeout_s) >= version - 1:
+                    raise
+                behind.append(i)
+        for i in behind:
+            self._restore(i, version)
+        if all(i in self._dead for i in live):
+            raise RuntimeError("every reference actor died during the TR-DPO sync")
+
+    def _cancel_stale(self) -> None:
+        """Drop requests sent before a sync: their answers will never be used."""
+        for rid, req in list(self._inflight.items()):
+            if req.version != self.version:
+                self._inflight.pop(rid)
+                try:
+                    ray.cancel(req.ref)
+                except Exception:  # finished already, or cancellation unsupported: harmless
+                    pass
+
+    def close(self) -> None:
+        self._cancel_stale()
+        self._inflight.clear()
+
+
+@torch.no_grad()
+def gather_policy_state(policy: nn.Module) -> dict[str, Tensor] | None:
+    """The policy's parameters on CPU on rank 0 (None elsewhere), named without a ``module.`` prefix.
+
+    Under ZeRO-3 each parameter is gathered in turn (a collective: every rank must call this), so the
+    full model never sits on one GPU at once.
+    """
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    out: dict[str, Tensor] | None = {} if rank == 0 else None
+    for name, p in policy.named_parameters():
+        key = name.removeprefix("module.")
+        if getattr(p, "ds_id", None) is not None:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if out is not None:
+                    out[key] = p.detach().cpu().clone()
+        elif out is not None:
+            out[key] = p.detach().cpu().clone()
+    return out

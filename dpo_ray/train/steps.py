@@ -1,0 +1,129 @@
+"""One micro-batch of each training mode. A step object owns its mode's batching, forward and metrics, so
+the loop never asks which mode it runs: ``DPOStep`` (pairs, a reference, the DPO-family loss) and
+``SFTStep`` (completions, token-mean NLL)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dpo_ray.config import DPOConfig
+from dpo_ray.data import iter_train_batches
+from dpo_ray.forward import PrefixSharing, sequence_forward
+from dpo_ray.losses import PairLogps, batch_metrics, dpo_loss, moe_aux_loss
+from dpo_ray.reference.base import ReferenceClient, prefetched
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def synced(batches: Iterable, device) -> Iterator:
+    """Stop every worker at the same micro-batch: the first worker to run dry ends the epoch for all.
+
+    Sync point: one all-reduce of a flag and a host read per micro-batch. The shards are split with
+    ``equal=True`` and batching drops the last partial batch, so the counts should match; this is the guard
+    that turns any mismatch into a clean epoch end instead of a hang in the next gradient all-reduce.
+    """
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        flag = torch.tensor([0 if batch is None else 1], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if batch is None or flag.item() == 0:
+            return
+        yield batch
+
+
+def dpo_step(model, cfg: DPOConfig, batch, ref_chosen, ref_rejected, share_prefix: bool = False
+             ) -> tuple[Tensor, dict]:
+    """Forward one micro-batch of pairs; return (loss, detached metrics)."""
+    fwd = sequence_forward(model, batch, ld_alpha=cfg.ld_alpha, want_wpo=cfg.use_weighting,
+                           router_aux=cfg.output_router_logits, share_prefix=share_prefix)
+    pairs = PairLogps.from_stats(fwd.stats, ref_chosen, ref_rejected)
+    loss = dpo_loss(pairs, cfg.loss_params(), cfg.loss_type, cfg.loss_weights, cfg.use_weighting,
+                    cfg.rpo_alpha).mean()
+    metrics = batch_metrics(pairs, fwd.stats, cfg.beta, attention_mask=batch["attention_mask"])
+    if fwd.aux_loss is not None:
+        metrics["aux_loss"] = fwd.aux_loss.detach()
+        loss = moe_aux_loss(loss, fwd.aux_loss, cfg.router_aux_loss_coef)
+    metrics["num_pairs"] = torch.tensor(float(pairs.chosen_logps.shape[0]), device=loss.device)
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+def sft_step(model, cfg: DPOConfig, batch) -> tuple[Tensor, dict]:
+    """Token-mean NLL over completion tokens (the SFT stage)."""
+    s = sequence_forward(model, batch).stats
+    loss = -s.logps.sum() / s.num_tokens.sum().clamp(min=1)
+    metrics = {"loss": loss.detach(), "entropy": s.entropy.mean(),
+               "num_tokens": batch["attention_mask"].sum().float(),
+               "num_pairs": torch.tensor(float(s.logps.shape[0]), device=s.logps.device)}
+    return loss, metrics
+
+
+def decide_sharing(sharing: PrefixSharing, model, cfg: DPOConfig, batch, device, announce: bool = False) -> bool:
+    """The policy's prefix-sharing decision on its first batch, the same on every worker (the minimum);
+    ``announce`` (rank 0) prints the decision and its reason once."""
+    if sharing.enabled is None:
+        on = sharing(model, batch, ld_alpha=cfg.ld_alpha)
+        if dist.is_initialized():
+            flag = torch.tensor([int(on)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            sharing.enabled = bool(flag.item())
+            if on and not sharing.enabled:
+                sharing.why = "another worker's check said no"
+        if announce and cfg.prefix_sharing != "off":
+            sys.stdout.write(f"prefix sharing {'on' if sharing.enabled else 'off'} for the policy "
+                             f"(prefix_sharing: {cfg.prefix_sharing}; {sharing.why})\n")
+    return bool(sharing.enabled)
+
+
+class SFTStep:
+    """Supervised fine-tuning on completions (the stage before DPO): no reference."""
+
+    mode = "sft"
+
+    def __init__(self, cfg: DPOConfig, device: torch.device, pad_id: int):
+        self.cfg, self.device, self.pad_id = cfg, device, pad_id
+
+    def batches(self, shard, *, epoch: int, train: bool = True) -> Iterator:
+        """This worker's collated batches of ``shard``, every worker stopping at the same one."""
+        cfg = self.cfg
+        seed = (cfg.data_seed if cfg.data_seed is not None else cfg.seed) if train else cfg.seed
+        size = cfg.per_device_train_batch_size if train else cfg.per_device_eval_batch_size
+        return iter_train_batches(shard, cfg, self.pad_id, batch_size=size, epoch=epoch, seed=seed,
+                                  mode=self.mode, shuffle=train)
+
+    def stream(self, batches: Iterable) -> Iterator:
+        """What one iteration of the loop consumes, in order."""
+        return synced(batches, self.device)
+
+    def __call__(self, model: nn.Module, item) -> tuple[Tensor, dict]:
+        return sft_step(model, self.cfg, to_device(item, self.device))
+
+
+class DPOStep(SFTStep):
+    """Pairs: the policy's forward on [chosen; rejected], reference log-probs (prefetched ``depth`` ahead),
+    and the DPO-family loss. The policy's prefix-sharing decision is made on its first batch."""
+
+    mode = "dpo"
+
+    def __init__(self, cfg: DPOConfig, device: torch.device, pad_id: int, reference: ReferenceClient,
+                 announce: bool = False):
+        super().__init__(cfg, device, pad_id)
+        self.reference, self.announce = reference, announce
+        self.sharing = PrefixSharing(cfg.prefix_sharing, "policy")
+
+    def stream(self, batches: Iterable) -> Iterator:
+        return prefetched(synced(batches, self.device), self.reference, self.cfg.reference.prefetch_depth)
+
+    def __call__(self, model: nn.Module, item) -> tuple[Tensor, dict]:
+        batch, ref_chosen, ref_rejected = to_device(item[0], self.device), item[1], item[2]
+        share = decide_sharing(self.sharing, model, self.cfg, batch, self.device, announce=self.announce)
+        return dpo_step(model, self.cfg, batch, ref_chosen, ref_rejected, share)
