@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from dpo_ray.config import DPOConfig
 from dpo_ray.errors import ConfigError
@@ -133,3 +134,90 @@ def check_nodes_see_paths(cfg: DPOConfig) -> None:
     problems = paths_missing_on_nodes(local_inputs(cfg), cfg.output_dir)
     if problems:
         raise ConfigError(problems)
+
+
+class ProgressBoard:
+    """Where rank 0 posts each optimizer step (a zero-CPU actor); the driver's progress display reads it."""
+
+    def __init__(self):
+        self.state: dict = {"step": None}
+
+    def post(self, step: int, fields: dict) -> None:
+        self.state.update(fields)
+        self.state["step"] = step
+
+    def read(self) -> dict:
+        return dict(self.state)
+
+
+class TrainingProgress:
+    """The driver's live view of a training run: polls the board twice a second and draws ``Progress``
+    (dpo_ray.progress: a bar in a terminal, a line every few seconds elsewhere); after the first steps it
+    prints the estimated duration once."""
+
+    POLL_S = 0.5
+    ESTIMATE_AFTER = 3  # optimizer steps
+
+    def __init__(self, mode: str, total_steps: int, pairs_per_step: int):
+        import threading
+
+        import ray
+
+        from dpo_ray.progress import Progress
+
+        self.board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        self.total, self.pairs_per_step = total_steps, pairs_per_step
+        self.desc = f"dpo-ray {mode}"
+        self.display: Progress | None = None
+        self._make = lambda initial: Progress(self.desc, total_steps, "steps", initial=initial)
+        self._first: tuple[int, float] | None = None  # (step, time) of the first post: rates count from there
+        self._estimated = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dpo-ray-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            self.poll()
+
+    def poll(self) -> None:
+        import time
+
+        import ray
+
+        try:
+            state = ray.get(self.board.read.remote(), timeout=10)
+        except Exception:  # the board is gone (shutdown) or slow: the display is best effort
+            return
+        step = state.pop("step")
+        if step is None:
+            return
+        now = time.monotonic()
+        if self.display is None:  # rates and the estimate count from the first step seen (after a resume too)
+            self._first = (step, now)
+            self.display = self._make(step)
+        first_step, first_t = self._first
+        steps_done = step - first_step
+        pairs_per_s = steps_done * self.pairs_per_step / (now - first_t) if steps_done else None
+        self.display.update(step, epoch=state.get("epoch"), pairs_per_s=pairs_per_s,
+                            tokens_per_s=state.get("tokens_per_second"), loss=state.get("loss"))
+        if not self._estimated and steps_done >= self.ESTIMATE_AFTER:
+            from dpo_ray.progress import fmt_duration
+
+            self._estimated = True
+            per_step = (now - first_t) / steps_done
+            print(f"{self.desc}: estimated duration {fmt_duration(per_step * (self.total - first_step))} "
+                  f"({per_step:.2f} s/step over the first {steps_done} steps)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        import ray
+
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.poll()
+        if self.display is not None:
+            self.display.close()
+        try:
+            ray.kill(self.board)
+        except Exception:  # already gone
+            pass

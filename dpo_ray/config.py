@@ -529,12 +529,11 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
 
 
 def deepspeed_config(cfg: DPOConfig, world_size: int, on_gpu: bool) -> dict:
-    """The DeepSpeed dict, derived from the config (the only place batch arithmetic is written)."""
-    micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    """The DeepSpeed dict, derived from the config (batch sizes from ``global_batch_size``, written once)."""
     ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": micro * accum * world_size,
+        "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.global_batch_size(world_size),
         "gradient_clipping": cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

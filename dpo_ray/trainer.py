@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo_ray.cluster import check_nodes_see_paths, cluster_has_gpu, init_ray, worker_env, worker_resources
+from dpo_ray.cluster import (
+    TrainingProgress,
+    check_nodes_see_paths,
+    cluster_has_gpu,
+    init_ray,
+    worker_env,
+    worker_resources,
+)
 from dpo_ray.config import DPOConfig
 from dpo_ray.paths import check_paths, resolve_config_paths
 from dpo_ray.train.checkpoint import CHECKPOINT_STATE_FILE, FINAL_STATE_FILE
@@ -114,8 +121,14 @@ class DPOTrainer:
         lc = LoopConfig(cfg=cfg, mode=self.mode, tokenizer=tokenizer, total_steps=total_steps, num_epochs=num_epochs,
                         micro_per_epoch=micro_per_epoch, model=model_source,
                         resume_checkpoint=str(resume) if resume is not None else None)
-        pool = None
-        try:  # from here on, whatever fails, the reference actors are stopped
+        print(f"dpo-ray {self.mode}: plan: {total_steps} optimizer steps ({plan.steps_per_epoch} per epoch, up to "
+              f"{num_epochs} epoch(s)); {plan.rows_per_step(cfg)} {'pairs' if self.mode == 'dpo' else 'sequences'} "
+              f"per step = {world} worker(s) × per_device_train_batch_size {cfg.per_device_train_batch_size} × "
+              f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}", flush=True)
+        pool = progress = None
+        try:  # from here on, whatever fails, the reference actors and the progress board are stopped
+            progress = TrainingProgress(self.mode, total_steps, plan.rows_per_step(cfg))
+            lc.progress = progress.board
             if self.mode == "dpo" and cfg.needs_reference:
                 pool = self._reference_setup(cfg, model_source, tokenizer, prepared, lc)
             _prepare_metrics_file(out, resume)
@@ -146,6 +159,8 @@ class DPOTrainer:
                     raise
                 raise data_error from e
         finally:
+            if progress is not None:
+                progress.close()
             if pool is not None:
                 pool.shutdown()
         if getattr(result, "error", None) is not None:

@@ -51,6 +51,11 @@ class DocCommand:
     def id(self) -> str:
         return f"{self.source}:{self.line}"
 
+    @property
+    def key(self) -> str:
+        """The command without its comments: what runs (and what makes two shown commands the same)."""
+        return shlex.join(shlex.split(self.text, comments=True))
+
 
 def _unclosed(text: str) -> bool:
     try:
@@ -135,7 +140,7 @@ ALL = [c for p in MARKDOWN for c in markdown_commands(p)] + [c for p in EXAMPLES
 
 def test_the_docs_show_commands():
     """The collector finds what it should: if this fails, a doc's command markup changed."""
-    texts = [c.text for c in ALL]
+    texts = [c.key for c in ALL]
     assert any(t.startswith("dpo-ray train --model_name_or_path ./my-sft-model") for t in texts)
     assert "dpo-ray train --config examples/vlm_tiny.yaml" in texts
     assert "python -m dpo_ray.vision tiny_vlm" in texts
@@ -231,8 +236,7 @@ _ran: dict[str, str] = {}  # command (comments dropped) -> id of the test that r
 def test_doc_command_runs_as_written(cmd: DocCommand, workdirs, ray_local):
     if cmd.skip:
         pytest.skip(f"{cmd.text!r}: {cmd.skip}")
-    key = shlex.join(shlex.split(cmd.text, comments=True))
-    if key in _ran:
-        return  # the same command already ran (and passed) as _ran[key]
+    if cmd.key in _ran:
+        return  # the same command already ran (and passed) as _ran[cmd.key]
     run(cmd, workdirs(cmd.source), ray_local)
-    _ran[key] = cmd.id
+    _ran[cmd.key] = cmd.id

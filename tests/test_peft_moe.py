@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import helpers
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
+from transformers import AutoModelForCausalLM, MixtralConfig
 
 from dpo_ray.adapters import wrap_peft
 from dpo_ray.config import DPOConfig
@@ -12,8 +13,6 @@ from dpo_ray.forward import reference_logps, sequence_forward
 from dpo_ray.models import load_causal_lm
 from dpo_ray.reference.peft_ref import AdapterReference
 from dpo_ray.train.steps import dpo_step
-
-import helpers
 
 VOCAB = 64
 

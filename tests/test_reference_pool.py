@@ -13,13 +13,13 @@ import time
 import pytest
 import ray
 import torch
+from helpers import tiny_llama
 
 from dpo_ray.config import DPOConfig
 from dpo_ray.forward import reference_logps
 from dpo_ray.reference import prefetched
 from dpo_ray.reference.client import ActorPoolReference
 from dpo_ray.reference.pool import ReferencePlacementError, ReferencePool, placement_problem
-from helpers import tiny_llama
 
 VOCAB, PAD = 100, 0
 
@@ -336,3 +336,16 @@ def test_tr_dpo_sync_across_two_gloo_ranks(source, source_ref):
             assert ray.get(h.weights_version.remote(), timeout=60) == 1  # mixed once, not once per rank
     finally:
         pool.shutdown()
+
+
+def test_tr_dpo_sync_of_a_local_reference_mixes_every_parameter():
+    """reference.source local: π_ref ← α·π_θ + (1-α)·π_ref, parameter by parameter, and the version moves."""
+    from dpo_ray.reference import LocalReference
+
+    policy, ref = tiny_llama(VOCAB, seed=0), tiny_llama(VOCAB, seed=1)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    client = LocalReference(ref, torch.device("cpu"))
+    client.sync_from(policy, 0.6)
+    assert client.version == 1
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(dict(ref.named_parameters())[name], 0.6 * p + 0.4 * before[name])

@@ -144,6 +144,27 @@ class SplitRule:
 
 
 # ------------------------------------------------------------------------------------------- map UDFs
+def chunk_pieces(batch: pa.Table) -> Iterator[tuple[Chunk, int, list[RawRow]]]:
+    """The rows of each chunk spec in ``batch`` (a Ray Data batch of ``Chunk.to_item()`` rows), PIECE_ROWS at
+    a time, as (chunk, piece number, rows); a chunk without rows gives one empty piece. Training's and
+    inspect-data's UDFs both read chunks through this."""
+    for spec in batch.to_pylist():
+        chunk = Chunk(**spec)
+        piece, k = [], 0
+        for row in iter_chunk(chunk):
+            piece.append(row)
+            if len(piece) == PIECE_ROWS:
+                yield chunk, k, piece
+                piece, k = [], k + 1
+        if piece or k == 0:
+            yield chunk, k, piece
+
+
+def table_rows(batch: pa.Table) -> list[RawRow]:
+    """The rows of an in-memory table batch, which carry their ``row_id``."""
+    return [RawRow(int(r.pop("row_id")), None, r) for r in batch.to_pylist()]
+
+
 class _ChunkUDF:
     """Ray Data UDF: one chunk spec in, tokenized tables out (a generator: the first piece is ready early)."""
 
@@ -151,17 +172,9 @@ class _ChunkUDF:
         self.proc, self.rule, self.record = proc, rule, record
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        for spec in batch.to_pylist():
-            chunk = Chunk(**spec)
+        for chunk, k, rows in chunk_pieces(batch):
             self.proc.source = chunk.source
-            piece, k = [], 0
-            for row in iter_chunk(chunk):
-                piece.append(row)
-                if len(piece) == PIECE_ROWS:
-                    yield self._process(chunk, k, piece)
-                    piece, k = [], k + 1
-            if piece or k == 0:
-                yield self._process(chunk, k, piece)
+            yield self._process(chunk, k, rows)
 
     def _process(self, chunk: Chunk, k: int, rows: list[RawRow]) -> pa.Table:
         table, stats = self.proc.process(self.rule.keep(rows))
@@ -176,8 +189,7 @@ class _TableUDF:
         self.proc, self.rule, self.record = proc, rule, record
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        raw = [RawRow(int(r.pop("row_id")), None, r) for r in rows]
+        raw = table_rows(batch)
         table, stats = self.proc.process(self.rule.keep(raw))
         if raw:
             self.record(("table", raw[0].row_id), stats.to_dict())

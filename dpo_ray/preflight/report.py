@@ -18,7 +18,6 @@ from dpo_ray.data.rows import BAD_ROW_KINDS, PROMPT_FILLS
 from dpo_ray.data.steps import plan_steps, steps_reached
 
 REPORT_VERSION = 2
-LENGTH_KEYS = ("prompt", "chosen", "rejected", "sequence")
 
 
 # ------------------------------------------------------------------------------------------- lengths

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pickle
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,14 @@ from dpo_ray.data.pipeline import (
     PREFLIGHT_ROWS,
     _Source,
     _sources,
+    chunk_pieces,
     describe_inputs,
+    table_rows,
 )
-from dpo_ray.data.sources import Chunk, iter_chunk
-from dpo_ray.data.tokenize import RawRow
+from dpo_ray.data.sources import iter_chunk
 from dpo_ray.errors import DataSourceError
 from dpo_ray.preflight.report import build_report, format_console, parameter_count, write_report
+from dpo_ray.progress import Progress
 
 
 def _encode(piece: Piece) -> pa.Table:
@@ -43,14 +44,7 @@ class _ChunkUDF:
         self.analyzer = analyzer
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        for spec in batch.to_pylist():
-            chunk = Chunk(**spec)
-            rows: list[RawRow] = []
-            for row in iter_chunk(chunk):
-                rows.append(row)
-                if len(rows) == PIECE_ROWS:
-                    yield _encode(self.analyzer.analyze(rows, chunk.source))
-                    rows = []
+        for chunk, _, rows in chunk_pieces(batch):
             if rows:
                 yield _encode(self.analyzer.analyze(rows, chunk.source))
 
@@ -62,8 +56,7 @@ class _TableUDF:
         self.analyzer, self.label = analyzer, label
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [RawRow(int(r.pop("row_id")), None, r) for r in batch.to_pylist()]
-        return _encode(self.analyzer.analyze(rows, self.label))
+        return _encode(self.analyzer.analyze(table_rows(batch), self.label))
 
 
 def _plan(cfg, dataset: Any, max_rows: int | None, tokenizer=None) -> _Source:
@@ -110,24 +103,6 @@ def _pieces(src: _Source, analyzer: Analyzer) -> Iterator[Piece]:
             yield pickle.loads(blob)
 
 
-class _Progress:
-    """One status line on stderr: redrawn in place on a terminal, every few seconds otherwise."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.start, self.last = total, enabled, time.monotonic(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, rows: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not final and not self.tty and now - self.last < 5):
-            return
-        self.last = now
-        pct = f" ({rows / self.total:.0%})" if self.total else ""
-        line = f"inspect-data: {rows}/{self.total} rows{pct}, {now - self.start:.1f} s"
-        sys.stderr.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
-        sys.stderr.flush()
-
-
 def _parameters(cfg, tokenizer) -> dict[str, Any]:
     try:
         n, source = parameter_count(cfg.model_name_or_path, tokenizer, cfg.trust_remote_code)
@@ -154,12 +129,12 @@ def inspect_data(cfg, *, dataset: Any = None, tokenizer=None, max_rows: int | No
     src = _plan(cfg, dataset, max_rows, tok)
     inputs = _inputs(cfg, dataset, tok, src)
     _preflight(src, analyzer)
-    bar = _Progress(src.num_rows, progress)
+    bar = Progress("inspect-data", src.num_rows or None, "rows", form=None if progress else "off")
     total = Piece()
     for piece in _pieces(src, analyzer):
         total.merge(piece, keep)
         bar.update(total.rows)
-    bar.update(total.rows, final=True)
+    bar.close()
     name = cfg.model_name_or_path or ("bundled" if tokenizer is None else getattr(tok, "name_or_path", "") or "given")
     report = build_report(total, cfg, dataset=src.label, tokenizer_name=name, params=_parameters(cfg, tok),
                           keep=keep, rows_counted=src.num_rows, inputs=inputs)

@@ -133,7 +133,9 @@ def mix_into(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
     ref_params = dict(reference.named_parameters())
     for name, p in policy.named_parameters():
         name = name.removeprefix("module.")
-        r = ref_params.get(name) or ref_params.get("module." + name)
+        r = ref_params.get(name)
+        if r is None:  # `or` would ask a tensor for its truth value
+            r = ref_params.get("module." + name)
         if r is None:
             raise KeyError(f"TR-DPO sync: reference has no parameter {name!r}; is it the same architecture?")
         src = getattr(p, "ds_tensor", None)

@@ -169,7 +169,26 @@ def _compute(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, o
         ReferenceScorer, fn_constructor_args=(cfg.model_dump(mode="json"), ref_source, tokenizer, pad_id),
         batch_size=rc.batch_size or cfg.per_device_eval_batch_size, batch_format="numpy",
         concurrency=rc.num_actors, **kwargs)
-    scored.write_parquet(str(out_dir))
+    # The driver writes the (row_id, two floats) results itself: one file, in the cache directory it sees,
+    # with a progress line as rows arrive (the total is unknown before the data is read: a rate instead).
+    import pyarrow.parquet as pq
+
+    from dpo_ray.progress import Progress
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bar = Progress(f"reference log-probs ({out_dir.name.split('.')[0]})", None, "rows")
+    writer, rows = None, 0
+    try:
+        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if writer is None:
+                writer = pq.ParquetWriter(str(out_dir / "part-00000.parquet"), batch.schema)
+            writer.write_table(batch)
+            rows += batch.num_rows
+            bar.update(rows)
+    finally:
+        if writer is not None:
+            writer.close()
+        bar.close()
 
 
 def _load_table(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

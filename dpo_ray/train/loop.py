@@ -110,23 +110,29 @@ class Run:
             _die_once_for_test()
         if w.reference is not None and cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
             w.reference.sync_from(w.model, cfg.ref_model_mixup_alpha)
-        if step % cfg.logging_steps == 0 or step == self.lc.total_steps:
-            self.log(step, grad_norm)
+        logged = self.log(step, grad_norm) if step % cfg.logging_steps == 0 or step == self.lc.total_steps else {}
+        if self.lc.progress is not None and w.rank == 0:  # fire and forget: the driver draws it
+            post = {"epoch": round(self.epoch_fraction(), 3)}
+            post.update({k: logged[k] for k in ("loss", "tokens_per_second") if k in logged})
+            self.lc.progress.post.remote(step, post)
         if w.eval_shard is not None and cfg.eval_strategy == "steps" and step % (cfg.eval_steps or cfg.logging_steps) == 0:
             self.logger.log(step, self.evaluate())
         if cfg.save_strategy == "steps" and step % cfg.save_steps == 0 and step < self.lc.total_steps:
             save_checkpoint(w.engine, self.state, w.rank)
 
-    def log(self, step: int, grad_norm: float | None) -> None:
-        state = self.state
+    def epoch_fraction(self) -> float:
+        return self.state.epoch + self.state.micro_in_epoch / max(self.lc.micro_per_epoch, 1)
+
+    def log(self, step: int, grad_norm: float | None) -> dict[str, float]:
         reduced = self.acc.reduce()  # the logging step's one collective and host sync
-        reduced.update(self.throughput.update(state, reduced))
+        reduced.update(self.throughput.update(self.state, reduced))
         reduced.update({
             "learning_rate": self.w.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm if grad_norm is not None else float("nan"),
-            "epoch": state.epoch + state.micro_in_epoch / max(self.lc.micro_per_epoch, 1),
+            "epoch": self.epoch_fraction(),
         })
         self.logger.log(step, reduced)
+        return reduced
 
     def on_epoch_end(self) -> None:
         cfg, state = self.cfg, self.state

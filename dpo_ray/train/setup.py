@@ -37,6 +37,7 @@ class LoopConfig:
     ref_model: Any = None  # a separate reference for source local (a path or an ObjectRef), else None
     reference_pool: list | None = None  # the actor handles for source actor
     resume_checkpoint: str | None = None  # a checkpoint of an earlier run (Ray Train resumes its own)
+    progress: Any = None  # the driver's progress board (an actor handle): rank 0 posts every optimizer step
 
 
 @dataclass

@@ -1,0 +1,74 @@
+"""The progress display (dpo_ray/progress.py): the plain form's lines, as `ray job logs` or CI show them.
+
+The terminal form (a tqdm bar) is only checked to draw and close; its timing is not asserted. A real
+training run's progress lines are checked in tests/test_train.py (actor pool test).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+from dpo_ray.progress import Progress, fmt_duration
+
+LINE = re.compile(r"^job: (\d+)/(\d+) steps \((\d+)%\)(.*)\| elapsed (\d\d):(\d\d), left (\S+)$")
+
+
+def test_plain_lines_count_up_to_100_percent_with_fields():
+    out = io.StringIO()
+    bar = Progress("job", 4, "steps", stream=out, form="plain", interval_s=0)
+    for step in range(1, 5):
+        bar.update(step, loss=0.5 / step, epoch=step / 4)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 5 and "\r" not in out.getvalue()
+    parsed = [LINE.match(line) for line in lines]
+    assert all(parsed), lines
+    assert [int(m.group(1)) for m in parsed] == [1, 2, 3, 4, 4]
+    assert parsed[-1].group(3) == "100" and "loss 0.125" in lines[-1] and "epoch 1" in lines[-1]
+    elapsed = [int(m.group(5)) * 60 + int(m.group(6)) for m in parsed]
+    assert elapsed == sorted(elapsed)
+
+
+def test_plain_lines_are_spaced_by_the_interval():
+    out = io.StringIO()
+    bar = Progress("job", 1000, "steps", stream=out, form="plain", interval_s=3600)
+    for step in range(1, 1001):
+        bar.update(step)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("job: 1/1000") and lines[1].startswith("job: 1000/1000")
+
+
+def test_unknown_total_gives_a_rate_and_no_time_left():
+    out = io.StringIO()
+    bar = Progress("reference log-probs (train)", None, "rows", stream=out, form="plain", interval_s=0)
+    bar.update(512)
+    bar.close()
+    last = out.getvalue().splitlines()[-1]
+    assert last.startswith("reference log-probs (train): 512 rows (") and "rows/s)" in last and "left" not in last
+
+
+def test_resumed_job_counts_rates_from_where_it_started():
+    bar = Progress("job", 100, "steps", initial=40, stream=io.StringIO(), form="plain", interval_s=0)
+    assert bar.rate() is None and bar.eta() is None
+    bar.update(50)
+    assert bar.line().startswith("job: 50/100 steps (50%)")
+    assert bar.eta() is not None and bar.eta() >= 0
+
+
+def test_off_prints_nothing_and_the_bar_form_closes():
+    out = io.StringIO()
+    quiet = Progress("job", 3, "steps", stream=out, form="off")
+    quiet.update(3)
+    quiet.close()
+    assert out.getvalue() == ""
+    bar = Progress("job", 3, "steps", stream=out, form="bar")
+    bar.update(2, loss=0.5)
+    bar.update(3)
+    bar.close()
+    assert "3/3" in out.getvalue()
+
+
+def test_durations_read_as_clock_times():
+    assert fmt_duration(5) == "00:05" and fmt_duration(3725) == "1:02:05" and fmt_duration(None) == "?"
