@@ -3,7 +3,7 @@ below, never above, and no set of modules imports itself round in a circle. No e
 
 Floors, ground up (docs/CONTRACTS.md, "Layers"):
   0 math        errors, logprobs, losses, prefix, forward (the model forward policy and reference share),
-                vision (what a processor is), vision.images, plotting
+                vision (what a processor is), vision.images, plotting, progress (the console display)
   1 data        data.*
   2 config      config, paths
   3 models      models, adapters, vision.tiny
@@ -23,7 +23,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "dpo_ray"
 
 FLOORS = [
-    (0, ("errors", "logprobs", "losses", "prefix", "forward", "vision", "vision.images", "plotting")),
+    (0, ("errors", "logprobs", "losses", "prefix", "forward", "vision", "vision.images", "plotting", "progress")),
     (1, ("data",)),
     (2, ("config", "paths")),
     (3, ("models", "adapters", "vision.tiny")),
