@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dpo_ray.data.checks import INSPECT_CHECKS
 from dpo_ray.errors import ConfigError
 from dpo_ray.losses import F_DIVERGENCES, LOSS_ALIASES, LOSSES, LossParams, canonical_loss_name
-from dpo_ray.train.optim import canonical_optimizer, optimizer_problems
-from dpo_ray.train.schedule import SCHEDULES, scheduler_kwargs_problems
+from dpo_ray.optim import canonical_optimizer, optimizer_problems
+from dpo_ray.schedule import SCHEDULES, scheduler_kwargs_problems
 from dpo_ray.trl_keys import TRL_KEYS, translate
 
 TruncationMode = Literal["keep_start", "keep_end"]

@@ -53,12 +53,19 @@ class DPOTrainer:
             raise ValueError(f"mode={mode!r}: choose 'dpo' or 'sft'")
         args = args or DPOConfig()
         # A model or reference given as a path is the config's path (one place to resolve and check it).
+        # Rebuilt from the keys the user set, so defaults that depend on others (the reference under PEFT)
+        # are worked out again.
         if isinstance(model, (str, os.PathLike)):
-            args = DPOConfig(**{**args.model_dump(), "model_name_or_path": str(model)})
+            args = DPOConfig(**{**args.model_dump(exclude_unset=True), "model_name_or_path": str(model)})
             model = None
+        if ref_model is not None and args.reference_source_defaulted and args.reference.source != "actor":
+            # TRL uses a ref_model it is given, also under PEFT: a separate reference model (the actor pool)
+            dump = args.model_dump(exclude_unset=True)
+            args = DPOConfig(**{**dump, "reference": {**dump.get("reference", {}), "source": "actor"}})
         if isinstance(ref_model, (str, os.PathLike)):
-            dump = args.model_dump()
-            args = DPOConfig(**{**dump, "reference": {**dump["reference"], "model_name_or_path": str(ref_model)}})
+            dump = args.model_dump(exclude_unset=True)
+            args = DPOConfig(**{**dump, "reference": {**dump.get("reference", {}),
+                                                      "model_name_or_path": str(ref_model)}})
             ref_model = None
         # Relative paths are the working directory's, here on the driver; workers get absolute ones.
         self.args = resolve_config_paths(args)
@@ -83,16 +90,18 @@ class DPOTrainer:
 
         cfg = self.args
         t0 = time.perf_counter()
-        check_paths(cfg)  # before Ray starts: a missing model directory fails here, once, naming the key
+        # Before Ray starts: a missing model directory or tokenizer fails here, once, naming the key.
+        check_paths(cfg)
+        tokenizer = self.processing_class or load_processing_class(
+            self.model if isinstance(self.model, str) else cfg)
+        if self.mode == "dpo":
+            print(cfg.describe_reference(), flush=True)
         init_ray(cfg)
         check_nodes_see_paths(cfg)
         out = Path(cfg.output_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
         resume = _find_checkpoint(resume_from_checkpoint or cfg.resume_from_checkpoint, out)
         use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else cluster_has_gpu()
-
-        tokenizer = self.processing_class or load_processing_class(
-            self.model if isinstance(self.model, str) else cfg)
         prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
         print(prepared.summary(), flush=True)  # which tokenizer, which files: never a silent fallback
         if self.mode == "dpo" and prepared.preview_rows and not is_processor(tokenizer):
@@ -125,6 +134,7 @@ class DPOTrainer:
               f"{num_epochs} epoch(s)); {plan.rows_per_step(cfg)} {'pairs' if self.mode == 'dpo' else 'sequences'} "
               f"per step = {world} worker(s) × per_device_train_batch_size {cfg.per_device_train_batch_size} × "
               f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}", flush=True)
+        run_name = cfg.run_name or f"dpo_ray-{self.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
         pool = progress = None
         try:  # from here on, whatever fails, the reference actors and the progress board are stopped
             progress = TrainingProgress(self.mode, total_steps, plan.rows_per_step(cfg))
@@ -134,8 +144,9 @@ class DPOTrainer:
             _prepare_metrics_file(out, resume)
             (out / "dpo_config.yaml").write_text(cfg.to_yaml())
             datasets = {"train": prepared.train}
-            if prepared.eval is not None:
+            if prepared.eval is not None and (cfg.eval_strategy != "no" or cfg.eval_on_start):
                 datasets["eval"] = prepared.eval
+            best = cfg.best_model_metric()
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={"loop": lc},
@@ -143,10 +154,11 @@ class DPOTrainer:
                     num_workers=world, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg, use_gpu),
                     placement_strategy=cfg.ray.placement_strategy),
                 run_config=ray.train.RunConfig(
-                    name=cfg.run_name or f"dpo_ray-{self.mode}-{time.strftime('%Y%m%d-%H%M%S')}",
-                    storage_path=str(Path(cfg.ray.storage_path or out / "ray_results").resolve()),
+                    name=run_name, storage_path=str(trainer_storage(cfg, run_name, out).parent),
                     failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.save_total_limit),
+                    checkpoint_config=ray.train.CheckpointConfig(
+                        num_to_keep=cfg.save_total_limit, checkpoint_score_attribute=best[0] if best else None,
+                        checkpoint_score_order="max" if best and best[1] else "min"),
                     worker_runtime_env={"env_vars": worker_env(use_gpu)},
                 ),
                 datasets=datasets,
@@ -174,6 +186,11 @@ class DPOTrainer:
                               cfg.max_dropped_fraction)
         if short:
             print(f"dpo-ray: {short}", file=sys.stderr)
+            report["note"] = short
+        if best is not None:
+            report["best_model"] = _load_best_model(cfg, best, history, trainer_storage(cfg, run_name, out),
+                                                    model_source, tokenizer, out)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
         train_rows = [r for r in history if "loss" in r]
         eval_rows = [r for r in history if any(k.startswith("eval_") for k in r)]
         if history:
@@ -278,6 +295,29 @@ def print_summary(out) -> None:
     print(f"  outputs: {out.output_dir} (model, tokenizer, dpo_config.yaml, metrics.jsonl, metrics.png, report.json)")
 
 
+def trainer_storage(cfg: DPOConfig, run_name: str, out: Path) -> Path:
+    """Where Ray Train keeps this run's checkpoints: ``<ray.storage_path or output_dir/ray_results>/<run_name>``."""
+    return Path(cfg.ray.storage_path or out / "ray_results").resolve() / run_name
+
+
+def _load_best_model(cfg: DPOConfig, best: tuple[str, bool], history: list[dict], storage: Path, model_source,
+                     tokenizer, out: Path) -> dict[str, Any]:
+    """load_best_model_at_end: when a saved step scored better on the eval metric than the final weights, its
+    weights replace the model in ``output_dir`` (transformers' rule: the best among the saved checkpoints and,
+    as transformers also saves the last step, the end of the run)."""
+    from dpo_ray.train.checkpoint import export_checkpoint
+    from dpo_ray.train.metrics import best_checkpoint_step
+
+    key, greater = best
+    saved = {int(p.name.split("-")[-1]): p for p in storage.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()}
+    last = max((r["step"] for r in history), default=0)
+    step = best_checkpoint_step(history, [*saved, last], key, greater)
+    if step is None or step == last or step not in saved:
+        return {"metric": key, "step": last, "from": "the final weights"}
+    export_checkpoint(saved[step], cfg, model_source, tokenizer, out)
+    return {"metric": key, "step": step, "from": str(saved[step])}
+
+
 def _apply_peft_config(cfg: DPOConfig, peft_config) -> DPOConfig:
     update = {"use_peft": True, "lora_r": peft_config.r, "lora_alpha": peft_config.lora_alpha,
               "lora_dropout": peft_config.lora_dropout}
@@ -285,4 +325,4 @@ def _apply_peft_config(cfg: DPOConfig, peft_config) -> DPOConfig:
         update["lora_target_modules"] = sorted(peft_config.target_modules)
     if peft_config.modules_to_save:
         update["lora_modules_to_save"] = list(peft_config.modules_to_save)
-    return DPOConfig(**{**cfg.model_dump(), **update})
+    return DPOConfig(**{**cfg.model_dump(exclude_unset=True), **update})

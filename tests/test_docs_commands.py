@@ -138,6 +138,9 @@ def example_commands(path: Path) -> list[DocCommand]:
 ALL = [c for p in MARKDOWN for c in markdown_commands(p)] + [c for p in EXAMPLES for c in example_commands(p)]
 
 
+_ran: dict[str, str] = {}  # command (comments dropped) -> id of the test that ran it (a command shown twice runs once)
+
+
 def test_the_docs_show_commands():
     """The collector finds what it should: if this fails, a doc's command markup changed."""
     texts = [c.key for c in ALL]
@@ -205,13 +208,42 @@ def _run_cli(argv: list[str], cwd: Path) -> None:
         assert main(argv) == 0, f"dpo-ray {shlex.join(argv)} did not exit 0 in {cwd}"
         if argv[0] in ("train", "sft"):
             out = Path(_resolve(_parser().parse_args(argv)).output_dir)
-            assert (out / "config.json").is_file() and (out / "report.json").is_file(), f"no model in {out}"
+            saved = (out / "config.json").is_file() or (out / "adapter_config.json").is_file()  # PEFT: the adapter
+            assert saved and (out / "report.json").is_file(), f"no model in {out}"
+            check = AFTER.get(shlex.join(["dpo-ray", *argv]))
+            if check is not None:
+                check(out)
     finally:
         os.chdir(old)
 
 
+def _vlm_trained(out: Path) -> None:
+    """examples/vlm_tiny.yaml: a LLaVA with its processor comes back, step 1's loss is log 2 (policy ==
+    reference), and the weights moved away from the ones `python -m dpo_ray.vision` wrote."""
+    import json
+    import math
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert abs(next(r["loss"] for r in rows if "loss" in r) - math.log(2)) < 1e-3
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert AutoProcessor.from_pretrained(out).image_token == "<image>"
+    start = AutoModelForImageTextToText.from_pretrained(out.parent / "tiny_vlm")
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
+
+
+# Extra checks after a documented training command (keyed by the command as run).
+AFTER = {"dpo-ray train --config examples/vlm_tiny.yaml --max_steps 2": _vlm_trained}
+
+
 def run(cmd: DocCommand, cwd: Path, address: str) -> None:
     for part in cmd.text.split(" && "):  # a gate: each part must succeed, in order
+        key = shlex.join(shlex.split(part, comments=True))
+        if key in _ran:
+            continue  # the same command already ran (and passed) as _ran[key]
         argv = shlex.split(part, comments=True)
         if argv[:1] == ["dpo-ray"] or argv[:3] == ["python", "-m", "dpo_ray"]:
             args = argv[1:] if argv[0] == "dpo-ray" else argv[3:]
@@ -220,6 +252,11 @@ def run(cmd: DocCommand, cwd: Path, address: str) -> None:
             _subprocess([sys.executable, *argv[1:]], cwd, address)
         elif argv[0] == "python" and argv[1].startswith("examples/"):
             _subprocess([sys.executable, *_shortened(argv[1:])], cwd, address)
+            if argv[1] == "examples/train_dpo.py" and len(argv) == 2:  # its default output_dir, relative
+                from transformers import AutoModelForCausalLM
+
+                AutoModelForCausalLM.from_pretrained(cwd / "tiny-dpo")
+                assert (cwd / "tiny-dpo" / "metrics.jsonl").is_file()
         elif argv == ["make", "demo"]:
             # the README's command, in the repository as it says; outputs go to this run's directory
             _subprocess(["make", "demo", f"DEMO_ARGS=--max_steps 2 --output_dir {cwd / 'demo_output'}"], ROOT,
@@ -227,16 +264,13 @@ def run(cmd: DocCommand, cwd: Path, address: str) -> None:
         else:
             pytest.fail(f"{cmd.id}: no way to run {argv[0]!r} here; teach this test to run it, or mark it in the "
                         f"doc with '{NOT_RUN} <reason>'")
+        _ran[key] = cmd.id
 
 
-_ran: dict[str, str] = {}  # command (comments dropped) -> id of the test that ran it (a command shown twice runs once)
 
 
 @pytest.mark.parametrize("cmd", ALL, ids=[c.id for c in ALL])
 def test_doc_command_runs_as_written(cmd: DocCommand, workdirs, ray_local):
     if cmd.skip:
         pytest.skip(f"{cmd.text!r}: {cmd.skip}")
-    if cmd.key in _ran:
-        return  # the same command already ran (and passed) as _ran[cmd.key]
     run(cmd, workdirs(cmd.source), ray_local)
-    _ran[cmd.key] = cmd.id

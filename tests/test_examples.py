@@ -93,19 +93,3 @@ def test_train_dpo_py_has_the_trl_quick_start_shape():
     proc = subprocess.run([sys.executable, str(EXAMPLES / "train_dpo.py"), "--help"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_train_dpo_py_trains_the_bundled_model(tmp_path):
-    """The no-argument path end to end (local Ray, 2 CPU workers), shortened to 2 steps."""
-    out = tmp_path / "out"
-    env = {**ENV, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RAY_ADDRESS", None)  # a local Ray of its own, never a colleague's cluster
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "train_dpo.py"), "--output_dir", str(out),
-                           "--max_steps", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)
-    assert proc.returncode == 0, f"train_dpo.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    from transformers import AutoModelForCausalLM
-
-    assert (out / "config.json").exists() and (out / "metrics.jsonl").exists()
-    AutoModelForCausalLM.from_pretrained(out)

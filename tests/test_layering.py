@@ -3,9 +3,10 @@ below, never above, and no set of modules imports itself round in a circle. No e
 
 Floors, ground up (docs/CONTRACTS.md, "Layers"):
   0 math        errors, logprobs, losses, prefix, forward (the model forward policy and reference share),
-                vision (what a processor is), vision.images, plotting, progress (the console display)
+                vision (what a processor is), vision.images, plotting, progress (the console display),
+                optim and schedule (optimizers and LR schedules by TrainingArguments name)
   1 data        data.*
-  2 config      config, paths
+  2 config      config, paths, trl_keys (what each TRL key means here)
   3 models      models, adapters, vision.tiny
   4 reference   reference.*
   5 train       train.*  (runs in the Ray Train workers)
@@ -23,9 +24,10 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "dpo_ray"
 
 FLOORS = [
-    (0, ("errors", "logprobs", "losses", "prefix", "forward", "vision", "vision.images", "plotting", "progress")),
+    (0, ("errors", "logprobs", "losses", "prefix", "forward", "vision", "vision.images", "plotting", "progress",
+         "optim", "schedule")),
     (1, ("data",)),
-    (2, ("config", "paths")),
+    (2, ("config", "paths", "trl_keys")),
     (3, ("models", "adapters", "vision.tiny")),
     (4, ("reference",)),
     (5, ("train",)),

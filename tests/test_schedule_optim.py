@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from dpo_ray.train.schedule import SCHEDULES, lr_lambda, lr_lambda_for, scheduler_kwargs_problems
+from dpo_ray.schedule import SCHEDULES, lr_lambda, lr_lambda_for, scheduler_kwargs_problems
 
 LR = 2e-5
 
@@ -56,7 +56,7 @@ def test_lr_lambda_for_reads_the_config():
 
 # ------------------------------------------------------------------ optimizers
 
-from dpo_ray.train.optim import (  # noqa: E402
+from dpo_ray.optim import (  # noqa: E402
     OPTIMIZER_ALIASES,
     OPTIMIZERS,
     UNSUPPORTED,

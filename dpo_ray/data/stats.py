@@ -134,6 +134,6 @@ def check_trained(steps: int | None, planned_steps: int, report: dict[str, Any],
             "output_dir are the untouched input weights. Give more rows, or lower per_device_train_batch_size / "
             "gradient_accumulation_steps / ray.num_workers")
     if steps is not None and steps < planned_steps:
-        return (f"the run ended at step {steps} of the {planned_steps} planned: {why}. The learning-rate "
-                f"schedule was sized for {planned_steps} steps, so it stopped before its end")
+        return (f"the run trained {steps} optimizer steps, not the {planned_steps} first planned: {why}. After its "
+                "first epoch the run sized its steps and learning-rate schedule by the rows kept")
     return None

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dpo_ray.errors import TooFewRowsError
 from dpo_ray.forward import eval_mode
 from dpo_ray.train.checkpoint import (
     TrainerState,
@@ -41,8 +42,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = (DPOStep(w.cfg, w.device, w.pad_id, w.reference, announce=w.rank == 0) if lc.mode == "dpo"
             else SFTStep(w.cfg, w.device, w.pad_id))
     run = Run(w, step, state)
-    while state.global_step < lc.total_steps and state.epoch < lc.num_epochs:
+    if w.eval_shard is not None and w.cfg.eval_on_start and state.global_step == 0:
+        run.logger.log(0, run.evaluate())
+    while state.global_step < run.total_steps and state.epoch < run.num_epochs:
         if run.epoch():  # the data ran out before the last step: a full epoch
+            if state.micro_per_epoch is None:
+                run.fit_plan_to_epoch(state.micro_in_epoch)
             state.epoch, state.micro_in_epoch = state.epoch + 1, 0
             run.on_epoch_end()
     run.finish()
@@ -77,6 +82,13 @@ class Run:
         self.throughput = Throughput(state)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=w.device)  # checked once per optimizer step
         self.kill_at = int(os.environ.get("DPO_RAY_TEST_KILL_AT_STEP", "0"))  # fault injection (tests)
+        self.best = w.cfg.best_model_metric()  # (eval key, greater is better) for load_best_model_at_end
+        self.last_eval: dict[str, float] = {}
+        # The plan: sized on the driver from the rows counted; after the first epoch, from the rows kept.
+        self.total_steps, self.num_epochs = self.lc.total_steps, self.lc.num_epochs
+        if state.micro_per_epoch is not None:  # resumed after that resizing
+            self._resize(state.micro_per_epoch, announce=False)
+        state.planned_steps = self.total_steps
 
     def epoch(self) -> bool:
         """Train from the state's data position to the end of its epoch; False when the run's last step
@@ -95,9 +107,39 @@ class Run:
             if boundary:
                 state.global_step += 1
                 self.on_optimizer_step(grad_norm if grad_norm is not None else _grad_norm(w.engine))
-                if state.global_step >= self.lc.total_steps:
+                if state.global_step >= self.total_steps:
                     return False
         return True
+
+    def fit_plan_to_epoch(self, micro: int) -> None:
+        """The first full epoch gave ``micro`` micro-batches on every worker (``synced`` makes them agree); the
+        driver planned from the rows it counted, before bad rows were dropped. Fewer: size the rest of the run
+        (its steps or its epochs, and the LR schedule's horizon) by the rows that arrived."""
+        self.state.micro_per_epoch = micro
+        if micro // self.cfg.gradient_accumulation_steps == 0:
+            raise TooFewRowsError(
+                f"the training data gave {micro} micro-batch(es) per worker in a whole epoch, fewer than one "
+                f"optimizer step (gradient_accumulation_steps {self.cfg.gradient_accumulation_steps}): the rows kept "
+                "after bad rows were dropped are too few. Give more rows, or lower per_device_train_batch_size / "
+                "gradient_accumulation_steps / ray.num_workers")
+        if micro < self.lc.micro_per_epoch:
+            self._resize(micro, announce=self.w.rank == 0)
+            self.state.planned_steps = self.total_steps
+
+    def _resize(self, micro: int, announce: bool) -> None:
+        cfg, lc = self.cfg, self.lc
+        per_epoch = micro // cfg.gradient_accumulation_steps
+        if cfg.max_steps > 0:  # the steps asked for stay; more epochs reach them
+            self.num_epochs = math.ceil(cfg.max_steps / per_epoch)
+        else:
+            self.total_steps = min(lc.total_steps, max(1, math.ceil(cfg.num_train_epochs * per_epoch)))
+        if self.total_steps != lc.total_steps:
+            self.w.resize_schedule(self.total_steps, self.state.global_step)
+            self.logger.total = self.total_steps
+        if announce:
+            sys.stdout.write(f"the first epoch gave {micro} micro-batches per worker, not the {lc.micro_per_epoch} "
+                             f"planned from the rows counted (bad rows dropped): the run now has {self.total_steps} "
+                             f"optimizer steps over up to {self.num_epochs} epoch(s)\n")
 
     def on_optimizer_step(self, grad_norm: float | None) -> None:
         """Every N steps: the non-finite check, fault injection, the TR-DPO sync, logging, eval, checkpoint."""
@@ -110,18 +152,27 @@ class Run:
             _die_once_for_test()
         if w.reference is not None and cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
             w.reference.sync_from(w.model, cfg.ref_model_mixup_alpha)
-        logged = self.log(step, grad_norm) if step % cfg.logging_steps == 0 or step == self.lc.total_steps else {}
+        log_due = step % cfg.logging_steps == 0 or step == self.total_steps or (cfg.logging_first_step and step == 1)
+        logged = self.log(step, grad_norm) if log_due else {}
         if self.lc.progress is not None and w.rank == 0:  # fire and forget: the driver draws it
             post = {"epoch": round(self.epoch_fraction(), 3)}
             post.update({k: logged[k] for k in ("loss", "tokens_per_second") if k in logged})
             self.lc.progress.post.remote(step, post)
         if w.eval_shard is not None and cfg.eval_strategy == "steps" and step % (cfg.eval_steps or cfg.logging_steps) == 0:
             self.logger.log(step, self.evaluate())
-        if cfg.save_strategy == "steps" and step % cfg.save_steps == 0 and step < self.lc.total_steps:
-            save_checkpoint(w.engine, self.state, w.rank)
+        if cfg.save_strategy == "steps" and step % cfg.save_steps == 0 and step < self.total_steps:
+            self.save()
 
     def epoch_fraction(self) -> float:
-        return self.state.epoch + self.state.micro_in_epoch / max(self.lc.micro_per_epoch, 1)
+        per_epoch = self.state.micro_per_epoch or self.lc.micro_per_epoch
+        return self.state.epoch + self.state.micro_in_epoch / max(per_epoch, 1)
+
+    def save(self) -> None:
+        """A checkpoint; with load_best_model_at_end it carries the latest eval metric for Ray Train to rank."""
+        metrics = {}
+        if self.best is not None and self.best[0] in self.last_eval:
+            metrics[self.best[0]] = self.last_eval[self.best[0]]
+        save_checkpoint(self.w.engine, self.state, self.w.rank, metrics)
 
     def log(self, step: int, grad_norm: float | None) -> dict[str, float]:
         reduced = self.acc.reduce()  # the logging step's one collective and host sync
@@ -138,8 +189,8 @@ class Run:
         cfg, state = self.cfg, self.state
         if self.w.eval_shard is not None and cfg.eval_strategy == "epoch":
             self.logger.log(state.global_step, self.evaluate())
-        if cfg.save_strategy == "epoch" and state.epoch < self.lc.num_epochs:
-            save_checkpoint(self.w.engine, state, self.w.rank)
+        if cfg.save_strategy == "epoch" and state.epoch < self.num_epochs:
+            self.save()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -148,11 +199,16 @@ class Run:
         with eval_mode(self.w.model):
             for item in self.step.stream(self.step.batches(self.w.eval_shard, epoch=0, train=False)):
                 acc.add(self.step(self.w.model, item)[1])
-        return {f"eval_{k}": v for k, v in acc.reduce().items()}
+        self.last_eval = {f"eval_{k}": v for k, v in acc.reduce().items()}
+        return self.last_eval
 
     def finish(self) -> None:
         """The last eval, the saved model (every rank joins the ZeRO-3 gather), rank 0's final state."""
         w = self.w
+        if self.state.global_step == 0:  # never save the untouched input weights as the result
+            raise TooFewRowsError("the run trained 0 optimizer steps: the training data gave no full batch on "
+                                  "every worker. Give more rows, or lower per_device_train_batch_size / "
+                                  "gradient_accumulation_steps / ray.num_workers")
         if w.eval_shard is not None and self.cfg.eval_strategy != "no":
             self.logger.log(self.state.global_step, self.evaluate())
         save_model(w.engine, self.cfg, self.lc.tokenizer, w.rank)

@@ -16,10 +16,10 @@ import torch
 
 from dpo_ray.config import DPOConfig, deepspeed_config
 from dpo_ray.models import load_causal_lm, prepare_policy
+from dpo_ray.optim import build_optimizer
 from dpo_ray.reference.base import ReferenceClient
 from dpo_ray.reference.build import build_reference
-from dpo_ray.train.optim import build_optimizer
-from dpo_ray.train.schedule import build_scheduler
+from dpo_ray.schedule import build_scheduler
 from dpo_ray.vision import text_tokenizer
 
 
@@ -63,6 +63,12 @@ class Worker:
     @property
     def model(self) -> torch.nn.Module:
         return self.engine.module
+
+    def resize_schedule(self, total_steps: int, done: int) -> None:
+        """The LR schedule over ``total_steps`` instead, continuing at optimizer step ``done``."""
+        # the torch optimizer DeepSpeed built its scheduler around (under ZeRO, .optimizer is a wrapper)
+        self.scheduler = build_scheduler(self.engine.basic_optimizer, self.cfg, total_steps, last_step=done)
+        self.engine.lr_scheduler = self.scheduler
 
 
 def process_settings(local_world_size: int) -> None:

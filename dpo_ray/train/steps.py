@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from dpo_ray.config import DPOConfig
 from dpo_ray.data import iter_train_batches
 from dpo_ray.forward import PrefixSharing, sequence_forward
-from dpo_ray.losses import PairLogps, batch_metrics, dpo_loss, moe_aux_loss
+from dpo_ray.losses import PairLogps, batch_metrics, dpo_loss, moe_aux_loss, sequence_metrics
 from dpo_ray.reference.base import ReferenceClient, prefetched
 
 
@@ -61,7 +61,7 @@ def sft_step(model, cfg: DPOConfig, batch) -> tuple[Tensor, dict]:
     """Token-mean NLL over completion tokens (the SFT stage)."""
     s = sequence_forward(model, batch).stats
     loss = -s.logps.sum() / s.num_tokens.sum().clamp(min=1)
-    metrics = {"loss": loss.detach(), "entropy": s.entropy.mean(),
+    metrics = {"loss": loss.detach(), **sequence_metrics(s),
                "num_tokens": batch["attention_mask"].sum().float(),
                "num_pairs": torch.tensor(float(s.logps.shape[0]), device=s.logps.device)}
     return loss, metrics

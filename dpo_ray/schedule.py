@@ -112,6 +112,9 @@ def lr_lambda_for(cfg, total_steps: int):
     return lr_lambda(cfg.lr_scheduler_type, total_steps, warm, cfg.lr_scheduler_kwargs, cfg.learning_rate)
 
 
-def build_scheduler(optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The run's schedule around ``optimizer`` (DeepSpeed steps it once per optimizer step)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(cfg, total_steps))
+def build_scheduler(optimizer, cfg, total_steps: int, last_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's schedule around ``optimizer`` (DeepSpeed steps it once per optimizer step); ``last_step`` > 0
+    continues a run whose horizon changed at that step (the optimizer already holds each group's initial_lr)."""
+    # LambdaLR's constructor takes one step: from last_step - 1 it lands on last_step and sets its rates
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(cfg, total_steps),
+                                             last_epoch=last_step - 1 if last_step else -1)
