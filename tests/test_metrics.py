@@ -38,7 +38,7 @@ def expected(workers: list[int]) -> dict[str, float]:
         per_micro.append(sum(r[0] * r[1] for r in rows) / den if den else 0.0)
     rows = [r for w in workers for r in BATCHES[w]]
     return {"mean_token_accuracy": sum(per_micro) / 2, "loss": sum(r[2] for r in rows) / len(rows),
-            "num_tokens": sum(r[3] for r in rows), "_micro_batches": 2.0}
+            "num_tokens": sum(r[3] for r in rows)}
 
 
 def test_one_worker():

@@ -231,9 +231,7 @@ def dpo_ray_loss_and_metrics(policy, ref, batch, case: Case) -> tuple[float, dic
         metrics = batch_metrics(pairs, stats, case.beta, attention_mask=attn)
     acc = MetricAccumulator()  # reduced as the training loop reduces them for a log line
     acc.add({**metrics, "loss": loss})
-    logged = acc.reduce()
-    logged.pop("_micro_batches")
-    return float(loss), logged
+    return float(loss), acc.reduce()
 
 
 def rel_diff(a: float, b: float) -> float:
