@@ -23,8 +23,10 @@ from dpo_ray.cluster import (
     worker_resources,
 )
 from dpo_ray.config import DPOConfig
+from dpo_ray.errors import ConfigError, TooFewRowsError
 from dpo_ray.paths import check_paths, resolve_config_paths
-from dpo_ray.train.checkpoint import CHECKPOINT_STATE_FILE, FINAL_STATE_FILE
+from dpo_ray.train.checkpoint import CHECKPOINT_STATE_FILE, FINAL_STATE_FILE, checkpoint_problems
+from dpo_ray.train.logger import METRICS_FILE, cut_metrics, read_metrics
 
 
 @dataclass
@@ -92,15 +94,17 @@ class DPOTrainer:
         t0 = time.perf_counter()
         # Before Ray starts: a missing model directory or tokenizer fails here, once, naming the key.
         check_paths(cfg)
+        out = Path(cfg.output_dir).resolve()
+        # Before anything starts or is deleted: which checkpoint, and whether output_dir may be written.
+        resume = _find_checkpoint(resume_from_checkpoint or cfg.resume_from_checkpoint, out, cfg)
+        _check_output_dir(cfg, out, resume)
         tokenizer = self.processing_class or load_processing_class(
             self.model if isinstance(self.model, str) else cfg)
         if self.mode == "dpo":
             print(cfg.describe_reference(), flush=True)
         init_ray(cfg)
         check_nodes_see_paths(cfg)
-        out = Path(cfg.output_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
-        resume = _find_checkpoint(resume_from_checkpoint or cfg.resume_from_checkpoint, out)
         use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else cluster_has_gpu()
         prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
         print(prepared.summary(), flush=True)  # which tokenizer, which files: never a silent fallback
@@ -146,6 +150,11 @@ class DPOTrainer:
             datasets = {"train": prepared.train}
             if prepared.eval is not None and (cfg.eval_strategy != "no" or cfg.eval_on_start):
                 datasets["eval"] = prepared.eval
+                if prepared.num_eval_rows_estimate < world * cfg.per_device_eval_batch_size:
+                    print(f"dpo-ray warning: the eval set has {prepared.num_eval_rows_estimate} rows, fewer than "
+                          f"ray.num_workers {world} × per_device_eval_batch_size {cfg.per_device_eval_batch_size}: "
+                          "some workers get no full eval batch, so eval metrics may be missing or cover few rows. "
+                          "Give more eval rows, or lower per_device_eval_batch_size", file=sys.stderr, flush=True)
             best = cfg.best_model_metric()
             trainer = TorchTrainer(
                 train_loop_per_worker,
@@ -169,6 +178,12 @@ class DPOTrainer:
                 data_error = unwrap_data_error(e)  # a bad row met mid-stream: name it, not the worker
                 if data_error is None:
                     raise
+                if isinstance(data_error, TooFewRowsError) and prepared.stats is not None:
+                    # the workers found no optimizer step in the rows kept: say how many were kept of how many
+                    from dpo_ray.data.stats import check_trained
+
+                    check_trained(0, total_steps, prepared.stats.report(), prepared.num_train_rows_estimate,
+                                  cfg.max_dropped_fraction)
                 raise data_error from e
         finally:
             if progress is not None:
@@ -177,7 +192,13 @@ class DPOTrainer:
                 pool.shutdown()
         if getattr(result, "error", None) is not None:
             raise (unwrap_data_error(result.error) or result.error) from result.error
-        history = _read_metrics(out / "metrics.jsonl")
+        from dpo_ray.train.checkpoint import model_files_problem
+
+        missing = model_files_problem(out, cfg)
+        if missing:  # fit() returned, yet the outputs are not whole: never report that as success
+            raise RuntimeError(f"training finished but {out} lacks {missing}; the model was not saved completely "
+                               "(a full disk, or a worker lost while writing). Resume with resume_from_checkpoint: latest")
+        history = read_metrics(out / METRICS_FILE)
         report = self._final_report(cfg, history, prepared, time.perf_counter() - t0, out)
         from dpo_ray.data.stats import check_trained
 
@@ -246,24 +267,71 @@ class DPOTrainer:
         return report
 
 
-def _find_checkpoint(resume, out: Path) -> Path | None:
-    """resume_from_checkpoint: a checkpoint directory, or True/'latest' for the newest under output_dir."""
+def _find_checkpoint(resume, out: Path, cfg: DPOConfig) -> Path | None:
+    """resume_from_checkpoint: a checkpoint directory, or True/'latest': the newest *complete* checkpoint of
+    run ``run_name`` under the Ray Train storage (``ray.storage_path`` or ``output_dir/ray_results``); with no
+    run_name, of the most recently written run there. Half-written checkpoints are skipped, saying so."""
     if not resume:
         return None
     if resume is True or str(resume).lower() in ("true", "latest"):
-        found = sorted((out / "ray_results").glob("*/checkpoint-*"), key=lambda p: p.name)
-        if not found:
-            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint under {out / 'ray_results'}")
-        resume = found[-1]
+        root = Path(cfg.ray.storage_path or out / "ray_results").resolve()
+        runs = [root / cfg.run_name] if cfg.run_name else sorted(
+            (p for p in root.glob("*") if p.is_dir() and any(p.glob("checkpoint-*"))),
+            key=lambda p: max(c.stat().st_mtime for c in p.glob("checkpoint-*")), reverse=True)[:1]
+        found = [c for run in runs for c in run.glob("checkpoint-*") if c.name.split("-")[-1].isdigit()]
+        for ckpt in sorted(found, key=lambda c: int(c.name.split("-")[-1]), reverse=True):
+            problem = checkpoint_problems(ckpt)
+            if not problem:
+                if not cfg.run_name:
+                    print(f"resume_from_checkpoint latest: run {ckpt.parent.name!r}, the most recent under {root}: "
+                          f"{ckpt.name}", flush=True)
+                return ckpt
+            print(f"resume_from_checkpoint latest: skipping {ckpt}, half-written ({problem})", file=sys.stderr)
+        where = root / cfg.run_name if cfg.run_name else root
+        raise FileNotFoundError(f"resume_from_checkpoint latest: no complete checkpoint under {where}"
+                                + ("" if cfg.run_name else " (no run_name given: the most recent run was searched)"))
     path = Path(resume).resolve()
     if not (path / CHECKPOINT_STATE_FILE).exists():
         raise FileNotFoundError(f"resume_from_checkpoint={resume}: not a dpo_ray checkpoint (no {CHECKPOINT_STATE_FILE})")
+    problem = checkpoint_problems(path)
+    if problem:
+        raise FileNotFoundError(f"resume_from_checkpoint={resume}: the checkpoint is half-written ({problem}); "
+                                "give an earlier one, or 'latest' for the newest complete one")
     return path
 
 
+# What a finished (or running) run leaves in output_dir; a second run must not mix its files with them.
+_PREVIOUS_RUN_FILES = ("model.safetensors", "config.json", "adapter_model.safetensors", METRICS_FILE,
+                       "dpo_config.yaml", FINAL_STATE_FILE, "report.json")
+
+
+def _check_output_dir(cfg: DPOConfig, out: Path, resume: Path | None) -> None:
+    """Refuse a new run into an output_dir holding an earlier run's outputs (or into a run_name whose Ray Train
+    storage has checkpoints, which Ray would silently continue), unless resuming or overwrite_output_dir."""
+    if resume is not None:
+        return
+    found = [f for f in _PREVIOUS_RUN_FILES if (out / f).exists()]
+    storage = trainer_storage(cfg, cfg.run_name, out) if cfg.run_name else None
+    reused = storage is not None and any(storage.glob("checkpoint-*"))
+    if not found and not reused:
+        return
+    if not cfg.overwrite_output_dir:
+        what = (f"output_dir {out} holds an earlier run's {', '.join(found)}" if found else
+                f"run_name {cfg.run_name!r} already has checkpoints in {storage}")
+        raise ConfigError([("output_dir", f"{what}. Continue that run with resume_from_checkpoint: latest (or a "
+                                          "checkpoint directory), or replace it with overwrite_output_dir: true "
+                                          "(or choose another output_dir / run_name)")])
+    if reused:  # overwriting: Ray Train would otherwise resume from this run name's last checkpoint
+        import shutil
+
+        print(f"overwrite_output_dir: removing run {cfg.run_name!r}'s checkpoints in {storage}", flush=True)
+        shutil.rmtree(storage)
+
+
 def _prepare_metrics_file(out: Path, resume) -> None:
-    """A fresh run starts a fresh metrics.jsonl; a resumed one keeps the rows up to its checkpoint."""
-    path = out / "metrics.jsonl"
+    """A fresh run starts a fresh metrics.jsonl; a resumed one keeps the rows up to its checkpoint (rank 0
+    cuts it again at restore, as after a worker-group restart)."""
+    path = out / METRICS_FILE
     for stale in (FINAL_STATE_FILE, "report.json"):
         (out / stale).unlink(missing_ok=True)
     if not path.exists():
@@ -271,15 +339,7 @@ def _prepare_metrics_file(out: Path, resume) -> None:
     if resume is None:
         path.unlink()
         return
-    step = json.loads((resume / CHECKPOINT_STATE_FILE).read_text())["global_step"]
-    kept = [r for r in _read_metrics(path) if r.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    cut_metrics(path, json.loads((resume / CHECKPOINT_STATE_FILE).read_text())["global_step"])
 
 
 def print_summary(out) -> None:
