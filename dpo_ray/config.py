@@ -255,7 +255,8 @@ class DPOConfig(BaseModel):
     load_best_model_at_end: bool = Field(False, description="save the checkpoint with the best metric_for_best_model as the final model (needs save_strategy = eval_strategy)")
     metric_for_best_model: str | None = Field(None, description="eval metric that ranks checkpoints, e.g. loss or rewards/accuracies (default loss)")
     greater_is_better: bool | None = Field(None, description="whether a larger metric_for_best_model is better (default: false for *loss, else true)")
-    resume_from_checkpoint: str | None = Field(None, description="a checkpoint directory, or 'latest' for the newest under output_dir")
+    resume_from_checkpoint: str | None = Field(None, description="a checkpoint directory, or 'latest': the newest complete checkpoint of run_name (no run_name: of the most recent run) under ray.storage_path or output_dir/ray_results")
+    overwrite_output_dir: bool = Field(False, description="let a new run replace an earlier run's outputs in output_dir (else refused unless resuming)")
     seed: int = Field(42, description="seed for model init, data order and dropout")
     data_seed: int | None = Field(None, description="seed for data order (default seed)")
     bf16: bool | None = Field(None, description="None = auto: bf16 on GPU, fp32 on CPU")
@@ -378,11 +379,42 @@ class DPOConfig(BaseModel):
         # auto (None) means bf16 on GPU, unless the user asked for fp16 instead
         return on_gpu and not self.fp16 if self.bf16 is None else self.bf16
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def to_yaml(self, redact: bool = True) -> str:
+        """The resolved config as YAML; secrets (model_init_kwargs keys that look like tokens or passwords, every
+        ray.runtime_env env var) shown as ``<redacted>`` unless ``redact`` is false."""
+        data = self.model_dump(mode="json")
+        if redact:
+            data = redact_secrets(data)
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 _SECTIONS = ("ray", "reference", "deepspeed", "inspect")
+_SECRET_WORDS = ("token", "secret", "password", "key", "credential", "auth")
+REDACTED = "<redacted>"
+
+
+def _secret_key(name: str) -> bool:
+    return any(w in str(name).lower() for w in _SECRET_WORDS)
+
+
+def redact_secrets(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a dumped config with secret values replaced: model_init_kwargs entries under secret-looking
+    keys (token, secret, password, key, credential, auth; any case, at any depth), and every
+    ray.runtime_env env var (they commonly carry HF_TOKEN, cloud keys)."""
+    import copy
+
+    data = copy.deepcopy(data)
+
+    def scrub(d):
+        return {k: REDACTED if _secret_key(k) and v not in (None, "") else scrub(v) if isinstance(v, dict) else v
+                for k, v in d.items()}
+
+    if isinstance(data.get("model_init_kwargs"), dict):
+        data["model_init_kwargs"] = scrub(data["model_init_kwargs"])
+    env = (data.get("ray") or {}).get("runtime_env") or {}
+    if isinstance(env.get("env_vars"), dict):
+        env["env_vars"] = {k: REDACTED for k in env["env_vars"]}
+    return data
 
 
 def _without_invalid(data: dict[str, Any], err: ValidationError) -> dict[str, Any]:

@@ -25,7 +25,8 @@ DEMO_DPO = {"learning_rate": 5e-4, "beta": 0.1, "rpo_alpha": 1.0, "num_train_epo
 
 
 def _stage_config(base: dict, output_dir: Path, overrides: dict, config_file) -> Any:
-    merged = {**base, **overrides, "output_dir": str(output_dir)}
+    # the demo re-runs into the same folders: each run replaces the last (overwrite_output_dir)
+    merged = {"overwrite_output_dir": True, **base, **overrides, "output_dir": str(output_dir)}
     return load_config(config_file, merged)
 
 

@@ -173,6 +173,9 @@ TRL_KEYS: dict[str, TrlKey] = {
     "do_eval": _ignored("eval follows eval_strategy"),
     "do_predict": _ignored(_NO_PRED),
     "resume_from_checkpoint": _same("also 'latest'"),
+    "overwrite_output_dir": _same("TrainingArguments' key of transformers 4.x: a new run into an output_dir "
+                                  "holding an earlier run's outputs is refused unless this is true or the run "
+                                  "resumes"),
     "local_rank": _ignored("Ray Train assigns ranks"),
     # --- DPOConfig: TRL's own ---
     "model_init_kwargs": _same(),

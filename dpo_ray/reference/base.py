@@ -33,6 +33,9 @@ class ReferenceClient(Protocol):
 
     def close(self) -> None: ...
 
+    # TR-DPO sources also implement save_state(d, rank) / load_state(d, rank, version): the mixed weights
+    # travel with each checkpoint so a resume continues at the same reference (dpo_ray.train.checkpoint).
+
 
 def prefetched(batches: Iterable[dict[str, Tensor]], client: ReferenceClient, depth: int
                ) -> Iterator[tuple[dict[str, Tensor], Tensor, Tensor]]:
@@ -118,6 +121,25 @@ class LocalReference:
     def sync_from(self, policy: nn.Module, alpha: float) -> None:
         mix_into(self.model, policy, alpha)
         self.version += 1
+
+    def save_state(self, d, rank: int) -> None:
+        """The mixed weights into checkpoint folder ``d``: each rank's shards under ZeRO-3 (``ref_rank{r}.pt``),
+        else rank 0's whole copy (``ref_model.pt``, the same on every rank)."""
+        params = dict(self.model.named_parameters())
+        if any(getattr(p, "ds_tensor", None) is not None for p in params.values()):
+            torch.save({n: p.ds_tensor.detach().cpu() for n, p in params.items()}, d / f"ref_rank{rank}.pt")
+        elif rank == 0:
+            torch.save({n: p.detach().cpu() for n, p in params.items()}, d / "ref_model.pt")
+
+    @torch.no_grad()
+    def load_state(self, d, rank: int, version: int) -> None:
+        """The checkpoint's mixed weights back into the reference, at weights version ``version``."""
+        path = d / f"ref_rank{rank}.pt"
+        state = torch.load(path if path.exists() else d / "ref_model.pt", map_location="cpu", weights_only=True)
+        for n, p in self.model.named_parameters():
+            dst = p.ds_tensor if getattr(p, "ds_tensor", None) is not None else p.data
+            dst.copy_(state[n].to(dtype=dst.dtype))
+        self.version = version
 
     def close(self):
         pass

@@ -217,6 +217,34 @@ class ActorPoolReference:
         if all(i in self._dead for i in live):
             raise RuntimeError("every reference actor died during the TR-DPO sync")
 
+    # ------------------------------------------------------------------------- checkpoint (TR-DPO)
+    def save_state(self, d, rank: int) -> None:
+        """Rank 0 writes the actors' mixed weights into checkpoint folder ``d`` (``ref_model.pt``)."""
+        if rank != 0:
+            return
+        live = next(i for i in range(len(self.actors)) if i not in self._dead)
+        state = ray.get(self.actors[live].state_dict.remote(), timeout=self.timeout_s)
+        torch.save(state, d / "ref_model.pt")
+
+    def load_state(self, d, rank: int, version: int) -> None:
+        """After a restore: rank 0 loads the checkpoint's mixed weights into every actor at ``version`` (a
+        restarted worker group finds them ahead of the checkpoint, a resumed run at version 0); every rank
+        adopts ``version`` once that is done, before any request is sent."""
+        error = None
+        if rank == 0:
+            try:
+                ref = ray.put(torch.load(d / "ref_model.pt", weights_only=True))
+                ray.get([a.load_state.remote(ref, version) for a in self.actors], timeout=self.timeout_s)
+            except Exception as e:  # reported to every rank below, so none waits forever
+                error = f"{type(e).__name__}: {e}"
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise RuntimeError(f"restoring the TR-DPO reference weights (version {version}) from {d} failed: {error}")
+        self.version = version
+
     def _cancel_stale(self) -> None:
         """Drop requests sent before a sync: their answers will never be used."""
         for rid, req in list(self._inflight.items()):

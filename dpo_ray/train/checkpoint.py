@@ -32,36 +32,86 @@ class TrainerState:
     tokens_seen: int = 0
     micro_per_epoch: int | None = None  # micro-batches the first full epoch gave (kept rows size the plan)
     planned_steps: int | None = None  # the run's optimizer steps, after that resizing
+    world_size: int | None = None  # ranks that wrote the checkpoint (what a complete one holds)
+    zero_stage: int | None = None
+    ref_version: int = 0  # TR-DPO: syncs applied to the reference (its weights are saved when > 0)
 
 
-def save_checkpoint(engine, state: TrainerState, rank: int, metrics: dict[str, float] | None = None) -> None:
+def save_checkpoint(engine, state: TrainerState, rank: int, metrics: dict[str, float] | None = None,
+                    reference=None) -> None:
     """Every rank writes its DeepSpeed shard (+ RNG) and reports it; Ray Train merges them in storage.
 
     Metrics go to metrics.jsonl / TensorBoard, so Ray Train sees only the step and ``metrics`` (the eval metric
     load_best_model_at_end ranks checkpoints by).
     """
     import ray.train
+    import torch.distributed as dist
 
+    state.world_size = dist.get_world_size() if dist.is_initialized() else 1
+    state.zero_stage = engine.zero_optimization_stage()
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=CKPT_TAG)
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                   Path(d) / f"rng_rank{rank}.pt")
+        torch.save(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
+        if reference is not None and state.ref_version > 0:
+            reference.save_state(Path(d), rank)
         if rank == 0:
             (Path(d) / CHECKPOINT_STATE_FILE).write_text(json.dumps(asdict(state)))
         ray.train.report({"step": state.global_step, **(metrics or {})}, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"checkpoint-{state.global_step:06d}")
 
 
-def load_checkpoint(engine, d: str, rank: int) -> TrainerState:
+def load_checkpoint(engine, d: str, rank: int, reference=None) -> TrainerState:
     engine.load_checkpoint(d, tag=CKPT_TAG)
     state = TrainerState(**json.loads((Path(d) / CHECKPOINT_STATE_FILE).read_text()))
     rng_file = Path(d) / f"rng_rank{rank}.pt"
     if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)  # numpy's RNG state is not a tensor
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        _set_rng_state(torch.load(rng_file, weights_only=True))  # plain tensors and numbers: no pickled code
+    if state.ref_version > 0:
+        if reference is None or not hasattr(reference, "load_state"):
+            raise RuntimeError(f"checkpoint {d} holds a TR-DPO reference at weights version {state.ref_version}, "
+                               "but this run's reference source cannot take it; resume with the same reference.source")
+        reference.load_state(Path(d), rank, state.ref_version)
     return state
+
+
+def _rng_state() -> dict:
+    """Every RNG's state as tensors and numbers, so it loads with ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+            "python": [version, torch.tensor(py_state, dtype=torch.int64), py_gauss]}
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    kind, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, rng["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = rng["python"]
+    random.setstate((version, tuple(int(x) for x in py_state.tolist()), py_gauss))
+
+
+def checkpoint_problems(d: Path) -> str:
+    """What checkpoint ``d`` lacks to be complete ("" when it is): the state file, every rank's RNG file,
+    DeepSpeed's files for the tag (model states, and each rank's optimizer shard under ZeRO), and the
+    TR-DPO reference weights it says it holds. A crash while writing or uploading leaves one half-written."""
+    d = Path(d)
+    try:
+        state = TrainerState(**json.loads((d / CHECKPOINT_STATE_FILE).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        return f"no readable {CHECKPOINT_STATE_FILE} ({type(e).__name__})"
+    world = state.world_size or max(1, len(list(d.glob("rng_rank*.pt"))))
+    missing = [f"rng_rank{r}.pt" for r in range(world) if not (d / f"rng_rank{r}.pt").exists()]
+    tag = d / CKPT_TAG
+    shards = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
+    if not (tag / "mp_rank_00_model_states.pt").exists():
+        missing += [f"{CKPT_TAG}/{f}" for f in shards if not (tag / f).exists()]
+    if (state.zero_stage or 0) > 0 or any(tag.glob("*zero_pp_rank_*optim_states.pt")):
+        missing += [f"{CKPT_TAG}/zero_pp_rank_{r}_*optim_states.pt" for r in range(world)
+                    if not any(tag.glob(f"*zero_pp_rank_{r}_mp_rank_*optim_states.pt"))]
+    if state.ref_version > 0 and not (d / "ref_model.pt").exists():
+        missing += [f"ref_rank{r}.pt" for r in range(world) if not (d / f"ref_rank{r}.pt").exists()]
+    return f"missing {', '.join(missing)}" if missing else ""
 
 
 def save_model(engine, cfg: DPOConfig, tokenizer, rank: int) -> None:
@@ -76,14 +126,41 @@ def save_model(engine, cfg: DPOConfig, tokenizer, rank: int) -> None:
 
 
 def write_model(module, cfg: DPOConfig, tokenizer, out: Path, state_dict=None) -> None:
-    """``module`` (or ``state_dict`` in its layout) in save_pretrained's layout, the adapter for PEFT."""
-    if cfg.uses_peft:
-        from dpo_ray.adapters import save_peft
+    """``module`` (or ``state_dict`` in its layout) in save_pretrained's layout, the adapter for PEFT.
 
-        save_peft(module, cfg, out, state_dict)
-    else:
-        module.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    Written into a temporary folder inside ``out``, then each file renamed into place: a crash mid-write
+    leaves the previous files or none, never a truncated model.safetensors beside a valid config.json."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model-tmp-", dir=out))
+    try:
+        if cfg.uses_peft:
+            from dpo_ray.adapters import save_peft
+
+            save_peft(module, cfg, tmp, state_dict)
+        else:
+            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        # weights first, config.json last: a config is there only once its weights are
+        for src in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            dst = out / src.name
+            if dst.is_dir() and not dst.is_symlink():
+                shutil.rmtree(dst)
+            src.replace(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_files_problem(out: Path, cfg: DPOConfig) -> str:
+    """What a finished run's ``output_dir`` lacks ("" when whole): the model's weights and config (or the
+    adapter under PEFT) and train_state.json."""
+    need = ["adapter_config.json"] if cfg.uses_peft else ["config.json"]
+    missing = [f for f in need + [FINAL_STATE_FILE] if not (out / f).exists()]
+    if not any(out.glob("adapter_model.*" if cfg.uses_peft else "model*.safetensors")) and not any(
+            out.glob("pytorch_model*.bin")):
+        missing.append("adapter_model.safetensors" if cfg.uses_peft else "model.safetensors")
+    return ", ".join(missing)
 
 
 def checkpoint_weights(d: Path, cfg: DPOConfig) -> dict[str, torch.Tensor]:
@@ -118,4 +195,6 @@ def export_checkpoint(d: Path, cfg: DPOConfig, model_source, tokenizer, out: Pat
 
 
 def save_final_state(cfg: DPOConfig, state: TrainerState) -> None:
-    (Path(cfg.output_dir) / FINAL_STATE_FILE).write_text(json.dumps(asdict(state)))
+    path = Path(cfg.output_dir) / FINAL_STATE_FILE
+    path.with_name(path.name + ".tmp").write_text(json.dumps(asdict(state)))
+    path.with_name(path.name + ".tmp").replace(path)

@@ -11,6 +11,34 @@ from pathlib import Path
 from dpo_ray.config import DPOConfig
 from dpo_ray.train.checkpoint import TrainerState
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that does not parse (a write torn by a crash or a full disk) is
+    skipped with a note, never an error."""
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"dpo-ray: {path} line {n} is torn (an interrupted write); skipped", file=sys.stderr)
+    return rows
+
+
+def cut_metrics(path: Path, step: int) -> None:
+    """Keep the rows up to optimizer step ``step`` (a checkpoint's; 0: none), whole lines only."""
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path) if step > 0 and r.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+
 
 class Throughput:
     """Pairs and tokens per second since the last logging step; counts ``state``'s running totals."""
@@ -37,7 +65,7 @@ class Logger:
 
     COLUMNS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate", "grad_norm")
 
-    def __init__(self, cfg: DPOConfig, rank: int, total_steps: int):
+    def __init__(self, cfg: DPOConfig, rank: int, total_steps: int, run_name: str = "run", start_step: int = 0):
         self.active = rank == 0
         self.total = total_steps
         self.t0 = time.perf_counter()
@@ -48,13 +76,15 @@ class Logger:
             if "tensorboard" in cfg.report_to:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.out / "runs"))
+                # one folder per run; a resume at step s hides that folder's events past s (rolled back)
+                self.tb = SummaryWriter(str(self.out / "runs" / run_name),
+                                        purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:
             return
         row = {"step": step, **metrics}
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.out / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in metrics.items():

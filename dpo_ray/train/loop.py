@@ -19,12 +19,13 @@ from dpo_ray.errors import TooFewRowsError
 from dpo_ray.forward import eval_mode
 from dpo_ray.train.checkpoint import (
     TrainerState,
+    checkpoint_problems,
     load_checkpoint,
     save_checkpoint,
     save_final_state,
     save_model,
 )
-from dpo_ray.train.logger import Logger, Throughput
+from dpo_ray.train.logger import METRICS_FILE, Logger, Throughput, cut_metrics
 from dpo_ray.train.metrics import MetricAccumulator
 from dpo_ray.train.setup import LoopConfig, Worker, setup
 from dpo_ray.train.steps import DPOStep, SFTStep
@@ -59,15 +60,28 @@ def restore(w: Worker) -> TrainerState:
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and w.lc.resume_checkpoint:
+        # A rerun under the same run_name gets Ray's last registered checkpoint; the driver's choice (the
+        # newest complete one) wins when that one was damaged since.
+        with checkpoint.as_directory() as d:
+            missing = checkpoint_problems(Path(d))
+        if missing:
+            if w.rank == 0:
+                sys.stdout.write(f"Ray Train's latest checkpoint {checkpoint.path} is incomplete ({missing}); "
+                                 f"resuming from {w.lc.resume_checkpoint}\n")
+            checkpoint = None
     if checkpoint is None and w.lc.resume_checkpoint:
         checkpoint = ray.train.Checkpoint.from_directory(w.lc.resume_checkpoint)
     if checkpoint is None:
-        return TrainerState()
-    with checkpoint.as_directory() as d:
-        state = load_checkpoint(w.engine, d, w.rank)
-    if w.rank == 0:
-        sys.stdout.write(f"resumed from checkpoint at step {state.global_step} (epoch {state.epoch}, "
-                         f"micro-batch {state.micro_in_epoch})\n")
+        state = TrainerState()
+    else:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(w.engine, d, w.rank, reference=w.reference)
+        if w.rank == 0:
+            sys.stdout.write(f"resumed from checkpoint at step {state.global_step} (epoch {state.epoch}, "
+                             f"micro-batch {state.micro_in_epoch})\n")
+    if w.rank == 0:  # rows past the checkpoint (a restarted worker group, a torn write) are logged again
+        cut_metrics(Path(w.cfg.output_dir) / METRICS_FILE, state.global_step)
     return state
 
 
@@ -77,13 +91,15 @@ class Run:
     def __init__(self, w: Worker, step: SFTStep, state: TrainerState):
         self.w, self.step, self.state = w, step, state
         self.cfg, self.lc = w.cfg, w.lc
-        self.logger = Logger(self.cfg, w.rank, self.lc.total_steps)
+        self.logger = Logger(self.cfg, w.rank, self.lc.total_steps, run_name=_run_name(self.lc), start_step=state.global_step)
         self.acc = MetricAccumulator()
         self.throughput = Throughput(state)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=w.device)  # checked once per optimizer step
         self.kill_at = int(os.environ.get("DPO_RAY_TEST_KILL_AT_STEP", "0"))  # fault injection (tests)
         self.best = w.cfg.best_model_metric()  # (eval key, greater is better) for load_best_model_at_end
         self.last_eval: dict[str, float] = {}
+        self.eval_step = -1  # the step of the last eval: the final one is not run twice
+        self.saved_step = state.global_step if state.global_step else -1  # a resumed step is already saved
         # The plan: sized on the driver from the rows counted; after the first epoch, from the rows kept.
         self.total_steps, self.num_epochs = self.lc.total_steps, self.lc.num_epochs
         if state.micro_per_epoch is not None:  # resumed after that resizing
@@ -160,6 +176,7 @@ class Run:
             self.lc.progress.post.remote(step, post)
         if w.eval_shard is not None and cfg.eval_strategy == "steps" and step % (cfg.eval_steps or cfg.logging_steps) == 0:
             self.logger.log(step, self.evaluate())
+        # the last step's checkpoint is taken by finish(), after its eval (load_best_model_at_end ranks it)
         if cfg.save_strategy == "steps" and step % cfg.save_steps == 0 and step < self.total_steps:
             self.save()
 
@@ -172,7 +189,10 @@ class Run:
         metrics = {}
         if self.best is not None and self.best[0] in self.last_eval:
             metrics[self.best[0]] = self.last_eval[self.best[0]]
-        save_checkpoint(self.w.engine, self.state, self.w.rank, metrics)
+        if self.w.reference is not None:
+            self.state.ref_version = self.w.reference.version  # TR-DPO: the mixed weights travel along
+        save_checkpoint(self.w.engine, self.state, self.w.rank, metrics, reference=self.w.reference)
+        self.saved_step = self.state.global_step
 
     def log(self, step: int, grad_norm: float | None) -> dict[str, float]:
         reduced = self.acc.reduce()  # the logging step's one collective and host sync
@@ -200,6 +220,7 @@ class Run:
             for item in self.step.stream(self.step.batches(self.w.eval_shard, epoch=0, train=False)):
                 acc.add(self.step(self.w.model, item)[1])
         self.last_eval = {f"eval_{k}": v for k, v in acc.reduce().items()}
+        self.eval_step = self.state.global_step
         return self.last_eval
 
     def finish(self) -> None:
@@ -209,14 +230,27 @@ class Run:
             raise TooFewRowsError("the run trained 0 optimizer steps: the training data gave no full batch on "
                                   "every worker. Give more rows, or lower per_device_train_batch_size / "
                                   "gradient_accumulation_steps / ray.num_workers")
-        if w.eval_shard is not None and self.cfg.eval_strategy != "no":
+        if w.eval_shard is not None and self.cfg.eval_strategy != "no" and self.eval_step != self.state.global_step:
             self.logger.log(self.state.global_step, self.evaluate())
+        if self.cfg.save_strategy != "no" and self.saved_step != self.state.global_step:
+            self.save()  # the last step is never lost to a crash while the model is written
         save_model(w.engine, self.cfg, self.lc.tokenizer, w.rank)
         if w.rank == 0:
             save_final_state(self.cfg, self.state)
         self.logger.close()
         if w.reference is not None:
             w.reference.close()
+
+
+def _run_name(lc: LoopConfig) -> str:
+    """The run's TensorBoard folder name: run_name; a resume without one continues its checkpoint's run."""
+    import ray.train
+
+    if lc.cfg.run_name:
+        return lc.cfg.run_name
+    if lc.resume_checkpoint:
+        return Path(lc.resume_checkpoint).parent.name
+    return ray.train.get_context().get_experiment_name()
 
 
 def _skip(batches, n: int):
