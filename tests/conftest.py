@@ -13,7 +13,9 @@ import pytest
 # No hub at test time; quiet tokenizers' fork warnings; the Ray Train V2 API the trainer is written for.
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1",
-               "DS_ACCELERATOR": "cpu"}.items():
+               "DS_ACCELERATOR": "cpu",
+               # each test fit is short: no spot-instance preemption watcher actor per run
+               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}.items():
     os.environ.setdefault(_k, _v)
 
 
