@@ -185,18 +185,18 @@ def test_reference_cache_key_covers_how_the_model_loads():
 
 
 # ----------------------------------------------------------------------------- the real stack
-FAULT_RUN = dict(max_steps=6, save_strategy="steps", save_steps=2, ray={"num_workers": 1},
-                 sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.5,
-                 eval_strategy="steps", eval_steps=3, report_to=["tensorboard"])
+FAULT_RUN = dict(max_steps=4, save_strategy="steps", save_steps=2, ray={"num_workers": 1},
+                 sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5,
+                 eval_strategy="steps", eval_steps=4, report_to=["tensorboard"])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_faults_then_latest_resume_reproduce_the_run(ray_local, tmp_path, capsys):
-    """One TR-DPO run (reference.source local, synced every 2 steps), then the damage a crash leaves: a torn
+    """One TR-DPO run (reference.source local, synced every step), then the damage a crash leaves: a torn
     last metrics line, the newest checkpoint half-written, a checkpoint folder with only its state file. A
     second run into the same output_dir is refused; ``resume_from_checkpoint: latest`` skips both broken
-    checkpoints, resumes at step 4 with the reference weights of that step, and logs the same curve, each
+    checkpoints, resumes at step 2 with the reference weights of that step, and logs the same curve, each
     step once."""
     from test_train import make_rows, train
 
@@ -205,33 +205,33 @@ def test_faults_then_latest_resume_reproduce_the_run(ray_local, tmp_path, capsys
     out = Path(full.output_dir)
     storage = out / "ray_results" / "faulty"
     # the final eval ran once (eval_steps divides max_steps), and the last step has its checkpoint
-    assert [r["step"] for r in full.history if "eval_loss" in r] == [3, 6]
-    assert sorted(p.name for p in storage.glob("checkpoint-*")) == [f"checkpoint-00000{s}" for s in (2, 4, 6)]
+    assert [r["step"] for r in full.history if "eval_loss" in r] == [4]
+    assert sorted(p.name for p in storage.glob("checkpoint-*")) == [f"checkpoint-00000{s}" for s in (2, 4)]
     assert all(checkpoint_problems(p) == "" for p in storage.glob("checkpoint-*"))
-    assert json.loads((storage / "checkpoint-000006" / CHECKPOINT_STATE_FILE).read_text())["ref_version"] == 3
+    assert json.loads((storage / "checkpoint-000004" / CHECKPOINT_STATE_FILE).read_text())["ref_version"] == 4
     assert (out / "runs" / "faulty").is_dir() and not list(out.glob(".model-tmp-*"))
 
     # the faults
     with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"step": 7, "loss": 0.6')  # the disk filled mid-line
-    (storage / "checkpoint-000006" / "rng_rank0.pt").unlink()  # half-written
-    (storage / "checkpoint-000008").mkdir()
-    (storage / "checkpoint-000008" / CHECKPOINT_STATE_FILE).write_text(json.dumps({"global_step": 8}))
+        f.write('{"step": 5, "loss": 0.6')  # the disk filled mid-line
+    (storage / "checkpoint-000004" / "rng_rank0.pt").unlink()  # half-written
+    (storage / "checkpoint-000006").mkdir()
+    (storage / "checkpoint-000006" / CHECKPOINT_STATE_FILE).write_text(json.dumps({"global_step": 6}))
 
     with pytest.raises(ConfigError, match="overwrite_output_dir"):  # no Ray work: refused up front
         train(tmp_path, "run", rows, eval_rows, **FAULT_RUN)
     capsys.readouterr()
     resumed = train(tmp_path, "run", rows, eval_rows, resume_from_checkpoint="latest", **FAULT_RUN)
     err = capsys.readouterr()
-    assert "skipping" in err.err and "checkpoint-000008" in err.err and "checkpoint-000006" in err.err
-    assert "run 'faulty'" in err.out and "checkpoint-000004" in err.out
+    assert "skipping" in err.err and "checkpoint-000006" in err.err and "checkpoint-000004" in err.err
+    assert "run 'faulty'" in err.out and "checkpoint-000002" in err.out
     steps = [r["step"] for r in resumed.history if "loss" in r]
-    assert steps == [1, 2, 3, 4, 5, 6], steps  # no duplicate rows, nothing of the torn line
-    assert [r["step"] for r in resumed.history if "eval_loss" in r] == [3, 6]
+    assert steps == [1, 2, 3, 4], steps  # no duplicate rows, nothing of the torn line
+    assert [r["step"] for r in resumed.history if "eval_loss" in r] == [4]
     for a, b in zip([r["loss"] for r in full.history if "loss" in r], [r["loss"] for r in resumed.history if "loss" in r]):
-        assert a == pytest.approx(b, abs=1e-5)  # steps 5 and 6 need step 4's mixed reference back
+        assert a == pytest.approx(b, abs=1e-5)  # steps 3 and 4 need step 2's mixed reference back
     assert resumed.eval_metrics["eval_loss"] == pytest.approx(full.eval_metrics["eval_loss"], abs=1e-5)
-    assert resumed.report["steps"] == 6
+    assert resumed.report["steps"] == 4
     assert [p.name for p in (out / "runs").iterdir()] == ["faulty"]  # the resume continued its run's folder
 
 
