@@ -1,4 +1,4 @@
-"""``dpo-ray`` (same as ``python -m dpo_ray``): train | sft | validate | demo | inspect-data.
+"""``dpo-ray`` (same as ``python -m dpo_ray``): train | sft | validate | demo | inspect-data | sweep | ref-store.
 
 Flags are TRL's script flags (``--model_name_or_path``, ``--dataset_name``, ``--beta``, ...) plus
 ``--config FILE.yaml``; flags override the file. Sections use dots: ``--ray.num_workers 2``.
@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         "validate": "print the resolved config and the DeepSpeed dict, or every config error (exit 2)",
         "demo": "SFT then DPO on the bundled task and tiny model; prints metrics and task accuracy",
         "inspect-data": "preflight report on a preference dataset, before any training resources are taken",
+        "sweep": "a hyper-parameter sweep on Ray Tune: --grid KEY=V1,V2 ...; one shared reference pass (docs/sweeps.md)",
     }
     for name, help_ in specs.items():
         # resolve: --debug below is this CLI's (a data error's traceback), not TRL's TrainingArguments.debug
@@ -59,7 +60,32 @@ def _parser() -> argparse.ArgumentParser:
         if name == "inspect-data":
             sp.add_argument("--report_dir", default=None, help="where the JSON + PNG report goes")
             sp.add_argument("--max_rows", type=int, default=None, help="inspect only the first N rows")
+        if name == "sweep":
+            _sweep_arguments(sp)
+    rs = sub.add_parser("ref-store", help="size report or cleanup of a reference store (docs/sweeps.md)",
+                        description="size report (du) or cleanup (clean) of a content-addressed reference store")
+    rs.add_argument("action", choices=["du", "clean"])
+    rs.add_argument("--store", required=True, help="the store's root (a sweep's <output_dir>/reference_store, or "
+                                                   "the reference.cache_dir it was given)")
+    rs.add_argument("--key", action="append", default=None, help="clean: this key (repeatable)")
+    rs.add_argument("--older_than_days", type=float, default=None, help="clean: keys not used for this many days")
+    rs.add_argument("--all", action="store_true", help="clean: every key")
     return p
+
+
+def _sweep_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="a DPOConfig key and its values (repeatable: the sweep is the product)")
+    sp.add_argument("--metric", default="eval_rewards/accuracies", help="the metric that ranks trials (and ASHA's)")
+    sp.add_argument("--mode", choices=["max", "min"], default="max")
+    sp.add_argument("--max_concurrent_trials", type=int, default=None, help="trials at once (default: as resources allow)")
+    sp.add_argument("--num_samples", type=int, default=1, help="repeats of the grid (Tune's num_samples)")
+    sp.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA on --metric, time = optimizer steps)")
+    sp.add_argument("--grace_steps", type=int, default=None, help="ASHA: steps before a trial may be stopped")
+    sp.add_argument("--trial_cpus", type=float, default=0.25, help="CPUs each trial's driver reserves")
+    sp.add_argument("--task_prompts", type=int, default=200, help="held-out prompts for the bundled task's metric (0: off)")
+    sp.add_argument("--ref_store", default=None, help="reference store root (default reference.cache_dir, else "
+                                                      "<output_dir>/reference_store); shared storage on a cluster")
 
 
 def _resolve(ns: argparse.Namespace, extra: dict[str, Any] | None = None) -> DPOConfig:
@@ -115,6 +141,44 @@ def cmd_inspect(ns) -> int:
     return run_inspect(cfg, report_dir=ns.report_dir, max_rows=ns.max_rows)
 
 
+def cmd_sweep(ns) -> int:
+    from dpo_ray.sweep import asha, grid_space, parse_grid, run_sweep
+
+    cfg = _resolve(ns)
+    grid = parse_grid(ns.grid)
+    if not grid:
+        raise ConfigError([("--grid", "give at least one, e.g. --grid beta=0.05,0.1,0.3")])
+    scheduler = None
+    if ns.asha:
+        if not cfg.max_steps or cfg.max_steps < 1:
+            raise ConfigError([("--asha", "ASHA needs max_steps (its time budget, in optimizer steps)")])
+        scheduler = asha(cfg.max_steps, ns.grace_steps)
+    summary = run_sweep(cfg, grid_space(grid), metric=ns.metric, mode=ns.mode, scheduler=scheduler,
+                        num_samples=ns.num_samples, max_concurrent_trials=ns.max_concurrent_trials,
+                        trial_resources={"CPU": ns.trial_cpus}, store=ns.ref_store, task_prompts=ns.task_prompts)
+    print(f"\n== sweep finished: {summary['ok']} of {summary['trials']} trial(s) ok, {summary['failed']} failed, "
+          f"{summary['wall_time_s']} s; reference keys {', '.join(summary['reference']['keys']) or 'none'}")
+    print(f"  table: {summary['results']}  plot: {summary['plot']}")
+    best = summary["best"]
+    if best:
+        print(f"  best ({summary['metric']} {summary['mode']}): {best['config']} = {best['value']:.6g}; "
+              f"model: {best['model_dir']}")
+    return 0 if summary["ok"] else 1
+
+
+def cmd_ref_store(ns) -> int:
+    from dpo_ray.reference.store import ReferenceStore
+
+    store = ReferenceStore(ns.store)
+    if ns.action == "clean":
+        if not (ns.key or ns.older_than_days is not None or ns.all):
+            raise ConfigError([("clean", "say what to remove: --key KEY, --older_than_days N or --all")])
+        removed = store.clean(ns.key, ns.older_than_days, ns.all)
+        print(f"removed {len(removed)} key(s){': ' + ', '.join(removed) if removed else ''}")
+    print(store.report())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     ns.ray_was_up = _ray_up()
@@ -127,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_demo(ns)
         if ns.command == "inspect-data":
             return cmd_inspect(ns)
+        if ns.command == "sweep":
+            return cmd_sweep(ns)
+        if ns.command == "ref-store":
+            return cmd_ref_store(ns)
     except ConfigError as e:
         print(f"dpo-ray {ns.command}: {e}", file=sys.stderr)
         return 2

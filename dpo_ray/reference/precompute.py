@@ -145,15 +145,19 @@ def pad_pairs(rows: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tenso
 class ReferenceScorer:
     """Ray Data callable class: one reference model per actor, rows in, ref log-probs out."""
 
-    def __init__(self, cfg_dict: dict, ref_source: Any, tokenizer, pad_id: int):
+    def __init__(self, cfg_dict: dict, ref_source: Any, tokenizer, pad_id: int, counter: str | None = None):
         from dpo_ray.reference.actor import ReferenceModelHost
 
         self.host = ReferenceModelHost(cfg_dict, ref_source, tokenizer)
         self.pad_id, self.ld_alpha = pad_id, self.host.cfg.ld_alpha
+        self.counter = counter  # a file that gets "<pid> <rows>" per forward (tests count reference passes)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = pad_pairs(rows, self.pad_id)
         _, _, chosen, rejected = self.host.logps(None, batch, self.ld_alpha)
+        if self.counter:
+            with open(self.counter, "a") as f:  # one short append per forward: lines from several actors stay whole
+                f.write(f"{os.getpid()} {len(rows['row_id'])}\n")
         return {"row_id": np.asarray(rows["row_id"], dtype=np.int64),
                 "ref_chosen_logps": chosen.numpy().astype(np.float32),
                 "ref_rejected_logps": rejected.numpy().astype(np.float32)}
@@ -166,7 +170,8 @@ def _compute(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, o
     if rc.resources:
         kwargs["resources"] = dict(rc.resources)
     scored = ds.select_columns(ROW_COLUMNS).map_batches(
-        ReferenceScorer, fn_constructor_args=(cfg.model_dump(mode="json"), ref_source, tokenizer, pad_id),
+        ReferenceScorer, fn_constructor_args=(cfg.model_dump(mode="json"), ref_source, tokenizer, pad_id,
+                             os.environ.get("DPO_RAY_REFERENCE_COUNTER")),
         batch_size=rc.batch_size or cfg.per_device_eval_batch_size, batch_format="numpy",
         concurrency=rc.num_actors, **kwargs)
     # The driver writes the (row_id, two floats) results itself: one file, in the cache directory it sees,

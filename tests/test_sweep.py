@@ -1,0 +1,148 @@
+"""Sweeps on Ray Tune sharing one reference pass (dpo_ray/sweep.py, dpo_ray/reference/store.py, docs/sweeps.md).
+
+The 2×2 sweep is 4 Ray Train fits nested in Tune trials plus one reference pass: the costliest test here, so it
+checks everything at once (the reference counted, bit-identical log-probs, table, plot, summary, the store report).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpo_ray import DPOConfig
+from dpo_ray.errors import ConfigError
+from dpo_ray.reference.store import ReferenceStore, weights_fingerprint
+from dpo_ray.sweep import grid_points, grid_space, parse_grid, reference_projection, trial_config
+
+# Tiny trials: the bundled task, 2 optimizer steps, 1 worker on a fraction of a CPU, an eval at the last step.
+BASE = dict(max_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=8, max_train_samples=32,
+            max_eval_samples=8, eval_fraction=0.2, logging_steps=1, eval_strategy="steps", eval_steps=2,
+            save_strategy="no", report_to=[], max_length=64, bf16=False, gradient_checkpointing=False,
+            ray={"num_workers": 1, "resources_per_worker": {"CPU": 0.25}}, reference={"num_cpus": 0.25})
+
+
+# ------------------------------------------------------------------------------------------------ no Ray
+
+def test_grid_parsing_and_points():
+    grid = parse_grid(["beta=0.05,0.1,0.3", "loss_type=sigmoid,ipo", "reference.batch_size=4,8"])
+    assert grid == {"beta": [0.05, 0.1, 0.3], "loss_type": ["sigmoid", "ipo"], "reference.batch_size": [4, 8]}
+    points = grid_points(grid_space(grid))
+    assert len(points) == 12 and {"beta": 0.3, "loss_type": "ipo", "reference.batch_size": 8} in points
+    with pytest.raises(ConfigError, match="KEY=V1,V2"):
+        parse_grid(["beta"])
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_grid(["beta=1", "beta=2"])
+
+
+def test_reference_free_keys_share_a_projection_and_ld_alpha_does_not(tmp_path):
+    base = {"max_steps": 2}
+    a = trial_config(base, {"beta": 0.1, "loss_type": "sigmoid", "learning_rate": 1e-3}, tmp_path / "a")
+    b = trial_config(base, {"beta": 0.3, "loss_type": "ipo", "label_smoothing": 0.1}, tmp_path / "b")
+    c = trial_config(base, {"beta": 0.1, "ld_alpha": 0.5}, tmp_path / "c")
+    assert reference_projection(a) == reference_projection(b) != reference_projection(c)
+    shared = trial_config(base, {"beta": 0.1}, tmp_path / "d", cache_dir=str(tmp_path / "store" / "k"))
+    assert shared.reference.source == "precomputed" and shared.reference.cache_dir == str(tmp_path / "store" / "k")
+
+
+def test_weights_key_is_content_not_path_or_mtime(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "model.safetensors").write_bytes(b"\x00\x01" * 1000)
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    os.utime(copy / "model.safetensors", (1, 1))
+    assert weights_fingerprint(str(model)) == weights_fingerprint(str(copy))
+    (copy / "model.safetensors").write_bytes(b"\x00\x02" * 1000)  # same size, other bytes
+    assert weights_fingerprint(str(model)) != weights_fingerprint(str(copy))
+
+
+def test_store_report_and_clean(tmp_path):
+    store = ReferenceStore(tmp_path / "store")
+    for key in ("k1", "k2"):
+        d = tmp_path / "store" / key / "inner" / "train"
+        d.mkdir(parents=True)
+        (d / "part-00000.parquet").write_bytes(b"x" * 2048)
+        (tmp_path / "store" / key / "_COMPLETE").write_text("t")
+    old = tmp_path / "store" / "k1" / "_last_used"
+    old.touch()
+    os.utime(old, (0, 0))
+    assert "2 key(s)" in store.report() and "k1" in store.report()
+    assert store.clean(older_than_days=30) == ["k1"]
+    assert [e.key for e in store.entries()] == ["k2"]
+    with pytest.raises(ValueError, match="say what to clean"):
+        store.clean()
+    assert store.clean(everything=True) == ["k2"] and store.entries() == []
+
+
+def test_cli_sweep_surface(capsys):
+    from dpo_ray.cli import _parser
+
+    ns = _parser().parse_args(["sweep", "--grid", "beta=0.1,0.2", "--asha", "--max_concurrent_trials", "2"])
+    assert ns.grid == ["beta=0.1,0.2"] and ns.asha and ns.max_concurrent_trials == 2
+    assert _parser().parse_args(["ref-store", "clean", "--store", "s", "--all"]).all
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_2x2_sweep_runs_the_reference_once_and_shares_it(ray_local, tmp_path, monkeypatch):
+    from dpo_ray.sweep import run_sweep
+
+    counter = tmp_path / "reference_forwards.txt"
+    monkeypatch.setenv("DPO_RAY_REFERENCE_COUNTER", str(counter))  # the scorer appends "<pid> <rows>" per forward
+    sweep_dir = tmp_path / "sweep"
+    base = DPOConfig(**BASE, output_dir=str(sweep_dir))
+    summary = run_sweep(base, grid_space({"beta": [0.1, 0.3], "loss_type": ["sigmoid", "ipo"]}),
+                        max_concurrent_trials=2, task_prompts=8, verbose=0)
+
+    # one reference key, one pass over its rows: every row scored exactly once for the whole sweep
+    assert summary["reference"]["keys"] and len(summary["reference"]["keys"]) == 1
+    key = summary["reference"]["keys"][0]
+    entry = sweep_dir / "reference_store" / key
+    meta = json.loads((entry / "_content_key.json").read_text())
+    scored = [int(line.split()[1]) for line in counter.read_text().splitlines()]
+    assert sum(scored) == sum(meta["row_counts"].values()) > 0, (scored, meta["row_counts"])
+
+    # the table: one row per trial, all ok, the varied keys, metrics, every trial reading the store's entry
+    rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}, rows
+    assert {(r["beta"], r["loss_type"]) for r in rows} == {(b, t) for b in ("0.1", "0.3") for t in ("sigmoid", "ipo")}
+    for r in rows:
+        assert r["reference_dir"] == str(entry) and int(r["steps"]) == 2
+        assert float(r["eval_rewards/accuracies"]) >= 0 and r["task_accuracy"] != ""
+        assert (Path(r["output_dir"]) / "metrics.jsonl").exists()
+    assert len(json.loads((sweep_dir / "results.json").read_text())) == 4
+    assert (sweep_dir / "sweep.png").stat().st_size > 0
+    best = summary["best"]
+    assert best is not None and (Path(best["model_dir"]) / "config.json").exists()
+
+    # bit-identical to a solo run's reference pass: the same preparation as DPOTrainer.train, its own cache
+    import ray
+
+    from dpo_ray.data import build_datasets, load_processing_class
+    from dpo_ray.models import load_causal_lm, shippable
+    from dpo_ray.reference.precompute import _load_table, attach_reference_logps
+
+    solo_cache = tmp_path / "solo_cache"
+    solo = trial_config(base.model_dump(mode="json", exclude_unset=True), {"beta": 0.1}, tmp_path / "solo",
+                        cache_dir=str(solo_cache))
+    tokenizer = load_processing_class(solo)
+    prepared = build_datasets(solo, tokenizer, mode="dpo")
+    source = ray.put(shippable(load_causal_lm(None, solo, tokenizer)))
+    for split, ds in (("train", prepared.train), ("eval", prepared.eval)):
+        attach_reference_logps(ds, solo, source, tokenizer, split=split)
+        [solo_dir] = list(solo_cache.glob(f"*/{split}"))
+        [shared_dir] = list(entry.glob(f"*/{split}"))
+        for a, b in zip(_load_table(solo_dir), _load_table(shared_dir)):
+            assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8)), split
+
+    report = ReferenceStore(sweep_dir / "reference_store").report()
+    assert key in report and "1 key(s)" in report
