@@ -233,6 +233,9 @@ def dpo_trial(config: dict[str, Any]) -> None:
 
             _, cache_dir = ReferenceStore(sweep["store"]).ensure(cfg)
         cfg = trial_config(sweep["base"], overrides, out_dir, cache_dir)
+    elif sweep.get("own_reference"):  # N independent runs: each its own pass, into its own cache
+        cache_dir = str(out_dir / "reference_cache")
+        cfg = trial_config(sweep["base"], overrides, out_dir, cache_dir)
     t0 = time.perf_counter()
     reporter = _MetricsReporter(out_dir / "metrics.jsonl", sweep["metric"])
     try:
@@ -351,7 +354,7 @@ def plot_sweep(rows: list[dict], path: Path, varied: list[str]) -> Path | None:
 
 def prepare_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str | None = "eval_rewards/accuracies",
                   store: str | os.PathLike | None = None, trial_resources: dict[str, float] | None = None,
-                  task_prompts: int = 200) -> SweepPlan:
+                  task_prompts: int = 200, share_reference: bool = True) -> SweepPlan:
     """Validate every grid point, run the reference pass once per distinct store key (before any trial), and
     return the trainable (``tune.with_resources(dpo_trial, ...)``) and the param_space for ``tune.Tuner``.
 
@@ -359,6 +362,8 @@ def prepare_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str |
     ``reference.cache_dir`` (if set) the store's root, else ``<output_dir>/reference_store``.
     trial_resources: what each trial's driver process reserves (default 0.25 CPU); its Ray Train workers,
     data tasks and reference pass request their own (``ray.resources_per_worker`` etc.).
+    share_reference=False: each trial precomputes its own reference into its own directory (the baseline the
+    benchmark compares against: N independent runs).
     """
     from ray import tune
 
@@ -382,7 +387,7 @@ def prepare_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str |
             problems += [(f"{key} (grid point {point})", msg) for key, msg in e.problems]
     if problems:
         raise ConfigError(problems)
-    share = all(shares_reference(c) for c in configs)
+    share = share_reference and all(shares_reference(c) for c in configs)
     init_ray(base)
     dirs: dict[str, str] = {}
     keys: list[str] = []
@@ -395,12 +400,12 @@ def prepare_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str |
                 keys += [key] if key not in keys else []
         print(f"dpo-ray sweep: {len(points)} grid point(s), {len(dirs)} reference setting(s), {len(keys)} reference "
               f"key(s) in {store_root}", flush=True)
-    else:
+    elif share_reference:
         print("dpo-ray sweep: the trials' reference cannot be precomputed (TR-DPO or a PEFT adapter's reference): "
               "each trial runs its own", flush=True)
     env = {k: v for k, v in os.environ.items() if k.startswith("DPO_RAY_")}
     constants = {"base": base_dump, "sweep_dir": str(sweep_dir), "store": str(store_root), "reference_dirs": dirs,
-                 "share_reference": share, "metric": metric, "varied": varied, "env": env,
+                 "share_reference": share, "own_reference": not share_reference, "metric": metric, "varied": varied, "env": env,
                  "task_prompts": task_prompts}
     trainable = tune.with_resources(dpo_trial, trial_resources or {"CPU": 0.25})
     return SweepPlan(sweep_dir=sweep_dir, store=store_root, trainable=trainable,
@@ -411,13 +416,14 @@ def prepare_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str |
 def run_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str | None = "eval_rewards/accuracies",
               mode: str = "max", scheduler=None, search_alg=None, num_samples: int = 1,
               max_concurrent_trials: int | None = None, trial_resources: dict[str, float] | None = None,
-              store: str | os.PathLike | None = None, task_prompts: int = 200, verbose: int = 1) -> dict[str, Any]:
+              store: str | os.PathLike | None = None, task_prompts: int = 200, verbose: int = 1,
+              share_reference: bool = True) -> dict[str, Any]:
     """Prepare (shared reference passes), run the trials under ``tune.Tuner``, summarize; returns the summary."""
     from ray import tune
 
     t0 = time.perf_counter()
     plan = prepare_sweep(base, param_space, metric=metric, store=store, trial_resources=trial_resources,
-                         task_prompts=task_prompts)
+                         task_prompts=task_prompts, share_reference=share_reference)
     tuner = tune.Tuner(
         plan.trainable, param_space=plan.param_space,
         tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
