@@ -205,7 +205,12 @@ class ReferenceStore:
     def _alias(entry: Path, cfg: DPOConfig, splits: dict, ref_source: Any, tokenizer) -> None:
         """Same content key, another precompute key (another path to the same weights, other data settings that
         keep the rows): link that key to the computed one, so the run reads it instead of running a pass."""
-        from dpo_ray.reference.precompute import cache_key, dataset_fingerprint, model_identity, tokenization_settings
+        from dpo_ray.reference.precompute import (
+            cache_key,
+            dataset_fingerprint,
+            model_identity,
+            tokenization_settings,
+        )
 
         for split, ds in splits.items():
             wanted = cache_key({"model": model_identity(ref_source, cfg, tokenizer), "data": dataset_fingerprint(ds, cfg),
