@@ -81,6 +81,31 @@ def test_store_report_and_clean(tmp_path):
     assert store.clean(everything=True) == ["k2"] and store.entries() == []
 
 
+def test_summary_keeps_failed_trials_and_names_the_best(tmp_path):
+    """A failed trial is a row with its error; the best is chosen among finished trials by the metric."""
+    from types import SimpleNamespace
+
+    from dpo_ray.sweep import SweepPlan, asha
+
+    def result(beta, acc, error=None):
+        out = tmp_path / "trials" / f"t_beta={beta}"
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval_rewards/accuracies": acc,
+                                                       "eval_rewards/margins": 0.1}) + "\n")
+        metrics = None if error else {"eval_rewards/accuracies": acc, "steps": 1, "finished": True,
+                                      "output_dir": str(out)}
+        return SimpleNamespace(metrics=metrics, config={"beta": beta, "_sweep": {}}, error=error, path=None)
+
+    plan = SweepPlan(sweep_dir=tmp_path, store=tmp_path / "store", trainable=None, param_space={}, varied=["beta"])
+    summary = plan.summarize([result(0.1, 0.5), result(0.3, 0.75), result(0.5, None, RuntimeError("boom\nbad"))],
+                             "eval_rewards/accuracies", "max")
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["status"] for r in rows] == ["ok", "ok", "error"] and rows[2]["error"] == "bad"
+    assert summary["best"]["config"] == {"beta": 0.3} and summary["failed"] == 1
+    assert summary["best"]["model_dir"].endswith("t_beta=0.3") and (tmp_path / "sweep.png").exists()
+    assert asha(40).__class__.__name__ == "AsyncHyperBandScheduler"
+
+
 def test_cli_sweep_surface(capsys):
     from dpo_ray.cli import _parser
 
