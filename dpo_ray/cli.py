@@ -78,7 +78,7 @@ def _sweep_arguments(sp: argparse.ArgumentParser) -> None:
                     help="a DPOConfig key and its values (repeatable: the sweep is the product)")
     sp.add_argument("--metric", default="eval_rewards/accuracies", help="the metric that ranks trials (and ASHA's)")
     sp.add_argument("--mode", choices=["max", "min"], default="max")
-    sp.add_argument("--max_concurrent_trials", type=int, default=None, help="trials at once (default: as resources allow)")
+    sp.add_argument("--max_concurrent_trials", type=int, default=None, help="trials at once (default: what the cluster's CPUs hold, docs/sweeps.md)")
     sp.add_argument("--num_samples", type=int, default=1, help="repeats of the grid (Tune's num_samples)")
     sp.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA on --metric, time = optimizer steps)")
     sp.add_argument("--grace_steps", type=int, default=None, help="ASHA: steps before a trial may be stopped")

@@ -424,6 +424,9 @@ def run_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str | Non
     t0 = time.perf_counter()
     plan = prepare_sweep(base, param_space, metric=metric, store=store, trial_resources=trial_resources,
                          task_prompts=task_prompts, share_reference=share_reference)
+    if max_concurrent_trials is None:
+        max_concurrent_trials = default_concurrency(base, (trial_resources or {}).get("CPU", 0.25))
+    print(f"dpo-ray sweep: up to {max_concurrent_trials} trial(s) at once", flush=True)
     tuner = tune.Tuner(
         plan.trainable, param_space=plan.param_space,
         tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
@@ -435,6 +438,19 @@ def run_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str | Non
     summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
     (plan.sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def default_concurrency(cfg: DPOConfig, trial_cpus: float) -> int:
+    """Trials at once when not given: as many as the cluster's CPUs hold, counting each trial's driver, its Train
+    workers and half a CPU for its data tasks (Tune would otherwise start a trial per free trial_cpus and starve
+    the Train workers and Ray Data of CPUs: FACTS, "Ray starvation")."""
+    import ray
+
+    from dpo_ray.cluster import worker_resources
+
+    per_worker = worker_resources(cfg, bool(cfg.ray.use_gpu)).get("CPU", 0.5)
+    per_trial = trial_cpus + cfg.ray.num_workers * per_worker + 0.5
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
 
 
 def asha(max_steps: int, grace_steps: int | None = None, reduction_factor: int = 2):
