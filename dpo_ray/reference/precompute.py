@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 import ray
 import torch
 
-from dpo_ray.config import DPOConfig
+from dpo_ray.config import DPOConfig, redact_secrets
 
 CACHE_FORMAT = 1
 ROW_COLUMNS = ["row_id", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len"]
@@ -111,7 +112,12 @@ def tokenization_settings(cfg: DPOConfig, tokenizer) -> dict[str, Any]:
             "vocab_size": len(tokenizer) if tokenizer is not None else None,
             "chat_template": hashlib.sha256(str(template).encode()).hexdigest()[:16] if template else None,
             # the reference's precision changes the numbers
-            "precision": {"gpu": rc.num_gpus > 0, "torch_dtype": cfg.torch_dtype, "bf16": cfg.bf16, "fp16": cfg.fp16}}
+            "precision": {"gpu": rc.num_gpus > 0, "torch_dtype": cfg.torch_dtype, "bf16": cfg.bf16, "fp16": cfg.fp16},
+            # how the reference is loaded changes the numbers too (attention kernel, 4-bit, from_pretrained kwargs);
+            # secret-looking kwargs (a hub token) do not, and the key's parts are written to _key.json
+            "loading": {"attn_implementation": cfg.attn_implementation, "load_in_4bit": cfg.load_in_4bit,
+                        "model_init_kwargs": redact_secrets({"model_init_kwargs": cfg.model_init_kwargs})[
+                            "model_init_kwargs"]}}
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -256,13 +262,24 @@ def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any
     else:
         print(f"reference cache miss: key {key} ({split}); computing reference log-probs into {out}", flush=True)
         t0 = time.perf_counter()
-        tmp = out.with_name(f"{split}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        _compute(ds, cfg, ref_source, tokenizer, tmp)
-        (tmp / "_key.json").write_text(json.dumps({"key": key, **parts}, indent=1, default=str))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-        done.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {time.perf_counter() - t0:.1f}s\n")
+        # A unique temporary folder, then one rename: concurrent runs with the same key (a sweep, two jobs on
+        # shared storage) never write into each other's files; the first rename wins, the others use its result.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{split}.tmp-", dir=out.parent))
+        try:
+            _compute(ds, cfg, ref_source, tokenizer, tmp)
+            (tmp / "_key.json").write_text(json.dumps({"key": key, **parts}, indent=1, default=str))
+            (tmp / "_SUCCESS").write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {time.perf_counter() - t0:.1f}s\n")
+            if out.exists() and not done.exists():  # a crashed writer's leftovers (older layout): replace them
+                shutil.rmtree(out, ignore_errors=True)
+            try:
+                tmp.rename(out)
+            except OSError:
+                if not done.exists():
+                    raise
+                print(f"reference cache: another run wrote key {key} ({split}) first; using its result", flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     table = _load_table(out)
     return ds.map_batches(_attach, batch_format="pyarrow", batch_size=None,
                           fn_kwargs={"table_ref": ray.put(table), "source": str(out)})
