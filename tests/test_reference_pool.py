@@ -150,7 +150,7 @@ def test_exhausted_retry_budget_raises_clear_error(source_ref):
 
 
 @pytest.mark.timeout(150)
-def test_tr_dpo_sync_mixes_exactly_and_resubmits_stale(source, source_ref):
+def test_tr_dpo_sync_mixes_exactly_and_resubmits_stale(source, source_ref, tmp_path):
     alpha = 0.6
     cfg = config(num_actors=2, max_restarts=2, max_task_retries=3)
     pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, delay_s=(0.0, 0.03))
@@ -195,6 +195,17 @@ def test_tr_dpo_sync_mixes_exactly_and_resubmits_stale(source, source_ref):
         ray.get(h.mix.remote({n: torch.zeros_like(p) for n, p in policy.named_parameters()}, alpha, 1), timeout=60)
         state = ray.get(h.state_dict.remote(), timeout=60)
         assert all(torch.equal(state[n], p) for n, p in mixed.named_parameters())
+        # a checkpoint carries the mixed weights; a resumed run's pool (back at version 0) gets them back
+        client.save_state(tmp_path, rank=0)
+        initial = {n: p for n, p in ref_model.named_parameters()}
+        ray.get([a.load_state.remote(initial, 0) for a in pool.handles()], timeout=60)
+        resumed = ActorPoolReference(pool.handles(), cfg, rank=0, timeout_s=90)
+        resumed.load_state(tmp_path, rank=0, version=1)
+        assert resumed.version == 1
+        for h in pool.handles():
+            assert ray.get(h.weights_version.remote(), timeout=60) == 1
+            state = ray.get(h.state_dict.remote(), timeout=60)
+            assert all(torch.equal(state[n], p) for n, p in mixed.named_parameters())
     finally:
         pool.shutdown()
 
