@@ -3,11 +3,12 @@
 Both sides are the same Ray Tune sweep (dpo_ray.sweep.run_sweep) over ``beta`` with N values, the same trials
 (bundled task, tiny Llama, 1 worker each), the same concurrency and resources; the only difference is
 ``share_reference``: one content-addressed pass before the trials, or a pass inside every trial into its own
-cache. Each side runs in a fresh process (a fresh local Ray). Results: bench/results/sweep.json and
-docs/BENCHMARKS.md.
+cache. Each side runs in a fresh process (a fresh local Ray); rounds alternate the order of the two sides
+(shared first in odd rounds, independent first in even ones) and the ratio is that of the medians. Results:
+bench/results/sweep.json and docs/BENCHMARKS.md.
 
-    python bench/bench_sweep.py                 # N = 4 and 8
-    python bench/bench_sweep.py --n 4           # N = 4 only
+    python bench/bench_sweep.py                        # N = 4 and 8, 2 rounds
+    python bench/bench_sweep.py --n 4 --rounds 2       # N = 4 only
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CHILD_ENV, RESULTS, machine, versions, warm_deepspeed_ops  # noqa: E402
 
-TRIAL = dict(max_steps=8, per_device_train_batch_size=8, per_device_eval_batch_size=16, max_train_samples=1024,
+TRIAL = dict(max_steps=8, per_device_train_batch_size=8, per_device_eval_batch_size=16, max_train_samples=3000,
              max_eval_samples=64, eval_fraction=0.1, logging_steps=2, eval_strategy="steps", eval_steps=8,
              save_strategy="no", report_to=[], max_length=64, bf16=False, gradient_checkpointing=False,
              ray={"num_workers": 1, "resources_per_worker": {"CPU": 0.25}},
@@ -62,6 +63,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, action="append", help="trials (repeatable; default 4 and 8)")
     p.add_argument("--concurrency", type=int, default=2, help="trials at once, both sides")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians")
     p.add_argument("--child", action="store_true")
     p.add_argument("--shared", action="store_true")
     p.add_argument("--out", type=Path)
@@ -71,14 +73,21 @@ def main() -> None:
         return
     warm_deepspeed_ops()
     results = []
+    import statistics
+
     for n in a.n or [4, 8]:
-        shared = run_side(n, True, a.concurrency)
-        independent = run_side(n, False, a.concurrency)
-        ratio = shared["wall_s"] / independent["wall_s"]
-        print(f"N={n}: shared {shared['wall_s']} s, independent {independent['wall_s']} s, ratio {ratio:.2f} "
-              f"(reference rows scored: {shared['reference_rows_scored']} vs {independent['reference_rows_scored']})",
-              flush=True)
-        results.append({"n": n, "shared": shared, "independent": independent, "ratio": round(ratio, 3)})
+        runs: dict[bool, list[dict]] = {True: [], False: []}
+        for r in range(a.rounds):
+            for shared in ((True, False) if r % 2 == 0 else (False, True)):
+                runs[shared].append(run_side(n, shared, a.concurrency))
+                print(f"N={n} round {r + 1} {'shared' if shared else 'independent'}: {runs[shared][-1]}", flush=True)
+        med = {k: statistics.median(x["wall_s"] for x in v) for k, v in runs.items()}
+        ratio = med[True] / med[False]
+        print(f"N={n}: shared {med[True]:.1f} s, independent {med[False]:.1f} s (medians of {a.rounds}), ratio "
+              f"{ratio:.2f} (reference rows scored: {runs[True][0]['reference_rows_scored']} vs "
+              f"{runs[False][0]['reference_rows_scored']})", flush=True)
+        results.append({"n": n, "shared": runs[True], "independent": runs[False], "median_shared_s": med[True],
+                        "median_independent_s": med[False], "ratio": round(ratio, 3)})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sweep.json").write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), "trial": TRIAL, "concurrency": a.concurrency, "results": results,
