@@ -275,12 +275,13 @@ class SweepPlan:
         for r in results:
             m = r.metrics or {}
             flat = _flatten(r.config or {})
-            row = {"trial": Path(m.get("output_dir") or r.path or "?").name,
+            out_dir = m.get("output_dir") or _guess_dir(self.sweep_dir, r)
+            row = {"trial": Path(out_dir or r.path or "?").name,
                    "status": "error" if r.error else ("ok" if m.get("finished") else "stopped early"),
                    **{k: flat.get(k) for k in self.varied},
                    **{k: m.get(k) for k in TABLE_METRICS}, "task_accuracy": m.get("task_accuracy"),
                    "steps": m.get("steps", m.get("step")), "wall_time_s": m.get("wall_time_s"),
-                   "output_dir": m.get("output_dir") or _guess_dir(self.sweep_dir, r),
+                   "output_dir": out_dir,
                    "reference_dir": m.get("reference_dir"),
                    "error": _one_line(r.error) if r.error else None}
             rows.append(row)
@@ -314,8 +315,8 @@ def _one_line(err: BaseException) -> str:
 
 
 def _guess_dir(sweep_dir: Path, result) -> str | None:
-    trial_id = Path(result.path).name.split("_")[1] if result.path else None
-    found = sorted((sweep_dir / "trials").glob(f"{trial_id}_*")) if trial_id else []
+    m = re.search(r"([0-9a-f]{5}_\d{5})", Path(result.path).name) if result.path else None  # Tune's trial id
+    found = sorted((sweep_dir / "trials").glob(f"{m.group(1)}_*")) if m else []
     return str(found[0]) if found else None
 
 
