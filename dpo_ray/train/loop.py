@@ -98,8 +98,9 @@ class Run:
         self.kill_at = int(os.environ.get("DPO_RAY_TEST_KILL_AT_STEP", "0"))  # fault injection (tests)
         self.best = w.cfg.best_model_metric()  # (eval key, greater is better) for load_best_model_at_end
         self.last_eval: dict[str, float] = {}
-        self.eval_step = -1  # the step of the last eval: the final one is not run twice
-        self.saved_step = state.global_step if state.global_step else -1  # a resumed step is already saved
+        # The steps of the last eval and checkpoint: the final ones are not run twice. A restored step was
+        # saved, after its eval (if one was due): resuming a finished run evaluates and saves nothing again.
+        self.eval_step = self.saved_step = state.global_step if state.global_step else -1
         # The plan: sized on the driver from the rows counted; after the first epoch, from the rows kept.
         self.total_steps, self.num_epochs = self.lc.total_steps, self.lc.num_epochs
         if state.micro_per_epoch is not None:  # resumed after that resizing
