@@ -141,14 +141,19 @@ def check_nodes_see_paths(cfg: DPOConfig) -> None:
 
 
 class ProgressBoard:
-    """Where rank 0 posts each optimizer step (a zero-CPU actor); the driver's progress display reads it."""
+    """Where rank 0 posts its start and each optimizer step (a zero-CPU actor); the driver's progress display
+    reads it. Times are taken here, on the board, so rates do not depend on when the driver happens to poll."""
 
     def __init__(self):
         self.state: dict = {"step": None}
 
     def post(self, step: int, fields: dict) -> None:
+        import time
+
+        now = time.time()
         self.state.update(fields)
-        self.state["step"] = step
+        self.state.update(step=step, t=now)
+        self.state.setdefault("first", (step, now))  # the loop's start (or resume) step and time
 
     def read(self) -> dict:
         return dict(self.state)
@@ -174,7 +179,6 @@ class TrainingProgress:
         self.desc = f"dpo-ray {mode}"
         self.display: Progress | None = None
         self._make = lambda initial: Progress(self.desc, total_steps, "steps", initial=initial)
-        self._first: tuple[int, float] | None = None  # (step, time) of the first post: rates count from there
         self._estimated = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dpo-ray-progress", daemon=True)
@@ -185,8 +189,6 @@ class TrainingProgress:
             self.poll()
 
     def poll(self) -> None:
-        import time
-
         import ray
 
         try:
@@ -196,20 +198,18 @@ class TrainingProgress:
         step = state.pop("step")
         if step is None:
             return
-        now = time.monotonic()
-        if self.display is None:  # rates and the estimate count from the first step seen (after a resume too)
-            self._first = (step, now)
-            self.display = self._make(step)
-        first_step, first_t = self._first
-        steps_done = step - first_step
-        pairs_per_s = steps_done * self.pairs_per_step / (now - first_t) if steps_done else None
+        first_step, first_t = state["first"]  # rates and the estimate count from the loop's start (or resume)
+        if self.display is None:
+            self.display = self._make(first_step)
+        steps_done, took = step - first_step, state["t"] - first_t
+        pairs_per_s = steps_done * self.pairs_per_step / took if steps_done and took > 0 else None
         self.display.update(step, epoch=state.get("epoch"), pairs_per_s=pairs_per_s,
                             tokens_per_s=state.get("tokens_per_second"), loss=state.get("loss"))
         if not self._estimated and steps_done >= self.ESTIMATE_AFTER:
             from dpo_ray.progress import fmt_duration
 
             self._estimated = True
-            per_step = (now - first_t) / steps_done
+            per_step = took / steps_done
             print(f"{self.desc}: estimated duration {fmt_duration(per_step * (self.total - first_step))} "
                   f"({per_step:.2f} s/step over the first {steps_done} steps)", file=sys.stderr, flush=True)
 

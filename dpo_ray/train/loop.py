@@ -43,6 +43,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = (DPOStep(w.cfg, w.device, w.pad_id, w.reference, announce=w.rank == 0) if lc.mode == "dpo"
             else SFTStep(w.cfg, w.device, w.pad_id))
     run = Run(w, step, state)
+    if lc.progress is not None and w.rank == 0:  # the driver's display measures rates from here
+        lc.progress.post.remote(state.global_step, {"epoch": round(run.epoch_fraction(), 3)})
     if w.eval_shard is not None and w.cfg.eval_on_start and state.global_step == 0:
         run.logger.log(0, run.evaluate())
     while state.global_step < run.total_steps and state.epoch < run.num_epochs:
