@@ -89,7 +89,10 @@ def main() -> None:
         results.append({"n": n, "shared": runs[True], "independent": runs[False], "median_shared_s": med[True],
                         "median_independent_s": med[False], "ratio": round(ratio, 3)})
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sweep.json").write_text(json.dumps(
+    path = RESULTS / "sweep.json"  # results for other N from earlier runs are kept
+    earlier = json.loads(path.read_text()).get("results", []) if path.exists() else []
+    results = sorted([r for r in earlier if r["n"] not in {x["n"] for x in results}] + results, key=lambda r: r["n"])
+    path.write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), "trial": TRIAL, "concurrency": a.concurrency, "results": results,
          "machine": machine(), "versions": versions()}, indent=1, default=str))
 
