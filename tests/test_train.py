@@ -132,8 +132,15 @@ def test_saved_model_reproduces_eval_logps(ray_local, tmp_path):
     from dpo_ray.data import collate_pairs, tokenize_rows
 
     rows, eval_rows = make_rows(32), make_rows(8, seed=11)
-    out = train(tmp_path, "eval", rows, eval_rows, max_steps=3, eval_strategy="steps", eval_steps=3)
-    assert "eval_logps/chosen" in out.eval_metrics
+    # load_best_model_at_end with the *highest* eval loss as "best": normally step 1, so the model written to
+    # output_dir is a checkpoint's, exported, not the final weights; the rule is recomputed here either way
+    out = train(tmp_path, "eval", rows, eval_rows, max_steps=3, eval_strategy="steps", eval_steps=1,
+                save_strategy="steps", save_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
+                greater_is_better=True)
+    evals = {r["step"]: r for r in out.history if "eval_loss" in r}
+    assert sorted(evals) == [1, 2, 3]
+    best = max(evals, key=lambda s: (evals[s]["eval_loss"], -s))
+    assert out.report["best_model"]["step"] == best
     cfg = DPOConfig(**{**BASE, "output_dir": str(tmp_path)})
     model = AutoModelForCausalLM.from_pretrained(out.output_dir).eval()
     tok = load_tokenizer(out.output_dir)
@@ -143,7 +150,7 @@ def test_saved_model_reproduces_eval_logps(ray_local, tmp_path):
     with torch.no_grad():
         stats = sequence_forward(model, batch).stats
     chosen = stats.logps[: len(eval_rows)].mean().item()
-    assert chosen == pytest.approx(out.eval_metrics["eval_logps/chosen"], abs=1e-4)
+    assert chosen == pytest.approx(evals[best]["eval_logps/chosen"], abs=1e-4)
 
 
 def test_dpo_after_sft_starts_from_the_sft_weights(ray_local, tmp_path):

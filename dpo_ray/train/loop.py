@@ -190,8 +190,9 @@ class Run:
     def save(self) -> None:
         """A checkpoint; with load_best_model_at_end it carries the latest eval metric for Ray Train to rank."""
         metrics = {}
-        if self.best is not None and self.best[0] in self.last_eval:
-            metrics[self.best[0]] = self.last_eval[self.best[0]]
+        if self.best is not None:  # every checkpoint carries the key Ray ranks by; one before any eval ranks last
+            key, greater = self.best
+            metrics[key] = self.last_eval.get(key, float("-inf") if greater else float("inf"))
         if self.w.reference is not None:
             self.state.ref_version = self.w.reference.version  # TR-DPO: the mixed weights travel along
         save_checkpoint(self.w.engine, self.state, self.w.rank, metrics, reference=self.w.reference)
