@@ -1,4 +1,4 @@
-"""Shared fixtures. ``ray_local``: one local Ray for the whole session (yields its GCS address).
+"""Shared fixtures. ``ray_local``: one local Ray per test module (yields its GCS address).
 
 More logical CPUs than cores: training workers, reference actors and Ray Data tasks all request
 fractions, and exact accounting on a 2-core box starves Ray Data: the run hangs.
@@ -19,18 +19,17 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
     os.environ.setdefault(_k, _v)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
+    """A fresh local Ray for each test module that asks for one (yields its GCS address). Whatever Ray an
+    earlier module started or left busy (actors, placement groups, worker processes) is shut down first, so no
+    module depends on what another left behind."""
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ctx = ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-                       runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                                                 "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-        address = ctx.address_info["address"]
-    else:
-        address = ray.get_runtime_context().gcs_address
-    yield address
-    if started:
+    if ray.is_initialized():
         ray.shutdown()
+    ctx = ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+                   runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                             "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ctx.address_info["address"]
+    ray.shutdown()
