@@ -180,18 +180,8 @@ class ActorPoolReference:
         """
         state = gather_policy_state(policy)
         new_version = self.version + 1
-        error = None
-        if self.rank == 0:
-            try:
-                self._mix_all(state, alpha, new_version)
-            except Exception as e:  # reported to every rank below, so none waits forever
-                error = f"{type(e).__name__}: {e}"
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error is not None:
-            raise RuntimeError(f"TR-DPO reference sync to weights version {new_version} failed: {error}")
+        _on_rank0_for_all(self.rank == 0, lambda: self._mix_all(state, alpha, new_version),
+                          f"TR-DPO reference sync to weights version {new_version} failed")
         self.version = new_version
         self._cancel_stale()
 
@@ -230,19 +220,12 @@ class ActorPoolReference:
         """After a restore: rank 0 loads the checkpoint's mixed weights into every actor at ``version`` (a
         restarted worker group finds them ahead of the checkpoint, a resumed run at version 0); every rank
         adopts ``version`` once that is done, before any request is sent."""
-        error = None
-        if rank == 0:
-            try:
-                ref = ray.put(torch.load(d / "ref_model.pt", weights_only=True))
-                ray.get([a.load_state.remote(ref, version) for a in self.actors], timeout=self.timeout_s)
-            except Exception as e:  # reported to every rank below, so none waits forever
-                error = f"{type(e).__name__}: {e}"
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error is not None:
-            raise RuntimeError(f"restoring the TR-DPO reference weights (version {version}) from {d} failed: {error}")
+        def load() -> None:
+            ref = ray.put(torch.load(d / "ref_model.pt", weights_only=True))
+            ray.get([a.load_state.remote(ref, version) for a in self.actors], timeout=self.timeout_s)
+
+        _on_rank0_for_all(rank == 0, load,
+                          f"restoring the TR-DPO reference weights (version {version}) from {d} failed")
         self.version = version
 
     def _cancel_stale(self) -> None:
@@ -258,6 +241,23 @@ class ActorPoolReference:
     def close(self) -> None:
         self._cancel_stale()
         self._inflight.clear()
+
+
+def _on_rank0_for_all(is_rank0: bool, action, what: str) -> None:
+    """Run ``action`` on rank 0 only; every rank then learns whether it failed (a broadcast all ranks join)
+    and raises ``what: error`` together, so none waits forever for a rank that gave up."""
+    error = None
+    if is_rank0:
+        try:
+            action()
+        except Exception as e:  # reported to every rank below
+            error = f"{type(e).__name__}: {e}"
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise RuntimeError(f"{what}: {error}")
 
 
 @torch.no_grad()
