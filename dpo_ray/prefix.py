@@ -69,9 +69,17 @@ def supports(model: nn.Module) -> tuple[bool, str]:
         return False, f"attn_implementation {impl!r} takes no custom 4-D mask (needs one of {MASK_IMPLEMENTATIONS})"
     if _sliding(model.config):
         return False, "sliding-window attention: a custom 4-D mask would replace the window"
-    if "position_ids" not in inspect.signature(model.forward).parameters:
-        return False, f"{type(model).__name__}.forward takes no position_ids (positions from the mask, e.g. ALiBi)"
+    base = _unwrapped(model)
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return False, f"{type(base).__name__}.forward takes no position_ids (positions from the mask, e.g. ALiBi)"
     return True, ""
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper: ``PeftModel.forward`` takes ``**kwargs`` and passes
+    ``position_ids`` through to it, so the base model's signature is the one that decides."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, pad_id: int = 0) -> PackedPairs:

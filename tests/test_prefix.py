@@ -225,3 +225,27 @@ def test_config_accepts_booleans():
     assert DPOConfig(prefix_sharing=True).prefix_sharing == "on"
     assert DPOConfig(prefix_sharing=False).prefix_sharing == "off"
     assert DPOConfig().prefix_sharing == "auto"
+
+
+def test_lora_policies_keep_sharing_and_match_the_standard_layout(tok):
+    """A PEFT wrapper's forward takes **kwargs and passes position_ids through: sharing stays on for LoRA,
+    decided on the base model, and the packed log-probs and LoRA gradients equal the standard layout's."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny(tok), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    assert prefix.supports(model) == (True, "")
+    sharing = PrefixSharing("auto")
+    assert sharing(model, bundled_batch(tok)) is True, sharing.why
+    batch = edge_batch(len(tok))
+    stats, grads = [], []
+    for share in (False, True):
+        model.zero_grad()
+        out = sequence_forward(model, batch, share_prefix=share).stats
+        out.logps.sum().backward()
+        stats.append(out)
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert_same_stats(*stats)
+    assert grads[0]
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, atol=1e-4, rtol=1e-4)
