@@ -6,7 +6,9 @@ Used by the trainer, the reference pool and `dpo-ray inspect-data`: none of them
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import sys
 
 from dpo_ray.config import DPOConfig
@@ -19,7 +21,90 @@ WORKER_ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "RAY_TRAIN_V2_ENABLED": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # "Writing model shards" bars from every save_pretrained
 }
+
+# Lines Ray and the libraries forward from worker processes that a person running training does not act on.
+# The console keeps the run header, progress, metrics and every error; these stay in Ray's log files
+# (<ray temp dir>/session_latest/logs/) and show with DPO_RAY_RAY_LOGS=all. Errors are never filtered.
+RAY_NOISE = re.compile("|".join((
+    r"State API may be temporarily unavailable",  # Ray Train's PlacementGroupCleaner polls a dashboard we skip
+    r"Requesting resources: |Attempting to start training worker group|Started training worker group",
+    r"^- \(ip=\S+, pid=\d+\) world_rank=",
+    r"Setting up process group for",
+    r"Checkpoint successfully created at|Reporting training result \d+",
+    r"deepspeed_shm_comm_op built successfully",
+    r"Progress bars disabled\. To enable",
+    r"Dataset \S+ execution finished in|Registered dataset logger|Starting execution of Dataset|Execution plan of",
+    r"Full stats for this dataset|Tip: For detailed progress reporting",
+    r"PYTHON worker processes have been started on node",  # the raylet, at start-up on small machines
+    r"Warning|warnings\.warn\(",  # library deprecation / advisory warnings (and the source line after them)
+)))
+ERROR_WORDS = re.compile(r"Error|Exception|Traceback|error:|failed|Failed")
+
+
+def _is_noise(line: str) -> bool:
+    return bool(RAY_NOISE.search(line)) and not (ERROR_WORDS.search(line) and "State API" not in line)
+
+
+def _keep(lines: list[str]) -> list[str]:
+    kept, dropped_warning = [], False
+    for line in lines:
+        if dropped_warning and line[:1].isspace():  # the source line Python prints under a warning
+            continue
+        noise = _is_noise(line)
+        dropped_warning = noise and "Warning" in line
+        if not noise:
+            kept.append(line)
+    return kept
+
+
+def quiet_ray_console() -> None:
+    """Filter what Ray prints on this driver's console from other processes (see ``RAY_NOISE``): worker and
+    actor output, and the raylet's notices. Idempotent. Wraps Ray's printer (a private hook, which both
+    paths use); if that changes, everything is shown as before."""
+    if os.environ.get("DPO_RAY_RAY_LOGS", "quiet") == "all":
+        return
+    try:
+        import functools
+
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    show = getattr(ray_worker, "print_to_stdstream", None)
+    if show is None or getattr(show, "dpo_ray_quiet", False):
+        return
+
+    def quiet(data: dict, ignore_prefix: bool = False) -> None:
+        kept = _keep(list(data.get("lines", [])))
+        if kept:
+            show({**data, "lines": kept}, ignore_prefix)
+
+    quiet.dpo_ray_quiet = True
+    ray_worker.print_to_stdstream = quiet  # the raylet's notices (listen_error_messages) look it up per call
+    for name, handler in list(dispatcher.handlers):  # worker output: a partial bound to the original at init
+        if name == "ray_print_logs" and getattr(handler, "func", None) is show:
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, functools.partial(quiet, **handler.keywords))
+
+
+class _DriverNoise(logging.Filter):
+    """Ray's driver-side notices at every local start ("Started a local Ray instance", the token-auth
+    advice); warnings and errors otherwise pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Started a local Ray instance") or "Token authentication is enabled" in message)
+
+
+def quiet_ray_driver_logs() -> None:
+    if os.environ.get("DPO_RAY_RAY_LOGS", "quiet") == "all":
+        return
+    ray_logger = logging.getLogger("ray")
+    for handler in ray_logger.handlers:
+        if not any(isinstance(f, _DriverNoise) for f in handler.filters):
+            handler.addFilter(_DriverNoise())
 
 
 def init_ray(cfg: DPOConfig) -> None:
@@ -41,7 +126,9 @@ def init_ray(cfg: DPOConfig) -> None:
     data_ctx.enable_progress_bars = os.environ.get("DPO_RAY_DATA_PROGRESS", "0") == "1"
     data_ctx.print_on_execution_start = False
     if ray.is_initialized():
+        quiet_ray_console()
         return
+    quiet_ray_driver_logs()
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {**WORKER_ENV, **cfg.ray.runtime_env.get("env_vars", {})}
     runtime_env = {**cfg.ray.runtime_env, "env_vars": env}
@@ -56,8 +143,21 @@ def init_ray(cfg: DPOConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        # One machine: no node is preempted, and Ray Train's PreemptionWatcher actor only costs a process
+        # (and logs a core_worker error at every start). Set the variable yourself to keep it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         cpus = cfg.ray.num_cpus or max(8, 2 * (os.cpu_count() or 1))
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        # "local": a new Ray of its own, even when a `ray start` head runs on this machine (without it ray.init
+        # would join that one and refuse num_cpus); join a cluster with ray.address / RAY_ADDRESS instead.
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=True)
+    quiet_ray_console()
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 def cluster_has_gpu() -> bool:
@@ -146,6 +246,13 @@ class ProgressBoard:
 
     def __init__(self):
         self.state: dict = {"step": None}
+        self.stages: dict[str, float] = {}  # rank 0's start-up marks (dpo_ray.timeline), wall clock
+
+    def mark(self, name: str, at: float) -> None:
+        self.stages.setdefault(name, at)
+
+    def marks(self) -> dict[str, float]:
+        return dict(self.stages)
 
     def post(self, step: int, fields: dict) -> None:
         import time
@@ -175,6 +282,7 @@ class TrainingProgress:
         from dpo_ray.progress import Progress
 
         self.board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        self.marks: dict[str, float] = {}  # rank 0's start-up marks, read when the run ends
         self.total, self.pairs_per_step = total_steps, pairs_per_step
         self.desc = f"dpo-ray {mode}"
         self.display: Progress | None = None
@@ -221,6 +329,10 @@ class TrainingProgress:
         self.poll()
         if self.display is not None:
             self.display.close()
+        try:
+            self.marks = ray.get(self.board.marks.remote(), timeout=10)
+        except Exception:  # the board is gone: the timeline has the driver's marks only
+            pass
         try:
             ray.kill(self.board)
         except Exception:  # already gone

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dpo_ray.data.checks import INSPECT_CHECKS
 from dpo_ray.errors import ConfigError
@@ -27,7 +35,7 @@ from dpo_ray.schedule import SCHEDULES, scheduler_kwargs_problems
 from dpo_ray.trl_keys import TRL_KEYS, translate
 
 TruncationMode = Literal["keep_start", "keep_end"]
-ReferenceSource = Literal["actor", "local", "precomputed", "adapter_off", "ref_adapter", "none"]
+ReferenceSource = Literal["auto", "actor", "local", "precomputed", "adapter_off", "ref_adapter", "none"]
 
 # The logged metric names (SPEC §4) that metric_for_best_model may name, with or without eval_.
 METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -96,10 +104,12 @@ class ReferenceConfig(_Section):
     """Where reference log-probs come from."""
 
     source: ReferenceSource = Field(
-        "actor",
+        "auto",
         description="actor: Ray actor pool; local: frozen copy on each worker; precomputed: one pass before training; "
-        "adapter_off / ref_adapter: PEFT; none: reference-free. Unset: actor, but under PEFT without a reference "
-        "model TRL's choice: adapter_off for a new adapter, ref_adapter (a frozen copy named ref) for peft_adapter_path",
+        "adapter_off / ref_adapter: PEFT; none: reference-free; auto: actor where the pool has a place of its own "
+        "(num_gpus, resources, node_label, or a multi-node cluster), else local (one node the workers fill). Unset: "
+        "auto, but under PEFT without a reference model TRL's choice: adapter_off for a new adapter, ref_adapter "
+        "(a frozen copy named ref) for peft_adapter_path",
     )
     model_name_or_path: str | None = Field(None, description="reference model dir; None = the policy's initial weights")
     num_actors: int = Field(1, ge=1, description="reference actors in the pool")
@@ -167,6 +177,7 @@ class DPOConfig(BaseModel):
     """The run's configuration. Field names and defaults follow TRL 1.x DPOConfig / TrainingArguments."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    _auto_reason: str | None = PrivateAttr(None)  # why reference.source auto became actor or local
 
     # --- model (TRL's ModelConfig, folded in) ---
     model_name_or_path: str | None = Field(None, description="model directory; None = the bundled tiny Llama")
@@ -199,7 +210,9 @@ class DPOConfig(BaseModel):
     max_length: int | None = Field(1024, ge=1, description="truncate prompt+completion to this many tokens (None: no truncation)")
     truncation_mode: TruncationMode = Field("keep_start", description="keep_start: keep the first max_length tokens (rows whose prompt fills it are dropped); keep_end: keep the last")
     pad_to_multiple_of: int | None = Field(None, ge=1, description="pad batch length up to a multiple of this (tensor-core friendly on GPU)")
-    length_bucketing: bool = Field(False, description="batch rows of similar length together (less padding)")
+    length_bucketing: bool | Literal["auto"] = Field(
+        "auto", description="batch rows of similar length together (less padding); auto: per pool of "
+        "bucket_size_multiplier batches, when that saves at least 10% of the pool's padded tokens")
     prefix_sharing: Literal["auto", "on", "off"] = Field("auto", description="run each pair as one [prompt, chosen, rejected] row so the prompt is computed once (policy and reference); auto: on where the attention takes a custom 4-D mask (sdpa, eager) and the first batch agrees with the standard layout; on: skip that check; off: never (true/false also accepted)")
     bucket_size_multiplier: int = Field(16, ge=1, description="rows per bucket pool = multiplier × batch size")
     on_bad_row: Literal["raise", "skip"] = Field("raise", description="raise: stop at the first bad row, naming it; skip: drop and count bad rows by kind")
@@ -332,10 +345,21 @@ class DPOConfig(BaseModel):
         return ("source" not in self.reference.model_fields_set and not self.reference_free
                 and not self.precompute_ref_log_probs)
 
+    def resolve_auto_reference(self, nodes: int) -> DPOConfig:
+        """A copy with ``reference.source: auto`` decided for a cluster of ``nodes`` nodes (``choose_reference_source``),
+        the reason kept for ``describe_reference``; self when the source is not auto."""
+        if self.reference.source != "auto":
+            return self
+        source, why = choose_reference_source(self, nodes)
+        out = self.model_copy(deep=True)
+        out.reference.__dict__["source"] = source  # as the default is written: fields_set keeps "unset"
+        out._auto_reason = why
+        return out
+
     def describe_reference(self) -> str:
         """One line for the run header: the reference source and where it came from."""
         src = self.reference.source
-        what = {"actor": f"a Ray actor pool ({self.reference.num_actors} actor(s))",
+        what = {"auto": "decided when Ray is up (actor or local)", "actor": f"a Ray actor pool ({self.reference.num_actors} actor(s))",
                 "local": "a frozen copy on each worker", "precomputed": "log-probs precomputed before training",
                 "adapter_off": "the policy with its adapter disabled",
                 "ref_adapter": f"the frozen adapter {self.ref_adapter_name!r}", "none": "none (reference-free)"}[src]
@@ -343,6 +367,8 @@ class DPOConfig(BaseModel):
             what += "; not used by " + ", ".join(self.loss_type)
         if self.reference_free or self.precompute_ref_log_probs:
             why = "reference_free" if self.reference_free else "precompute_ref_log_probs"
+        elif self._auto_reason:
+            why = f"reference.source auto: {self._auto_reason}"
         elif not self.reference_source_defaulted:
             why = "reference.source"
         elif src in ("adapter_off", "ref_adapter"):
@@ -440,10 +466,30 @@ def _rule_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _default_reference_source(c: DPOConfig) -> str:
     """reference.source when the user gives none: TRL's reference under PEFT without a reference model (the
-    adapter disabled for a new adapter; a frozen copy of a loaded adapter, or of the named one), else actor."""
+    adapter disabled for a new adapter; a frozen copy of a loaded adapter, or of the named one), else auto."""
     if (c.use_peft or c.peft_adapter_path) and not (c.reference.model_name_or_path or c.ref_model_name_or_path):
         return "ref_adapter" if c.peft_adapter_path or c.ref_adapter_name else "adapter_off"
-    return "actor"
+    return "auto"
+
+
+def choose_reference_source(c: DPOConfig, nodes: int) -> tuple[str, str]:
+    """What ``reference.source: auto`` means on a cluster of ``nodes`` alive nodes: (actor | local, why).
+
+    The pool pays off where it runs on resources the workers do not use: GPUs of its own, a labelled node,
+    custom resources, another node. On one node the workers already fill (their torch threads take every
+    core; their GPUs), a frozen copy on each worker is faster (1.2-1.4× on CPU, docs/BENCHMARKS.md) and is
+    TRL's layout."""
+    rc = c.reference
+    if c.sync_ref_model and c.uses_peft:
+        return "local", "TR-DPO with a PEFT policy mixes adapter-wrapped weights, which only a local copy has"
+    given = [k for k, v in (("num_gpus", rc.num_gpus), ("resources", rc.resources), ("node_label", rc.node_label)) if v]
+    if given:
+        return "actor", f"reference.{given[0]} gives the pool resources of its own"
+    if nodes > 1:
+        return "actor", (f"a cluster of {nodes} nodes: the pool runs in its own process "
+                         "(place it with reference.node_label or reference.resources)")
+    return "local", ("one node, whose cores or GPUs the workers use: a frozen copy on each worker is faster there; "
+                     "reference.source: actor for the pool")
 
 
 def _best_model_problems(c: DPOConfig) -> list[tuple[str, str]]:
@@ -513,7 +559,7 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
            else _default_reference_source(c) if defaulted else c.reference.source)
     if c.reference_free and c.precompute_ref_log_probs:
         p.append(("precompute_ref_log_probs", "a reference-free run has no reference to precompute; drop one of them"))
-    if c.sync_ref_model and src not in ("actor", "local"):
+    if c.sync_ref_model and src not in ("auto", "actor", "local"):
         p.append(("sync_ref_model", f"TR-DPO updates a reference model, but reference.source is {src!r}"
                                     + (" (the default under PEFT)" if defaulted else "")
                                     + "; use reference.source actor or local (not precomputed/adapter/none)"))

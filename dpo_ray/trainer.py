@@ -16,6 +16,7 @@ from typing import Any
 
 from dpo_ray.cluster import (
     TrainingProgress,
+    alive_nodes,
     check_nodes_see_paths,
     cluster_has_gpu,
     init_ray,
@@ -25,6 +26,7 @@ from dpo_ray.cluster import (
 from dpo_ray.config import DPOConfig
 from dpo_ray.errors import ConfigError, TooFewRowsError
 from dpo_ray.paths import check_paths, resolve_config_paths
+from dpo_ray.timeline import Timeline
 from dpo_ray.train.checkpoint import CHECKPOINT_STATE_FILE, FINAL_STATE_FILE, checkpoint_problems
 from dpo_ray.train.logger import METRICS_FILE, cut_metrics, read_metrics
 
@@ -92,6 +94,8 @@ class DPOTrainer:
 
         cfg = self.args
         t0 = time.perf_counter()
+        timeline = Timeline()  # from the command's start: imports and config parsing count
+        timeline.mark("imports")
         # Before Ray starts: a missing model directory or tokenizer fails here, once, naming the key.
         check_paths(cfg)
         out = Path(cfg.output_dir).resolve()
@@ -100,9 +104,11 @@ class DPOTrainer:
         _check_output_dir(cfg, out, resume)
         tokenizer = self.processing_class or load_processing_class(
             self.model if isinstance(self.model, str) else cfg)
-        if self.mode == "dpo":
-            print(cfg.describe_reference(), flush=True)
         init_ray(cfg)
+        timeline.mark("ray")
+        if self.mode == "dpo":
+            cfg = cfg.resolve_auto_reference(nodes=alive_nodes())
+            print(cfg.describe_reference(), flush=True)
         check_nodes_see_paths(cfg)
         out.mkdir(parents=True, exist_ok=True)
         use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else cluster_has_gpu()
@@ -119,6 +125,7 @@ class DPOTrainer:
         plan = plan_steps(prepared.num_train_rows_estimate, cfg, world)  # from the rows counted, not yet kept
         require_steps(plan, cfg)
         micro_per_epoch, total_steps, num_epochs = plan.micro_per_epoch, plan.total_steps, plan.num_epochs
+        timeline.mark("data plan")
 
         from dpo_ray.models import load_causal_lm, shippable
 
@@ -129,6 +136,7 @@ class DPOTrainer:
             model_source = load_causal_lm(None, cfg, tokenizer)
         if not isinstance(model_source, str):
             model_source = ray.put(shippable(model_source))
+        timeline.mark("model")
         # Ray Train V2 resumes its own run from get_checkpoint(); a checkpoint from an earlier run is
         # handed to the workers as a path (shared storage on a cluster) and loaded when that is empty.
         lc = LoopConfig(cfg=cfg, mode=self.mode, tokenizer=tokenizer, total_steps=total_steps, num_epochs=num_epochs,
@@ -145,6 +153,7 @@ class DPOTrainer:
             lc.progress = progress.board
             if self.mode == "dpo" and cfg.needs_reference:
                 pool = self._reference_setup(cfg, model_source, tokenizer, prepared, lc)
+                timeline.mark("reference pool")
             _prepare_metrics_file(out, resume)
             (out / "dpo_config.yaml").write_text(cfg.to_yaml())
             datasets = {"train": prepared.train}
@@ -172,9 +181,12 @@ class DPOTrainer:
                 ),
                 datasets=datasets,
             )
+            timeline.mark("fit")
             try:
                 result = trainer.fit()  # Ray Train V2 raises a worker's error (WorkerGroupError) from fit()
             except Exception as e:
+                if getattr(pool, "error", None) is not None:  # the reference actors never loaded: that is the cause
+                    raise pool.error from e
                 data_error = unwrap_data_error(e)  # a bad row met mid-stream: name it, not the worker
                 if data_error is None:
                     raise
@@ -188,9 +200,14 @@ class DPOTrainer:
         finally:
             if progress is not None:
                 progress.close()
+                timeline.merge(progress.marks)
             if pool is not None:
+                if getattr(pool, "ready_at", None) is not None:
+                    timeline.mark("reference ready", pool.ready_at)
                 pool.shutdown()
         if getattr(result, "error", None) is not None:
+            if getattr(pool, "error", None) is not None:
+                raise pool.error from result.error
             raise (unwrap_data_error(result.error) or result.error) from result.error
         from dpo_ray.train.checkpoint import model_files_problem
 
@@ -200,6 +217,8 @@ class DPOTrainer:
                                "(a full disk, or a worker lost while writing). Resume with resume_from_checkpoint: latest")
         history = read_metrics(out / METRICS_FILE)
         report = self._final_report(cfg, history, prepared, time.perf_counter() - t0, out)
+        report["startup"] = timeline.seconds()
+        report["startup_line"] = timeline.render()
         from dpo_ray.data.stats import check_trained
 
         # 0 steps, or a split mostly dropped: an error (exit 3); fewer steps than planned: said plainly
@@ -237,7 +256,8 @@ class DPOTrainer:
         if source == "actor":
             from dpo_ray.reference.pool import ReferencePool
 
-            pool = ReferencePool.create(cfg, ref_source, tokenizer)
+            # loading overlaps the worker group's start; a failure to load stops the run naming the actor
+            pool = ReferencePool.create(cfg, ref_source, tokenizer, wait=False)
             lc.reference_pool = pool.handles()
             return pool
         if source == "precomputed":
@@ -352,6 +372,8 @@ def print_summary(out) -> None:
             print(f"  {k:<28} {rows[k]:.6g}")
     if out.report.get("data"):
         print(f"  data: {json.dumps(out.report['data'])}")
+    if out.report.get("startup_line"):
+        print(f"  {out.report['startup_line']}")
     print(f"  outputs: {out.output_dir} (model, tokenizer, dpo_config.yaml, metrics.jsonl, metrics.png, report.json)")
 
 

@@ -222,3 +222,31 @@ def test_fp16_on_gpu_is_not_silently_replaced_by_bf16():
     assert ds["fp16"]["enabled"] and "bf16" not in ds
     ds = deepspeed_config(DPOConfig(bf16=True), world_size=1, on_gpu=False)
     assert ds["bf16"] == {"enabled": True}
+
+
+@pytest.mark.parametrize("overrides, nodes, expected", [
+    ({}, 1, "local"),  # one node the workers fill: a frozen copy on each worker
+    ({}, 3, "actor"),  # a cluster: the pool in its own process
+    ({"reference": {"num_gpus": 0.5}}, 1, "actor"),
+    ({"reference": {"resources": {"ref_pool": 1}}}, 1, "actor"),
+    ({"reference": {"node_label": {"pool": "reference"}}}, 1, "actor"),
+    ({"reference": {"source": "auto", "model_name_or_path": "/m"}, "use_peft": True, "sync_ref_model": True}, 3, "local"),
+])
+def test_reference_source_auto_is_decided_by_the_cluster(overrides, nodes, expected):
+    cfg = DPOConfig(**overrides)
+    assert cfg.reference.source == "auto"
+    resolved = cfg.resolve_auto_reference(nodes=nodes)
+    assert resolved.reference.source == expected and cfg.reference.source == "auto"
+    header = resolved.describe_reference()
+    assert header.startswith(f"reference: {expected} = ") and "reference.source auto: " in header
+    # the decision travels with the config to the workers (pickled) and is final there
+    import pickle
+
+    again = pickle.loads(pickle.dumps(resolved))
+    assert again.reference.source == expected and again.describe_reference() == header
+    assert resolved.resolve_auto_reference(nodes=1) is resolved
+
+
+def test_explicit_and_peft_sources_are_not_touched_by_auto():
+    assert DPOConfig(reference={"source": "actor"}).resolve_auto_reference(nodes=1).reference.source == "actor"
+    assert DPOConfig(use_peft=True).resolve_auto_reference(nodes=1).reference.source == "adapter_off"

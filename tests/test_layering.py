@@ -24,7 +24,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "dpo_ray"
 
 FLOORS = [
-    (0, ("errors", "logprobs", "losses", "prefix", "forward", "vision", "vision.images", "plotting", "progress",
+    (0, ("errors", "logprobs", "losses", "prefix", "forward", "vision", "vision.images", "plotting", "progress", "timeline",
          "optim", "schedule")),
     (1, ("data",)),
     (2, ("config", "paths", "trl_keys")),

@@ -360,3 +360,31 @@ def test_tr_dpo_sync_of_a_local_reference_mixes_every_parameter():
     assert client.version == 1
     for name, p in policy.named_parameters():
         torch.testing.assert_close(dict(ref.named_parameters())[name], 0.6 * p + 0.4 * before[name])
+
+
+def test_a_reference_that_cannot_load_fails_the_pool_in_the_background(ray_local, tmp_path):
+    """The trainer starts the pool without waiting (loading overlaps the worker group's start): a model file
+    torn in half is reported by the background check naming the actor, the actors are stopped, and a
+    worker's first request then fails at once instead of waiting for an answer that cannot come."""
+    model_dir = tmp_path / "torn-ref"
+    tiny_llama(VOCAB, 0, pad_token_id=PAD, bos_token_id=1, eos_token_id=2).save_pretrained(model_dir)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    cfg = config(num_actors=1)
+    pool = ReferencePool.create(cfg, str(model_dir), None, ready_timeout_s=120, wait=False)
+    try:
+        handles = pool.handles()
+        assert len(handles) == 1  # returned before the model was loaded
+        pool._watcher.join(timeout=120)
+        assert not pool._watcher.is_alive()
+        assert pool.ready_at is None
+        assert "reference actor 0 failed to load its model" in str(pool.error)
+        assert pool.handles() == []  # stopped
+        client = ActorPoolReference(handles, cfg, rank=0, timeout_s=30)
+        batch = make_batch(2, seed=0)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="failed|dead"):
+            client.result(client.submit(batch), batch)
+        assert time.monotonic() - t0 < 30
+    finally:
+        pool.shutdown()

@@ -200,6 +200,16 @@ def test_actor_pool_reference_matches_local_reference(ray_local, tmp_path, capsy
     assert steps == sorted(steps) and elapsed == sorted(elapsed) and parsed[-1].group(2) == "100"
     assert "loss" in lines[-1] and "pairs_per_s" in lines[-1]
 
+    # the start-up timeline (docs/training.md#start-up): every stage, in time order, printed with the summary
+    stages = json.loads((Path(pooled.output_dir) / "report.json").read_text())["startup"]
+    assert {"imports", "ray", "data plan", "reference pool", "fit", "worker", "policy", "engine", "first batch",
+            "first step"} <= set(stages), stages
+    assert list(stages.values()) == sorted(stages.values()) and stages["first step"] > 0
+    # a quiet console: none of Ray's start-up chatter reached it (it stays in Ray's log files)
+    from dpo_ray.cluster import _is_noise
+
+    assert not [ln for ln in (captured.out + captured.err).splitlines() if _is_noise(ln)]
+
 
 def test_lora_on_two_workers_changes_only_adapter_weights(ray_local, tmp_path):
     from safetensors.torch import load_file

@@ -148,10 +148,10 @@ def test_peft_defaults_to_the_adapter_disabled_as_trl():
 
 
 @pytest.mark.parametrize("kwargs,source", [
-    ({}, "actor"),
+    ({}, "auto"),  # actor or local, decided when Ray is up (tests/test_config.py)
     ({"use_peft": True, "reference": {"source": "actor"}}, "actor"),  # the pool, one key away
-    ({"use_peft": True, "reference": {"model_name_or_path": "/ref"}}, "actor"),  # TRL: an explicit ref_model
-    ({"use_peft": True, "ref_model_name_or_path": "/ref"}, "actor"),
+    ({"use_peft": True, "reference": {"model_name_or_path": "/ref"}}, "auto"),  # TRL: an explicit ref_model
+    ({"use_peft": True, "ref_model_name_or_path": "/ref"}, "auto"),
     ({"use_peft": True, "reference_free": True}, "none"),
     ({"use_peft": True, "precompute_ref_log_probs": True}, "precomputed"),
     ({"use_peft": True, "sync_ref_model": True, "reference": {"source": "local"}}, "local"),

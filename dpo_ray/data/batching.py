@@ -3,7 +3,9 @@
 Rows are read from the shard in pools of ``pool × batch_size`` rows. Each pool is permuted with a
 generator seeded by (seed, epoch) -- the same order for the same seed and epoch -- and, with
 ``length_bucketing``, sorted by length, cut into batches, and the batches shuffled again, so a batch
-holds rows of similar length and pads less. The final partial batch of the shard is dropped: with
+holds rows of similar length and pads less. ``length_bucketing: auto`` (the default) decides per pool from
+the pool's own lengths: bucketed when that pads at least ``AUTO_MIN_SAVING`` fewer of the pool's tokens than
+the shuffled batches would; a decision from the data and the seeded order only, so runs stay reproducible. The final partial batch of the shard is dropped: with
 ``streaming_split(equal=True)`` (Ray Train's default) every worker holds the same number of rows, so
 every worker yields the same number of batches (``rows_per_worker // batch_size``) and no collective
 waits for a worker that has run out.
@@ -21,6 +23,12 @@ from dpo_ray.data.collate import collate_pairs, collate_sft
 from dpo_ray.errors import BadRowError, DataError
 
 SHUFFLE_POOL_BATCHES = 16  # without bucketing: the local shuffle buffer, in batches
+AUTO_MIN_SAVING = 0.10  # length_bucketing auto: bucket a pool when it saves this share of its padded tokens
+
+
+def padded_tokens(lens: np.ndarray, batches: list[np.ndarray]) -> int:
+    """Tokens the collated batches hold, padding included (each batch padded to its longest row)."""
+    return int(sum(int(lens[b].max()) * len(b) for b in batches if len(b)))
 
 
 def unwrap_data_error(exc: BaseException) -> DataError | None:
@@ -57,6 +65,7 @@ class BatchIterator:
         self.shard, self.batch_size, self.pad_id = shard, batch_size, pad_token_id
         self.pad_to_multiple_of, self.bucketing, self.shuffle = pad_to_multiple_of, bucketing, shuffle
         self.pool_batches = bucket_multiplier if bucketing else SHUFFLE_POOL_BATCHES
+        self.pools_bucketed = self.pools = 0  # with bucketing auto: how many pools were bucketed
         self.rng = np.random.default_rng([seed, epoch])
         self.collate = collate_sft if mode == "sft" else collate_pairs
         self.key = "chosen_input_ids"
@@ -79,12 +88,21 @@ class BatchIterator:
         """Row indices of each full batch of this pool, in yield order."""
         n = len(cols["row_id"])
         order = self.rng.permutation(n) if self.shuffle else np.arange(n)
-        if self.bucketing:
-            lens = self._lengths(cols)[order]
-            order = order[np.argsort(lens, kind="stable")]
         full = n - n % self.batch_size
-        batches = [order[i:i + self.batch_size] for i in range(0, full, self.batch_size)]
-        if self.bucketing and self.shuffle:
+        cut = lambda o: [o[i:i + self.batch_size] for i in range(0, full, self.batch_size)]  # noqa: E731
+        bucket = bool(self.bucketing)
+        if bucket:
+            lens = self._lengths(cols)
+            by_length = order[np.argsort(lens[order], kind="stable")]
+            if self.bucketing == "auto":  # only where it pays: the pool's own lengths decide
+                plain, bucketed = padded_tokens(lens, cut(order)), padded_tokens(lens, cut(by_length))
+                bucket = plain > 0 and (plain - bucketed) >= AUTO_MIN_SAVING * plain
+            if bucket:
+                order = by_length
+        self.pools += 1
+        self.pools_bucketed += bucket
+        batches = cut(order)
+        if bucket and self.shuffle:
             batches = [batches[i] for i in self.rng.permutation(len(batches))]
         return batches
 

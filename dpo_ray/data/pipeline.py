@@ -353,10 +353,11 @@ def _dataset(src: _Source, proc: RowProcessor, rule: SplitRule, record: StatsRec
         items = [c.to_item() for c in src.chunks]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(_ChunkUDF(proc, rule, record), batch_size=1, batch_format="pyarrow",
-                            num_cpus=DATA_TASK_CPUS, concurrency=concurrency)
+                            num_cpus=DATA_TASK_CPUS,
+                            compute=ray.data.TaskPoolStrategy(size=min(concurrency, len(items))))
     else:
         ds = src.dataset().map_batches(_TableUDF(proc, rule, record), batch_size=PIECE_ROWS, batch_format="pyarrow",
-                                    num_cpus=DATA_TASK_CPUS, concurrency=concurrency)
+                                    num_cpus=DATA_TASK_CPUS, compute=ray.data.TaskPoolStrategy(size=concurrency))
     if limit is not None:
         ds = ds.limit(limit)
     return ds

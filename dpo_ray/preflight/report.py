@@ -76,7 +76,13 @@ def padding_report(piece: Piece, cfg) -> dict[str, Any]:
            "length_bucketing": cfg.length_bucketing,
            "without_bucketing": round(padding_fraction(c, r, *args, False, cfg.bucket_size_multiplier, seed), 4),
            "with_bucketing": round(padding_fraction(c, r, *args, True, cfg.bucket_size_multiplier, seed), 4)}
-    out["configured"] = out["with_bucketing" if cfg.length_bucketing else "without_bucketing"]
+    bucketing = cfg.length_bucketing
+    if bucketing == "auto":  # as the batches decide per pool: bucketed where that saves >= AUTO_MIN_SAVING of the tokens
+        from dpo_ray.data.batching import AUTO_MIN_SAVING
+
+        saving = 1 - (1 - out["without_bucketing"]) / (1 - out["with_bucketing"]) if out["with_bucketing"] < 1 else 0
+        bucketing = saving >= AUTO_MIN_SAVING
+    out["configured"] = out["with_bucketing" if bucketing else "without_bucketing"]
     return out
 
 

@@ -63,6 +63,10 @@ class ActorPoolReference:
         self.retries = cfg.reference.max_task_retries
         self.timeout_s = (env_override("DPO_RAY_REF_TIMEOUT_S", cfg.reference.request_timeout_s)
                           if timeout_s is None else timeout_s)
+        # The first answer also waits for the actor to load its model: the driver starts the pool without
+        # waiting (the loading overlaps the worker group's start) and stops it if loading fails or times out.
+        self.ready_timeout_s = env_override("DPO_RAY_REF_READY_TIMEOUT_S", cfg.reference.ready_timeout_s)
+        self._answered = False
         self.version = 0
         self._seq = 0
         self._dead: set[int] = set()
@@ -103,13 +107,15 @@ class ActorPoolReference:
                                f"{handle.version} but the reference is at {self.version}; submit it again")
         req, failures = handle, 0
         while True:
+            timeout_s = self.timeout_s if self._answered else self.timeout_s + self.ready_timeout_s
             try:
-                request_id, version, chosen, rejected = ray.get(req.ref, timeout=self.timeout_s)
+                request_id, version, chosen, rejected = ray.get(req.ref, timeout=timeout_s)
             except GetTimeoutError:
                 raise RuntimeError(
                     f"reference actor {req.actor} gave no answer to request {req.request_id} within "
-                    f"{self.timeout_s:g}s (reference.request_timeout_s); it may be wedged or starved of resources"
-                ) from None
+                    f"{timeout_s:g}s (reference.request_timeout_s"
+                    f"{'' if self._answered else ' + ready_timeout_s for the first answer'}); it may be wedged or "
+                    "starved of resources") from None
             except RayActorError as e:
                 failures += 1
                 if not isinstance(e, ActorUnavailableError):  # died for good (restarts spent)
@@ -131,6 +137,7 @@ class ActorPoolReference:
                 req = self._send(req.request_id, req.actor, req.payload, req.version)
                 continue
             break
+        self._answered = True
         self._inflight.pop(handle.request_id, None)
         if request_id != handle.request_id:
             raise RuntimeError(f"reference actor answered request {request_id} when asked for {handle.request_id}")

@@ -97,11 +97,14 @@ class ReferencePool:
 
     @classmethod
     def create(cls, cfg: DPOConfig, ref_source: str | ray.ObjectRef | None, tokenizer, *,
-               ready_timeout_s: float | None = None, delay_s: tuple[float, float] | None = None) -> ReferencePool:
+               ready_timeout_s: float | None = None, delay_s: tuple[float, float] | None = None,
+               wait: bool = True) -> ReferencePool:
         """Start ``reference.num_actors`` actors and wait until every one has its model loaded.
 
         Raises ``ReferencePlacementError`` at once when the cluster cannot hold them, and when they are
         not all up within ``ready_timeout_s``. ``delay_s`` is a test knob (random delay per request).
+        ``wait=False`` returns as soon as the actors are started and checks their loading in a background
+        thread (``wait_ready_in_background``): the trainer starts its worker group meanwhile.
         """
         rc = cfg.reference
         if rc.check_placement and os.environ.get("DPO_RAY_SKIP_PLACEMENT_CHECK", "0") != "1":
@@ -122,13 +125,38 @@ class ReferencePool:
                                                            delay_seed=i)
                   for i in range(rc.num_actors)]
         pool = cls(actors, cfg, ref_source)
+        timeout_s = (ready_timeout_s if ready_timeout_s is not None
+                     else env_override("DPO_RAY_REF_READY_TIMEOUT_S", rc.ready_timeout_s))
+        if not wait:
+            pool.wait_ready_in_background(timeout_s)
+            return pool
         try:
-            pool._wait_ready(ready_timeout_s if ready_timeout_s is not None
-                            else env_override("DPO_RAY_REF_READY_TIMEOUT_S", rc.ready_timeout_s))
+            pool._wait_ready(timeout_s)
         except BaseException:
             pool.shutdown()
             raise
         return pool
+
+    def wait_ready_in_background(self, timeout_s: float) -> None:
+        """Check the actors' loading on a thread. On failure the error is kept in ``self.error`` and the actors
+        are stopped, so the workers' first reference request fails at once instead of waiting; the trainer
+        then raises ``self.error`` (which names the actor and the cause) rather than the workers' error."""
+        import threading
+        import time
+
+        self.error: BaseException | None = None
+        self.ready_at: float | None = None
+
+        def watch() -> None:
+            try:
+                self._wait_ready(timeout_s)
+                self.ready_at = time.time()
+            except BaseException as e:  # noqa: BLE001 - handed to the trainer's thread
+                self.error = e
+                self.shutdown()
+
+        self._watcher = threading.Thread(target=watch, name="dpo-ray-reference-ready", daemon=True)
+        self._watcher.start()
 
     def _wait_ready(self, timeout_s: float) -> None:
         pings = {a.ping.remote(): i for i, a in enumerate(self.actors)}

@@ -2,7 +2,7 @@
 
 ``attach_reference_logps(ds, cfg, ref_source, tokenizer, split)`` returns ``ds`` with float32 columns
 ``ref_chosen_logps`` / ``ref_rejected_logps``. The values are computed once by a pool of Ray Data
-actors holding the reference model (``map_batches`` with ``concurrency=reference.num_actors``), written
+actors holding the reference model (``map_batches`` on an actor pool of ``reference.num_actors``), written
 as parquet (row_id + the two columns) under ``<cache_dir>/<key>/<split>`` and joined back onto the rows
 by ``row_id``. The next run with the same key reads the cache instead of running the model.
 
@@ -141,11 +141,11 @@ def pad_pairs(rows: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tenso
     completion = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
         n = len(s)
-        input_ids[i, :n] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+        input_ids[i, :n] = torch.from_numpy(np.array(s, dtype=np.int64))  # a copy: Arrow's buffers are read-only
         attention[i, :n] = 1
         completion[i, int(p):n] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion,
-            "row_id": torch.as_tensor(np.asarray(rows["row_id"], dtype=np.int64))}
+            "row_id": torch.from_numpy(np.array(rows["row_id"], dtype=np.int64))}
 
 
 class ReferenceScorer:
@@ -179,7 +179,7 @@ def _compute(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, o
         ReferenceScorer, fn_constructor_args=(cfg.model_dump(mode="json"), ref_source, tokenizer, pad_id,
                              os.environ.get("DPO_RAY_REFERENCE_COUNTER")),
         batch_size=rc.batch_size or cfg.per_device_eval_batch_size, batch_format="numpy",
-        concurrency=rc.num_actors, **kwargs)
+        compute=ray.data.ActorPoolStrategy(size=rc.num_actors), **kwargs)
     # The driver writes the (row_id, two floats) results itself: one file, in the cache directory it sees,
     # with a progress line as rows arrive (the total is unknown before the data is read: a rate instead).
     import pyarrow.parquet as pq

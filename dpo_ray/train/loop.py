@@ -27,7 +27,7 @@ from dpo_ray.train.checkpoint import (
 )
 from dpo_ray.train.logger import METRICS_FILE, Logger, Throughput, cut_metrics
 from dpo_ray.train.metrics import MetricAccumulator
-from dpo_ray.train.setup import LoopConfig, Worker, setup
+from dpo_ray.train.setup import LoopConfig, Worker, mark, setup
 from dpo_ray.train.steps import DPOStep, SFTStep
 
 
@@ -100,6 +100,7 @@ class Run:
         self.kill_at = int(os.environ.get("DPO_RAY_TEST_KILL_AT_STEP", "0"))  # fault injection (tests)
         self.best = w.cfg.best_model_metric()  # (eval key, greater is better) for load_best_model_at_end
         self.last_eval: dict[str, float] = {}
+        self.noted = False  # the length-bucketing note, printed once
         # The steps of the last eval and checkpoint: the final ones are not run twice. A restored step was
         # saved, after its eval (if one was due): resuming a finished run evaluates and saves nothing again.
         self.eval_step = self.saved_step = state.global_step if state.global_step else -1
@@ -113,22 +114,31 @@ class Run:
         """Train from the state's data position to the end of its epoch; False when the run's last step
         came first."""
         w, state = self.w, self.state
-        batches = _skip(self.step.batches(w.train_shard, epoch=state.epoch), state.micro_in_epoch)
-        for item in self.step.stream(batches):
-            loss, metrics = self.step(w.model, item)
-            self.nonfinite |= ~torch.isfinite(loss.detach())
-            boundary = w.engine.is_gradient_accumulation_boundary()
-            w.engine.backward(loss)  # at a boundary this also all-reduces the gradients
-            grad_norm = _stage0_grad_norm(w.engine) if boundary and self.cfg.deepspeed.zero_stage == 0 else None
-            w.engine.step()
-            self.acc.add(metrics)
-            state.micro_in_epoch += 1
-            if boundary:
-                state.global_step += 1
-                self.on_optimizer_step(grad_norm if grad_norm is not None else _grad_norm(w.engine))
-                if state.global_step >= self.total_steps:
-                    return False
-        return True
+        source = self.step.batches(w.train_shard, epoch=state.epoch)
+        try:
+            for item in self.step.stream(_skip(source, state.micro_in_epoch)):
+                mark(self.lc, w.rank, "first batch")  # the board keeps the first of each stage
+                loss, metrics = self.step(w.model, item)
+                self.nonfinite |= ~torch.isfinite(loss.detach())
+                boundary = w.engine.is_gradient_accumulation_boundary()
+                w.engine.backward(loss)  # at a boundary this also all-reduces the gradients
+                grad_norm = _stage0_grad_norm(w.engine) if boundary and self.cfg.deepspeed.zero_stage == 0 else None
+                w.engine.step()
+                self.acc.add(metrics)
+                state.micro_in_epoch += 1
+                if boundary:
+                    state.global_step += 1
+                    mark(self.lc, w.rank, "first step")
+                    self.on_optimizer_step(grad_norm if grad_norm is not None else _grad_norm(w.engine))
+                    if state.global_step >= self.total_steps:
+                        return False
+            return True
+        finally:
+            if w.rank == 0 and self.cfg.length_bucketing == "auto" and getattr(source, "pools", 0) and not self.noted:
+                self.noted = True  # once per run: what the data decided (docs/training.md)
+                sys.stdout.write(f"length bucketing (auto): {source.pools_bucketed} of {source.pools} pool(s) of "
+                                 f"{source.pool_batches} batches bucketed by length (bucketing saves >= 10% of "
+                                 f"a pool's tokens there); padding {source.padding_fraction:.1%} of the tokens\n")
 
     def fit_plan_to_epoch(self, micro: int) -> None:
         """The first full epoch gave ``micro`` micro-batches on every worker (``synced`` makes them agree); the

@@ -7,6 +7,7 @@ import hashlib
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,17 @@ def process_settings(local_world_size: int) -> None:
         torch.set_num_threads(int(os.environ.get("DPO_RAY_TORCH_THREADS", default)))
 
 
+_MARKED: set[str] = set()
+
+
+def mark(lc: LoopConfig, rank: int, stage: str) -> None:
+    """Rank 0 marks the end of a start-up stage on the driver's progress board (``dpo_ray.timeline``), once
+    per stage and process: the loop calls it on every micro-batch and only the first is sent."""
+    if lc.progress is not None and rank == 0 and stage not in _MARKED:
+        _MARKED.add(stage)
+        lc.progress.mark.remote(stage, time.time())  # fire and forget
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -137,6 +149,7 @@ def setup(lc: LoopConfig) -> Worker:
     ctx = ray.train.get_context()
     process_settings(ctx.get_local_world_size())
     cfg, rank, world = lc.cfg, ctx.get_world_rank(), ctx.get_world_size()
+    mark(lc, rank, "worker")
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     model_source = ray.get(lc.model) if isinstance(lc.model, ray.ObjectRef) else lc.model
@@ -156,12 +169,14 @@ def setup(lc: LoopConfig) -> Worker:
 
         model = wrap_peft(model, cfg)
     prepare_policy(model, cfg)
+    mark(lc, rank, "policy")
     reference = None
     if lc.mode == "dpo":
         reference = build_reference(cfg, policy=model, tokenizer=lc.tokenizer, device=device, world=world,
                                     policy_source=model_source, ref_model=lc.ref_model,
                                     pool_handles=lc.reference_pool)
     engine, scheduler = build_engine(cfg, model, lc.total_steps, world, on_gpu)
+    mark(lc, rank, "engine")
     seed_everything(cfg.seed + rank)
     return Worker(lc=lc, engine=engine, scheduler=scheduler, reference=reference, device=device, rank=rank,
                   world=world, pad_id=text_tokenizer(lc.tokenizer).pad_token_id,  # a processor holds its tokenizer
