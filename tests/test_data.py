@@ -263,3 +263,41 @@ def test_collate_pairs_shapes_masks_and_passthrough():
     sft = collate_sft(batch, pad_token_id=0)
     assert sft["input_ids"].shape == (2, 4) and set(sft) == {"input_ids", "attention_mask", "completion_mask",
                                                              "row_id", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+class _Rows:
+    """Tokenized rows as a worker's shard hands them out (``iter_batches`` of numpy columns)."""
+
+    def __init__(self, lengths):
+        ids = np.empty(len(lengths), dtype=object)
+        ids[:] = [np.arange(3, 3 + n, dtype=np.int64) for n in lengths]
+        self.cols = {"row_id": np.arange(len(lengths)), "chosen_input_ids": ids, "rejected_input_ids": ids,
+                     "chosen_prompt_len": np.ones(len(lengths), dtype=np.int64),
+                     "rejected_prompt_len": np.ones(len(lengths), dtype=np.int64)}
+
+    def iter_batches(self, batch_size, **_):
+        n = len(self.cols["row_id"])
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in self.cols.items()}
+
+
+def _auto_batches(lengths, seed=0):
+    from dpo_ray.data.batching import iter_train_batches
+
+    it = iter_train_batches(_Rows(lengths), DPOConfig(bucket_size_multiplier=4), 0, batch_size=4, epoch=0, seed=seed)
+    return it, [b["row_id"].tolist() for b in it]
+
+
+def test_length_bucketing_auto_buckets_skewed_pools_only():
+    """length_bucketing auto (the default): a pool whose lengths spread widely is batched by length (much less
+    padding), a pool of equal lengths keeps the shuffled order; the same seed gives the same batches."""
+    rng = np.random.default_rng(0)
+    skewed = np.minimum(rng.lognormal(3.5, 1.0, 64).astype(int) + 2, 400)
+    it, batches = _auto_batches(skewed)
+    assert (it.pools, it.pools_bucketed) == (4, 4)
+    spread = [np.ptp(skewed[b]) for b in batches]
+    assert np.median(spread) < 0.3 * np.ptp(skewed)  # rows of a batch have similar lengths
+    assert _auto_batches(skewed)[1] == batches  # seeded: reproducible
+    even, plain = _auto_batches(np.full(64, 20))
+    assert (even.pools, even.pools_bucketed) == (4, 0)
+    assert sorted(sum(plain, [])) == list(range(64))
