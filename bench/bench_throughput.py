@@ -51,12 +51,14 @@ CONFIGS = {
     "dpo_ray_1w2t": {"kind": "dpo_ray", "workers": 1, "threads": 2},
     "dpo_ray_1w1t": {"kind": "dpo_ray", "workers": 1, "threads": 1},
     "dpo_ray_1w": {"kind": "dpo_ray", "workers": 1, "threads": 0},  # threads 0: the worker's own default
+    "dpo_ray_2w": {"kind": "dpo_ray", "workers": 2, "threads": 0},  # ray.num_workers' default, nothing else set
     "trl": {"kind": "trl", "workers": 1, "threads": 2},
 }
 # "+name" suffixes on a dpo_ray config name add DPOConfig keys (e.g. dpo_ray_1w2t+local+bucket)
 VARIANTS = {
     "local": {"reference": {"source": "local"}},
     "bucket": {"length_bucketing": True},
+    "nobucket": {"length_bucketing": False},  # the shuffled order TRL is given: identical batches
     "noshare": {"prefix_sharing": "off"},  # the standard [chosen; rejected] layout (before prefix sharing)
 }
 SEED = 42
