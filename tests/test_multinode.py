@@ -50,7 +50,7 @@ def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     c.add_node(**POLICY)
     c.add_node(**REFERENCE)
-    ray.init(address=c.address, log_to_driver=False)
+    ray.init(address=c.address)  # workers' lines reach this process: the restart test reads them
     try:
         yield c
     finally:
@@ -186,7 +186,7 @@ def test_reference_node_that_never_returns_fails_naming_the_resources(cluster):
         pool.shutdown()
 
 
-def test_policy_node_lost_restarts_from_checkpoint(cluster, tmp_path, monkeypatch):
+def test_policy_node_lost_restarts_from_checkpoint(cluster, tmp_path, monkeypatch, capfd):
     """Run B: reference actors placed by custom resource. After step 1's checkpoint the policy node goes (both
     workers die); Ray Train restarts the worker group when a policy node is back, from that checkpoint, and the
     loss curve is run A's."""
@@ -205,6 +205,8 @@ def test_policy_node_lost_restarts_from_checkpoint(cluster, tmp_path, monkeypatc
     assert out.report["steps"] == 4
     assert [r["step"] for r in out.history if "loss" in r] == [1, 2, 3, 4]  # step 1 restored, not trained twice
     assert replacement.node_id != policy.node_id
+    time.sleep(1)  # the workers' last lines reach the driver
+    assert "resumed from checkpoint at step 1" in "".join(capfd.readouterr()), "restarted from scratch?"
     if "a" in _CURVES:
         for a, b in zip(_CURVES["a"], _losses(out), strict=True):
             assert a == pytest.approx(b, abs=1e-5)
