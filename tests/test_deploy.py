@@ -457,12 +457,23 @@ def test_token_authentication_and_network_policy():
     assert pol["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "dpo-ray"}
     assert "Ingress" in pol["policyTypes"]
     job = next(d for _, d in RAY_DOCS if d["kind"] == "RayJob")
+    operator = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}
+    seen = []
     for rule in pol["ingress"]:
-        peers = [p["podSelector"]["matchLabels"] for p in rule["from"]]
-        assert all("namespaceSelector" not in p and "ipBlock" not in p for p in rule["from"])
-        if peers != [{"app.kubernetes.io/name": "dpo-ray"}]:  # anyone else: the submitter, on the Jobs API only
-            assert peers == [{"batch.kubernetes.io/job-name": job["metadata"]["name"]}]
-            assert [p["port"] for p in rule["ports"]] == [8265]
+        assert all("ipBlock" not in p for p in rule["from"]), "no address ranges: pods by label only"
+        if rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "dpo-ray"}}}]:
+            seen.append("ray pods")
+            continue
+        # anyone else: the RayJob's submitter and the KubeRay operator, on the Jobs API only
+        assert [p["port"] for p in rule["ports"]] == [8265], rule
+        if rule["from"] == [operator]:
+            seen.append("operator")
+        else:
+            assert rule["from"] == [{"podSelector": {"matchLabels": {"batch.kubernetes.io/job-name":
+                                                                      job["metadata"]["name"]}}}], rule
+            seen.append("submitter")
+    assert sorted(seen) == ["operator", "ray pods", "submitter"]
     # the asset Job is not a Ray pod, and the only one with the Hugging Face token
     for path, doc in DOCS:
         with_token = [c["name"] for c in _all_containers(doc) if "HF_TOKEN" in {e["name"] for e in c.get("env", [])}]
