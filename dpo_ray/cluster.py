@@ -278,10 +278,13 @@ class TrainingProgress:
         import threading
 
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from dpo_ray.progress import Progress
 
-        self.board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        # on the driver's node (the head): losing a worker node must not take the display's state with it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.board = ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=here).remote()
         self.marks: dict[str, float] = {}  # rank 0's start-up marks, read when the run ends
         self.total, self.pairs_per_step = total_steps, pairs_per_step
         self.desc = f"dpo-ray {mode}"

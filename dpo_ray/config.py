@@ -124,6 +124,9 @@ class ReferenceConfig(_Section):
     cache_dir: str | None = Field(None, description="precomputed cache dir; default ~/.cache/dpo_ray/ref_logps")
     request_timeout_s: float = Field(600.0, gt=0, description="seconds a worker waits for one reference answer before "
                                      "failing (a wedged actor becomes an error, not a hang); env DPO_RAY_REF_TIMEOUT_S overrides")
+    capacity_timeout_s: float = Field(600.0, gt=0, description="seconds a worker waits for a reference actor that "
+                                      "lost its node to find a node with its resources again (Ray restarts it there) "
+                                      "before failing, naming the resources; env DPO_RAY_REF_CAPACITY_TIMEOUT_S overrides")
     ready_timeout_s: float = Field(900.0, gt=0, description="seconds the driver waits for the actors to load their "
                                    "model; env DPO_RAY_REF_READY_TIMEOUT_S overrides")
     check_placement: bool = Field(True, description="fail at once when the cluster's nodes cannot hold the pool; turn "

@@ -37,6 +37,24 @@ PATH_KEYS: dict[str, bool] = {
 }
 # keys naming a model directory that must exist before anything starts (dpo_ray loads models from disk)
 MODEL_DIR_KEYS = ("model_name_or_path", "reference.model_name_or_path")
+# keys naming where a run writes; relative ones are taken against DPO_RAY_SHARED_DIR when it is set
+WRITE_KEYS = ("output_dir", "ray.storage_path", "reference.cache_dir")
+SHARED_DIR_ENV = "DPO_RAY_SHARED_DIR"
+
+
+def job_working_dir() -> str | None:
+    """The working directory of the Ray job this driver runs in, when the job uploaded one (`ray job submit
+    --working-dir`): a copy on the head node's local disk that Ray deletes after the job. None otherwise."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except ValueError:
+        return None
+    return os.getcwd() if runtime_env.get("working_dir") else None
 
 
 def is_remote(value: str) -> bool:
@@ -69,15 +87,31 @@ def resolve_config_paths(cfg: DPOConfig, base: str | Path | None = None) -> DPOC
     """A copy of ``cfg`` whose local paths are absolute (relative ones taken against ``base``, default the
     working directory). Idempotent: an absolute path stays as it is."""
     base = Path(base or os.getcwd()).resolve()
+    shared = os.environ.get(SHARED_DIR_ENV)
+    write_base = Path(shared).expanduser().resolve() if shared else base
     data = cfg.model_dump()
+    job_dir = None if shared else job_working_dir()
+    blind = []
     for key, may_be_name in PATH_KEYS.items():
         value = _get(cfg, key)
         if key == "resume_from_checkpoint" and str(value).lower() in ("latest", "true"):
             continue
-        resolved = resolve_path(value, base, may_be_name)
+        if key in WRITE_KEYS and job_dir and isinstance(value, str) and value and not is_remote(value) \
+                and not value.startswith(("/", "~")):
+            blind.append((key, f"{value!r} is relative, and this driver runs in the Ray job's uploaded working "
+                               f"directory {job_dir}: a copy on one node's local disk that Ray deletes after the job, "
+                               "so the outputs would be lost. Set DPO_RAY_SHARED_DIR to a directory on shared storage "
+                               "(the job's runtime_env env_vars, e.g. /mnt/shared/outputs: relative output paths are "
+                               "taken against it) or give an absolute path there"))
+            continue
+        resolved = resolve_path(value, write_base if key in WRITE_KEYS else base, may_be_name)
         if resolved != value:
             section, _, name = key.rpartition(".")
             (data[section] if section else data)[name] = resolved
+    if blind:
+        raise ConfigError(blind)
+    if shared and not cfg.reference.cache_dir:  # the precomputed-reference cache goes to shared storage too
+        data["reference"]["cache_dir"] = str(write_base / "ref_logps_cache")
     return DPOConfig(**data)
 
 

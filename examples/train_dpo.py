@@ -14,7 +14,9 @@ The seed's recipe, once the model and data are on disk (dpo_ray downloads nothin
         --output_dir Qwen2-0.5B-DPO --gpu --num_workers 8 --max_steps -1   # not run by the tests: needs the model on disk and GPUs
 
 Where it runs: with no RAY_ADDRESS, ``train()`` starts a local Ray in this process; with RAY_ADDRESS set
-(or under ``ray job submit ... -- python examples/train_dpo.py``) the same code joins that cluster.
+(or under ``ray job submit ... -- python examples/train_dpo.py``) the same code joins that cluster; under a
+job, a relative ``--output_dir`` lands in ``$DPO_RAY_SHARED_DIR`` (set it in the job's runtime_env env_vars)
+and is refused without it: the job's working directory is node-local and deleted after the job.
 """
 
 from __future__ import annotations

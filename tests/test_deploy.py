@@ -49,14 +49,15 @@ def _groups(spec: dict) -> list[tuple[str, dict]]:
 
 
 def _ray_resources(group: dict) -> dict[str, float]:
-    """Custom resources from rayStartParams.resources, written KubeRay's way: '"{\\"x\\": 1}"'."""
+    """Custom resources from rayStartParams.resources, parsed as the KubeRay operator parses them: JSON, as is. (The
+    old shell-quoted form '"{\\"x\\": 1}"' is a JSON *string*: the operator's parse fails, so it never derives
+    num-gpus from it.)"""
     raw = group.get("rayStartParams", {}).get("resources")
     if raw is None:
         return {}
-    text = raw.strip()
-    if text.startswith('"') and text.endswith('"'):  # the shell quoting KubeRay passes through
-        text = text[1:-1].replace('\\"', '"')
-    return json.loads(text)
+    value = json.loads(raw)
+    assert isinstance(value, dict), f"rayStartParams.resources {raw!r} is not a JSON object (the operator's parse fails)"
+    return value
 
 
 def _pod_spec(group: dict) -> dict:
@@ -93,12 +94,29 @@ def _all_containers(doc: dict) -> list[dict]:
     return found
 
 
+CONFIG_MOUNT = "/etc/dpo-ray"  # where the ConfigMap dpo-ray-config (made from the annotated example) is mounted
+
+
+def _train_argv(entrypoint: str) -> list[str]:
+    """The `dpo-ray train ...` command of a RayJob entrypoint (plain, or inside `bash -c '... | tee ...'`)."""
+    argv = shlex.split(entrypoint)
+    if argv[0] == "bash":
+        argv = shlex.split(argv[argv.index("-c") + 1])
+        start = argv.index("dpo-ray")
+        argv = argv[start:]
+        argv = argv[:next((i for i, a in enumerate(argv) if a in ("2>&1", "|", "&&", ";")), len(argv))]
+    assert argv[:2] in (["dpo-ray", "train"], ["python", "-m"]), f"unexpected entrypoint {argv}"
+    return argv
+
+
 def _entrypoint_config(doc: dict) -> tuple[Path, dict]:
     """(repo path of --config, other --flags) from a RayJob entrypoint."""
-    argv = shlex.split(doc["spec"]["entrypoint"])
-    assert argv[:2] in (["dpo-ray", "train"], ["python", "-m"]), f"unexpected entrypoint {argv}"
+    argv = _train_argv(doc["spec"]["entrypoint"])
     flags = {argv[i][2:]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
-    return _image_path_to_repo(flags.pop("config")), flags
+    config = flags.pop("config")
+    if config.startswith(CONFIG_MOUNT + "/"):  # the ConfigMap: made from the example the annotation names
+        return ROOT / doc["metadata"]["annotations"]["dpo-ray/example-config"], flags
+    return _image_path_to_repo(config), flags
 
 
 def _image_path_to_repo(path: str) -> Path:
@@ -289,9 +307,12 @@ def test_one_image_everywhere_built_from_the_dockerfile():
     images = {c["image"] for _, d in DOCS for c in _all_containers(d)}
     assert len(images) == 1, f"every pod should run the same image (Ray versions must match): {images}"
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    m = re.search(r"^FROM\s+rayproject/ray:(\S+)", dockerfile, re.M)
-    assert m, "deploy/Dockerfile should build FROM rayproject/ray"
+    m = re.search(r"^ARG BASE_IMAGE=rayproject/ray:(\S+)\s*\nFROM \$\{BASE_IMAGE\}", dockerfile, re.M)
+    assert m, "deploy/Dockerfile should build FROM rayproject/ray (ARG BASE_IMAGE, so a digest can pin it)"
     tag = m.group(1)
+    assert "BuildKit" in dockerfile and dockerfile.startswith("# syntax=docker/dockerfile:1"), \
+        "the per-Dockerfile .dockerignore needs BuildKit: say so"
+    assert "@sha256:" in dockerfile, "say how to pin the base image by digest"
     assert tag.startswith(_constraint("ray") + "-py3"), f"base tag {tag} != constraints.txt ray {_constraint('ray')}"
     assert re.search(r"-(gpu|cu\d+)$", tag), f"base tag {tag} should be a GPU build"
     assert "COPY" in dockerfile and "constraints.txt" in dockerfile
@@ -310,15 +331,190 @@ def test_rayjob_and_raycluster_describe_the_same_cluster():
         "deploy/rayjob.yaml's rayClusterSpec drifted from deploy/raycluster.yaml's spec"
 
 
-def test_submit_script_uses_the_jobs_api():
+def _submit(tmp_path, *args: str, **env: str):
+    """Run deploy/submit.sh with a stand-in `ray` on PATH that prints the argv it was given as JSON."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "ray").write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    (fake / "ray").chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DPO_RAY_SHARED_DIR")}
+    return subprocess.run(["bash", str(DEPLOY / "submit.sh"), *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**base, "PATH": f"{fake}:{base['PATH']}", **env}, timeout=60)
+
+
+def test_submit_script_uses_the_jobs_api(tmp_path):
     text = (DEPLOY / "submit.sh").read_text()
     assert "ray job submit" in text and "--working-dir" in text and "--runtime-env-json" in text
-    assert "http://127.0.0.1:8265" in text
-    m = re.search(r"RUNTIME_ENV='(.*?)'", text, re.S)
-    runtime_env = json.loads(m.group(1))
+    proc = _submit(tmp_path, "examples/lora.yaml", "--max_steps", "5", DPO_RAY_SHARED_DIR="/mnt/shared/outputs",
+                   SUBMIT_ARGS="--no-wait --submission-id r1")
+    assert proc.returncode == 0, proc.stderr
+    argv = json.loads(proc.stdout)
+    assert argv[:4] == ["job", "submit", "--address", "http://127.0.0.1:8265"]
+    assert argv[4:7] == ["--no-wait", "--submission-id", "r1"]
+    assert argv[argv.index("--"):] == ["--", "python", "-m", "dpo_ray", "train", "--config", "examples/lora.yaml",
+                                       "--max_steps", "5"]
+    runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
+    assert runtime_env["env_vars"]["DPO_RAY_SHARED_DIR"] == "/mnt/shared/outputs"
+    for secret in (".env", "**/.env"):
+        assert secret in runtime_env["excludes"], f"submit.sh uploads {secret} files"
     assert ".venv" in runtime_env["excludes"] and ".git" in runtime_env["excludes"]
+    assert "DPO_RAY_SHARED_DIR" not in json.loads(json.loads(_submit(tmp_path).stdout)[7])["env_vars"]
+    # the GCS address is not the Jobs API: refused, saying which port to use
+    wrong = _submit(tmp_path, RAY_ADDRESS="head:6379")
+    assert wrong.returncode == 2 and "http://HOST:8265" in wrong.stderr and not wrong.stdout
     # Ray refuses to merge a job's runtime_env with the driver's when both set one variable.
     from dpo_ray.cluster import WORKER_ENV
 
     clash = set(runtime_env.get("env_vars", {})) & set(WORKER_ENV)
     assert not clash, f"submit.sh sets {clash}, which dpo_ray's driver sets too: ray.init would fail"
+
+
+# ------------------------------------------------------------------------- what the KubeRay operator meets
+
+def _container(group: dict) -> dict:
+    return _pod_spec(group)["containers"][0]
+
+
+def _quantity(value) -> float:
+    """A Kubernetes quantity (16Gi, 4G, 3000000000) in bytes."""
+    m = re.fullmatch(r"([0-9.]+)([KMGT]i?)?", str(value))
+    assert m, f"cannot read the quantity {value!r}"
+    mult = {None: 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return float(m.group(1)) * mult[m.group(2)]
+
+
+def test_num_gpus_set_explicitly_and_matching_the_pod():
+    """The operator derives --num-gpus from the container's GPU limit only when it parses rayStartParams; set it
+    explicitly (head: 0) so GPU detection never depends on that."""
+    for path, doc in RAY_DOCS:
+        for name, group in _groups(_cluster_spec(doc)):
+            params = group["rayStartParams"]
+            assert "num-gpus" in params, f"{path.name}: group {name} should set rayStartParams.num-gpus explicitly"
+            gpus = int(_container(group)["resources"]["limits"].get("nvidia.com/gpu", 0))
+            assert int(params["num-gpus"]) == gpus, f"{path.name}: group {name} num-gpus != nvidia.com/gpu limit"
+            custom = _ray_resources(group)
+            for key, amount in custom.items():
+                assert amount <= gpus, f"{path.name}: group {name} advertises {amount} {key} on {gpus} GPU(s)"
+        assert _cluster_spec(doc)["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+
+
+def test_object_store_fits_in_dev_shm():
+    """Ray sizes its object store from the pod's memory (30 %) and falls back to /tmp (disk, slow) when /dev/shm is
+    smaller: every group sets object-store-memory, below its /dev/shm emptyDir and its memory limit."""
+    for path, doc in RAY_DOCS:
+        for name, group in _groups(_cluster_spec(doc)):
+            params, pod = group["rayStartParams"], _pod_spec(group)
+            assert "object-store-memory" in params, f"{path.name}: group {name} should set object-store-memory"
+            store = _quantity(params["object-store-memory"])
+            mounts = {m["mountPath"]: m["name"] for m in _container(group).get("volumeMounts", [])}
+            assert "/dev/shm" in mounts, f"{path.name}: group {name} mounts no /dev/shm volume"
+            shm = next(v for v in pod["volumes"] if v["name"] == mounts["/dev/shm"])["emptyDir"]
+            assert shm.get("medium") == "Memory"
+            assert store <= 0.95 * _quantity(shm["sizeLimit"]), \
+                f"{path.name}: group {name} object store {params['object-store-memory']} > /dev/shm {shm['sizeLimit']}"
+            memory = _quantity(_container(group)["resources"]["limits"]["memory"])
+            assert _quantity(shm["sizeLimit"]) < 0.5 * memory, f"{path.name}: /dev/shm counts against the memory limit"
+
+
+def test_pods_can_write_the_shared_volume():
+    """The image runs as uid 1000 (gid 100): fsGroup on every pod, and the asset Job creates the directories
+    group-writable for exports that ignore fsGroup; the PVC names a storage class to replace."""
+    for path, doc in DOCS:
+        if doc["kind"] in ("RayJob", "RayCluster"):
+            for name, group in _groups(_cluster_spec(doc)):
+                assert _pod_spec(group).get("securityContext", {}).get("fsGroup") == 100, f"{path.name}: {name} fsGroup"
+        if doc["kind"] == "Job":
+            spec = doc["spec"]["template"]["spec"]
+            assert spec.get("securityContext", {}).get("fsGroup") == 100
+            init = " ".join(" ".join(c.get("command", [])) for c in spec.get("initContainers", []))
+            for d in ("outputs", "ray_results", "ray-logs"):
+                assert d in init, f"{path.name}: the init step does not create /mnt/shared/{d}"
+            assert "chown 1000:100" in init and "chmod 2775" in init
+        if doc["kind"] == "PersistentVolumeClaim":
+            assert "REPLACE" in doc["spec"].get("storageClassName", ""), \
+                "pvc.yaml: an explicit storageClassName placeholder (an unset class binds the default, often RWO)"
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    assert "kubectl get pvc dpo-ray-shared" in text and "Bound" in text and "fsGroup" in text
+
+
+def test_token_authentication_and_network_policy():
+    """The dashboard binds 0.0.0.0, so any pod could reach the Jobs API: token authentication from a Secret
+    (authOptions) and a NetworkPolicy that admits only the Ray pods (and the RayJob submitter on 8265)."""
+    for path, doc in RAY_DOCS:
+        spec = _cluster_spec(doc)
+        assert spec.get("authOptions", {}).get("mode") == "token", f"{path.name}: authOptions.mode: token"
+        assert spec["authOptions"].get("secretName"), f"{path.name}: the token from a Secret you create"
+        for name, group in _groups(spec):
+            labels = group["template"].get("metadata", {}).get("labels", {})
+            assert labels.get("app.kubernetes.io/name") == "dpo-ray", f"{path.name}: {name} pods need the label"
+    policies = [d for _, d in DOCS if d["kind"] == "NetworkPolicy"]
+    assert len(policies) == 1, "deploy/ should hold one NetworkPolicy for the Ray pods"
+    pol = policies[0]["spec"]
+    assert pol["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "dpo-ray"}
+    assert "Ingress" in pol["policyTypes"]
+    job = next(d for _, d in RAY_DOCS if d["kind"] == "RayJob")
+    operator = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}
+    seen = []
+    for rule in pol["ingress"]:
+        assert all("ipBlock" not in p for p in rule["from"]), "no address ranges: pods by label only"
+        if rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "dpo-ray"}}}]:
+            seen.append("ray pods")
+            continue
+        # anyone else: the RayJob's submitter and the KubeRay operator, on the Jobs API only
+        assert [p["port"] for p in rule["ports"]] == [8265], rule
+        if rule["from"] == [operator]:
+            seen.append("operator")
+        else:
+            assert rule["from"] == [{"podSelector": {"matchLabels": {"batch.kubernetes.io/job-name":
+                                                                      job["metadata"]["name"]}}}], rule
+            seen.append("submitter")
+    assert sorted(seen) == ["operator", "ray pods", "submitter"]
+    # the asset Job is not a Ray pod, and the only one with the Hugging Face token
+    for path, doc in DOCS:
+        with_token = [c["name"] for c in _all_containers(doc) if "HF_TOKEN" in {e["name"] for e in c.get("env", [])}]
+        assert (with_token == ["prepare"]) if doc["kind"] == "Job" else not with_token, \
+            f"{path.name}: HF_TOKEN only in prepare-assets' download container ({with_token})"
+        if doc["kind"] == "Job":
+            assert doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] != "dpo-ray"
+
+
+def test_rayjob_gives_up_partial_gpus_and_keeps_its_logs():
+    job = next(d for _, d in RAY_DOCS if d["kind"] == "RayJob")["spec"]
+    assert 0 < job["preRunningDeadlineSeconds"] <= 3600, "a job holding part of its GPUs must give them up"
+    assert job["backoffLimit"] == 0
+    entry = job["entrypoint"]
+    assert "-o pipefail" in entry and re.search(r"tee -a /mnt/shared/\S+/driver\.log", entry), \
+        "the driver's log goes to the shared volume, and a failed run still fails the job"
+    for name, group in _groups(job["rayClusterSpec"]):
+        hook = " ".join(_container(group).get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", []))
+        assert "/tmp/ray/session_latest/logs" in hook and "/mnt/shared/ray-logs" in hook, \
+            f"group {name}: Ray's logs should be copied to the volume when the pod stops"
+
+
+def test_config_comes_from_a_configmap():
+    """Hyper-parameters change without an image rebuild: the entrypoint reads /etc/dpo-ray/config.yaml, the
+    ConfigMap dpo-ray-config the docs create from the annotated example, mounted on the head (the driver)."""
+    for path, doc in RAY_DOCS:
+        head = _pod_spec(_cluster_spec(doc)["headGroupSpec"])
+        volumes = {v["name"]: v for v in head["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+        assert volumes[mounts[CONFIG_MOUNT]]["configMap"]["name"] == "dpo-ray-config", path.name
+    job = next(d for _, d in RAY_DOCS if d["kind"] == "RayJob")
+    assert "--config /etc/dpo-ray/config.yaml" in job["spec"]["entrypoint"]
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    source = job["metadata"]["annotations"]["dpo-ray/example-config"]
+    assert f"kubectl create configmap dpo-ray-config --from-file=config.yaml={source}" in text
+
+
+def test_docs_pin_kuberay_and_say_what_to_change():
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    m = re.search(r"helm install kuberay-operator kuberay/kuberay-operator --version (\d+)\.(\d+)\.(\d+)", text)
+    assert m and (int(m.group(1)), int(m.group(2))) >= (1, 6), "pin the operator: authOptions needs KubeRay >= 1.6"
+    for needle in ("RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN", "ray status", "policy_gpu", "reference_gpu",
+                   "What to change for your cluster", "Pre-flight", "Re-runs", "NCCL", "DPO_RAY_SHARED_DIR"):
+        assert needle in text, f"docs/deploy.md should cover {needle}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,12 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -187,7 +191,7 @@ def _job_logs(head: PrivateRayHead, job_id: str) -> str:
     return _job_api(head, f"{job_id}/logs").get("logs", "")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     # The Jobs API is served by the dashboard, which needs ray[default] (ray[train,data] lacks aiohttp & co).
     from ray._private.utils import get_dashboard_dependency_error
@@ -254,3 +258,118 @@ def test_ray_job_submit_runs_tiny_demo(ray_head, tmp_path):
     initial = load_causal_lm(None, load_config(ROOT / "examples" / "tiny_demo.yaml"), tok).state_dict()
     assert trained.keys() == initial.keys()
     assert any(not torch.equal(trained[k], initial[k]) for k in initial), "the job saved the untrained weights"
+
+
+# ----------------------------------------------------------------------- stop, killed driver, shared outputs
+
+def _state(head: PrivateRayHead, resource: str, **filters: str) -> list[dict]:
+    """The state API (``/api/v0/<resource>``, what ``ray list`` reads) with equality filters."""
+    query = urllib.parse.urlencode([("limit", "10000"), ("detail", "1")]
+                                   + [(k, v) for key, value in filters.items()
+                                      for k, v in (("filter_keys", key), ("filter_predicates", "="),
+                                                   ("filter_values", value))], doseq=True)
+    request = urllib.request.Request(f"{head.address}/api/v0/{resource}?{query}",
+                                     headers={"Authorization": f"Bearer {head.auth_token}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.loads(r.read())["data"]["result"]["result"]
+
+
+def _held(head: PrivateRayHead, job_id: str) -> list[str]:
+    """What a job still holds: actors not DEAD, placement groups not REMOVED. Ray Data's detached per-cluster
+    singletons (_StatsActor, ActorLocationTracker, _AutoscalingCoordinatorActor: zero resources, shared by every
+    later job) outlive the job that first created them by design; they must hold no resources."""
+    actors = []
+    for a in _state(head, "actors", job_id=job_id):
+        if a["state"] == "DEAD":
+            continue
+        if a.get("is_detached"):
+            assert not {k: v for k, v in (a.get("required_resources") or {}).items() if v}, a
+            continue
+        actors.append(f"actor {a['class_name']} {a['state']}")
+    groups = [f"placement group {g['placement_group_id'][:8]} {g['state']}" for g in _state(head, "placement_groups")
+              if g.get("creator_job_id") == job_id and g["state"] != "REMOVED"]
+    return actors + groups
+
+
+def _wait_training(head: PrivateRayHead, submission_id: str, classes: set[str], timeout_s: float = 400) -> str:
+    """Wait until the job's actors of ``classes`` are alive (training has started); returns the Ray job id."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = _job_api(head, submission_id)
+        assert info["status"] in ("PENDING", "RUNNING"), \
+            f"job {submission_id} ended {info['status']} before training:\n{_job_logs(head, submission_id)[-8000:]}"
+        if info.get("job_id"):
+            alive = {a["class_name"] for a in _state(head, "actors", job_id=info["job_id"], state="ALIVE")}
+            if classes <= alive:
+                return info["job_id"]
+        time.sleep(2)
+    raise AssertionError(f"job {submission_id}: {classes} never alive:\n{_job_logs(head, submission_id)[-8000:]}")
+
+
+def _wait_freed(head: PrivateRayHead, job_id: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (held := _held(head, job_id)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not held, f"job {job_id} still holds {held} {timeout_s}s after it ended"
+
+
+def test_job_stop_and_killed_driver_free_everything_and_outputs_land_in_shared_storage(ray_head, tmp_path):
+    """Two jobs at once on the head (token authentication on): one sent by deploy/submit.sh (the CLI, precomputed
+    reference, a relative output_dir) and stopped with `ray job stop`; one running examples/train_dpo.py (the
+    reference actor pool, its default relative output_dir) whose driver is SIGKILLed. Afterwards neither holds an
+    actor or a placement group (state API) and every CPU is free again (the same accounting holds GPUs); the
+    relative output_dirs and the precomputed-reference cache are under DPO_RAY_SHARED_DIR (this test's temp dir
+    standing in for the shared volume), not in the jobs' node-local working directories."""
+    # token authentication is on: the Jobs API refuses a request without the token
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{ray_head.address}/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
+    shared = tmp_path / "shared"
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.address, "DPO_RAY_SHARED_DIR": str(shared)}
+    stop_id, kill_id = (f"dpo-ray-{what}-{uuid.uuid4().hex[:8]}" for what in ("stop", "kill"))
+
+    submit = subprocess.run(
+        ["bash", "deploy/submit.sh", "examples/tiny_demo.yaml", "--max_steps", "5000", "--output_dir", "stopped",
+         "--reference.source", "precomputed"],
+        cwd=ROOT, env={**env, "SUBMIT_ARGS": f"--no-wait --submission-id {stop_id}"}, capture_output=True,
+        text=True, timeout=300)
+    assert submit.returncode == 0, f"deploy/submit.sh failed:\n{submit.stdout[-3000:]}\n{submit.stderr[-3000:]}"
+    runtime_env = {**RUNTIME_ENV, "env_vars": {**RUNTIME_ENV["env_vars"], "DPO_RAY_SHARED_DIR": str(shared)}}
+    example = _ray("job", "submit", "--address", ray_head.address, "--submission-id", kill_id, "--no-wait",
+                   "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
+                   sys.executable, "examples/train_dpo.py", "--max_steps", "5000", env=env, timeout=300)
+    assert example.returncode == 0, f"ray job submit failed:\n{example.stdout[-3000:]}\n{example.stderr[-3000:]}"
+
+    t0 = time.monotonic()
+    stop_job = _wait_training(ray_head, stop_id, {"RayTrainWorker"})
+    kill_job = _wait_training(ray_head, kill_id, {"RayTrainWorker", "ReferenceModelHost"})
+
+    stopped = _ray("job", "stop", "--address", ray_head.address, stop_id, env=env)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    driver_pid = int(_job_api(ray_head, kill_id)["driver_info"]["pid"])
+    os.kill(driver_pid, signal.SIGKILL)
+
+    assert _wait_for_job(ray_head, stop_id, 120) == "STOPPED"
+    assert _wait_for_job(ray_head, kill_id, 120) in ("FAILED", "STOPPED")
+    t1 = time.monotonic()
+    _wait_freed(ray_head, stop_job)
+    _wait_freed(ray_head, kill_job)
+    print(f"both training after {t1 - t0:.0f}s; freed after {time.monotonic() - t1:.0f}s more")
+    deadline = time.monotonic() + 60
+    while (usage := _cpu_usage(ray_head)) > 0.0 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert usage == 0.0, f"{usage} CPU still held after both jobs ended"
+
+    # the relative output_dirs went to DPO_RAY_SHARED_DIR, and so did the precomputed reference's cache
+    assert yaml.safe_load((shared / "stopped" / "dpo_config.yaml").read_text())["output_dir"] == str(shared / "stopped")
+    assert (shared / "tiny-dpo" / "dpo_config.yaml").exists(), sorted(p.name for p in shared.iterdir())
+    assert list((shared / "ref_logps_cache").glob("*/train/_SUCCESS")), "the precomputed cache is not on the volume"
+
+
+def _cpu_usage(head: PrivateRayHead) -> float:
+    """CPUs in use on the cluster (`ray status`, through the GCS with the token in the environment)."""
+    out = subprocess.run([RAY, "status", "--address", f"127.0.0.1:{head.gcs}"], env=head.env, capture_output=True,
+                         text=True, timeout=60).stdout
+    m = re.search(r"([0-9.]+)/([0-9.]+) CPU", out)
+    assert m, out[-2000:]
+    return float(m.group(1))

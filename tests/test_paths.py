@@ -47,6 +47,28 @@ def test_relative_paths_become_absolute_against_the_working_directory(in_tmp):
     assert resolve_config_paths(cfg) == cfg  # idempotent: the driver may resolve twice
 
 
+def test_outputs_of_a_ray_job_never_land_in_its_uploaded_working_dir(in_tmp, monkeypatch):
+    """Under `ray job submit --working-dir` the driver's working directory is a node-local copy Ray deletes after
+    the job: a relative output path there is refused, naming the key; DPO_RAY_SHARED_DIR is where relative output
+    paths (and the default precomputed-reference cache) go instead, while inputs stay the working directory's."""
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg.zip"}}))
+    monkeypatch.delenv("DPO_RAY_SHARED_DIR", raising=False)
+    with pytest.raises(ConfigError) as e:
+        resolve_config_paths(DPOConfig(output_dir="out", ray={"storage_path": "ckpts"}))
+    assert [k for k, _ in e.value.problems] == ["output_dir", "ray.storage_path"]
+    assert "DPO_RAY_SHARED_DIR" in str(e.value) and "deletes after the job" in str(e.value)
+    assert resolve_config_paths(DPOConfig(output_dir="/abs/out")).output_dir == "/abs/out"  # absolute: as given
+    shared = in_tmp / "shared"
+    monkeypatch.setenv("DPO_RAY_SHARED_DIR", str(shared))
+    cfg = resolve_config_paths(DPOConfig(model_name_or_path="model", output_dir="out", ray={"storage_path": "ckpts"}))
+    assert cfg.output_dir == str(shared / "out") and cfg.ray.storage_path == str(shared / "ckpts")
+    assert cfg.reference.cache_dir == str(shared / "ref_logps_cache")
+    assert cfg.model_name_or_path == str(in_tmp / "model")  # an input: the (uploaded) working directory's
+    assert resolve_config_paths(cfg) == cfg
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # outside a job too: DPO_RAY_SHARED_DIR is the output base
+    assert resolve_config_paths(DPOConfig(output_dir="o")).output_dir == str(shared / "o")
+
+
 def test_names_uris_and_latest_pass_through(in_tmp):
     cfg = resolve_config_paths(DPOConfig(model_name_or_path="Qwen/Qwen2-0.5B-Instruct",
                                          dataset_name="trl-lib/ultrafeedback_binarized",

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from dpo_ray.config import DPOConfig
 from dpo_ray.reference.actor import request_keys
-from dpo_ray.reference.pool import env_override
+from dpo_ray.reference.pool import actor_request, env_override
 
 
 @dataclass
@@ -67,6 +67,9 @@ class ActorPoolReference:
         # waiting (the loading overlaps the worker group's start) and stops it if loading fails or times out.
         self.ready_timeout_s = env_override("DPO_RAY_REF_READY_TIMEOUT_S", cfg.reference.ready_timeout_s)
         self._answered = False
+        # node loss (issue 18): how long to wait for a node with room for an actor Ray is restarting
+        self.capacity_timeout_s = env_override("DPO_RAY_REF_CAPACITY_TIMEOUT_S", cfg.reference.capacity_timeout_s)
+        self.actor_needs = (actor_request(cfg), dict(cfg.reference.node_label))
         self.version = 0
         self._seq = 0
         self._dead: set[int] = set()
@@ -107,15 +110,8 @@ class ActorPoolReference:
                                f"{handle.version} but the reference is at {self.version}; submit it again")
         req, failures = handle, 0
         while True:
-            timeout_s = self.timeout_s if self._answered else self.timeout_s + self.ready_timeout_s
             try:
-                request_id, version, chosen, rejected = ray.get(req.ref, timeout=timeout_s)
-            except GetTimeoutError:
-                raise RuntimeError(
-                    f"reference actor {req.actor} gave no answer to request {req.request_id} within "
-                    f"{timeout_s:g}s (reference.request_timeout_s"
-                    f"{'' if self._answered else ' + ready_timeout_s for the first answer'}); it may be wedged or "
-                    "starved of resources") from None
+                request_id, version, chosen, rejected = self._await(req)
             except RayActorError as e:
                 failures += 1
                 if not isinstance(e, ActorUnavailableError):  # died for good (restarts spent)
@@ -150,6 +146,60 @@ class ActorPoolReference:
             raise RuntimeError(f"reference answer shapes {tuple(chosen.shape)}/{tuple(rejected.shape)} do not match "
                                f"the batch's {b} pairs")
         return chosen, rejected
+
+    # ---------------------------------------------------------------- waiting; node loss (docs/reference.md)
+    POLL_S = 5.0  # how often a slow answer's actor is looked up (one GCS call)
+
+    def _await(self, req: RefRequest):
+        """``ray.get`` of one answer, in slices. Time while the actor is alive counts against request_timeout_s
+        (a wedged actor); time while Ray restarts it and no node has room for it (its node was lost) counts
+        against capacity_timeout_s. It goes on as soon as a node with the actor's resources (back) lets Ray
+        restart it (Ray re-runs the request there); either bound raises naming what is missing: never a hang."""
+        alive_s = lost_s = 0.0
+        lost_since = None
+        # the first answer also waits for the actor to load its model (the pool starts without waiting)
+        timeout_s = self.timeout_s if self._answered else self.timeout_s + self.ready_timeout_s
+        while True:
+            left = min(timeout_s - alive_s, self.capacity_timeout_s - lost_s)
+            t = time.monotonic()
+            try:
+                answer = ray.get(req.ref, timeout=max(0.05, min(self.POLL_S, left)))
+            except GetTimeoutError:
+                answer = None
+            spent = time.monotonic() - t
+            if answer is not None:
+                if lost_since is not None:
+                    print(f"reference actor {req.actor} is back after {time.monotonic() - lost_since:.0f}s; "
+                          f"request {req.request_id} answered", flush=True)
+                return answer
+            if actor_state(self.actors[req.actor]) in _WAITING_FOR_NODE:
+                lost_s += spent
+                if lost_since is None:
+                    lost_since = t
+                    print(f"reference actor {req.actor} is down (its node or process was lost) and Ray is restarting it; "
+                          f"waiting up to {self.capacity_timeout_s:g}s (reference.capacity_timeout_s) for a node with "
+                          f"{self._needs()}", flush=True)
+                if lost_s >= self.capacity_timeout_s:
+                    raise RuntimeError(
+                        f"reference actor {req.actor} is down (its node or process was lost) and Ray found no node with "
+                        f"room to restart it within "
+                        f"{self.capacity_timeout_s:g}s (reference.capacity_timeout_s; DPO_RAY_REF_CAPACITY_TIMEOUT_S "
+                        f"overrides): it needs {self._needs()}. No batch was trained without reference log-probs; "
+                        "add a node with these resources and resume with resume_from_checkpoint: latest") from None
+            else:
+                alive_s += spent
+                if alive_s >= timeout_s:
+                    raise RuntimeError(
+                        f"reference actor {req.actor} gave no answer to request {req.request_id} within "
+                        f"{timeout_s:g}s (reference.request_timeout_s"
+                        f"{'' if self._answered else ' + ready_timeout_s for the first answer'}); it may be wedged "
+                        "or starved of resources") from None
+
+    def _needs(self) -> str:
+        req, labels = self.actor_needs
+        what = ", ".join(f"{k}: {v:g}" for k, v in req.items()) or "no resources"
+        return f"{{{what}}}" + (f" and the labels {labels}" if labels else "") + \
+            " (reference.num_cpus / num_gpus / resources / node_label)"
 
     def _retry(self, req: RefRequest, unavailable: bool) -> RefRequest:
         """Send the same request again: to the same actor when it is restarting, else to the next live one."""
@@ -248,6 +298,21 @@ class ActorPoolReference:
     def close(self) -> None:
         self._cancel_stale()
         self._inflight.clear()
+
+
+# Ray's actor states while it restarts an actor and waits for a node to put it on
+_WAITING_FOR_NODE = ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY")
+
+
+def actor_state(handle) -> str | None:
+    """The actor's state as the GCS knows it (ALIVE, RESTARTING, DEAD, ...); None when it cannot be asked."""
+    try:
+        from ray._private.state import state  # the GCS actor table; works without the dashboard
+
+        info = state.actor_table(handle._actor_id.hex())
+        return info.get("State") if info else None
+    except Exception:  # a GCS hiccup: treat as alive (the request timeout still bounds the wait)
+        return None
 
 
 def _on_rank0_for_all(is_rank0: bool, action, what: str) -> None:

@@ -98,6 +98,7 @@ class Run:
         self.throughput = Throughput(state)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=w.device)  # checked once per optimizer step
         self.kill_at = int(os.environ.get("DPO_RAY_TEST_KILL_AT_STEP", "0"))  # fault injection (tests)
+        self.pause_at = int(os.environ.get("DPO_RAY_TEST_PAUSE_AT_STEP", "0"))  # node-loss tests (multi-node)
         self.best = w.cfg.best_model_metric()  # (eval key, greater is better) for load_best_model_at_end
         self.last_eval: dict[str, float] = {}
         self.noted = False  # the length-bucketing note, printed once
@@ -192,6 +193,8 @@ class Run:
         # the last step's checkpoint is taken by finish(), after its eval (load_best_model_at_end ranks it)
         if cfg.save_strategy == "steps" and step % cfg.save_steps == 0 and step < self.total_steps:
             self.save()
+        if self.pause_at and step == self.pause_at and w.rank == 0:
+            _pause_once_for_test(step)
 
     def epoch_fraction(self) -> float:
         per_epoch = self.state.micro_per_epoch or self.lc.micro_per_epoch
@@ -288,6 +291,21 @@ def _grad_norm(engine) -> float | None:
     if norm is None:
         return None
     return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _pause_once_for_test(step: int) -> None:
+    """Node-loss tests (DPO_RAY_TEST_PAUSE_AT_STEP + DPO_RAY_TEST_PAUSE_DIR): once per run, rank 0 stops after
+    that optimizer step (and its checkpoint), writes ``paused`` and waits (at most 300 s) for ``go``, so the test
+    removes a node at a known point; a restarted worker group finds ``paused`` and does not stop again."""
+    import time
+
+    d = Path(os.environ.get("DPO_RAY_TEST_PAUSE_DIR", "/tmp/dpo_ray_pause"))
+    if (d / "paused").exists():
+        return
+    (d / "paused").write_text(str(step))
+    deadline = time.monotonic() + 300
+    while not (d / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _die_once_for_test() -> None:
