@@ -47,8 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
 BOX = ("torch", "transformers", "peft")
 # what dpo_ray's runtime and bench/gpu_check.py need beyond the box (versions from constraints.txt where pinned)
+# (pytest: gpu_check's first stage runs the GPU-marked tests; matplotlib is left out, ~20 MiB with its
+# dependencies: without it a run writes no metrics.png, everything else is the same)
 NEED = ("ray[train,data]", "deepspeed", "datasets", "pydantic", "trl==1.16.0", "PyYAML", "tqdm", "pyarrow",
-        "tensorboardX")
+        "tensorboardX", "pytest", "pytest-timeout")
 
 # Per-distribution trimming: glob patterns (matched against the path inside the wheel) of files to drop.
 TRIM: dict[str, tuple[str, ...]] = {
@@ -279,16 +281,22 @@ def size_table(rows: list[dict]) -> str:
 IMPORT_CHECK = r"""
 import os, sys
 target = os.path.realpath(sys.argv[1])
-import ray, ray.train, ray.data, deepspeed, datasets, trl, pydantic
-for m in (ray, deepspeed, datasets, trl):
+import ray, ray.train, ray.data, deepspeed, datasets, trl, pydantic, pytest
+for m in (ray, deepspeed, datasets, trl, pytest):
     assert os.path.realpath(m.__file__).startswith(target), f"{m.__name__} came from {m.__file__}, not {target}"
-ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
 @ray.remote
 def f(x):
     return x + 1
 assert ray.get(f.remote(41)) == 42
 ds = ray.data.range(8).map_batches(lambda b: {"id": b["id"] * 2})
 assert sum(r["id"] for r in ds.take_all()) == 56
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer  # a one-worker Ray Train fit (gloo) from the trimmed wheel
+def loop(config):
+    import torch.distributed as dist
+    assert dist.get_world_size() == 1
+TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5})).fit()
 ray.shutdown()
 print("import check ok: ray", ray.__version__, "deepspeed", deepspeed.__version__, "datasets", datasets.__version__,
       "trl", trl.__version__)
@@ -301,7 +309,7 @@ def install_target(out: Path, target: Path, pyver: str | None) -> None:
     pip("install", "--no-index", "--no-deps", "--target", str(target), *flags, *wheels)
 
 
-def verify(out: Path, pyver: str, compression: int, strip: bool) -> None:
+def verify(out: Path, pyver: str, compression: int, strip: bool, rebuild: bool = True) -> None:
     local = f"{sys.version_info.major}.{sys.version_info.minor}"
     with tempfile.TemporaryDirectory(prefix="wheelhouse-target-") as t:
         install_target(out, Path(t), pyver)
@@ -311,12 +319,14 @@ def verify(out: Path, pyver: str, compression: int, strip: bool) -> None:
         other = out.parent / f"{out.name}-py{local.replace('.', '')}"
         print(f"this interpreter is Python {local}, not {pyver}: building the same recipe for {local} in {other} "
               "to import it")
-        size = sum(r["bytes"] for r in build(other, local, compression, strip, log=lambda *_: None))
+        if rebuild or not (other / "wheelhouse.json").exists():
+            build(other, local, compression, strip, log=lambda *_: None)
+        size = sum(r["bytes"] for r in json.loads((other / "wheelhouse.json").read_text())["wheels"])
         print(f"  {other.name}: {size / 2**20:.1f} MiB")
         out = other
     with tempfile.TemporaryDirectory(prefix="wheelhouse-target-") as t:
         install_target(out, Path(t), None)
-        env = dict(os.environ, PYTHONPATH=t, RAY_USAGE_STATS_ENABLED="0")
+        env = dict(os.environ, PYTHONPATH=t, RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_V2_ENABLED="1")
         r = subprocess.run([sys.executable, "-c", IMPORT_CHECK, t], capture_output=True, text=True, env=env,
                            timeout=600)
         if r.returncode:
@@ -332,16 +342,20 @@ def main() -> None:
     ap.add_argument("--no-strip", action="store_true", help="keep symbol tables in native binaries")
     ap.add_argument("--limit-mib", type=float, default=60.0)
     ap.add_argument("--verify", action="store_true")
+    ap.add_argument("--no-build", action="store_true", help="verify the wheelhouse already in --out")
     args = ap.parse_args()
     comp = zipfile.ZIP_LZMA if args.compression == "lzma" else zipfile.ZIP_DEFLATED
     out = Path(args.out)
-    rows = build(out, args.python_version, comp, not args.no_strip)
+    if args.no_build:
+        rows = json.loads((out / "wheelhouse.json").read_text())["wheels"]
+    else:
+        rows = build(out, args.python_version, comp, not args.no_strip)
     print(size_table(rows))
     total = sum(r["bytes"] for r in rows) / 2 ** 20
     verdict = "under" if total < args.limit_mib else "OVER"
     print(f"{out}: {total:.1f} MiB, {verdict} the {args.limit_mib:.0f} MiB limit")
     if args.verify:
-        verify(out, args.python_version, comp, not args.no_strip)
+        verify(out, args.python_version, comp, not args.no_strip, rebuild=not args.no_build)
     if total >= args.limit_mib:
         raise SystemExit(1)
 

@@ -174,7 +174,7 @@ def test_reference_actor_on_the_gpu_beside_the_policy(ray_local, tmp_path):
                     logging_steps=1, save_strategy="no", report_to=[], max_length=64, learning_rate=1e-3,
                     deepspeed={"zero_stage": 3}, reference=reference,
                     ray={"num_workers": 1, "use_gpu": CUDA, "resources_per_worker": worker})
-    out = DPOTrainer(args=cfg, train_dataset=make_pairs(64, 0)).train()
+    out = DPOTrainer(args=cfg, train_dataset=list(make_pairs(64, 0))).train()
     rows = [r for r in out.history if "loss" in r]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
     if CUDA:

@@ -74,7 +74,7 @@ class ReferenceModelHost:
         self.model: nn.Module = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.version = 0
         self.forwards = 0
-        self.sharing = PrefixSharing(self.cfg.prefix_sharing, "reference")
+        self.sharing = PrefixSharing(self.cfg.prefix_sharing, "reference", self.cfg.prefix_attention)
         self._delay = delay_s
         self._rng = random.Random(delay_seed + os.getpid())
 

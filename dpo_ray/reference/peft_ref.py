@@ -18,7 +18,7 @@ class AdapterReference:
     def __init__(self, policy: nn.Module, cfg: DPOConfig, device: torch.device):
         self.model, self.cfg, self.device = policy, cfg, device
         self.active = cfg.model_adapter_name or "default"
-        self.sharing = PrefixSharing(cfg.prefix_sharing, "reference")
+        self.sharing = PrefixSharing(cfg.prefix_sharing, "reference", cfg.prefix_attention)
 
     @contextlib.contextmanager
     def _reference_weights(self):
