@@ -68,7 +68,8 @@ def sequence_forward(
         # --- prefix sharing: dense 4-D mask, or FlexAttention's BlockMask (w20)
         flex_path = share_prefix == "flex"
         packed = prefix.pack_pairs(input_ids, attention_mask, completion_mask, dense=not flex_path,
-                                   width_multiple=flex.BLOCK if flex_path and input_ids.is_cuda else 1)
+                                   width_multiple=flex.BLOCK if flex_path and input_ids.is_cuda else 1,
+                                   width=batch.get("packed_width"))  # from the collate: no host sync
         mask = flex.block_mask(packed.branch) if flex_path else prefix.attention_mask_for(model, packed.keep, dtype)
         inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "attention_mask": mask}
         score_index = packed.score_index

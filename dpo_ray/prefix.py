@@ -78,11 +78,12 @@ def supports(model: nn.Module) -> tuple[bool, str]:
 
 
 def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, pad_id: int = 0,
-               dense: bool = True, width_multiple: int = 1) -> PackedPairs:
+               dense: bool = True, width_multiple: int = 1, width: int | None = None) -> PackedPairs:
     """(2B, T) right-padded [chosen; rejected] -> one packed row per pair (see the module doc).
 
     ``dense=False`` leaves ``keep`` as None (the block-sparse path builds its mask from ``branch``);
-    ``width_multiple`` rounds the packed width up (FlexAttention's block size: fewer distinct shapes)."""
+    ``width_multiple`` rounds the packed width up (FlexAttention's block size: fewer distinct shapes).
+    ``width``: the packed width computed on the host (``data.collate.packed_width``): no device read."""
     n, t = input_ids.shape
     if n % 2 or n == 0:
         raise ValueError(f"prefix sharing needs [chosen; rejected] rows (an even, non-zero count), got {n}")
@@ -96,7 +97,7 @@ def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tenso
     shared = torch.minimum(common, torch.minimum(first[:b], first[b:]))  # (B,)
     len_c, len_r = lens[:b], lens[b:]
     total = len_c + len_r - shared  # (B,)
-    s = max(int(total.max()), 1)  # the one host sync: the packed width sets the shapes
+    s = width if width is not None else max(int(total.max()), 1)  # without width: a host sync for the shapes
     s = -(-s // width_multiple) * width_multiple
 
     p = torch.arange(s, device=dev)[None, :]  # (1, S)

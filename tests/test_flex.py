@@ -132,3 +132,39 @@ def test_flex_failure_falls_back_to_dense(monkeypatch):
     s = PrefixSharing("auto", "reference", "flex")
     assert s(model(), pairs()) is True and s.kernel == "dense"
     assert "flex packed forward failed (RuntimeError: no kernel for this device)" in s.why
+
+
+# ------------------------------------------------------------------ packed width from the collate (no host sync)
+
+def test_collate_packed_width_equals_pack_pairs():
+    """The width the collate computes from the token lists is the one pack_pairs would read from the device,
+    on pairs with shared, partly shared, merged-token and empty-completion prompts; given it, pack_pairs
+    returns the same packing without reading the device."""
+    import random
+
+    from dpo_ray.data.collate import collate_pairs
+
+    rng = random.Random(0)
+    for trial in range(40):
+        b = rng.randint(1, 5)
+        cols = {"chosen_input_ids": [], "rejected_input_ids": [], "chosen_prompt_len": [], "rejected_prompt_len": [],
+                "row_id": list(range(b))}
+        for _ in range(b):
+            p = rng.randint(1, 6)
+            prompt = [rng.randint(3, 9) for _ in range(p)]
+            c = prompt + [rng.randint(3, 9) for _ in range(rng.randint(0, 6))]
+            r = prompt + [rng.randint(3, 9) for _ in range(rng.randint(0, 6))]
+            pr = p - (1 if trial % 3 == 0 and p > 1 else 0)  # a prompt whose last token merged differently
+            if trial % 3 == 0 and len(r) > pr:
+                r[pr] = 2
+            cols["chosen_input_ids"].append(c)
+            cols["rejected_input_ids"].append(r)
+            cols["chosen_prompt_len"].append(p)
+            cols["rejected_prompt_len"].append(pr)
+        batch = collate_pairs(cols, pad_token_id=0, pad_to_multiple_of=8 if trial % 2 else None)
+        args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        synced = prefix.pack_pairs(*args)
+        assert batch["packed_width"] == synced.input_ids.shape[1], trial
+        given = prefix.pack_pairs(*args, width=batch["packed_width"])
+        for field in ("input_ids", "position_ids", "keep", "score_index", "lengths"):
+            assert torch.equal(getattr(given, field), getattr(synced, field)), (trial, field)

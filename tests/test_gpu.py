@@ -76,6 +76,30 @@ def test_bf16_forward_backward_matches_fp32():
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.skipif(not CUDA, reason="FlexAttention has no backward on the CPU (torch 2.13): GPU only, also in dry runs")
+def test_flex_prefix_attention_on_the_gpu():
+    """Prefix sharing's block-sparse path on the GPU (compiled FlexAttention): fp32 log-probs and gradients equal
+    the standard layout's; bf16 within bf16 error; ``prefix_sharing: auto`` times standard / dense / flex on the
+    first batch and says which it kept."""
+    from dpo_ray.forward import PrefixSharing, sequence_forward
+
+    batch = to(pairs_batch(b=4, t=48), DEVICE)
+    grads, logps = {}, {}
+    for layout in (False, "flex"):
+        m = tiny_llama(VOCAB, 0, tie_word_embeddings=False).to(DEVICE).train()
+        stats = sequence_forward(m, batch, share_prefix=layout).stats
+        stats.logps.sum().backward()
+        logps[layout] = stats.logps.detach()
+        grads[layout] = {k: p.grad for k, p in m.named_parameters()}
+    torch.testing.assert_close(logps["flex"], logps[False], atol=1e-4, rtol=1e-4)
+    for k, g in grads[False].items():
+        torch.testing.assert_close(grads["flex"][k], g, atol=1e-4, rtol=1e-3, msg=k)
+    sharing = PrefixSharing("auto", "policy", "auto")
+    sharing(tiny_llama(VOCAB, 0).to(DEVICE, DTYPE), batch)
+    assert set(sharing.timings) == {"standard", "dense", "flex"}, (sharing.timings, sharing.why)
+    print(f"prefix_sharing auto on the GPU: {sharing.layout or 'standard'} ({sharing.why})")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

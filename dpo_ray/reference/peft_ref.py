@@ -38,6 +38,8 @@ class AdapterReference:
 
     def result(self, handle, batch):
         on_device = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "completion_mask")}
+        if "packed_width" in batch:  # the collate's packed width: no shape read from the device
+            on_device["packed_width"] = batch["packed_width"]
         with eval_mode(self.model), torch.no_grad(), self._reference_weights():  # no LoRA dropout here
             chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.cfg.ld_alpha,
                                                sharing=self.sharing)
