@@ -168,7 +168,8 @@ def skewed_pairs(out: Path, n: int, min_tokens: int, max_tokens: int, seed: int 
 
 
 class GpuMemory:
-    """Peak used memory of GPU 0 (every process on it) sampled through NVML every ``interval`` s."""
+    """Peak used memory of GPU 0 (every process on it, less what was in use before) sampled through NVML every
+    ``interval`` s (nvidia-ml-py's pynvml, else the copy vendored in Ray)."""
 
     def __init__(self, interval: float = 0.1):
         self.peak = 0
@@ -176,8 +177,10 @@ class GpuMemory:
         self._stop = threading.Event()
         self._thread = None
         try:
-            import pynvml  # nvidia-ml-py, a DeepSpeed dependency
-
+            try:
+                import pynvml  # nvidia-ml-py, where installed
+            except ImportError:
+                from ray._private.thirdparty import pynvml  # the copy Ray vendors (always there with Ray)
             pynvml.nvmlInit()
             self._nvml = pynvml
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)

@@ -56,14 +56,6 @@ def _flex(query: Tensor):
     return _compiled
 
 
-DENSE_ATTR = "_dpo_ray_dense_attn"  # on the model's config: the implementation it had before ``enable``
-
-
-def _dense_impl(config) -> str:
-    impl = getattr(config, DENSE_ATTR, None) or "sdpa"
-    return impl if impl in ("sdpa", "eager") else "sdpa"
-
-
 def _eager(*args, **kwargs):
     """FlexAttention's eager form (the CPU: the reference the tests compare with), without its once-per-process
     advice to compile it."""
@@ -95,11 +87,11 @@ def flex_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     return out.transpose(1, 2).contiguous(), None
 
 
-def _mask(*args, config=None, **kwargs):
-    """The masks transformers builds for the standard layout: those of the implementation the model had."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+def _mask(*args, **kwargs):
+    """The masks transformers builds for the standard layout: SDPA's (what the non-BlockMask path runs)."""
+    from transformers.masking_utils import sdpa_mask
 
-    return ALL_MASK_ATTENTION_FUNCTIONS[_dense_impl(config)](*args, config=config, **kwargs)
+    return sdpa_mask(*args, **kwargs)
 
 
 def register() -> None:
@@ -115,14 +107,12 @@ def register() -> None:
 
 def enable(model: nn.Module) -> None:
     """Route ``model``'s attention through ``NAME`` from now on (idempotent): BlockMask inputs take FlexAttention,
-    everything else the model's previous implementation (eager models take SDPA, the same arithmetic). Set
+    everything else SDPA (an ``eager`` model's arithmetic, through SDPA's kernels). Set
     for good rather than around one forward, so a gradient-checkpointing recomputation in backward still finds
     it."""
     register()
-    config = model.config
-    if config._attn_implementation != NAME:
-        setattr(config, DENSE_ATTR, config._attn_implementation)
-        config._attn_implementation = NAME
+    if model.config._attn_implementation != NAME:
+        model.config._attn_implementation = NAME  # not saved with the model (transformers drops it)
 
 
 def block_mask(branch: Tensor):

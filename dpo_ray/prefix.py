@@ -51,10 +51,11 @@ class PackedPairs:
 
 
 def attn_implementation(model: nn.Module) -> str | None:
-    """The model's attention implementation (the one it had, once dpo_ray.flex routed it through FlexAttention)."""
+    """The model's attention implementation (``sdpa`` once dpo_ray.flex routes it: SDPA runs every non-BlockMask
+    mask there)."""
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None) if config is not None else None
-    return getattr(config, "_dpo_ray_dense_attn", impl) if impl == "dpo_ray_flex" else impl
+    return "sdpa" if impl == "dpo_ray_flex" else impl
 
 
 def _sliding(config) -> bool:

@@ -84,9 +84,10 @@ def test_flex_prefix_attention_on_the_gpu():
     from dpo_ray.forward import PrefixSharing, sequence_forward
 
     batch = to(pairs_batch(b=4, t=48), DEVICE)
+    shape = {"hidden_size": 64, "intermediate_size": 128}  # head_dim 16: FlexAttention's GPU kernels need ≥ 16
     grads, logps = {}, {}
     for layout in (False, "flex"):
-        m = tiny_llama(VOCAB, 0, tie_word_embeddings=False).to(DEVICE).train()
+        m = tiny_llama(VOCAB, 0, tie_word_embeddings=False, **shape).to(DEVICE).train()
         stats = sequence_forward(m, batch, share_prefix=layout).stats
         stats.logps.sum().backward()
         logps[layout] = stats.logps.detach()
@@ -95,7 +96,7 @@ def test_flex_prefix_attention_on_the_gpu():
     for k, g in grads[False].items():
         torch.testing.assert_close(grads["flex"][k], g, atol=1e-4, rtol=1e-3, msg=k)
     sharing = PrefixSharing("auto", "policy", "auto")
-    sharing(tiny_llama(VOCAB, 0).to(DEVICE, DTYPE), batch)
+    sharing(tiny_llama(VOCAB, 0, **shape).to(DEVICE, DTYPE), batch)
     assert set(sharing.timings) == {"standard", "dense", "flex"}, (sharing.timings, sharing.why)
     print(f"prefix_sharing auto on the GPU: {sharing.layout or 'standard'} ({sharing.why})")
 
