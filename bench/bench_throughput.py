@@ -82,7 +82,8 @@ def child_dpo_ray(args) -> dict:
     ray_cfg.update(extra.pop("ray", {}))  # e.g. {"resources_per_worker": {"CPU": 1, "GPU": 0.5}} (gpu_check.py)
     cfg = DPOConfig(
         model_name_or_path=args.model, dataset_name=args.data, dataset_test_split=None,
-        output_dir=args.workdir, per_device_train_batch_size=per_device, num_train_epochs=args.epochs,
+        output_dir=args.workdir, overwrite_output_dir=True,  # repeats reuse run_<name>
+        per_device_train_batch_size=per_device, num_train_epochs=args.epochs,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], bf16=args.gpu,
         gradient_checkpointing=False, **{k: v for k, v in hp.items() if k != "loss_type"},
         loss_type=[hp["loss_type"]],

@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -258,6 +259,7 @@ def stage_throughput(args, dry: bool, env: dict[str, str], work: Path, device_na
             continue
         kind = "trl" if name == "trl" else "dpo_ray"
         out = work / f"{name}.json"
+        shutil.rmtree(work / f"run_{name}", ignore_errors=True)  # a fresh output_dir (dpo_ray refuses to reuse one)
         child = [str(BENCH / "bench_throughput.py"), "--child", kind, "--model", str(model), "--data", str(data),
                  "--workers", "1", "--threads", "2" if dry else "0", "--out", str(out),
                  "--workdir", str(work / f"run_{name}"), "--batch", str(args.batch), "--epochs", "1",
