@@ -226,7 +226,7 @@ class PrefixSharing:
     @staticmethod
     def _time(model: nn.Module, batch: dict[str, Tensor], layouts: list[str], fwd: dict, repeats: int = 2
               ) -> dict[str, float]:
-        """Median-free minimum over ``repeats`` no-grad forwards of ``batch`` per layout (each already ran once:
+        """The minimum over ``repeats`` no-grad forwards of ``batch`` per layout (each already ran once:
         compilation and allocator warm-up are outside the timing)."""
         cuda = batch["input_ids"].is_cuda
         out = {}
