@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tests_k", default="", help="pytest -k expression for the tests stage")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration (GPU 32, dry 4)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration (GPU 24, dry 4)")
     ap.add_argument("--warmup", type=int, default=None, help="steps left out of the steady rate (GPU 4, dry 1)")
     ap.add_argument("--min_tokens", type=int, default=None, help="shortest sequence (GPU 64, dry 16)")
     ap.add_argument("--max_tokens", type=int, default=None, help="longest sequence (GPU 1024, dry 64)")
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     dry = args.dry or not cuda
-    d = {"steps": (4, 32), "warmup": (1, 4), "min_tokens": (16, 64), "max_tokens": (64, 1024)}
+    d = {"steps": (4, 24), "warmup": (1, 4), "min_tokens": (16, 64), "max_tokens": (64, 1024)}
     for key, (dry_v, gpu_v) in d.items():
         if getattr(args, key) is None:
             setattr(args, key, dry_v if dry else gpu_v)
