@@ -14,7 +14,7 @@ export RAY_TRAIN_V2_ENABLED ?= 1
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast lint demo bench gpu-check wheelhouse clean
 
 install: $(STAMP)
 
@@ -41,6 +41,19 @@ demo: install
 bench: install
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
 	$(PY) bench/run_all.py
+
+# One short run proving the GPU path (bench/gpu_check.py); without CUDA it is the CPU dry run. On an
+# air-gapped box without the venv: PYTHONPATH=<wheelhouse target>:. python3 bench/gpu_check.py (docs/deploy.md).
+GPU_CHECK_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_CHECK_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The wheels an air-gapped Python 3.12 + CUDA torch + transformers + peft box lacks, trimmed (< 60 MiB),
+# verified by an offline install and an import check (needs network; docs/deploy.md).
+WHEELHOUSE_ARGS ?=
+wheelhouse: install
+	$(PY) scripts/wheelhouse.py --verify $(WHEELHOUSE_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_output dpo_output .pytest_cache

@@ -99,7 +99,9 @@ def main() -> None:
             "--max_length", str(args.max_tokens + 8), "--repeats", str(args.repeats)]
     # dpo_ray with the actor pool sharing the worker's GPU, then with a local reference, then TRL
     subprocess.run(base + ["--configs", "dpo_ray_1w2t,trl", "--name", "gpu_throughput", "--workdir", str(work / "actor"),
-                           "--dpo_ray_extra", json.dumps({"reference": {"source": "actor", "num_gpus": 0.5}})],
+                           # the worker and the actor share one GPU: half each (a whole GPU each needs 2)
+                           "--dpo_ray_extra", json.dumps({"reference": {"source": "actor", "num_gpus": 0.5},
+                                                          "ray": {"resources_per_worker": {"CPU": 1, "GPU": 0.5}}})],
                    check=True)
     # local reference with and without prefix sharing: the sharing gain on GPU (bf16, sdpa)
     subprocess.run(base + ["--configs", "dpo_ray_1w2t+noshare,dpo_ray_1w2t", "--name", "gpu_throughput_local_ref",

@@ -79,15 +79,17 @@ def child_dpo_ray(args) -> dict:
     hp = hparams(args)
     per_device = args.batch // args.workers
     extra = json.loads(args.dpo_ray_extra) if args.dpo_ray_extra else {}
+    ray_cfg = {"num_workers": args.workers, "use_gpu": args.gpu,
+               "resources_per_worker": {"CPU": 1, "GPU": 1} if args.gpu else {"CPU": 0.5}}
+    ray_cfg.update(extra.pop("ray", {}))  # e.g. {"resources_per_worker": {"CPU": 1, "GPU": 0.5}} (gpu_check.py)
     cfg = DPOConfig(
         model_name_or_path=args.model, dataset_name=args.data, dataset_test_split=None,
-        output_dir=args.workdir, per_device_train_batch_size=per_device, num_train_epochs=args.epochs,
+        output_dir=args.workdir, overwrite_output_dir=True,  # repeats reuse run_<name>
+        per_device_train_batch_size=per_device, num_train_epochs=args.epochs,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], bf16=args.gpu,
         gradient_checkpointing=False, **{k: v for k, v in hp.items() if k != "loss_type"},
         loss_type=[hp["loss_type"]],
-        ray={"num_workers": args.workers, "use_gpu": args.gpu,
-             "resources_per_worker": {"CPU": 1, "GPU": 1} if args.gpu else {"CPU": 0.5}},
-        **extra,
+        ray=ray_cfg, **extra,
     )
     import threading
 
@@ -115,6 +117,7 @@ def child_dpo_ray(args) -> dict:
             "first_step_from_start_s": first["t"] - T_START,
             "train_wall_s": train_wall, "report_wall_s": out.report["wall_time_s"],
             "pairs": out.report["pairs"], "tokens": out.report["tokens"],
+            "gpu_peak_mib": max((r.get("gpu_peak_mib", 0.0) for r in rows), default=0.0),  # rank 0, allocator
             "startup_s": first["t"] - t0 - step_times[0]}
 
 
@@ -180,6 +183,7 @@ def child_trl(args) -> dict:
             "logps_chosen": [r.get("logps/chosen") for r in logs],
             "first_step_s": timer.stamps[0] - t0, "first_step_from_start_s": timer.stamps[0] - T_START,
             "train_wall_s": train_wall,
+            "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
             "pairs": len(timer.stamps) * args.batch, "startup_s": timer.begin - t0}
 
 

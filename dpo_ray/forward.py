@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from dpo_ray import prefix
+from dpo_ray import flex, prefix
 from dpo_ray.logprobs import SeqStats, completion_logps, completion_logps_from_hidden
 from dpo_ray.vision import PIXEL_KEYS
 
@@ -41,7 +42,7 @@ def sequence_forward(
     want_wpo: bool = False,
     lean: bool = True,
     router_aux: bool = False,
-    share_prefix: bool = False,
+    share_prefix: bool | str = False,
 ) -> ForwardOut:
     """Forward ``batch["input_ids"]`` (N, T) and score the completion tokens.
 
@@ -52,7 +53,9 @@ def sequence_forward(
     image features only the full model merges into the sequence.
 
     ``share_prefix`` runs each pair as one [prompt, chosen, rejected] row (``dpo_ray.prefix``); the
-    caller decides (``PrefixSharing``); the statistics are those of the standard layout.
+    caller decides (``PrefixSharing``); the statistics are those of the standard layout. ``True`` or
+    ``"dense"``: a 4-D mask through the model's own attention; ``"flex"``: the block-sparse FlexAttention
+    path (``dpo_ray.flex``).
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     completion_mask = batch["completion_mask"]
@@ -62,10 +65,22 @@ def sequence_forward(
         pixels["pixel_values"] = pixels["pixel_values"].to(dtype)  # bf16 models take bf16 pixels
     inputs, score_index = {"input_ids": input_ids, "attention_mask": attention_mask}, None
     if share_prefix and not pixels and not router_aux:
-        packed = prefix.pack_pairs(input_ids, attention_mask, completion_mask)
-        inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids,
-                  "attention_mask": prefix.attention_mask_for(model, packed.keep, dtype)}
+        # --- prefix sharing: dense 4-D mask, or FlexAttention's BlockMask (w20)
+        flex_path = share_prefix == "flex"
+        packed = prefix.pack_pairs(input_ids, attention_mask, completion_mask, dense=not flex_path,
+                                   width_multiple=flex.BLOCK if flex_path and input_ids.is_cuda else 1,
+                                   width=batch.get("packed_width"))  # from the collate: no host sync
+        mask = flex.block_mask(packed.branch) if flex_path else prefix.attention_mask_for(model, packed.keep, dtype)
+        inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "attention_mask": mask}
         score_index = packed.score_index
+        if flex_path:
+            flex.enable(model)
+    return _forward(model, inputs, input_ids, completion_mask, pixels, score_index, ld_alpha=ld_alpha,
+                    want_wpo=want_wpo, lean=lean, router_aux=router_aux)
+
+
+def _forward(model, inputs, input_ids, completion_mask, pixels, score_index, *, ld_alpha, want_wpo, lean,
+             router_aux) -> ForwardOut:
     decoder, head = _decoder_and_head(model) if lean and not router_aux and not pixels else (None, None)
     if decoder is not None and getattr(head.weight, "ds_id", None) is None:
         hidden = decoder(**inputs, use_cache=False).last_hidden_state
@@ -92,24 +107,55 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class PrefixSharing:
-    """Whether a model's pair forwards pack [prompt, chosen, rejected] (config ``prefix_sharing``).
+    """Whether a model's pair forwards pack [prompt, chosen, rejected] (config ``prefix_sharing``), and through
+    which attention (config ``prefix_attention``: the ``kernel`` once decided).
 
     ``off``: never. ``on``: wherever the model's attention takes a custom 4-D mask (``prefix.supports``).
     ``auto`` (default): the same, and the first pair batch is also run both ways once, without grad,
     and sharing stays on only if the log-probs agree (a model whose attention ignores the custom mask
     would let rejected tokens see the chosen ones; the check catches that before any step uses it).
-    Decided once per holder (the policy on each worker, each reference model).
+    On a GPU (or with ``timed``), ``auto`` also times that batch in each layout that agreed (the standard
+    one, the dense 4-D mask, FlexAttention's block mask) and keeps the fastest: a dense mask keeps SDPA off
+    its flash kernels, so packing can lose to the standard layout it replaces.
+
+    Kernels (``prefix_attention``): ``dense`` the 4-D mask through the model's attention; ``flex`` the
+    block-sparse path (``dpo_ray.flex``), falling back to dense with the reason where FlexAttention is
+    missing or disagrees; ``auto`` (default) flex is a candidate on the GPU only (on the CPU its eager form is a
+    reference implementation, not a fast one). Decided once per holder (the policy on each worker, each
+    reference model).
     """
 
-    def __init__(self, mode: str = "auto", who: str = "policy"):
-        self.mode, self.who = mode, who
+    def __init__(self, mode: str = "auto", who: str = "policy", kernel: str = "auto", timed: bool | None = None):
+        self.mode, self.who, self.kernel_mode = mode, who, kernel
         self.enabled: bool | None = False if mode == "off" else None
         self.why = "prefix_sharing: off" if mode == "off" else ""  # the reason for the decision, once made
+        self.kernel = "dense"  # the packed path's attention once enabled: "dense" or "flex"
+        self.timed = timed  # None: time the layouts on CUDA only
+        self.timings: dict[str, float] = {}  # seconds per forward of the first batch, by layout (when timed)
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], **fwd) -> bool:
         if self.enabled is None:
             self.enabled = self._decide(model, batch, **fwd)
         return self.enabled
+
+    @property
+    def layout(self) -> bool | str:
+        """What ``sequence_forward(share_prefix=...)`` takes for the decision: False or the kernel."""
+        return self.kernel if self.enabled else False
+
+    def _candidates(self, device: torch.device) -> list[str]:
+        on_gpu = device.type == "cuda"
+        if self.kernel_mode == "dense":
+            return ["dense"]
+        ok, why = flex.available()
+        if ok and self.who == "policy":  # the policy's forward is differentiated
+            ok, why = flex.backward_on(device)
+        if not ok:
+            self.why_flex = why
+            return ["dense"]
+        if self.kernel_mode == "flex":
+            return ["flex", "dense"]  # flex first; dense if flex fails or disagrees
+        return ["flex", "dense"] if on_gpu else ["dense"]
 
     def _decide(self, model: nn.Module, batch: dict[str, Tensor], **fwd) -> bool:
         ok, why = prefix.supports(model)
@@ -119,38 +165,91 @@ class PrefixSharing:
             self.why = why
             log.info("prefix_sharing off for the %s: %s", self.who, why)
             return False
-        if self.mode == "on":
-            self.why = "prefix_sharing: on"
+        on_gpu = batch["input_ids"].is_cuda
+        self.why_flex = ""
+        candidates = self._candidates(batch["input_ids"].device)
+        if self.mode == "on" and self.kernel_mode != "flex":  # on trusts the attention implementation
+            self.kernel, self.why = "dense", "prefix_sharing: on"
             return True
         fwd = {k: v for k, v in fwd.items() if k in ("ld_alpha", "lean")}
-        try:
-            with eval_mode(model), torch.no_grad():  # dropout would make the two forwards differ
-                plain = sequence_forward(model, batch, **fwd).stats
-                packed = sequence_forward(model, batch, share_prefix=True, **fwd).stats
-        except (TypeError, ValueError, RuntimeError) as e:  # the model rejects the packed inputs
-            self.why = f"the packed forward failed ({type(e).__name__}: {e})"
+        half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
+        notes, agreeing = [], []
+        with eval_mode(model), torch.no_grad():  # dropout would make the forwards differ
+            plain = sequence_forward(model, batch, **fwd).stats
+            tol = (2e-2 if half else 1e-3) * plain.num_tokens.clamp(min=1)  # per sequence, grows with its tokens
+            for kernel in candidates:
+                try:
+                    packed = sequence_forward(model, batch, share_prefix=kernel, **fwd).stats
+                except Exception as e:  # noqa: BLE001 - the model or the kernel rejects packed inputs (flex: any
+                    # compile/lowering error too): sharing falls back, the reason is kept
+                    notes.append(f"the {kernel} packed forward failed ({type(e).__name__}: {str(e)[:200]})")
+                    continue
+                diff = (plain.logps - packed.logps).abs()
+                worst = float(diff.max()) if diff.numel() else 0.0
+                if bool((diff <= tol).all()):
+                    agreeing.append((kernel, worst))
+                    if self.mode == "on":
+                        break  # on: the first kernel that runs and agrees, untimed
+                else:
+                    notes.append(f"{kernel}: packed and standard log-probs differ by up to {worst:.3g} on the first "
+                                 "batch (does this model's attention honour a custom 4-D mask?)")
+        if self.why_flex and self.kernel_mode == "flex":
+            notes.append(self.why_flex)
+        if not agreeing:
+            self.why = "; ".join(notes) or "no packed layout agreed"
             log.warning("prefix_sharing off for the %s: %s", self.who, self.why)
             return False
-        diff = (plain.logps - packed.logps).abs()
-        half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
-        tol = (2e-2 if half else 1e-3) * plain.num_tokens.clamp(min=1)  # per sequence, grows with its tokens
-        agree = bool((diff <= tol).all())
-        worst = float(diff.max()) if diff.numel() else 0.0
-        if agree:
+        timed = on_gpu if self.timed is None else self.timed
+        if self.mode == "on" or not timed:
+            self.kernel, worst = agreeing[0]
             self.why = f"the first batch agrees with the standard layout: max |Δlogp| {worst:.2e}"
+            if self.kernel != "dense":
+                self.why += f" ({self.kernel} attention)"
+            if notes:
+                self.why += " (" + "; ".join(notes) + ")"
             log.debug("prefix_sharing on for the %s: %s", self.who, self.why)
-        else:
-            self.why = (f"packed and standard log-probs differ by up to {worst:.3g} on the first batch (does this "
-                        "model's attention honour a custom 4-D mask?)")
-            log.warning("prefix_sharing off for the %s: %s", self.who, self.why)
-        return agree
+            return True
+        self.timings = self._time(model, batch, ["standard"] + [k for k, _ in agreeing], fwd)
+        best = min(self.timings, key=self.timings.get)
+        shown = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.timings.items())
+        if best == "standard":
+            self.why = f"the standard layout was fastest on the first batch ({shown})"
+            log.info("prefix_sharing off for the %s: %s", self.who, self.why)
+            return False
+        self.kernel = best
+        worst = dict(agreeing)[best]
+        self.why = (f"the first batch agrees with the standard layout (max |Δlogp| {worst:.2e}) and {best} packing was "
+                    f"fastest ({shown})")
+        log.info("prefix_sharing on for the %s: %s", self.who, self.why)
+        return True
+
+    @staticmethod
+    def _time(model: nn.Module, batch: dict[str, Tensor], layouts: list[str], fwd: dict, repeats: int = 2
+              ) -> dict[str, float]:
+        """The minimum over ``repeats`` no-grad forwards of ``batch`` per layout (each already ran once:
+        compilation and allocator warm-up are outside the timing)."""
+        cuda = batch["input_ids"].is_cuda
+        out = {}
+        with eval_mode(model), torch.no_grad():
+            for layout in layouts:
+                best = float("inf")
+                for _ in range(repeats):
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    sequence_forward(model, batch, share_prefix=False if layout == "standard" else layout, **fwd)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    best = min(best, time.perf_counter() - t0)
+                out[layout] = best
+        return out
 
 
 @torch.no_grad()
 def reference_logps(model: nn.Module, batch: dict[str, Tensor], *, ld_alpha: float | None = None,
                     lean: bool = True, sharing: PrefixSharing | None = None) -> tuple[Tensor, Tensor]:
     """Frozen-model log-probs for the pairs: (ref_chosen, ref_rejected), each (B,) float32."""
-    share = sharing(model, batch, ld_alpha=ld_alpha, lean=lean) if sharing is not None else False
+    share = sharing.layout if sharing is not None and sharing(model, batch, ld_alpha=ld_alpha, lean=lean) else False
     stats = sequence_forward(model, batch, ld_alpha=ld_alpha, lean=lean, share_prefix=share).stats
     logps = stats.logps.float()
     half = logps.shape[0] // 2

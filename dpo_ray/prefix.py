@@ -39,9 +39,10 @@ MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 class PackedPairs:
     input_ids: Tensor  # (B, S)
     position_ids: Tensor  # (B, S)
-    keep: Tensor  # (B, 1, S, S) bool: query may attend to key
+    keep: Tensor | None  # (B, 1, S, S) bool: query may attend to key (None: pack_pairs(dense=False))
     score_index: Tensor  # (M,) flat index into (B·S) positions, one per standard completion token
     lengths: Tensor  # (B,) non-pad tokens of each packed row
+    branch: Tensor | None = None  # (B, S) 0 shared prefix, 1 chosen, 2 rejected, 3 padding (dpo_ray.flex's mask)
 
     @property
     def tokens(self) -> int:
@@ -50,8 +51,11 @@ class PackedPairs:
 
 
 def attn_implementation(model: nn.Module) -> str | None:
+    """The model's attention implementation (``sdpa`` once dpo_ray.flex routes it: SDPA runs every non-BlockMask
+    mask there)."""
     config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) if config is not None else None
+    impl = getattr(config, "_attn_implementation", None) if config is not None else None
+    return "sdpa" if impl == "dpo_ray_flex" else impl
 
 
 def _sliding(config) -> bool:
@@ -82,8 +86,13 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, pad_id: int = 0) -> PackedPairs:
-    """(2B, T) right-padded [chosen; rejected] -> one packed row per pair (see the module doc)."""
+def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, pad_id: int = 0,
+               dense: bool = True, width_multiple: int = 1, width: int | None = None) -> PackedPairs:
+    """(2B, T) right-padded [chosen; rejected] -> one packed row per pair (see the module doc).
+
+    ``dense=False`` leaves ``keep`` as None (the block-sparse path builds its mask from ``branch``);
+    ``width_multiple`` rounds the packed width up (FlexAttention's block size: fewer distinct shapes).
+    ``width``: the packed width computed on the host (``data.collate.packed_width``): no device read."""
     n, t = input_ids.shape
     if n % 2 or n == 0:
         raise ValueError(f"prefix sharing needs [chosen; rejected] rows (an even, non-zero count), got {n}")
@@ -97,7 +106,8 @@ def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tenso
     shared = torch.minimum(common, torch.minimum(first[:b], first[b:]))  # (B,)
     len_c, len_r = lens[:b], lens[b:]
     total = len_c + len_r - shared  # (B,)
-    s = max(int(total.max()), 1)  # the one host sync: the packed width sets the shapes
+    s = width if width is not None else max(int(total.max()), 1)  # without width: a host sync for the shapes
+    s = -(-s // width_multiple) * width_multiple
 
     p = torch.arange(s, device=dev)[None, :]  # (1, S)
     in_c = p < len_c[:, None]
@@ -110,10 +120,12 @@ def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tenso
 
     # branch: 0 shared prefix, 1 chosen, 2 rejected, 3 padding
     branch = torch.where(p < shared[:, None], 0, torch.where(in_c, 1, torch.where(in_r, 2, 3)))
-    q, k = branch[:, :, None], branch[:, None, :]
-    causal = p[:, :, None] >= p[:, None, :]  # (1, S, S)
-    keep = causal & (q < 3) & (k < 3) & ((k == 0) | (k == q))
-    keep = keep | torch.eye(s, dtype=torch.bool, device=dev)  # pad rows see themselves: no all-masked softmax
+    keep = None
+    if dense:
+        q, k = branch[:, :, None], branch[:, None, :]
+        causal = p[:, :, None] >= p[:, None, :]  # (1, S, S)
+        keep = causal & (q < 3) & (k < 3) & ((k == 0) | (k == q))
+        keep = (keep | torch.eye(s, dtype=torch.bool, device=dev))[:, None]  # pad rows see themselves
 
     # where each scored position of the standard layout lives in the packed rows
     rows, cols = comp[:, 1:].nonzero(as_tuple=True)  # state at col scores the token at col + 1
@@ -121,7 +133,7 @@ def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tenso
     is_r = rows >= b
     at = torch.where(is_r & (cols >= shared[pair]), len_c[pair] + cols - shared[pair], cols)
     score_index = pair * s + at
-    return PackedPairs(ids, pos, keep[:, None], score_index, total)
+    return PackedPairs(ids, pos, keep, score_index, total, branch)
 
 
 def attention_mask_for(model: nn.Module, keep: Tensor, dtype: torch.dtype) -> Tensor:

@@ -236,7 +236,10 @@ class DPOTrainer:
         if history:
             from dpo_ray.plotting import plot_metrics
 
-            plot_metrics(history, out / "metrics.png")
+            try:
+                plot_metrics(history, out / "metrics.png")
+            except ImportError as e:  # the air-gapped wheelhouse ships no matplotlib (docs/deploy.md)
+                sys.stderr.write(f"metrics.png not written: {e} (pip install matplotlib); metrics.jsonl has every row\n")
         return TrainOutput(metrics=train_rows[-1] if train_rows else {}, history=history, report=report,
                            output_dir=str(out), eval_metrics=eval_rows[-1] if eval_rows else {})
 

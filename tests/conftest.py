@@ -13,10 +13,11 @@ import pytest
 # No hub at test time; quiet tokenizers' fork warnings; the Ray Train V2 API the trainer is written for.
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1",
-               "DS_ACCELERATOR": "cpu",
                # each test fit is short: no spot-instance preemption watcher actor per run
                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}.items():
     os.environ.setdefault(_k, _v)
+# DeepSpeed's accelerator: the GPU where there is one (tests/test_gpu.py), else its CPU accelerator (gloo).
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if __import__("torch").cuda.is_available() else "cpu")
 
 
 @pytest.fixture(scope="module")

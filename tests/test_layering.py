@@ -2,7 +2,7 @@
 below, never above, and no set of modules imports itself round in a circle. No exceptions list.
 
 Floors, ground up (docs/CONTRACTS.md, "Layers"):
-  0 math        errors, logprobs, losses, prefix, forward (the model forward policy and reference share),
+  0 math        errors, logprobs, losses, prefix, flex, forward (the model forward policy and reference share),
                 vision (what a processor is), vision.images, plotting, progress (the console display),
                 optim and schedule (optimizers and LR schedules by TrainingArguments name)
   1 data        data.*
@@ -24,7 +24,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "dpo_ray"
 
 FLOORS = [
-    (0, ("errors", "logprobs", "losses", "prefix", "forward", "vision", "vision.images", "plotting", "progress", "timeline",
+    (0, ("errors", "logprobs", "losses", "prefix", "flex", "forward", "vision", "vision.images", "plotting", "progress", "timeline",
          "optim", "schedule")),
     (1, ("data",)),
     (2, ("config", "paths", "trl_keys")),

@@ -157,8 +157,8 @@ def test_both_reference_paths_send_the_pixels(vlm_dir, processor):
     batch = collate_pairs(tokenize_rows(bundled_rows(2), processor, c), processor.tokenizer.pad_token_id)
     host = ReferenceModelHost(c, vlm_dir, processor)
     expected = reference_logps(host.model, batch)
-    _, _, chosen, rejected = host.logps("r0", batch)
-    assert torch.allclose(chosen, expected[0]) and torch.allclose(rejected, expected[1])
+    _, _, chosen, rejected = host.logps("r0", batch)  # answers travel as numpy
+    assert torch.allclose(torch.from_numpy(chosen), expected[0]) and torch.allclose(torch.from_numpy(rejected), expected[1])
     local = LocalReference(host.model, torch.device("cpu"))
     assert torch.allclose(local.result(None, batch)[0], expected[0])
 
@@ -172,8 +172,8 @@ def test_both_reference_paths_send_the_pixels(vlm_dir, processor):
                 return None
 
     ActorPoolReference([FakeActor()], c, rank=0).submit(batch)
-    assert set(FakeActor.sent) == {"input_ids", "attention_mask", "completion_mask", "pixel_values"}
-    assert torch.equal(FakeActor.sent["pixel_values"], batch["pixel_values"])
+    assert set(FakeActor.sent) == {"input_ids", "attention_mask", "completion_mask", "pixel_values", "packed_width"}
+    assert torch.equal(torch.as_tensor(FakeActor.sent["pixel_values"]), batch["pixel_values"])
 
 
 def test_precomputed_reference_is_refused_for_vision(vlm_dir, processor):

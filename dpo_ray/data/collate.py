@@ -57,17 +57,39 @@ def _tensors(ids, attn, comp, batch: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+# --- prefix sharing's packed width, computed here on the host (w20)
+def packed_width(chosen: Sequence[Any], rejected: Sequence[Any], chosen_plen: Sequence[int],
+                 rejected_plen: Sequence[int]) -> int:
+    """The width ``prefix.pack_pairs`` gives these pairs (max over pairs of len(chosen) + len(rejected) - the
+    shared prompt: the common token prefix cut at the first completion token of either row), from the token
+    lists, so the packed forward needs no device-to-host read for its shapes."""
+    width = 1
+    for c, r, pc, pr in zip(chosen, rejected, chosen_plen, rejected_plen):
+        c, r = np.asarray(c), np.asarray(r)
+        n = min(len(c), len(r))
+        differ = np.flatnonzero(c[:n] != r[:n])
+        common = int(differ[0]) if len(differ) else n
+        first_c = int(pc) if len(c) > int(pc) else len(c)  # no completion token: the whole row
+        first_r = int(pr) if len(r) > int(pr) else len(r)
+        width = max(width, len(c) + len(r) - min(common, first_c, first_r))
+    return width
+
+
 def collate_pairs(batch: dict[str, Any], pad_token_id: int, pad_to_multiple_of: int | None = None
                   ) -> dict[str, torch.Tensor]:
     """Pairs -> input_ids/attention_mask/completion_mask (2B, T): rows [0, B) chosen, [B, 2B) rejected.
 
     ``batch`` holds the columns of a tokenized preference row (lists or numpy arrays); ``row_id`` (B,) and
     ``ref_*_logps`` (B,) float32 pass through. Vision rows' pixel columns become ``pixel_values`` etc. (the
-    rows' images for [chosen; rejected], i.e. twice).
+    rows' images for [chosen; rejected], i.e. twice). ``packed_width`` (a Python int) is the width prefix
+    sharing packs the pairs to (``packed_width``), so the forward reads no shape from the device.
     """
     seqs = list(batch["chosen_input_ids"]) + list(batch["rejected_input_ids"])
     plens = list(batch["chosen_prompt_len"]) + list(batch["rejected_prompt_len"])
-    return {**_tensors(*_pack(seqs, plens, pad_token_id, pad_to_multiple_of), batch), **_pixels(batch, 2)}
+    b = len(seqs) // 2
+    width = packed_width(seqs[:b], seqs[b:], plens[:b], plens[b:])
+    return {**_tensors(*_pack(seqs, plens, pad_token_id, pad_to_multiple_of), batch), **_pixels(batch, 2),
+            "packed_width": width}
 
 
 def collate_sft(batch: dict[str, Any], pad_token_id: int, pad_to_multiple_of: int | None = None

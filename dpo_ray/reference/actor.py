@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from torch import Tensor, nn
@@ -29,11 +30,30 @@ from dpo_ray.models import load_causal_lm, reference_dtype
 from dpo_ray.vision import PIXEL_KEYS
 
 REQUEST_KEYS = ("input_ids", "attention_mask", "completion_mask")
+OPTIONAL_REQUEST_KEYS = ("packed_width",)  # a Python int from the collate (prefix sharing's shapes)
 
 
 def request_keys(batch: Mapping[str, Tensor]) -> tuple[str, ...]:
     """What a reference request carries: the text tensors, and the pixel inputs when the batch has images."""
-    return REQUEST_KEYS + tuple(k for k in PIXEL_KEYS if k in batch)
+    return REQUEST_KEYS + tuple(k for k in PIXEL_KEYS + OPTIONAL_REQUEST_KEYS if k in batch)
+
+
+def to_wire(value):
+    """A request/answer field as Ray ships it cheaply: numpy (zero-copy out of the object store), not a pickled
+    torch tensor; dtypes numpy lacks (bfloat16 pixels) and plain Python values travel as they are."""
+    if torch.is_tensor(value) and value.dtype != torch.bfloat16:
+        return value.detach().cpu().numpy()
+    return value.detach().cpu() if torch.is_tensor(value) else value
+
+
+def from_wire(value, device: torch.device | None = None):
+    """The inverse of ``to_wire``: numpy -> tensor (on ``device``; pinned for an asynchronous copy to a GPU)."""
+    if not isinstance(value, np.ndarray):
+        return value.to(device, non_blocking=True) if torch.is_tensor(value) and device is not None else value
+    t = torch.from_numpy(np.array(value) if not value.flags.writeable else value)  # object-store views are read-only
+    if device is not None and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device) if device is not None else t
 
 
 def reference_device(num_gpus: float) -> torch.device:
@@ -74,20 +94,22 @@ class ReferenceModelHost:
         self.model: nn.Module = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.version = 0
         self.forwards = 0
-        self.sharing = PrefixSharing(self.cfg.prefix_sharing, "reference")
+        self.sharing = PrefixSharing(self.cfg.prefix_sharing, "reference", self.cfg.prefix_attention)
         self._delay = delay_s
         self._rng = random.Random(delay_seed + os.getpid())
 
     # ------------------------------------------------------------------------------------- serving
     def logps(self, request_id: Any, batch: Mapping[str, Tensor], ld_alpha: float | None = None
               ) -> tuple[Any, int, Tensor, Tensor]:
-        """(request_id, weights_version, ref_chosen (B,), ref_rejected (B,)) for a collated pair batch."""
+        """(request_id, weights_version, ref_chosen (B,), ref_rejected (B,)) for a collated pair batch. The batch's
+        tensors may arrive as numpy and the log-probs leave as float32 numpy (``to_wire``): Ray moves numpy
+        through its object store without pickling torch tensors."""
         if self._delay is not None:
             time.sleep(self._rng.uniform(*self._delay))
-        on_device = {k: batch[k].to(self.device, non_blocking=True) for k in request_keys(batch)}
+        on_device = {k: from_wire(batch[k], self.device) for k in request_keys(batch)}
         chosen, rejected = reference_logps(self.model, on_device, ld_alpha=ld_alpha, sharing=self.sharing)
         self.forwards += 1
-        return request_id, self.version, chosen.float().cpu(), rejected.float().cpu()
+        return request_id, self.version, to_wire(chosen.float()), to_wire(rejected.float())
 
     # ------------------------------------------------------------------------------------- TR-DPO
     @torch.no_grad()

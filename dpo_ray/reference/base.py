@@ -114,6 +114,8 @@ class LocalReference:
     def result(self, handle, batch):
         on_device = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
                                                                                "completion_mask", *PIXEL_KEYS)}
+        if "packed_width" in batch:  # the collate's packed width: prefix sharing reads no shape from the device
+            on_device["packed_width"] = batch["packed_width"]
         chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.ld_alpha, sharing=self.sharing)
         return chosen.cpu(), rejected.cpu()
 

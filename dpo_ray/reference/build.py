@@ -38,7 +38,7 @@ def build_reference(cfg: DPOConfig, *, policy: nn.Module, tokenizer, device: tor
 
         return AdapterReference(policy, cfg, device)
     return LocalReference(_local_model(cfg, policy, tokenizer, device, world, policy_source, ref_model), device,
-                          cfg.ld_alpha, sharing=PrefixSharing(cfg.prefix_sharing, "reference"))
+                          cfg.ld_alpha, sharing=PrefixSharing(cfg.prefix_sharing, "reference", cfg.prefix_attention))
 
 
 def _local_model(cfg: DPOConfig, policy: nn.Module, tokenizer, device: torch.device, world: int,

@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from torch import Tensor, nn
 
 from dpo_ray.config import DPOConfig
-from dpo_ray.reference.actor import request_keys
+from dpo_ray.reference.actor import from_wire, request_keys, to_wire
 from dpo_ray.reference.pool import actor_request, env_override
 
 
@@ -94,7 +95,7 @@ class ActorPoolReference:
 
     def submit(self, batch: Mapping[str, Tensor]) -> RefRequest:
         """Send the batch's ids (CPU) to an actor; returns at once."""
-        payload = {k: batch[k].detach().cpu() for k in request_keys(batch)}
+        payload = {k: to_wire(batch[k]) for k in request_keys(batch)}  # numpy: no pickled tensors
         request_id = (self.rank, self._seq)
         actor = self._pick()
         self._seq += 1
@@ -102,7 +103,7 @@ class ActorPoolReference:
 
     def result(self, handle: RefRequest, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(ref_chosen, ref_rejected) for ``batch``, each (B,) float32 on CPU; blocks up to the timeout."""
-        if not torch.equal(handle.payload["input_ids"], batch["input_ids"].detach().cpu()):
+        if not np.array_equal(handle.payload["input_ids"], batch["input_ids"].detach().cpu().numpy()):
             raise RuntimeError(f"reference request {handle.request_id} was submitted for another batch than the "
                                "one being trained; answers are matched by request, never by arrival order")
         if handle.version != self.version:
@@ -141,6 +142,7 @@ class ActorPoolReference:
             raise RuntimeError(
                 f"reference request {handle.request_id} was answered at weights version {version}, not {handle.version}: "
                 "a TR-DPO sync reached the actors before the batches of its step were consumed")
+        chosen, rejected = from_wire(chosen), from_wire(rejected)
         b = batch["input_ids"].shape[0] // 2
         if chosen.shape != (b,) or rejected.shape != (b,):
             raise RuntimeError(f"reference answer shapes {tuple(chosen.shape)}/{tuple(rejected.shape)} do not match "

@@ -18,7 +18,7 @@ class AdapterReference:
     def __init__(self, policy: nn.Module, cfg: DPOConfig, device: torch.device):
         self.model, self.cfg, self.device = policy, cfg, device
         self.active = cfg.model_adapter_name or "default"
-        self.sharing = PrefixSharing(cfg.prefix_sharing, "reference")
+        self.sharing = PrefixSharing(cfg.prefix_sharing, "reference", cfg.prefix_attention)
 
     @contextlib.contextmanager
     def _reference_weights(self):
@@ -38,6 +38,8 @@ class AdapterReference:
 
     def result(self, handle, batch):
         on_device = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "completion_mask")}
+        if "packed_width" in batch:  # the collate's packed width: no shape read from the device
+            on_device["packed_width"] = batch["packed_width"]
         with eval_mode(self.model), torch.no_grad(), self._reference_weights():  # no LoRA dropout here
             chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.cfg.ld_alpha,
                                                sharing=self.sharing)

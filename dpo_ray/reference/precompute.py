@@ -165,8 +165,8 @@ class ReferenceScorer:
             with open(self.counter, "a") as f:  # one short append per forward: lines from several actors stay whole
                 f.write(f"{os.getpid()} {len(rows['row_id'])}\n")
         return {"row_id": np.asarray(rows["row_id"], dtype=np.int64),
-                "ref_chosen_logps": chosen.numpy().astype(np.float32),
-                "ref_rejected_logps": rejected.numpy().astype(np.float32)}
+                "ref_chosen_logps": np.asarray(chosen, dtype=np.float32),  # the actor's answers: numpy
+                "ref_rejected_logps": np.asarray(rejected, dtype=np.float32)}
 
 
 def _compute(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, out_dir: Path) -> None:

@@ -219,6 +219,8 @@ class Run:
             "grad_norm": grad_norm if grad_norm is not None else float("nan"),
             "epoch": self.epoch_fraction(),
         })
+        if self.w.device.type == "cuda":  # this rank's allocator peak so far (the GPU check reads it)
+            reduced["gpu_peak_mib"] = torch.cuda.max_memory_allocated(self.w.device) / 2**20
         self.logger.log(step, reduced)
         return reduced
 

@@ -40,7 +40,7 @@ def synced(batches: Iterable, device) -> Iterator:
         yield batch
 
 
-def dpo_step(model, cfg: DPOConfig, batch, ref_chosen, ref_rejected, share_prefix: bool = False
+def dpo_step(model, cfg: DPOConfig, batch, ref_chosen, ref_rejected, share_prefix: bool | str = False
              ) -> tuple[Tensor, dict]:
     """Forward one micro-batch of pairs; return (loss, detached metrics)."""
     fwd = sequence_forward(model, batch, ld_alpha=cfg.ld_alpha, want_wpo=cfg.use_weighting,
@@ -80,7 +80,8 @@ def decide_sharing(sharing: PrefixSharing, model, cfg: DPOConfig, batch, device,
                 sharing.why = "another worker's check said no"
         if announce and cfg.prefix_sharing != "off":
             sys.stdout.write(f"prefix sharing {'on' if sharing.enabled else 'off'} for the policy "
-                             f"(prefix_sharing: {cfg.prefix_sharing}; {sharing.why})\n")
+                             f"(prefix_sharing: {cfg.prefix_sharing}; {sharing.why})"
+                             f"{' through ' + sharing.kernel + ' attention' if sharing.enabled else ''}\n")
     return bool(sharing.enabled)
 
 
@@ -118,7 +119,7 @@ class DPOStep(SFTStep):
                  announce: bool = False):
         super().__init__(cfg, device, pad_id)
         self.reference, self.announce = reference, announce
-        self.sharing = PrefixSharing(cfg.prefix_sharing, "policy")
+        self.sharing = PrefixSharing(cfg.prefix_sharing, "policy", cfg.prefix_attention)
 
     def stream(self, batches: Iterable) -> Iterator:
         return prefetched(synced(batches, self.device), self.reference, self.cfg.reference.prefetch_depth)
@@ -126,4 +127,4 @@ class DPOStep(SFTStep):
     def __call__(self, model: nn.Module, item) -> tuple[Tensor, dict]:
         batch, ref_chosen, ref_rejected = to_device(item[0], self.device), item[1], item[2]
         share = decide_sharing(self.sharing, model, self.cfg, batch, self.device, announce=self.announce)
-        return dpo_step(model, self.cfg, batch, ref_chosen, ref_rejected, share)
+        return dpo_step(model, self.cfg, batch, ref_chosen, ref_rejected, self.sharing.layout if share else False)
