@@ -237,6 +237,7 @@ def main() -> None:
 
     print(f"DeepSpeed ops ready in {warm_deepspeed_ops():.1f}s (built once, outside the timed runs)", flush=True)
     work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
     model = Path(args.model_dir) if args.model_dir else save_tiny_model(work / "model")
     if args.long_pairs:
         from bench_gpu import long_pairs
