@@ -185,6 +185,12 @@ def test_tr_dpo_sync_mixes_exactly_and_resubmits_stale(source, source_ref, tmp_p
         assert client.version == 1
         # the depth-many requests in flight at the sync were sent again
         assert len(submitted) >= len(batches) + 3
+        # a request on the restarted actor is answered with the mixed weights (the client restores them first);
+        # sent explicitly, as the last batches may all have gone to the other actor
+        assert 0 not in client._dead
+        client._seq += client._seq % 2  # rank 0 of 2 actors: an even sequence number picks actor 0
+        probe = make_batch(2, 9)
+        assert_close([client.result(client.submit(probe), probe)], expected(mixed, [probe]))
         for h in pool.handles():
             assert ray.get(h.weights_version.remote(), timeout=60) == 1
             state = ray.get(h.state_dict.remote(), timeout=60)
