@@ -1,6 +1,6 @@
 """``make bench``: every benchmark in turn, each printing its table and writing bench/results/<name>.json.
 
-    python bench/run_all.py [--quick] [--only throughput,scale,reference,padding,prefix,optimizer,gpu]
+    python bench/run_all.py [--quick] [--only throughput,scale,reference,padding,prefix,groups,optimizer,gpu]
 
 --quick shrinks each run (fewer pairs/repeats, TRL scale capped at 1k) to check the scripts in minutes;
 the numbers in docs/BENCHMARKS.md come from the full defaults. The benchmarks run one after another,
@@ -24,6 +24,7 @@ FULL = {
     "reference": ["bench_reference.py"],
     "padding": ["bench_padding.py", "--pairs", "512", "--rounds", "3"],
     "prefix": ["bench_prefix.py", "--pairs", "32", "--rounds", "3"],
+    "groups": ["bench_groups.py"],
     "optimizer": ["bench_optimizer.py"],
     "gpu": ["bench_gpu.py"],
 }
@@ -34,6 +35,8 @@ QUICK = {
                   str(BENCH / "results" / "reference_quick.json")],
     "padding": ["bench_padding.py", "--pairs", "128", "--rounds", "1", "--name", "padding_quick"],
     "prefix": ["bench_prefix.py", "--pairs", "8", "--rounds", "1", "--name", "prefix_quick"],
+    "groups": ["bench_groups.py", "--groups", "4", "--length", "16", "--hidden", "64", "--layers", "1", "--rounds", "1",
+               "--name", "groups_quick"],
     "optimizer": ["bench_optimizer.py", "--steps", "20", "--rounds", "1", "--name", "optimizer_quick"],
     "gpu": ["bench_gpu.py", "--pairs", "256", "--repeats", "1"],
 }

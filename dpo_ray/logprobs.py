@@ -214,3 +214,14 @@ def completion_logps_from_hidden(
     per_token = _score_positions(lambda idx, x, *head: F.linear(x[idx], *head), sources, positions,
                                  labels[mask], chunk_tokens, want_wpo)
     return _reduce(*per_token, mask, ld_alpha)
+
+
+def gather_sequences(stats: SeqStats, index: Tensor) -> SeqStats:
+    """The statistics of sequences ``index`` (M,), in that order (a sequence may repeat): prompt groups turn
+    per-response statistics into the [chosen; rejected] pair layout this way, every field gathered alike (and
+    the gradient of a response used by several pairs accumulates over them)."""
+    def pick(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x[index.to(x.device)]
+
+    return SeqStats(*(pick(getattr(stats, f)) for f in ("logps", "num_tokens", "nll_mean", "mean_logit", "entropy",
+                                                          "num_correct", "logps_shared", "logps_tail", "wpo_logw")))

@@ -136,6 +136,72 @@ def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tenso
     return PackedPairs(ids, pos, keep, score_index, total, branch)
 
 
+def pack_groups(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, group_index: Tensor,
+                pad_id: int = 0) -> PackedPairs:
+    """(R, T) right-padded responses of G prompt groups -> one packed row per group:
+
+        [shared prefix (L) | rest of response 1 | ... | rest of response K | pad]
+
+    ``group_index`` (R,): each response's group, non-decreasing, every group 0..G-1 present (the collate order,
+    docs/CONTRACTS.md). Each rest restarts its position ids at L, and under the mask a response's tokens see
+    the prefix and themselves only, so every hidden state is the one its own (R, T) row computes. The prefix
+    is the longest token prefix all of a group's responses share, cut at the first completion token of any.
+    ``score_index`` maps the completion tokens of the (R, T) layout (``completion_mask[:, 1:].nonzero()``
+    order) into the packed (G·S) positions, as ``pack_pairs`` does for the pair layout (a pair is a group of 2).
+    """
+    r, t = input_ids.shape
+    if r == 0:
+        raise ValueError("pack_groups needs at least one response")
+    dev = input_ids.device
+    gi = group_index.to(dev).long()
+    g = int(gi[-1]) + 1
+    attn = attention_mask.bool()
+    comp = completion_mask.bool() & attn
+    lens = attn.sum(-1)  # (R,)
+    first_comp = torch.where(comp.any(-1), comp.float().argmax(-1), lens)
+    rows = torch.arange(r, device=dev)
+    head = torch.full((g,), r, dtype=torch.long, device=dev).scatter_reduce(0, gi, rows, "amin")  # first response
+    lead = head[gi]  # (R,) each response's group's first response
+    same = (input_ids == input_ids[lead]) & attn & attn[lead]
+    common = same.long().cumprod(-1).sum(-1)
+    cut = torch.minimum(common, first_comp)  # (R,)
+    shared = torch.full((g,), t, dtype=torch.long, device=dev).scatter_reduce(0, gi, cut, "amin")  # (G,)
+    sh = shared[gi]  # (R,)
+    rest = lens - sh  # (R,) tokens each response adds after the prefix
+    ends = torch.cumsum(rest, 0)
+    group_start = torch.zeros(g, dtype=torch.long, device=dev).scatter_reduce(0, gi, ends - rest, "amin",
+                                                                               include_self=False)
+    offset = sh + (ends - rest) - group_start[gi]  # (R,) packed column where each response's rest starts
+    total = shared + torch.zeros(g, dtype=torch.long, device=dev).index_add(0, gi, rest)  # (G,)
+    s = max(int(total.max()), 1)  # the one host sync: the packed width sets the shapes
+    local = rows - head[gi]  # index of the response within its group
+
+    col = torch.arange(t, device=dev)[None, :]  # (1, T)
+    in_prefix = col < sh[:, None]
+    put = attn & (~in_prefix | (rows == lead)[:, None])  # prefix tokens come from the group's first response
+    src_r, src_c = put.nonzero(as_tuple=True)
+    dest_c = torch.where(src_c < sh[src_r], src_c, offset[src_r] + src_c - sh[src_r])
+    dest = gi[src_r] * s + dest_c
+    ids = torch.full((g * s,), pad_id, dtype=input_ids.dtype, device=dev)
+    ids[dest] = input_ids[src_r, src_c]
+    pos = torch.zeros(g * s, dtype=torch.long, device=dev)
+    pos[dest] = src_c
+    # branch: 0 shared prefix, k + 1 response k's rest, -1 padding
+    branch = torch.full((g * s,), -1, dtype=torch.long, device=dev)
+    branch[dest] = torch.where(src_c < sh[src_r], 0, local[src_r] + 1)
+    ids, pos, branch = ids.view(g, s), pos.view(g, s), branch.view(g, s)
+
+    p = torch.arange(s, device=dev)
+    q, k = branch[:, :, None], branch[:, None, :]
+    causal = p[None, :, None] >= p[None, None, :]
+    keep = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
+    keep = keep | torch.eye(s, dtype=torch.bool, device=dev)  # pad rows see themselves: no all-masked softmax
+
+    sr, sc = comp[:, 1:].nonzero(as_tuple=True)  # the state at sc scores the token at sc + 1
+    at = torch.where(sc < sh[sr], sc, offset[sr] + sc - sh[sr])
+    return PackedPairs(ids, pos, keep[:, None], gi[sr] * s + at, total)
+
+
 def attention_mask_for(model: nn.Module, keep: Tensor, dtype: torch.dtype) -> Tensor:
     """The 4-D mask in the form the model's attention takes: bool for sdpa, additive float for eager."""
     if attn_implementation(model) == "eager":

@@ -114,7 +114,7 @@ class DPOTrainer:
         use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else cluster_has_gpu()
         prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
         print(prepared.summary(), flush=True)  # which tokenizer, which files: never a silent fallback
-        if self.mode == "dpo" and prepared.preview_rows and not is_processor(tokenizer):
+        if self.mode == "dpo" and prepared.preview_rows and not is_processor(tokenizer) and not prepared.groups:
             from dpo_ray.data.checks import quick_checks
 
             for warning in quick_checks(prepared.preview_rows, tokenizer, cfg):  # once per kind
@@ -143,7 +143,7 @@ class DPOTrainer:
                         micro_per_epoch=micro_per_epoch, model=model_source,
                         resume_checkpoint=str(resume) if resume is not None else None)
         print(f"dpo-ray {self.mode}: plan: {total_steps} optimizer steps ({plan.steps_per_epoch} per epoch, up to "
-              f"{num_epochs} epoch(s)); {plan.rows_per_step(cfg)} {'pairs' if self.mode == 'dpo' else 'sequences'} "
+              f"{num_epochs} epoch(s)); {plan.rows_per_step(cfg)} {'prompt groups' if prepared.groups else 'pairs' if self.mode == 'dpo' else 'sequences'} "
               f"per step = {world} worker(s) × per_device_train_batch_size {cfg.per_device_train_batch_size} × "
               f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}", flush=True)
         run_name = cfg.run_name or f"dpo_ray-{self.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -266,9 +266,11 @@ class DPOTrainer:
         if source == "precomputed":
             from dpo_ray.reference.precompute import attach_reference_logps
 
-            prepared.train = attach_reference_logps(prepared.train, cfg, ref_source, tokenizer, split="train")
+            prepared.train = attach_reference_logps(prepared.train, cfg, ref_source, tokenizer, split="train",
+                                                    groups=prepared.groups)
             if prepared.eval is not None:
-                prepared.eval = attach_reference_logps(prepared.eval, cfg, ref_source, tokenizer, split="eval")
+                prepared.eval = attach_reference_logps(prepared.eval, cfg, ref_source, tokenizer, split="eval",
+                                                       groups=prepared.groups)
         elif source == "local" and ref_source is not model_source:
             lc.ref_model = ref_source
         return None

@@ -205,8 +205,9 @@ BAD = {
 
 
 def test_every_kind_has_a_case():
-    # malformed_json: files only (test_data_ray); bad_image: vision rows (test_vision)
-    assert set(BAD) | {"malformed_json", "bad_image"} == set(BAD_ROW_KINDS)
+    # malformed_json: files only (test_data_ray); bad_image: vision rows (test_vision); no_pairs: prompt groups
+    # (test_groups)
+    assert set(BAD) | {"malformed_json", "bad_image", "no_pairs"} == set(BAD_ROW_KINDS)
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from dpo_ray.data.rows import BadRow, normalize_pair, where
+from dpo_ray.data.groups import checked_pairs, is_group_row, normalize_group
+from dpo_ray.data.rows import BadRow, Example, normalize_pair, where
 from dpo_ray.data.tokenize import RawRow, RowProcessor, TokenizeOptions, diverge, identical_tokens
 
 # Checks counted per row here; "bad_rows_raise", "dropped_rows", "mixed_formats" and "no_training_steps" are
@@ -87,7 +88,10 @@ class Piece:
 
 
 def row_format(value: Any) -> str:
-    """standard/conversational × explicit/implicit prompt, from the raw row (``unreadable`` if it is not one)."""
+    """standard/conversational × explicit/implicit prompt, from the raw row (``unreadable`` if it is not one);
+    a prompt group (``completions``): standard/conversational ``_group``."""
+    if isinstance(value, dict) and isinstance(value.get("completions"), list) and value["completions"]:
+        return f"{'conversational' if isinstance(value['completions'][0], list) else 'standard'}_group"
     if not isinstance(value, dict) or value.get("chosen") is None:
         return UNREADABLE
     kind = "conversational" if isinstance(value["chosen"], list) else "standard"
@@ -125,6 +129,8 @@ class Analyzer:
         self.proc = RowProcessor(tokenizer, opts)  # as training tokenizes and truncates
         self.full = RowProcessor(tokenizer, TokenizeOptions(None, cfg.truncation_mode, "skip", "dpo"))  # untruncated
         self.tok, self.keep = tokenizer, keep
+        # prompt groups: the pair rule training uses; a group is checked as its bad-row rules and its first pair
+        self.group_rule = (cfg.group_pairs, cfg.group_margin, cfg.data_seed if cfg.data_seed is not None else cfg.seed)
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     # -- one piece -------------------------------------------------------------------------------------
@@ -145,12 +151,20 @@ class Analyzer:
             try:
                 if isinstance(r.value, BadRow):
                     raise r.value
-                good.append((r, at, normalize_pair(r.value)))
+                good.append((r, at, self._group_pair(r) if is_group_row(r.value) else normalize_pair(r.value)))
             except BadRow as b:
                 self._bad(piece, src, b, r.row_id, at)
         self._tokenized(piece, src, good)
         src["kept"] += int(piece.lengths["kept"].sum())
         return piece
+
+    def _group_pair(self, r: RawRow) -> Example:
+        """A prompt group as the Example of its first pair (the group's bad-row rules applied on the way)."""
+        g = normalize_group(r.value)
+        i, j = checked_pairs(g, *self.group_rule, r.row_id)[0]
+        ex = g.example
+        return Example(ex.conversational, ex.prompt, [ex.completions[i], ex.completions[j]], ex.tools,
+                       ex.template_kwargs, ex.images)
 
     def _bad(self, piece: Piece, src: Counter, b: BadRow, row_id: int, at: str) -> None:
         piece.bad.setdefault(b.kind, Hits()).add(row_id, at, b.problem, keep=self.keep)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpo_ray.data.collate import collate_pairs, collate_sft
+from dpo_ray.data.collate import collate_groups, collate_pairs, collate_sft
 from dpo_ray.errors import BadRowError, DataError
 
 SHUFFLE_POOL_BATCHES = 16  # without bucketing: the local shuffle buffer, in batches
@@ -78,6 +78,10 @@ class BatchIterator:
         return self.pad_tokens / self.total_tokens if self.total_tokens else 0.0
 
     def _lengths(self, cols: dict[str, Any]) -> np.ndarray:
+        if "group_input_ids" in cols:  # prompt groups: the packed row's length, prompt once
+            return np.fromiter((int(np.sum(n)) - (len(n) - 1) * int(np.min(p)) for n, p in
+                                zip(cols["group_lens"], cols["group_prompt_len"])), dtype=np.int64,
+                               count=len(cols["row_id"]))
         lens = np.fromiter((len(x) for x in cols[self.key]), dtype=np.int64, count=len(cols["row_id"]))
         if "rejected_input_ids" in cols:
             lens = np.maximum(lens, np.fromiter((len(x) for x in cols["rejected_input_ids"]), dtype=np.int64,
@@ -108,7 +112,8 @@ class BatchIterator:
 
     def _emit(self, cols: dict[str, Any], idx: np.ndarray) -> dict[str, torch.Tensor]:
         sub = {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] for k, v in cols.items()}
-        batch = self.collate(sub, self.pad_id, self.pad_to_multiple_of)
+        collate = collate_groups if "group_input_ids" in sub else self.collate  # prompt groups: by their columns
+        batch = collate(sub, self.pad_id, self.pad_to_multiple_of)
         mask = batch["attention_mask"]
         self.total_tokens += mask.numel()
         self.pad_tokens += mask.numel() - int(mask.sum())

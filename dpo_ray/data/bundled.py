@@ -84,6 +84,33 @@ def make_pairs(n: int, seed: int) -> Iterator[dict[str, str]]:
         yield make_pair(rng)
 
 
+def make_group(rng: random.Random, k: int = 4) -> dict[str, Any]:
+    """One prompt group (dpo_ray.data.groups): the correct answer and k - 1 distinct near misses, in random
+    order, each scored by the fraction of the answer's positions it gets right (the correct one scores 1)."""
+    op = rng.choice(OPS)
+    items = [str(rng.randrange(10)) for _ in range(rng.randint(MIN_ITEMS, MAX_ITEMS))]
+    answer = apply_op(op, items)
+    answers = [answer]
+    for _ in range(50 * k):
+        if len(answers) == k:
+            break
+        wrong = _near_miss(op, items, answer, rng)
+        if wrong not in answers:
+            answers.append(wrong)
+    while len(answers) < k:  # few distinct near misses (short inputs): drop more items
+        answers.append(answer[:max(1, len(answer) - len(answers))] + ["0"] * (len(answers) > len(answer)))
+    rng.shuffle(answers)
+    scores = [round(sum(a == b for a, b in zip(x, answer)) / max(len(x), len(answer)), 4) for x in answers]
+    return {"prompt": f"{op}: {' '.join(items)} =", "completions": [" " + " ".join(x) for x in answers],
+            "scores": scores}
+
+
+def make_groups(n: int, seed: int, k: int = 4) -> Iterator[dict[str, Any]]:
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield make_group(rng, k)
+
+
 def to_conversational(row: dict[str, str]) -> dict[str, list[dict[str, str]]]:
     """The same pair as chat messages (the question without the trailing "=", the answer trimmed)."""
     question = row["prompt"].rstrip(" =")

@@ -98,3 +98,38 @@ def collate_sft(batch: dict[str, Any], pad_token_id: int, pad_to_multiple_of: in
     ids, attn, comp = _pack(list(batch["chosen_input_ids"]), list(batch["chosen_prompt_len"]), pad_token_id,
                             pad_to_multiple_of)
     return {**_tensors(ids, attn, comp, batch), **_pixels(batch, 1)}
+
+
+def group_responses(batch: dict[str, Any]) -> tuple[list, list, list, list, list]:
+    """Prompt-group columns -> (sequences, prompt lengths, group index, pair chosen, pair rejected), the pairs as
+    indices into the flattened responses (all of group 0's responses, then group 1's, ...)."""
+    seqs, plens, gidx, chosen, rejected = [], [], [], [], []
+    for g, (flat, lens, pl, c, r) in enumerate(zip(batch["group_input_ids"], batch["group_lens"],
+                                                    batch["group_prompt_len"], batch["pair_chosen"],
+                                                    batch["pair_rejected"])):
+        base, at = len(seqs), 0
+        for n, p in zip(lens, pl):
+            seqs.append(flat[at:at + int(n)])
+            plens.append(int(p))
+            gidx.append(g)
+            at += int(n)
+        chosen += [base + int(i) for i in c]
+        rejected += [base + int(j) for j in r]
+    return seqs, plens, gidx, chosen, rejected
+
+
+def collate_groups(batch: dict[str, Any], pad_token_id: int, pad_to_multiple_of: int | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Prompt groups (docs/CONTRACTS.md) -> input_ids/attention_mask/completion_mask (R, T), one row per response
+    (R = all the groups' responses, group by group), ``group_index`` (R,), the pairs ``pair_chosen`` /
+    ``pair_rejected`` (P,) as indices into the R responses, ``row_id`` (G,), and ``ref_logps`` (R,) float32 when
+    the rows carry precomputed per-response reference log-probs (``ref_group_logps``)."""
+    seqs, plens, gidx, chosen, rejected = group_responses(batch)
+    out = _tensors(*_pack(seqs, plens, pad_token_id, pad_to_multiple_of), batch)
+    out["group_index"] = torch.tensor(gidx, dtype=torch.long)
+    out["pair_chosen"] = torch.tensor(chosen, dtype=torch.long)
+    out["pair_rejected"] = torch.tensor(rejected, dtype=torch.long)
+    if "ref_group_logps" in batch:
+        out["ref_logps"] = torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.float32)
+                                                            for x in batch["ref_group_logps"]]))
+    return out

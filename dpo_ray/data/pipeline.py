@@ -108,6 +108,10 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg, mode: str = "dpo") -> dict[s
 
     Applies ``cfg.on_bad_row`` exactly as the pipeline does (raise, or skip and drop).
     """
+    from dpo_ray.data.groups import is_group_row
+
+    if mode == "dpo" and rows and is_group_row(rows[0]):  # prompt groups: the group columns (collate_groups)
+        mode = "groups"
     proc = RowProcessor(tokenizer, TokenizeOptions.from_config(cfg, mode), "in-memory rows")
     table, _ = proc.process([RawRow(i, None, r) for i, r in enumerate(rows)])
     return table_to_columns(table)
@@ -335,6 +339,41 @@ def _preflight(src: _Source, proc: RowProcessor, split: str = "train", max_dropp
     return [r.value for r in rows or [] if isinstance(r.value, dict)]
 
 
+def _first_rows(src: _Source) -> list:
+    """The first raw rows of a source, as read (the format detection's sample)."""
+    if src.preview is not None:
+        return [r.value for r in src.preview]
+    if src.chunks:
+        return [r.value for _, r in zip(range(PREFLIGHT_ROWS), iter_chunk(src.chunks[0]))]
+    return []
+
+
+def _has_group_column(src: _Source) -> bool:
+    """A Ray dataset source (no rows read on the driver): its schema names a ``completions`` column."""
+    ds = src.ray_ds if src.chunks is None and src.preview is None else None
+    schema = ds.schema() if ds is not None else None
+    return schema is not None and "completions" in schema.names
+
+
+def detect_mode(src: _Source, cfg, mode: str) -> str:
+    """``"groups"`` when a DPO source's first row is a prompt group (``completions``: dpo_ray.data.groups), else
+    ``mode``. The first row decides for the whole dataset, eval included; a row of the other format is a bad row."""
+    from dpo_ray.data.groups import is_group_row
+
+    if mode != "dpo":
+        return mode
+    rows = _first_rows(src)
+    if not (is_group_row(rows[0]) if rows else _has_group_column(src)):
+        return mode
+    if cfg.ld_alpha is not None:
+        from dpo_ray.errors import ConfigError
+
+        raise ConfigError([("ld_alpha", f"{src.label} holds prompt groups (completions + scores/ranking); LD-DPO splits "
+                                        "each pair at its shorter completion, which a response shared by several pairs "
+                                        "does not have: unset ld_alpha")])
+    return "groups"
+
+
 def _concurrency(cfg) -> int:
     """Tasks in flight: dataset_num_proc, else the driver's cores (with fractional CPUs Ray would run
     4x more on a small box, time-slicing them so the first block arrives last)."""
@@ -376,6 +415,7 @@ class PreparedData:
     eval_source: str = ""
     preview_rows: list = field(default_factory=list)  # the first raw training rows, as read
     inputs: dict[str, Any] = field(default_factory=dict)  # describe_inputs(...): tokenizer, files, eval use
+    groups: bool = False  # prompt groups (completions + scores/ranking): a row is a group, not a pair
 
     def summary(self) -> str:
         """Which tokenizer and which data the run uses (printed by `dpo-ray train` before any worker starts)."""
@@ -474,6 +514,7 @@ def build_datasets(cfg, tokenizer, train_dataset: Any = None, eval_dataset: Any 
         raise ValueError(f"mode must be 'dpo' or 'sft', got {mode!r}")
     train_src, eval_src, frac = _sources(cfg, train_dataset, eval_dataset, tokenizer)
     seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
+    mode = detect_mode(train_src, cfg, mode)  # "groups" when the rows are prompt groups
     opts = TokenizeOptions.from_config(cfg, mode)
     limit = cfg.max_dropped_fraction
     preview = _preflight(train_src, RowProcessor(tokenizer, opts), "train", limit)
@@ -498,7 +539,7 @@ def build_datasets(cfg, tokenizer, train_dataset: Any = None, eval_dataset: Any 
             _preserve_order(ds)
     return PreparedData(train, ev, stats, int(n_train), int(n_eval), train_src.label,
                         eval_src.label if eval_src is not None else "", preview,
-                        describe_inputs(cfg, tokenizer, train_src, eval_src, frac, int(n_train)))
+                        describe_inputs(cfg, tokenizer, train_src, eval_src, frac, int(n_train)), mode == "groups")
 
 
 def _preserve_order(ds) -> None:

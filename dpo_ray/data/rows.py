@@ -26,9 +26,10 @@ NULL_VALUE = "null_value"
 MISNAMED_COLUMN = "misnamed_column"
 TEMPLATE_ERROR = "template_error"
 IDENTICAL_TRUNCATED = "identical_after_truncation"
+NO_PAIRS = "no_pairs"  # a prompt group (dpo_ray.data.groups) whose scores give no pair
 BAD_ROW_KINDS = (MISSING_COLUMN, WRONG_TYPE, EMPTY_COMPLETION, IDENTICAL, INVALID_MESSAGE, UNDECODABLE,
                  MALFORMED_JSON, PROMPT_FILLS, BAD_IMAGE, NULL_VALUE, MISNAMED_COLUMN, TEMPLATE_ERROR,
-                 IDENTICAL_TRUNCATED)
+                 IDENTICAL_TRUNCATED, NO_PAIRS)
 # The columns a row is read from. A null in one of the TEXT_COLUMNS is a bad row (not "absent"): a file
 # whose rows have prompts must not train one row as implicit-prompt because its cell was empty.
 KNOWN_COLUMNS = ("prompt", "chosen", "rejected", "completion", "messages", "images", "tools", "chat_template_kwargs")
@@ -239,6 +240,9 @@ def normalize_pair(row: Any) -> Example:
     hint = "DPO rows need 'chosen' and 'rejected' ('prompt' optional)"
     if row.get("chosen") is None and ("completion" in row or "messages" in row):
         hint += "; this looks like SFT data (completion/messages): run `dpo-ray sft` for it"
+    if row.get("chosen") is None and "completions" in row:  # a prompt group among pair rows
+        hint += ("; this row is a prompt group (completions + scores/ranking) but the dataset's first rows are "
+                 "pairs: use one format per dataset")
     _require(row, ("chosen", "rejected"), hint)
     conv = _is_conv(row["chosen"], "chosen")
     if _is_conv(row["rejected"], "rejected") != conv:

@@ -38,11 +38,17 @@ class TokenizeOptions:
     max_length: int | None
     truncation_mode: str = "keep_start"
     on_bad_row: str = "raise"
-    mode: str = "dpo"  # "dpo" | "sft"
+    mode: str = "dpo"  # "dpo" | "sft" | "groups" (prompt groups, dpo_ray.data.groups)
+    group_pairs: str = "all"  # groups only: the pair rule, its margin and seed (best_vs_random)
+    group_margin: float = 0.0
+    seed: int = 0
 
     @classmethod
     def from_config(cls, cfg, mode: str = "dpo") -> TokenizeOptions:
-        return cls(cfg.max_length, cfg.truncation_mode, cfg.on_bad_row, mode)
+        if mode != "groups":
+            return cls(cfg.max_length, cfg.truncation_mode, cfg.on_bad_row, mode)
+        seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
+        return cls(cfg.max_length, cfg.truncation_mode, cfg.on_bad_row, mode, cfg.group_pairs, cfg.group_margin, seed)
 
 
 @dataclass
@@ -226,6 +232,8 @@ class RowProcessor:
             stats.examples.append(str(err).split(". Fix the row")[0])
 
     def process(self, rows: list[RawRow]) -> tuple[pa.Table, PartStats]:
+        if self.opts.mode == "groups":
+            return self._process_groups(rows)
         stats = PartStats(seen=len(rows))
         good = self._normalize(rows, stats)
         texts, special, spans, rendered = [], [], [], []
@@ -278,6 +286,55 @@ class RowProcessor:
         stats.kept = len(cols["row_id"])
         return to_table(cols, names, self.pixel_specs), stats
 
+    def _process_groups(self, rows: list[RawRow]) -> tuple[pa.Table, PartStats]:
+        """Prompt-group rows -> the group columns (docs/CONTRACTS.md): every response's prompt+response ids
+        back to back, their lengths and prompt lengths, and the (chosen, rejected) response indices of the pairs."""
+        from dpo_ray.data.groups import checked_pairs, normalize_group
+
+        if self.processor is not None:
+            raise ConfigError([("dataset_name", "prompt groups (completions + scores/ranking) take text rows only; "
+                                                "a vision processor is not supported with them")])
+        o, stats, good = self.opts, PartStats(seen=len(rows)), []
+        for r in rows:
+            try:
+                if isinstance(r.value, BadRow):
+                    raise r.value
+                g = normalize_group(r.value)
+                pairs = checked_pairs(g, o.group_pairs, o.group_margin, o.seed, r.row_id)
+                prompt, fulls = self._texts(g.example)
+            except BadRow as b:
+                self._bad(b, r, stats)
+                continue
+            good.append((r, g, pairs, prompt, fulls))
+        texts, special = [], []
+        for _, g, _, prompt, fulls in good:
+            texts += [prompt, *fulls]
+            special += [self._special(g.example, prompt)] * (1 + len(fulls))
+        ids = self._encode(texts, special) if texts else []
+        cols: dict[str, list] = {n: [] for n in GROUP_TABLE_COLUMNS}
+        at = 0
+        for r, g, pairs, _, fulls in good:
+            row_ids, at = ids[at:at + 1 + len(fulls)], at + 1 + len(fulls)
+            try:
+                seqs = [self._sequence(row_ids[0], f, g.example.conversational) for f in row_ids[1:]]
+                for i, j in pairs:
+                    try:
+                        identical_tokens([seqs[i], seqs[j]], o.max_length, o.truncation_mode)
+                    except BadRow as b:
+                        raise BadRow(b.kind, f"completions[{i}] and completions[{j}] (a pair): {b.problem}") from None
+            except BadRow as b:
+                self._bad(b, r, stats)
+                continue
+            stats.truncated += any(t for _, _, t in seqs)
+            cols["row_id"].append(r.row_id)
+            cols["group_input_ids"].append([t for seq, _, _ in seqs for t in seq])
+            cols["group_lens"].append([len(seq) for seq, _, _ in seqs])
+            cols["group_prompt_len"].append([plen for _, plen, _ in seqs])
+            cols["pair_chosen"].append([i for i, _ in pairs])
+            cols["pair_rejected"].append([j for _, j in pairs])
+        stats.kept = len(cols["row_id"])
+        return group_table(cols), stats
+
     def _sequence(self, prompt_ids: list[int], full_ids: list[int], conversational: bool):
         start = diverge(prompt_ids, full_ids)
         if not conversational and self.eos is not None and (not full_ids or full_ids[-1] != self.eos):
@@ -328,6 +385,16 @@ def schema(names: Iterable[str], pixel_specs: dict | None = None) -> pa.Schema:
 
 def to_table(cols: dict[str, list], names: list[str], pixel_specs: dict | None = None) -> pa.Table:
     sch = schema(names, pixel_specs)
+    return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in sch}, schema=sch)
+
+
+GROUP_TABLE_COLUMNS = ("row_id", "group_input_ids", "group_lens", "group_prompt_len", "pair_chosen", "pair_rejected")
+
+
+def group_table(cols: dict[str, list]) -> pa.Table:
+    """The tokenized prompt-group columns (docs/CONTRACTS.md) as a table."""
+    fields = [pa.field("row_id", pa.int64())] + [pa.field(n, pa.list_(pa.int32())) for n in GROUP_TABLE_COLUMNS[1:]]
+    sch = pa.schema(fields)
     return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in sch}, schema=sch)
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dpo_ray.config import DPOConfig
-from dpo_ray.forward import PrefixSharing, reference_logps
+from dpo_ray.forward import GROUP_KEYS, PrefixSharing, reference_logps
 from dpo_ray.models import load_causal_lm, reference_dtype
 from dpo_ray.vision import PIXEL_KEYS
 
@@ -35,7 +35,8 @@ OPTIONAL_REQUEST_KEYS = ("packed_width",)  # a Python int from the collate (pref
 
 def request_keys(batch: Mapping[str, Tensor]) -> tuple[str, ...]:
     """What a reference request carries: the text tensors, and the pixel inputs when the batch has images."""
-    return REQUEST_KEYS + tuple(k for k in PIXEL_KEYS + OPTIONAL_REQUEST_KEYS if k in batch)
+    # groups: their pair index travels too
+    return REQUEST_KEYS + tuple(k for k in (*PIXEL_KEYS, *OPTIONAL_REQUEST_KEYS, *GROUP_KEYS) if k in batch)
 
 
 def to_wire(value):

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from dpo_ray.forward import PrefixSharing, reference_logps
+from dpo_ray.forward import GROUP_KEYS, PrefixSharing, is_group_batch, num_pairs, reference_logps
 from dpo_ray.vision import PIXEL_KEYS
 
 
@@ -72,7 +72,7 @@ class NoReference:
         return None
 
     def result(self, handle, batch):
-        b = batch["input_ids"].shape[0] // 2
+        b = num_pairs(batch)
         return torch.zeros(b), torch.zeros(b)
 
     def sync_from(self, policy, alpha):
@@ -86,6 +86,11 @@ class PrecomputedReference(NoReference):
     """Reference log-probs that the data pipeline attached as columns (reference.source: precomputed)."""
 
     def result(self, handle, batch):
+        if is_group_batch(batch):  # prompt groups: per-response columns, gathered for the pairs
+            if "ref_logps" not in batch:
+                raise RuntimeError("reference.source is 'precomputed' but the group batch carries no ref_logps column")
+            logps = batch["ref_logps"].float().cpu()
+            return logps[batch["pair_chosen"].cpu()], logps[batch["pair_rejected"].cpu()]
         if "ref_chosen_logps" not in batch:
             raise RuntimeError("reference.source is 'precomputed' but the batch carries no ref_chosen_logps column")
         return batch["ref_chosen_logps"].float().cpu(), batch["ref_rejected_logps"].float().cpu()
@@ -113,7 +118,8 @@ class LocalReference:
 
     def result(self, handle, batch):
         on_device = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
-                                                                               "completion_mask", *PIXEL_KEYS)}
+                                                                               "completion_mask", *PIXEL_KEYS,
+                                                                               *GROUP_KEYS)}
         if "packed_width" in batch:  # the collate's packed width: prefix sharing reads no shape from the device
             on_device["packed_width"] = batch["packed_width"]
         chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.ld_alpha, sharing=self.sharing)

@@ -25,6 +25,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from torch import Tensor, nn
 
 from dpo_ray.config import DPOConfig
+from dpo_ray.forward import num_pairs
 from dpo_ray.reference.actor import from_wire, request_keys, to_wire
 from dpo_ray.reference.pool import actor_request, env_override
 
@@ -143,7 +144,7 @@ class ActorPoolReference:
                 f"reference request {handle.request_id} was answered at weights version {version}, not {handle.version}: "
                 "a TR-DPO sync reached the actors before the batches of its step were consumed")
         chosen, rejected = from_wire(chosen), from_wire(rejected)
-        b = batch["input_ids"].shape[0] // 2
+        b = num_pairs(batch)
         if chosen.shape != (b,) or rejected.shape != (b,):
             raise RuntimeError(f"reference answer shapes {tuple(chosen.shape)}/{tuple(rejected.shape)} do not match "
                                f"the batch's {b} pairs")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dpo_ray.config import DPOConfig
-from dpo_ray.forward import PrefixSharing, eval_mode, reference_logps
+from dpo_ray.forward import GROUP_KEYS, PrefixSharing, eval_mode, reference_logps
 
 
 class AdapterReference:
@@ -37,7 +37,8 @@ class AdapterReference:
         return None
 
     def result(self, handle, batch):
-        on_device = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "completion_mask")}
+        on_device = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "completion_mask",
+                                                             *GROUP_KEYS) if k in batch}
         if "packed_width" in batch:  # the collate's packed width: no shape read from the device
             on_device["packed_width"] = batch["packed_width"]
         with eval_mode(self.model), torch.no_grad(), self._reference_weights():  # no LoRA dropout here

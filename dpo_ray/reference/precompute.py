@@ -32,6 +32,9 @@ from dpo_ray.config import DPOConfig, redact_secrets
 CACHE_FORMAT = 1
 ROW_COLUMNS = ["row_id", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len"]
 OUT_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
+# Prompt groups (dpo_ray.data.groups): one reference log-prob per response, a list per row.
+GROUP_ROW_COLUMNS = ["row_id", "group_input_ids", "group_lens", "group_prompt_len", "pair_chosen", "pair_rejected"]
+GROUP_OUT_COLUMN = "ref_group_logps"
 # Settings that change which rows exist or how they are tokenized (the data side of the key).
 _DATA_KEYS = ("dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split", "eval_dataset_name",
               "eval_fraction", "max_train_samples", "max_eval_samples", "on_bad_row", "seed", "data_seed")
@@ -82,7 +85,7 @@ def _row_hashes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     rows = []
     for i in range(len(batch["row_id"])):
         r = hashlib.blake2b(digest_size=8)
-        for col in ROW_COLUMNS:
+        for col in (GROUP_ROW_COLUMNS if "group_input_ids" in batch else ROW_COLUMNS):
             r.update(np.asarray(batch[col][i], dtype=np.int64).tobytes() + b"|")
         rows.append(r.digest())
     for d in sorted(rows):  # order-free within a batch; batches are combined order-free below
@@ -90,13 +93,15 @@ def _row_hashes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"digest": np.array([h.hexdigest()]), "rows": np.array([len(rows)])}
 
 
-def dataset_fingerprint(ds: ray.data.Dataset, cfg: DPOConfig) -> dict[str, Any]:
+def dataset_fingerprint(ds: ray.data.Dataset, cfg: DPOConfig, groups: bool = False) -> dict[str, Any]:
     """Source files + sizes/mtimes and the data settings; a content hash when there are no files."""
     settings = {k: getattr(cfg, k) for k in _DATA_KEYS}
+    if groups:  # which pairs a group gives changes nothing here, but the per-response columns are another layout
+        settings = {**settings, "groups": True}
     files = ds.input_files()
     if files:
         return {"files": _file_stats(files), "settings": settings}
-    parts = ds.select_columns(ROW_COLUMNS).map_batches(_row_hashes, batch_format="numpy",
+    parts = ds.select_columns(GROUP_ROW_COLUMNS if groups else ROW_COLUMNS).map_batches(_row_hashes, batch_format="numpy",
                                                        batch_size=1024).take_all()
     h = hashlib.blake2b(digest_size=16)
     for d in sorted(p["digest"] for p in parts):
@@ -151,14 +156,36 @@ def pad_pairs(rows: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tenso
 class ReferenceScorer:
     """Ray Data callable class: one reference model per actor, rows in, ref log-probs out."""
 
-    def __init__(self, cfg_dict: dict, ref_source: Any, tokenizer, pad_id: int, counter: str | None = None):
+    def __init__(self, cfg_dict: dict, ref_source: Any, tokenizer, pad_id: int, counter: str | None = None,
+                 groups: bool = False):
         from dpo_ray.reference.actor import ReferenceModelHost
 
         self.host = ReferenceModelHost(cfg_dict, ref_source, tokenizer)
         self.pad_id, self.ld_alpha = pad_id, self.host.cfg.ld_alpha
         self.counter = counter  # a file that gets "<pid> <rows>" per forward (tests count reference passes)
+        self.groups = groups
+
+    def _groups(self, rows: dict[str, np.ndarray]):
+        """Prompt groups: every response scored once (one packed forward per group), a list per row."""
+        import pyarrow as pa
+
+        from dpo_ray.data.collate import collate_groups
+
+        batch = collate_groups(rows, self.pad_id)
+        every = torch.arange(batch["input_ids"].shape[0])  # each response its own "pair": per-response log-probs
+        batch["pair_chosen"], batch["pair_rejected"] = every, every
+        _, _, logps, _ = self.host.logps(None, batch, None)
+        ends = np.cumsum([len(n) for n in rows["group_lens"]])
+        values = np.split(logps.numpy().astype(np.float32), ends[:-1])
+        if self.counter:
+            with open(self.counter, "a") as f:
+                f.write(f"{os.getpid()} {len(rows['row_id'])}\n")
+        return pa.table({"row_id": pa.array(np.asarray(rows["row_id"], dtype=np.int64)),
+                         GROUP_OUT_COLUMN: pa.array([v.tolist() for v in values], type=pa.list_(pa.float32()))})
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.groups:
+            return self._groups(rows)
         batch = pad_pairs(rows, self.pad_id)
         _, _, chosen, rejected = self.host.logps(None, batch, self.ld_alpha)
         if self.counter:
@@ -169,15 +196,16 @@ class ReferenceScorer:
                 "ref_rejected_logps": np.asarray(rejected, dtype=np.float32)}
 
 
-def _compute(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, out_dir: Path) -> None:
+def _compute(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, out_dir: Path,
+             groups: bool = False) -> None:
     rc = cfg.reference
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     kwargs: dict[str, Any] = {"num_cpus": rc.num_cpus, "num_gpus": rc.num_gpus} if rc.num_gpus else {"num_cpus": rc.num_cpus}
     if rc.resources:
         kwargs["resources"] = dict(rc.resources)
-    scored = ds.select_columns(ROW_COLUMNS).map_batches(
+    scored = ds.select_columns(GROUP_ROW_COLUMNS if groups else ROW_COLUMNS).map_batches(
         ReferenceScorer, fn_constructor_args=(cfg.model_dump(mode="json"), ref_source, tokenizer, pad_id,
-                             os.environ.get("DPO_RAY_REFERENCE_COUNTER")),
+                             os.environ.get("DPO_RAY_REFERENCE_COUNTER"), groups),
         batch_size=rc.batch_size or cfg.per_device_eval_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=rc.num_actors), **kwargs)
     # The driver writes the (row_id, two floats) results itself: one file, in the cache directory it sees,
@@ -217,6 +245,21 @@ def _load_table(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids, chosen, rejected
 
 
+def _load_group_table(path: Path) -> tuple[np.ndarray, list]:
+    """(sorted row ids, each row's per-response reference log-probs) of a prompt-group cache."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(str(path), columns=["row_id", GROUP_OUT_COLUMN])
+    ids = table.column("row_id").to_numpy().astype(np.int64)
+    order = np.argsort(ids, kind="stable")
+    values = table.column(GROUP_OUT_COLUMN).to_pylist()
+    ids = ids[order]
+    if len(ids) > 1 and (np.diff(ids) == 0).any():
+        dup = int(ids[1:][np.diff(ids) == 0][0])
+        raise RuntimeError(f"reference cache {path} holds row_id {dup} twice; row_ids must be unique per split")
+    return ids, [values[i] for i in order]
+
+
 _TABLES: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
 
@@ -228,13 +271,18 @@ def _attach(batch, table_ref: Any, source: str):
     if key not in _TABLES:
         _TABLES.clear()  # one table per process at a time
         _TABLES[key] = ray.get(table_ref) if isinstance(table_ref, ray.ObjectRef) else table_ref
-    ids, chosen, rejected = _TABLES[key]
+    ids, *values = _TABLES[key]
     row_ids = batch.column("row_id").to_numpy().astype(np.int64)
     pos = np.searchsorted(ids, row_ids).clip(max=len(ids) - 1)
     missing = ids[pos] != row_ids
     if missing.any():
         raise RuntimeError(f"row_id {int(row_ids[missing][0])} has no reference log-probs in the cache {source}; "
                            "the cache does not match this data: delete that directory to recompute it")
+    if len(values) == 1:  # prompt groups: one list of per-response log-probs per row
+        if GROUP_OUT_COLUMN in batch.column_names:
+            batch = batch.drop_columns([GROUP_OUT_COLUMN])
+        return batch.append_column(GROUP_OUT_COLUMN, pa.array([values[0][p] for p in pos], type=pa.list_(pa.float32())))
+    chosen, rejected = values
     for name, values in zip(OUT_COLUMNS, (chosen[pos], rejected[pos])):
         if name in batch.column_names:
             batch = batch.drop_columns([name])
@@ -242,9 +290,10 @@ def _attach(batch, table_ref: Any, source: str):
     return batch
 
 
-def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, split: str
-                           ) -> ray.data.Dataset:
-    """``ds`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` (float32) from the reference model, cached."""
+def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, split: str,
+                           groups: bool = False) -> ray.data.Dataset:
+    """``ds`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` (float32) from the reference model, cached.
+    ``groups`` (prompt-group rows): one column ``ref_group_logps``, a float32 per response of each row."""
     from dpo_ray.vision import is_processor
 
     if is_processor(tokenizer):  # the pass below builds text-only batches: its log-probs would ignore the images
@@ -252,7 +301,7 @@ def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any
 
         raise ConfigError([("reference.source", "precomputed reference log-probs do not carry images yet; use "
                                                 "reference.source actor or local for a vision-language model")])
-    parts = {"model": model_identity(ref_source, cfg, tokenizer), "data": dataset_fingerprint(ds, cfg),
+    parts = {"model": model_identity(ref_source, cfg, tokenizer), "data": dataset_fingerprint(ds, cfg, groups),
              "tokenization": tokenization_settings(cfg, tokenizer)}
     key = cache_key(parts)
     out = cache_root(cfg) / key / split
@@ -267,7 +316,7 @@ def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{split}.tmp-", dir=out.parent))
         try:
-            _compute(ds, cfg, ref_source, tokenizer, tmp)
+            _compute(ds, cfg, ref_source, tokenizer, tmp, groups)
             (tmp / "_key.json").write_text(json.dumps({"key": key, **parts}, indent=1, default=str))
             (tmp / "_SUCCESS").write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {time.perf_counter() - t0:.1f}s\n")
             if out.exists() and not done.exists():  # a crashed writer's leftovers (older layout): replace them
@@ -280,6 +329,6 @@ def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any
                 print(f"reference cache: another run wrote key {key} ({split}) first; using its result", flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    table = _load_table(out)
+    table = _load_group_table(out) if groups else _load_table(out)
     return ds.map_batches(_attach, batch_format="pyarrow", batch_size=None,
                           fn_kwargs={"table_ref": ray.put(table), "source": str(out)})

@@ -174,6 +174,11 @@ class ReferenceStore:
         # as DPOTrainer.train: the tokenizer from the model directory, else the config's (bundled) one
         tokenizer = tokenizer or load_processing_class(cfg.model_name_or_path or cfg)
         prepared = build_datasets(cfg, tokenizer, train_dataset, eval_dataset, mode="dpo")
+        if prepared.groups:
+            from dpo_ray.errors import ConfigError
+
+            raise ConfigError([("dataset_name", "the sweep's shared reference store takes pair rows; prompt groups "
+                                                "(completions + scores/ranking) are not supported by sweeps yet")])
         model_source: Any = cfg.model_name_or_path
         if model_source is None:  # the tiny default, seeded by cfg.seed: shipped, as the trainer ships it
             model_source = ray.put(shippable(load_causal_lm(None, cfg, tokenizer)))

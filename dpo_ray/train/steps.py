@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from dpo_ray.config import DPOConfig
 from dpo_ray.data import iter_train_batches
-from dpo_ray.forward import PrefixSharing, sequence_forward
+from dpo_ray.forward import PrefixSharing, pair_layout, sequence_forward
 from dpo_ray.losses import PairLogps, batch_metrics, dpo_loss, moe_aux_loss, sequence_metrics
 from dpo_ray.reference.base import ReferenceClient, prefetched
 
@@ -45,10 +45,11 @@ def dpo_step(model, cfg: DPOConfig, batch, ref_chosen, ref_rejected, share_prefi
     """Forward one micro-batch of pairs; return (loss, detached metrics)."""
     fwd = sequence_forward(model, batch, ld_alpha=cfg.ld_alpha, want_wpo=cfg.use_weighting,
                            router_aux=cfg.output_router_logits, share_prefix=share_prefix)
-    pairs = PairLogps.from_stats(fwd.stats, ref_chosen, ref_rejected)
+    stats = pair_layout(fwd.stats, batch)  # prompt groups: per-response statistics gathered for the pairs
+    pairs = PairLogps.from_stats(stats, ref_chosen, ref_rejected)
     loss = dpo_loss(pairs, cfg.loss_params(), cfg.loss_type, cfg.loss_weights, cfg.use_weighting,
                     cfg.rpo_alpha).mean()
-    metrics = batch_metrics(pairs, fwd.stats, cfg.beta, attention_mask=batch["attention_mask"])
+    metrics = batch_metrics(pairs, stats, cfg.beta, attention_mask=batch["attention_mask"])
     if fwd.aux_loss is not None:
         metrics["aux_loss"] = fwd.aux_loss.detach()
         loss = moe_aux_loss(loss, fwd.aux_loss, cfg.router_aux_loss_coef)
