@@ -53,16 +53,21 @@ def save_qwen_like(out: Path) -> Path:
     return out
 
 
-def long_pairs(out: Path, n: int, min_tokens: int, max_tokens: int, seed: int = 0) -> Path:
-    """Bundled-task pairs with long digit lists (one token per digit in the bundled tokenizer)."""
+def long_pairs(out: Path, n: int, min_tokens: int, max_tokens: int, seed: int = 0, skew: float | None = None) -> Path:
+    """Bundled-task pairs with long digit lists (one token per digit in the bundled tokenizer); the prompt holds
+    about half of each sequence. Lengths uniform in [min_tokens, max_tokens], or with ``skew`` k skewed like real
+    preference data: min + (max - min)·u^k, u uniform (k = 3: the median pair an eighth of the way up)."""
     from dpo_ray.data.bundled import apply_op
 
     rng = random.Random(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         for _ in range(n):
-            k = rng.randint(min_tokens // 2, max_tokens // 2 - 4)
-            items = [str(rng.randrange(10)) for _ in range(k)]
+            if skew is None:
+                k = rng.randint(min_tokens // 2, max_tokens // 2 - 4)
+            else:
+                k = max(2, int(min_tokens + (max_tokens - min_tokens) * rng.random() ** skew) // 2 - 4)
+            items = [str(rng.randrange(10)) for _ in range(k)]  # digits in the prompt's list; the answer repeats them
             op = rng.choice(("sort", "reverse"))
             answer = apply_op(op, items)
             wrong = list(answer)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -146,26 +145,11 @@ def flop_params(model_dir: Path) -> int:
 
 
 def skewed_pairs(out: Path, n: int, min_tokens: int, max_tokens: int, seed: int = 0) -> Path:
-    """Bundled-task pairs (one token per digit in the bundled tokenizer) whose lengths are skewed like real
-    preference data: sequence length min + (max - min)·u³, u uniform, so the median pair is about an eighth of
-    the way up and a few reach ``max_tokens``; the prompt holds about half of each sequence."""
-    from dpo_ray.data.bundled import apply_op
+    """Bundled-task pairs whose lengths are skewed like real preference data (bench_gpu.long_pairs, skew 3):
+    the median pair about an eighth of the way from ``min_tokens`` up, a few reaching ``max_tokens``."""
+    from bench_gpu import long_pairs
 
-    rng = random.Random(seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        for _ in range(n):
-            length = min_tokens + (max_tokens - min_tokens) * rng.random() ** 3
-            k = max(2, int(length) // 2 - 4)  # digits in the prompt's list; the answer repeats them
-            items = [str(rng.randrange(10)) for _ in range(k)]
-            op = rng.choice(("sort", "reverse"))
-            answer = apply_op(op, items)
-            wrong = list(answer)
-            i = rng.randrange(len(wrong))
-            wrong[i] = str((int(wrong[i]) + 1) % 10)
-            f.write(json.dumps({"prompt": f"{op}: {' '.join(items)} =", "chosen": " " + " ".join(answer),
-                                "rejected": " " + " ".join(wrong)}) + "\n")
-    return out
+    return long_pairs(out, n, min_tokens, max_tokens, seed=seed, skew=3)
 
 
 class GpuMemory:

@@ -199,7 +199,8 @@ def _skewed_rows(n: int = 256) -> list[dict]:
 
 def test_bucketing_lowers_the_padding_fraction(ray_local, tok):
     prep = build_datasets(cfg(dataset_test_split=None), tok, _skewed_rows())
-    plain = iter_train_batches(prep.train, cfg(), tok.pad_token_id, batch_size=8, epoch=0, seed=0)
+    plain = iter_train_batches(prep.train, cfg(length_bucketing=False), tok.pad_token_id, batch_size=8, epoch=0,
+                               seed=0)
     n_plain = sum(1 for _ in plain)
     c = cfg(length_bucketing=True, bucket_size_multiplier=8)
     bucketed = iter_train_batches(prep.train, c, tok.pad_token_id, batch_size=8, epoch=0, seed=0)
@@ -207,6 +208,10 @@ def test_bucketing_lowers_the_padding_fraction(ray_local, tok):
     assert n_plain == n_bucketed == 32
     assert bucketed.padding_fraction < 0.5 * plain.padding_fraction, (bucketed.padding_fraction,
                                                                       plain.padding_fraction)
+    auto = iter_train_batches(prep.train, cfg(bucket_size_multiplier=8), tok.pad_token_id, batch_size=8, epoch=0,
+                              seed=0)  # the default, auto: these skewed rows are bucketed
+    assert sum(1 for _ in auto) == 32 and auto.pools_bucketed == auto.pools > 0
+    assert auto.padding_fraction == bucketed.padding_fraction
 
 
 def _order(ds, seed: int, epoch: int, **kw) -> list[int]:

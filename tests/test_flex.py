@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import random_pairs, tiny_llama
 
 from dpo_ray import flex, prefix
 from dpo_ray.config import DPOConfig
@@ -20,19 +20,7 @@ pytestmark = pytest.mark.skipif(not flex.available()[0], reason=flex.available()
 
 
 def pairs(b: int = 3, t: int = 20, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros((2 * b, t), dtype=torch.long)
-    attn, comp = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i in range(b):
-        p = int(torch.randint(2, 7, (1,), generator=g))
-        prompt = torch.randint(3, VOCAB, (p,), generator=g)
-        for row in (i, i + b):
-            n = int(torch.randint(p + 1, t + 1, (1,), generator=g))
-            ids[row, :p] = prompt
-            ids[row, p:n] = torch.randint(3, VOCAB, (n - p,), generator=g)
-            attn[row, :n] = 1
-            comp[row, p:n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+    return random_pairs(VOCAB, b, t, seed)
 
 
 def model(**kw):

@@ -14,7 +14,7 @@ import socket
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import random_pairs, tiny_llama
 
 from dpo_ray.config import DPOConfig
 
@@ -31,19 +31,7 @@ pytestmark = [pytest.mark.gpu,
 
 def pairs_batch(b: int = 4, t: int = 24, seed: int = 1) -> dict[str, torch.Tensor]:
     """Right-padded pairs [chosen; rejected] sharing each prompt (the collate's contract)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros((2 * b, t), dtype=torch.long)
-    attn, comp = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i in range(b):
-        p = int(torch.randint(3, 8, (1,), generator=g))
-        prompt = torch.randint(3, VOCAB, (p,), generator=g)
-        for row in (i, i + b):
-            n = int(torch.randint(p + 2, t + 1, (1,), generator=g))
-            ids[row, :p] = prompt
-            ids[row, p:n] = torch.randint(3, VOCAB, (n - p,), generator=g)
-            attn[row, :n] = 1
-            comp[row, p:n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+    return random_pairs(VOCAB, b, t, seed, prompt_len=(3, 8), min_completion=2)
 
 
 def to(batch: dict, device) -> dict:
