@@ -127,6 +127,7 @@ def init_ray(cfg: DPOConfig) -> None:
     data_ctx.print_on_execution_start = False
     if ray.is_initialized():
         quiet_ray_console()
+        pin_ray_data_stats_to_driver()
         return
     quiet_ray_driver_logs()
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -152,6 +153,20 @@ def init_ray(cfg: DPOConfig) -> None:
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=True)
     quiet_ray_console()
+    pin_ray_data_stats_to_driver()
+
+
+def pin_ray_data_stats_to_driver() -> None:
+    """Ray Data keeps one detached stats actor per cluster, pinned to the node of whichever process first runs a
+    dataset: in a training run that is the split coordinator or a read task on a worker node, and when that node
+    is lost every later Ray Data run on the cluster fails ("_StatsActor ... its node has died"). Created here,
+    from the driver, it lives on the driver's node (the head on a cluster). Best effort: a private Ray Data hook."""
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+
+        get_or_create_stats_actor()
+    except Exception:  # noqa: BLE001 - an older/newer Ray Data: it creates its own, as before
+        pass
 
 
 def alive_nodes() -> int:

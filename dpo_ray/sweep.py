@@ -125,7 +125,7 @@ def grid_points(param_space: dict[str, Any]) -> list[dict[str, Any]]:
 def shares_reference(cfg: DPOConfig) -> bool:
     """Whether the trials of this config can read a precomputed reference (not TR-DPO, not a PEFT adapter's)."""
     return (cfg.needs_reference and not cfg.sync_ref_model and not cfg.use_peft and not cfg.peft_adapter_path
-            and cfg.reference.source in ("actor", "local", "precomputed"))
+            and cfg.reference.source in ("auto", "actor", "local", "precomputed"))
 
 
 def trial_config(base: dict[str, Any], overrides: dict[str, Any], output_dir: str | Path,

@@ -176,7 +176,7 @@ class ReferenceScorer:
         batch["pair_chosen"], batch["pair_rejected"] = every, every
         _, _, logps, _ = self.host.logps(None, batch, None)
         ends = np.cumsum([len(n) for n in rows["group_lens"]])
-        values = np.split(logps.numpy().astype(np.float32), ends[:-1])
+        values = np.split(np.asarray(logps, dtype=np.float32), ends[:-1])  # numpy (to_wire) or a tensor
         if self.counter:
             with open(self.counter, "a") as f:
                 f.write(f"{os.getpid()} {len(rows['row_id'])}\n")
