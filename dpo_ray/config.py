@@ -214,8 +214,9 @@ class DPOConfig(BaseModel):
     truncation_mode: TruncationMode = Field("keep_start", description="keep_start: keep the first max_length tokens (rows whose prompt fills it are dropped); keep_end: keep the last")
     pad_to_multiple_of: int | None = Field(None, ge=1, description="pad batch length up to a multiple of this (tensor-core friendly on GPU)")
     length_bucketing: bool | Literal["auto"] = Field(
-        "auto", description="batch rows of similar length together (less padding); auto: per pool of "
-        "bucket_size_multiplier batches, when that saves at least 10% of the pool's padded tokens")
+        False, description="batch rows of similar length together (less padding); auto: per pool of "
+        "bucket_size_multiplier batches, when that saves at least 10% of the pool's padded tokens. Off by default "
+        "(TRL's default): on the bundled demo it halved the SFT task accuracy (docs/data.md)")
     prefix_sharing: Literal["auto", "on", "off"] = Field("auto", description="run each pair as one [prompt, chosen, rejected] row so the prompt is computed once (policy and reference); auto: on where the attention takes a custom 4-D mask (sdpa, eager) and the first batch agrees with the standard layout; on: skip that check; off: never (true/false also accepted)")
     prefix_attention: Literal["auto", "dense", "flex"] = Field("auto", description="the attention of packed pairs (prefix sharing): dense: a 4-D mask through the model's sdpa/eager attention; flex: FlexAttention's block-sparse BlockMask (skips masked blocks, fused kernel; falls back to dense with the reason where it is missing or disagrees); auto: on a GPU, prefix_sharing auto times the first batch in the standard layout, dense and flex and keeps the fastest that agrees; on the CPU, dense")
     bucket_size_multiplier: int = Field(16, ge=1, description="rows per bucket pool = multiplier × batch size")

@@ -285,12 +285,13 @@ class _Rows:
 def _auto_batches(lengths, seed=0):
     from dpo_ray.data.batching import iter_train_batches
 
-    it = iter_train_batches(_Rows(lengths), DPOConfig(bucket_size_multiplier=4), 0, batch_size=4, epoch=0, seed=seed)
+    cfg = DPOConfig(bucket_size_multiplier=4, length_bucketing="auto")
+    it = iter_train_batches(_Rows(lengths), cfg, 0, batch_size=4, epoch=0, seed=seed)
     return it, [b["row_id"].tolist() for b in it]
 
 
 def test_length_bucketing_auto_buckets_skewed_pools_only():
-    """length_bucketing auto (the default): a pool whose lengths spread widely is batched by length (much less
+    """length_bucketing auto: a pool whose lengths spread widely is batched by length (much less
     padding), a pool of equal lengths keeps the shuffled order; the same seed gives the same batches."""
     rng = np.random.default_rng(0)
     skewed = np.minimum(rng.lognormal(3.5, 1.0, 64).astype(int) + 2, 400)

@@ -208,8 +208,8 @@ def test_bucketing_lowers_the_padding_fraction(ray_local, tok):
     assert n_plain == n_bucketed == 32
     assert bucketed.padding_fraction < 0.5 * plain.padding_fraction, (bucketed.padding_fraction,
                                                                       plain.padding_fraction)
-    auto = iter_train_batches(prep.train, cfg(bucket_size_multiplier=8), tok.pad_token_id, batch_size=8, epoch=0,
-                              seed=0)  # the default, auto: these skewed rows are bucketed
+    auto = iter_train_batches(prep.train, cfg(length_bucketing="auto", bucket_size_multiplier=8), tok.pad_token_id,
+                              batch_size=8, epoch=0, seed=0)  # auto: these skewed rows are bucketed
     assert sum(1 for _ in auto) == 32 and auto.pools_bucketed == auto.pools > 0
     assert auto.padding_fraction == bucketed.padding_fraction
 
