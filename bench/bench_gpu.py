@@ -34,9 +34,26 @@ QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, 
                  tie_word_embeddings=True, vocab_size=151936)
 
 
-def save_qwen_like(out: Path) -> Path:
+def save_qwen_like(out: Path, shape: dict | None = None) -> Path:
+    """A Qwen2 model with random weights (seed 0) of ``shape`` (default Qwen2-0.5B's; the vocabulary defaults to the
+    bundled tokenizer's) and the bundled tokenizer, saved once."""
     if (out / "config.json").exists():
         return out
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from dpo_ray.data import load_tokenizer
+
+    tok = load_tokenizer(None)
+    shape = {"vocab_size": len(tok), **(QWEN2_05B if shape is None else shape)}
+    cfg = Qwen2Config(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      **shape)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 

@@ -34,3 +34,14 @@ def random_pairs(vocab: int, b: int, t: int, seed: int, prompt_len: tuple[int, i
             attn[row, :n] = 1
             comp[row, p:n] = 1
     return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+
+
+def bundled_tiny(tok, impl: str = "sdpa"):
+    """dpo_ray's default tiny Llama (the bundled tokenizer's vocabulary, seed of a default DPOConfig) with the
+    given attention implementation."""
+    from dpo_ray.config import DPOConfig
+    from dpo_ray.models import load_causal_lm
+
+    model = load_causal_lm(None, DPOConfig(), tok)
+    model.config._attn_implementation = impl
+    return model

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import bundled_tiny as tiny
 
 from dpo_ray import prefix
 from dpo_ray.config import DPOConfig
@@ -23,7 +24,6 @@ from dpo_ray.data.groups import expand_to_pairs, group_pairs, normalize_group
 from dpo_ray.data.rows import BadRow
 from dpo_ray.errors import BadRowError
 from dpo_ray.forward import PrefixSharing, pair_layout, reference_logps, sequence_forward
-from dpo_ray.models import load_causal_lm
 from dpo_ray.reference.base import NoReference, PrecomputedReference
 from dpo_ray.train.steps import dpo_step
 
@@ -34,12 +34,6 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 @pytest.fixture(scope="module")
 def tok():
     return load_processing_class(None)
-
-
-def tiny(tok, impl: str = "sdpa"):
-    model = load_causal_lm(None, CFG, tok)
-    model.config._attn_implementation = impl
-    return model
 
 
 def groups(n: int = 6, k: int = 4, seed: int = 0) -> list[dict]:

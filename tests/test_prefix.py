@@ -10,13 +10,13 @@ import json
 
 import pytest
 import torch
+from helpers import bundled_tiny as tiny
 
 from dpo_ray import prefix
 from dpo_ray.config import DPOConfig
 from dpo_ray.data import collate_pairs, load_processing_class, tokenize_rows
 from dpo_ray.data.bundled import DATA_DIR
 from dpo_ray.forward import PrefixSharing, reference_logps, sequence_forward
-from dpo_ray.models import load_causal_lm
 from dpo_ray.train.steps import dpo_step
 
 CFG = DPOConfig()
@@ -25,12 +25,6 @@ CFG = DPOConfig()
 @pytest.fixture(scope="module")
 def tok():
     return load_processing_class(None)
-
-
-def tiny(tok, impl: str = "sdpa"):
-    model = load_causal_lm(None, CFG, tok)
-    model.config._attn_implementation = impl
-    return model
 
 
 def edge_batch(vocab: int) -> dict[str, torch.Tensor]:
