@@ -54,20 +54,6 @@ def save_qwen_like(out: Path, shape: dict | None = None) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from dpo_ray.data import load_tokenizer
-
-    tok = load_tokenizer(None)
-    cfg = Qwen2Config(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      **QWEN2_05B)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
 
 
 def long_pairs(out: Path, n: int, min_tokens: int, max_tokens: int, seed: int = 0, skew: float | None = None) -> Path:

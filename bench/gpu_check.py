@@ -115,21 +115,6 @@ def save_model(out: Path, shape: dict) -> Path:
     from bench_gpu import save_qwen_like
 
     return save_qwen_like(out, shape)
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from dpo_ray.data import load_tokenizer
-
-    tok = load_tokenizer(None)
-    shape = {"vocab_size": len(tok), **shape}
-    cfg = Qwen2Config(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      **shape)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
 
 
 def flop_params(model_dir: Path) -> int:
