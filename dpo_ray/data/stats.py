@@ -85,7 +85,9 @@ class DataStats:
     """
 
     def __init__(self):
-        self.actor = _StatsActor.remote()
+        from dpo_ray.cluster import on_driver_node
+
+        self.actor = _StatsActor.options(scheduling_strategy=on_driver_node()).remote()
 
     def recorder(self, split: str, max_dropped_fraction: float = 1.0, expected_rows: int = 0) -> StatsRecorder:
         return StatsRecorder(self.actor, split, max_dropped_fraction, expected_rows)
