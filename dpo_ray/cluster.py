@@ -282,17 +282,6 @@ class ProgressBoard:
         return dict(self.state)
 
 
-def on_driver_node():
-    """Scheduling strategy for the run's small bookkeeping actors (progress board, data counts): the driver's
-    node, which lives as long as the run does; a 0-CPU actor left to Ray's default may land on a worker node
-    and be lost with it. Hard affinity: a soft one spilled to another node 3 times in 4 on a fresh head
-    whose worker pool was still starting (measured on ray 2.60, cluster_utils, 2026-11-30)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-
-
 class TrainingProgress:
     """The driver's live view of a training run: polls the board twice a second and draws ``Progress``
     (dpo_ray.progress: a bar in a terminal, a line every few seconds elsewhere); after the first steps it
@@ -306,6 +295,7 @@ class TrainingProgress:
 
         import ray
 
+        from dpo_ray.data.stats import on_driver_node
         from dpo_ray.progress import Progress
 
         # on the driver's node (the head): losing a worker node must not take the display's state with it

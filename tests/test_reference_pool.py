@@ -235,8 +235,11 @@ def test_placement_per_node_fit():
     assert problem is not None and "single node" in problem
 
 
-def test_precompute_cache_hit_on_second_call(source, source_ref, tmp_path, capsys):
+def test_precompute_cache_hit_on_second_call(source, source_ref, tmp_path, capsys, monkeypatch):
+    from dpo_ray.reference import precompute
     from dpo_ray.reference.precompute import attach_reference_logps
+
+    monkeypatch.setattr(precompute, "FINGERPRINT_BATCH", 4)  # several hash batches, cut differently per layout
 
     rng = random.Random(0)
     rows = []
@@ -259,6 +262,10 @@ def test_precompute_cache_hit_on_second_call(source, source_ref, tmp_path, capsy
     out2 = attach_reference_logps(ds, cfg, source_ref, None, split="train").take_all()
     assert "reference cache hit" in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in sorted(p for p in tmp_path.rglob("*") if p.is_file())] == mtimes
+    # the same rows in another order and other blocks (another read's layout): the same content key, a hit
+    reshaped = ray.data.from_items(rows[5:] + rows[:5], override_num_blocks=5).repartition(3)
+    attach_reference_logps(reshaped, cfg, source_ref, None, split="train").materialize()
+    assert "reference cache hit" in capsys.readouterr().out
 
     model = build(source)
     by_id = {r["row_id"]: r for r in out}

@@ -36,6 +36,16 @@ def too_many_dropped(split: str, seen: int, dropped: dict[str, int], limit: floa
     return None
 
 
+def on_driver_node():
+    """Scheduling strategy for the run's small bookkeeping actors (progress board, data counts): the driver's
+    node, which lives as long as the run does; a 0-CPU actor left to Ray's default may land on a worker node
+    and be lost with it. Hard affinity: a soft one spilled to another node 3 times in 4 on a fresh head
+    whose worker pool was still starting (measured on ray 2.60, cluster_utils, 2026-11-30)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 @ray.remote(num_cpus=0, max_restarts=0)
 class _StatsActor:
     def __init__(self):
@@ -85,8 +95,6 @@ class DataStats:
     """
 
     def __init__(self):
-        from dpo_ray.cluster import on_driver_node
-
         self.actor = _StatsActor.options(scheduling_strategy=on_driver_node()).remote()
 
     def recorder(self, split: str, max_dropped_fraction: float = 1.0, expected_rows: int = 0) -> StatsRecorder:

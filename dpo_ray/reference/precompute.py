@@ -30,6 +30,7 @@ import torch
 from dpo_ray.config import DPOConfig, redact_secrets
 
 CACHE_FORMAT = 1
+FINGERPRINT_BATCH = 1024  # rows per content-hash task (the key does not depend on it)
 ROW_COLUMNS = ["row_id", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len"]
 OUT_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
 # Prompt groups (dpo_ray.data.groups): one reference log-prob per response, a list per row.
@@ -81,16 +82,17 @@ def model_identity(ref_source: Any, cfg: DPOConfig, tokenizer) -> dict[str, Any]
 
 
 def _row_hashes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    h = hashlib.blake2b(digest_size=16)
-    rows = []
+    """Each row's 128-bit digest, summed as two 64-bit halves (mod 2**64): a sum does not depend on the rows'
+    order or on how Ray Data cut them into blocks and batches, so the same rows give the same key every time."""
+    lo = hi = 0
     for i in range(len(batch["row_id"])):
-        r = hashlib.blake2b(digest_size=8)
+        r = hashlib.blake2b(digest_size=16)
         for col in (GROUP_ROW_COLUMNS if "group_input_ids" in batch else ROW_COLUMNS):
             r.update(np.asarray(batch[col][i], dtype=np.int64).tobytes() + b"|")
-        rows.append(r.digest())
-    for d in sorted(rows):  # order-free within a batch; batches are combined order-free below
-        h.update(d)
-    return {"digest": np.array([h.hexdigest()]), "rows": np.array([len(rows)])}
+        d = r.digest()
+        lo, hi = (lo + int.from_bytes(d[:8], "little")) % 2**64, (hi + int.from_bytes(d[8:], "little")) % 2**64
+    return {"lo": np.array([lo], dtype=np.uint64), "hi": np.array([hi], dtype=np.uint64),
+            "rows": np.array([len(batch["row_id"])])}
 
 
 def dataset_fingerprint(ds: ray.data.Dataset, cfg: DPOConfig, groups: bool = False) -> dict[str, Any]:
@@ -102,11 +104,9 @@ def dataset_fingerprint(ds: ray.data.Dataset, cfg: DPOConfig, groups: bool = Fal
     if files:
         return {"files": _file_stats(files), "settings": settings}
     parts = ds.select_columns(GROUP_ROW_COLUMNS if groups else ROW_COLUMNS).map_batches(_row_hashes, batch_format="numpy",
-                                                       batch_size=1024).take_all()
-    h = hashlib.blake2b(digest_size=16)
-    for d in sorted(p["digest"] for p in parts):
-        h.update(d.encode())
-    return {"content": h.hexdigest(), "rows": int(sum(p["rows"] for p in parts)), "settings": settings}
+                                                       batch_size=FINGERPRINT_BATCH).take_all()
+    lo, hi = (sum(int(p[k]) for p in parts) % 2**64 for k in ("lo", "hi"))
+    return {"content": f"{hi:016x}{lo:016x}", "rows": int(sum(p["rows"] for p in parts)), "settings": settings}
 
 
 def tokenization_settings(cfg: DPOConfig, tokenizer) -> dict[str, Any]:
