@@ -41,9 +41,10 @@ OURS = re.compile(r"^(\S+ )?(\x1b\[\d+m)?(\(RayTrainWorker pid=\d+\)(\x1b\[0m)? 
                   r"  start-up |\[#*-*\] step|prefix sharing |length bucketing |resumed from)")
 
 
-def run(name: str, quiet: bool, work: Path, timeout: float) -> dict:
+def run(name: str, quiet: bool, work: Path, timeout: float, extra_env: dict[str, str] | None = None) -> dict:
     out = work / f"{name}_{'quiet' if quiet else 'all'}"
-    env = {**os.environ, **CHILD_ENV, "DPO_RAY_RAY_LOGS": "quiet" if quiet else "all", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **CHILD_ENV, "DPO_RAY_RAY_LOGS": "quiet" if quiet else "all", "PYTHONUNBUFFERED": "1",
+           **(extra_env or {})}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "dpo_ray", "train", "--output_dir", str(out), "--overwrite_output_dir",
            *COMMANDS[name]]
@@ -67,20 +68,29 @@ def main() -> None:
     ap.add_argument("--commands", default="demo,lora")
     ap.add_argument("--workdir", default="/tmp/dpo_ray_bench/startup")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--consoles", default="quiet,all", help="quiet (as shipped), all (DPO_RAY_RAY_LOGS=all)")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment for the measured commands (to try a setting)")
+    ap.add_argument("--by-process", action="store_true", help="print each run's peak PSS by process title")
     args = ap.parse_args()
+    extra = dict(kv.split("=", 1) for kv in args.env)
+    consoles = [c == "quiet" for c in args.consoles.split(",")]
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     names = args.commands.split(",")
-    runs: dict[str, list[dict]] = {f"{n}/{m}": [] for n in names for m in ("quiet", "all")}
+    runs: dict[str, list[dict]] = {f"{n}/{'quiet' if q else 'all'}": [] for n in names for q in consoles}
     for rep in range(args.repeats):
         for n in names:
-            for quiet in (True, False):
+            for quiet in consoles:
                 key = f"{n}/{'quiet' if quiet else 'all'}"
-                r = run(n, quiet, work, args.timeout)
+                r = run(n, quiet, work, args.timeout, extra)
                 runs[key].append(r)
                 first = r["startup"].get("first step", float("nan"))
                 print(f"[{rep}] {key}: rc {r['rc']}, first step {first:.1f}s, wall {r['wall_s']:.1f}s, "
                       f"PSS {r['peak_pss_mib']:.0f} MiB, console {r['useful']}/{r['lines']} lines useful", flush=True)
+                if args.by_process:
+                    for title, v in r["peak_pss_by_process"].items():
+                        print(f"      {v['mib']:6d} MiB  {v['n']:2d} x {title}")
     stages = ["imports", "ray", "data plan", "model", "reference pool", "fit", "worker", "policy", "engine",
               "reference ready", "first batch", "first step"]
     rows, summary = [], {}

@@ -123,6 +123,7 @@ class TreeMemory:
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_procs = 0
+        self.peak_breakdown: dict[str, list[int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -134,13 +135,19 @@ class TreeMemory:
         except psutil.Error:
             return
         rss = pss = 0
+        by_name: dict[str, list[int]] = {}  # process title -> PSS of each such process, bytes
         for p in procs:
             try:
                 info = p.memory_full_info()
+                name = " ".join(p.cmdline()[:1])[:60] or p.name()
             except psutil.Error:
                 continue
             rss += info.rss
             pss += getattr(info, "pss", info.rss)
+            by_name.setdefault(os.path.basename(name.split()[0]) if name.startswith("/") else name, []).append(
+                getattr(info, "pss", info.rss))
+        if pss > self.peak_pss:
+            self.peak_breakdown = by_name
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
         self.peak_procs = max(self.peak_procs, len(procs))
 
@@ -158,8 +165,10 @@ class TreeMemory:
         self._thread.join()
 
     def report(self) -> dict[str, float]:
+        by = sorted(self.peak_breakdown.items(), key=lambda kv: -sum(kv[1]))
         return {"peak_rss_mib": self.peak_rss / 2**20, "peak_pss_mib": self.peak_pss / 2**20,
-                "peak_processes": self.peak_procs}
+                "peak_processes": self.peak_procs,
+                "peak_pss_by_process": {k: {"n": len(v), "mib": round(sum(v) / 2**20)} for k, v in by}}
 
 
 def run_child(args: list[str], out_json: Path, timeout: float, env: dict[str, str] | None = None,
