@@ -3,9 +3,10 @@
 Rows are read from the shard in pools of ``pool × batch_size`` rows. Each pool is permuted with a
 generator seeded by (seed, epoch) -- the same order for the same seed and epoch -- and, with
 ``length_bucketing``, sorted by length, cut into batches, and the batches shuffled again, so a batch
-holds rows of similar length and pads less. ``length_bucketing: auto`` (the default) decides per pool from
-the pool's own lengths: bucketed when that pads at least ``AUTO_MIN_SAVING`` fewer of the pool's tokens than
-the shuffled batches would; a decision from the data and the seeded order only, so runs stay reproducible. The final partial batch of the shard is dropped: with
+holds rows of similar length and pads less. ``length_bucketing: auto`` (opt-in; off by default, as TRL) decides
+per pool from the pool's own lengths: bucketed when that pads at least ``AUTO_MIN_SAVING`` fewer of the pool's
+tokens than the shuffled batches would; a decision from the data and the seeded order only, so runs stay
+reproducible. The final partial batch of the shard is dropped: with
 ``streaming_split(equal=True)`` (Ray Train's default) every worker holds the same number of rows, so
 every worker yields the same number of batches (``rows_per_worker // batch_size``) and no collective
 waits for a worker that has run out.
