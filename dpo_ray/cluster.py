@@ -256,32 +256,6 @@ def check_nodes_see_paths(cfg: DPOConfig) -> None:
         raise ConfigError(problems)
 
 
-class ProgressBoard:
-    """Where rank 0 posts its start and each optimizer step (a zero-CPU actor); the driver's progress display
-    reads it. Times are taken here, on the board, so rates do not depend on when the driver happens to poll."""
-
-    def __init__(self):
-        self.state: dict = {"step": None}
-        self.stages: dict[str, float] = {}  # rank 0's start-up marks (dpo_ray.timeline), wall clock
-
-    def mark(self, name: str, at: float) -> None:
-        self.stages.setdefault(name, at)
-
-    def marks(self) -> dict[str, float]:
-        return dict(self.stages)
-
-    def post(self, step: int, fields: dict) -> None:
-        import time
-
-        now = time.time()
-        self.state.update(fields)
-        self.state.update(step=step, t=now)
-        self.state.setdefault("first", (step, now))  # the loop's start (or resume) step and time
-
-    def read(self) -> dict:
-        return dict(self.state)
-
-
 class TrainingProgress:
     """The driver's live view of a training run: polls the board twice a second and draws ``Progress``
     (dpo_ray.progress: a bar in a terminal, a line every few seconds elsewhere); after the first steps it
@@ -295,11 +269,11 @@ class TrainingProgress:
 
         import ray
 
-        from dpo_ray.data.stats import on_driver_node
+        from dpo_ray.ledger import ProgressBoard, on_driver_node
         from dpo_ray.progress import Progress
 
         # on the driver's node (the head): losing a worker node must not take the display's state with it
-        self.board = ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=on_driver_node()).remote()
+        self.board = ProgressBoard.options(scheduling_strategy=on_driver_node()).remote()
         self.marks: dict[str, float] = {}  # rank 0's start-up marks, read when the run ends
         self.total, self.pairs_per_step = total_steps, pairs_per_step
         self.desc = f"dpo-ray {mode}"

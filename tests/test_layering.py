@@ -5,7 +5,7 @@ Floors, ground up (docs/CONTRACTS.md, "Layers"):
   0 math        errors, logprobs, losses, prefix, flex, forward (the model forward policy and reference share),
                 vision (what a processor is), vision.images, plotting, progress (the console display),
                 optim and schedule (optimizers and LR schedules by TrainingArguments name)
-  1 data        data.*
+  1 data        data.*, ledger (the bookkeeping actors: Ray and the standard library only)
   2 config      config, paths, trl_keys (what each TRL key means here)
   3 models      models, adapters, vision.tiny
   4 reference   reference.*
@@ -26,7 +26,7 @@ PKG = Path(__file__).resolve().parents[1] / "dpo_ray"
 FLOORS = [
     (0, ("errors", "logprobs", "losses", "prefix", "flex", "forward", "vision", "vision.images", "plotting", "progress", "timeline",
          "optim", "schedule")),
-    (1, ("data",)),
+    (1, ("data", "ledger")),
     (2, ("config", "paths", "trl_keys")),
     (3, ("models", "adapters", "vision.tiny")),
     (4, ("reference",)),
@@ -121,3 +121,15 @@ def test_the_walker_sees_what_it_should():
     assert "train.setup" in GRAPH["train.loop"] and "reference.build" in GRAPH["train.setup"]
     assert "prefix" in GRAPH["forward"]  # `from dpo_ray import prefix`
     assert floor("vision.tiny") == 3 and floor("vision") == 0 and floor("") == 8
+
+
+def test_the_bookkeeping_actors_module_stays_small():
+    """dpo_ray.ledger's actors run in their own Ray processes on every run: importing it (and the package)
+    pulls in no torch, transformers or pydantic (each was a ~190 MiB process importing torch)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dpo_ray.ledger; heavy = [m for m in ('torch', 'transformers', 'pydantic', 'deepspeed') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

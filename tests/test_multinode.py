@@ -142,7 +142,7 @@ def test_reference_node_lost_mid_run_and_replaced(cluster, tmp_path, monkeypatch
     assert placed["RayTrainWorker"] == {policy.node_id}, placed
     assert placed["ReferenceModelHost"] == {reference.node_id}, placed
     # the run's bookkeeping (data counts, progress board) lives on the driver's node, not one that can be lost
-    assert placed["_StatsActor"] == placed["ProgressBoard"] == {cluster.head_node.node_id}, placed
+    assert placed["DataCounts"] == placed["ProgressBoard"] == {cluster.head_node.node_id}, placed
     cluster.remove_node(reference)
     run.go()
     time.sleep(6)  # the workers ask the lost actor for step 2's answers and wait
@@ -200,7 +200,7 @@ def test_policy_node_lost_restarts_from_checkpoint(cluster, tmp_path, monkeypatc
     assert placed["RayTrainWorker"] == {policy.node_id}, placed
     assert placed["ReferenceModelHost"] == {reference.node_id}, placed
     # the run's bookkeeping (data counts, progress board) lives on the driver's node, not one that can be lost
-    assert placed["_StatsActor"] == placed["ProgressBoard"] == {cluster.head_node.node_id}, placed
+    assert placed["DataCounts"] == placed["ProgressBoard"] == {cluster.head_node.node_id}, placed
     time.sleep(2)  # Ray Train's controller registers step 1's checkpoint (it polls every 0.5 s)
     cluster.remove_node(policy)
     time.sleep(3)

@@ -16,6 +16,7 @@ import ray
 
 from dpo_ray.data.rows import BAD_ROW_KINDS
 from dpo_ray.errors import TooFewRowsError
+from dpo_ray.ledger import DataCounts, on_driver_node
 
 DROP_CHECK_MIN_ROWS = 2000  # rows read before the running dropped fraction may stop a run
 _FIX = ("run `dpo-ray inspect-data` with the same flags to list the bad rows; fix the data, or raise "
@@ -34,38 +35,6 @@ def too_many_dropped(split: str, seen: int, dropped: dict[str, int], limit: floa
         return (f"{n} of {seen} {split} rows read were dropped ({n / seen:.0%}, above max_dropped_fraction="
                 f"{limit:g}; {kinds}): the data is mostly unusable for this run; {_FIX}")
     return None
-
-
-def on_driver_node():
-    """Scheduling strategy for the run's small bookkeeping actors (progress board, data counts): the driver's
-    node, which lives as long as the run does; a 0-CPU actor left to Ray's default may land on a worker node
-    and be lost with it. Hard affinity: a soft one spilled to another node 3 times in 4 on a fresh head
-    whose worker pool was still starting (measured on ray 2.60, cluster_utils, 2026-11-30)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-
-
-@ray.remote(num_cpus=0, max_restarts=0)
-class _StatsActor:
-    def __init__(self):
-        self.parts: dict[tuple, dict] = {}
-        self.totals: dict[str, dict[str, Any]] = {}  # split -> {"seen", "dropped": Counter}, kept current
-
-    def record(self, key: tuple, part: dict) -> dict[str, Any]:
-        """Store one piece's counts; return its split's totals {"seen", "dropped": {kind: n}}."""
-        t = self.totals.setdefault(key[0], {"seen": 0, "dropped": Counter()})
-        old = self.parts.get(key)
-        if old is not None:  # the same piece read again (next epoch, retried task): replace, not add
-            t["seen"] -= old["seen"]
-            t["dropped"].subtract(old["dropped"])
-        self.parts[key] = part
-        t["seen"] += part["seen"]
-        t["dropped"].update(part["dropped"])
-        return {"seen": t["seen"], "dropped": {k: v for k, v in t["dropped"].items() if v}}
-
-    def parts_list(self) -> list[tuple[tuple, dict]]:
-        return list(self.parts.items())
 
 
 def summarize(parts: list[tuple[tuple, dict]]) -> dict[str, Any]:
@@ -95,7 +64,7 @@ class DataStats:
     """
 
     def __init__(self):
-        self.actor = _StatsActor.options(scheduling_strategy=on_driver_node()).remote()
+        self.actor = DataCounts.options(scheduling_strategy=on_driver_node()).remote()
 
     def recorder(self, split: str, max_dropped_fraction: float = 1.0, expected_rows: int = 0) -> StatsRecorder:
         return StatsRecorder(self.actor, split, max_dropped_fraction, expected_rows)
