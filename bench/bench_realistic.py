@@ -15,7 +15,7 @@ Configurations (bench_throughput.py runs each in its own process, alternated ``-
   dpo_ray_1w+nobucket   1 worker, the shuffled order TRL is given too: per-step losses on identical batches
   trl                   TRL DPOTrainer, 1 process, 2 torch threads, in-process reference, fp32
 
-    python bench/bench_realistic.py [--pairs 200] [--batch 8] [--repeats 2]
+    python bench/bench_realistic.py [--pairs 200] [--batch 8] [--repeats 2] [--configs ...] [--name realistic]
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--completion_median", type=int, default=150)
     ap.add_argument("--configs", default="dpo_ray_2w,dpo_ray_1w+nobucket,trl")
     ap.add_argument("--workdir", default="/tmp/dpo_ray_bench/realistic")
+    ap.add_argument("--name", default="realistic", help="bench/results/<name>.json")
     args = ap.parse_args()
     work = Path(args.workdir)
     model = save_model(work)
@@ -144,7 +145,7 @@ def main() -> None:
     cmd = [sys.executable, str(BENCH / "bench_throughput.py"), "--model_dir", str(model), "--data_file", str(data),
            "--pairs", str(args.pairs), "--batch", str(args.batch), "--max_length", "1024", "--repeats",
            str(args.repeats), "--warmup", "3", "--configs", args.configs, "--workdir", str(work / "runs"),
-           "--name", "realistic", "--timeout", "1500"]
+           "--name", args.name, "--timeout", "1500"]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
