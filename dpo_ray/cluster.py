@@ -156,6 +156,40 @@ def init_ray(cfg: DPOConfig) -> None:
     pin_ray_data_stats_to_driver()
 
 
+def started_here() -> bool:
+    """Whether this process started the Ray it is connected to (a local run, or a test's local Ray), rather
+    than joining a cluster (ray.address / RAY_ADDRESS, `ray job submit`). Ray's private node handle."""
+    import ray._private.worker as worker
+
+    node = getattr(worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
+
+
+def torch_trainer_class():
+    """Ray Train's TorchTrainer; on a Ray this process started, without Ray Train's placement-group cleaner.
+
+    The cleaner is a detached actor that removes the run's placement group if the Train controller dies while
+    the cluster lives on. A Ray started by this process ends with it, placement groups included, so there it is
+    only one more process to start with every run (~117 MiB, a torch-free Ray import) and a poller of a state API
+    this Ray serves without a dashboard. Joined clusters keep it. Ray's private callback hook: when Ray renames it,
+    the stock trainer is used, cleaner included."""
+    from ray.train.torch import TorchTrainer
+
+    if not started_here() or not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
+
+
 def pin_ray_data_stats_to_driver() -> None:
     """Ray Data keeps one detached stats actor per cluster, pinned to the node of whichever process first runs a
     dataset: in a training run that is the split coordinator or a read task on a worker node, and when that node

@@ -20,6 +20,7 @@ from dpo_ray.cluster import (
     check_nodes_see_paths,
     cluster_has_gpu,
     init_ray,
+    torch_trainer_class,
     worker_env,
     worker_resources,
 )
@@ -87,8 +88,6 @@ class DPOTrainer:
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         import ray
         import ray.train
-        from ray.train.torch import TorchTrainer
-
         from dpo_ray.data import build_datasets, load_processing_class, unwrap_data_error
         from dpo_ray.train.loop import train_loop_per_worker
         from dpo_ray.train.setup import LoopConfig
@@ -171,7 +170,7 @@ class DPOTrainer:
                           "some workers get no full eval batch, so eval metrics may be missing or cover few rows. "
                           "Give more eval rows, or lower per_device_eval_batch_size", file=sys.stderr, flush=True)
             best = cfg.best_model_metric()
-            trainer = TorchTrainer(
+            trainer = torch_trainer_class()(
                 train_loop_per_worker,
                 train_loop_config={"loop": lc},
                 scaling_config=ray.train.ScalingConfig(

@@ -143,6 +143,7 @@ def test_reference_node_lost_mid_run_and_replaced(cluster, tmp_path, monkeypatch
     assert placed["ReferenceModelHost"] == {reference.node_id}, placed
     # the run's bookkeeping (data counts, progress board) lives on the driver's node, not one that can be lost
     assert placed["DataCounts"] == placed["ProgressBoard"] == {cluster.head_node.node_id}, placed
+    assert "PlacementGroupCleaner" in placed, placed  # a joined cluster keeps Ray Train's cleaner
     cluster.remove_node(reference)
     run.go()
     time.sleep(6)  # the workers ask the lost actor for step 2's answers and wait

@@ -77,6 +77,11 @@ def test_zero_stages_train_every_parameter(ray_local, tmp_path, stage):
     report = json.loads((Path(out.output_dir) / "report.json").read_text())
     assert report["steps"] == 4
     assert (Path(out.output_dir) / "metrics.png").stat().st_size > 1000
+    if stage == 0:  # a Ray this process started: no placement-group cleaner process (cluster.torch_trainer_class)
+        from ray._private.state import state
+
+        started = {a["ActorClassName"] for a in state.actor_table(None).values()}
+        assert "TrainController" in started and "PlacementGroupCleaner" not in started, started
 
 
 def test_two_workers_equal_one_worker_with_accumulation(ray_local, tmp_path):
