@@ -301,8 +301,6 @@ class TrainingProgress:
     def __init__(self, mode: str, total_steps: int, pairs_per_step: int):
         import threading
 
-        import ray
-
         from dpo_ray.ledger import ProgressBoard, on_driver_node
         from dpo_ray.progress import Progress
 

@@ -88,6 +88,7 @@ class DPOTrainer:
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         import ray
         import ray.train
+
         from dpo_ray.data import build_datasets, load_processing_class, unwrap_data_error
         from dpo_ray.train.loop import train_loop_per_worker
         from dpo_ray.train.setup import LoopConfig
