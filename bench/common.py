@@ -135,17 +135,17 @@ class TreeMemory:
         except psutil.Error:
             return
         rss = pss = 0
-        by_name: dict[str, list[int]] = {}  # process title -> PSS of each such process, bytes
+        by_name: dict[str, list[int]] = {}  # process title (argv[0]; a path's file name) -> each one's PSS, bytes
         for p in procs:
             try:
                 info = p.memory_full_info()
-                name = " ".join(p.cmdline()[:1])[:60] or p.name()
+                title = (p.cmdline() or [p.name()])[0]
             except psutil.Error:
                 continue
+            p_pss = getattr(info, "pss", info.rss)
             rss += info.rss
-            pss += getattr(info, "pss", info.rss)
-            by_name.setdefault(os.path.basename(name.split()[0]) if name.startswith("/") else name, []).append(
-                getattr(info, "pss", info.rss))
+            pss += p_pss
+            by_name.setdefault(os.path.basename(title) if title.startswith("/") else title[:60], []).append(p_pss)
         if pss > self.peak_pss:
             self.peak_breakdown = by_name
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
