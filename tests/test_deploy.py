@@ -1,6 +1,7 @@
-"""deploy/: the KubeRay manifests, the Dockerfile and the submit script, checked without a cluster.
+"""deploy/: the KubeRay manifests, the Dockerfile and the submit script, checked without a Kubernetes cluster.
 
-What KubeRay needs to accept the objects, that the Ray custom resources the worker groups advertise are
+What KubeRay needs to accept the objects (the CRD schemas of KubeRay 1.6.2 and 1.7.0), what every Ray pod's
+container command hands to Ray (the operator's line through bash, into Ray's own `ray start` parser), that the Ray custom resources the worker groups advertise are
 the ones the referenced example config requests (so the job is schedulable and policy/reference land
 on different GPUs), that every path the run writes is on the shared volume, and that nothing secret
 or exposed is committed.
@@ -8,11 +9,18 @@ or exposed is committed.
 
 from __future__ import annotations
 
+import functools
+import gzip
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import kuberay
 import pytest
 import yaml
 
@@ -20,7 +28,7 @@ from dpo_ray.config import DPOConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
+MANIFESTS = sorted(p for p in DEPLOY.glob("*.yaml") if not p.name.startswith("kustomiz"))
 SHARED = "/mnt/shared"
 BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|CREDENTIAL", re.I)
@@ -49,15 +57,27 @@ def _groups(spec: dict) -> list[tuple[str, dict]]:
 
 
 def _ray_resources(group: dict) -> dict[str, float]:
-    """Custom resources from rayStartParams.resources, parsed as the KubeRay operator parses them: JSON, as is. (The
-    old shell-quoted form '"{\\"x\\": 1}"' is a JSON *string*: the operator's parse fails, so it never derives
-    num-gpus from it.)"""
+    """Custom resources as Ray receives them: rayStartParams.resources goes into the pod's bash line as
+    --resources=VALUE (shell text), bash hands Ray what is left after its quoting, and Ray's own parser reads that."""
     raw = group.get("rayStartParams", {}).get("resources")
     if raw is None:
         return {}
-    value = json.loads(raw)
-    assert isinstance(value, dict), f"rayStartParams.resources {raw!r} is not a JSON object (the operator's parse fails)"
-    return value
+    from ray._private.utils import parse_resources_json
+    from ray.autoscaler._private.cli_logger import cf, cli_logger
+
+    (arg,) = _bash_words(f"--resources={raw}")
+    value = arg.split("=", 1)[1]
+    try:
+        return parse_resources_json(value, cli_logger, cf)
+    except Exception as e:  # cli_logger.abort raises click's ClickException
+        raise AssertionError(f"rayStartParams.resources {raw!r} reaches Ray as {value!r}, which Ray refuses") from e
+
+
+def _bash_words(text: str) -> list[str]:
+    """The words bash makes of `text` (bash itself, not a Python imitation)."""
+    proc = subprocess.run(["bash", "-c", f'printf "%s\\0" {text}'], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split("\0")[:-1]
 
 
 def _pod_spec(group: dict) -> dict:
@@ -261,7 +281,8 @@ def test_outputs_and_checkpoints_go_to_shared_storage():
         cfg_path, flags = _referenced_config(path, doc)
         cfg = load_config(cfg_path, flags)
         assert cfg.output_dir.startswith(SHARED + "/"), f"{path.name}: output_dir {cfg.output_dir} not shared"
-        assert (cfg.ray.storage_path or "").startswith(SHARED + "/"), f"{cfg_path.name}: ray.storage_path"
+        # checkpoints: output_dir/ray_results/<run_name> (one run's own), or an explicit shared storage_path
+        assert cfg.ray.storage_path is None or cfg.ray.storage_path.startswith(SHARED + "/"), cfg_path.name
         for attr in ("model_name_or_path", "dataset_name"):
             value = getattr(cfg, attr)
             assert value is None or value.startswith(SHARED + "/"), f"{cfg_path.name}: {attr} not on {SHARED}"
@@ -303,32 +324,69 @@ def test_dashboard_not_exposed():
             assert value not in ("LoadBalancer", "NodePort"), f"{path.name}: {value} exposes a port"
 
 
-def test_one_image_everywhere_built_from_the_dockerfile():
-    images = {c["image"] for _, d in DOCS for c in _all_containers(d)}
-    assert len(images) == 1, f"every pod should run the same image (Ray versions must match): {images}"
+def test_one_image_everywhere_built_from_the_dockerfile(tmp_path):
+    """Every Ray pod and the asset Job run `image: dpo-ray`, which deploy/kustomization.yaml names once; the RayJob's
+    submitter runs Ray's CPU image (the same Ray, no GPU layers)."""
+    job = next(d for _, d in RAY_DOCS if d["kind"] == "RayJob")
+    submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    images = {c["image"] for _, d in DOCS for c in _all_containers(d) if c not in submitter}
+    assert images == {"dpo-ray"}, f"every pod should name the one image kustomize sets: {images}"
+    assert [c["image"] for c in submitter] == [f"rayproject/ray:{_constraint('ray')}-py311"], submitter
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    assert [i["name"] for i in kustomization["images"]] == ["dpo-ray"]
+    assert set(kustomization["resources"]) == {p.name for p in MANIFESTS}
+    kubectl = shutil.which("kubectl")
+    if kubectl:  # kustomize as kubectl runs it: every dpo-ray image rewritten, KubeRay's kinds included
+        built = subprocess.run([kubectl, "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60)
+        assert built.returncode == 0, built.stderr
+        want = f"{kustomization['images'][0]['newName']}:{kustomization['images'][0]['newTag']}"
+        out = list(yaml.safe_load_all(built.stdout))
+        got = {c["image"] for d in out for c in _all_containers(d)}
+        assert got == {want, submitter[0]["image"]}, got
+        assert {d["kind"] for d in out} == {d["kind"] for _, d in DOCS}
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    m = re.search(r"^ARG BASE_IMAGE=rayproject/ray:(\S+)\s*\nFROM \$\{BASE_IMAGE\}", dockerfile, re.M)
-    assert m, "deploy/Dockerfile should build FROM rayproject/ray (ARG BASE_IMAGE, so a digest can pin it)"
-    tag = m.group(1)
+    assert re.search(r"^ARG BASE_IMAGE=rayproject/ray:(\S+)\s*\nARG BASE_DIGEST=\s*\n"
+                     r"FROM \$\{BASE_IMAGE\}\$\{BASE_DIGEST:\+@\}\$\{BASE_DIGEST\}", dockerfile, re.M), \
+        "deploy/Dockerfile should build FROM rayproject/ray, by digest (ARG BASE_DIGEST)"
+    tag = re.search(r"^ARG BASE_IMAGE=rayproject/ray:(\S+)", dockerfile, re.M).group(1)
+    assert re.search(r'if \[ -z "\$BASE_DIGEST" \] && \[ "\$ALLOW_UNPINNED_BASE" != "1" \]; then.*?exit 1', dockerfile,
+                     re.S), "an unpinned base must stop the build unless ALLOW_UNPINNED_BASE=1"
     assert "BuildKit" in dockerfile and dockerfile.startswith("# syntax=docker/dockerfile:1"), \
         "the per-Dockerfile .dockerignore needs BuildKit: say so"
-    assert "@sha256:" in dockerfile, "say how to pin the base image by digest"
     assert tag.startswith(_constraint("ray") + "-py3"), f"base tag {tag} != constraints.txt ray {_constraint('ray')}"
     assert re.search(r"-(gpu|cu\d+)$", tag), f"base tag {tag} should be a GPU build"
-    assert "COPY" in dockerfile and "constraints.txt" in dockerfile
-    assert re.search(r"pip install[^\n]*-c constraints\.txt[^\n]*\s\.(\s|$)", dockerfile), \
-        "the Dockerfile should pip install the package (.) pinned by constraints.txt"
-    assert re.search(r"COPY[^\n]*examples\s+\./examples|COPY[^\n]*examples\s+/app/examples", dockerfile), \
+    # layer caching: the dependencies from pyproject.toml + constraints.txt only, then the package without deps
+    lines = [line for line in dockerfile.splitlines() if re.match(r"(COPY|RUN|ENV|USER|WORKDIR)\b", line)]
+    first_copy_of_code = next(i for i, line in enumerate(lines) if re.match(r"COPY\b.*\bdpo_ray\b", line))
+    deps = next(i for i, line in enumerate(lines) if line.startswith("RUN") and "tomllib" in line)
+    assert deps < first_copy_of_code, "dependencies must be installed before the package is copied"
+    copied_before = " ".join(line for line in lines[:deps] if line.startswith("COPY"))
+    assert set(re.findall(r"\S+\.(?:toml|txt)", copied_before)) == {"pyproject.toml", "constraints.txt"}, copied_before
+    assert re.search(r"pip install --no-cache-dir --no-deps \.", dockerfile)
+    # the dependency step's own snippet, run here: it lists exactly pyproject.toml's dependencies
+    snippet = re.search(r'python -c "import tomllib;[^"]+"', dockerfile).group(0)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    listed = subprocess.run(["sh", "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    assert listed.returncode == 0, listed.stderr
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert listed.stdout.split() == project["dependencies"]
+    assert re.search(r"COPY[^\n]*examples\s+\./examples", dockerfile), \
         "the manifests read /app/examples/*.yaml: copy examples/ into the image"
     workdir = re.search(r"^WORKDIR\s+(\S+)", dockerfile, re.M)
     assert workdir and workdir.group(1) == "/app"
+    assert "PYTHONUNBUFFERED=1" in dockerfile
 
 
 def test_rayjob_and_raycluster_describe_the_same_cluster():
     job = next(d for _, d in RAY_DOCS if d["kind"] == "RayJob")
     cluster = next(d for _, d in RAY_DOCS if d["kind"] == "RayCluster")
-    assert job["spec"]["rayClusterSpec"] == cluster["spec"], \
-        "deploy/rayjob.yaml's rayClusterSpec drifted from deploy/raycluster.yaml's spec"
+    spec = json.loads(json.dumps(job["spec"]["rayClusterSpec"]))
+    for _, group in _groups(spec):  # the label deploy/networkpolicy.yaml selects the job's pods by
+        assert group["template"]["metadata"]["labels"].pop("dpo-ray/job") == job["metadata"]["name"]
+    assert spec == cluster["spec"], "deploy/rayjob.yaml's rayClusterSpec drifted from deploy/raycluster.yaml's spec"
 
 
 def _submit(tmp_path, *args: str, **env: str):
@@ -420,30 +478,100 @@ def test_object_store_fits_in_dev_shm():
             assert _quantity(shm["sizeLimit"]) < 0.5 * memory, f"{path.name}: /dev/shm counts against the memory limit"
 
 
+POD_SECURITY = {"runAsUser": 1000, "runAsGroup": 100, "runAsNonRoot": True, "fsGroup": 100,
+                "fsGroupChangePolicy": "OnRootMismatch"}
+
+
 def test_pods_can_write_the_shared_volume():
-    """The image runs as uid 1000 (gid 100): fsGroup on every pod, and the asset Job creates the directories
-    group-writable for exports that ignore fsGroup; the PVC names a storage class to replace."""
+    """The image runs as uid 1000 (gid 100), said explicitly in every pod; fsGroup changes ownership only when the
+    volume's root does not match (OnRootMismatch: a full volume is not walked at every pod start); the PVC names a
+    storage class to replace."""
     for path, doc in DOCS:
         if doc["kind"] in ("RayJob", "RayCluster"):
             for name, group in _groups(_cluster_spec(doc)):
-                assert _pod_spec(group).get("securityContext", {}).get("fsGroup") == 100, f"{path.name}: {name} fsGroup"
+                assert _pod_spec(group).get("securityContext") == POD_SECURITY, f"{path.name}: {name} securityContext"
         if doc["kind"] == "Job":
-            spec = doc["spec"]["template"]["spec"]
-            assert spec.get("securityContext", {}).get("fsGroup") == 100
-            init = " ".join(" ".join(c.get("command", [])) for c in spec.get("initContainers", []))
-            for d in ("outputs", "ray_results", "ray-logs"):
-                assert d in init, f"{path.name}: the init step does not create /mnt/shared/{d}"
-            assert "chown 1000:100" in init and "chmod 2775" in init
+            assert doc["spec"]["template"]["spec"].get("securityContext") == POD_SECURITY
         if doc["kind"] == "PersistentVolumeClaim":
             assert "REPLACE" in doc["spec"].get("storageClassName", ""), \
                 "pvc.yaml: an explicit storageClassName placeholder (an unset class binds the default, often RWO)"
     text = (ROOT / "docs" / "deploy.md").read_text()
-    assert "kubectl get pvc dpo-ray-shared" in text and "Bound" in text and "fsGroup" in text
+    for needle in ("kubectl get pvc dpo-ray-shared", "Bound", "fsGroupChangePolicy", "no_root_squash", "anonuid",
+                   "uid=1000", "ownerUid"):
+        assert needle in text, f"docs/deploy.md should say {needle}"
+
+
+def _init_script(name: str, shared: Path) -> str:
+    job = next(d for _, d in DOCS if d["kind"] == "Job")
+    (container,) = [c for c in job["spec"]["template"]["spec"]["initContainers"] if c["name"] == name]
+    assert container["command"][:2] == ["sh", "-c"]
+    return container["command"][2].replace(SHARED, str(shared))
+
+
+def _as_user(uid: int, gid: int):
+    def demote():
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    return demote
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the init steps as root and as uid 1000, as the pod does")
+def test_asset_job_init_steps_on_a_root_owned_volume():
+    """deploy/prepare-assets.yaml's init steps, run as the pod runs them (sh; root, then uid 1000 gid 100) on a
+    root-owned folder standing in for the export: the best-effort chown makes it writable; where the chown cannot
+    help (a squashed root, a fixed owner: here, the folders left root-owned 0755), the check fails naming the fix."""
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="dporay-volume-", dir="/tmp"))  # uid 1000 can reach it (pytest's cannot)
+    os.chmod(tmp_path, 0o755)
+    try:
+        _run_init_steps(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _run_init_steps(tmp_path: Path) -> None:
+    job = next(d for _, d in DOCS if d["kind"] == "Job")
+    inits = {c["name"]: c for c in job["spec"]["template"]["spec"]["initContainers"]}
+    assert list(inits) == ["volume-permissions", "check-writable"]
+    assert inits["volume-permissions"]["securityContext"]["runAsUser"] == 0
+    assert "securityContext" not in inits["check-writable"], "the check runs as the pod's uid 1000"
+    dirs = ["models", "data", "outputs", "ray-logs", "hf-cache"]
+    for volume, chown_works in (("exported", True), ("squashed", False)):
+        shared = tmp_path / volume
+        shared.mkdir(mode=0o755)
+        if chown_works:
+            fixed = subprocess.run(["sh", "-c", _init_script("volume-permissions", shared)], capture_output=True,
+                                   text=True, timeout=60)
+            assert fixed.returncode == 0 and "owned by 1000:100" in fixed.stdout, fixed.stdout + fixed.stderr
+        else:  # what root_squash leaves: the directories exist, root-owned, and the chown did nothing
+            for d in dirs:
+                (shared / d).mkdir(mode=0o755)
+        check = subprocess.run(["sh", "-c", _init_script("check-writable", shared)], capture_output=True, text=True,
+                               timeout=60, preexec_fn=_as_user(1000, 100))
+        if chown_works:
+            assert check.returncode == 0, check.stderr
+            assert all((shared / d).stat().st_uid == 1000 for d in dirs)
+            assert not list(shared.rglob(".dpo-ray-write-check-*")), "the probe files are removed"
+        else:
+            assert check.returncode == 1, check.stdout
+            for needle in ("uid 1000 gid 100 cannot write", "no_root_squash", "anonuid=1000", "uid=1000,gid=100",
+                           "ownerUid 1000"):
+                assert needle in check.stderr, check.stderr
+    # as a non-root user (the chown refused), the best-effort step still lets the Job go on to the check
+    shared = tmp_path / "nonroot"
+    shared.mkdir(mode=0o777)
+    refused = subprocess.run(["sh", "-c", _init_script("volume-permissions", shared)], capture_output=True, text=True,
+                             timeout=60, preexec_fn=_as_user(1000, 100))
+    assert refused.returncode == 0 and "refused" in refused.stdout, refused.stdout + refused.stderr
 
 
 def test_token_authentication_and_network_policy():
     """The dashboard binds 0.0.0.0, so any pod could reach the Jobs API: token authentication from a Secret
-    (authOptions) and a NetworkPolicy that admits only the Ray pods (and the RayJob submitter on 8265)."""
+    (authOptions), and per cluster a NetworkPolicy that selects only that cluster's pods (the operator's
+    ray.io/cluster label for the RayCluster; the job's own dpo-ray/job label for the RayJob, whose cluster the
+    operator names) and admits its own pods, the submitter and the operator on 8265, the scraper on the metrics ports."""
     for path, doc in RAY_DOCS:
         spec = _cluster_spec(doc)
         assert spec.get("authOptions", {}).get("mode") == "token", f"{path.name}: authOptions.mode: token"
@@ -451,29 +579,46 @@ def test_token_authentication_and_network_policy():
         for name, group in _groups(spec):
             labels = group["template"].get("metadata", {}).get("labels", {})
             assert labels.get("app.kubernetes.io/name") == "dpo-ray", f"{path.name}: {name} pods need the label"
-    policies = [d for _, d in DOCS if d["kind"] == "NetworkPolicy"]
-    assert len(policies) == 1, "deploy/ should hold one NetworkPolicy for the Ray pods"
-    pol = policies[0]["spec"]
-    assert pol["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "dpo-ray"}
-    assert "Ingress" in pol["policyTypes"]
+            ports = {p.get("name"): p["containerPort"] for p in _container(group).get("ports", [])}
+            assert ports.get("metrics") == 8080, f"{path.name}: {name} should name its metrics port"
+    policies = {d["metadata"]["name"]: d["spec"] for _, d in DOCS if d["kind"] == "NetworkPolicy"}
+    cluster = next(d for _, d in RAY_DOCS if d["kind"] == "RayCluster")
     job = next(d for _, d in RAY_DOCS if d["kind"] == "RayJob")
+    job_name = job["metadata"]["name"]
+    selectors = {cluster["metadata"]["name"]: {"ray.io/cluster": cluster["metadata"]["name"]},
+                 job_name: {"dpo-ray/job": job_name}}
+    assert set(policies) == set(selectors), f"one NetworkPolicy per Ray cluster: {sorted(policies)}"
+    for _, group in _groups(_cluster_spec(job)):
+        assert group["template"]["metadata"]["labels"]["dpo-ray/job"] == job_name
     operator = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}
-    seen = []
-    for rule in pol["ingress"]:
-        assert all("ipBlock" not in p for p in rule["from"]), "no address ranges: pods by label only"
-        if rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "dpo-ray"}}}]:
-            seen.append("ray pods")
-            continue
-        # anyone else: the RayJob's submitter and the KubeRay operator, on the Jobs API only
-        assert [p["port"] for p in rule["ports"]] == [8265], rule
-        if rule["from"] == [operator]:
-            seen.append("operator")
-        else:
-            assert rule["from"] == [{"podSelector": {"matchLabels": {"batch.kubernetes.io/job-name":
-                                                                      job["metadata"]["name"]}}}], rule
-            seen.append("submitter")
-    assert sorted(seen) == ["operator", "ray pods", "submitter"]
+    scraper = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+               "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    for name, pol in policies.items():
+        own = selectors[name]
+        assert pol["podSelector"] == {"matchLabels": own}, f"policy {name} should select only its cluster's pods"
+        assert pol["policyTypes"] == ["Ingress"]
+        seen = []
+        for rule in pol["ingress"]:
+            assert all("ipBlock" not in p for p in rule["from"]), "no address ranges: pods by label only"
+            ports = [p["port"] for p in rule.get("ports", [])]
+            if rule["from"] == [{"podSelector": {"matchLabels": own}}]:
+                assert not ports
+                seen.append("own pods")
+            elif rule["from"] == [operator]:
+                assert ports == [8265], rule
+                seen.append("operator")
+            elif rule["from"] == [scraper]:
+                assert ports == [8080, 44217, 44227], rule
+                seen.append("scraper")
+            else:
+                assert rule["from"] == [{"podSelector": {"matchLabels": {"batch.kubernetes.io/job-name": job_name}}}]
+                assert ports == [8265] and name == job_name, rule
+                seen.append("submitter")
+        want = ["operator", "own pods", "scraper"] + (["submitter"] if name == job_name else [])
+        assert sorted(seen) == want, (name, seen)
+    assert "--use-kubernetes-proxy" in (DEPLOY / "networkpolicy.yaml").read_text(), "document the proxy mode"
+    assert "--use-kubernetes-proxy" in (ROOT / "docs" / "deploy.md").read_text()
     # the asset Job is not a Ray pod, and the only one with the Hugging Face token
     for path, doc in DOCS:
         with_token = [c["name"] for c in _all_containers(doc) if "HF_TOKEN" in {e["name"] for e in c.get("env", [])}]
@@ -490,10 +635,45 @@ def test_rayjob_gives_up_partial_gpus_and_keeps_its_logs():
     entry = job["entrypoint"]
     assert "-o pipefail" in entry and re.search(r"tee -a /mnt/shared/\S+/driver\.log", entry), \
         "the driver's log goes to the shared volume, and a failed run still fails the job"
-    for name, group in _groups(job["rayClusterSpec"]):
-        hook = " ".join(_container(group).get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", []))
-        assert "/tmp/ray/session_latest/logs" in hook and "/mnt/shared/ray-logs" in hook, \
-            f"group {name}: Ray's logs should be copied to the volume when the pod stops"
+
+
+def test_ray_logs_survive_crashes():
+    """/tmp/ray on an emptyDir (a restarted container keeps its earlier sessions), ephemeral-storage requested for
+    it, a preStop hook that copies every session's logs to the volume with the time to do it, unbuffered output."""
+    for path, doc in RAY_DOCS:
+        for name, group in _groups(_cluster_spec(doc)):
+            pod, c = _pod_spec(group), _container(group)
+            hook = " ".join(c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", []))
+            assert "/tmp/ray/session_2*/" in hook and "/mnt/shared/ray-logs/$HOSTNAME" in hook, \
+                f"{path.name}: {name}: every session's logs should be copied to the volume when the pod stops"
+            assert pod.get("terminationGracePeriodSeconds", 30) >= 60, f"{path.name}: {name}: time for the copy"
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            volume = next(v for v in pod["volumes"] if v["name"] == mounts.get("/tmp/ray"))
+            assert "emptyDir" in volume and volume["emptyDir"].get("medium") != "Memory", f"{path.name}: {name}"
+            requested = c["resources"]["requests"].get("ephemeral-storage")
+            assert requested and _quantity(requested) >= _quantity(volume["emptyDir"]["sizeLimit"]), \
+                f"{path.name}: {name}: request the ephemeral storage /tmp/ray may fill (spilling, logs)"
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("PYTHONUNBUFFERED") == "1", f"{path.name}: {name}: the driver's output is piped"
+    # the preStop hook itself, run: two sessions (a container restart) both land on the volume
+    hook = _container(_groups(_cluster_spec(RAY_DOCS[0][1]))[0][1])["lifecycle"]["preStop"]["exec"]["command"]
+    return hook
+
+
+def test_prestop_hook_copies_every_session(tmp_path):
+    hook = test_ray_logs_survive_crashes()
+    tmp_ray, shared = tmp_path / "tmp-ray", tmp_path / "shared"
+    for session in ("session_2026-12-03_10-00-00_1_1", "session_2026-12-03_11-00-00_2_2"):
+        (tmp_ray / session / "logs").mkdir(parents=True)
+        (tmp_ray / session / "logs" / "raylet.out").write_text(session)
+    (tmp_ray / "session_latest").symlink_to(tmp_ray / "session_2026-12-03_11-00-00_2_2")
+    script = hook[2].replace("/tmp/ray", str(tmp_ray)).replace("/mnt/shared", str(shared))
+    proc = subprocess.run(hook[:2] + [script], env={**os.environ, "HOSTNAME": "pod-a"}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    copied = sorted(p.relative_to(shared).as_posix() for p in shared.rglob("raylet.out"))
+    assert copied == ["ray-logs/pod-a/session_2026-12-03_10-00-00_1_1/raylet.out",
+                      "ray-logs/pod-a/session_2026-12-03_11-00-00_2_2/raylet.out"], copied
 
 
 def test_config_comes_from_a_configmap():
@@ -518,3 +698,172 @@ def test_docs_pin_kuberay_and_say_what_to_change():
     for needle in ("RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN", "ray status", "policy_gpu", "reference_gpu",
                    "What to change for your cluster", "Pre-flight", "Re-runs", "NCCL", "DPO_RAY_SHARED_DIR"):
         assert needle in text, f"docs/deploy.md should cover {needle}"
+
+
+# ------------------------------------------------------------------------- the pods' own lines, through bash
+
+def _start_argv(line: str, tmp_path: Path) -> tuple[list[str], str]:
+    """What Ray receives from the pod's container command: the line through /bin/bash -c, as the pod runs it, with
+    a stand-in `ray` on PATH that records its arguments."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "ray").write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    (fake / "ray").chmod(0o755)
+    proc = subprocess.run([*kuberay.container_command(), line], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), proc.stderr
+
+
+def _ray_start_params(argv: list[str]) -> dict:
+    """Ray's own `ray start` command line parser (click), without starting anything; custom resources through
+    Ray's parse_resources_json, as `ray start` does."""
+    from ray._private.utils import parse_resources_json
+    from ray.autoscaler._private.cli_logger import cf, cli_logger
+    from ray.scripts.scripts import start
+
+    assert argv[0] == "start"
+    params = start.make_context("start", list(argv[1:])).params
+    params["resources"] = parse_resources_json(params["resources"], cli_logger, cf) if params["resources"] else {}
+    return params
+
+
+@pytest.mark.parametrize("version", kuberay.VERSIONS)
+def test_every_pod_start_line_reaches_ray_intact(version, tmp_path):
+    """Each Ray pod's container command as KubeRay `version` builds it, run by bash, parsed by Ray's own CLI: the
+    custom resources, GPUs and object store Ray gets are the manifest's, and the line blocks (the pod's process)."""
+    for path, doc in RAY_DOCS:
+        for name, node_type, group in kuberay.groups(kuberay.cluster_spec(doc)):
+            params = kuberay.start_params(group, node_type, "dpo-ray-head-svc.default.svc.cluster.local")
+            line = kuberay.ray_start_line(params, node_type, version)
+            argv, _ = _start_argv(line, tmp_path)
+            try:
+                ray = _ray_start_params(argv)
+            except Exception as e:
+                raise AssertionError(f"{path.name}: {name}'s pod line is refused by `ray start`: {argv}") from e
+            assert ray["head"] is (node_type == "head") and ray["block"] is True
+            assert ray["num_gpus"] == int(group["rayStartParams"]["num-gpus"])
+            assert ray["object_store_memory"] == int(group["rayStartParams"]["object-store-memory"])
+            assert ray["resources"] == _ray_resources(group), (path.name, name, ray["resources"])
+            if node_type == "head":
+                assert ray["num_cpus"] == 0 and ray["dashboard_host"] == "0.0.0.0"
+                assert not ray["resources"]
+            else:
+                assert ray["address"] == "dpo-ray-head-svc.default.svc.cluster.local:6379"
+                assert ray["resources"] == {f"{name}_gpu": ray["num_gpus"]}, "one custom resource per GPU"
+                assert ray["num_cpus"] == int(_container(group)["resources"]["limits"]["cpu"])
+
+
+def test_a_broken_resources_quoting_is_caught(tmp_path):
+    """The check above discriminates: the JSON written bare (the form KubeRay's operator parses, bash mangles) is
+    refused by Ray's parser at the pod's line, as it was in the pods."""
+    job = next(d for _, d in RAY_DOCS if d["kind"] == "RayJob")
+    group = json.loads(json.dumps(_cluster_spec(job)["workerGroupSpecs"][0]))
+    group["rayStartParams"]["resources"] = '{"policy_gpu":4}'
+    line = kuberay.ray_start_line(kuberay.start_params(group, "worker", "head"), "worker", "1.7.0")
+    argv, _ = _start_argv(line, tmp_path)
+    assert "--resources={policy_gpu:4}" in argv, argv
+    with pytest.raises(Exception, match=""):
+        _ray_start_params(argv)
+    with pytest.raises(AssertionError, match="which Ray refuses"):
+        _ray_resources(group)
+
+
+def test_operator_parses_our_resources_too():
+    """KubeRay's own parse of rayStartParams.resources (quotes and spaces trimmed, then JSON) reads ours: the value
+    it would use if it ever derived accelerators from it."""
+    for _, doc in RAY_DOCS:
+        for name, _, group in kuberay.groups(kuberay.cluster_spec(doc)):
+            raw = group["rayStartParams"].get("resources")
+            if raw is not None:
+                assert json.loads(raw.strip("'\"` ")) == _ray_resources(group), name
+
+
+def test_submitter_line_hands_ray_job_submit_the_entrypoint(tmp_path):
+    """The RayJob submitter's line (both operator versions) through bash -ce: `ray job submit` gets the entrypoint
+    as its words, and Ray's CLI joins them back (shlex.join) into the command its driver runs with a shell."""
+    job = next(d for _, d in RAY_DOCS if d["kind"] == "RayJob")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "calls.jsonl"
+    (fake / "ray").write_text(f"#!{sys.executable}\nimport json, sys\n"
+                              f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                              "sys.exit(1 if sys.argv[1:3] == ['job', 'status'] else 0)\n")
+    (fake / "ray").chmod(0o755)
+    (fake / "python").write_text("#!/bin/sh\nexit 0\n")  # 1.7's wait for the dashboard: healthy at once
+    (fake / "python").chmod(0o755)
+    for version in kuberay.VERSIONS:
+        log.unlink(missing_ok=True)
+        line = kuberay.job_submit_line(job, "dpo-ray-head-svc:8265", "dpo-ray-qwen2-0-5b-abcde", version)
+        proc = subprocess.run([*kuberay.submitter_command(), line], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
+        assert proc.returncode == 0, proc.stderr
+        calls = [json.loads(x) for x in log.read_text().splitlines()]
+        assert [c[:2] for c in calls] == [["job", "status"], ["job", "submit"], ["job", "logs"]], calls
+        submit = calls[1]
+        words = submit[submit.index("--") + 1:]
+        entry = shlex.join(words)  # ray job submit's own join (dashboard/modules/job/cli.py)
+        argv = _train_argv(entry)
+        flags = {argv[i][2:]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+        assert flags["output_dir"] == "/mnt/shared/outputs/" + flags["run_name"], flags
+        assert flags["config"] == CONFIG_MOUNT + "/config.yaml"
+
+
+# ------------------------------------------------------------------------------------ KubeRay's CRD schemas
+
+CRDS = ROOT / "tests" / "data" / "kuberay-crds"
+
+
+@functools.cache
+def _crd_schema(version: str, kind: str) -> dict:
+    text = gzip.decompress((CRDS / f"v{version}-ray.io_{kind.lower()}s.yaml.gz").read_bytes())
+    crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1 MB: libyaml when present
+    assert crd["spec"]["names"]["kind"] == kind
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return served["schema"]["openAPIV3Schema"]
+
+
+def _unknown_fields(node, schema: dict, path: str = "") -> list[str]:
+    """Fields the schema does not declare (the API server prunes them silently, or refuses them under strict field
+    validation): where it lists properties and neither preserves unknown fields nor allows additional ones."""
+    out = []
+    if isinstance(node, dict) and schema.get("type") == "object":
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for key, value in node.items():
+            if props is not None and key in props:
+                out += _unknown_fields(value, props[key], f"{path}.{key}")
+            elif isinstance(extra, dict):
+                out += _unknown_fields(value, extra, f"{path}.{key}")
+            elif props is not None and not schema.get("x-kubernetes-preserve-unknown-fields") and not extra:
+                if path != ".metadata":
+                    out.append(f"{path}.{key}")
+    elif isinstance(node, list) and isinstance(schema.get("items"), dict):
+        for i, value in enumerate(node):
+            out += _unknown_fields(value, schema["items"], f"{path}[{i}]")
+    return out
+
+
+@pytest.mark.parametrize("version", kuberay.VERSIONS)
+def test_manifests_valid_for_kuberay_crds(version):
+    """deploy/raycluster.yaml and deploy/rayjob.yaml against KubeRay `version`'s CRD schemas (vendored in
+    tests/data/kuberay-crds): types, required fields, enums; and no field the CRD does not know."""
+    import jsonschema
+
+    for path, doc in RAY_DOCS:
+        schema = _crd_schema(version, doc["kind"])
+        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.absolute_path))
+        assert not errors, f"{path.name} vs KubeRay {version}: " + "; ".join(
+            f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5])
+        assert not _unknown_fields(doc, schema), f"{path.name}: fields KubeRay {version} does not know"
+
+
+def test_crd_check_catches_a_typo():
+    import jsonschema
+
+    job = json.loads(json.dumps(next(d for _, d in RAY_DOCS if d["kind"] == "RayJob")))
+    job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["imag"] = "x"
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "1"
+    schema = _crd_schema("1.7.0", "RayJob")
+    assert _unknown_fields(job, schema) == [".spec.submitterPodTemplate.spec.containers[0].imag"]
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(job))
