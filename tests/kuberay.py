@@ -53,6 +53,9 @@ def _int_value(value) -> str:
 
 def start_params(group: dict, node_type: str, head_fqdn: str = "", head_port: str = str(DEFAULT_GCS_PORT)) -> dict:
     """The complete rayStartParams of one group's pod: the manifest's, plus what the operator adds."""
+    for field in ("resources", "labels"):  # 1.5+: group-level fields the operator folds into rayStartParams
+        if field in group:
+            raise NotImplementedError(f"group-level {field}: not transcribed here (deploy/ does not use it)")
     params = dict(group.get("rayStartParams") or {})
     resources = group["template"]["spec"]["containers"][0].get("resources", {})
     # setMissingRayStartParams

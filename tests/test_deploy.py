@@ -867,3 +867,16 @@ def test_crd_check_catches_a_typo():
     schema = _crd_schema("1.7.0", "RayJob")
     assert _unknown_fields(job, schema) == [".spec.submitterPodTemplate.spec.containers[0].imag"]
     assert list(jsonschema.Draft7Validator(schema).iter_errors(job))
+
+
+def test_docs_create_the_secret_and_configmap_before_the_cluster():
+    """In docs/deploy.md's steps and in each manifest's header: the Secret authOptions names and the ConfigMap the
+    head mounts exist before the RayJob or RayCluster is applied (pods would wait on them, or the job fail)."""
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for name, text in [("docs/deploy.md", docs)] + [(p.name, p.read_text()) for p, _ in RAY_DOCS]:
+        secret = text.find("kubectl create secret generic dpo-ray-auth")
+        configmap = text.find("kubectl create configmap dpo-ray-config --from-file")
+        applies = [m.start() for m in re.finditer(r"kubectl apply -k deploy/ -l dpo-ray/part=(job|cluster)", text)]
+        assert secret >= 0 and configmap >= 0 and applies, f"{name}: the Secret, the ConfigMap and the apply"
+        assert max(secret, configmap) < min(applies), f"{name}: create the Secret and ConfigMap before the cluster"
+    assert "1.6.2" in docs and "1.7.0" in docs, "docs/deploy.md should state the KubeRay versions tested"

@@ -255,18 +255,25 @@ def _prepare_assets(shared: Path, config_dir: Path, source: Path) -> None:
 def _rerun_sed(kind: str) -> str:
     """The sed expression docs/deploy.md's re-run procedure applies to the RayJob ("new" run or "resume")."""
     text = (ROOT / "docs" / "deploy.md").read_text()
-    found = re.findall(r"kubectl kustomize deploy/ \| sed (\S+) \| kubectl apply -l dpo-ray/part=job -f -", text)
+    found = re.findall(r"kubectl kustomize deploy/ \| sed ('[^']*') \| kubectl apply -l dpo-ray/part=job -f -", text)
     assert len(found) == 2, f"docs/deploy.md's re-run procedure should show two sed lines, found {found}"
     new, resume = (shlex.split(f)[0] for f in found)
     assert "resume_from_checkpoint latest" in resume, resume
     return new if kind == "new" else resume
 
 
-def _rayjob_after(sed: str | None) -> dict:
-    text = (ROOT / "deploy" / "rayjob.yaml").read_text()
-    if sed:
-        text = subprocess.run(["sed", sed], input=text, capture_output=True, text=True, check=True).stdout
-    return yaml.safe_load(text)
+def _rayjob_after(sed: str) -> dict:
+    """The RayJob docs/deploy.md's re-run line applies: `kubectl kustomize deploy/ | sed EXPR` where kubectl is
+    installed (the line as written), else the same sed on deploy/rayjob.yaml (kustomize changes only the image)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        text = subprocess.run(["bash", "-o", "pipefail", "-c", f"{kubectl} kustomize deploy/ | sed {shlex.quote(sed)}"],
+                              cwd=ROOT, capture_output=True, text=True, check=True, timeout=120).stdout
+    else:
+        text = subprocess.run(["sed", sed, "deploy/rayjob.yaml"], cwd=ROOT, capture_output=True, text=True,
+                              check=True, timeout=60).stdout
+    (job,) = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "RayJob"]
+    return job
 
 
 def _submit(cluster: ManifestCluster, job: dict, shared: Path, config_dir: Path) -> tuple[str, str]:
