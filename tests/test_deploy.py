@@ -655,13 +655,13 @@ def test_ray_logs_survive_crashes():
                 f"{path.name}: {name}: request the ephemeral storage /tmp/ray may fill (spilling, logs)"
             env = {e["name"]: e.get("value") for e in c.get("env", [])}
             assert env.get("PYTHONUNBUFFERED") == "1", f"{path.name}: {name}: the driver's output is piped"
-    # the preStop hook itself, run: two sessions (a container restart) both land on the volume
-    hook = _container(_groups(_cluster_spec(RAY_DOCS[0][1]))[0][1])["lifecycle"]["preStop"]["exec"]["command"]
-    return hook
+    hooks = {json.dumps(_container(g)["lifecycle"]["preStop"]) for _, d in RAY_DOCS for _, g in _groups(_cluster_spec(d))}
+    assert len(hooks) == 1, "one preStop hook everywhere (tested below)"
 
 
 def test_prestop_hook_copies_every_session(tmp_path):
-    hook = test_ray_logs_survive_crashes()
+    """The preStop hook itself, run: two sessions (a container restart) both land on the volume."""
+    hook = _container(_groups(_cluster_spec(RAY_DOCS[0][1]))[0][1])["lifecycle"]["preStop"]["exec"]["command"]
     tmp_ray, shared = tmp_path / "tmp-ray", tmp_path / "shared"
     for session in ("session_2026-12-03_10-00-00_1_1", "session_2026-12-03_11-00-00_2_2"):
         (tmp_ray / session / "logs").mkdir(parents=True)
