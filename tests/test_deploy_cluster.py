@@ -380,7 +380,7 @@ def test_the_manifests_cluster_runs_the_rayjob(cluster):
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == RUN_STEPS["first"], report
     assert (out / "config.json").exists() and any(out.glob("*.safetensors"))
-    assert "dpo-ray" in (out / "driver.log").read_text() or (out / "driver.log").stat().st_size > 0
+    assert f"outputs: {out} (" in (out / "driver.log").read_text(), "the driver's log, tee'd onto the volume"
     assert sorted(p.name for p in (out / "ray_results" / "qwen2-0.5b-dpo-refpool").glob("checkpoint_*"))
 
 
