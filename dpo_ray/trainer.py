@@ -25,7 +25,7 @@ from dpo_ray.cluster import (
     worker_resources,
 )
 from dpo_ray.config import DPOConfig
-from dpo_ray.errors import ConfigError, TooFewRowsError
+from dpo_ray.errors import ConfigError, ModelFilesError, TooFewRowsError
 from dpo_ray.paths import check_paths, resolve_config_paths
 from dpo_ray.timeline import Timeline
 from dpo_ray.train.checkpoint import CHECKPOINT_STATE_FILE, FINAL_STATE_FILE, checkpoint_problems
@@ -51,7 +51,7 @@ class DPOTrainer:
     model: a directory path, an in-memory ``PreTrainedModel`` (shipped through the object store), or None
     (``args.model_name_or_path``, else the bundled tiny Llama). ref_model: a directory or in-memory model
     for the reference (default: the policy's initial weights). processing_class: a tokenizer (default:
-    loaded from the model directory, else the bundled one).
+    loaded from the model directory, else the bundled one; required with an in-memory model).
     """
 
     def __init__(self, model=None, ref_model=None, args: DPOConfig | None = None, train_dataset=None,
@@ -81,8 +81,17 @@ class DPOTrainer:
         self.ref_model = ref_model
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.processing_class = processing_class
+        if model is not None and processing_class is None:  # issue 29: never the bundled tokenizer and toy data
+            raise ModelFilesError(
+                f"DPOTrainer(model=<{type(model).__name__}>) got a model object and no processing_class: pass its "
+                "tokenizer as processing_class= (as with TRL), or the model's directory as model= with the tokenizer "
+                "saved beside it. The bundled 66-token tokenizer and toy data belong to the bundled tiny model only")
         if peft_config is not None:  # a peft.LoraConfig, TRL style: fold it into the config
             self.args = _apply_peft_config(self.args, peft_config)
+        if self.ref_model is not None and self.args.sync_ref_model and self.args.uses_peft:
+            raise ConfigError([("sync_ref_model", "TR-DPO with a PEFT policy mixes the adapter-wrapped policy into a "
+                                                  "copy of itself; a separate ref_model= has no adapter parameters to "
+                                                  "mix into: drop ref_model, or turn off sync_ref_model")])
 
     # ---------------------------------------------------------------------------------------- train
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
