@@ -98,7 +98,7 @@ class DPOTrainer:
         import ray
         import ray.train
 
-        from dpo_ray.data import build_datasets, load_processing_class, unwrap_data_error
+        from dpo_ray.data import build_datasets, ingest_config, load_processing_class, unwrap_data_error
         from dpo_ray.train.loop import train_loop_per_worker
         from dpo_ray.train.setup import LoopConfig
         from dpo_ray.vision import is_processor
@@ -160,7 +160,9 @@ class DPOTrainer:
         print(f"dpo-ray {self.mode}: plan: {total_steps} optimizer steps ({plan.steps_per_epoch} per epoch, up to "
               f"{num_epochs} epoch(s)); {plan.rows_per_step(cfg)} {'prompt groups' if prepared.groups else 'pairs' if self.mode == 'dpo' else 'sequences'} "
               f"per step = {world} worker(s) × per_device_train_batch_size {cfg.per_device_train_batch_size} × "
-              f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}", flush=True)
+              f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}"
+              f"{_untrained(prepared.num_train_rows_estimate, plan.micro_per_epoch * world * cfg.per_device_train_batch_size)}",
+              flush=True)
         run_name = cfg.run_name or f"dpo_ray-{self.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
         pool = progress = None
         try:  # from here on, whatever fails, the reference actors and the progress board are stopped
@@ -174,11 +176,6 @@ class DPOTrainer:
             datasets = {"train": prepared.train}
             if prepared.eval is not None and (cfg.eval_strategy != "no" or cfg.eval_on_start):
                 datasets["eval"] = prepared.eval
-                if prepared.num_eval_rows_estimate < world * cfg.per_device_eval_batch_size:
-                    print(f"dpo-ray warning: the eval set has {prepared.num_eval_rows_estimate} rows, fewer than "
-                          f"ray.num_workers {world} × per_device_eval_batch_size {cfg.per_device_eval_batch_size}: "
-                          "some workers get no full eval batch, so eval metrics may be missing or cover few rows. "
-                          "Give more eval rows, or lower per_device_eval_batch_size", file=sys.stderr, flush=True)
             best = cfg.best_model_metric()
             trainer = torch_trainer_class()(
                 train_loop_per_worker,
@@ -195,6 +192,7 @@ class DPOTrainer:
                     worker_runtime_env={"env_vars": worker_env(use_gpu)},
                 ),
                 datasets=datasets,
+                dataset_config=ingest_config(),  # eval rows: each scored once (docs/training.md)
             )
             timeline.mark("fit")
             try:
@@ -418,6 +416,14 @@ def _load_best_model(cfg: DPOConfig, best: tuple[str, bool], history: list[dict]
         return {"metric": key, "step": last, "from": "the final weights"}
     export_checkpoint(saved[step], cfg, model_source, tokenizer, out)
     return {"metric": key, "step": step, "from": str(saved[step])}
+
+
+def _untrained(rows: int, used: int) -> str:
+    """The plan line's note on the rows an epoch leaves out: each worker's last partial batch and the uneven
+    remainder of the shards (as TRL with dataloader_drop_last; docs/training.md)."""
+    left = rows - used
+    return (f"; {left} of ~{rows} rows per epoch not trained (the last partial batch of each worker's share, "
+            "as dataloader_drop_last)") if left > 0 else ""
 
 
 def _apply_peft_config(cfg: DPOConfig, peft_config) -> DPOConfig:

@@ -559,3 +559,20 @@ def test_cli_run_that_trains_zero_steps_exits_3(ray_local, tmp_path, rows, capsy
     assert code == 3
     last = [x for x in err.splitlines() if x.strip()][-2]
     assert last.startswith("dpo-ray train: the run trained 0 optimizer steps: 20 of the 40 training rows read")
+
+
+@pytest.mark.parametrize("n_rows, world, batch", [(1, 2, 4), (5, 2, 2), (13, 3, 4), (16, 2, 4)])
+def test_eval_shares_score_every_row_exactly_once(ray_local, tok, rows, n_rows, world, batch):
+    # issue 29: every worker reads the whole eval stream and scores its share; a partial last batch counts
+    from dpo_ray.data import iter_eval_batches
+
+    prep = build_datasets(cfg(), tok, train_dataset=rows[:n_rows])
+    seen, fillers = [], []
+    for rank in range(world):
+        share = iter_eval_batches(prep.train, cfg(), tok.pad_token_id, batch_size=batch, rank=rank, world=world)
+        batches = list(share)
+        assert all(len(b["row_id"]) <= batch for b in batches)
+        seen += [int(i) for b in batches for i in b["row_id"]]
+        fillers.append(share.filler["row_id"].tolist())
+    assert sorted(seen) == list(range(n_rows))  # each row once
+    assert fillers == [[0]] * world  # the weight-0 batch of a worker whose share ran out
