@@ -228,7 +228,7 @@ def test_glob_over_train_and_test_folders_never_trains_on_the_test_rows(ray_loca
     prep = build_datasets(cfg(dataset_name=str(data / "train" / "*.jsonl"),
                               eval_dataset_name=str(data / "test" / "*.jsonl"), eval_strategy="epoch"), tok)
     assert prep.num_train_rows_estimate == 80 and prep.num_eval_rows_estimate == 20
-    with pytest.raises(DataSourceError, match=r"no file the glob matches is named for split 'train' or for no split"):
+    with pytest.raises(DataSourceError, match=r"no file the glob matches is named for split 'dev' or for no split"):
         pipeline._sources(cfg(dataset_name=str(data / "*" / "part-0.jsonl"), dataset_train_split="dev"), None, None)
 
 
@@ -401,6 +401,27 @@ def test_planning_a_large_jsonl_keeps_driver_memory_flat(tmp_path, rows):
     tracemalloc.stop()
     assert n == size // len(block) * len(rows) and sum(c.end - c.start for c in chunks) == size
     assert peak < 4 * 2**20, f"planning a {size >> 20} MiB file peaked at {peak >> 20} MiB"
+
+
+def test_previewing_a_parquet_file_of_one_large_row_group_reads_a_bounded_batch(tmp_path):
+    # issue 29: a file written as one row group was read whole (every row as a dict) to preview 32 rows
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 100_000
+    path = tmp_path / "one_group.parquet"
+    pq.write_table(pa.table({"prompt": [f"sort: {i} 3 1 =" * 4 for i in range(n)], "chosen": [" 1 3"] * n,
+                             "rejected": [" 3 1"] * n}), path, row_group_size=n)
+    [chunk], total = sources.plan_files([str(path)])
+    assert total == n and pq.ParquetFile(path).metadata.num_row_groups == 1
+    tracemalloc.start()
+    preview = [r for _, r in zip(range(33), sources.iter_chunk(chunk))]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert [r.line for r in preview] == list(range(1, 34)) and preview[5].value["prompt"] == "sort: 5 3 1 =" * 4
+    assert peak < 4 * 2**20, f"previewing 33 rows of a {n}-row group peaked at {peak >> 20} MiB"
+    rows = list(sources.iter_chunk(chunk))  # the read task still yields every row once, in order
+    assert len(rows) == n and rows[-1].row_id == n - 1 and rows[-1].value["prompt"] == f"sort: {n - 1} 3 1 =" * 4
 
 
 def test_a_json_array_over_the_limit_asks_for_json_lines(tmp_path, monkeypatch, rows):

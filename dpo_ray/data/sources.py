@@ -29,6 +29,7 @@ CHUNK_BYTES = 1 << 18  # JSONL bytes per read task (~3k short rows): the first b
 READ_BYTES = 1 << 20  # planning reads files in blocks of this size: driver memory does not grow with the file
 JSON_ARRAY_MAX_BYTES = 64 << 20  # a JSON array is one document, parsed whole on the driver: bounded here
 LIST_CHUNK_ROWS = 4096  # in-memory rows per read task
+PARQUET_BATCH_ROWS = 1024  # Parquet rows decoded at a time (a row group may hold millions)
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark (Excel's "CSV UTF-8", Notepad): read as utf-8-sig
 # Split names recognised in file and folder names, besides dataset_train_split / dataset_test_split
@@ -251,9 +252,16 @@ def iter_chunk(c: Chunk) -> Iterator[RawRow]:
     elif c.kind == "parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.ParquetFile(c.source).read_row_group(c.start).to_pylist()[: c.n_rows]
-        for i, r in enumerate(rows):
-            yield RawRow(c.first_row_id + i, c.first_line + i + 1, r)
+        # bounded batches, never the whole row group: a file written as one 200k-row group is not read whole
+        # to preview 32 rows, and a read task holds PARQUET_BATCH_ROWS rows as Python objects at a time
+        batches = pq.ParquetFile(c.source).iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[c.start])
+        i = 0
+        for batch in batches:
+            for r in batch.to_pylist()[: c.n_rows - i]:
+                yield RawRow(c.first_row_id + i, c.first_line + i + 1, r)
+                i += 1
+            if i >= c.n_rows:
+                break
     elif c.kind == "csv":
         with _open_text(c.source) as f:
             rows = _csv_rows(c.source, f)
