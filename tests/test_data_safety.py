@@ -597,3 +597,15 @@ def test_eval_shares_score_every_row_exactly_once(ray_local, tok, rows, n_rows, 
         fillers.append(share.filler["row_id"].tolist())
     assert sorted(seen) == list(range(n_rows))  # each row once
     assert fillers == [[0]] * world  # the weight-0 batch of a worker whose share ran out
+
+
+def test_the_plan_line_names_the_rows_an_epoch_leaves_untrained():
+    # issue 29: each worker's last partial batch is not trained (as dataloader_drop_last); the plan says how many
+    from dpo_ray.trainer import _untrained
+
+    c = cfg(per_device_train_batch_size=4, ray={"num_workers": 2})
+    plan = plan_steps(70, c)
+    note = _untrained(70, plan.micro_per_epoch * plan.world * c.per_device_train_batch_size)
+    assert note == "; 6 of ~70 rows per epoch not trained (the last partial batch of each worker's share, as " \
+                   "dataloader_drop_last)"
+    assert _untrained(64, 64) == ""
