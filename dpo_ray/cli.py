@@ -163,6 +163,9 @@ def cmd_sweep(ns) -> int:
     if best:
         print(f"  best ({summary['metric']} {summary['mode']}): {best['config']} = {best['value']:.6g}; "
               f"model: {best['model_dir']}")
+    elif summary.get("unranked"):  # a sweep that cannot rank its trials has no answer: say why, exit 1
+        print(f"dpo-ray sweep: cannot rank the trials by {summary['metric']}: {summary['unranked']}", file=sys.stderr)
+        return 1
     return 0 if summary["ok"] else 1
 
 

@@ -573,6 +573,14 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
     if c.sync_ref_model and src == "actor" and c.uses_peft:
         p.append(("sync_ref_model", "TR-DPO with a PEFT policy mixes adapter-wrapped weights, which the actor's "
                                     "plain reference model does not have; use reference.source local"))
+    if c.sync_ref_model and c.uses_peft and src in ("auto", "local") and (c.reference.model_name_or_path
+                                                                          or c.deepspeed.zero_stage == 3):
+        why = ("reference.model_name_or_path is a plain model" if c.reference.model_name_or_path else
+               "under deepspeed.zero_stage 3 the local reference is rebuilt from the model files")
+        p.append(("sync_ref_model", f"TR-DPO with a PEFT policy mixes the adapter-wrapped policy into a copy of "
+                                    f"itself, but {why}, without the adapter's parameters to mix into; drop "
+                                    "reference.model_name_or_path, use deepspeed.zero_stage <= 2, or turn off "
+                                    "sync_ref_model"))
     if src in ("adapter_off", "ref_adapter") and not c.uses_peft:
         p.append(("reference.source", f"{src} needs a PEFT model; set use_peft: true (or peft_adapter_path)"))
     if src == "ref_adapter" and not defaulted and not (c.ref_adapter_name and c.model_adapter_name):

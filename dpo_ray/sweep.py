@@ -279,7 +279,8 @@ class SweepPlan:
             row = {"trial": Path(out_dir or r.path or "?").name,
                    "status": "error" if r.error else ("ok" if m.get("finished") else "stopped early"),
                    **{k: flat.get(k) for k in self.varied},
-                   **{k: m.get(k) for k in TABLE_METRICS}, "task_accuracy": m.get("task_accuracy"),
+                   **{k: m.get(k) for k in TABLE_METRICS}, "eval_rows": m.get("eval_num_pairs"),
+                   "task_accuracy": m.get("task_accuracy"),
                    "steps": m.get("steps", m.get("step")), "wall_time_s": m.get("wall_time_s"),
                    "output_dir": out_dir,
                    "reference_dir": m.get("reference_dir"),
@@ -299,10 +300,25 @@ class SweepPlan:
                    "best": None if best is None else {"trial": best["trial"], "value": best[metric],
                                                       "model_dir": best["output_dir"],
                                                       "config": {k: best[k] for k in self.varied}},
+                   "unranked": _why_unranked(rows, metric) if metric and best is None else None,
                    "reference": {"shared": self.shared, "store": str(self.store), "keys": self.reference_keys},
                    "results": str(self.sweep_dir / "results.csv"), "plot": str(plot) if plot else None}
         (self.sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=1, default=str))
         return summary
+
+
+def _why_unranked(rows: list[dict], metric: str) -> str:
+    """Why no trial could be ranked by ``metric``: the sweep's one-line answer (the CLI exits 1 with it)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return "no trial finished; see the error column of results.csv"
+    if metric.startswith("eval_") and not any(r.get("eval_rows") for r in ok):
+        return (f"no finished trial scored an eval row, so {metric} is missing or NaN: give the runs an eval set "
+                "(eval_dataset_name, a test-split file beside the training data, or eval_fraction) and "
+                "eval_strategy steps or epoch")
+    return (f"no finished trial logged a finite {metric} (eval rows per trial: "
+            f"{', '.join(str(r.get('eval_rows')) for r in ok)}); check the metric's name (--metric) against "
+            "the keys in a trial's metrics.jsonl")
 
 
 def _finite(x: Any) -> bool:

@@ -25,7 +25,7 @@ from dpo_ray.cluster import (
     worker_resources,
 )
 from dpo_ray.config import DPOConfig
-from dpo_ray.errors import ConfigError, TooFewRowsError
+from dpo_ray.errors import ConfigError, ModelFilesError, TooFewRowsError
 from dpo_ray.paths import check_paths, resolve_config_paths
 from dpo_ray.timeline import Timeline
 from dpo_ray.train.checkpoint import CHECKPOINT_STATE_FILE, FINAL_STATE_FILE, checkpoint_problems
@@ -51,7 +51,7 @@ class DPOTrainer:
     model: a directory path, an in-memory ``PreTrainedModel`` (shipped through the object store), or None
     (``args.model_name_or_path``, else the bundled tiny Llama). ref_model: a directory or in-memory model
     for the reference (default: the policy's initial weights). processing_class: a tokenizer (default:
-    loaded from the model directory, else the bundled one).
+    loaded from the model directory, else the bundled one; required with an in-memory model).
     """
 
     def __init__(self, model=None, ref_model=None, args: DPOConfig | None = None, train_dataset=None,
@@ -81,15 +81,24 @@ class DPOTrainer:
         self.ref_model = ref_model
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.processing_class = processing_class
+        if model is not None and processing_class is None:  # issue 29: never the bundled tokenizer and toy data
+            raise ModelFilesError(
+                f"DPOTrainer(model=<{type(model).__name__}>) got a model object and no processing_class: pass its "
+                "tokenizer as processing_class= (as with TRL), or the model's directory as model= with the tokenizer "
+                "saved beside it. The bundled 66-token tokenizer and toy data belong to the bundled tiny model only")
         if peft_config is not None:  # a peft.LoraConfig, TRL style: fold it into the config
             self.args = _apply_peft_config(self.args, peft_config)
+        if self.ref_model is not None and self.args.sync_ref_model and self.args.uses_peft:
+            raise ConfigError([("sync_ref_model", "TR-DPO with a PEFT policy mixes the adapter-wrapped policy into a "
+                                                  "copy of itself; a separate ref_model= has no adapter parameters to "
+                                                  "mix into: drop ref_model, or turn off sync_ref_model")])
 
     # ---------------------------------------------------------------------------------------- train
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         import ray
         import ray.train
 
-        from dpo_ray.data import build_datasets, load_processing_class, unwrap_data_error
+        from dpo_ray.data import build_datasets, ingest_config, load_processing_class, unwrap_data_error
         from dpo_ray.train.loop import train_loop_per_worker
         from dpo_ray.train.setup import LoopConfig
         from dpo_ray.vision import is_processor
@@ -151,7 +160,9 @@ class DPOTrainer:
         print(f"dpo-ray {self.mode}: plan: {total_steps} optimizer steps ({plan.steps_per_epoch} per epoch, up to "
               f"{num_epochs} epoch(s)); {plan.rows_per_step(cfg)} {'prompt groups' if prepared.groups else 'pairs' if self.mode == 'dpo' else 'sequences'} "
               f"per step = {world} worker(s) × per_device_train_batch_size {cfg.per_device_train_batch_size} × "
-              f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}", flush=True)
+              f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}"
+              f"{_untrained(prepared.num_train_rows_estimate, plan.micro_per_epoch * world * cfg.per_device_train_batch_size)}",
+              flush=True)
         run_name = cfg.run_name or f"dpo_ray-{self.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
         pool = progress = None
         try:  # from here on, whatever fails, the reference actors and the progress board are stopped
@@ -165,11 +176,6 @@ class DPOTrainer:
             datasets = {"train": prepared.train}
             if prepared.eval is not None and (cfg.eval_strategy != "no" or cfg.eval_on_start):
                 datasets["eval"] = prepared.eval
-                if prepared.num_eval_rows_estimate < world * cfg.per_device_eval_batch_size:
-                    print(f"dpo-ray warning: the eval set has {prepared.num_eval_rows_estimate} rows, fewer than "
-                          f"ray.num_workers {world} × per_device_eval_batch_size {cfg.per_device_eval_batch_size}: "
-                          "some workers get no full eval batch, so eval metrics may be missing or cover few rows. "
-                          "Give more eval rows, or lower per_device_eval_batch_size", file=sys.stderr, flush=True)
             best = cfg.best_model_metric()
             trainer = torch_trainer_class()(
                 train_loop_per_worker,
@@ -186,6 +192,7 @@ class DPOTrainer:
                     worker_runtime_env={"env_vars": worker_env(use_gpu)},
                 ),
                 datasets=datasets,
+                dataset_config=ingest_config(),  # eval rows: each scored once (docs/training.md)
             )
             timeline.mark("fit")
             try:
@@ -409,6 +416,14 @@ def _load_best_model(cfg: DPOConfig, best: tuple[str, bool], history: list[dict]
         return {"metric": key, "step": last, "from": "the final weights"}
     export_checkpoint(saved[step], cfg, model_source, tokenizer, out)
     return {"metric": key, "step": step, "from": str(saved[step])}
+
+
+def _untrained(rows: int, used: int) -> str:
+    """The plan line's note on the rows an epoch leaves out: each worker's last partial batch and the uneven
+    remainder of the shards (as TRL with dataloader_drop_last; docs/training.md)."""
+    left = rows - used
+    return (f"; {left} of ~{rows} rows per epoch not trained (the last partial batch of each worker's share, "
+            "as dataloader_drop_last)") if left > 0 else ""
 
 
 def _apply_peft_config(cfg: DPOConfig, peft_config) -> DPOConfig:

@@ -201,7 +201,7 @@ TRL_KEYS: dict[str, TrlKey] = {
     "use_weighting": _same(),
     "discopop_tau": _same(),
     "activation_offloading": _only(False, "activations stay on the device (deepspeed.offload_* moves states instead)"),
-    "sync_ref_model": _same("also with a PEFT policy (reference.source local)"),
+    "sync_ref_model": _same("also with a PEFT policy (reference.source local, the policy's own copy: not with a separate reference model or ZeRO-3)"),
     "ref_model_mixup_alpha": _same(),
     "ref_model_sync_steps": _same(),
     "pad_token": _only(None, "deprecated in TRL: the tokenizer's pad token is used (EOS when it has none)"),

@@ -46,6 +46,13 @@ RULES = [
     ({"sync_ref_model": True, "precompute_ref_log_probs": True}, "sync_ref_model", "precomputed"),
     ({"sync_ref_model": True, "reference": {"source": "none"}}, "sync_ref_model", "'none'"),
     ({"sync_ref_model": True, "use_peft": True, "reference": {"source": "actor"}}, "sync_ref_model", "PEFT"),
+    # issue 29: these validated, then raised KeyError at the first sync
+    ({"sync_ref_model": True, "use_peft": True, "reference": {"source": "local", "model_name_or_path": "/m"}},
+     "sync_ref_model", "reference.model_name_or_path is a plain model"),
+    ({"sync_ref_model": True, "use_peft": True, "reference": {"source": "auto", "model_name_or_path": "/m"}},
+     "sync_ref_model", "without the adapter's parameters"),
+    ({"sync_ref_model": True, "use_peft": True, "reference": {"source": "local"}, "deepspeed": {"zero_stage": 3}},
+     "sync_ref_model", "under deepspeed.zero_stage 3"),
     ({"ld_alpha": 1.5}, "ld_alpha", "[0, 1]"),
     ({"ld_alpha": -0.1}, "ld_alpha", "[0, 1]"),
     ({"rpo_alpha": -1.0}, "rpo_alpha", ">= 0"),
@@ -230,7 +237,7 @@ def test_fp16_on_gpu_is_not_silently_replaced_by_bf16():
     ({"reference": {"num_gpus": 0.5}}, 1, "actor"),
     ({"reference": {"resources": {"ref_pool": 1}}}, 1, "actor"),
     ({"reference": {"node_label": {"pool": "reference"}}}, 1, "actor"),
-    ({"reference": {"source": "auto", "model_name_or_path": "/m"}, "use_peft": True, "sync_ref_model": True}, 3, "local"),
+    ({"reference": {"source": "auto"}, "use_peft": True, "sync_ref_model": True}, 3, "local"),
 ])
 def test_reference_source_auto_is_decided_by_the_cluster(overrides, nodes, expected):
     cfg = DPOConfig(**overrides)
@@ -250,3 +257,14 @@ def test_reference_source_auto_is_decided_by_the_cluster(overrides, nodes, expec
 def test_explicit_and_peft_sources_are_not_touched_by_auto():
     assert DPOConfig(reference={"source": "actor"}).resolve_auto_reference(nodes=1).reference.source == "actor"
     assert DPOConfig(use_peft=True).resolve_auto_reference(nodes=1).reference.source == "adapter_off"
+
+
+def test_tr_dpo_with_peft_and_an_in_memory_reference_model_is_refused_before_training(tmp_path):
+    # issue 29: validated, then KeyError at the first sync (the plain reference has no adapter parameters)
+    from torch import nn
+
+    from dpo_ray import DPOTrainer
+
+    cfg = DPOConfig(output_dir=str(tmp_path), use_peft=True, sync_ref_model=True, reference={"source": "local"})
+    with pytest.raises(ConfigError, match=r"sync_ref_model.*a separate ref_model= has no adapter parameters"):
+        DPOTrainer(ref_model=nn.Linear(2, 2), args=cfg)

@@ -120,6 +120,23 @@ def test_no_dataset_name_with_a_model_of_ones_own_is_an_error(model_without_toke
     assert names(train.files) == ["train.jsonl"] and names(ev.files) == ["test.jsonl"]
 
 
+def test_in_memory_model_without_processing_class_is_an_error_not_the_bundled_tokenizer(tmp_path, tok, rows):
+    # issue 29: DPOTrainer(model=<nn.Module>) with no processing_class used the bundled tokenizer and toy data
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ray import DPOTrainer
+    from dpo_ray.models import tiny_llama_config
+
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(tok, num_hidden_layers=1, hidden_size=32,
+                                                               intermediate_size=64))
+    with pytest.raises(ModelFilesError, match=r"DPOTrainer\(model=<LlamaForCausalLM>\) got a model object and no "
+                                              r"processing_class: pass its tokenizer as processing_class="):
+        DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "out")), train_dataset=rows).train()
+    with pytest.raises(ModelFilesError, match="no processing_class"):  # no data given either: no toy data instead
+        DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "out")))
+    DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "out")), processing_class=tok)  # accepted
+
+
 def test_run_prints_the_tokenizer_and_the_files(ray_local, tok):
     prep = build_datasets(cfg(), tok)
     text = prep.summary()
@@ -181,12 +198,67 @@ def test_eval_file_that_is_also_training_data_is_refused(tmp_path, rows):
         pipeline._sources(cfg(dataset_name=str(path), eval_dataset_name=str(path)), None, None)
 
 
-def test_glob_over_split_files_warns(tmp_path, rows):
+def test_glob_over_split_files_keeps_the_test_file_out_of_training(tmp_path, rows):
     write_jsonl(tmp_path / "prefs.jsonl", rows[:10])
     write_jsonl(tmp_path / "prefs_test.jsonl", rows[10:20])
     train, ev, _ = pipeline._sources(cfg(dataset_name=str(tmp_path / "*.jsonl")), None, None)
-    assert len(train.files) == 2 and ev is None
-    assert any("prefs_test.jsonl is named for split 'test'" in n for n in train.notes)
+    assert names(train.files) == ["prefs.jsonl"] and names(ev.files) == ["prefs_test.jsonl"]
+    assert [x.replace(f"{tmp_path}/", "") for x in train.ignored] == ["prefs_test.jsonl (named for split 'test')"]
+
+
+def test_glob_over_train_and_test_folders_never_trains_on_the_test_rows(ray_local, tmp_path, tok, rows):
+    # issue 29: `data/**/*.jsonl` over data/train/ and data/test/ folders; the split is in a folder's name
+    data = tmp_path / "data"
+    write_jsonl(data / "train" / "part-0.jsonl", rows[:40])
+    write_jsonl(data / "train" / "part-1.jsonl", rows[40:80])
+    write_jsonl(data / "test" / "part-0.jsonl", rows[80:100])
+    write_jsonl(data / "validation" / "part-0.jsonl", rows[100:110])  # another split: in neither
+    prep = build_datasets(cfg(dataset_name=str(data / "**" / "*.jsonl"), eval_strategy="epoch"), tok)
+    assert prep.inputs["train_files"] == [str(data / "train" / "part-0.jsonl"), str(data / "train" / "part-1.jsonl")]
+    assert prep.inputs["eval_files"] == [str(data / "test" / "part-0.jsonl")]
+    assert prep.num_train_rows_estimate == 80 and prep.num_eval_rows_estimate == 20
+    assert f"{data}/validation/part-0.jsonl (named for split 'validation')" in prep.inputs["not_used"]
+
+    def tokens(ds) -> list[list[int]]:  # the rows as trained, in order
+        return [list(r["chosen_input_ids"]) + list(r["rejected_input_ids"]) for r in ds.take_all()]
+
+    assert tokens(prep.train) == tokens(build_datasets(cfg(), tok, train_dataset=rows[:80]).train)
+    assert tokens(prep.eval) == tokens(build_datasets(cfg(), tok, train_dataset=rows[80:100]).train)
+    # a glob that names the folder itself is the user's choice: data/test/*.jsonl as eval_dataset_name is the eval
+    prep = build_datasets(cfg(dataset_name=str(data / "train" / "*.jsonl"),
+                              eval_dataset_name=str(data / "test" / "*.jsonl"), eval_strategy="epoch"), tok)
+    assert prep.num_train_rows_estimate == 80 and prep.num_eval_rows_estimate == 20
+    with pytest.raises(DataSourceError, match=r"no file the glob matches is named for split 'dev' or for no split"):
+        pipeline._sources(cfg(dataset_name=str(data / "*" / "part-0.jsonl"), dataset_train_split="dev"), None, None)
+
+
+def _csv_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_csv_row_with_an_unquoted_comma_names_file_line_and_the_fix(tmp_path, tok):
+    # issue 29: a CSV written by hand (or by a join), a comma in a text not quoted: the columns would shift
+    path = _csv_lines(tmp_path / "prefs.csv", ["prompt,chosen,rejected", '"sort: 2 1 =", 1 2, 2 1',
+                                               "sort: 3, 1 =, 1 3, 3 1", '"sort: 5 4 =", 4 5, 5 4'])
+    with pytest.raises(DataSourceError) as e:
+        build_datasets(cfg(dataset_name=str(path)), tok)
+    msg = str(e.value)
+    assert msg.startswith(f"{path} line 3: 4 cells, but the header has 3 (prompt, chosen, rejected)")
+    assert "must be quoted" in msg and "\n" not in msg
+    _csv_lines(path, ["prompt,chosen,rejected", '"sort: 2 1 =", 1 2, 2 1', '"sort: 5 4 =", 4 5'])  # one too few
+    with pytest.raises(DataSourceError, match=r"prefs\.csv line 3: 2 cells, but the header has 3"):
+        build_datasets(cfg(dataset_name=str(path)), tok)
+    with open(path, "w", newline="", encoding="utf-8") as f:  # the fix: a CSV writer quotes the comma
+        csv.writer(f).writerows([["prompt", "chosen", "rejected"], ["sort: 3, 1 =", " 1 3", " 3 1"]])
+    assert read_file(path)[0].value == {"prompt": "sort: 3, 1 =", "chosen": " 1 3", "rejected": " 3 1"}
+
+
+def test_csv_with_a_column_named_twice_is_refused(tmp_path, tok):
+    path = _csv_lines(tmp_path / "prefs.csv", ["prompt,chosen,rejected,chosen", '"sort: 2 1 =", 1 2, 2 1, 2 1 1'])
+    with pytest.raises(DataSourceError, match=r"prefs\.csv line 1: the header names column 'chosen' twice "
+                                              r"\(columns 2 and 4\)"):
+        build_datasets(cfg(dataset_name=str(path)), tok)
 
 
 def test_eval_rows_are_not_prechecked_when_eval_is_off(ray_local, tmp_path, tok, rows):
@@ -329,6 +401,27 @@ def test_planning_a_large_jsonl_keeps_driver_memory_flat(tmp_path, rows):
     tracemalloc.stop()
     assert n == size // len(block) * len(rows) and sum(c.end - c.start for c in chunks) == size
     assert peak < 4 * 2**20, f"planning a {size >> 20} MiB file peaked at {peak >> 20} MiB"
+
+
+def test_previewing_a_parquet_file_of_one_large_row_group_reads_a_bounded_batch(tmp_path):
+    # issue 29: a file written as one row group was read whole (every row as a dict) to preview 32 rows
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 100_000
+    path = tmp_path / "one_group.parquet"
+    pq.write_table(pa.table({"prompt": [f"sort: {i} 3 1 =" * 4 for i in range(n)], "chosen": [" 1 3"] * n,
+                             "rejected": [" 3 1"] * n}), path, row_group_size=n)
+    [chunk], total = sources.plan_files([str(path)])
+    assert total == n and pq.ParquetFile(path).metadata.num_row_groups == 1
+    tracemalloc.start()
+    preview = [r for _, r in zip(range(33), sources.iter_chunk(chunk))]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert [r.line for r in preview] == list(range(1, 34)) and preview[5].value["prompt"] == "sort: 5 3 1 =" * 4
+    assert peak < 4 * 2**20, f"previewing 33 rows of a {n}-row group peaked at {peak >> 20} MiB"
+    rows = list(sources.iter_chunk(chunk))  # the read task still yields every row once, in order
+    assert len(rows) == n and rows[-1].row_id == n - 1 and rows[-1].value["prompt"] == f"sort: {n - 1} 3 1 =" * 4
 
 
 def test_a_json_array_over_the_limit_asks_for_json_lines(tmp_path, monkeypatch, rows):
@@ -487,3 +580,32 @@ def test_cli_run_that_trains_zero_steps_exits_3(ray_local, tmp_path, rows, capsy
     assert code == 3
     last = [x for x in err.splitlines() if x.strip()][-2]
     assert last.startswith("dpo-ray train: the run trained 0 optimizer steps: 20 of the 40 training rows read")
+
+
+@pytest.mark.parametrize("n_rows, world, batch", [(1, 2, 4), (5, 2, 2), (13, 3, 4), (16, 2, 4)])
+def test_eval_shares_score_every_row_exactly_once(ray_local, tok, rows, n_rows, world, batch):
+    # issue 29: every worker reads the whole eval stream and scores its share; a partial last batch counts
+    from dpo_ray.data import iter_eval_batches
+
+    prep = build_datasets(cfg(), tok, train_dataset=rows[:n_rows])
+    seen, fillers = [], []
+    for rank in range(world):
+        share = iter_eval_batches(prep.train, cfg(), tok.pad_token_id, batch_size=batch, rank=rank, world=world)
+        batches = list(share)
+        assert all(len(b["row_id"]) <= batch for b in batches)
+        seen += [int(i) for b in batches for i in b["row_id"]]
+        fillers.append(share.filler["row_id"].tolist())
+    assert sorted(seen) == list(range(n_rows))  # each row once
+    assert fillers == [[0]] * world  # the weight-0 batch of a worker whose share ran out
+
+
+def test_the_plan_line_names_the_rows_an_epoch_leaves_untrained():
+    # issue 29: each worker's last partial batch is not trained (as dataloader_drop_last); the plan says how many
+    from dpo_ray.trainer import _untrained
+
+    c = cfg(per_device_train_batch_size=4, ray={"num_workers": 2})
+    plan = plan_steps(70, c)
+    note = _untrained(70, plan.micro_per_epoch * plan.world * c.per_device_train_batch_size)
+    assert note == "; 6 of ~70 rows per epoch not trained (the last partial batch of each worker's share, as " \
+                   "dataloader_drop_last)"
+    assert _untrained(64, 64) == ""

@@ -94,3 +94,26 @@ def test_best_checkpoint_step():
     assert best_checkpoint_step(rows, [10, 30], "eval_rewards/accuracies", True) == 30
     assert best_checkpoint_step(rows, [10], "eval_rewards/accuracies", True) == 10
     assert best_checkpoint_step(rows, [5], "eval_loss", False) is None
+
+
+def _eval_batch(loss: float, pairs: float, acc_value: float, tokens: float) -> dict[str, torch.Tensor]:
+    t = torch.tensor
+    return {"loss": t(loss), "num_pairs": t(pairs), "mean_token_accuracy": t(acc_value),
+            W + "mean_token_accuracy": t(tokens)}
+
+
+def test_eval_accumulator_is_the_mean_over_rows_and_fillers_weigh_nothing():
+    """Issue 29: batches of 4 and 1 rows (a partial last batch): the loss is Σ mean·rows / Σ rows, a token metric
+    Σ value·tokens / Σ tokens over the whole set; a filler batch changes nothing; no row: NaN, not a guess."""
+    from dpo_ray.train.metrics import EvalAccumulator
+
+    acc = EvalAccumulator()
+    acc.add(_eval_batch(1.0, 4, 0.5, 10))
+    acc.add(_eval_batch(3.0, 1, 1.0, 30))
+    acc.add(_eval_batch(100.0, 1, 0.0, 50), real=False)  # a worker's weight-0 filler forward
+    got = acc.reduce()
+    assert got["loss"] == pytest.approx((1.0 * 4 + 3.0) / 5) and got["num_pairs"] == 5
+    assert got["mean_token_accuracy"] == pytest.approx((0.5 * 10 + 30) / 40)
+    acc.add(_eval_batch(2.0, 1, 0.5, 1), real=False)
+    got = acc.reduce()
+    assert got["num_pairs"] == 0 and got["loss"] != got["loss"]  # NaN: no row was scored

@@ -106,6 +106,27 @@ def test_summary_keeps_failed_trials_and_names_the_best(tmp_path):
     assert asha(40).__class__.__name__ == "AsyncHyperBandScheduler"
 
 
+def test_a_sweep_whose_trials_have_no_eval_metric_says_why(tmp_path):
+    """Issue 29: every trial NaN (no eval row scored): no best, a reason, and the eval_rows column."""
+    from types import SimpleNamespace
+
+    from dpo_ray.sweep import SweepPlan
+
+    def result(beta, rows):
+        out = tmp_path / f"t_beta={beta}"
+        metrics = {"eval_rewards/accuracies": float("nan"), "steps": 1, "finished": True, "output_dir": str(out)}
+        if rows is not None:
+            metrics["eval_num_pairs"] = rows
+        return SimpleNamespace(metrics=metrics, config={"beta": beta, "_sweep": {}}, error=None, path=None)
+
+    plan = SweepPlan(sweep_dir=tmp_path, store=tmp_path / "store", trainable=None, param_space={}, varied=["beta"])
+    summary = plan.summarize([result(0.1, None), result(0.3, None)], "eval_rewards/accuracies", "max")
+    assert summary["best"] is None and "no finished trial scored an eval row" in summary["unranked"]
+    assert [r["eval_rows"] for r in csv.DictReader(open(tmp_path / "results.csv"))] == ["", ""]
+    summary = plan.summarize([result(0.1, 8)], "eval_rewards/accuracies", "max")
+    assert "no finished trial logged a finite eval_rewards/accuracies (eval rows per trial: 8)" in summary["unranked"]
+
+
 def test_cli_sweep_surface(capsys):
     from dpo_ray.cli import _parser
 
@@ -173,3 +194,21 @@ def test_a_sweep_runs_the_reference_once_and_shares_it(ray_local, tmp_path, monk
 
     report = ReferenceStore(sweep_dir / "reference_store").report()
     assert key in report and "1 key(s)" in report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cli_sweep_that_cannot_rank_its_trials_exits_1_and_says_why(ray_local, tmp_path, capsys):
+    """Issue 29: a real sweep whose trials score no eval row (eval_strategy no) ranked nothing and wrote
+    "best": null without a word; now it says why and exits 1."""
+    from dpo_ray.cli import main
+
+    config = {**BASE, "eval_strategy": "no", "output_dir": str(tmp_path / "sweep")}
+    (tmp_path / "sweep.yaml").write_text(json.dumps(config))  # JSON is YAML
+    code = main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--grid", "beta=0.1", "--task_prompts", "4"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "cannot rank the trials by eval_rewards/accuracies: no finished trial scored an eval row" in err
+    summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
+    assert summary["best"] is None and summary["ok"] == 1 and summary["unranked"]
+    assert list(csv.DictReader(open(tmp_path / "sweep" / "results.csv")))[0]["eval_rows"] == ""

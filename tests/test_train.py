@@ -160,6 +160,38 @@ def test_saved_model_reproduces_eval_logps(ray_local, tmp_path):
     assert chosen == pytest.approx(evals[best]["eval_logps/chosen"], abs=1e-4)
 
 
+def test_two_worker_eval_equals_one_process_over_every_eval_row(ray_local, tmp_path):
+    """Issue 29: 5 eval rows, 2 workers × per_device_eval_batch_size 2: shares of 3 and 2 rows, a partial last
+    batch and a weight-0 filler forward on the worker that ran out. Every row counts once: the run's eval metrics
+    equal one process's DPO metrics over all 5 rows in one batch (the saved policy, the initial model as
+    reference). Before, the partial batch and the remainder were never scored."""
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ray.data import collate_pairs, tokenize_rows
+    from dpo_ray.forward import sequence_forward
+    from dpo_ray.train.steps import dpo_step
+
+    cfg = DPOConfig(**{**BASE, "output_dir": str(tmp_path)})
+    tok = load_tokenizer(cfg)
+    init = tmp_path / "init"
+    load_causal_lm(None, cfg, tok).save_pretrained(init)
+    tok.save_pretrained(init)
+    rows, eval_rows = make_rows(32), make_rows(5, seed=13)
+    out = train(tmp_path, "every_row", rows, eval_rows, model=str(init), max_steps=2, eval_strategy="steps",
+                eval_steps=2, per_device_eval_batch_size=2)
+    ev = out.eval_metrics
+    assert ev["eval_num_pairs"] == 5
+    policy = AutoModelForCausalLM.from_pretrained(out.output_dir).eval()
+    ref = AutoModelForCausalLM.from_pretrained(init).eval()
+    batch = collate_pairs(tokenize_rows(eval_rows, tok, cfg), tok.pad_token_id)
+    with torch.no_grad():
+        ref_logps = sequence_forward(ref, batch).stats.logps
+        _, one = dpo_step(policy, cfg, batch, ref_logps[:5], ref_logps[5:])
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected"):
+        assert ev[f"eval_{key}"] == pytest.approx(float(one[key]), abs=1e-4), key
+
+
 def test_dpo_after_sft_starts_from_the_sft_weights(ray_local, tmp_path):
     """SFT from a saved initial model, then DPO from the SFT output with the *initial* model as reference:
     at step 1 (logged before any DPO update moves the policy) rewards/chosen = β·(log π_sft - log π_init) on

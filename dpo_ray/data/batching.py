@@ -146,6 +146,50 @@ class BatchIterator:
             raise
 
 
+class EvalShare(BatchIterator):
+    """This worker's share of the whole eval stream (not split by Ray: every worker reads it all, in order):
+    the rows at positions ``rank, rank + world, ...``, in order, in batches of ``batch_size``, the last one
+    partial. Every row is in exactly one worker's share. ``filler``: a one-row batch of the stream's first row,
+    which a worker whose share ran out scores with weight 0 while the others still run collective forwards."""
+
+    def __init__(self, shard, *, rank: int, world: int, **kw):
+        super().__init__(shard, **kw)
+        self.rank, self.world = rank, world
+        self.filler: dict[str, torch.Tensor] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        pos, held = 0, None
+        try:
+            for cols in self.shard.iter_batches(batch_size=self.batch_size * self.world, batch_format="numpy",
+                                                prefetch_batches=1):
+                cols = dict(cols)
+                n = len(cols["row_id"])
+                if self.filler is None and n:
+                    self.filler = self._emit(cols, np.array([0]))
+                mine = np.nonzero((pos + np.arange(n)) % self.world == self.rank)[0]
+                pos += n
+                mine_cols = {k: [v[i] for i in mine] if isinstance(v, list) else v[mine] for k, v in cols.items()}
+                held = mine_cols if held is None else {k: np.concatenate([held[k], mine_cols[k]]) for k in held}
+                while len(held["row_id"]) >= self.batch_size:
+                    yield self._emit(held, np.arange(self.batch_size))
+                    held = {k: v[self.batch_size:] for k, v in held.items()}
+            if held is not None and len(held["row_id"]):
+                yield self._emit(held, np.arange(len(held["row_id"])))  # the partial last batch counts too
+        except Exception as e:
+            bad = unwrap_data_error(e)
+            if bad is not None:
+                raise bad from None
+            raise
+
+
+def iter_eval_batches(shard, cfg, pad_token_id: int, *, batch_size: int, rank: int, world: int,
+                      mode: str = "dpo") -> EvalShare:
+    """This worker's eval batches (``EvalShare``): every eval row scored by exactly one worker."""
+    return EvalShare(shard, rank=rank, world=world, batch_size=batch_size, pad_token_id=pad_token_id,
+                     pad_to_multiple_of=cfg.pad_to_multiple_of, bucketing=False, bucket_multiplier=1, seed=0,
+                     epoch=0, shuffle=False, mode=mode)
+
+
 def iter_train_batches(shard, cfg, pad_token_id: int, *, batch_size: int, epoch: int, seed: int,
                        mode: str = "dpo", shuffle: bool = True) -> BatchIterator:
     """Collated batches from a Ray ``DataIterator`` shard (or a ``ray.data.Dataset``).

@@ -542,6 +542,17 @@ def build_datasets(cfg, tokenizer, train_dataset: Any = None, eval_dataset: Any 
                         describe_inputs(cfg, tokenizer, train_src, eval_src, frac, int(n_train)), mode == "groups")
 
 
+def ingest_config():
+    """Ray Train's ``DataConfig``: the training rows split among the workers (equal shares); the eval rows not
+    split: every worker reads them all, in order, and scores its share (``batching.EvalShare``), so every eval
+    row counts exactly once whatever the number of workers and the eval batch size."""
+    import ray.train
+
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True  # every worker's reading of the eval rows has one order: the shares are disjoint
+    return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"eval": opts})
+
+
 def _preserve_order(ds) -> None:
     """Deterministic block order (and so deterministic streaming_split contents) for this dataset only."""
     ctx = ds.context.copy() if hasattr(ds.context, "copy") else ds.context

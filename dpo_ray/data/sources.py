@@ -29,6 +29,7 @@ CHUNK_BYTES = 1 << 18  # JSONL bytes per read task (~3k short rows): the first b
 READ_BYTES = 1 << 20  # planning reads files in blocks of this size: driver memory does not grow with the file
 JSON_ARRAY_MAX_BYTES = 64 << 20  # a JSON array is one document, parsed whole on the driver: bounded here
 LIST_CHUNK_ROWS = 4096  # in-memory rows per read task
+PARQUET_BATCH_ROWS = 1024  # Parquet rows decoded at a time (a row group may hold millions)
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark (Excel's "CSV UTF-8", Notepad): read as utf-8-sig
 # Split names recognised in file and folder names, besides dataset_train_split / dataset_test_split
@@ -136,13 +137,38 @@ def _open_text(path: str):
     return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
+def _check_header(path: str, line: int, header: list[str]) -> None:
+    """Two columns of one name: a dict keeps only the last, so the other's cells would be lost."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(header, 1):
+        if name in seen:
+            raise DataSourceError(f"{path} line {line}: the header names column {name!r} twice (columns {seen[name]} and "
+                                  f"{i}); a row keeps only one of them. Rename or drop one in the header")
+        seen[name] = i
+
+
+def _check_cells(path: str, header: list[str], line: int, cells: list[str]) -> None:
+    """A row with more or fewer cells than the header (an unquoted comma in a text) would shift its columns."""
+    if len(cells) != len(header):
+        raise DataSourceError(
+            f"{path} line {line}: {len(cells)} cells, but the header has {len(header)} ({', '.join(header)}); a text "
+            "with a comma (or a line break) must be quoted (\"a, b\"): write the file with a CSV writer (csv.writer, "
+            "pandas to_csv), or as JSON Lines")
+
+
 def _plan_csv(path: str, first_row_id: int) -> list[Chunk]:
+    """One chunk per file; the planning pass reads every record, so a row whose cell count is not the header's is
+    an error here, on the driver, before anything trains (the reader checks again: the file may change)."""
+    n = 0
     with _open_text(path) as f:
         rows = _csv_rows(path, f)
         header = next(rows, None)
         if header is not None:
             check_columns(header[1], path)
-        n = sum(1 for _ in rows)
+            _check_header(path, *header)
+            for line, cells in rows:
+                _check_cells(path, header[1], line, cells)
+                n += 1
     return [Chunk("csv", path, first_row_id, 0, n)]
 
 
@@ -226,9 +252,16 @@ def iter_chunk(c: Chunk) -> Iterator[RawRow]:
     elif c.kind == "parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.ParquetFile(c.source).read_row_group(c.start).to_pylist()[: c.n_rows]
-        for i, r in enumerate(rows):
-            yield RawRow(c.first_row_id + i, c.first_line + i + 1, r)
+        # bounded batches, never the whole row group: a file written as one 200k-row group is not read whole
+        # to preview 32 rows, and a read task holds PARQUET_BATCH_ROWS rows as Python objects at a time
+        batches = pq.ParquetFile(c.source).iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[c.start])
+        i = 0
+        for batch in batches:
+            for r in batch.to_pylist()[: c.n_rows - i]:
+                yield RawRow(c.first_row_id + i, c.first_line + i + 1, r)
+                i += 1
+            if i >= c.n_rows:
+                break
     elif c.kind == "csv":
         with _open_text(c.source) as f:
             rows = _csv_rows(c.source, f)
@@ -236,6 +269,7 @@ def iter_chunk(c: Chunk) -> Iterator[RawRow]:
             for i, (line, cells) in enumerate(rows):
                 if i >= c.n_rows:
                     break
+                _check_cells(c.source, header, line, cells)
                 # CSV has no nulls: an empty cell is a null, a bad row in a text column (rows.TEXT_COLUMNS)
                 r = {k: (v if v != "" else None) for k, v in zip(header, cells)}
                 yield RawRow(c.first_row_id + i, line, r)
@@ -284,12 +318,14 @@ def split_of(rel: Path, splits: tuple[str, ...]) -> str | None:
     return named[0] if len(named) == 1 else "?"
 
 
-def split_files(root: Path, split: str, other: str | None, fallback: bool) -> tuple[list[Path], list[str]]:
+def split_files(root: Path, split: str, other: str | None, fallback: bool,
+                files: list[Path] | None = None) -> tuple[list[Path], list[str]]:
     """(files of ``split`` in directory ``root``, "FILE (why)" for the data files left out).
 
     The files named for ``split``; when none is and ``fallback``, the files named for no split. A file named for
-    another split (``other``, or one of OTHER_SPLITS) or for two is never taken, so no file is in two splits."""
-    files = _data_files(root)
+    another split (``other``, or one of OTHER_SPLITS) or for two is never taken, so no file is in two splits.
+    ``files``: the candidates (a glob's matches, each under ``root``); default every data file under ``root``."""
+    files = _data_files(root) if files is None else files
     splits = (split,) if not other or other == split else (split, other)
     label = {f: split_of(f.relative_to(root), splits) for f in files}
     chosen = [f for f in files if label[f] == split]
@@ -341,16 +377,36 @@ def resolve(name: str, split: str, config: str | None, other_split: str | None =
                 f"none is training data ({'; '.join(ignored)}). Name the training files *{split}* (or set "
                 "dataset_train_split), or give one file as dataset_name")
         return Resolved(files=[str(f) for f in chosen], label=str(p), ignored=ignored)
-    if any(ch in name for ch in "*?["):
-        files = sorted(glob.glob(os.path.expanduser(name), recursive=True))
+    if is_glob(name):
+        root, files = glob_files(name)
         if not files:
             raise DataSourceError(f"dataset_name={name!r} is a glob that matches no files")
-        splits = (split, other_split) if other_split and other_split != split else (split,)
-        named = [(f, split_of(Path(Path(f).name), splits)) for f in files]
-        notes = [f"{f} is named for split {sp!r} but the glob {name!r} puts it in the training data; narrow the "
-                 "glob if it is held-out data" for f, sp in named if sp is not None and sp != split]
-        return Resolved(files=files, label=name, notes=notes)
+        chosen, ignored = split_files(root, split, other_split, fallback=True, files=files)
+        if not chosen:
+            raise DataSourceError(
+                f"dataset_name={name!r}: no file the glob matches is named for split {split!r} or for no split below "
+                f"{str(root)!r} ({'; '.join(ignored[:5])}). Name the training files or folders *{split}* (or set "
+                "dataset_train_split), or narrow the glob to the files to train on")
+        return Resolved(files=[str(f) for f in chosen], label=name, ignored=ignored)
     return Resolved(table=_load_hub(name, config, split), label=f"{name} [{split}]")
+
+
+def is_glob(name: str) -> bool:
+    return any(ch in name for ch in "*?[")
+
+
+def glob_files(pattern: str) -> tuple[Path, list[Path]]:
+    """(the glob's fixed folder, its data files). A split is read from the path below the fixed folder -- the
+    folders and the file name the wildcards matched (``data/**/*.jsonl`` over ``data/train/`` and ``data/test/``)
+    -- never from the folders the pattern names itself (``runs/test_3/*.jsonl`` is the user's choice)."""
+    pattern = os.path.expanduser(pattern)
+    fixed = []
+    for part in Path(pattern).parts:
+        if is_glob(part):
+            break
+        fixed.append(part)
+    root = Path(*fixed) if fixed else Path(".")
+    return root, [Path(f) for f in sorted(glob.glob(pattern, recursive=True)) if Path(f).is_file()]
 
 
 def _load_from_disk(d: Path, split: str):
@@ -393,6 +449,10 @@ def eval_files_beside(train: Resolved, name: str, train_split: str, test_split: 
     if p.is_dir() and not _is_save_to_disk(p):
         files, _ = split_files(p, test_split, train_split, fallback=False)
         return Resolved(files=[str(f) for f in files], label=str(p)) if files else None
+    if train.files is not None and is_glob(name) and not p.exists():  # a glob: its files named for the test split
+        root, matched = glob_files(name)
+        files, _ = split_files(root, test_split, train_split, fallback=False, files=matched)
+        return Resolved(files=[str(f) for f in files], label=name) if files else None
     if p.is_dir():
         import datasets
 

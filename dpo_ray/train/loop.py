@@ -26,7 +26,7 @@ from dpo_ray.train.checkpoint import (
     save_model,
 )
 from dpo_ray.train.logger import METRICS_FILE, Logger, Throughput, cut_metrics
-from dpo_ray.train.metrics import MetricAccumulator
+from dpo_ray.train.metrics import EvalAccumulator, MetricAccumulator
 from dpo_ray.train.setup import LoopConfig, Worker, mark, setup
 from dpo_ray.train.steps import DPOStep, SFTStep
 
@@ -233,11 +233,13 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """One pass over this worker's eval shard; metrics reduced over all workers, prefixed eval_."""
-        acc = MetricAccumulator()
+        """One pass over this worker's share of the eval rows (every row scored by one worker, partial last
+        batches included); metrics over all rows, reduced over all workers, prefixed eval_."""
+        acc = EvalAccumulator()
+        real: list[bool] = []
         with eval_mode(self.w.model):
-            for item in self.step.stream(self.step.batches(self.w.eval_shard, epoch=0, train=False)):
-                acc.add(self.step(self.w.model, item)[1])
+            for item in self.step.eval_stream(self.w.eval_shard, real):
+                acc.add(self.step(self.w.model, item)[1], real=real.pop(0))
         self.last_eval = {f"eval_{k}": v for k, v in acc.reduce().items()}
         self.eval_step = self.state.global_step
         return self.last_eval

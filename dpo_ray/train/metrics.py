@@ -66,6 +66,43 @@ class MetricAccumulator:
         return out
 
 
+class EvalAccumulator:
+    """Eval metrics over every eval row once, whatever the batches: each batch's mean weighted by its rows
+    (``num_pairs``), a metric sent with ``METRIC_WEIGHT + name`` by that weight, ``SUMMED`` ones added; a
+    filler batch (``real=False``) weighs 0. Sums and counts are all-reduced once, so the result is the mean
+    over all rows a single process would compute (``eval_num_pairs``: the rows it rests on)."""
+
+    def __init__(self):
+        self._sums: dict[str, Tensor] = {}  # name -> [Σ value·weight, Σ weight]
+
+    def add(self, values: dict[str, Tensor], real: bool = True) -> None:
+        on = 1.0 if real else 0.0
+        rows = values["num_pairs"].detach().float().reshape(()) * on
+        for k, v in values.items():
+            if k.startswith(METRIC_WEIGHT):
+                continue
+            v = v.detach().float().reshape(())
+            w = values.get(METRIC_WEIGHT + k)
+            if k in SUMMED:
+                part = torch.stack([v * on, torch.zeros_like(v)])
+            else:
+                weight = w.detach().float().reshape(()) * on if w is not None else rows
+                part = torch.stack([v * weight, weight])
+            self._sums[k] = self._sums[k] + part if k in self._sums else part
+
+    def reduce(self) -> dict[str, float]:
+        if not self._sums:
+            return {}
+        keys = sorted(self._sums)
+        flat = torch.cat([self._sums[k] for k in keys]).double()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flat)
+        values = flat.cpu().view(-1, 2).tolist()
+        self._sums = {}
+        return {k: (num if k in SUMMED else num / den if den > 0 else float("nan"))
+                for k, (num, den) in zip(keys, values)}
+
+
 def best_checkpoint_step(rows: list[dict], saved_steps: list[int], key: str, greater_is_better: bool) -> int | None:
     """load_best_model_at_end: the saved step whose eval ``key`` (e.g. "eval_loss") is best, as transformers
     picks it (the first of equal values wins), from the logged rows (each with "step"); None without one."""

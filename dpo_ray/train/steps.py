@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dpo_ray.config import DPOConfig
-from dpo_ray.data import iter_train_batches
+from dpo_ray.data import iter_eval_batches, iter_train_batches
 from dpo_ray.forward import PrefixSharing, pair_layout, sequence_forward
 from dpo_ray.losses import PairLogps, batch_metrics, dpo_loss, moe_aux_loss, sequence_metrics
 from dpo_ray.reference.base import ReferenceClient, prefetched
@@ -38,6 +38,22 @@ def synced(batches: Iterable, device) -> Iterator:
         if batch is None or flag.item() == 0:
             return
         yield batch
+
+
+def synced_eval(share, device, real: list[bool]) -> Iterator:
+    """Every worker runs the same number of eval forwards (ZeRO-3 and the collectives need it): while any
+    worker has a batch of its share left, one that has none scores ``share.filler`` instead. ``real`` gets,
+    in order, whether each yielded batch is a real one (weight 1) or a filler (weight 0)."""
+    it = iter(share)
+    while True:
+        batch = next(it, None)
+        flag = torch.tensor([0 if batch is None else 1], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 0:
+            return
+        real.append(batch is not None)
+        yield batch if batch is not None else share.filler
 
 
 def dpo_step(model, cfg: DPOConfig, batch, ref_chosen, ref_rejected, share_prefix: bool | str = False
@@ -106,6 +122,17 @@ class SFTStep:
         """What one iteration of the loop consumes, in order."""
         return synced(batches, self.device)
 
+    def eval_stream(self, shard, real: list[bool]) -> Iterator:
+        """This worker's share of the eval rows, each row once (``EvalShare``), padded with weight-0 fillers
+        to the longest share; ``real`` says which items are real (``synced_eval``)."""
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        share = iter_eval_batches(shard, self.cfg, self.pad_id, batch_size=self.cfg.per_device_eval_batch_size,
+                                  rank=rank, world=world, mode=self.mode)
+        return self._wrap(synced_eval(share, self.device, real))
+
+    def _wrap(self, batches: Iterator) -> Iterator:
+        return batches
+
     def __call__(self, model: nn.Module, item) -> tuple[Tensor, dict]:
         return sft_step(model, self.cfg, to_device(item, self.device))
 
@@ -123,7 +150,10 @@ class DPOStep(SFTStep):
         self.sharing = PrefixSharing(cfg.prefix_sharing, "policy", cfg.prefix_attention)
 
     def stream(self, batches: Iterable) -> Iterator:
-        return prefetched(synced(batches, self.device), self.reference, self.cfg.reference.prefetch_depth)
+        return self._wrap(synced(batches, self.device))
+
+    def _wrap(self, batches: Iterator) -> Iterator:
+        return prefetched(batches, self.reference, self.cfg.reference.prefetch_depth)
 
     def __call__(self, model: nn.Module, item) -> tuple[Tensor, dict]:
         batch, ref_chosen, ref_rejected = to_device(item[0], self.device), item[1], item[2]
