@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="smollm2_ahoy")
     p.add_argument("--learning_rate", type=float, default=5e-6)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--max_steps", type=int, default=20)
+    p.add_argument("--max_steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (2 workers)")
     p.add_argument("--max_length", type=int, default=192)
     p.add_argument("--answer_tokens", type=int, default=48, help="length of the model's own answers")
