@@ -61,7 +61,8 @@ SMOLLM2_ARGS ?=
 smollm2: install
 	$(PY) scripts/smollm2.py $(SMOLLM2_ARGS)
 
-EXAMPLE_ARGS ?= --learning_rate 5e-6
+# 5e-6 measured: the loss falls but the held-out metric stays 0 % in 12 steps (docs/smollm2.md); 3e-5 is not measured yet
+EXAMPLE_ARGS ?= --learning_rate 3e-5
 smollm2-example: smollm2
 	$(PY) examples/smollm2_ahoy.py $(EXAMPLE_ARGS)
 

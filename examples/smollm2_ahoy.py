@@ -9,7 +9,7 @@
 5. DPO on Ray (``dpo_ray.DPOTrainer``; full fine-tuning by default, ``--peft`` for LoRA, merged afterwards).
 6. The held-out metric after, from the saved model.
 
-    .venv/bin/python examples/smollm2_ahoy.py --learning_rate 5e-6             # full fine-tuning
+    .venv/bin/python examples/smollm2_ahoy.py --learning_rate 3e-5             # full fine-tuning (5e-6: not learned)
     .venv/bin/python examples/smollm2_ahoy.py --peft --learning_rate 5e-4      # LoRA (r 16), merged to measure
     .venv/bin/python examples/smollm2_ahoy.py --compare_references             # step-1 loss: auto/actor/precomputed
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="the converted model (default: scripts/smollm2.py's cache)")
     p.add_argument("--workdir", default="smollm2_ahoy")
-    p.add_argument("--learning_rate", type=float, default=5e-6)
+    p.add_argument("--learning_rate", type=float, default=3e-5, help="5e-6: not learned in 12 steps (docs/smollm2.md)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--max_steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (2 workers)")
