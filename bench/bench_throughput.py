@@ -166,12 +166,14 @@ def child_trl(args) -> dict:
             self.stamps.append(time.perf_counter())
 
     timer = Timer()
-    cfg = DPOConfig(
+    kw = dict(
         output_dir=args.workdir, per_device_train_batch_size=args.batch, num_train_epochs=args.epochs,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], bf16=args.gpu, fp16=False,
         gradient_checkpointing=False, use_cpu=not args.gpu, disable_tqdm=True, dataloader_drop_last=True,
         train_sampling_strategy="sequential", warmup_steps=0, **hp,
     )
+    kw.update(json.loads(args.trl_extra) if args.trl_extra else {})  # e.g. TRL's default gradient checkpointing
+    cfg = DPOConfig(**kw)
     t0 = time.perf_counter()
     trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=ds, processing_class=tok,
                          callbacks=[timer])
@@ -215,6 +217,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--name", default="throughput", help="results file stem under bench/results/")
     ap.add_argument("--dpo_ray_extra", default="", help="JSON of extra DPOConfig keys for the dpo_ray runs")
+    ap.add_argument("--trl_extra", default="", help="JSON of TRL DPOConfig keys overriding the TRL child's")
     ap.add_argument("--model_dir", help="a saved model directory to use instead of the tiny Llama")
     ap.add_argument("--data_file", help="a JSON Lines file to use instead of the bundled subset")
     ap.add_argument("--long_pairs", metavar="MIN,MAX", help="generate --pairs bundled-task pairs of MIN..MAX "

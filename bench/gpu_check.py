@@ -49,6 +49,7 @@ T0 = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH, REPO, RESULTS, machine, run_child, steady_rate, table, versions  # noqa: E402
+from ds_ops import default_extensions_dir, ensure_ops  # noqa: E402
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of torch.cuda.get_device_name()
 PEAK_BF16_TFLOPS = {
@@ -84,7 +85,7 @@ def stage_tests(args, dry: bool, env: dict[str, str], work: Path) -> dict:
            f"--junitxml={xml}", "tests/test_gpu.py", QLORA_TEST]
     if args.tests_k:
         cmd += ["-k", args.tests_k]
-    run_env = {**env, **({"DPO_RAY_GPU_DRY": "1"} if dry else {})}
+    run_env = {**os.environ, **env, **({"DPO_RAY_GPU_DRY": "1"} if dry else {})}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True,
                        timeout=max(60.0, args.budget_s - (time.perf_counter() - T0)))
@@ -336,8 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     why = "--dry" if args.dry else ("no CUDA device" if not cuda else "")
     print(f"gpu_check: {'DRY RUN on the CPU (' + why + '): fp32, gloo, tiny model' if dry else device_name + ': bf16, nccl'}",
           flush=True)
-    env = {"DS_ACCELERATOR": "cpu" if dry else "cuda"}
+    # What the children add to this environment (never replace it: a compiler needs PATH, caches need HOME).
+    # DeepSpeed's ops are built first, once, where dpo_ray's workers look for them, and never half-built
+    # (bench/ds_ops.py): a fresh machine builds them here, a killed build is repaired on the next run.
+    ext_dir = os.environ.get("TORCH_EXTENSIONS_DIR") or str(default_extensions_dir())
+    env = {"DS_ACCELERATOR": "cpu" if dry else "cuda", "TORCH_EXTENSIONS_DIR": ext_dir}
     os.environ.update(env)
+    if "tests" in args.stages.split(",") or "throughput" in args.stages.split(","):
+        for op in ensure_ops(env["DS_ACCELERATOR"], Path(ext_dir)):
+            print(f"DeepSpeed op {op['op']}: {'built' if op['built'] else 'already built'} in {ext_dir} "
+                  f"({op['seconds']:.0f} s; was {op['state_before']})", flush=True)
     work = Path(args.workdir) / ("dry" if dry else "gpu")
     work.mkdir(parents=True, exist_ok=True)
     result = {"dry": dry, "device": device_name, "gpus": torch.cuda.device_count() if cuda else 0,

@@ -122,10 +122,16 @@ def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tenso
     branch = torch.where(p < shared[:, None], 0, torch.where(in_c, 1, torch.where(in_r, 2, 3)))
     keep = None
     if dense:
+        # Built in place: one (B, S, S) boolean and no S×S temporaries (an expression of broadcast comparisons
+        # held about four of them at once: at 8k tokens per pair, S ≈ 12k, that was ~0.6 GB per pair on top)
         q, k = branch[:, :, None], branch[:, None, :]
-        causal = p[:, :, None] >= p[:, None, :]  # (1, S, S)
-        keep = causal & (q < 3) & (k < 3) & ((k == 0) | (k == q))
-        keep = (keep | torch.eye(s, dtype=torch.bool, device=dev))[:, None]  # pad rows see themselves
+        keep = k == q  # (B, S, S): same branch ...
+        keep |= k == 0  # ... or the shared prefix
+        keep &= q < 3  # no padding on either side ((B, S, 1) and (B, 1, S): broadcast into keep)
+        keep &= k < 3
+        keep.tril_()  # causal
+        keep.diagonal(dim1=1, dim2=2).fill_(True)  # pad rows see themselves
+        keep = keep[:, None]
 
     # where each scored position of the standard layout lives in the packed rows
     rows, cols = comp[:, 1:].nonzero(as_tuple=True)  # state at col scores the token at col + 1

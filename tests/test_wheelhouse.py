@@ -112,3 +112,36 @@ def test_size_table_totals():
             {"wheel": "b.whl", "original_bytes": 1 << 20, "bytes": 1 << 20, "dropped": 0, "stripped": 1}]
     text = wh.size_table(rows)
     assert "total (2 wheels)" in text and "4.00" in text and "2.00" in text
+
+
+@pytest.mark.slow
+def test_make_wheelhouse_from_a_fresh_home_fits_and_imports(tmp_path):
+    """``make wheelhouse`` as a user types it, from a fresh HOME (no pip cache, no torch extensions) and a minimal
+    environment: downloads, trims, stays under 60 MiB, installs offline and imports (its --verify). Skipped, with
+    the reason, where the package index cannot be reached."""
+    import os
+    import socket
+    import urllib.parse
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
+    for key in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CONFIG_FILE"):  # the machine's index
+        if key in os.environ:
+            env[key] = os.environ[key]
+    r = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    index = next((ln.split("=", 1)[1].strip("'\" ").split()[0] for ln in r.stdout.splitlines()
+                  if ln.split("=", 1)[0].endswith(".index-url")), "https://pypi.org/simple")
+    host = urllib.parse.urlparse(index).hostname
+    if host:
+        try:
+            socket.create_connection((host, urllib.parse.urlparse(index).port or 443), timeout=5).close()
+        except OSError as e:
+            pytest.skip(f"the package index {index} cannot be reached: {e}")
+    out = tmp_path / "wheelhouse"
+    r = subprocess.run(["make", "-s", "wheelhouse", f"WHEELHOUSE_ARGS=--out {out}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    total = sum(p.stat().st_size for p in out.glob("*.whl"))
+    assert 0 < total <= 60 * 2**20, f"{total / 2**20:.1f} MiB"
+    assert "under the 60 MiB limit" in r.stdout
