@@ -23,7 +23,7 @@ OWNER_FILE = ".dpo_ray_owned"
 LOCK_FILE = ".dpo_ray_run.lock"
 
 
-class OwnershipError(RuntimeError):
+class OwnershipError(PermissionError):
     """A delete or overwrite dpo_ray refused: the path is not one it made, or lies outside the folder it owns."""
 
 

@@ -49,7 +49,9 @@ def redact_text(text: str) -> str:
     (``HF_TOKEN=...``, ``"api_key": "..."``, ``password: ...``) replaced."""
     text = _URL_CREDENTIALS.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
     text = _TOKEN_SHAPES.sub(REDACTED, text)
+    # a bare KEY=... is a placeholder in a usage line ("KEY=V1,V2"), not a credential
     return _ASSIGNMENT.sub(lambda m: m.group(0) if not secret_key(m.group("name")) or m.group("value") == REDACTED
+                           or m.group("name").lower() == "key"
                            else f"{m.group('lead')}{m.group('q2')}{REDACTED}{m.group('q2')}", text)
 
 
