@@ -140,7 +140,8 @@ class DPOTrainer:
         use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else cluster_has_gpu()
         prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
         print(prepared.summary(), flush=True)  # which tokenizer, which files: never a silent fallback
-        fingerprint = data_fingerprint(prepared, cfg) if resume is not None or cfg.save_strategy != "no" else None
+        fingerprint = (data_fingerprint(prepared, cfg, self.train_dataset)
+                       if resume is not None or cfg.save_strategy != "no" else None)
         if resume is not None:
             _check_resume(resume, cfg, fingerprint)
         if self.mode == "dpo" and prepared.preview_rows and not is_processor(tokenizer) and not prepared.groups:
@@ -433,10 +434,11 @@ _DATA_SETTINGS = ("dataset_config", "dataset_train_split", "eval_fraction", "max
                   "max_length", "max_prompt_length", "truncation_mode")
 
 
-def data_fingerprint(prepared, cfg: DPOConfig) -> str:
+def data_fingerprint(prepared, cfg: DPOConfig, given=None) -> str:
     """A hash of the training rows' identity, recorded in every checkpoint: each input file's name, size and the
     bytes of its first and last 64 KiB (a moved or copied file matches; an edited one does not), the row count
-    and the data settings; for in-memory data, a content hash of the tokenized rows."""
+    and the data settings. In-memory data (``given``): a list of rows by content, a Hugging Face dataset by its
+    own fingerprint; other in-memory datasets by row count only (nothing is read twice to hash it)."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=12)
@@ -453,10 +455,10 @@ def data_fingerprint(prepared, cfg: DPOConfig) -> str:
                 h.update(fh.read(65536))
                 fh.seek(max(0, size - 65536))
                 h.update(fh.read(65536))
-    if not files:
-        from dpo_ray.reference.precompute import dataset_fingerprint
-
-        h.update(str(dataset_fingerprint(prepared.train, cfg, prepared.groups).get("content")).encode())
+    if not files and isinstance(given, (list, tuple)):
+        h.update(json.dumps(list(given), sort_keys=True, default=str).encode())
+    elif not files and getattr(given, "_fingerprint", None):  # datasets.Dataset
+        h.update(str(given._fingerprint).encode())
     settings = {k: getattr(cfg, k, None) for k in _DATA_SETTINGS}
     h.update(json.dumps([prepared.num_train_rows_estimate, settings], sort_keys=True, default=str).encode())
     return h.hexdigest()
