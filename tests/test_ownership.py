@@ -281,3 +281,61 @@ def test_one_redaction_for_configs_errors_validate_and_store_keys(tmp_path):
     assert "S3CRET" not in r.stdout + r.stderr
     r = dpo_ray_cli("validate", "--no_path_check", "--model_init_kwargs", '{"token": "S3CRET-K"')  # bad JSON
     assert r.returncode == 2 and "S3CRET" not in r.stdout + r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------------ storage URIs, resume keys
+
+def test_a_storage_uri_reaches_ray_train_unchanged(tmp_path, monkeypatch):
+    """What Ray Train does with the storage_path it is given (its own resolver): the URI is a file system and a
+    path in it, not a folder named 's3:' under the working directory. The real run: test_ownership_runs.py."""
+    from ray.train._internal.storage import get_fs_and_path
+
+    from dpo_ray.config import DPOConfig
+    from dpo_ray.paths import resolve_config_paths
+    from dpo_ray.trainer import storage_root
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"file://{tmp_path / 'bucket'}"
+    for given in (uri, "s3://bucket/x", "gs://bucket/x"):
+        cfg = resolve_config_paths(DPOConfig(output_dir="out", ray={"storage_path": given}))
+        assert storage_root(cfg, tmp_path / "out") == given
+    fs, path = get_fs_and_path(uri)
+    assert type(fs).__name__ == "LocalFileSystem" and path == str(tmp_path / "bucket")
+    local = resolve_config_paths(DPOConfig(output_dir="out", ray={"storage_path": "ckpts"}))
+    assert storage_root(local, tmp_path / "out") == str(tmp_path / "ckpts")
+
+
+def test_resume_keys_and_manifest_completeness(tmp_path):
+    from dpo_ray.config import DPOConfig
+    from dpo_ray.errors import ConfigError
+    from dpo_ray.train.checkpoint import CHECKPOINT_STATE_FILE, checkpoint_problems
+    from dpo_ray.trainer import _check_resume
+
+    d = tmp_path / "checkpoint-000004"
+    (d / "engine").mkdir(parents=True)
+    state = {"global_step": 4, "epoch": 0, "micro_in_epoch": 4, "world_size": 2, "zero_stage": 0,
+             "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "data_seed": 42,
+             "data_fingerprint": "abc", "manifests": True}
+    (d / CHECKPOINT_STATE_FILE).write_text(json.dumps(state))
+    (d / "engine" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    for r in range(2):
+        (d / f"rng_rank{r}.pt").write_bytes(b"r" * 10)
+    (d / "manifest_rank0.json").write_text(json.dumps({"engine/mp_rank_00_model_states.pt": 100, "rng_rank0.pt": 10,
+                                                       CHECKPOINT_STATE_FILE: (d / CHECKPOINT_STATE_FILE).stat().st_size}))
+    assert "missing manifest_rank1.json" in checkpoint_problems(d)
+    (d / "manifest_rank1.json").write_text(json.dumps({"rng_rank1.pt": 10}))
+    assert checkpoint_problems(d) == ""
+    (d / "engine" / "mp_rank_00_model_states.pt").write_bytes(b"")  # emptied after the write
+    assert "mp_rank_00_model_states.pt has 0 bytes, not the 100 written" in checkpoint_problems(d)
+
+    ok = DPOConfig(ray={"num_workers": 2}, per_device_train_batch_size=4)
+    _check_resume(d, ok, "abc")
+    _check_resume(d, ok, None)  # the data is checked once it is read
+    for change, key in (({"per_device_train_batch_size": 2}, "per_device_train_batch_size"),
+                        ({"ray": {"num_workers": 1}}, "ray.num_workers"), ({"seed": 1}, "data_seed"),
+                        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps")):
+        with pytest.raises(ConfigError) as e:
+            _check_resume(d, DPOConfig(**{"ray": {"num_workers": 2}, "per_device_train_batch_size": 4, **change}), "abc")
+        assert [k for k, _ in e.value.problems] == [key], e.value.problems
+    with pytest.raises(ConfigError, match="other data"):
+        _check_resume(d, ok, "def")
