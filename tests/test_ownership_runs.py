@@ -32,7 +32,7 @@ def rows(n: int, seed: int = 0) -> list[dict]:
     for _ in range(n):
         nums = [str(rng.randint(0, 9)) for _ in range(3)]
         out.append({"prompt": f"sort: {' '.join(nums)}", "chosen": " ".join(sorted(nums)),
-                    "rejected": " ".join(sorted(nums, reverse=True))})
+                    "rejected": " ".join(sorted(nums, reverse=True)) + " " + nums[0]})
     return out
 
 
