@@ -59,7 +59,9 @@ def save_peft(module: nn.Module, cfg: DPOConfig, out: Path, state_dict=None) -> 
         for f in sub.iterdir() if sub.is_dir() else []:
             f.replace(out / f.name)
         if sub.is_dir():
-            sub.rmdir()
+            from dpo_ray.owned import check_inside
+
+            check_inside(sub, out).rmdir()  # the subfolder peft made, now empty
     if cfg.merge_adapter:
         merged_model(cfg, out).save_pretrained(out / "merged", safe_serialization=True)
 

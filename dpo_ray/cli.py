@@ -170,16 +170,29 @@ def cmd_sweep(ns) -> int:
 
 
 def cmd_ref_store(ns) -> int:
+    from dpo_ray.owned import OwnershipError, root_problem
     from dpo_ray.reference.store import ReferenceStore
 
+    problem = root_problem(ns.store, "--store")
+    if problem and (ns.action == "clean" or not ns.store.strip()):  # "" would mean the working directory
+        raise ConfigError([("--store", f"{problem}; nothing deleted")])
     store = ReferenceStore(ns.store)
+    failed = {}
     if ns.action == "clean":
         if not (ns.key or ns.older_than_days is not None or ns.all):
             raise ConfigError([("clean", "say what to remove: --key KEY, --older_than_days N or --all")])
-        removed = store.clean(ns.key, ns.older_than_days, ns.all)
-        print(f"removed {len(removed)} key(s){': ' + ', '.join(removed) if removed else ''}")
+        try:
+            done = store.clean(ns.key, ns.older_than_days, ns.all)
+        except OwnershipError as e:
+            raise ConfigError([("--store", str(e))]) from None
+        failed = done.failed
+        print(f"removed {len(done.removed)} key(s){': ' + ', '.join(done.removed) if done.removed else ''}")
+        for key, why in failed.items():
+            print(f"FAILED to remove {key}: {why}", file=sys.stderr)
+        if done.skipped:
+            print(f"left alone (not entries this store wrote): {', '.join(done.skipped)}")
     print(store.report())
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -269,7 +269,9 @@ def paths_missing_on_nodes(paths: dict[str, str], output_dir: str | None = None,
         results = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
     finally:
         if marker is not None:
-            os.unlink(marker)
+            from dpo_ray.owned import check_inside
+
+            os.unlink(check_inside(marker, output_dir))  # the probe file made above, inside output_dir
     where = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in nodes}
     problems = []
     for key in [*paths, *(["output_dir"] if marker else [])]:

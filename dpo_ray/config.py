@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -31,9 +32,12 @@ from dpo_ray.data.checks import INSPECT_CHECKS
 from dpo_ray.errors import ConfigError
 from dpo_ray.losses import F_DIVERGENCES, LOSS_ALIASES, LOSSES, LossParams, canonical_loss_name
 from dpo_ray.optim import canonical_optimizer, optimizer_problems
+from dpo_ray.redact import REDACTED as _REDACTED
+from dpo_ray.redact import redact, redact_value
 from dpo_ray.schedule import SCHEDULES, scheduler_kwargs_problems
 from dpo_ray.trl_keys import TRL_KEYS, translate
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+-]{0,199}")
 TruncationMode = Literal["keep_start", "keep_end"]
 ReferenceSource = Literal["auto", "actor", "local", "precomputed", "adapter_off", "ref_adapter", "none"]
 
@@ -74,7 +78,7 @@ def _problems_from_pydantic(err: ValidationError, prefix: str = "") -> list[tupl
             out.append((key, "unknown key" + (_did_you_mean(key) or "; check its spelling (`dpo-ray validate --help` "
                                                                   "lists every key)")))
         else:
-            out.append((key, f"{e['msg']} (got {e.get('input')!r})"))
+            out.append((key, f"{e['msg']} (got {redact_value(key, e.get('input'))!r})"))
     return out
 
 
@@ -284,7 +288,7 @@ class DPOConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     disable_dropout: bool = Field(True, description="turn off dropout in the policy (and LoRA)")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="tensorboard, or none")
-    run_name: str | None = Field(None, description="Ray Train run name (default dpo_ray-<mode>-<time>)")
+    run_name: str | None = Field(None, description="Ray Train run name, a plain name: the run's folder under ray.storage_path (default dpo_ray-<mode>-<time>-<random>)")
 
     # --- sections ---
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -311,6 +315,15 @@ class DPOConfig(BaseModel):
             raise ConfigError(trl_problems + e.problems) from None
         if trl_problems:
             raise ConfigError(trl_problems)
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_run_name(cls, v):
+        if v is not None and (not _PLAIN_NAME.fullmatch(v) or ".." in v):
+            raise ValueError("must be a plain name (letters, digits and . _ - = , +, starting with a letter or digit, "
+                             "no '/' and no '..', at most 200 characters): it names the run's folder under "
+                             "ray.storage_path")
+        return v
 
     @field_validator("prefix_sharing", mode="before")
     @classmethod
@@ -413,8 +426,8 @@ class DPOConfig(BaseModel):
         return on_gpu and not self.fp16 if self.bf16 is None else self.bf16
 
     def to_yaml(self, redact: bool = True) -> str:
-        """The resolved config as YAML; secrets (model_init_kwargs keys that look like tokens or passwords, every
-        ray.runtime_env env var) shown as ``<redacted>`` unless ``redact`` is false."""
+        """The resolved config as YAML; secrets (``dpo_ray.redact``) shown as ``<redacted>`` unless ``redact`` is
+        false."""
         data = self.model_dump(mode="json")
         if redact:
             data = redact_secrets(data)
@@ -422,32 +435,13 @@ class DPOConfig(BaseModel):
 
 
 _SECTIONS = ("ray", "reference", "deepspeed", "inspect")
-_SECRET_WORDS = ("token", "secret", "password", "key", "credential", "auth")
-REDACTED = "<redacted>"
-
-
-def _secret_key(name: str) -> bool:
-    return any(w in str(name).lower() for w in _SECRET_WORDS)
+REDACTED = _REDACTED
 
 
 def redact_secrets(data: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a dumped config with secret values replaced: model_init_kwargs entries under secret-looking
-    keys (token, secret, password, key, credential, auth; any case, at any depth), and every
-    ray.runtime_env env var (they commonly carry HF_TOKEN, cloud keys)."""
-    import copy
-
-    data = copy.deepcopy(data)
-
-    def scrub(d):
-        return {k: REDACTED if _secret_key(k) and v not in (None, "") else scrub(v) if isinstance(v, dict) else v
-                for k, v in d.items()}
-
-    if isinstance(data.get("model_init_kwargs"), dict):
-        data["model_init_kwargs"] = scrub(data["model_init_kwargs"])
-    env = (data.get("ray") or {}).get("runtime_env") or {}
-    if isinstance(env.get("env_vars"), dict):
-        env["env_vars"] = {k: REDACTED for k in env["env_vars"]}
-    return data
+    """A copy of a dumped config with its secrets replaced (``dpo_ray.redact.redact``: credential-looking keys at
+    any depth, every ray.runtime_env env var, credentials inside URLs)."""
+    return redact(data)
 
 
 def _without_invalid(data: dict[str, Any], err: ValidationError) -> dict[str, Any]:
@@ -497,6 +491,22 @@ def choose_reference_source(c: DPOConfig, nodes: int) -> tuple[str, str]:
                          "(place it with reference.node_label or reference.resources)")
     return "local", ("one node, whose cores or GPUs the workers use: a frozen copy on each worker is faster there; "
                      "reference.source: actor for the pool")
+
+
+def _remote_storage_problems(c: DPOConfig) -> list[tuple[str, str]]:
+    """ray.storage_path as a URI (s3://, gs://, file://...) goes to Ray Train unchanged; what dpo_ray itself reads
+    from the checkpoints on the driver's disk needs a local (or mounted shared) path."""
+    storage = c.ray.storage_path
+    if not storage or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", storage):
+        return []
+    why = (f"reads the checkpoints from the driver's file system, and ray.storage_path {storage!r} is a URI; use a "
+           "local or mounted shared path for ray.storage_path")
+    p = []
+    if str(c.resume_from_checkpoint).lower() in ("latest", "true"):
+        p.append(("resume_from_checkpoint", f"latest {why}, or give the checkpoint's local copy"))
+    if c.load_best_model_at_end:
+        p.append(("load_best_model_at_end", why))
+    return p
 
 
 def _best_model_problems(c: DPOConfig) -> list[tuple[str, str]]:
@@ -603,6 +613,7 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
     for msg in scheduler_kwargs_problems(c.lr_scheduler_type, c.lr_scheduler_kwargs, c.learning_rate):
         p.append(("lr_scheduler_type" if msg.startswith("lr_scheduler_type") else "lr_scheduler_kwargs", msg))
     p += _best_model_problems(c)
+    p += _remote_storage_problems(c)
     if not (c.use_peft or c.peft_adapter_path):
         for key in PEFT_KEYS:
             if key in c.model_fields_set and getattr(c, key) != DPOConfig.model_fields[key].default:

@@ -9,6 +9,9 @@ class ConfigError(ValueError):
     exit_code = 2
 
     def __init__(self, problems: list[tuple[str, str]]):
+        from dpo_ray.redact import redact_text  # a message never carries a URL's password or a token
+
+        problems = [(key, redact_text(str(msg))) for key, msg in problems]
         self.problems = problems
         lines = [f"  - {key}: {msg}" for key, msg in problems]
         super().__init__(f"{len(problems)} configuration problem(s):\n" + "\n".join(lines))

@@ -130,10 +130,12 @@ def shares_reference(cfg: DPOConfig) -> bool:
 
 def trial_config(base: dict[str, Any], overrides: dict[str, Any], output_dir: str | Path,
                  cache_dir: str | None = None) -> DPOConfig:
-    """The trial's DPOConfig: the base's keys, the trial's values (flat dotted or nested), its own output_dir and,
-    given ``cache_dir``, the shared precomputed reference."""
+    """The trial's DPOConfig: the base's keys, the trial's values (flat dotted or nested), its own output_dir and
+    Ray Train run (run_name: the output folder's name, never the base's, so no two trials share a Ray Train
+    folder under ray.storage_path) and, given ``cache_dir``, the shared precomputed reference."""
     merged = _merge(base, _nest(_flatten(overrides)))
     merged["output_dir"] = str(output_dir)
+    merged["run_name"] = Path(output_dir).name
     if cache_dir is not None:
         merged = _merge(merged, {"reference": {"source": "precomputed", "cache_dir": cache_dir}})
         merged.pop("precompute_ref_log_probs", None)
@@ -212,13 +214,15 @@ def task_metric(out_dir: Path, cfg: DPOConfig, prompts: int) -> float | None:
     return task_accuracy(model, AutoTokenizer.from_pretrained(out_dir), eval_prompts()[:prompts])
 
 
-def dpo_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: one DPOTrainer run with the trial's keys (``config`` minus ``_sweep``)."""
+def dpo_trial(config: dict[str, Any], sweep: dict[str, Any] | None = None) -> None:
+    """Tune function trainable: one DPOTrainer run with the trial's keys. ``sweep`` (the base config, the store,
+    the DPO_RAY_* variables) comes through ``tune.with_parameters`` (Ray's object store), never through
+    ``config``: Tune writes a trial's config to its params.json / params.pkl."""
     from ray import tune
 
     from dpo_ray.trainer import DPOTrainer
 
-    sweep = config[SWEEP_KEY]
+    sweep = sweep if sweep is not None else config[SWEEP_KEY]
     os.environ.update(sweep["env"])  # DPO_RAY_* knobs follow the driver, as they do to Train workers
     overrides = {k: v for k, v in config.items() if k != SWEEP_KEY}
     varied = {k: v for k, v in _flatten(overrides).items() if k in sweep["varied"]}
@@ -424,10 +428,11 @@ def prepare_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str |
     constants = {"base": base_dump, "sweep_dir": str(sweep_dir), "store": str(store_root), "reference_dirs": dirs,
                  "share_reference": share, "own_reference": not share_reference, "metric": metric, "varied": varied, "env": env,
                  "task_prompts": task_prompts}
-    trainable = tune.with_resources(dpo_trial, trial_resources or {"CPU": 0.25})
-    return SweepPlan(sweep_dir=sweep_dir, store=store_root, trainable=trainable,
-                     param_space={**param_space, SWEEP_KEY: constants}, varied=varied, reference_keys=keys,
-                     shared=share)
+    # the constants hold the base config and DPO_RAY_* variables, secrets included: through the object store,
+    # not the param_space (Tune writes that to every trial's params.json / params.pkl)
+    trainable = tune.with_resources(tune.with_parameters(dpo_trial, sweep=constants), trial_resources or {"CPU": 0.25})
+    return SweepPlan(sweep_dir=sweep_dir, store=store_root, trainable=trainable, param_space=dict(param_space),
+                     varied=varied, reference_keys=keys, shared=share)
 
 
 def run_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str | None = "eval_rewards/accuracies",

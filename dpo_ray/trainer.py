@@ -95,6 +95,24 @@ class DPOTrainer:
 
     # ---------------------------------------------------------------------------------------- train
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
+        """Run the training. For its whole length the run holds an exclusive lock on output_dir (and on its Ray
+        Train folder under a local ray.storage_path): a second run into either stops at once, naming this one."""
+        from dpo_ray.owned import OwnershipError
+
+        self._run_name = self.args.run_name or default_run_name(self.mode)
+        locks = run_locks(self.args, self._run_name)
+        try:
+            for lock in locks:
+                try:
+                    lock.acquire()
+                except OwnershipError as e:
+                    raise ConfigError([(lock.what, str(e))]) from None
+            return self._train(resume_from_checkpoint)
+        finally:
+            for lock in locks:
+                lock.release()
+
+    def _train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         import ray
         import ray.train
 
@@ -116,7 +134,9 @@ class DPOTrainer:
         out = Path(cfg.output_dir).resolve()
         # Before anything starts or is deleted: which checkpoint, and whether output_dir may be written.
         resume = _find_checkpoint(resume_from_checkpoint or cfg.resume_from_checkpoint, out, cfg)
-        _check_output_dir(cfg, out, resume)
+        _check_output_dir(cfg, out, resume, self._run_name)
+        if resume is not None:  # the batch geometry, before anything starts; the data's content once it is read
+            _check_resume(resume, cfg, None)
         tokenizer = self.processing_class or load_processing_class(
             self.model if isinstance(self.model, str) else cfg)
         init_ray(cfg)
@@ -129,6 +149,10 @@ class DPOTrainer:
         use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else cluster_has_gpu()
         prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
         print(prepared.summary(), flush=True)  # which tokenizer, which files: never a silent fallback
+        fingerprint = (data_fingerprint(prepared, cfg, self.train_dataset)
+                       if resume is not None or cfg.save_strategy != "no" else None)
+        if resume is not None:
+            _check_resume(resume, cfg, fingerprint)
         if self.mode == "dpo" and prepared.preview_rows and not is_processor(tokenizer) and not prepared.groups:
             from dpo_ray.data.checks import quick_checks
 
@@ -156,14 +180,14 @@ class DPOTrainer:
         # handed to the workers as a path (shared storage on a cluster) and loaded when that is empty.
         lc = LoopConfig(cfg=cfg, mode=self.mode, tokenizer=tokenizer, total_steps=total_steps, num_epochs=num_epochs,
                         micro_per_epoch=micro_per_epoch, model=model_source,
-                        resume_checkpoint=str(resume) if resume is not None else None)
+                        resume_checkpoint=str(resume) if resume is not None else None, data_fingerprint=fingerprint)
         print(f"dpo-ray {self.mode}: plan: {total_steps} optimizer steps ({plan.steps_per_epoch} per epoch, up to "
               f"{num_epochs} epoch(s)); {plan.rows_per_step(cfg)} {'prompt groups' if prepared.groups else 'pairs' if self.mode == 'dpo' else 'sequences'} "
               f"per step = {world} worker(s) × per_device_train_batch_size {cfg.per_device_train_batch_size} × "
               f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}"
               f"{_untrained(prepared.num_train_rows_estimate, plan.micro_per_epoch * world * cfg.per_device_train_batch_size)}",
               flush=True)
-        run_name = cfg.run_name or f"dpo_ray-{self.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_name = self._run_name
         pool = progress = None
         try:  # from here on, whatever fails, the reference actors and the progress board are stopped
             progress = TrainingProgress(self.mode, total_steps, plan.rows_per_step(cfg))
@@ -184,7 +208,7 @@ class DPOTrainer:
                     num_workers=world, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg, use_gpu),
                     placement_strategy=cfg.ray.placement_strategy),
                 run_config=ray.train.RunConfig(
-                    name=run_name, storage_path=str(trainer_storage(cfg, run_name, out).parent),
+                    name=run_name, storage_path=storage_root(cfg, out),
                     failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
                     checkpoint_config=ray.train.CheckpointConfig(
                         num_to_keep=cfg.save_total_limit, checkpoint_score_attribute=best[0] if best else None,
@@ -343,39 +367,122 @@ _PREVIOUS_RUN_FILES = ("model.safetensors", "config.json", "adapter_model.safete
                        "dpo_config.yaml", FINAL_STATE_FILE, "report.json")
 
 
-def _check_output_dir(cfg: DPOConfig, out: Path, resume: Path | None) -> None:
+def _check_output_dir(cfg: DPOConfig, out: Path, resume: Path | None, run_name: str | None = None) -> None:
     """Refuse a new run into an output_dir holding an earlier run's outputs (or into a run_name whose Ray Train
-    storage has checkpoints, which Ray would silently continue), unless resuming or overwrite_output_dir."""
-    if resume is not None:
-        return
-    found = [f for f in _PREVIOUS_RUN_FILES if (out / f).exists()]
-    storage = trainer_storage(cfg, cfg.run_name, out) if cfg.run_name else None
-    reused = storage is not None and any(storage.glob("checkpoint-*"))
-    if not found and not reused:
-        return
-    if not cfg.overwrite_output_dir:
-        what = (f"output_dir {out} holds an earlier run's {', '.join(found)}" if found else
-                f"run_name {cfg.run_name!r} already has checkpoints in {storage}")
-        raise ConfigError([("output_dir", f"{what}. Continue that run with resume_from_checkpoint: latest (or a "
-                                          "checkpoint directory), or replace it with overwrite_output_dir: true "
-                                          "(or choose another output_dir / run_name)")])
-    if reused:  # overwriting: Ray Train would otherwise resume from this run name's last checkpoint
-        import shutil
+    storage has checkpoints, which Ray would silently continue), unless resuming or overwrite_output_dir; refuse
+    a root, a home directory or a repository as output_dir, and an overwrite of files dpo_ray did not write.
+    Then mark output_dir and the run's Ray Train folder as dpo_ray's (dpo_ray/owned.py): only marked folders,
+    and inside them only what dpo_ray wrote, are ever deleted or replaced."""
+    from dpo_ray.owned import (
+        LOCK_FILE,
+        OWNER_FILE,
+        OwnershipError,
+        is_owned,
+        mark_owned,
+        remove_owned,
+        root_problem,
+    )
+    from dpo_ray.paths import is_remote
 
-        print(f"overwrite_output_dir: removing run {cfg.run_name!r}'s checkpoints in {storage}", flush=True)
-        shutil.rmtree(storage)
+    problem = root_problem(out, "output_dir")
+    if problem:
+        raise ConfigError([("output_dir", f"{problem}; dpo_ray writes (and on overwrite replaces) a model there")])
+    remote = bool(cfg.ray.storage_path) and is_remote(cfg.ray.storage_path)
+    run_name = run_name or cfg.run_name
+    storage = trainer_storage(cfg, run_name, out) if run_name and not remote else None
+    if resume is None:
+        found = [f for f in _PREVIOUS_RUN_FILES if (out / f).exists()]
+        reused = storage is not None and any(storage.glob("checkpoint-*"))
+        if (found or reused) and not cfg.overwrite_output_dir:
+            what = (f"output_dir {out} holds an earlier run's {', '.join(found)}" if found else
+                    f"run_name {run_name!r} already has checkpoints in {storage}")
+            raise ConfigError([("output_dir", f"{what}. Continue that run with resume_from_checkpoint: latest (or a "
+                                              "checkpoint directory), or replace it with overwrite_output_dir: true "
+                                              "(or choose another output_dir / run_name)")])
+        if found and not is_owned(out):
+            raise ConfigError([("output_dir", f"overwrite_output_dir: {out} holds {', '.join(found)} but no {OWNER_FILE} "
+                                              "marker, so dpo_ray did not write them and will not replace them; remove "
+                                              "them yourself or choose another output_dir")])
+        if reused:  # overwriting: Ray Train would otherwise resume from this run name's last checkpoint
+            print(f"overwrite_output_dir: removing run {run_name!r}'s checkpoints in {storage}", flush=True)
+            try:
+                if not is_owned(storage):
+                    raise OwnershipError(f"{storage} has no {OWNER_FILE} marker, so dpo_ray did not make it")
+                for child in storage.iterdir():  # the folder stays: it holds this run's lock
+                    if child.name not in (LOCK_FILE, OWNER_FILE):
+                        remove_owned(child, storage)
+            except OSError as e:
+                raise ConfigError([("run_name", f"overwrite_output_dir: {e}; choose another run_name")]) from None
+    mark_owned(out, "output_dir")
+    if storage is not None:
+        problem = root_problem(storage.parent, "ray.storage_path")
+        if problem:
+            raise ConfigError([("ray.storage_path", problem)])
+        mark_owned(storage.parent, "ray-storage")
+        mark_owned(storage, "ray-train-run")
+
+
+def _check_resume(resume: Path, cfg: DPOConfig, fingerprint: str | None) -> None:
+    """Refuse to resume from a checkpoint whose data position means other rows in this run: another world size,
+    per-device batch size, gradient accumulation, data seed, or dataset (``fingerprint``; None: not checked yet)."""
+    from dpo_ray.train.checkpoint import resume_mismatches
+
+    state = json.loads((resume / CHECKPOINT_STATE_FILE).read_text())
+    now = {"world_size": cfg.ray.num_workers, "per_device_train_batch_size": cfg.per_device_train_batch_size,
+           "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+           "data_seed": cfg.data_seed if cfg.data_seed is not None else cfg.seed, "data_fingerprint": fingerprint}
+    problems = resume_mismatches(state, now)
+    if problems:
+        raise ConfigError(problems)
+
+
+# settings that decide which rows the training split holds and in which order (the seeds are checked apart)
+_DATA_SETTINGS = ("dataset_config", "dataset_train_split", "eval_fraction", "max_train_samples", "on_bad_row",
+                  "max_length", "max_prompt_length", "truncation_mode")
+
+
+def data_fingerprint(prepared, cfg: DPOConfig, given=None) -> str:
+    """A hash of the training rows' identity, recorded in every checkpoint: each input file's name, size and the
+    bytes of its first and last 64 KiB (a moved or copied file matches; an edited one does not), the row count
+    and the data settings. In-memory data (``given``): a list of rows by content, a Hugging Face dataset by its
+    own fingerprint; other in-memory datasets by row count only (nothing is read twice to hash it)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=12)
+    try:
+        files = sorted(prepared.train.input_files())
+    except Exception:  # a dataset without a file list
+        files = []
+    for f in files:
+        h.update(f"{os.path.basename(f)}|".encode())
+        if os.path.isfile(f):
+            size = os.path.getsize(f)
+            h.update(f"{size}|".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(65536))
+                fh.seek(max(0, size - 65536))
+                h.update(fh.read(65536))
+    if not files and isinstance(given, (list, tuple)):
+        h.update(json.dumps(list(given), sort_keys=True, default=str).encode())
+    elif not files and getattr(given, "_fingerprint", None):  # datasets.Dataset
+        h.update(str(given._fingerprint).encode())
+    settings = {k: getattr(cfg, k, None) for k in _DATA_SETTINGS}
+    h.update(json.dumps([prepared.num_train_rows_estimate, settings], sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def _prepare_metrics_file(out: Path, resume) -> None:
     """A fresh run starts a fresh metrics.jsonl; a resumed one keeps the rows up to its checkpoint (rank 0
     cuts it again at restore, as after a worker-group restart)."""
+    from dpo_ray.owned import remove_owned
+
     path = out / METRICS_FILE
     for stale in (FINAL_STATE_FILE, "report.json"):
-        (out / stale).unlink(missing_ok=True)
+        remove_owned(out / stale, out)
     if not path.exists():
         return
     if resume is None:
-        path.unlink()
+        remove_owned(path, out)
         return
     cut_metrics(path, json.loads((resume / CHECKPOINT_STATE_FILE).read_text())["global_step"])
 
@@ -396,8 +503,44 @@ def print_summary(out) -> None:
 
 
 def trainer_storage(cfg: DPOConfig, run_name: str, out: Path) -> Path:
-    """Where Ray Train keeps this run's checkpoints: ``<ray.storage_path or output_dir/ray_results>/<run_name>``."""
+    """Where Ray Train keeps this run's checkpoints: ``<ray.storage_path or output_dir/ray_results>/<run_name>``
+    (a local path: see ``storage_root`` for a URI)."""
     return Path(cfg.ray.storage_path or out / "ray_results").resolve() / run_name
+
+
+def storage_root(cfg: DPOConfig, out: Path) -> str:
+    """Ray Train's ``storage_path``: a URI (``s3://``, ``gs://``, ``file://``...) exactly as given, so Ray's own
+    file systems (pyarrow) write there; else the absolute local path (default ``output_dir/ray_results``)."""
+    from dpo_ray.paths import is_remote
+
+    if cfg.ray.storage_path and is_remote(cfg.ray.storage_path):
+        return cfg.ray.storage_path
+    return str(Path(cfg.ray.storage_path or out / "ray_results").resolve())
+
+
+def default_run_name(mode: str) -> str:
+    """``dpo_ray-<mode>-<date>-<time>-<6 random hex>``: two runs started in the same second never share a name."""
+    import secrets
+
+    return f"dpo_ray-{mode}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def run_locks(cfg: DPOConfig, run_name: str) -> list:
+    """The run's exclusive locks (dpo_ray.owned.RunLock): output_dir, and its Ray Train folder when that lies
+    outside output_dir (a local ray.storage_path). Not acquired yet."""
+    from dpo_ray.owned import RunLock, root_problem
+    from dpo_ray.paths import is_remote
+
+    out = Path(cfg.output_dir).resolve()
+    problem = root_problem(out, "output_dir")
+    if problem:
+        raise ConfigError([("output_dir", f"{problem}; dpo_ray writes (and on overwrite replaces) a model there")])
+    locks = [RunLock(out, "output_dir")]
+    if cfg.ray.storage_path and not is_remote(cfg.ray.storage_path):
+        storage = trainer_storage(cfg, run_name, out)
+        if out not in storage.parents:
+            locks.append(RunLock(storage, "ray.storage_path/run_name"))
+    return locks
 
 
 def _load_best_model(cfg: DPOConfig, best: tuple[str, bool], history: list[dict], storage: Path, model_source,

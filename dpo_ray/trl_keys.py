@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from dpo_ray.redact import redact_value
+
 
 @dataclass(frozen=True)
 class TrlKey:
@@ -275,7 +277,8 @@ def translate(data: dict[str, Any], fields: set[str]) -> tuple[dict[str, Any], l
         # TrainingArguments.to_dict() masks tokens as "<HUB_TOKEN>": a dumped config carries no token
         unset = value in (None, False, "", [], {}) or value == f"<{key.upper()}>"
         if entry.treatment == "default_only" and value != entry.default and not unset:
-            problems.append((key, f"{entry.note} (got {value!r}); remove the key or set it to {entry.default!r}"))
+            problems.append((key, f"{entry.note} (got {redact_value(key, value)!r}); remove the key or set it to "
+                                  f"{entry.default!r}"))
         elif entry.treatment == "maps":
             if key == "padding_free" and value:
                 setdefault("prefix_sharing", "on", key)

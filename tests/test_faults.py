@@ -116,8 +116,15 @@ def test_second_run_into_a_used_output_dir_is_refused(tmp_path):
     _fake_checkpoint(fresh / "ray_results" / "r" / "checkpoint-000002", 2)
     with pytest.raises(ConfigError, match="run_name 'r'"):
         _check_output_dir(DPOConfig(output_dir=str(fresh), run_name="r"), fresh, None)
+    # a run folder dpo_ray did not make (no marker) is never deleted, even with overwrite_output_dir
+    with pytest.raises(ConfigError, match="no .dpo_ray_owned marker"):
+        _check_output_dir(DPOConfig(output_dir=str(fresh), run_name="r", overwrite_output_dir=True), fresh, None)
+    from dpo_ray.owned import mark_owned
+
+    mark_owned(fresh / "ray_results", "ray-storage")
+    mark_owned(fresh / "ray_results" / "r", "ray-train-run")
     _check_output_dir(DPOConfig(output_dir=str(fresh), run_name="r", overwrite_output_dir=True), fresh, None)
-    assert not (fresh / "ray_results" / "r").exists()
+    assert not list((fresh / "ray_results" / "r").glob("checkpoint-*"))
 
 
 def test_secrets_are_redacted_in_the_yaml_only(capsys):
@@ -166,7 +173,8 @@ def test_a_crash_while_writing_the_model_leaves_no_partial_files(tmp_path):
 
     with pytest.raises(Crash):
         write_model(tiny_llama(), cfg, BrokenTokenizer(), tmp_path)
-    assert list(tmp_path.iterdir()) == []  # the weights were written, but only into the temporary folder
+    # the weights were written, but only into the temporary folder (the folder's ownership marker stays)
+    assert [p.name for p in tmp_path.iterdir()] == [".dpo_ray_owned"]
     write_model(tiny_llama(), cfg, tok, tmp_path)
     assert not list(tmp_path.glob(".model-tmp-*")) and (tmp_path / "model.safetensors").exists()
     assert model_files_problem(tmp_path, cfg) == "train_state.json"

@@ -4,7 +4,8 @@ below, never above, and no set of modules imports itself round in a circle. No e
 Floors, ground up (docs/CONTRACTS.md, "Layers"):
   0 math        errors, logprobs, losses, prefix, flex, forward (the model forward policy and reference share),
                 vision (what a processor is), vision.images, plotting, progress (the console display),
-                optim and schedule (optimizers and LR schedules by TrainingArguments name)
+                optim and schedule (optimizers and LR schedules by TrainingArguments name), owned (what a run
+                may delete; the run lock), redact (the one redaction of secrets)
   1 data        data.*, ledger (the bookkeeping actors: Ray and the standard library only)
   2 config      config, paths, trl_keys (what each TRL key means here)
   3 models      models, adapters, vision.tiny
@@ -25,7 +26,7 @@ PKG = Path(__file__).resolve().parents[1] / "dpo_ray"
 
 FLOORS = [
     (0, ("errors", "logprobs", "losses", "prefix", "flex", "forward", "vision", "vision.images", "plotting", "progress", "timeline",
-         "optim", "schedule")),
+         "optim", "schedule", "owned", "redact")),
     (1, ("data", "ledger")),
     (2, ("config", "paths", "trl_keys")),
     (3, ("models", "adapters", "vision.tiny")),

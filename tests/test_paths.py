@@ -72,12 +72,14 @@ def test_outputs_of_a_ray_job_never_land_in_its_uploaded_working_dir(in_tmp, mon
 def test_names_uris_and_latest_pass_through(in_tmp):
     cfg = resolve_config_paths(DPOConfig(model_name_or_path="Qwen/Qwen2-0.5B-Instruct",
                                          dataset_name="trl-lib/ultrafeedback_binarized",
-                                         output_dir="s3://bucket/run", resume_from_checkpoint="latest",
-                                         ray={"storage_path": "gs://bucket/ray"}))
+                                         output_dir="s3://bucket/run", ray={"storage_path": "gs://bucket/ray"}))
     assert cfg.model_name_or_path == "Qwen/Qwen2-0.5B-Instruct"  # a hub-style name: checked, not rewritten
     assert cfg.dataset_name == "trl-lib/ultrafeedback_binarized"
     assert cfg.output_dir == "s3://bucket/run" and cfg.ray.storage_path == "gs://bucket/ray"
-    assert cfg.resume_from_checkpoint == "latest"
+    assert resolve_config_paths(DPOConfig(resume_from_checkpoint="latest")).resume_from_checkpoint == "latest"
+    # latest lists checkpoints on the driver's disk: with a URI storage_path it is refused, saying why
+    with pytest.raises(ConfigError, match="resume_from_checkpoint: latest reads the checkpoints"):
+        DPOConfig(resume_from_checkpoint="latest", ray={"storage_path": "gs://bucket/ray"})
     # path-like values are paths even when nothing is there yet
     assert resolve_config_paths(DPOConfig(model_name_or_path="./missing")).model_name_or_path == str(in_tmp / "missing")
 

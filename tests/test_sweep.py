@@ -64,21 +64,26 @@ def test_weights_key_is_content_not_path_or_mtime(tmp_path):
 
 
 def test_store_report_and_clean(tmp_path):
+    from dpo_ray.owned import mark_owned
+    from dpo_ray.reference.store import ENTRY_KIND, STORE_KIND
+
     store = ReferenceStore(tmp_path / "store")
+    mark_owned(tmp_path / "store", STORE_KIND)
     for key in ("k1", "k2"):
         d = tmp_path / "store" / key / "inner" / "train"
         d.mkdir(parents=True)
+        mark_owned(tmp_path / "store" / key, ENTRY_KIND)
         (d / "part-00000.parquet").write_bytes(b"x" * 2048)
         (tmp_path / "store" / key / "_COMPLETE").write_text("t")
     old = tmp_path / "store" / "k1" / "_last_used"
     old.touch()
     os.utime(old, (0, 0))
     assert "2 key(s)" in store.report() and "k1" in store.report()
-    assert store.clean(older_than_days=30) == ["k1"]
+    assert store.clean(older_than_days=30).removed == ["k1"]
     assert [e.key for e in store.entries()] == ["k2"]
     with pytest.raises(ValueError, match="say what to clean"):
         store.clean()
-    assert store.clean(everything=True) == ["k2"] and store.entries() == []
+    assert store.clean(everything=True).removed == ["k2"] and store.entries() == []
 
 
 def test_summary_keeps_failed_trials_and_names_the_best(tmp_path):
@@ -146,8 +151,14 @@ def test_a_sweep_runs_the_reference_once_and_shares_it(ray_local, tmp_path, monk
 
     counter = tmp_path / "reference_forwards.txt"
     monkeypatch.setenv("DPO_RAY_REFERENCE_COUNTER", str(counter))  # the scorer appends "<pid> <rows>" per forward
+    monkeypatch.setenv("DPO_RAY_TEST_SECRET", "S3CRET-ENV")  # DPO_RAY_* variables follow the trials, in private
     sweep_dir = tmp_path / "sweep"
-    base = DPOConfig(**BASE, output_dir=str(sweep_dir))
+    storage = tmp_path / "storage"
+    # the base names one run and one storage folder, and carries a secret: each trial still gets its own Ray
+    # Train folder, and no secret reaches Tune's params.json / params.pkl
+    base = DPOConfig(**{**BASE, "ray": {**BASE["ray"], "storage_path": str(storage),
+                                        "runtime_env": {"env_vars": {"MY_API_TOKEN": "S3CRET-CFG"}}}},
+                     output_dir=str(sweep_dir), run_name="shared")
     summary = run_sweep(base, grid_space({"beta": [0.3], "loss_type": ["sigmoid", "ipo"]}),
                         max_concurrent_trials=2, task_prompts=8, verbose=0)
 
@@ -171,6 +182,13 @@ def test_a_sweep_runs_the_reference_once_and_shares_it(ray_local, tmp_path, monk
     assert (sweep_dir / "sweep.png").stat().st_size > 0
     best = summary["best"]
     assert best is not None and (Path(best["model_dir"]) / "config.json").exists()
+    trial_dirs = sorted(Path(r["output_dir"]).name for r in rows)
+    assert sorted(p.name for p in storage.iterdir() if p.is_dir()) == trial_dirs, list(storage.iterdir())
+    params = [p for p in (sweep_dir / "tune").rglob("params.*")]
+    assert len(params) >= 4, params  # params.json and params.pkl of each trial
+    for p in params:
+        blob = p.read_bytes()
+        assert b"S3CRET" not in blob and b"DPO_RAY_" not in blob, p
 
     # bit-identical to a solo run's reference pass: the same preparation as DPOTrainer.train, its own cache
     import ray

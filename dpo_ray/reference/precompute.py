@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,9 @@ import numpy as np
 import ray
 import torch
 
-from dpo_ray.config import DPOConfig, redact_secrets
+from dpo_ray.config import DPOConfig
+from dpo_ray.owned import mark_owned, remove_owned
+from dpo_ray.redact import redact
 
 CACHE_FORMAT = 1
 FINGERPRINT_BATCH = 1024  # rows per content-hash task (the key does not depend on it)
@@ -121,8 +122,7 @@ def tokenization_settings(cfg: DPOConfig, tokenizer) -> dict[str, Any]:
             # how the reference is loaded changes the numbers too (attention kernel, 4-bit, from_pretrained kwargs);
             # secret-looking kwargs (a hub token) do not, and the key's parts are written to _key.json
             "loading": {"attn_implementation": cfg.attn_implementation, "load_in_4bit": cfg.load_in_4bit,
-                        "model_init_kwargs": redact_secrets({"model_init_kwargs": cfg.model_init_kwargs})[
-                            "model_init_kwargs"]}}
+                        "model_init_kwargs": redact(cfg.model_init_kwargs)}}
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -313,14 +313,14 @@ def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any
         t0 = time.perf_counter()
         # A unique temporary folder, then one rename: concurrent runs with the same key (a sweep, two jobs on
         # shared storage) never write into each other's files; the first rename wins, the others use its result.
-        out.parent.mkdir(parents=True, exist_ok=True)
+        mark_owned(out.parent, "reference-cache")  # this key's folder: its deletes stay inside it
         tmp = Path(tempfile.mkdtemp(prefix=f"{split}.tmp-", dir=out.parent))
         try:
             _compute(ds, cfg, ref_source, tokenizer, tmp, groups)
             (tmp / "_key.json").write_text(json.dumps({"key": key, **parts}, indent=1, default=str))
             (tmp / "_SUCCESS").write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {time.perf_counter() - t0:.1f}s\n")
             if out.exists() and not done.exists():  # a crashed writer's leftovers (older layout): replace them
-                shutil.rmtree(out, ignore_errors=True)
+                remove_owned(out, out.parent)
             try:
                 tmp.rename(out)
             except OSError:
@@ -328,7 +328,7 @@ def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any
                     raise
                 print(f"reference cache: another run wrote key {key} ({split}) first; using its result", flush=True)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_owned(tmp, out.parent)
     table = _load_group_table(out) if groups else _load_table(out)
     return ds.map_batches(_attach, batch_format="pyarrow", batch_size=None,
                           fn_kwargs={"table_ref": ray.put(table), "source": str(out)})

@@ -23,18 +23,20 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dpo_ray.config import DPOConfig
+from dpo_ray.owned import OWNER_FILE, OwnershipError, is_owned, mark_owned, remove_owned, root_problem
+from dpo_ray.redact import redact
 
 STORE_FORMAT = 1
+STORE_KIND, ENTRY_KIND = "reference-store", "reference-store-entry"  # the markers (dpo_ray/owned.py) it writes
 COMPLETE = "_COMPLETE"
 KEY_FILE = "_content_key.json"
 ROW_COLUMNS = ("row_id", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len")
@@ -117,8 +119,7 @@ def reference_settings(cfg: DPOConfig) -> dict[str, Any]:
             "prefix_sharing": cfg.prefix_sharing,
             # how the reference is loaded (attention kernel, 4-bit, from_pretrained kwargs): secrets never enter
             "loading": {"attn_implementation": cfg.attn_implementation, "load_in_4bit": cfg.load_in_4bit,
-                        "model_init_kwargs": sorted((k, str(v)) for k, v in (cfg.model_init_kwargs or {}).items()
-                                                    if "token" not in k.lower())}}
+                        "model_init_kwargs": sorted((k, str(v)) for k, v in redact(cfg.model_init_kwargs or {}).items())}}
 
 
 def content_key(parts: dict[str, Any]) -> str:
@@ -139,17 +140,32 @@ class Entry:
     complete: bool
 
 
+@dataclass
+class Cleaned:
+    """What ``ReferenceStore.clean`` did: keys removed, keys whose removal failed (with why), and folders in the
+    store's root that are not entries it wrote (left alone)."""
+
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
 class ReferenceStore:
     """``ReferenceStore(root).ensure(cfg)`` -> the ``reference.cache_dir`` holding ``cfg``'s reference log-probs
     (computed now, once, if no run computed them before); ``entries()`` / ``report()`` / ``clean()``."""
 
     def __init__(self, root: str | os.PathLike):
+        if root is None or not str(root).strip():  # Path("") would be the working directory
+            raise OwnershipError(root_problem(root, "the reference store"))
         self.root = Path(root).expanduser().resolve()
 
     # ------------------------------------------------------------------------------------ lookup
     @contextmanager
     def _lock(self, key: str):
-        self.root.mkdir(parents=True, exist_ok=True)
+        problem = root_problem(self.root, "the reference store")
+        if problem:
+            raise OwnershipError(problem)
+        mark_owned(self.root, STORE_KIND)
         with open(self.root / f"{key}.lock", "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # blocks while another writer computes this key
             try:
@@ -196,12 +212,13 @@ class ReferenceStore:
                 self._alias(entry, sub, splits, ref_source, tokenizer)
             else:
                 print(f"reference store miss: {key}; one reference pass into {entry}", flush=True)
+                mark_owned(entry, ENTRY_KIND)  # before the pass: an interrupted pass is still cleanable
                 t0 = time.perf_counter()
                 for name, ds in splits.items():
                     attach_reference_logps(ds, sub, ref_source, tokenizer, split=name)
-                (entry / KEY_FILE).write_text(json.dumps(
+                (entry / KEY_FILE).write_text(json.dumps((
                     {"key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.perf_counter() - t0, 2),
-                     **parts, "row_counts": {n: r["rows"] for n, r in rows.items()}}, indent=1, default=str))
+                     **parts, "row_counts": {n: r["rows"] for n, r in rows.items()}}), indent=1, default=str))
                 (entry / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
             (entry / "_last_used").touch()
         return key, str(entry)
@@ -232,7 +249,7 @@ class ReferenceStore:
         out = []
         if not self.root.exists():
             return out
-        for d in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        for d in sorted(p for p in self.root.iterdir() if p.is_dir() and is_owned(p, ENTRY_KIND)):
             meta = json.loads((d / KEY_FILE).read_text()) if (d / KEY_FILE).exists() else {}
             size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file() and not p.is_symlink())
             used = d / "_last_used"
@@ -253,22 +270,38 @@ class ReferenceStore:
         return "\n".join(lines)
 
     def clean(self, keys: list[str] | None = None, older_than_days: float | None = None,
-              everything: bool = False) -> list[str]:
-        """Delete the given keys, those not used for ``older_than_days``, or everything; returns the keys removed.
-        Each key is removed under its lock, so a pass in progress is never deleted under a writer."""
+              everything: bool = False) -> Cleaned:
+        """Delete the given keys, those not used for ``older_than_days``, or everything: only entries this store
+        wrote (their ``.dpo_ray_owned`` marker), in a root that is a store (its marker); anything else in the
+        folder is never touched. Each key is removed under its lock, so a pass in progress is never deleted
+        under a writer. A removal that fails is reported in ``failed``, not in ``removed``."""
         if not (keys or older_than_days is not None or everything):
             raise ValueError("say what to clean: keys, older_than_days or everything")
-        now, removed = time.time(), []
+        problem = root_problem(self.root, "the reference store")
+        if problem:
+            raise OwnershipError(f"{problem}; nothing deleted")
+        out = Cleaned()
+        if not self.root.exists():
+            return out
+        if not is_owned(self.root, STORE_KIND):
+            raise OwnershipError(f"{self.root} is not a reference store: it has no {OWNER_FILE} marker, which dpo_ray "
+                                 "writes in every store it makes; nothing deleted")
+        out.skipped = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not is_owned(p, ENTRY_KIND))
+        now = time.time()
         for e in self.entries():
             if keys and e.key not in keys:
                 continue
             if older_than_days is not None and now - e.last_used < older_than_days * 86400:
                 continue
-            with self._lock(e.key):
-                shutil.rmtree(e.path, ignore_errors=True)
-            (self.root / f"{e.key}.lock").unlink(missing_ok=True)
-            removed.append(e.key)
-        return removed
+            try:
+                with self._lock(e.key):
+                    remove_owned(e.path, self.root, need_marker=True)
+                remove_owned(self.root / f"{e.key}.lock", self.root)
+            except OSError as err:  # OwnershipError included
+                out.failed[e.key] = str(err)
+                continue
+            out.removed.append(e.key)
+        return out
 
 
 def _human(n: float) -> str:

@@ -8,6 +8,7 @@ driver's report).
 from __future__ import annotations
 
 import json
+import os
 import random
 import tempfile
 from dataclasses import asdict, dataclass
@@ -35,6 +36,19 @@ class TrainerState:
     world_size: int | None = None  # ranks that wrote the checkpoint (what a complete one holds)
     zero_stage: int | None = None
     ref_version: int = 0  # TR-DPO: syncs applied to the reference (its weights are saved when > 0)
+    # what the data position (epoch, micro_in_epoch) means: resuming with other values would skip other rows
+    per_device_train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    data_seed: int | None = None
+    data_fingerprint: str | None = None
+    manifests: bool = False  # each rank wrote manifest_rank{r}.json last: completeness is checked against them
+
+
+# The state keys a resume must match (world_size included), with the setting that gives each.
+RESUME_KEYS = {"world_size": "ray.num_workers", "per_device_train_batch_size": "per_device_train_batch_size",
+               "gradient_accumulation_steps": "gradient_accumulation_steps", "data_seed": "data_seed",
+               "data_fingerprint": "dataset_name"}
+MANIFEST = "manifest_rank{rank}.json"
 
 
 def save_checkpoint(engine, state: TrainerState, rank: int, metrics: dict[str, float] | None = None,
@@ -49,6 +63,7 @@ def save_checkpoint(engine, state: TrainerState, rank: int, metrics: dict[str, f
 
     state.world_size = dist.get_world_size() if dist.is_initialized() else 1
     state.zero_stage = engine.zero_optimization_stage()
+    state.manifests = True
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=CKPT_TAG)
         torch.save(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
@@ -56,6 +71,10 @@ def save_checkpoint(engine, state: TrainerState, rank: int, metrics: dict[str, f
             reference.save_state(Path(d), rank)
         if rank == 0:
             (Path(d) / CHECKPOINT_STATE_FILE).write_text(json.dumps(asdict(state)))
+        # last: every file this rank wrote, with its size; a checkpoint is complete when every rank's manifest is
+        # there and every file it lists has that size (a file torn or emptied in the upload is caught)
+        files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(Path(d).rglob("*")) if p.is_file()}
+        (Path(d) / MANIFEST.format(rank=rank)).write_text(json.dumps(files))
         ray.train.report({"step": state.global_step, **(metrics or {})}, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"checkpoint-{state.global_step:06d}")
 
@@ -101,6 +120,8 @@ def checkpoint_problems(d: Path) -> str:
     except (OSError, ValueError, TypeError) as e:
         return f"no readable {CHECKPOINT_STATE_FILE} ({type(e).__name__})"
     world = state.world_size or max(1, len(list(d.glob("rng_rank*.pt"))))
+    if state.manifests:
+        return _manifest_problems(d, world)
     missing = [f"rng_rank{r}.pt" for r in range(world) if not (d / f"rng_rank{r}.pt").exists()]
     tag = d / CKPT_TAG
     shards = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
@@ -111,7 +132,45 @@ def checkpoint_problems(d: Path) -> str:
                     if not any(tag.glob(f"*zero_pp_rank_{r}_mp_rank_*optim_states.pt"))]
     if state.ref_version > 0 and not (d / "ref_model.pt").exists():
         missing += [f"ref_rank{r}.pt" for r in range(world) if not (d / f"ref_rank{r}.pt").exists()]
-    return f"missing {', '.join(missing)}" if missing else ""
+    if missing:
+        return f"missing {', '.join(missing)}"
+    empty = sorted(str(p.relative_to(d)) for p in d.rglob("*.pt") if p.is_file() and p.stat().st_size == 0)
+    return f"empty {', '.join(empty)}" if empty else ""
+
+
+def _manifest_problems(d: Path, world: int) -> str:
+    """Every rank's manifest is there, and every file it lists exists with the size it had when written."""
+    problems = []
+    for rank in range(world):
+        try:
+            files = json.loads((d / MANIFEST.format(rank=rank)).read_text())
+        except (OSError, ValueError):
+            problems.append(f"missing {MANIFEST.format(rank=rank)} (rank {rank} did not finish writing)")
+            continue
+        for name, size in files.items():
+            p = d / name
+            if not p.is_file():
+                problems.append(f"missing {name}")
+            elif p.stat().st_size != size:
+                problems.append(f"{name} has {p.stat().st_size} bytes, not the {size} written")
+    return "; ".join(problems[:6]) + (f" (and {len(problems) - 6} more)" if len(problems) > 6 else "")
+
+
+def resume_mismatches(state: dict, now: dict) -> list[tuple[str, str]]:
+    """(key, message) for each setting the checkpoint's data position depends on that differs in this run
+    (``now``: the RESUME_KEYS as this run has them); a checkpoint that did not record a key is not checked on it."""
+    out = []
+    for key, setting in RESUME_KEYS.items():
+        was, is_ = state.get(key), now.get(key)
+        if was is None or is_ is None or was == is_:
+            continue
+        what = ("other data (the dataset's files, sizes, row count or data settings differ)"
+                if key == "data_fingerprint" else f"{setting} {was}, and this run has {is_}")
+        out.append((setting, f"resume_from_checkpoint: the checkpoint was written with {what}; its data position "
+                             f"(epoch {state.get('epoch')}, micro-batch {state.get('micro_in_epoch')}) counts that "
+                             "run's batches, so resuming would skip other rows. Resume with the checkpoint's "
+                             f"{setting}, or start a new run"))
+    return out
 
 
 def save_model(engine, cfg: DPOConfig, tokenizer, rank: int) -> None:
@@ -125,14 +184,22 @@ def save_model(engine, cfg: DPOConfig, tokenizer, rank: int) -> None:
         write_model(engine.module, cfg, tokenizer, out, state_dict)
 
 
+_OPTIONAL = ("README.md",)  # files of the set a model loads without: one dpo_ray did not write stays
+
+
 def write_model(module, cfg: DPOConfig, tokenizer, out: Path, state_dict=None) -> None:
     """``module`` (or ``state_dict`` in its layout) in save_pretrained's layout, the adapter for PEFT.
 
     Written into a temporary folder inside ``out``, then each file renamed into place: a crash mid-write
-    leaves the previous files or none, never a truncated model.safetensors beside a valid config.json."""
-    import shutil
+    leaves the previous files or none, never a truncated model.safetensors beside a valid config.json.
+    The set is replaced whole: what an earlier write listed in ``out``'s marker (``model_files``) and this one
+    did not write (a LoRA run's adapter files under a full model, old shards, merged/) is removed, so
+    ``from_pretrained(out)`` never loads a stale piece. A file dpo_ray did not write (a user's README.md) is left
+    as it is, never replaced by a model card (the rest of the set is the model's and is written)."""
+    from dpo_ray.owned import mark_owned, read_marker, remove_owned, replace_owned
 
-    out.mkdir(parents=True, exist_ok=True)
+    mark_owned(out, "output_dir")
+    previous = set(read_marker(out).get("model_files", []))
     tmp = Path(tempfile.mkdtemp(prefix=".model-tmp-", dir=out))
     try:
         if cfg.uses_peft:
@@ -142,14 +209,22 @@ def write_model(module, cfg: DPOConfig, tokenizer, out: Path, state_dict=None) -
         else:
             module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        written, kept = [], []
         # weights first, config.json last: a config is there only once its weights are
         for src in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
             dst = out / src.name
-            if dst.is_dir() and not dst.is_symlink():
-                shutil.rmtree(dst)
-            src.replace(dst)
+            if src.name in _OPTIONAL and os.path.lexists(dst) and src.name not in previous:
+                kept.append(src.name)  # a user's README.md is never replaced by a model card
+                continue
+            replace_owned(src, dst, out)
+            written.append(src.name)
+        for stale in sorted(previous - set(written) - set(kept)):
+            remove_owned(out / stale, out)
+        mark_owned(out, "output_dir", model_files=sorted(written))
+        if kept:
+            print(f"dpo-ray: left {', '.join(kept)} in {out} as they were (not written by dpo_ray)", flush=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_owned(tmp, out)
 
 
 def model_files_problem(out: Path, cfg: DPOConfig) -> str:

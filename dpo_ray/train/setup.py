@@ -39,6 +39,7 @@ class LoopConfig:
     reference_pool: list | None = None  # the actor handles for source actor
     resume_checkpoint: str | None = None  # a checkpoint of an earlier run (Ray Train resumes its own)
     progress: Any = None  # the driver's progress board (an actor handle): rank 0 posts every optimizer step
+    data_fingerprint: str | None = None  # the training rows' identity (trainer.data_fingerprint), kept in checkpoints
 
 
 @dataclass
