@@ -200,7 +200,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as e:
         return _data_error(ns, e)
+    except KeyboardInterrupt as e:
+        return _interrupted(ns, e, argv)
     return 1
+
+
+def _interrupted(ns, e: KeyboardInterrupt, argv: list[str] | None) -> int:
+    """Ctrl-C: one line, what was saved and the exact command that continues from it; exit status 130."""
+    import shlex
+
+    from dpo_ray.errors import TrainingInterrupted
+
+    if _ray_up() and not ns.ray_was_up:  # a Ray this command started: no worker lines after ours
+        try:
+            sys.modules["ray"].shutdown()
+        except Exception:  # noqa: BLE001 - a second Ctrl-C during shutdown
+            pass
+    if not isinstance(e, TrainingInterrupted):
+        print(f"\ndpo-ray {ns.command}: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return 130
+    args = list(sys.argv[1:] if argv is None else argv)
+    for flag in ("--resume_from_checkpoint", "--overwrite_output_dir"):  # ours replaces the first; the second
+        while flag in args:                                              # would remove the checkpoint
+            i = args.index(flag)
+            del args[i:i + (2 if i + 1 < len(args) and not args[i + 1].startswith("--") else 1)]
+        args = [a for a in args if not a.startswith(flag + "=")]
+    if e.checkpoint is not None:
+        args += ["--resume_from_checkpoint", e.checkpoint]
+        again = f"resume: {shlex.join(['dpo-ray', *args])}"
+    else:
+        again = f"rerun: {shlex.join(['dpo-ray', *args, '--overwrite_output_dir'])}"
+    report = f" (report: {e.report})" if e.report else ""
+    print(f"\ndpo-ray {ns.command}: {e.saved()}{report}; {again}", file=sys.stderr, flush=True)
+    return 130
 
 
 def _ray_up() -> bool:

@@ -62,7 +62,14 @@ def _keep(lines: list[str]) -> list[str]:
 def quiet_ray_console() -> None:
     """Filter what Ray prints on this driver's console from other processes (see ``RAY_NOISE``): worker and
     actor output, and the raylet's notices. Idempotent. Wraps Ray's printer (a private hook, which both
-    paths use); if that changes, everything is shown as before."""
+    paths use); if that changes, everything is shown as before.
+
+    Output that is not a terminal (a pipe, a file, ``ray job logs``) gets Ray's ``(RayTrainWorker pid=...)``
+    prefixes without colour codes (Ray's RAY_COLOR_PREFIX=0, read per line; set it yourself to choose). In a
+    terminal each forwarded line clears the driver's bar first and redraws it after, so a worker's line never
+    lands on the bar."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if os.environ.get("DPO_RAY_RAY_LOGS", "quiet") == "all":
         return
     try:
@@ -79,7 +86,8 @@ def quiet_ray_console() -> None:
     def quiet(data: dict, ignore_prefix: bool = False) -> None:
         kept = _keep(list(data.get("lines", [])))
         if kept:
-            show({**data, "lines": kept}, ignore_prefix)
+            with _bars_cleared():
+                show({**data, "lines": kept}, ignore_prefix)
 
     quiet.dpo_ray_quiet = True
     ray_worker.print_to_stdstream = quiet  # the raylet's notices (listen_error_messages) look it up per call
@@ -87,6 +95,16 @@ def quiet_ray_console() -> None:
         if name == "ray_print_logs" and getattr(handler, "func", None) is show:
             dispatcher.remove_handler(name)
             dispatcher.add_handler(name, functools.partial(quiet, **handler.keywords))
+
+
+def _bars_cleared():
+    """tqdm's own context: every live bar on stdout/stderr is cleared, then redrawn (the driver's bar, if any)."""
+    import contextlib
+
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is None or not hasattr(tqdm, "tqdm"):
+        return contextlib.nullcontext()
+    return tqdm.tqdm.external_write_mode()
 
 
 class _DriverNoise(logging.Filter):
@@ -166,28 +184,55 @@ def started_here() -> bool:
 
 
 def torch_trainer_class():
-    """Ray Train's TorchTrainer; on a Ray this process started, without Ray Train's placement-group cleaner.
+    """Ray Train's TorchTrainer with dpo_ray's Ctrl-C, and on a Ray this process started, without Ray Train's
+    placement-group cleaner.
+
+    Ctrl-C: Ray's handler logs "Received SIGINT. Gracefully aborting" and leaves the command to exit 1 with no
+    report; ours aborts the run the same way (the controller stops the workers) without a word and sets
+    ``interrupted`` on the trainer, so the driver writes report.json and says what was saved (``DPOTrainer.train``).
+    A second Ctrl-C raises KeyboardInterrupt at once.
 
     The cleaner is a detached actor that removes the run's placement group if the Train controller dies while
     the cluster lives on. A Ray started by this process ends with it, placement groups included, so there it is
     only one more process to start with every run (~117 MiB, a torch-free Ray import) and a poller of a state API
-    this Ray serves without a dashboard. Joined clusters keep it. Ray's private callback hook: when Ray renames it,
-    the stock trainer is used, cleaner included."""
+    this Ray serves without a dashboard. Joined clusters keep it. Both are Ray's private hooks: when Ray renames
+    them, Ray's own behaviour stays."""
     from ray.train.torch import TorchTrainer
 
-    if not started_here() or not hasattr(TorchTrainer, "_create_default_callbacks"):
-        return TorchTrainer
-    try:
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    except ImportError:
-        return TorchTrainer
+    drop_cleaner = started_here() and hasattr(TorchTrainer, "_create_default_callbacks")
+    cleaner = None
+    if drop_cleaner:
+        try:
+            from ray.train.v2._internal.callbacks.placement_group_callback import (
+                PlacementGroupCleanerCallback as cleaner,
+            )
+        except ImportError:
+            drop_cleaner = False
 
-    class LocalTorchTrainer(TorchTrainer):
+    class DpoRayTorchTrainer(TorchTrainer):
+        interrupted = False
+
         def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks()
-                    if not isinstance(c, PlacementGroupCleanerCallback)]
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if not isinstance(c, cleaner)] if drop_cleaner else callbacks
 
-    return LocalTorchTrainer
+        def _register_sigint_handler(self, controller):
+            import signal
+
+            import ray
+
+            def on_sigint(signum, frame):
+                if self.interrupted:  # the second Ctrl-C: no more waiting
+                    raise KeyboardInterrupt
+                self.interrupted = True
+                try:
+                    ray.get(controller.abort.remote())
+                except Exception:  # noqa: BLE001 - the controller is already gone: fit() returns by itself
+                    pass
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    return DpoRayTorchTrainer
 
 
 def pin_ray_data_stats_to_driver() -> None:
@@ -290,6 +335,10 @@ def check_nodes_see_paths(cfg: DPOConfig) -> None:
         raise ConfigError(problems)
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
 class TrainingProgress:
     """The driver's live view of a training run: polls the board twice a second and draws ``Progress``
     (dpo_ray.progress: a bar in a terminal, a line every few seconds elsewhere); after the first steps it
@@ -310,6 +359,8 @@ class TrainingProgress:
         self.total, self.pairs_per_step = total_steps, pairs_per_step
         self.desc = f"dpo-ray {mode}"
         self.display: Progress | None = None
+        self.step: int | None = None  # the last optimizer step the board showed
+        self.final: dict[str, float] = {}  # the whole run's rates as of the last logged step (Throughput)
         self._make = lambda initial: Progress(self.desc, total_steps, "steps", initial=initial)
         self._estimated = False
         self._stop = threading.Event()
@@ -330,20 +381,27 @@ class TrainingProgress:
         step = state.pop("step")
         if step is None:
             return
-        first_step, first_t = state["first"]  # rates and the estimate count from the loop's start (or resume)
+        self.step = step
+        first_step = state["first"][0]  # the loop's start (or resume)
         if self.display is None:
             self.display = self._make(first_step)
-        steps_done, took = step - first_step, state["t"] - first_t
-        pairs_per_s = steps_done * self.pairs_per_step / took if steps_done and took > 0 else None
-        self.display.update(step, epoch=state.get("epoch"), pairs_per_s=pairs_per_s,
-                            tokens_per_s=state.get("tokens_per_second"), loss=state.get("loss"))
-        if not self._estimated and steps_done >= self.ESTIMATE_AFTER:
+        # every number is rank 0's (dpo_ray.train.logger.Throughput): the same as report.json and the summary
+        steps_done, train_s = state.get("steps_done") or 0, state.get("train_runtime_s") or 0.0
+        per_step = train_s / steps_done if steps_done and train_s > 0 else None
+        self.display.update(step, seconds_per_unit=per_step, epoch=state.get("epoch"),
+                            pairs_per_s=_round(state.get("pairs_per_s")), tokens_per_s=_round(state.get("tokens_per_s")),
+                            loss=state.get("loss"))
+        if "counted_s" in state:  # as of the last logged step: time, counts and rates of one instant
+            self.final = {"train_runtime_s": round(state["counted_s"], 3), "pairs": state["pairs"],
+                          "tokens": state["tokens"], "pairs_per_s": round(state["pairs_per_s"], 4),
+                          "tokens_per_s": round(state["tokens_per_s"], 4)}
+        if not self._estimated and per_step and steps_done >= self.ESTIMATE_AFTER:
             from dpo_ray.progress import fmt_duration
 
             self._estimated = True
-            per_step = took / steps_done
-            print(f"{self.desc}: estimated duration {fmt_duration(per_step * (self.total - first_step))} "
-                  f"({per_step:.2f} s/step over the first {steps_done} steps)", file=sys.stderr, flush=True)
+            with _bars_cleared():
+                print(f"{self.desc}: estimated duration {fmt_duration(per_step * (self.total - first_step))} "
+                      f"({per_step:.2f} s/step over the first {steps_done} steps)", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         import ray

@@ -12,8 +12,12 @@ import math
 import torch
 
 
-def warmup_steps(total_steps: int, warmup_ratio: float, warmup_steps: int) -> int:
-    return warmup_steps if warmup_steps > 0 else math.ceil(total_steps * warmup_ratio)
+def warmup_steps(total_steps: int, warmup_ratio: float, warmup_steps: float) -> int:
+    """transformers 5's rule: ``warmup_steps`` >= 1 counts steps, one in (0, 1) is a fraction of the run's steps;
+    0 leaves it to ``warmup_ratio`` (transformers 4.x's key)."""
+    if warmup_steps >= 1:
+        return int(warmup_steps)
+    return math.ceil(total_steps * (warmup_steps if warmup_steps > 0 else warmup_ratio))
 
 
 # name -> {keyword argument: default}; None: required (cosine_with_min_lr needs min_lr or min_lr_rate)

@@ -25,7 +25,7 @@ from dpo_ray.cluster import (
     worker_resources,
 )
 from dpo_ray.config import DPOConfig
-from dpo_ray.errors import ConfigError, TooFewRowsError
+from dpo_ray.errors import ConfigError, TooFewRowsError, TrainingInterrupted
 from dpo_ray.paths import check_paths, resolve_config_paths
 from dpo_ray.timeline import Timeline
 from dpo_ray.train.checkpoint import CHECKPOINT_STATE_FILE, FINAL_STATE_FILE, checkpoint_problems
@@ -153,7 +153,7 @@ class DPOTrainer:
               f"per step = {world} worker(s) × per_device_train_batch_size {cfg.per_device_train_batch_size} × "
               f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}", flush=True)
         run_name = cfg.run_name or f"dpo_ray-{self.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-        pool = progress = None
+        pool = progress = trainer = None
         try:  # from here on, whatever fails, the reference actors and the progress board are stopped
             progress = TrainingProgress(self.mode, total_steps, plan.rows_per_step(cfg))
             lc.progress = progress.board
@@ -189,8 +189,11 @@ class DPOTrainer:
             )
             timeline.mark("fit")
             try:
-                result = trainer.fit()  # Ray Train V2 raises a worker's error (WorkerGroupError) from fit()
+                with _sigint_restored():  # Ray's fit() installs a Ctrl-C handler (ours) and never removes it
+                    result = trainer.fit()  # Ray Train V2 raises a worker's error (WorkerGroupError) from fit()
             except Exception as e:
+                if trainer.interrupted:  # Ctrl-C: whatever the aborted workers raised, the user stopped it
+                    raise self._interrupted(cfg, out, run_name, resume, progress) from e
                 if getattr(pool, "error", None) is not None:  # the reference actors never loaded: that is the cause
                     raise pool.error from e
                 data_error = unwrap_data_error(e)  # a bad row met mid-stream: name it, not the worker
@@ -203,6 +206,10 @@ class DPOTrainer:
                     check_trained(0, total_steps, prepared.stats.report(), prepared.num_train_rows_estimate,
                                   cfg.max_dropped_fraction)
                 raise data_error from e
+        except KeyboardInterrupt as e:  # Ctrl-C outside fit(), or a second one inside it
+            if isinstance(e, TrainingInterrupted):
+                raise
+            raise self._interrupted(cfg, out, run_name, resume, progress) from e
         finally:
             if progress is not None:
                 progress.close()
@@ -211,18 +218,22 @@ class DPOTrainer:
                 if getattr(pool, "ready_at", None) is not None:
                     timeline.mark("reference ready", pool.ready_at)
                 pool.shutdown()
-        if getattr(result, "error", None) is not None:
+        from dpo_ray.train.checkpoint import model_files_problem
+
+        if trainer.interrupted and model_files_problem(out, cfg):
+            raise self._interrupted(cfg, out, run_name, resume, progress)
+        # Ctrl-C after the model was written (the workers' last moments): the run is finished, a success
+        if getattr(result, "error", None) is not None and not trainer.interrupted:
             if getattr(pool, "error", None) is not None:
                 raise pool.error from result.error
             raise (unwrap_data_error(result.error) or result.error) from result.error
-        from dpo_ray.train.checkpoint import model_files_problem
-
         missing = model_files_problem(out, cfg)
         if missing:  # fit() returned, yet the outputs are not whole: never report that as success
             raise RuntimeError(f"training finished but {out} lacks {missing}; the model was not saved completely "
                                "(a full disk, or a worker lost while writing). Resume with resume_from_checkpoint: latest")
         history = read_metrics(out / METRICS_FILE)
         report = self._final_report(cfg, history, prepared, time.perf_counter() - t0, out)
+        report["throughput"] = progress.final  # the whole run's, from the first batch (train.logger.Throughput)
         report["startup"] = timeline.seconds()
         report["startup_line"] = timeline.render()
         from dpo_ray.data.stats import check_trained
@@ -286,6 +297,7 @@ class DPOTrainer:
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
         report = {
             "mode": self.mode,
+            "status": "completed",
             "steps": state.get("global_step"),
             "pairs": state.get("pairs_seen"),
             "tokens": state.get("tokens_seen"),
@@ -296,6 +308,55 @@ class DPOTrainer:
         }
         (out / "report.json").write_text(json.dumps(report, indent=2))
         return report
+
+
+    def _interrupted(self, cfg, out: Path, run_name: str, resume: Path | None, progress) -> TrainingInterrupted:
+        """After Ctrl-C: report.json says "interrupted", with the last step and the checkpoint to resume from
+        (the newest complete one of this run, else the one it resumed from); the exception the CLI turns into
+        one line and exit status 130."""
+        history = read_metrics(out / METRICS_FILE)
+        step = getattr(progress, "step", None) or max((r["step"] for r in history if "loss" in r), default=None)
+        checkpoint = _newest_complete_checkpoint(trainer_storage(cfg, run_name, out)) or resume
+        checkpoint_step = (json.loads((checkpoint / CHECKPOINT_STATE_FILE).read_text())["global_step"]
+                           if checkpoint is not None else None)
+        report = {"mode": self.mode, "status": "interrupted", "steps": step,
+                  "checkpoint": str(checkpoint) if checkpoint is not None else None,
+                  "checkpoint_step": checkpoint_step,
+                  "resume_from_checkpoint": str(checkpoint) if checkpoint is not None else None}
+        path = out / "report.json"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2))
+        except OSError:
+            path = None
+        return TrainingInterrupted(step, report["checkpoint"], checkpoint_step, str(path) if path else None)
+
+
+def _newest_complete_checkpoint(storage: Path) -> Path | None:
+    found = [c for c in storage.glob("checkpoint-*") if c.name.split("-")[-1].isdigit()]
+    for ckpt in sorted(found, key=lambda c: int(c.name.split("-")[-1]), reverse=True):
+        if not checkpoint_problems(ckpt):
+            return ckpt
+    return None
+
+
+class _sigint_restored:
+    """Puts back the SIGINT handler that was in place before (Ray Train's fit() installs its own, for good)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.main = threading.current_thread() is threading.main_thread()
+        self.previous = signal.getsignal(signal.SIGINT) if self.main else None
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.main and self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def _find_checkpoint(resume, out: Path, cfg: DPOConfig) -> Path | None:
@@ -378,9 +439,14 @@ def print_summary(out) -> None:
           f"{'pairs' if out.report['mode'] == 'dpo' else 'sequences'}, {out.report['tokens']} tokens, "
           f"{out.report['wall_time_s']} s")
     rows = {**out.metrics, **out.eval_metrics}
+    window = ("samples_per_second", "tokens_per_second")  # the last logging window's: metrics.jsonl has them
     for k in sorted(rows):
-        if k != "step" and isinstance(rows[k], (int, float)):
+        if k != "step" and k not in window and isinstance(rows[k], (int, float)):
             print(f"  {k:<28} {rows[k]:.6g}")
+    rates = out.report.get("throughput") or {}
+    if rates:
+        print(f"  throughput: pairs_per_s {rates['pairs_per_s']:.4g} | tokens_per_s {rates['tokens_per_s']:.4g} "
+              f"over {rates['train_runtime_s']:.1f} s of training (from the first batch; start-up on its own line)")
     if out.report.get("data"):
         print(f"  data: {json.dumps(out.report['data'])}")
     if out.report.get("startup_line"):

@@ -92,7 +92,7 @@ NOISE_LINES = [  # forwarded to a local run's console by Ray 2.60 before the fil
 ]
 KEPT_LINES = [
     "prefix sharing on for the policy (prefix_sharing: auto; the first batch agrees with the standard layout)",
-    "[####################] step 3/3 (100%, eta 0s) | loss 0.6932 | rewards/accuracies 0.3125",
+    "step 3/3 | loss 0.6932 | rewards/accuracies 0.3125",
     "resumed from checkpoint at step 2 (epoch 0, micro-batch 4)",
     "Traceback (most recent call last):",
     "RuntimeError: reference actor 0 failed to load its model",

@@ -119,6 +119,7 @@ class Run:
         try:
             for item in self.step.stream(_skip(source, state.micro_in_epoch)):
                 mark(self.lc, w.rank, "first batch")  # the board keeps the first of each stage
+                self.throughput.begin()  # training time (every rate's clock) starts at the first batch
                 loss, metrics = self.step(w.model, item)
                 self.nonfinite |= ~torch.isfinite(loss.detach())
                 boundary = w.engine.is_gradient_accumulation_boundary()
@@ -185,8 +186,8 @@ class Run:
         log_due = step % cfg.logging_steps == 0 or step == self.total_steps or (cfg.logging_first_step and step == 1)
         logged = self.log(step, grad_norm) if log_due else {}
         if self.lc.progress is not None and w.rank == 0:  # fire and forget: the driver draws it
-            post = {"epoch": round(self.epoch_fraction(), 3)}
-            post.update({k: logged[k] for k in ("loss", "tokens_per_second") if k in logged})
+            post = {"epoch": round(self.epoch_fraction(), 3), **self.throughput.whole_run(self.state, bool(logged))}
+            post.update({k: logged[k] for k in ("loss",) if k in logged})
             self.lc.progress.post.remote(step, post)
         if w.eval_shard is not None and cfg.eval_strategy == "steps" and step % (cfg.eval_steps or cfg.logging_steps) == 0:
             self.logger.log(step, self.evaluate())
