@@ -279,13 +279,13 @@ class DPOConfig(BaseModel):
     lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict, description="the schedule's arguments in transformers' names, e.g. {num_cycles: 0.5} (cosine), {min_lr_rate: 0.1} (cosine_with_min_lr)")
     optim: str = Field("adamw_torch_fused", description="optimizer, TrainingArguments names: adamw_torch_fused, adamw_torch (adamw_hf), adafactor, sgd, adagrad, rmsprop")
     optim_args: str | None = Field(None, description="optimizer arguments as 'k=v,k2=v2' (sgd: momentum, dampening, nesterov; adagrad; rmsprop)")
-    logging_steps: int = Field(10, ge=1, description="log (console table, metrics.jsonl, TensorBoard) every N optimizer steps")
+    logging_steps: int | float = Field(10, gt=0, description="log (console table, metrics.jsonl, TensorBoard) every N optimizer steps; a number in (0, 1) is a fraction of the run's optimizer steps, as in transformers")
     logging_first_step: bool = Field(False, description="also log after the first optimizer step")
     eval_on_start: bool = Field(False, description="evaluate once before the first step (a baseline)")
     eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="no | steps | epoch")
-    eval_steps: int | None = Field(None, ge=1, description="eval every N steps (default logging_steps)")
+    eval_steps: int | float | None = Field(None, gt=0, description="eval every N steps (default logging_steps); a number in (0, 1) is a fraction of the run's optimizer steps, as in transformers")
     save_strategy: Literal["no", "steps", "epoch"] = Field("steps", description="no | steps | epoch (checkpoints through ray.train.report)")
-    save_steps: int = Field(500, ge=1, description="checkpoint every N steps")
+    save_steps: int | float = Field(500, gt=0, description="checkpoint every N steps; a number in (0, 1) is a fraction of the run's optimizer steps, as in transformers")
     save_total_limit: int | None = Field(None, ge=1, description="keep at most this many checkpoints")
     load_best_model_at_end: bool = Field(False, description="save the checkpoint with the best metric_for_best_model as the final model (needs save_strategy = eval_strategy)")
     metric_for_best_model: str | None = Field(None, description="eval metric that ranks checkpoints, e.g. loss or rewards/accuracies (default loss)")
@@ -312,6 +312,14 @@ class DPOConfig(BaseModel):
             data["loss_type"] = [data["loss_type"]]
         if isinstance(data.get("report_to"), str):
             data["report_to"] = [data["report_to"]]
+        # TrainingArguments' other spellings: None for output_dir (its default) and report_to (nothing), a dict
+        # key given as a JSON string (transformers' _VALID_DICT_FIELDS)
+        if "output_dir" in data and data["output_dir"] is None:
+            del data["output_dir"]
+        if "report_to" in data and data["report_to"] is None:
+            data["report_to"] = []
+        if isinstance(data.get("lr_scheduler_kwargs"), str) and data["lr_scheduler_kwargs"].lstrip().startswith("{"):
+            data["lr_scheduler_kwargs"] = yaml.safe_load(data["lr_scheduler_kwargs"])
         # TRL / TrainingArguments keys dpo_ray spells differently or does not have (dpo_ray/trl_keys.py)
         data, trl_problems = translate(data, set(type(self).model_fields))
         try:
@@ -530,7 +538,8 @@ def _best_model_problems(c: DPOConfig) -> list[tuple[str, str]]:
         p.append(("load_best_model_at_end", f"needs save_strategy equal to eval_strategy (got save_strategy "
                                             f"{c.save_strategy!r}, eval_strategy {c.eval_strategy!r}), so every "
                                             "checkpoint has an evaluation"))
-    elif c.eval_strategy == "steps" and c.save_steps % (c.eval_steps or c.logging_steps):
+    elif c.eval_strategy == "steps" and c.save_steps >= 1 and (c.eval_steps or c.logging_steps) >= 1 and \
+            c.save_steps % (c.eval_steps or c.logging_steps):
         p.append(("load_best_model_at_end", f"needs save_steps ({c.save_steps}) to be a multiple of eval_steps "
                                             f"({c.eval_steps or c.logging_steps}), so every checkpoint has an "
                                             "evaluation"))
@@ -613,8 +622,10 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
             p.append(("lr_scheduler_type", msg + value_did_you_mean(c.lr_scheduler_type, SCHEDULES)))
         else:
             p.append(("lr_scheduler_kwargs", msg))
-    if isinstance(c.warmup_steps, float) and c.warmup_steps >= 1 and not c.warmup_steps.is_integer():
-        p.append(("warmup_steps", f"{c.warmup_steps} is neither a whole number of steps nor a fraction in (0, 1)"))
+    for key in ("warmup_steps", "logging_steps", "eval_steps", "save_steps"):
+        value = getattr(c, key)
+        if isinstance(value, float) and value >= 1 and not value.is_integer():
+            p.append((key, f"{value} is neither a whole number of steps nor a fraction in (0, 1)"))
     p += _best_model_problems(c)
     if not (c.use_peft or c.peft_adapter_path):
         for key in PEFT_KEYS:

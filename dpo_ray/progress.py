@@ -70,6 +70,7 @@ class Progress:
         self.done, self.fields = initial, {}  # a resumed job starts at ``initial``; rates count from there
         self.seconds_per_unit: float | None = None
         self._last_line = float("-inf")
+        self._written: int | None = None  # the ``done`` of the last plain line written
         self._bar = None
         if self.form in ("bar", "notebook"):
             if self.form == "notebook":
@@ -137,14 +138,14 @@ class Progress:
         self.done = done
         now = time.monotonic()
         if now - self._last_line >= self.interval_s:
-            self._last_line = now
+            self._last_line, self._written = now, done
             self._write(self.line())
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.form == "plain":
+        elif self.form == "plain" and self.done != self._written:  # each final line once
             self._write(self.line())
 
     def _write(self, text: str) -> None:

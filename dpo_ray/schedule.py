@@ -20,6 +20,12 @@ def warmup_steps(total_steps: int, warmup_ratio: float, warmup_steps: float) -> 
     return math.ceil(total_steps * (warmup_steps if warmup_steps > 0 else warmup_ratio))
 
 
+def interval_steps(value: float, total_steps: int) -> int:
+    """logging_steps / eval_steps / save_steps as transformers reads them: >= 1 counts optimizer steps, a number in
+    (0, 1) is that fraction of the run's steps (rounded up, at least 1)."""
+    return int(value) if value >= 1 else max(1, math.ceil(total_steps * value))
+
+
 # name -> {keyword argument: default}; None: required (cosine_with_min_lr needs min_lr or min_lr_rate)
 SCHEDULES: dict[str, dict[str, float | None]] = {
     "linear": {},

@@ -80,3 +80,73 @@ def test_ctrl_c_stops_cleanly_says_what_was_saved_and_how_to_resume(tmp_path):
     command = shlex.split(last.split("; resume: ", 1)[1])
     assert command == ["dpo-ray", *args, "--resume_from_checkpoint", str(ckpt)]
     assert sum("dpo-ray train: interrupted" in line for line in lines) == 1
+
+
+# Lines dpo_ray's workers print (after Ray's "(RayTrainWorker pid=N) " prefix); everything else under a Ray
+# prefix, and Ray's own log formats on the driver, are other programs' lines.
+_RAY_PREFIX = re.compile(r"^\((?:[\w.]+ )?pid=\d+(?:, ip=[\d.]+)?\) ")
+_OWN_WORKER = ("step ", "prefix sharing", "length bucketing", "resumed from", "the first epoch gave",
+               "Ray Train's latest checkpoint", "reference actor")
+_RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING|ERROR|DEBUG)\b|^\[\d{4}-\d\d-\d\d [\d:,]+ [EWI] \d+")
+
+
+def own_share(lines: list[str]) -> tuple[float, list[str]]:
+    """(share of non-blank lines that are dpo_ray's own, the others)."""
+    foreign = []
+    counted = [ln for ln in lines if ln.strip()]
+    for line in counted:
+        body = _RAY_PREFIX.sub("", line)
+        if (body != line and not body.startswith(_OWN_WORKER)) or _RAY_LOG.search(line):
+            foreign.append(line)
+    return 1 - len(foreign) / max(len(counted), 1), foreign
+
+
+def test_piped_train_console_is_plain_quiet_and_its_numbers_agree(tmp_path):
+    """`dpo-ray train` into a pipe: no colour codes, each final line once, >= 90 % of the lines dpo_ray's own, no
+    E-level line from Ray; the throughput the progress line, the summary and report.json show is one number, the
+    logging windows of metrics.jsonl add up to the training time, and that fits in the wall time measured here."""
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    res = subprocess.run([*DPO_RAY, "train", "--config", "examples/tiny_demo.yaml", "--max_steps", "6",
+                          "--logging_steps", "2", "--output_dir", str(out)], cwd=ROOT, env=ENV, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    wall = time.monotonic() - t0
+    console = res.stdout
+    assert res.returncode == 0, console[-3000:]
+    lines = console.splitlines()
+    assert not ANSI.search(console), [ln for ln in lines if ANSI.search(ln)][:3]
+    assert "\r" not in console
+    share, foreign = own_share(lines)
+    assert share >= 0.9, foreign
+    assert not [ln for ln in lines if re.search(r"^\[[\d: ,-]+ E \d+", ln)], "an E-level line from Ray"
+    finals = [ln for ln in lines if ln.startswith("dpo-ray dpo: 6/6 steps")]
+    assert len(finals) == 1, finals
+    assert sum(ln.startswith("== dpo finished") for ln in lines) == 1
+    assert not [ln for ln in lines if "] step " in ln], "a second progress display (rank 0's bar)"
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "completed"
+    rates = report["throughput"]
+    pairs_per_step = 16  # 2 workers x 8
+    assert rates["pairs"] == report["pairs"] == 6 * pairs_per_step
+    assert 0 < rates["train_runtime_s"] < wall
+    assert rates["pairs_per_s"] == pytest.approx(rates["pairs"] / rates["train_runtime_s"], rel=1e-3)
+    assert rates["tokens_per_s"] == pytest.approx(rates["tokens"] / rates["train_runtime_s"], rel=1e-3)
+    assert rates["pairs_per_s"] > rates["pairs"] / wall  # start-up excluded, never more time than the command took
+    # the logging windows tile the training time: window pairs / window rate summed = train_runtime_s
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    windows = [(r["step"] - prev) * pairs_per_step / r["samples_per_second"]
+               for prev, r in zip([0, 2, 4], train_rows)]
+    assert sum(windows) == pytest.approx(rates["train_runtime_s"], rel=1e-2, abs=5e-3)
+    tokens = [r["num_tokens"] - prev for prev, r in zip([0] + [r["num_tokens"] for r in train_rows], train_rows)]
+    for w, n, r in zip(windows, tokens, train_rows):
+        assert r["tokens_per_second"] == pytest.approx(n / w, rel=1e-6)
+    # one number everywhere: the progress line's final value is the summary's and report.json's
+    shown = f"pairs_per_s {rates['pairs_per_s']:.4g} | tokens_per_s {rates['tokens_per_s']:.4g}"
+    assert shown in finals[0], (shown, finals[0])
+    summary = next(ln for ln in lines if ln.strip().startswith("throughput:"))
+    assert shown in summary, (shown, summary)
+    per_step = float(re.search(r"s/step ([\d.e+-]+)", finals[0]).group(1))
+    assert per_step == pytest.approx(rates["train_runtime_s"] / 6, rel=1e-2)
