@@ -8,6 +8,8 @@ Exit status (also in README.md, "Exit codes"):
 - 1: the run failed (a training error: its traceback is printed), or ``inspect-data`` found a problem at
   level ``error``.
 - 2: bad configuration: every problem, by key (``ConfigError``).
+- 130: Ctrl-C: one line with the step reached, the checkpoint saved and the command that resumes from it;
+  report.json says "interrupted".
 - 3: the data, or a file it is read with, cannot be used as given (``dpo_ray.errors.DataError``): a bad row
   under ``on_bad_row: raise``, a missing or unreadable data file, a column spelled another way, more than
   ``max_dropped_fraction`` of a split dropped, a run with nothing to train on, a model directory without
