@@ -86,6 +86,8 @@ def _sweep_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--grace_steps", type=int, default=None, help="ASHA: steps before a trial may be stopped")
     sp.add_argument("--trial_cpus", type=float, default=0.25, help="CPUs each trial's driver reserves")
     sp.add_argument("--task_prompts", type=int, default=200, help="held-out prompts for the bundled task's metric (0: off)")
+    sp.add_argument("--verbose", action="store_true", help="show Ray Tune's trial status tables too (default: "
+                                                            "the trials' own dpo_ray lines and the summary)")
     sp.add_argument("--ref_store", default=None, help="reference store root (default reference.cache_dir, else "
                                                       "<output_dir>/reference_store); shared storage on a cluster")
 
@@ -157,7 +159,8 @@ def cmd_sweep(ns) -> int:
         scheduler = asha(cfg.max_steps, ns.grace_steps)
     summary = run_sweep(cfg, grid_space(grid), metric=ns.metric, mode=ns.mode, scheduler=scheduler,
                         num_samples=ns.num_samples, max_concurrent_trials=ns.max_concurrent_trials,
-                        trial_resources={"CPU": ns.trial_cpus}, store=ns.ref_store, task_prompts=ns.task_prompts)
+                        trial_resources={"CPU": ns.trial_cpus}, store=ns.ref_store, task_prompts=ns.task_prompts,
+                        verbose=1 if ns.verbose else 0)
     print(f"\n== sweep finished: {summary['ok']} of {summary['trials']} trial(s) ok, {summary['failed']} failed, "
           f"{summary['wall_time_s']} s; reference keys {', '.join(summary['reference']['keys']) or 'none'}")
     print(f"  table: {summary['results']}  plot: {summary['plot']}")

@@ -109,20 +109,23 @@ def _bars_cleared():
 
 class _DriverNoise(logging.Filter):
     """Ray's driver-side notices at every local start ("Started a local Ray instance", the token-auth
-    advice); warnings and errors otherwise pass."""
+    advice) and Ray Data's in this process (progress bars disabled, "execution finished": ``RAY_NOISE``; they stay
+    in Ray Data's log file); warnings and errors otherwise pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Started a local Ray instance") or "Token authentication is enabled" in message)
+        return not (message.startswith("Started a local Ray instance") or "Token authentication is enabled" in message
+                    or (record.levelno < logging.ERROR and _is_noise(message)))
 
 
 def quiet_ray_driver_logs() -> None:
+    """The filter on the console handlers of Ray's and Ray Data's loggers in this process (idempotent)."""
     if os.environ.get("DPO_RAY_RAY_LOGS", "quiet") == "all":
         return
-    ray_logger = logging.getLogger("ray")
-    for handler in ray_logger.handlers:
-        if not any(isinstance(f, _DriverNoise) for f in handler.filters):
-            handler.addFilter(_DriverNoise())
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _DriverNoise) for f in handler.filters):
+                handler.addFilter(_DriverNoise())
 
 
 def init_ray(cfg: DPOConfig) -> None:
@@ -143,11 +146,11 @@ def init_ray(cfg: DPOConfig) -> None:
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = os.environ.get("DPO_RAY_DATA_PROGRESS", "0") == "1"
     data_ctx.print_on_execution_start = False
+    quiet_ray_driver_logs()
     if ray.is_initialized():
         quiet_ray_console()
         pin_ray_data_stats_to_driver()
         return
-    quiet_ray_driver_logs()
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {**WORKER_ENV, **cfg.ray.runtime_env.get("env_vars", {})}
     runtime_env = {**cfg.ray.runtime_env, "env_vars": env}
