@@ -119,6 +119,7 @@ class DPOTrainer:
         out.mkdir(parents=True, exist_ok=True)
         use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else cluster_has_gpu()
         prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
+        print(f"dpo-ray {self.mode}: model {_describe_model(self.model)}", flush=True)
         print(prepared.summary(), flush=True)  # which tokenizer, which files: never a silent fallback
         if self.mode == "dpo" and prepared.preview_rows and not is_processor(tokenizer) and not prepared.groups:
             from dpo_ray.data.checks import quick_checks
@@ -330,6 +331,17 @@ class DPOTrainer:
         except OSError:
             path = None
         return TrainingInterrupted(step, report["checkpoint"], checkpoint_step, str(path) if path else None)
+
+
+def _describe_model(model) -> str:
+    """The run header's policy: a directory, an in-memory model (its class and size), or the bundled tiny one."""
+    if model is None:
+        return "the bundled tiny Llama (no model_name_or_path)"
+    if isinstance(model, str):
+        return model
+    params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
+    size = f", {params / 1e6:.3g}M parameters" if params else ""
+    return f"an in-memory {type(model).__name__} (given to DPOTrainer{size})"
 
 
 def _newest_complete_checkpoint(storage: Path) -> Path | None:

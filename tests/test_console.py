@@ -150,3 +150,29 @@ def test_piped_train_console_is_plain_quiet_and_its_numbers_agree(tmp_path):
     assert shown in summary, (shown, summary)
     per_step = float(re.search(r"s/step ([\d.e+-]+)", finals[0]).group(1))
     assert per_step == pytest.approx(rates["train_runtime_s"] / 6, rel=1e-2)
+
+
+def test_the_readme_python_snippet_runs_as_shown(tmp_path):
+    """The README's Python block, as written, in a directory holding a small `./my-sft-model`; the run header
+    names the model and tokenizer actually used."""
+    from dpo_ray.config import DPOConfig
+    from dpo_ray.data import load_tokenizer
+    from dpo_ray.models import load_causal_lm
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("From Python, in TRL's spelling:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    cfg = DPOConfig()
+    tok = load_tokenizer(cfg)
+    model_dir = tmp_path / "my-sft-model"
+    load_causal_lm(None, cfg, tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    res = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=ENV, text=True, timeout=900,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert res.returncode == 0, res.stdout[-3000:]
+    lines = res.stdout.splitlines()
+    printed = [ln for ln in lines if re.fullmatch(r"[01](\.\d+)?(e-\d+)?", ln.strip())]
+    assert printed and 0.0 <= float(printed[-1]) <= 1.0, lines[-10:]  # the snippet's print
+    assert f"dpo-ray dpo: model {model_dir}" in lines, lines[:10]
+    assert [ln for ln in lines if ln.startswith(("dpo-ray data: tokenizer ./my-sft-model (66 tokens)",
+                                                 f"dpo-ray data: tokenizer {model_dir} (66 tokens)"))], lines[:10]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["steps"] == 4
