@@ -366,6 +366,7 @@ class TrainingProgress:
         self.final: dict[str, float] = {}  # the whole run's rates as of the last logged step (Throughput)
         self._make = lambda initial: Progress(self.desc, total_steps, "steps", initial=initial)
         self._estimated = False
+        self._startup = None  # in a terminal, the start-up status line until the first step (``_show_startup``)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dpo-ray-progress", daemon=True)
         self._thread.start()
@@ -383,10 +384,12 @@ class TrainingProgress:
             return
         step = state.pop("step")
         if step is None:
+            self._show_startup()
             return
         self.step = step
         first_step = state["first"][0]  # the loop's start (or resume)
         if self.display is None:
+            self._end_startup()
             self.display = self._make(first_step)
         # every number is rank 0's (dpo_ray.train.logger.Throughput): the same as report.json and the summary
         steps_done, train_s = state.get("steps_done") or 0, state.get("train_runtime_s") or 0.0
@@ -406,12 +409,44 @@ class TrainingProgress:
                 print(f"{self.desc}: estimated duration {fmt_duration(per_step * (self.total - first_step))} "
                       f"({per_step:.2f} s/step over the first {steps_done} steps)", file=sys.stderr, flush=True)
 
+    # rank 0's start-up marks (dpo_ray.timeline) -> what it is doing now
+    NEXT_STAGE = {None: "the worker group", "worker": "loading the policy", "policy": "the DeepSpeed engine",
+                  "engine": "the first batch (Ray Data)", "first batch": "the first optimizer step"}
+
+    def _show_startup(self) -> None:
+        """In a terminal, from the plan to the first step: one live status line, stage by stage (the worker group,
+        the policy, the engine, the first batch), replaced by the step bar; off a terminal nothing (the summary's
+        start-up line says where the time went)."""
+        import ray
+
+        from dpo_ray.progress import choose_form
+
+        if choose_form(sys.stderr) != "bar":
+            return
+        try:
+            marks = ray.get(self.board.marks.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - best effort
+            return
+        last = max(marks, key=marks.get) if marks else None
+        doing = self.NEXT_STAGE.get(last, "the first optimizer step")
+        if self._startup is None:
+            from tqdm import tqdm
+
+            self._startup = tqdm(total=None, file=sys.stderr, bar_format="{desc} [{elapsed}]", leave=False)
+        self._startup.set_description_str(f"{self.desc}: starting: {doing}", refresh=True)
+
+    def _end_startup(self) -> None:
+        if self._startup is not None:
+            self._startup.close()
+            self._startup = None
+
     def close(self) -> None:
         import ray
 
         self._stop.set()
         self._thread.join(timeout=5)
         self.poll()
+        self._end_startup()
         if self.display is not None:
             self.display.close()
         try:

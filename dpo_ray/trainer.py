@@ -110,6 +110,10 @@ class DPOTrainer:
         _check_output_dir(cfg, out, resume)
         tokenizer = self.processing_class or load_processing_class(
             self.model if isinstance(self.model, str) else cfg)
+        where = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if not ray.is_initialized():  # the first line of the run: Ray's start takes seconds
+            print(f"dpo-ray {self.mode}: {f'joining the Ray cluster at {where}' if where else 'starting a local Ray'}",
+                  flush=True)
         init_ray(cfg)
         timeline.mark("ray")
         if self.mode == "dpo":

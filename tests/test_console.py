@@ -176,3 +176,56 @@ def test_the_readme_python_snippet_runs_as_shown(tmp_path):
     assert [ln for ln in lines if ln.startswith(("dpo-ray data: tokenizer ./my-sft-model (66 tokens)",
                                                  f"dpo-ray data: tokenizer {model_dir} (66 tokens)"))], lines[:10]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["steps"] == 4
+
+
+def _run_in_terminal(argv: list[str], timeout_s: float) -> tuple[int, str]:
+    """``argv`` with a pseudo-terminal as stdout and stderr (what a person at a terminal sees, raw)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = {**ENV, "TERM": "xterm", "COLUMNS": "160", "LINES": "40"}
+    env.pop("RAY_COLOR_PREFIX", None)
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def test_terminal_shows_one_live_display_from_start_up_and_no_glued_worker_lines(tmp_path):
+    """In a terminal: the first line says Ray is starting, a live status line names each start-up stage until the
+    step bar replaces it, no worker line lands on the bar, rank 0 draws no second progress display, and the bar
+    shows one rate (s/step, ours), not tqdm's own steps/s besides it."""
+    rc, screen = _run_in_terminal([*DPO_RAY, "train", "--config", "examples/tiny_demo.yaml", "--max_steps", "6",
+                                   "--logging_steps", "2", "--output_dir", str(tmp_path / "run")], 900)
+    assert rc == 0, screen[-3000:]
+    plain = ANSI.sub("", screen)
+    assert 0 <= plain.find("dpo-ray dpo: starting a local Ray") < plain.find("reference: "), plain[:800]
+    starting = plain.find("dpo-ray dpo: starting: ")
+    bar = plain.find("steps [")
+    assert 0 <= starting < bar, (starting, bar)
+    assert "starting: loading the policy" in plain or "starting: the first batch" in plain
+    glued = re.findall(r"[^\r\n]\(RayTrainWorker pid=", plain)
+    assert not glued, glued
+    assert "] step " not in plain  # rank 0's own bar
+    assert "steps/s" not in plain and "s/step" in plain
