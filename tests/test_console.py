@@ -26,6 +26,8 @@ ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0", "H
        "RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("RAY_ADDRESS", None)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_console import own_share  # noqa: E402  (the share of lines that are dpo_ray's own, one definition)
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -80,25 +82,6 @@ def test_ctrl_c_stops_cleanly_says_what_was_saved_and_how_to_resume(tmp_path):
     command = shlex.split(last.split("; resume: ", 1)[1])
     assert command == ["dpo-ray", *args, "--resume_from_checkpoint", str(ckpt)]
     assert sum("dpo-ray train: interrupted" in line for line in lines) == 1
-
-
-# Lines dpo_ray's workers print (after Ray's "(RayTrainWorker pid=N) " prefix); everything else under a Ray
-# prefix, and Ray's own log formats on the driver, are other programs' lines.
-_RAY_PREFIX = re.compile(r"^\((?:[\w.]+ )?pid=\d+(?:, ip=[\d.]+)?\) ")
-_OWN_WORKER = ("step ", "prefix sharing", "length bucketing", "resumed from", "the first epoch gave",
-               "Ray Train's latest checkpoint", "reference actor")
-_RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING|ERROR|DEBUG)\b|^\[\d{4}-\d\d-\d\d [\d:,]+ [EWI] \d+")
-
-
-def own_share(lines: list[str]) -> tuple[float, list[str]]:
-    """(share of non-blank lines that are dpo_ray's own, the others)."""
-    foreign = []
-    counted = [ln for ln in lines if ln.strip()]
-    for line in counted:
-        body = _RAY_PREFIX.sub("", line)
-        if (body != line and not body.startswith(_OWN_WORKER)) or _RAY_LOG.search(line):
-            foreign.append(line)
-    return 1 - len(foreign) / max(len(counted), 1), foreign
 
 
 def test_piped_train_console_is_plain_quiet_and_its_numbers_agree(tmp_path):
