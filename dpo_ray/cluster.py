@@ -364,7 +364,7 @@ class TrainingProgress:
         self.display: Progress | None = None
         self.step: int | None = None  # the last optimizer step the board showed
         self.final: dict[str, float] = {}  # the whole run's rates as of the last logged step (Throughput)
-        self._make = lambda initial: Progress(self.desc, total_steps, "steps", initial=initial)
+        self._make = lambda initial: Progress(self.desc, total_steps, "steps", initial=initial, own_rate=True)
         self._estimated = False
         self._startup = None  # in a terminal, the start-up status line until the first step (``_show_startup``)
         self._stop = threading.Event()

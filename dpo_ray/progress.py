@@ -56,12 +56,13 @@ class Progress:
     """``update(done, **fields)`` as work advances; ``close()`` once (prints the final line).
 
     ``total`` None: no percentage or time left, a rate only. ``unit``: what ``done`` counts (steps, rows).
-    ``update(..., seconds_per_unit=x)``: the caller's own measure of the rate (training: ``seconds_per_step``,
-    dpo_ray.train.logger.Throughput); the time left and the bar use it, never a second rate of the bar's own.
+    ``own_rate=True`` with ``update(..., seconds_per_unit=x)``: the caller's own measure of the rate (training:
+    ``seconds_per_step``, dpo_ray.train.logger.Throughput); the time left and the bar use it, never a second rate
+    of the bar's own.
     """
 
     def __init__(self, desc: str, total: int | None, unit: str, *, initial: int = 0, stream: TextIO | None = None,
-                 form: str | None = None, interval_s: float | None = None):
+                 form: str | None = None, interval_s: float | None = None, own_rate: bool = False):
         self.desc, self.total, self.unit, self.initial = desc, total, unit, initial
         self.stream = stream or sys.stderr
         self.form = form or choose_form(self.stream)
@@ -81,7 +82,7 @@ class Progress:
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=f" {unit}", file=self.stream,
                              dynamic_ncols=True, mininterval=0.5,
                              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} " + unit
-                             + " [{elapsed}{postfix}]" if total else None)
+                             + " [{elapsed}{postfix}]" if total and own_rate else None)
 
     # --------------------------------------------------------------------------------------------- state
     @property
