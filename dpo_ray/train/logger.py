@@ -103,7 +103,6 @@ class Logger:
     def __init__(self, cfg: DPOConfig, rank: int, total_steps: int, run_name: str = "run", start_step: int = 0):
         self.active = rank == 0
         self.total = total_steps
-        self.t0 = time.perf_counter()
         self.out = Path(cfg.output_dir)
         self.tb = None
         if self.active:
