@@ -101,7 +101,6 @@ def test_piped_train_console_is_plain_quiet_and_its_numbers_agree(tmp_path):
     assert "\r" not in console
     share, foreign = own_share(lines)
     assert share >= 0.9, foreign
-    assert not [ln for ln in lines if re.search(r"^\[[\d: ,-]+ E \d+", ln)], "an E-level line from Ray"
     finals = [ln for ln in lines if ln.startswith("dpo-ray dpo: 6/6 steps")]
     assert len(finals) == 1, finals
     assert sum(ln.startswith("== dpo finished") for ln in lines) == 1

@@ -88,9 +88,6 @@ class ReferenceModelHost:
         self.device = reference_device(rc.num_gpus)
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads(rc.num_cpus))
-        if isinstance(source, tuple):  # the pool's (source, tokenizer ref), nested (pool.ReferencePool.create)
-            source, tokenizer = source
-            tokenizer = ray.get(tokenizer)
         if isinstance(source, ray.ObjectRef):  # nested refs are not resolved by Ray; top-level ones are
             source = ray.get(source)
         model = load_causal_lm(source, self.cfg, tokenizer)

@@ -121,14 +121,10 @@ class ReferencePool:
         if rc.node_label:
             options["label_selector"] = dict(rc.node_label)
         cfg_dict = cfg.model_dump(mode="json")
-        # Nested, not top-level: Ray resolves a top-level ObjectRef argument (and stores one over its 100 KiB
-        # inline limit) in the object store, and then logs an E-level "constructor arguments in the object store
-        # and max_restarts > 0" line for every restartable actor. The actor fetches them itself; the pool keeps
-        # the refs alive for restarts.
-        shipped = (ref_source, ray.put(tokenizer))
-        actors = [ReferenceActor.options(**options).remote(cfg_dict, shipped, None, delay_s=delay_s, delay_seed=i)
+        actors = [ReferenceActor.options(**options).remote(cfg_dict, ref_source, tokenizer, delay_s=delay_s,
+                                                           delay_seed=i)
                   for i in range(rc.num_actors)]
-        pool = cls(actors, cfg, shipped)
+        pool = cls(actors, cfg, ref_source)
         timeout_s = (ready_timeout_s if ready_timeout_s is not None
                      else env_override("DPO_RAY_REF_READY_TIMEOUT_S", rc.ready_timeout_s))
         if not wait:
