@@ -85,8 +85,8 @@ def test_ctrl_c_stops_cleanly_says_what_was_saved_and_how_to_resume(tmp_path):
 
 
 def test_piped_train_console_is_plain_quiet_and_its_numbers_agree(tmp_path):
-    """`dpo-ray train` into a pipe: no colour codes, each final line once, >= 90 % of the lines dpo_ray's own, no
-    E-level line from Ray; the throughput the progress line, the summary and report.json show is one number, the
+    """`dpo-ray train` into a pipe: no colour codes, each final line once, >= 90 % of the lines dpo_ray's own;
+    the throughput the progress line, the summary and report.json show is one number, the
     logging windows of metrics.jsonl add up to the training time, and that fits in the wall time measured here."""
     out = tmp_path / "run"
     t0 = time.monotonic()
