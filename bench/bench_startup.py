@@ -38,7 +38,7 @@ COMMANDS = {
 # What dpo_ray itself prints on a run's console (driver and rank 0); anything else is chatter.
 OURS = re.compile(r"^(\S+ )?(\x1b\[\d+m)?(\(RayTrainWorker pid=\d+\)(\x1b\[0m)? )?"
                   r"(dpo-ray|reference: |  (train|eval): |== |  [a-z_/]+ +[-0-9.e+na]+$|  data: |  outputs: |"
-                  r"  start-up |\[#*-*\] step|prefix sharing |length bucketing |resumed from)")
+                  r"  start-up |  throughput: |\[#*-*\] step|step \d+/\d+ \||prefix sharing |length bucketing |resumed from)")
 
 
 def run(name: str, quiet: bool, work: Path, timeout: float, extra_env: dict[str, str] | None = None) -> dict:

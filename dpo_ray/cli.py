@@ -8,6 +8,8 @@ Exit status (also in README.md, "Exit codes"):
 - 1: the run failed (a training error: its traceback is printed), or ``inspect-data`` found a problem at
   level ``error``.
 - 2: bad configuration: every problem, by key (``ConfigError``).
+- 130: Ctrl-C: one line with the step reached, the checkpoint saved and the command that resumes from it;
+  report.json says "interrupted".
 - 3: the data, or a file it is read with, cannot be used as given (``dpo_ray.errors.DataError``): a bad row
   under ``on_bad_row: raise``, a missing or unreadable data file, a column spelled another way, more than
   ``max_dropped_fraction`` of a split dropped, a run with nothing to train on, a model directory without
@@ -84,6 +86,8 @@ def _sweep_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--grace_steps", type=int, default=None, help="ASHA: steps before a trial may be stopped")
     sp.add_argument("--trial_cpus", type=float, default=0.25, help="CPUs each trial's driver reserves")
     sp.add_argument("--task_prompts", type=int, default=200, help="held-out prompts for the bundled task's metric (0: off)")
+    sp.add_argument("--verbose", action="store_true", help="show Ray Tune's trial status tables too (default: "
+                                                            "the trials' own dpo_ray lines and the summary)")
     sp.add_argument("--ref_store", default=None, help="reference store root (default reference.cache_dir, else "
                                                       "<output_dir>/reference_store); shared storage on a cluster")
 
@@ -155,7 +159,8 @@ def cmd_sweep(ns) -> int:
         scheduler = asha(cfg.max_steps, ns.grace_steps)
     summary = run_sweep(cfg, grid_space(grid), metric=ns.metric, mode=ns.mode, scheduler=scheduler,
                         num_samples=ns.num_samples, max_concurrent_trials=ns.max_concurrent_trials,
-                        trial_resources={"CPU": ns.trial_cpus}, store=ns.ref_store, task_prompts=ns.task_prompts)
+                        trial_resources={"CPU": ns.trial_cpus}, store=ns.ref_store, task_prompts=ns.task_prompts,
+                        verbose=1 if ns.verbose else 0)
     print(f"\n== sweep finished: {summary['ok']} of {summary['trials']} trial(s) ok, {summary['failed']} failed, "
           f"{summary['wall_time_s']} s; reference keys {', '.join(summary['reference']['keys']) or 'none'}")
     print(f"  table: {summary['results']}  plot: {summary['plot']}")
@@ -216,7 +221,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as e:
         return _data_error(ns, e)
+    except KeyboardInterrupt as e:
+        return _interrupted(ns, e, argv)
     return 1
+
+
+def _interrupted(ns, e: KeyboardInterrupt, argv: list[str] | None) -> int:
+    """Ctrl-C: one line, what was saved and the exact command that continues from it; exit status 130."""
+    import shlex
+
+    from dpo_ray.errors import TrainingInterrupted
+
+    if _ray_up() and not ns.ray_was_up:  # a Ray this command started: no worker lines after ours
+        try:
+            sys.modules["ray"].shutdown()
+        except Exception:  # noqa: BLE001 - a second Ctrl-C during shutdown
+            pass
+    if not isinstance(e, TrainingInterrupted):
+        print(f"\ndpo-ray {ns.command}: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return 130
+    args = list(sys.argv[1:] if argv is None else argv)
+    for flag in ("--resume_from_checkpoint", "--overwrite_output_dir"):  # ours replaces the first; the second
+        while flag in args:                                              # would remove the checkpoint
+            i = args.index(flag)
+            del args[i:i + (2 if i + 1 < len(args) and not args[i + 1].startswith("--") else 1)]
+        args = [a for a in args if not a.startswith(flag + "=")]
+    if e.checkpoint is not None:
+        args += ["--resume_from_checkpoint", e.checkpoint]
+        again = f"resume: {shlex.join(['dpo-ray', *args])}"
+    else:
+        again = f"rerun: {shlex.join(['dpo-ray', *args, '--overwrite_output_dir'])}"
+    report = f" (report: {e.report})" if e.report else ""
+    print(f"\ndpo-ray {ns.command}: {e.saved()}{report}; {again}", file=sys.stderr, flush=True)
+    return 130
 
 
 def _ray_up() -> bool:

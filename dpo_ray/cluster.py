@@ -62,7 +62,14 @@ def _keep(lines: list[str]) -> list[str]:
 def quiet_ray_console() -> None:
     """Filter what Ray prints on this driver's console from other processes (see ``RAY_NOISE``): worker and
     actor output, and the raylet's notices. Idempotent. Wraps Ray's printer (a private hook, which both
-    paths use); if that changes, everything is shown as before."""
+    paths use); if that changes, everything is shown as before.
+
+    Output that is not a terminal (a pipe, a file, ``ray job logs``) gets Ray's ``(RayTrainWorker pid=...)``
+    prefixes without colour codes (Ray's RAY_COLOR_PREFIX=0, read per line; set it yourself to choose). In a
+    terminal each forwarded line clears the driver's bar first and redraws it after, so a worker's line never
+    lands on the bar."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if os.environ.get("DPO_RAY_RAY_LOGS", "quiet") == "all":
         return
     try:
@@ -79,7 +86,8 @@ def quiet_ray_console() -> None:
     def quiet(data: dict, ignore_prefix: bool = False) -> None:
         kept = _keep(list(data.get("lines", [])))
         if kept:
-            show({**data, "lines": kept}, ignore_prefix)
+            with _bars_cleared():
+                show({**data, "lines": kept}, ignore_prefix)
 
     quiet.dpo_ray_quiet = True
     ray_worker.print_to_stdstream = quiet  # the raylet's notices (listen_error_messages) look it up per call
@@ -89,22 +97,35 @@ def quiet_ray_console() -> None:
             dispatcher.add_handler(name, functools.partial(quiet, **handler.keywords))
 
 
+def _bars_cleared():
+    """tqdm's own context: every live bar on stdout/stderr is cleared, then redrawn (the driver's bar, if any)."""
+    import contextlib
+
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is None or not hasattr(tqdm, "tqdm"):
+        return contextlib.nullcontext()
+    return tqdm.tqdm.external_write_mode()
+
+
 class _DriverNoise(logging.Filter):
     """Ray's driver-side notices at every local start ("Started a local Ray instance", the token-auth
-    advice); warnings and errors otherwise pass."""
+    advice) and Ray Data's in this process (progress bars disabled, "execution finished": ``RAY_NOISE``; they stay
+    in Ray Data's log file); warnings and errors otherwise pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Started a local Ray instance") or "Token authentication is enabled" in message)
+        return not (message.startswith("Started a local Ray instance") or "Token authentication is enabled" in message
+                    or (record.levelno < logging.ERROR and _is_noise(message)))
 
 
 def quiet_ray_driver_logs() -> None:
+    """The filter on the console handlers of Ray's and Ray Data's loggers in this process (idempotent)."""
     if os.environ.get("DPO_RAY_RAY_LOGS", "quiet") == "all":
         return
-    ray_logger = logging.getLogger("ray")
-    for handler in ray_logger.handlers:
-        if not any(isinstance(f, _DriverNoise) for f in handler.filters):
-            handler.addFilter(_DriverNoise())
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _DriverNoise) for f in handler.filters):
+                handler.addFilter(_DriverNoise())
 
 
 def init_ray(cfg: DPOConfig) -> None:
@@ -125,11 +146,11 @@ def init_ray(cfg: DPOConfig) -> None:
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = os.environ.get("DPO_RAY_DATA_PROGRESS", "0") == "1"
     data_ctx.print_on_execution_start = False
+    quiet_ray_driver_logs()
     if ray.is_initialized():
         quiet_ray_console()
         pin_ray_data_stats_to_driver()
         return
-    quiet_ray_driver_logs()
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {**WORKER_ENV, **cfg.ray.runtime_env.get("env_vars", {})}
     runtime_env = {**cfg.ray.runtime_env, "env_vars": env}
@@ -166,28 +187,55 @@ def started_here() -> bool:
 
 
 def torch_trainer_class():
-    """Ray Train's TorchTrainer; on a Ray this process started, without Ray Train's placement-group cleaner.
+    """Ray Train's TorchTrainer with dpo_ray's Ctrl-C, and on a Ray this process started, without Ray Train's
+    placement-group cleaner.
+
+    Ctrl-C: Ray's handler logs "Received SIGINT. Gracefully aborting" and leaves the command to exit 1 with no
+    report; ours aborts the run the same way (the controller stops the workers) without a word and sets
+    ``interrupted`` on the trainer, so the driver writes report.json and says what was saved (``DPOTrainer.train``).
+    A second Ctrl-C raises KeyboardInterrupt at once.
 
     The cleaner is a detached actor that removes the run's placement group if the Train controller dies while
     the cluster lives on. A Ray started by this process ends with it, placement groups included, so there it is
     only one more process to start with every run (~117 MiB, a torch-free Ray import) and a poller of a state API
-    this Ray serves without a dashboard. Joined clusters keep it. Ray's private callback hook: when Ray renames it,
-    the stock trainer is used, cleaner included."""
+    this Ray serves without a dashboard. Joined clusters keep it. Both are Ray's private hooks: when Ray renames
+    them, Ray's own behaviour stays."""
     from ray.train.torch import TorchTrainer
 
-    if not started_here() or not hasattr(TorchTrainer, "_create_default_callbacks"):
-        return TorchTrainer
-    try:
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    except ImportError:
-        return TorchTrainer
+    drop_cleaner = started_here() and hasattr(TorchTrainer, "_create_default_callbacks")
+    cleaner = None
+    if drop_cleaner:
+        try:
+            from ray.train.v2._internal.callbacks.placement_group_callback import (
+                PlacementGroupCleanerCallback as cleaner,
+            )
+        except ImportError:
+            drop_cleaner = False
 
-    class LocalTorchTrainer(TorchTrainer):
+    class DpoRayTorchTrainer(TorchTrainer):
+        interrupted = False
+
         def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks()
-                    if not isinstance(c, PlacementGroupCleanerCallback)]
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if not isinstance(c, cleaner)] if drop_cleaner else callbacks
 
-    return LocalTorchTrainer
+        def _register_sigint_handler(self, controller):
+            import signal
+
+            import ray
+
+            def on_sigint(signum, frame):
+                if self.interrupted:  # the second Ctrl-C: no more waiting
+                    raise KeyboardInterrupt
+                self.interrupted = True
+                try:
+                    ray.get(controller.abort.remote())
+                except Exception:  # noqa: BLE001 - the controller is already gone: fit() returns by itself
+                    pass
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    return DpoRayTorchTrainer
 
 
 def pin_ray_data_stats_to_driver() -> None:
@@ -292,6 +340,10 @@ def check_nodes_see_paths(cfg: DPOConfig) -> None:
         raise ConfigError(problems)
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
 class TrainingProgress:
     """The driver's live view of a training run: polls the board twice a second and draws ``Progress``
     (dpo_ray.progress: a bar in a terminal, a line every few seconds elsewhere); after the first steps it
@@ -312,8 +364,11 @@ class TrainingProgress:
         self.total, self.pairs_per_step = total_steps, pairs_per_step
         self.desc = f"dpo-ray {mode}"
         self.display: Progress | None = None
-        self._make = lambda initial: Progress(self.desc, total_steps, "steps", initial=initial)
+        self.step: int | None = None  # the last optimizer step the board showed
+        self.final: dict[str, float] = {}  # the whole run's rates as of the last logged step (Throughput)
+        self._make = lambda initial: Progress(self.desc, total_steps, "steps", initial=initial, own_rate=True)
         self._estimated = False
+        self._startup = None  # in a terminal, the start-up status line until the first step (``_show_startup``)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dpo-ray-progress", daemon=True)
         self._thread.start()
@@ -331,21 +386,61 @@ class TrainingProgress:
             return
         step = state.pop("step")
         if step is None:
+            self._show_startup()
             return
-        first_step, first_t = state["first"]  # rates and the estimate count from the loop's start (or resume)
+        self.step = step
+        first_step = state["first"][0]  # the loop's start (or resume)
         if self.display is None:
+            self._end_startup()
             self.display = self._make(first_step)
-        steps_done, took = step - first_step, state["t"] - first_t
-        pairs_per_s = steps_done * self.pairs_per_step / took if steps_done and took > 0 else None
-        self.display.update(step, epoch=state.get("epoch"), pairs_per_s=pairs_per_s,
-                            tokens_per_s=state.get("tokens_per_second"), loss=state.get("loss"))
-        if not self._estimated and steps_done >= self.ESTIMATE_AFTER:
+        # every number is rank 0's (dpo_ray.train.logger.Throughput): the same as report.json and the summary
+        steps_done, train_s = state.get("steps_done") or 0, state.get("train_runtime_s") or 0.0
+        per_step = train_s / steps_done if steps_done and train_s > 0 else None
+        self.display.update(step, seconds_per_unit=per_step, epoch=state.get("epoch"),
+                            pairs_per_s=_round(state.get("pairs_per_s")), tokens_per_s=_round(state.get("tokens_per_s")),
+                            loss=state.get("loss"))
+        if "counted_s" in state:  # as of the last logged step: time, counts and rates of one instant
+            self.final = {"train_runtime_s": round(state["counted_s"], 3), "pairs": state["pairs"],
+                          "tokens": state["tokens"], "pairs_per_s": round(state["pairs_per_s"], 4),
+                          "tokens_per_s": round(state["tokens_per_s"], 4)}
+        if not self._estimated and per_step and steps_done >= self.ESTIMATE_AFTER:
             from dpo_ray.progress import fmt_duration
 
             self._estimated = True
-            per_step = took / steps_done
-            print(f"{self.desc}: estimated duration {fmt_duration(per_step * (self.total - first_step))} "
-                  f"({per_step:.2f} s/step over the first {steps_done} steps)", file=sys.stderr, flush=True)
+            with _bars_cleared():
+                print(f"{self.desc}: estimated duration {fmt_duration(per_step * (self.total - first_step))} "
+                      f"({per_step:.2f} s/step over the first {steps_done} steps)", file=sys.stderr, flush=True)
+
+    # rank 0's start-up marks (dpo_ray.timeline) -> what it is doing now
+    NEXT_STAGE = {None: "the worker group", "worker": "loading the policy", "policy": "the DeepSpeed engine",
+                  "engine": "the first batch (Ray Data)", "first batch": "the first optimizer step"}
+
+    def _show_startup(self) -> None:
+        """In a terminal, from the plan to the first step: one live status line, stage by stage (the worker group,
+        the policy, the engine, the first batch), replaced by the step bar; off a terminal nothing (the summary's
+        start-up line says where the time went)."""
+        import ray
+
+        from dpo_ray.progress import choose_form
+
+        if choose_form(sys.stderr) != "bar":
+            return
+        try:
+            marks = ray.get(self.board.marks.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - best effort
+            return
+        last = max(marks, key=marks.get) if marks else None
+        doing = self.NEXT_STAGE.get(last, "the first optimizer step")
+        if self._startup is None:
+            from tqdm import tqdm
+
+            self._startup = tqdm(total=None, file=sys.stderr, bar_format="{desc} [{elapsed}]", leave=False)
+        self._startup.set_description_str(f"{self.desc}: starting: {doing}", refresh=True)
+
+    def _end_startup(self) -> None:
+        if self._startup is not None:
+            self._startup.close()
+            self._startup = None
 
     def close(self) -> None:
         import ray
@@ -353,6 +448,7 @@ class TrainingProgress:
         self._stop.set()
         self._thread.join(timeout=5)
         self.poll()
+        self._end_startup()
         if self.display is not None:
             self.display.close()
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import re
 import types
 import typing
@@ -78,8 +77,23 @@ def _problems_from_pydantic(err: ValidationError, prefix: str = "") -> list[tupl
             out.append((key, "unknown key" + (_did_you_mean(key) or "; check its spelling (`dpo-ray validate --help` "
                                                                   "lists every key)")))
         else:
-            out.append((key, f"{e['msg']} (got {redact_value(key, e.get('input'))!r})"))
+            out.append((key, f"{e['msg']} (got {redact_value(key, e.get('input'))!r})" + _value_did_you_mean(e)))
     return out
+
+
+def _value_did_you_mean(e: dict) -> str:
+    """'; did you mean 'steps'?' for a misspelt value of a key with a fixed set of values (a Literal)."""
+    if e["type"] != "literal_error" or not isinstance(e.get("input"), str):
+        return ""
+    choices = re.findall(r"'([^']*)'", str((e.get("ctx") or {}).get("expected", "")))
+    return value_did_you_mean(e["input"], choices)
+
+
+def value_did_you_mean(value: str, choices) -> str:
+    """'; did you mean X?' for a misspelt name among ``choices`` (losses, schedules), else ''."""
+    by_lower = {str(c).lower(): c for c in choices}
+    close = difflib.get_close_matches(str(value).lower(), sorted(by_lower), n=1, cutoff=0.6)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 class _Section(BaseModel):
@@ -263,18 +277,18 @@ class DPOConfig(BaseModel):
     num_train_epochs: float = Field(3.0, gt=0, description="epochs (fractions allowed) when max_steps is -1")
     max_steps: int = Field(-1, description="optimizer steps; -1 = from num_train_epochs")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps with linear warmup")
-    warmup_steps: int = Field(0, ge=0, description="warmup steps (overrides warmup_ratio)")
+    warmup_steps: int | float = Field(0, ge=0, description="warmup steps (overrides warmup_ratio); a number in (0, 1) is a fraction of the run's steps, as in transformers 5 / TRL 1.16")
     lr_scheduler_type: str = Field("linear", description=f"{', '.join(SCHEDULES)} (transformers' schedules)")
     lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict, description="the schedule's arguments in transformers' names, e.g. {num_cycles: 0.5} (cosine), {min_lr_rate: 0.1} (cosine_with_min_lr)")
     optim: str = Field("adamw_torch_fused", description="optimizer, TrainingArguments names: adamw_torch_fused, adamw_torch (adamw_hf), adafactor, sgd, adagrad, rmsprop")
     optim_args: str | None = Field(None, description="optimizer arguments as 'k=v,k2=v2' (sgd: momentum, dampening, nesterov; adagrad; rmsprop)")
-    logging_steps: int = Field(10, ge=1, description="log (console table, metrics.jsonl, TensorBoard) every N optimizer steps")
+    logging_steps: int | float = Field(10, gt=0, description="log (console table, metrics.jsonl, TensorBoard) every N optimizer steps; a number in (0, 1) is a fraction of the run's optimizer steps, as in transformers")
     logging_first_step: bool = Field(False, description="also log after the first optimizer step")
     eval_on_start: bool = Field(False, description="evaluate once before the first step (a baseline)")
     eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="no | steps | epoch")
-    eval_steps: int | None = Field(None, ge=1, description="eval every N steps (default logging_steps)")
+    eval_steps: int | float | None = Field(None, gt=0, description="eval every N steps (default logging_steps); a number in (0, 1) is a fraction of the run's optimizer steps, as in transformers")
     save_strategy: Literal["no", "steps", "epoch"] = Field("steps", description="no | steps | epoch (checkpoints through ray.train.report)")
-    save_steps: int = Field(500, ge=1, description="checkpoint every N steps")
+    save_steps: int | float = Field(500, gt=0, description="checkpoint every N steps; a number in (0, 1) is a fraction of the run's optimizer steps, as in transformers")
     save_total_limit: int | None = Field(None, ge=1, description="keep at most this many checkpoints")
     load_best_model_at_end: bool = Field(False, description="save the checkpoint with the best metric_for_best_model as the final model (needs save_strategy = eval_strategy)")
     metric_for_best_model: str | None = Field(None, description="eval metric that ranks checkpoints, e.g. loss or rewards/accuracies (default loss)")
@@ -301,6 +315,14 @@ class DPOConfig(BaseModel):
             data["loss_type"] = [data["loss_type"]]
         if isinstance(data.get("report_to"), str):
             data["report_to"] = [data["report_to"]]
+        # TrainingArguments' other spellings: None for output_dir (its default) and report_to (nothing), a dict
+        # key given as a JSON string (transformers' _VALID_DICT_FIELDS)
+        if "output_dir" in data and data["output_dir"] is None:
+            del data["output_dir"]
+        if "report_to" in data and data["report_to"] is None:
+            data["report_to"] = []
+        if isinstance(data.get("lr_scheduler_kwargs"), str) and data["lr_scheduler_kwargs"].lstrip().startswith("{"):
+            data["lr_scheduler_kwargs"] = yaml.safe_load(data["lr_scheduler_kwargs"])
         # TRL / TrainingArguments keys dpo_ray spells differently or does not have (dpo_ray/trl_keys.py)
         data, trl_problems = translate(data, set(type(self).model_fields))
         try:
@@ -525,7 +547,8 @@ def _best_model_problems(c: DPOConfig) -> list[tuple[str, str]]:
         p.append(("load_best_model_at_end", f"needs save_strategy equal to eval_strategy (got save_strategy "
                                             f"{c.save_strategy!r}, eval_strategy {c.eval_strategy!r}), so every "
                                             "checkpoint has an evaluation"))
-    elif c.eval_strategy == "steps" and c.save_steps % (c.eval_steps or c.logging_steps):
+    elif c.eval_strategy == "steps" and c.save_steps >= 1 and (c.eval_steps or c.logging_steps) >= 1 and \
+            c.save_steps % (c.eval_steps or c.logging_steps):
         p.append(("load_best_model_at_end", f"needs save_steps ({c.save_steps}) to be a multiple of eval_steps "
                                             f"({c.eval_steps or c.logging_steps}), so every checkpoint has an "
                                             "evaluation"))
@@ -539,7 +562,8 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
     for raw in c.loss_type:
         name = canonical_loss_name(raw)
         if name not in LOSSES:
-            p.append(("loss_type", f"{raw!r} is not a known loss; choose from {', '.join(known)}"))
+            p.append(("loss_type", f"{raw!r} is not a known loss; choose from {', '.join(known)}"
+                                   + value_did_you_mean(raw, known)))
         else:
             names.append(name)
     if not c.loss_type:
@@ -611,7 +635,14 @@ def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
         p.append(("max_steps", f"must be -1 (use num_train_epochs) or a positive step count (got {c.max_steps})"))
     p += [("optim" if msg.startswith("optim ") else "optim_args", msg) for msg in optimizer_problems(c.optim, c.optim_args)]
     for msg in scheduler_kwargs_problems(c.lr_scheduler_type, c.lr_scheduler_kwargs, c.learning_rate):
-        p.append(("lr_scheduler_type" if msg.startswith("lr_scheduler_type") else "lr_scheduler_kwargs", msg))
+        if msg.startswith("lr_scheduler_type"):
+            p.append(("lr_scheduler_type", msg + value_did_you_mean(c.lr_scheduler_type, SCHEDULES)))
+        else:
+            p.append(("lr_scheduler_kwargs", msg))
+    for key in ("warmup_steps", "logging_steps", "eval_steps", "save_steps"):
+        value = getattr(c, key)
+        if isinstance(value, float) and value >= 1 and not value.is_integer():
+            p.append((key, f"{value} is neither a whole number of steps nor a fraction in (0, 1)"))
     p += _best_model_problems(c)
     p += _remote_storage_problems(c)
     if not (c.use_peft or c.peft_adapter_path):
@@ -732,10 +763,14 @@ def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
             out[key] = value
             continue
         if _is_dict(fields[key][1]) and isinstance(value, str):
+            # YAML's flow style, as the example files write it ({CPU: 0.5}); JSON is a part of YAML
             try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                raise ConfigError([(key, f"expects a JSON object, e.g. '{{\"CPU\": 0.5}}' (got {value!r})")]) from None
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                value = None
+            if not isinstance(value, dict):
+                raise ConfigError([(key, f"expects a mapping, e.g. '{{CPU: 0.5}}' or '{{\"CPU\": 0.5}}' "
+                                         f"(got {vars(ns)[dest]!r})")]) from None
         if isinstance(value, str) and value.lower() in ("none", "null") and key not in ("loss_type",):
             value = None
         _set_dotted(out, key, value)

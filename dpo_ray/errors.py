@@ -46,3 +46,26 @@ class TooFewRowsError(DataError):
 
 class ModelFilesError(DataError):
     """A model directory lacks files the run needs (tokenizer files, weights); the message names them."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a run before its model was written. ``step``: the last optimizer step logged;
+    ``checkpoint`` / ``checkpoint_step``: the newest complete checkpoint (None: nothing to resume from);
+    ``report``: the report.json written. ``dpo-ray`` prints one line from it and exits 130."""
+
+    exit_code = 130
+
+    def __init__(self, step: int | None, checkpoint: str | None, checkpoint_step: int | None,
+                 report: str | None = None):
+        self.step, self.checkpoint, self.checkpoint_step, self.report = step, checkpoint, checkpoint_step, report
+        super().__init__(self.saved())
+
+    def saved(self) -> str:
+        """What survives, in words (the step reached and the checkpoint to resume from)."""
+        reached = f"interrupted after step {self.step}" if self.step else "interrupted before the first step"
+        if self.checkpoint is None:
+            return f"{reached}; no checkpoint was saved yet (save_strategy / save_steps), so a rerun starts over"
+        return f"{reached}; saved: checkpoint of step {self.checkpoint_step} ({self.checkpoint})"
+
+    def __reduce__(self):
+        return (TrainingInterrupted, (self.step, self.checkpoint, self.checkpoint_step, self.report))

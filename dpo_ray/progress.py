@@ -56,25 +56,33 @@ class Progress:
     """``update(done, **fields)`` as work advances; ``close()`` once (prints the final line).
 
     ``total`` None: no percentage or time left, a rate only. ``unit``: what ``done`` counts (steps, rows).
+    ``own_rate=True`` with ``update(..., seconds_per_unit=x)``: the caller's own measure of the rate (training:
+    ``seconds_per_step``, dpo_ray.train.logger.Throughput); the time left and the bar use it, never a second rate
+    of the bar's own.
     """
 
     def __init__(self, desc: str, total: int | None, unit: str, *, initial: int = 0, stream: TextIO | None = None,
-                 form: str | None = None, interval_s: float | None = None):
+                 form: str | None = None, interval_s: float | None = None, own_rate: bool = False):
         self.desc, self.total, self.unit, self.initial = desc, total, unit, initial
         self.stream = stream or sys.stderr
         self.form = form or choose_form(self.stream)
         self.interval_s = float(os.environ.get("DPO_RAY_PROGRESS_INTERVAL_S", 10)) if interval_s is None else interval_s
         self.start = time.monotonic()
         self.done, self.fields = initial, {}  # a resumed job starts at ``initial``; rates count from there
+        self.seconds_per_unit: float | None = None
         self._last_line = float("-inf")
+        self._written: int | None = None  # the ``done`` of the last plain line written
         self._bar = None
         if self.form in ("bar", "notebook"):
             if self.form == "notebook":
                 from tqdm.auto import tqdm
             else:
                 from tqdm import tqdm
+            # no tqdm rate or time left: its smoothed rate over irregular updates disagrees with ours
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=f" {unit}", file=self.stream,
-                             dynamic_ncols=True, mininterval=0.5)
+                             dynamic_ncols=True, mininterval=0.5,
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} " + unit
+                             + " [{elapsed}{postfix}]" if total and own_rate else None)
 
     # --------------------------------------------------------------------------------------------- state
     @property
@@ -82,6 +90,8 @@ class Progress:
         return time.monotonic() - self.start
 
     def rate(self) -> float | None:
+        if self.seconds_per_unit:
+            return 1.0 / self.seconds_per_unit
         done = self.done - self.initial
         return done / self.elapsed if done > 0 and self.elapsed > 0 else None
 
@@ -98,34 +108,45 @@ class Progress:
         else:
             rate = self.rate()
             head = f"{self.desc}: {self.done} {self.unit}" + (f" ({rate:.3g} {self.unit}/s)" if rate else "")
-        cells = [f"{k} {_fmt(v)}" for k, v in self.fields.items() if v is not None]
+        cells = [f"{k} {_fmt(v)}" for k, v in self._cells().items()]
         tail = f"elapsed {fmt_duration(self.elapsed)}"
         if self.total:
             tail += f", left {fmt_duration(self.eta())}"
         return " | ".join([head, *cells, tail])
 
+    def _cells(self) -> dict[str, Any]:
+        cells = {k: v for k, v in self.fields.items() if v is not None}
+        if self.seconds_per_unit:
+            cells[f"s/{self.unit.rstrip('s')}"] = self.seconds_per_unit
+        return cells
+
     # --------------------------------------------------------------------------------------------- output
-    def update(self, done: int, **fields: Any) -> None:
+    def update(self, done: int, seconds_per_unit: float | None = None, **fields: Any) -> None:
         self.fields.update(fields)
+        if seconds_per_unit:
+            self.seconds_per_unit = seconds_per_unit
         if self.form == "off":
             self.done = done
             return
         if self._bar is not None:
             self._bar.update(max(done - self.done, 0))
             self.done = done
-            self._bar.set_postfix({k: _fmt(v) for k, v in self.fields.items() if v is not None}, refresh=False)
+            cells = {k: _fmt(v) for k, v in self._cells().items()}
+            if self.total and self.seconds_per_unit:
+                cells["left"] = fmt_duration(self.eta())
+            self._bar.set_postfix(cells, refresh=False)
             return
         self.done = done
         now = time.monotonic()
         if now - self._last_line >= self.interval_s:
-            self._last_line = now
+            self._last_line, self._written = now, done
             self._write(self.line())
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.form == "plain":
+        elif self.form == "plain" and self.done != self._written:  # each final line once
             self._write(self.line())
 
     def _write(self, text: str) -> None:

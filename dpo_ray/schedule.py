@@ -12,8 +12,18 @@ import math
 import torch
 
 
-def warmup_steps(total_steps: int, warmup_ratio: float, warmup_steps: int) -> int:
-    return warmup_steps if warmup_steps > 0 else math.ceil(total_steps * warmup_ratio)
+def warmup_steps(total_steps: int, warmup_ratio: float, warmup_steps: float) -> int:
+    """transformers 5's rule: ``warmup_steps`` >= 1 counts steps, one in (0, 1) is a fraction of the run's steps;
+    0 leaves it to ``warmup_ratio`` (transformers 4.x's key)."""
+    if warmup_steps >= 1:
+        return int(warmup_steps)
+    return math.ceil(total_steps * (warmup_steps if warmup_steps > 0 else warmup_ratio))
+
+
+def interval_steps(value: float, total_steps: int) -> int:
+    """logging_steps / eval_steps / save_steps as transformers reads them: >= 1 counts optimizer steps, a number in
+    (0, 1) is that fraction of the run's steps (rounded up, at least 1)."""
+    return int(value) if value >= 1 else max(1, math.ceil(total_steps * value))
 
 
 # name -> {keyword argument: default}; None: required (cosine_with_min_lr needs min_lr or min_lr_rate)

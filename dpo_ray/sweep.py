@@ -438,9 +438,10 @@ def prepare_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str |
 def run_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str | None = "eval_rewards/accuracies",
               mode: str = "max", scheduler=None, search_alg=None, num_samples: int = 1,
               max_concurrent_trials: int | None = None, trial_resources: dict[str, float] | None = None,
-              store: str | os.PathLike | None = None, task_prompts: int = 200, verbose: int = 1,
+              store: str | os.PathLike | None = None, task_prompts: int = 200, verbose: int = 0,
               share_reference: bool = True) -> dict[str, Any]:
-    """Prepare (shared reference passes), run the trials under ``tune.Tuner``, summarize; returns the summary."""
+    """Prepare (shared reference passes), run the trials under ``tune.Tuner``, summarize; returns the summary.
+    ``verbose``: Tune's (0: none of its status tables, the trials' own lines only; 1 or 2: Tune's tables too)."""
     from ray import tune
 
     t0 = time.perf_counter()

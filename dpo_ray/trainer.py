@@ -25,7 +25,7 @@ from dpo_ray.cluster import (
     worker_resources,
 )
 from dpo_ray.config import DPOConfig
-from dpo_ray.errors import ConfigError, ModelFilesError, TooFewRowsError
+from dpo_ray.errors import ConfigError, ModelFilesError, TooFewRowsError, TrainingInterrupted
 from dpo_ray.paths import check_paths, resolve_config_paths
 from dpo_ray.timeline import Timeline
 from dpo_ray.train.checkpoint import CHECKPOINT_STATE_FILE, FINAL_STATE_FILE, checkpoint_problems
@@ -139,6 +139,10 @@ class DPOTrainer:
             _check_resume(resume, cfg, None)
         tokenizer = self.processing_class or load_processing_class(
             self.model if isinstance(self.model, str) else cfg)
+        where = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if not ray.is_initialized():  # the first line of the run: Ray's start takes seconds
+            print(f"dpo-ray {self.mode}: {f'joining the Ray cluster at {where}' if where else 'starting a local Ray'}",
+                  flush=True)
         init_ray(cfg)
         timeline.mark("ray")
         if self.mode == "dpo":
@@ -148,6 +152,7 @@ class DPOTrainer:
         out.mkdir(parents=True, exist_ok=True)
         use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else cluster_has_gpu()
         prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
+        print(f"dpo-ray {self.mode}: model {_describe_model(self.model)}", flush=True)
         print(prepared.summary(), flush=True)  # which tokenizer, which files: never a silent fallback
         fingerprint = (data_fingerprint(prepared, cfg, self.train_dataset)
                        if resume is not None or cfg.save_strategy != "no" else None)
@@ -188,7 +193,7 @@ class DPOTrainer:
               f"{_untrained(prepared.num_train_rows_estimate, plan.micro_per_epoch * world * cfg.per_device_train_batch_size)}",
               flush=True)
         run_name = self._run_name
-        pool = progress = None
+        pool = progress = trainer = None
         try:  # from here on, whatever fails, the reference actors and the progress board are stopped
             progress = TrainingProgress(self.mode, total_steps, plan.rows_per_step(cfg))
             lc.progress = progress.board
@@ -220,8 +225,11 @@ class DPOTrainer:
             )
             timeline.mark("fit")
             try:
-                result = trainer.fit()  # Ray Train V2 raises a worker's error (WorkerGroupError) from fit()
+                with _sigint_restored():  # Ray's fit() installs a Ctrl-C handler (ours) and never removes it
+                    result = trainer.fit()  # Ray Train V2 raises a worker's error (WorkerGroupError) from fit()
             except Exception as e:
+                if trainer.interrupted:  # Ctrl-C: whatever the aborted workers raised, the user stopped it
+                    raise self._interrupted(cfg, out, run_name, resume, progress) from e
                 if getattr(pool, "error", None) is not None:  # the reference actors never loaded: that is the cause
                     raise pool.error from e
                 data_error = unwrap_data_error(e)  # a bad row met mid-stream: name it, not the worker
@@ -234,6 +242,10 @@ class DPOTrainer:
                     check_trained(0, total_steps, prepared.stats.report(), prepared.num_train_rows_estimate,
                                   cfg.max_dropped_fraction)
                 raise data_error from e
+        except KeyboardInterrupt as e:  # Ctrl-C outside fit(), or a second one inside it
+            if isinstance(e, TrainingInterrupted):
+                raise
+            raise self._interrupted(cfg, out, run_name, resume, progress) from e
         finally:
             if progress is not None:
                 progress.close()
@@ -242,18 +254,22 @@ class DPOTrainer:
                 if getattr(pool, "ready_at", None) is not None:
                     timeline.mark("reference ready", pool.ready_at)
                 pool.shutdown()
-        if getattr(result, "error", None) is not None:
+        from dpo_ray.train.checkpoint import model_files_problem
+
+        if trainer.interrupted and model_files_problem(out, cfg):
+            raise self._interrupted(cfg, out, run_name, resume, progress)
+        # Ctrl-C after the model was written (the workers' last moments): the run is finished, a success
+        if getattr(result, "error", None) is not None and not trainer.interrupted:
             if getattr(pool, "error", None) is not None:
                 raise pool.error from result.error
             raise (unwrap_data_error(result.error) or result.error) from result.error
-        from dpo_ray.train.checkpoint import model_files_problem
-
         missing = model_files_problem(out, cfg)
         if missing:  # fit() returned, yet the outputs are not whole: never report that as success
             raise RuntimeError(f"training finished but {out} lacks {missing}; the model was not saved completely "
                                "(a full disk, or a worker lost while writing). Resume with resume_from_checkpoint: latest")
         history = read_metrics(out / METRICS_FILE)
         report = self._final_report(cfg, history, prepared, time.perf_counter() - t0, out)
+        report["throughput"] = progress.final  # the whole run's, from the first batch (train.logger.Throughput)
         report["startup"] = timeline.seconds()
         report["startup_line"] = timeline.render()
         from dpo_ray.data.stats import check_trained
@@ -317,6 +333,7 @@ class DPOTrainer:
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
         report = {
             "mode": self.mode,
+            "status": "completed",
             "steps": state.get("global_step"),
             "pairs": state.get("pairs_seen"),
             "tokens": state.get("tokens_seen"),
@@ -327,6 +344,66 @@ class DPOTrainer:
         }
         (out / "report.json").write_text(json.dumps(report, indent=2))
         return report
+
+
+    def _interrupted(self, cfg, out: Path, run_name: str, resume: Path | None, progress) -> TrainingInterrupted:
+        """After Ctrl-C: report.json says "interrupted", with the last step and the checkpoint to resume from
+        (the newest complete one of this run, else the one it resumed from); the exception the CLI turns into
+        one line and exit status 130."""
+        history = read_metrics(out / METRICS_FILE)
+        step = getattr(progress, "step", None) or max((r["step"] for r in history if "loss" in r), default=None)
+        checkpoint = _newest_complete_checkpoint(trainer_storage(cfg, run_name, out)) or resume
+        checkpoint_step = (json.loads((checkpoint / CHECKPOINT_STATE_FILE).read_text())["global_step"]
+                           if checkpoint is not None else None)
+        report = {"mode": self.mode, "status": "interrupted", "steps": step,
+                  "checkpoint": str(checkpoint) if checkpoint is not None else None,
+                  "checkpoint_step": checkpoint_step,
+                  "resume_from_checkpoint": str(checkpoint) if checkpoint is not None else None}
+        path = out / "report.json"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2))
+        except OSError:
+            path = None
+        return TrainingInterrupted(step, report["checkpoint"], checkpoint_step, str(path) if path else None)
+
+
+def _describe_model(model) -> str:
+    """The run header's policy: a directory, an in-memory model (its class and size), or the bundled tiny one."""
+    if model is None:
+        return "the bundled tiny Llama (no model_name_or_path)"
+    if isinstance(model, str):
+        return model
+    params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
+    size = f", {params / 1e6:.3g}M parameters" if params else ""
+    return f"an in-memory {type(model).__name__} (given to DPOTrainer{size})"
+
+
+def _newest_complete_checkpoint(storage: Path) -> Path | None:
+    found = [c for c in storage.glob("checkpoint-*") if c.name.split("-")[-1].isdigit()]
+    for ckpt in sorted(found, key=lambda c: int(c.name.split("-")[-1]), reverse=True):
+        if not checkpoint_problems(ckpt):
+            return ckpt
+    return None
+
+
+class _sigint_restored:
+    """Puts back the SIGINT handler that was in place before (Ray Train's fit() installs its own, for good)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.main = threading.current_thread() is threading.main_thread()
+        self.previous = signal.getsignal(signal.SIGINT) if self.main else None
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.main and self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def _find_checkpoint(resume, out: Path, cfg: DPOConfig) -> Path | None:
@@ -492,9 +569,14 @@ def print_summary(out) -> None:
           f"{'pairs' if out.report['mode'] == 'dpo' else 'sequences'}, {out.report['tokens']} tokens, "
           f"{out.report['wall_time_s']} s")
     rows = {**out.metrics, **out.eval_metrics}
+    window = ("samples_per_second", "tokens_per_second")  # the last logging window's: metrics.jsonl has them
     for k in sorted(rows):
-        if k != "step" and isinstance(rows[k], (int, float)):
+        if k != "step" and k not in window and isinstance(rows[k], (int, float)):
             print(f"  {k:<28} {rows[k]:.6g}")
+    rates = out.report.get("throughput") or {}
+    if rates:
+        print(f"  throughput: pairs_per_s {rates['pairs_per_s']:.4g} | tokens_per_s {rates['tokens_per_s']:.4g} "
+              f"over {rates['train_runtime_s']:.1f} s of training (from the first batch; start-up on its own line)")
     if out.report.get("data"):
         print(f"  data: {json.dumps(out.report['data'])}")
     if out.report.get("startup_line"):

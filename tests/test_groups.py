@@ -346,3 +346,21 @@ def test_pack_groups_edge_cases(tok):
     lens = batch["attention_mask"].sum(-1)
     # shared: 4 (response 1's prompt differs in its last token), 0 (no prompt), 4 (the whole prompt)
     assert pk.tokens == int(lens.sum()) - 3 * 4 - 0 - 4 * 4
+
+
+@pytest.mark.parametrize("rule", ["best_vs_worst", "best_vs_rest", "best_vs_random"])
+def test_only_the_responses_the_pairs_use_are_computed(tok, rule):
+    """best_vs_worst trains 1 pair of K responses: its rows carry (and the policy and reference compute) those 2
+    responses only, fewer tokens than `all`; the loss and metrics equal the expanded pairs' all the same (the
+    test above); every kept response is in a pair."""
+    rows = groups(4)
+    every = tokenize_rows(rows, tok, CFG)
+    some = tokenize_rows(rows, tok, DPOConfig(group_pairs=rule))
+    for lens, c, r in zip(some["group_lens"], some["pair_chosen"], some["pair_rejected"]):
+        assert sorted(set(c) | set(r)) == list(range(len(lens)))
+    tokens = [sum(int(n) for lens in cols["group_lens"] for n in lens) for cols in (every, some)]
+    if rule != "best_vs_rest":
+        assert tokens[1] < tokens[0], tokens
+    g, p = both_layouts(tok, rows, DPOConfig(group_pairs=rule))
+    assert int(g["attention_mask"].sum()) == tokens[1]
+    assert len(g["pair_chosen"]) == len(p["row_id"])

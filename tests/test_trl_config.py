@@ -171,3 +171,68 @@ def test_an_existing_adapter_defaults_to_a_frozen_copy_named_ref(tmp_path):
 def test_tr_dpo_under_peft_asks_for_a_model_reference():
     found = problems(use_peft=True, sync_ref_model=True)
     assert "default under PEFT" in found["sync_ref_model"] and "local" in found["sync_ref_model"]
+
+
+def test_every_trl_field_type_is_accepted_with_its_meaning(tmp_path):
+    """For each TRL DPOConfig / TrainingArguments key dpo_ray takes as it is ("same"), a value of every type TRL's
+    annotation allows loads here too (a Literal's misspelt value aside: that is a value, not a type, and gets a
+    did-you-mean). Caught before: warmup_steps / logging_steps / eval_steps / save_steps fractions, report_to
+    and output_dir None, lr_scheduler_kwargs as a JSON string."""
+    import typing
+
+    trl = pytest.importorskip("trl", minversion="1.16")
+    hints = typing.get_type_hints(trl.DPOConfig)
+    samples = {float: 0.25, int: 2, bool: True, type(None): None}
+    refused = []
+    for f in dataclasses.fields(trl.DPOConfig):
+        entry = TRL_KEYS.get(f.name)
+        if f.name.startswith("_") or entry is None or entry.treatment != "same":
+            continue
+        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+        values = [samples[k] for k in kinds if k in samples]
+        if str in kinds and dict in kinds:  # a dict key given as a JSON string
+            values.append('{"num_cycles": 1}' if f.name == "lr_scheduler_kwargs" else "{}")
+        for value in values:
+            try:
+                DPOConfig(**{f.name: value})
+            except ConfigError as e:
+                type_errors = [m for k, m in e.problems if k.split(".")[0] == f.name and "Input should be a valid" in m]
+                refused += [(f.name, value, m) for m in type_errors]
+    assert not refused, refused
+
+
+@pytest.mark.parametrize("kwargs,check", [
+    ({"warmup_steps": 0.1, "max_steps": 50}, lambda c: c.warmup_steps == 0.1),
+    ({"logging_steps": 0.25, "save_steps": 0.5, "eval_steps": 0.1}, lambda c: c.logging_steps == 0.25),
+    ({"report_to": None, "output_dir": None}, lambda c: c.report_to == [] and c.output_dir == "dpo_output"),
+    ({"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": '{"min_lr_rate": 0.1}'},
+     lambda c: c.lr_scheduler_kwargs == {"min_lr_rate": 0.1}),
+])
+def test_transformers_5_spellings_load(kwargs, check):
+    assert check(DPOConfig(**kwargs))
+
+
+def test_fractions_of_the_run_mean_what_transformers_means():
+    from dpo_ray.schedule import interval_steps, warmup_steps
+
+    assert warmup_steps(50, 0.0, 0.1) == 5 and warmup_steps(50, 0.2, 0) == 10 and warmup_steps(50, 0.2, 3) == 3
+    assert interval_steps(0.25, 10) == 3 and interval_steps(0.001, 10) == 1 and interval_steps(4, 10) == 4
+    assert "neither a whole number" in problems(save_steps=2.5)["save_steps"]
+
+
+@pytest.mark.parametrize("kwargs,key,suggestion", [
+    ({"loss_type": ["sigmod"]}, "loss_type", "'sigmoid'"),
+    ({"lr_scheduler_type": "cosin"}, "lr_scheduler_type", "'cosine'"),
+    ({"eval_strategy": "step"}, "eval_strategy", "'steps'"),
+    ({"ray": {"placement_strategy": "pack"}}, "ray.placement_strategy", "'PACK'"),
+])
+def test_misspelt_values_get_a_did_you_mean(kwargs, key, suggestion):
+    assert f"did you mean {suggestion}?" in problems(**kwargs)[key]
+
+
+def test_flow_style_dicts_on_the_command_line():
+    """The YAML flow style the example files use ({CPU: 0.5}), and JSON, both as a flag's value."""
+    assert parse(["--ray.resources_per_worker", "{CPU: 0.5}"]).ray.resources_per_worker == {"CPU": 0.5}
+    assert parse(["--ray.resources_per_worker", '{"CPU": 0.5}']).ray.resources_per_worker == {"CPU": 0.5}
+    with pytest.raises(ConfigError, match="expects a mapping"):
+        parse(["--ray.resources_per_worker", "[1, 2]"])

@@ -98,7 +98,7 @@ def describe_tokenizer(tokenizer) -> str:
     tok = text_tokenizer(tokenizer)
     path = getattr(tok, "name_or_path", "") or type(tok).__name__
     if is_bundled_tokenizer(tokenizer):
-        return f"the bundled tokenizer ({len(tok)} tokens, {path}; no model_name_or_path)"
+        return f"the bundled tokenizer ({len(tok)} tokens, {path})"
     return f"{path} ({len(tok)} tokens)"
 
 

@@ -325,6 +325,11 @@ class RowProcessor:
             except BadRow as b:
                 self._bad(b, r, stats)
                 continue
+            # only the responses some pair uses (best_vs_worst: 2 of K): the rest would be computed by the policy
+            # and the reference and thrown away; the pairs' indices follow
+            used = sorted({k for pair in pairs for k in pair})
+            seqs, at_used = [seqs[k] for k in used], {k: n for n, k in enumerate(used)}
+            pairs = [(at_used[i], at_used[j]) for i, j in pairs]
             stats.truncated += any(t for _, _, t in seqs)
             cols["row_id"].append(r.row_id)
             cols["group_input_ids"].append([t for seq, _, _ in seqs for t in seq])

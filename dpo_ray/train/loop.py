@@ -7,6 +7,7 @@ mode's step (``dpo_ray.train.steps``). Metrics stay on device until a logging st
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -17,6 +18,7 @@ import torch
 
 from dpo_ray.errors import TooFewRowsError
 from dpo_ray.forward import eval_mode
+from dpo_ray.schedule import interval_steps
 from dpo_ray.train.checkpoint import (
     TrainerState,
     checkpoint_problems,
@@ -124,6 +126,7 @@ class Run:
         try:
             for item in self.step.stream(_skip(source, state.micro_in_epoch)):
                 mark(self.lc, w.rank, "first batch")  # the board keeps the first of each stage
+                self.throughput.begin()  # training time (every rate's clock) starts at the first batch
                 loss, metrics = self.step(w.model, item)
                 self.nonfinite |= ~torch.isfinite(loss.detach())
                 boundary = w.engine.is_gradient_accumulation_boundary()
@@ -187,16 +190,17 @@ class Run:
             _die_once_for_test()
         if w.reference is not None and cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
             w.reference.sync_from(w.model, cfg.ref_model_mixup_alpha)
-        log_due = step % cfg.logging_steps == 0 or step == self.total_steps or (cfg.logging_first_step and step == 1)
+        every = functools.partial(interval_steps, total_steps=self.total_steps)  # fractions of the run's steps
+        log_due = step % every(cfg.logging_steps) == 0 or step == self.total_steps or (cfg.logging_first_step and step == 1)
         logged = self.log(step, grad_norm) if log_due else {}
         if self.lc.progress is not None and w.rank == 0:  # fire and forget: the driver draws it
-            post = {"epoch": round(self.epoch_fraction(), 3)}
-            post.update({k: logged[k] for k in ("loss", "tokens_per_second") if k in logged})
+            post = {"epoch": round(self.epoch_fraction(), 3), **self.throughput.whole_run(self.state, bool(logged))}
+            post.update({k: logged[k] for k in ("loss",) if k in logged})
             self.lc.progress.post.remote(step, post)
-        if w.eval_shard is not None and cfg.eval_strategy == "steps" and step % (cfg.eval_steps or cfg.logging_steps) == 0:
+        if w.eval_shard is not None and cfg.eval_strategy == "steps" and step % every(cfg.eval_steps or cfg.logging_steps) == 0:
             self.logger.log(step, self.evaluate())
         # the last step's checkpoint is taken by finish(), after its eval (load_best_model_at_end ranks it)
-        if cfg.save_strategy == "steps" and step % cfg.save_steps == 0 and step < self.total_steps:
+        if cfg.save_strategy == "steps" and step % every(cfg.save_steps) == 0 and step < self.total_steps:
             self.save()
         if self.pause_at and step == self.pause_at and w.rank == 0:
             _pause_once_for_test(step)
