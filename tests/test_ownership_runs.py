@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train import make_rows as rows  # the synthetic pairs every run test uses
 
 from dpo_ray import DPOConfig, DPOTrainer
 from dpo_ray.errors import ConfigError
@@ -22,18 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 BASE = dict(learning_rate=5e-3, beta=0.5, per_device_train_batch_size=4, logging_steps=1, max_length=64,
             report_to=[], seed=7, ray={"num_workers": 1}, reference={"source": "local"})
-
-
-def rows(n: int, seed: int = 0) -> list[dict]:
-    import random
-
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        nums = [str(rng.randint(0, 9)) for _ in range(3)]
-        out.append({"prompt": f"sort: {' '.join(nums)}", "chosen": " ".join(sorted(nums)),
-                    "rejected": " ".join(sorted(nums, reverse=True)) + " " + nums[0]})
-    return out
 
 
 def run(out: Path, data, **overrides):
