@@ -421,7 +421,7 @@ class TrainingProgress:
         start-up line says where the time went)."""
         import ray
 
-        from dpo_ray.progress import choose_form
+        from dpo_ray.progress import bar_width, choose_form
 
         if choose_form(sys.stderr) != "bar":
             return
@@ -434,7 +434,8 @@ class TrainingProgress:
         if self._startup is None:
             from tqdm import tqdm
 
-            self._startup = tqdm(total=None, file=sys.stderr, bar_format="{desc} [{elapsed}]", leave=False)
+            self._startup = tqdm(total=None, file=sys.stderr, bar_format="{desc} [{elapsed}]", leave=False,
+                                 **bar_width(sys.stderr))
         self._startup.set_description_str(f"{self.desc}: starting: {doing}", refresh=True)
 
     def _end_startup(self) -> None:

@@ -39,6 +39,22 @@ def choose_form(stream: TextIO) -> str:
     return "bar" if stream.isatty() else "plain"
 
 
+def bar_width(stream: TextIO) -> dict[str, Any]:
+    """tqdm's width arguments for ``stream``: follow the terminal's width, or, where the terminal reports no size
+    (a pseudo-terminal nobody sized: ``docker exec -t``, ``script``, CI runners; tqdm then draws nothing at all),
+    a fixed size from COLUMNS and LINES, or 100 × 24."""
+    import shutil
+
+    try:
+        sized = os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):
+        sized = False
+    if sized:
+        return {"dynamic_ncols": True}
+    size = shutil.get_terminal_size((100, 24))
+    return {"ncols": size.columns, "nrows": size.lines}
+
+
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None or seconds != seconds or seconds == float("inf"):
         return "?"
@@ -80,7 +96,7 @@ class Progress:
                 from tqdm import tqdm
             # no tqdm rate or time left: its smoothed rate over irregular updates disagrees with ours
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=f" {unit}", file=self.stream,
-                             dynamic_ncols=True, mininterval=0.5,
+                             mininterval=0.5, **bar_width(self.stream),
                              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} " + unit
                              + " [{elapsed}{postfix}]" if total and own_rate else None)
 

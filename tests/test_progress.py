@@ -105,3 +105,33 @@ def test_ray_chatter_is_filtered_and_errors_never_are():
 
     assert [ln for ln in NOISE_LINES if not _is_noise(ln)] == []
     assert [ln for ln in KEPT_LINES if _is_noise(ln)] == []
+
+
+def test_a_terminal_that_reports_no_size_still_shows_the_bar(monkeypatch):
+    """A pseudo-terminal nobody sized (docker exec -t, script, CI runners) reports 0 × 0: tqdm's own width
+    logic then draws nothing. The bar takes COLUMNS/LINES (or 100 × 24) there and follows a sized terminal."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    from dpo_ray.progress import bar_width
+
+    master, slave = pty.openpty()
+    try:
+        with os.fdopen(os.dup(slave), "w") as tty:
+            monkeypatch.setenv("COLUMNS", "123")
+            monkeypatch.setenv("LINES", "30")
+            assert bar_width(tty) == {"ncols": 123, "nrows": 30}
+            progress = Progress("dpo-ray dpo", 6, "steps", stream=tty, form="bar", own_rate=True)
+            progress.update(3, seconds_per_unit=0.5, loss=0.69)
+            progress.close()
+            tty.flush()
+            drawn = os.read(master, 65536).decode()
+            assert "3/6 steps" in drawn, drawn
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+            assert bar_width(tty) == {"dynamic_ncols": True}
+    finally:
+        os.close(master)
+        os.close(slave)
