@@ -738,7 +738,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with DPOConfig keys; flags override it")
     group = parser.add_argument_group("DPOConfig (TRL spelling; sections as --ray.num_workers)")
     for flag, (key, ann, help_) in _flag_fields().items():
-        kwargs: dict[str, Any] = {"dest": "cfg::" + key, "default": argparse.SUPPRESS, "help": help_ or None}
+        kwargs: dict[str, Any] = {"dest": "cfg::" + key, "default": argparse.SUPPRESS, "help": help_.replace("%", "%%") if help_ else None}  # argparse %-formats help
         if _is_list(ann):
             kwargs["nargs"] = "+"
         elif _is_bool(ann):

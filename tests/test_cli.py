@@ -49,6 +49,18 @@ def test_python_m_entry_point():
         assert cmd in res.stdout
 
 
+@pytest.mark.parametrize("command", ["train", "sft", "validate", "demo", "inspect-data", "sweep", "ref-store"])
+def test_every_command_prints_its_help(command, capsys):
+    """--help of each command, as a user types it (a config description with a '%' once crashed argparse)."""
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ") and "--help" in out
+    if command in ("train", "sft"):
+        assert "--length_bucketing" in out and "10% of the pool" in out
+
+
 def test_config_reference_is_current():
     sys.path.insert(0, str(ROOT / "scripts"))
     from gen_config_doc import render
