@@ -6,6 +6,8 @@ DeepSpeed builds an op (on the CPU accelerator: ``deepspeed_shm_comm``) the firs
 (Ctrl-C twice, an OOM kill, a CI timeout) leaves the ``lock`` file behind, and every later process then waits on
 it for ever; a build killed while linking can leave a partial ``.so``.
 
+(``dpo_ray.extensions``: how a killed build is recognised; training workers remove one before DeepSpeed starts.)
+
 ``ensure_op`` builds instead into a fresh directory beside the target (``<root>/.build-<op>-<pid>``) in a child
 process and, once the op loads there, moves it into place with one ``rename``: the target either does not exist
 or is complete. A target that is not complete (no ``.so``, or a ``lock`` that no live process holds open: torch
@@ -25,11 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+from dpo_ray.extensions import is_build_dir, op_state
+
 # the ops a DeepSpeed run JIT-builds, per accelerator (dpo_ray hands DeepSpeed a torch AdamW: no fused_adam)
 OPS = {"cpu": ("ShareMemCommBuilder",), "cuda": ()}
-# what a torch extension build directory holds; anything else in a directory means it is not one we may remove
-_BUILD_FILES = ("lock", "build.ninja", ".ninja_log", ".ninja_deps")
-_BUILD_SUFFIXES = (".o", ".so", ".d", ".tmp")
 
 
 def default_extensions_dir() -> Path:
@@ -37,38 +38,6 @@ def default_extensions_dir() -> Path:
     as dpo_ray.train.setup.process_settings)."""
     key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
     return Path.home() / ".cache" / "dpo_ray" / "torch_extensions" / key
-
-
-def _held_open(path: Path) -> bool:
-    """Whether any process (that this user can see) has ``path`` open."""
-    target = str(path)
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-        try:
-            for fd in fd_dir.iterdir():
-                try:
-                    if os.readlink(fd) == target:
-                        return True
-                except OSError:
-                    continue
-        except OSError:
-            continue
-    return False
-
-
-def op_state(build_dir: Path, name: str) -> str:
-    """``missing``, ``ready`` (the .so and no lock), ``building`` (a live process holds the lock) or ``broken``."""
-    if not build_dir.exists():
-        return "missing"
-    lock = build_dir / "lock"
-    if lock.exists():
-        return "building" if _held_open(lock) else "broken"
-    return "ready" if (build_dir / f"{name}.so").is_file() else "broken"
-
-
-def _is_build_dir(path: Path) -> bool:
-    """Only a directory of torch-build files (ours to remove): never a folder a user pointed us at by mistake."""
-    return path.is_dir() and all(p.is_file() and (p.name in _BUILD_FILES or p.name.endswith(_BUILD_SUFFIXES))
-                                 for p in path.iterdir())
 
 
 def _builder_name(builder: str, env: dict[str, str]) -> str:
@@ -111,7 +80,7 @@ def ensure_op(builder: str, root: Path, env: dict[str, str] | None = None, timeo
                                f"on PATH?):\n{(r.stdout + r.stderr)[-3000:]}")
         aside = None
         if final.exists():  # broken (or a stuck in-place build): set it aside, put the new one in its place
-            if not _is_build_dir(final):
+            if not is_build_dir(final):
                 raise RuntimeError(f"{final} is not a torch extension build directory: move it away and rerun")
             aside = root / f".broken-{name}-{os.getpid()}"
             os.rename(final, aside)

@@ -90,7 +90,7 @@ def test_make_gpu_check_from_a_fresh_home_after_killed_builds(tmp_path):
     (it leaves torch's ``lock`` file behind, on which every later load would wait for ever) and gpu_check's
     atomic one. ``make gpu-check`` then repairs the op, builds it once, and its ZeRO tests pass (the tests that
     need the op; the throughput stage for TRL only, to keep CI short)."""
-    from ds_ops import op_state
+    from dpo_ray.extensions import op_state
 
     home = tmp_path / "home"
     home.mkdir()
@@ -132,22 +132,3 @@ def test_make_gpu_check_from_a_fresh_home_after_killed_builds(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "ds_ops.py")], env={**env, "DS_ACCELERATOR": "cpu"},
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "'built': False" in r.stdout, r.stdout + r.stderr
-
-
-def test_op_state_reads_torch_build_dirs(tmp_path):
-    from ds_ops import _is_build_dir, op_state
-
-    d = tmp_path / "op"
-    assert op_state(d, "op") == "missing"
-    d.mkdir()
-    (d / "build.ninja").write_text("")
-    (d / "x.o").write_bytes(b"")
-    assert op_state(d, "op") == "broken" and _is_build_dir(d)
-    (d / "op.so").write_bytes(b"")
-    assert op_state(d, "op") == "ready"
-    (d / "lock").write_bytes(b"")  # no process holds it open: a killed build's
-    assert op_state(d, "op") == "broken"
-    with open(d / "lock"):  # held open, as torch's FileBaton holds it while building
-        assert op_state(d, "op") == "building"
-    (d / "notes.txt").write_text("mine")
-    assert not _is_build_dir(d), "a directory with other files is never removed"

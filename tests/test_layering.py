@@ -26,7 +26,7 @@ PKG = Path(__file__).resolve().parents[1] / "dpo_ray"
 
 FLOORS = [
     (0, ("errors", "logprobs", "losses", "prefix", "flex", "forward", "vision", "vision.images", "plotting", "progress", "timeline",
-         "optim", "schedule", "owned", "redact")),
+         "optim", "schedule", "owned", "redact", "extensions")),
     (1, ("data", "ledger")),
     (2, ("config", "paths", "trl_keys")),
     (3, ("models", "adapters", "vision.tiny")),

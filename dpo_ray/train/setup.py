@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dpo_ray.config import DPOConfig, deepspeed_config
+from dpo_ray.extensions import set_aside_killed_builds
 from dpo_ray.models import load_causal_lm, prepare_policy
 from dpo_ray.optim import build_optimizer
 from dpo_ray.reference.base import ReferenceClient
@@ -80,6 +81,9 @@ def process_settings(local_world_size: int) -> None:
     prefix_key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR",
                           str(Path.home() / ".cache" / "dpo_ray" / "torch_extensions" / prefix_key))
+    # a build an earlier run's worker was killed in leaves its lock: DeepSpeed would wait on it for ever
+    for op in set_aside_killed_builds(Path(os.environ["TORCH_EXTENSIONS_DIR"])):
+        print(f"dpo-ray: {op}: a killed earlier build of this DeepSpeed op was removed; it is built again", flush=True)
     if not torch.cuda.is_available():
         # The node's cores split between its workers: 2 workers on 2 cores get one intra-op thread each (no
         # oversubscription), a single worker gets both. DPO_RAY_TORCH_THREADS overrides.
