@@ -182,6 +182,9 @@ def test_reference_node_that_never_returns_fails_naming_the_resources(cluster):
             client.result(client.submit(batch), batch)
         assert time.monotonic() - t0 < 60
         cluster.add_node(**REFERENCE)
+        # the restart on the new node loads the model again (14 s seen on a loaded CI machine): the bound under test
+        # was the one above, this request only checks that the actor comes back with the same values
+        client.capacity_timeout_s = 300
         after = client.result(client.submit(batch), batch)
         for a, b in zip(before, after):
             assert a.tolist() == b.tolist()

@@ -22,6 +22,14 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _across_workers(flag: bool, op, device) -> bool:
+    """``flag`` reduced over every worker with ``op`` (MIN: all of them, MAX: any); every worker must call it."""
+    t = torch.tensor([int(flag)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return bool(t.item())
+
+
 def synced(batches: Iterable, device) -> Iterator:
     """Stop every worker at the same micro-batch: the first worker to run dry ends the epoch for all.
 
@@ -32,10 +40,8 @@ def synced(batches: Iterable, device) -> Iterator:
     it = iter(batches)
     while True:
         batch = next(it, None)
-        flag = torch.tensor([0 if batch is None else 1], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if batch is None or flag.item() == 0:
+        every_worker_has_one = _across_workers(batch is not None, dist.ReduceOp.MIN, device)
+        if batch is None or not every_worker_has_one:
             return
         yield batch
 
@@ -47,10 +53,7 @@ def synced_eval(share, device, real: list[bool]) -> Iterator:
     it = iter(share)
     while True:
         batch = next(it, None)
-        flag = torch.tensor([0 if batch is None else 1], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() == 0:
+        if not _across_workers(batch is not None, dist.ReduceOp.MAX, device):  # no worker has one left
             return
         real.append(batch is not None)
         yield batch if batch is not None else share.filler
