@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 _RAY_PREFIX = re.compile(r"^\((?:[\w.:]+ )?pid=\d+(?:, ip=[\d.]+)?\) ")
 # what dpo_ray's worker-side code prints (rank 0's metrics line and notes; a trial's own driver lines in a sweep)
 _OWN_WORKER = ("step ", "prefix sharing", "length bucketing", "resumed from", "the first epoch gave",
-               "Ray Train's latest checkpoint", "reference actor", "dpo-ray", "reference: ", "  train: ", "  eval: ",
-               "== ", "  data: ", "  outputs: ", "  start-up ", "  throughput: ", "  not used: ", "  warning: ")
+               "Ray Train's latest checkpoint", "reference actor", "reference cache", "dpo-ray", "reference: ",
+               "  train: ", "  eval: ", "== ", "  data: ", "  outputs: ", "  start-up ", "  throughput: ",
+               "  not used: ", "  warning: ")
 _RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING|ERROR|DEBUG)\b"
                       r"|^\[\d{4}-\d\d-\d\d [\d:,]+ [EWI] \d+")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -21,9 +21,11 @@ The Python pieces for a Tuner of one's own: ``plan = prepare_sweep(base, param_s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
+import logging
 import os
 import re
 import threading
@@ -456,11 +458,34 @@ def run_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str | Non
                                     num_samples=num_samples, max_concurrent_trials=max_concurrent_trials),
         run_config=tune.RunConfig(name="tune", storage_path=str(plan.sweep_dir), verbose=verbose,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
-    results = tuner.fit()
+    with _tune_console(verbose):
+        results = tuner.fit()
     summary = plan.summarize(results, metric, mode)
     summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
     (plan.sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+@contextlib.contextmanager
+def _tune_console(verbose: int):
+    """Tune's own console at ``verbose`` 0: nothing. Its newer reporter prints the experiment box and the result
+    paths at every verbosity, so verbose 0 runs with Tune's older one (``RAY_AIR_NEW_OUTPUT=0``, silent at 0), and
+    Tune's info lines (result files written) stay off the console. Both are restored afterwards."""
+    if verbose:
+        yield
+        return
+    tune_logger = logging.getLogger("ray.tune")
+    saved_env, saved_level = os.environ.get("RAY_AIR_NEW_OUTPUT"), tune_logger.level
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    tune_logger.setLevel(max(logging.WARNING, saved_level))
+    try:
+        yield
+    finally:
+        tune_logger.setLevel(saved_level)
+        if saved_env is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved_env
 
 
 def default_concurrency(cfg: DPOConfig, trial_cpus: float) -> int:

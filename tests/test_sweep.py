@@ -224,9 +224,13 @@ def test_cli_sweep_that_cannot_rank_its_trials_exits_1_and_says_why(ray_local, t
     config = {**BASE, "eval_strategy": "no", "output_dir": str(tmp_path / "sweep")}
     (tmp_path / "sweep.yaml").write_text(json.dumps(config))  # JSON is YAML
     code = main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--grid", "beta=0.1", "--task_prompts", "4"])
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert code == 1
     assert "cannot rank the trials by eval_rewards/accuracies: no finished trial scored an eval row" in err
+    # without --verbose Tune prints nothing of its own: no experiment box, no result paths, no info lines
+    for tune_line in ("Configuration for experiment", "View detailed results here", "Wrote the latest version"):
+        assert tune_line not in captured.out + err, tune_line
     summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
     assert summary["best"] is None and summary["ok"] == 1 and summary["unranked"]
     assert list(csv.DictReader(open(tmp_path / "sweep" / "results.csv")))[0]["eval_rows"] == ""

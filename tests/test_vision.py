@@ -167,7 +167,7 @@ def test_both_reference_paths_send_the_pixels(vlm_dir, processor):
 
         class logps:  # noqa: N801 - mimics an actor method handle
             @staticmethod
-            def remote(request_id, payload, ld_alpha):
+            def remote(request_id, payload, ld_alpha, model=None):
                 FakeActor.sent = payload
                 return None
 

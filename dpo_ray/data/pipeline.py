@@ -547,10 +547,20 @@ def ingest_config():
     split: every worker reads them all, in order, and scores its share (``batching.EvalShare``), so every eval
     row counts exactly once whatever the number of workers and the eval batch size."""
     import ray.train
+    from ray.data import ExecutionOptions
+    from ray.data.context import DataContext
 
-    opts = ray.train.DataConfig.default_ingest_options()
-    opts.preserve_order = True  # every worker's reading of the eval rows has one order: the shares are disjoint
-    return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"eval": opts})
+    # DataConfig.default_ingest_options(), built here for both datasets because Ray's own copies the deprecated
+    # exclude_resources through its warning setter (a RayDeprecationWarning on every run's console)
+    current = DataContext.get_current().execution_options
+
+    def options(preserve_order: bool) -> ExecutionOptions:
+        return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=preserve_order,
+                                verbose_progress=current.verbose_progress)
+
+    # every worker's reading of the eval rows has one order: the shares are disjoint
+    return ray.train.DataConfig(datasets_to_split=["train"],
+                                execution_options={"train": options(current.preserve_order), "eval": options(True)})
 
 
 def _preserve_order(ds) -> None:

@@ -73,38 +73,66 @@ def cpu_threads(num_cpus: float) -> int:
     return max(1, min(2, int(num_cpus)))
 
 
+class FromRequests:
+    """The source of a reference actor that loads its model from its requests (``ReferencePool``).
+
+    Ray logs an error-level line for every restartable actor whose constructor arguments hold an ObjectRef
+    (ray-project/ray#53727), and a model or a large tokenizer is one. So the pool's actors start empty and every
+    request carries ``model``: a one-element list holding the ObjectRef of ``{"source", "tokenizer"}`` (nested,
+    so Ray does not resolve it per call). The first request loads it, and so does the first one a restarted
+    actor receives (Ray retries the request that was in flight, which brings the reference along)."""
+
+
 class ReferenceModelHost:
     """A frozen causal LM answering log-prob requests; the body of ``ReferenceActor``.
 
     ``source``: a model directory, a ``{"config", "state_dict"}`` dict (an ObjectRef passed to a Ray
-    actor arrives resolved), or None for the tiny default seeded by ``cfg.seed``.
+    actor arrives resolved), None for the tiny default seeded by ``cfg.seed``, or ``FromRequests()``: the model
+    comes with the first request's ``model`` argument.
     ``delay_s``: test knob, a (low, high) range of seconds slept before each answer.
     """
 
-    def __init__(self, cfg: DPOConfig | dict, source: str | dict | None, tokenizer, *,
+    def __init__(self, cfg: DPOConfig | dict, source: str | dict | FromRequests | None, tokenizer, *,
                  delay_s: tuple[float, float] | None = None, delay_seed: int = 0):
         self.cfg = cfg if isinstance(cfg, DPOConfig) else DPOConfig(**cfg)
         rc = self.cfg.reference
         self.device = reference_device(rc.num_gpus)
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads(rc.num_cpus))
-        if isinstance(source, ray.ObjectRef):  # nested refs are not resolved by Ray; top-level ones are
-            source = ray.get(source)
-        model = load_causal_lm(source, self.cfg, tokenizer)
         self.dtype = reference_dtype(self.cfg, self.device)
-        self.model: nn.Module = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.model: nn.Module | None = None
         self.version = 0
         self.forwards = 0
         self.sharing = PrefixSharing(self.cfg.prefix_sharing, "reference", self.cfg.prefix_attention)
         self._delay = delay_s
         self._rng = random.Random(delay_seed + os.getpid())
+        if not isinstance(source, FromRequests):
+            self._load(source, tokenizer)
+
+    def _load(self, source, tokenizer) -> None:
+        if isinstance(source, ray.ObjectRef):  # nested refs are not resolved by Ray; top-level ones are
+            source = ray.get(source)
+        model = load_causal_lm(source, self.cfg, tokenizer)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+
+    def _ensure_model(self, model: list | None) -> nn.Module:
+        """The model, loaded from the request's ``model`` reference when this actor has none yet."""
+        if self.model is None:
+            if not model:
+                raise RuntimeError(
+                    "this reference actor loads its model from its requests and the request carried none: build the "
+                    "client from ReferencePool.handles(), which carries the model's reference")
+            bundle = ray.get(model[0])
+            self._load(bundle["source"], bundle["tokenizer"])
+        return self.model
 
     # ------------------------------------------------------------------------------------- serving
-    def logps(self, request_id: Any, batch: Mapping[str, Tensor], ld_alpha: float | None = None
-              ) -> tuple[Any, int, Tensor, Tensor]:
+    def logps(self, request_id: Any, batch: Mapping[str, Tensor], ld_alpha: float | None = None,
+              model: list | None = None) -> tuple[Any, int, Tensor, Tensor]:
         """(request_id, weights_version, ref_chosen (B,), ref_rejected (B,)) for a collated pair batch. The batch's
         tensors may arrive as numpy and the log-probs leave as float32 numpy (``to_wire``): Ray moves numpy
         through its object store without pickling torch tensors."""
+        self._ensure_model(model)
         if self._delay is not None:
             time.sleep(self._rng.uniform(*self._delay))
         on_device = {k: from_wire(batch[k], self.device) for k in request_keys(batch)}
@@ -114,12 +142,13 @@ class ReferenceModelHost:
 
     # ------------------------------------------------------------------------------------- TR-DPO
     @torch.no_grad()
-    def mix(self, state_dict: Mapping[str, Tensor], alpha: float, version: int) -> int:
+    def mix(self, state_dict: Mapping[str, Tensor], alpha: float, version: int, model: list | None = None) -> int:
         """π_ref ← α·π_θ + (1-α)·π_ref (TR-DPO, arXiv 2404.09656), once per ``version``.
 
         A repeated call with an already applied version is a no-op (Ray may retry the task); a version
         more than one ahead means this actor missed a sync (it restarted) and raises.
         """
+        self._ensure_model(model)
         if version <= self.version:
             return self.version
         if version != self.version + 1:
@@ -133,16 +162,17 @@ class ReferenceModelHost:
         return self.version
 
     @torch.no_grad()
-    def load_state(self, state_dict: Mapping[str, Tensor], version: int) -> int:
+    def load_state(self, state_dict: Mapping[str, Tensor], version: int, model: list | None = None) -> int:
         """Overwrite the parameters with ``state_dict`` (a peer's weights) and adopt its version."""
+        self._ensure_model(model)
         for name, p in self._params_for(state_dict).items():
             p.copy_(_lookup(state_dict, name).to(device=p.device, dtype=p.dtype))
         self.version = version
         return self.version
 
-    def state_dict(self) -> dict[str, Tensor]:
+    def state_dict(self, model: list | None = None) -> dict[str, Tensor]:
         """The parameters on CPU, named as ``named_parameters`` names them (tied weights once)."""
-        return {n: p.detach().cpu() for n, p in self.model.named_parameters()}
+        return {n: p.detach().cpu() for n, p in self._ensure_model(model).named_parameters()}
 
     def _params_for(self, state_dict: Mapping[str, Tensor]) -> dict[str, nn.Parameter]:
         params = dict(self.model.named_parameters())
@@ -158,8 +188,11 @@ class ReferenceModelHost:
     def weights_version(self) -> int:
         return self.version
 
-    def ping(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+    def ping(self, model: list | None = None) -> dict[str, Any]:
+        """Health and identity; with ``model``, also loads the model (the pool's readiness check)."""
+        if model:
+            self._ensure_model(model)
+        return {"loaded": self.model is not None, "pid": os.getpid(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "version": self.version, "forwards": self.forwards}
 
 

@@ -60,6 +60,8 @@ class ActorPoolReference:
         if not handles:
             raise ValueError("ActorPoolReference needs at least one reference actor handle")
         self.actors = list(handles)
+        # the reference to the model every call carries, so an actor with none yet loads it (pool.ReferenceHandles)
+        self.model = getattr(handles, "model", None)
         self.rank = _worker_rank() if rank is None else rank
         self.ld_alpha = cfg.ld_alpha
         self.retries = cfg.reference.max_task_retries
@@ -89,7 +91,7 @@ class ActorPoolReference:
         raise RuntimeError(f"all {n} reference actor(s) are dead (restart budget reference.max_restarts spent)")
 
     def _send(self, request_id, actor: int, payload: dict[str, Tensor], version: int) -> RefRequest:
-        ref = self.actors[actor].logps.remote(request_id, payload, self.ld_alpha)
+        ref = self.actors[actor].logps.remote(request_id, payload, self.ld_alpha, self.model)
         req = RefRequest(request_id, actor, ref, version, payload)
         self._inflight[request_id] = req
         return req
@@ -179,6 +181,8 @@ class ActorPoolReference:
                 lost_s += spent
                 if lost_since is None:
                     lost_since = t
+                    # once back, the restarted actor loads its model with this very request (actor.FromRequests)
+                    timeout_s = max(timeout_s, alive_s + self.timeout_s + self.ready_timeout_s)
                     print(f"reference actor {req.actor} is down (its node or process was lost) and Ray is restarting it; "
                           f"waiting up to {self.capacity_timeout_s:g}s (reference.capacity_timeout_s) for a node with "
                           f"{self._needs()}", flush=True)
@@ -221,7 +225,7 @@ class ActorPoolReference:
             try:
                 if ray.get(peer.weights_version.remote(), timeout=self.timeout_s) != version:
                     continue
-                ray.get(self.actors[actor].load_state.remote(peer.state_dict.remote(), version),
+                ray.get(self.actors[actor].load_state.remote(peer.state_dict.remote(self.model), version, self.model),
                         timeout=self.timeout_s)
                 return
             except RayActorError:
@@ -248,7 +252,7 @@ class ActorPoolReference:
     def _mix_all(self, state: dict[str, Tensor], alpha: float, version: int) -> None:
         state_ref = ray.put(state)
         live = [i for i in range(len(self.actors)) if i not in self._dead]
-        calls = {i: self.actors[i].mix.remote(state_ref, alpha, version) for i in live}
+        calls = {i: self.actors[i].mix.remote(state_ref, alpha, version, self.model) for i in live}
         behind = []
         for i, ref in calls.items():
             try:
@@ -273,7 +277,7 @@ class ActorPoolReference:
         if rank != 0:
             return
         live = next(i for i in range(len(self.actors)) if i not in self._dead)
-        state = ray.get(self.actors[live].state_dict.remote(), timeout=self.timeout_s)
+        state = ray.get(self.actors[live].state_dict.remote(self.model), timeout=self.timeout_s)
         torch.save(state, d / "ref_model.pt")
 
     def load_state(self, d, rank: int, version: int) -> None:
@@ -282,7 +286,7 @@ class ActorPoolReference:
         adopts ``version`` once that is done, before any request is sent."""
         def load() -> None:
             ref = ray.put(torch.load(d / "ref_model.pt", weights_only=True))
-            ray.get([a.load_state.remote(ref, version) for a in self.actors], timeout=self.timeout_s)
+            ray.get([a.load_state.remote(ref, version, self.model) for a in self.actors], timeout=self.timeout_s)
 
         _on_rank0_for_all(rank == 0, load,
                           f"restoring the TR-DPO reference weights (version {version}) from {d} failed")

@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from dpo_ray.config import DPOConfig
-from dpo_ray.reference.actor import ReferenceActor
+from dpo_ray.reference.actor import FromRequests, ReferenceActor
 
 
 def env_override(name: str, value: float) -> float:
@@ -86,14 +86,26 @@ def _short_now(cfg: DPOConfig) -> str | None:
 
 # ============================================================================ the pool (driver)
 
+class ReferenceHandles(list):
+    """The pool's actor handles (a list) plus ``model``, the reference every request carries so that an actor
+    with no model yet (new or restarted) loads it (``actor.FromRequests``)."""
+
+    def __init__(self, actors, model: list | None = None):
+        super().__init__(actors)
+        self.model = model
+
+    def __reduce__(self):
+        return ReferenceHandles, (list(self), self.model)
+
+
 class ReferencePool:
     """The reference actors of one run, owned by the driver."""
 
-    def __init__(self, actors: list, cfg: DPOConfig, source: Any = None):
+    def __init__(self, actors: list, cfg: DPOConfig, model: list | None = None):
         self.actors, self.cfg = actors, cfg
-        # Restarted actors re-run their constructor with this argument: keep an ObjectRef source in scope
-        # for as long as the pool lives (ray-project/ray#53727).
-        self._source = source
+        # [ObjectRef of {"source", "tokenizer"}]: every request carries it and an actor without a model (a new
+        # one, a restarted one) loads from it (actor.FromRequests); the pool keeps it alive while it lives.
+        self.model = model
 
     @classmethod
     def create(cls, cfg: DPOConfig, ref_source: str | ray.ObjectRef | None, tokenizer, *,
@@ -121,10 +133,12 @@ class ReferencePool:
         if rc.node_label:
             options["label_selector"] = dict(rc.node_label)
         cfg_dict = cfg.model_dump(mode="json")
-        actors = [ReferenceActor.options(**options).remote(cfg_dict, ref_source, tokenizer, delay_s=delay_s,
+        # the model travels with the requests, not as a constructor argument (see actor.FromRequests)
+        model = [ray.put({"source": ref_source, "tokenizer": tokenizer})]
+        actors = [ReferenceActor.options(**options).remote(cfg_dict, FromRequests(), None, delay_s=delay_s,
                                                            delay_seed=i)
                   for i in range(rc.num_actors)]
-        pool = cls(actors, cfg, ref_source)
+        pool = cls(actors, cfg, model)
         timeout_s = (ready_timeout_s if ready_timeout_s is not None
                      else env_override("DPO_RAY_REF_READY_TIMEOUT_S", rc.ready_timeout_s))
         if not wait:
@@ -159,12 +173,12 @@ class ReferencePool:
         self._watcher.start()
 
     def _wait_ready(self, timeout_s: float) -> None:
-        pings = {a.ping.remote(): i for i, a in enumerate(self.actors)}
+        pings = {a.ping.remote(self.model): i for i, a in enumerate(self.actors)}
         ready, pending = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
         for ref in ready:
             try:
                 ray.get(ref, timeout=timeout_s)
-            except RayActorError as e:
+            except (RayActorError, RayTaskError) as e:  # the process died, or the load raised
                 raise RuntimeError(f"reference actor {pings[ref]} failed to load its model: {e}") from e
         if pending:
             idle = sorted(pings[r] for r in pending)
@@ -173,9 +187,10 @@ class ReferencePool:
             raise ReferencePlacementError(
                 f"reference actor(s) {idle} of {len(self.actors)} not ready after {timeout_s:g}s{hint}")
 
-    def handles(self) -> list:
-        """The actor handles, picklable into the loop config for ``dpo_ray.reference.client.ActorPoolReference``."""
-        return list(self.actors)
+    def handles(self) -> ReferenceHandles:
+        """The actor handles with the model's reference, picklable into the loop config for
+        ``dpo_ray.reference.client.ActorPoolReference``."""
+        return ReferenceHandles(self.actors, self.model)
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -183,4 +198,4 @@ class ReferencePool:
                 ray.kill(a, no_restart=True)
             except Exception:  # already gone
                 pass
-        self.actors, self._source = [], None
+        self.actors, self.model = [], None
