@@ -211,3 +211,20 @@ def test_terminal_shows_one_live_display_from_start_up_and_no_glued_worker_lines
     assert not glued, glued
     assert "] step " not in plain  # rank 0's own bar
     assert "steps/s" not in plain and "s/step" in plain
+
+
+def test_the_training_ingest_options_raise_no_deprecation_warning():
+    """Ray's ``DataConfig.default_ingest_options()`` copies ``exclude_resources`` through its deprecated setter, a
+    RayDeprecationWarning that reached every run's console; the options dpo_ray hands Ray Train are built without
+    it, for both datasets (a dataset without options would take Ray's default path, warning included)."""
+    import warnings
+
+    from dpo_ray.data.pipeline import ingest_config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = ingest_config()
+    assert not [w for w in caught if "exclude_resources" in str(w.message)], [str(w.message) for w in caught]
+    train, eval_ = (config._get_user_execution_options(name) for name in ("train", "eval"))
+    assert train is not None and eval_ is not None
+    assert eval_.preserve_order  # every worker reads the eval rows in one order (batching.EvalShare)
