@@ -59,6 +59,36 @@ def _keep(lines: list[str]) -> list[str]:
     return kept
 
 
+class _CleanerTraceback:
+    """Ray Train's PlacementGroupCleaner (a detached actor per run) asks the state API whether the run's controller
+    lives. With a second Ray instance on the machine (two runs at once, a test suite beside a run) that call finds
+    two clusters, raises ConnectionError and its monitor thread dies with a ~30-line traceback, forwarded to every
+    run's console. The run goes on (on a local Ray the check never succeeds anyway: the state API needs the
+    dashboard, which a local run does not start). Its lines are replaced by one line naming the error; the traceback stays in
+    the actor's log file. Lines of other actors, and the cleaner's other lines, pass."""
+
+    START = "Exception in thread PlacementGroupCleanerMonitor"
+
+    def __init__(self) -> None:
+        self.inside: set[int] = set()
+
+    def __call__(self, data: dict) -> list[str]:
+        lines = list(data.get("lines", []))
+        if data.get("actor_name") != "PlacementGroupCleaner":
+            return lines
+        pid, kept = data.get("pid"), []
+        for line in lines:
+            if line.startswith(self.START):
+                self.inside.add(pid)
+            elif pid in self.inside and not line[:1].isspace() and not line.startswith("Traceback"):
+                self.inside.discard(pid)  # the exception line ends the traceback
+                kept.append(f"Ray Train's placement-group cleaner stopped ({line.strip()[:160]}); the run goes on, "
+                            "the traceback is in Ray's log files")
+            elif pid not in self.inside:
+                kept.append(line)
+        return kept
+
+
 def quiet_ray_console() -> None:
     """Filter what Ray prints on this driver's console from other processes (see ``RAY_NOISE``): worker and
     actor output, and the raylet's notices. Idempotent. Wraps Ray's printer (a private hook, which both
@@ -83,8 +113,10 @@ def quiet_ray_console() -> None:
     if show is None or getattr(show, "dpo_ray_quiet", False):
         return
 
+    cleaner = _CleanerTraceback()
+
     def quiet(data: dict, ignore_prefix: bool = False) -> None:
-        kept = _keep(list(data.get("lines", [])))
+        kept = _keep(cleaner(data))
         if kept:
             with _bars_cleared():
                 show({**data, "lines": kept}, ignore_prefix)

@@ -228,3 +228,23 @@ def test_the_training_ingest_options_raise_no_deprecation_warning():
     train, eval_ = (config._get_user_execution_options(name) for name in ("train", "eval"))
     assert train is not None and eval_ is not None
     assert eval_.preserve_order  # every worker reads the eval rows in one order (batching.EvalShare)
+
+
+def test_the_placement_group_cleaners_traceback_becomes_one_line():
+    """With a second Ray on the machine, Ray Train's PlacementGroupCleaner thread dies with a ~30-line traceback
+    (ConnectionError: multiple Ray instances) that Ray forwards to the run's console; tests/data holds one as Ray
+    wrote it to the actor's .err log (paths shortened). Split across two forwarded batches, it becomes one line
+    naming the error; the cleaner's other lines and other actors' tracebacks pass untouched."""
+    from dpo_ray.cluster import _CleanerTraceback
+
+    lines = (ROOT / "tests" / "data" / "placement_group_cleaner.err").read_text().splitlines()
+    assert len(lines) > 20
+    cleaner = _CleanerTraceback()
+    base = {"actor_name": "PlacementGroupCleaner", "pid": 1712}
+    shown = cleaner({**base, "lines": ["registered a placement group", *lines[:9]]})
+    shown += cleaner({**base, "lines": lines[9:]})
+    assert shown[0] == "registered a placement group" and len(shown) == 2, shown
+    assert shown[1].startswith("Ray Train's placement-group cleaner stopped (ConnectionError: Found multiple active "
+                               "Ray instances")
+    other = {"actor_name": "RayTrainWorker", "pid": 7, "lines": lines}
+    assert cleaner(other) == lines
