@@ -60,12 +60,13 @@ def _keep(lines: list[str]) -> list[str]:
 
 
 class _CleanerTraceback:
-    """Ray Train's PlacementGroupCleaner (a detached actor per run) asks the state API whether the run's controller
-    lives. With a second Ray instance on the machine (two runs at once, a test suite beside a run) that call finds
-    two clusters, raises ConnectionError and its monitor thread dies with a ~30-line traceback, forwarded to every
-    run's console. The run goes on (on a local Ray the check never succeeds anyway: the state API needs the
-    dashboard, which a local run does not start). Its lines are replaced by one line naming the error; the traceback stays in
-    the actor's log file. Lines of other actors, and the cleaner's other lines, pass."""
+    """Ray Train's PlacementGroupCleaner (a detached actor per run) asks the state API whether the run's
+    controller lives. With a second Ray instance on the machine (two runs at once, a test suite beside a run)
+    that call finds two clusters, raises ConnectionError and its monitor thread dies with a ~30-line traceback,
+    forwarded to every run's console. The run goes on (on a local Ray the check never succeeds anyway: the
+    state API needs the dashboard, which a local run does not start). Its lines are replaced by one line naming
+    the error; the traceback stays in the actor's log file. Other actors' lines and the cleaner's other lines
+    pass."""
 
     START = "Exception in thread PlacementGroupCleanerMonitor"
 
@@ -82,8 +83,8 @@ class _CleanerTraceback:
                 self.inside.add(pid)
             elif pid in self.inside and not line[:1].isspace() and not line.startswith("Traceback"):
                 self.inside.discard(pid)  # the exception line ends the traceback
-                kept.append(f"Ray Train's placement-group cleaner stopped ({line.strip()[:160]}); the run goes on, "
-                            "the traceback is in Ray's log files")
+                kept.append(f"Ray Train's placement-group cleaner stopped ({line.strip()[:160]}); the run goes "
+                            "on, the traceback is in Ray's log files")
             elif pid not in self.inside:
                 kept.append(line)
         return kept

@@ -468,9 +468,9 @@ def run_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str | Non
 
 @contextlib.contextmanager
 def _tune_console(verbose: int):
-    """Tune's own console at ``verbose`` 0: nothing. Its newer reporter prints the experiment box and the result
-    paths at every verbosity, so verbose 0 runs with Tune's older one (``RAY_AIR_NEW_OUTPUT=0``, silent at 0), and
-    Tune's info lines (result files written) stay off the console. Both are restored afterwards."""
+    """Tune's own console at ``verbose`` 0: nothing. Its newer reporter prints the experiment box and the
+    result paths at every verbosity, so verbose 0 runs with Tune's older one (``RAY_AIR_NEW_OUTPUT=0``, silent
+    at 0), and Tune's info lines (result files written) stay off the console. Both are restored afterwards."""
     if verbose:
         yield
         return

@@ -244,7 +244,7 @@ def test_the_placement_group_cleaners_traceback_becomes_one_line():
     shown = cleaner({**base, "lines": ["registered a placement group", *lines[:9]]})
     shown += cleaner({**base, "lines": lines[9:]})
     assert shown[0] == "registered a placement group" and len(shown) == 2, shown
-    assert shown[1].startswith("Ray Train's placement-group cleaner stopped (ConnectionError: Found multiple active "
-                               "Ray instances")
+    assert shown[1].startswith("Ray Train's placement-group cleaner stopped "
+                               "(ConnectionError: Found multiple active Ray instances")
     other = {"actor_name": "RayTrainWorker", "pid": 7, "lines": lines}
     assert cleaner(other) == lines

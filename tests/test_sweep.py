@@ -229,7 +229,8 @@ def test_cli_sweep_that_cannot_rank_its_trials_exits_1_and_says_why(ray_local, t
     assert code == 1
     assert "cannot rank the trials by eval_rewards/accuracies: no finished trial scored an eval row" in err
     # without --verbose Tune prints nothing of its own: no experiment box, no result paths, no info lines
-    for tune_line in ("Configuration for experiment", "View detailed results here", "Wrote the latest version"):
+    tune_lines = ("Configuration for experiment", "View detailed results here", "Wrote the latest version")
+    for tune_line in tune_lines:
         assert tune_line not in captured.out + err, tune_line
     summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
     assert summary["best"] is None and summary["ok"] == 1 and summary["unranked"]

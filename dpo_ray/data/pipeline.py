@@ -550,8 +550,8 @@ def ingest_config():
     from ray.data import ExecutionOptions
     from ray.data.context import DataContext
 
-    # DataConfig.default_ingest_options(), built here for both datasets because Ray's own copies the deprecated
-    # exclude_resources through its warning setter (a RayDeprecationWarning on every run's console)
+    # DataConfig.default_ingest_options(), built here for both datasets because Ray's own copies the
+    # deprecated exclude_resources through its warning setter (a RayDeprecationWarning on every run's console)
     current = DataContext.get_current().execution_options
 
     def options(preserve_order: bool) -> ExecutionOptions:
@@ -559,8 +559,9 @@ def ingest_config():
                                 verbose_progress=current.verbose_progress)
 
     # every worker's reading of the eval rows has one order: the shares are disjoint
-    return ray.train.DataConfig(datasets_to_split=["train"],
-                                execution_options={"train": options(current.preserve_order), "eval": options(True)})
+    return ray.train.DataConfig(
+        datasets_to_split=["train"],
+        execution_options={"train": options(current.preserve_order), "eval": options(True)})
 
 
 def _preserve_order(ds) -> None:

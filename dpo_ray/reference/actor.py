@@ -77,18 +77,18 @@ class FromRequests:
     """The source of a reference actor that loads its model from its requests (``ReferencePool``).
 
     Ray logs an error-level line for every restartable actor whose constructor arguments hold an ObjectRef
-    (ray-project/ray#53727), and a model or a large tokenizer is one. So the pool's actors start empty and every
-    request carries ``model``: a one-element list holding the ObjectRef of ``{"source", "tokenizer"}`` (nested,
-    so Ray does not resolve it per call). The first request loads it, and so does the first one a restarted
-    actor receives (Ray retries the request that was in flight, which brings the reference along)."""
+    (ray-project/ray#53727), and a model or a large tokenizer is one. So the pool's actors start empty and
+    every request carries ``model``: a one-element list holding the ObjectRef of ``{"source", "tokenizer"}``
+    (nested, so Ray does not resolve it per call). The first request loads it, and so does the first one a
+    restarted actor receives (Ray retries the request that was in flight, which brings the reference along)."""
 
 
 class ReferenceModelHost:
     """A frozen causal LM answering log-prob requests; the body of ``ReferenceActor``.
 
     ``source``: a model directory, a ``{"config", "state_dict"}`` dict (an ObjectRef passed to a Ray
-    actor arrives resolved), None for the tiny default seeded by ``cfg.seed``, or ``FromRequests()``: the model
-    comes with the first request's ``model`` argument.
+    actor arrives resolved), None for the tiny default seeded by ``cfg.seed``, or ``FromRequests()``: the
+    model comes with the first request's ``model`` argument.
     ``delay_s``: test knob, a (low, high) range of seconds slept before each answer.
     """
 
@@ -120,8 +120,8 @@ class ReferenceModelHost:
         if self.model is None:
             if not model:
                 raise RuntimeError(
-                    "this reference actor loads its model from its requests and the request carried none: build the "
-                    "client from ReferencePool.handles(), which carries the model's reference")
+                    "this reference actor loads its model from its requests and the request carried none: build "
+                    "the client from ReferencePool.handles(), which carries the model's reference")
             bundle = ray.get(model[0])
             self._load(bundle["source"], bundle["tokenizer"])
         return self.model
@@ -142,7 +142,8 @@ class ReferenceModelHost:
 
     # ------------------------------------------------------------------------------------- TR-DPO
     @torch.no_grad()
-    def mix(self, state_dict: Mapping[str, Tensor], alpha: float, version: int, model: list | None = None) -> int:
+    def mix(self, state_dict: Mapping[str, Tensor], alpha: float, version: int,
+            model: list | None = None) -> int:
         """π_ref ← α·π_θ + (1-α)·π_ref (TR-DPO, arXiv 2404.09656), once per ``version``.
 
         A repeated call with an already applied version is a no-op (Ray may retry the task); a version
@@ -192,8 +193,8 @@ class ReferenceModelHost:
         """Health and identity; with ``model``, also loads the model (the pool's readiness check)."""
         if model:
             self._ensure_model(model)
-        return {"loaded": self.model is not None, "pid": os.getpid(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "version": self.version, "forwards": self.forwards}
+        return {"loaded": self.model is not None, "pid": os.getpid(), "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), "version": self.version, "forwards": self.forwards}
 
 
 def _lookup(state_dict: Mapping[str, Tensor], name: str) -> Tensor:

@@ -60,7 +60,7 @@ class ActorPoolReference:
         if not handles:
             raise ValueError("ActorPoolReference needs at least one reference actor handle")
         self.actors = list(handles)
-        # the reference to the model every call carries, so an actor with none yet loads it (pool.ReferenceHandles)
+        # the model's reference every call carries: an actor with none yet loads it (pool.ReferenceHandles)
         self.model = getattr(handles, "model", None)
         self.rank = _worker_rank() if rank is None else rank
         self.ld_alpha = cfg.ld_alpha
@@ -181,7 +181,7 @@ class ActorPoolReference:
                 lost_s += spent
                 if lost_since is None:
                     lost_since = t
-                    # once back, the restarted actor loads its model with this very request (actor.FromRequests)
+                    # once back, the restarted actor loads its model with this request (actor.FromRequests)
                     timeout_s = max(timeout_s, alive_s + self.timeout_s + self.ready_timeout_s)
                     print(f"reference actor {req.actor} is down (its node or process was lost) and Ray is restarting it; "
                           f"waiting up to {self.capacity_timeout_s:g}s (reference.capacity_timeout_s) for a node with "
@@ -225,8 +225,8 @@ class ActorPoolReference:
             try:
                 if ray.get(peer.weights_version.remote(), timeout=self.timeout_s) != version:
                     continue
-                ray.get(self.actors[actor].load_state.remote(peer.state_dict.remote(self.model), version, self.model),
-                        timeout=self.timeout_s)
+                weights = peer.state_dict.remote(self.model)
+                ray.get(self.actors[actor].load_state.remote(weights, version, self.model), timeout=self.timeout_s)
                 return
             except RayActorError:
                 continue
@@ -286,7 +286,8 @@ class ActorPoolReference:
         adopts ``version`` once that is done, before any request is sent."""
         def load() -> None:
             ref = ray.put(torch.load(d / "ref_model.pt", weights_only=True))
-            ray.get([a.load_state.remote(ref, version, self.model) for a in self.actors], timeout=self.timeout_s)
+            ray.get([a.load_state.remote(ref, version, self.model) for a in self.actors],
+                    timeout=self.timeout_s)
 
         _on_rank0_for_all(rank == 0, load,
                           f"restoring the TR-DPO reference weights (version {version}) from {d} failed")
