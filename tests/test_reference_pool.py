@@ -288,10 +288,15 @@ def test_precompute_cache_hit_on_second_call(source, source_ref, tmp_path, capsy
     assert "reference cache miss" in capsys.readouterr().out
 
 
-def _sync_rank(rank: int, port: int, gcs: str, handles_blob: bytes, source: dict, alpha: float, out) -> None:
+def _sync_rank(rank: int, port: int, gcs: str, handles_blob: bytes, source: dict, alpha: float, out,
+               reported) -> None:
     """One of two gloo ranks: consume 4 batches with a TR-DPO sync after the second."""
+    import faulthandler
+
     import torch.distributed as dist
 
+    faulthandler.enable()  # a crash or a stall shows its stacks in the test's captured stderr
+    faulthandler.dump_traceback_later(100)
     ray.init(address=gcs, log_to_driver=False)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -305,13 +310,13 @@ def _sync_rank(rank: int, port: int, gcs: str, handles_blob: bytes, source: dict
         batches = [make_batch(2, 10 * rank + s) for s in range(4)]
         got = consume(client, batches, depth=2,
                       on_item=lambda i, _b: client.sync_from(policy, alpha) if i == 1 else None)
-        # both ranks done before either closes its connections: gloo reports a peer that tears down while the
-        # other still completes the sync's broadcast as "Connection closed by peer" (1 run in 3 without it)
-        dist.barrier()
         out.put((rank, client.version, [(c.tolist(), r.tolist()) for c, r in got]))
     except BaseException as e:  # report instead of hanging the parent
         out.put((rank, -1, repr(e)))
     finally:
+        # no rank closes its gloo connections before the parent has both reports: a peer that tears down while
+        # the other is still inside a collective (even a barrier) reads as "Connection closed by peer" there
+        reported.wait(timeout=150)
         dist.destroy_process_group()
         ray.shutdown()
 
@@ -320,6 +325,7 @@ def _sync_rank(rank: int, port: int, gcs: str, handles_blob: bytes, source: dict
 def test_tr_dpo_sync_across_two_gloo_ranks(source, source_ref):
     """Rank 0 mixes, both ranks bump the version, and both see the mixed weights after the sync."""
     import multiprocessing as mp
+    import queue
     import socket
 
     alpha = 0.5
@@ -330,13 +336,24 @@ def test_tr_dpo_sync_across_two_gloo_ranks(source, source_ref):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         ctx = mp.get_context("spawn")
-        out = ctx.Queue()
+        out, reported = ctx.Queue(), ctx.Event()
         gcs = ray.get_runtime_context().gcs_address
         blob = ray.cloudpickle.dumps(pool.handles())  # the model reference in it keeps its owner (the driver)
-        procs = [ctx.Process(target=_sync_rank, args=(r, port, gcs, blob, source, alpha, out)) for r in (0, 1)]
+        procs = [ctx.Process(target=_sync_rank, args=(r, port, gcs, blob, source, alpha, out, reported))
+                 for r in (0, 1)]
         for p in procs:
             p.start()
-        results = dict((r, (v, vals)) for r, v, vals in (out.get(timeout=120) for _ in procs))
+        results: dict[int, tuple] = {}
+        try:
+            for _ in procs:
+                r, v, vals = out.get(timeout=120)
+                results[r] = (v, vals)
+        except queue.Empty:
+            # a rank that failed outside the collectives leaves its peer waiting in one until it tears down
+            pytest.fail(f"a rank did not report within 120 s; reports so far {results}; exit codes "
+                        f"{[p.exitcode for p in procs]} (None: running; its stacks are in the captured stderr)")
+        finally:
+            reported.set()
         for p in procs:
             p.join(timeout=30)
         ref_model = build(source)
@@ -349,9 +366,10 @@ def test_tr_dpo_sync_across_two_gloo_ranks(source, source_ref):
         with torch.no_grad():
             for (_, r), (_, p) in zip(mixed.named_parameters(), policy.named_parameters()):
                 r.mul_(1 - alpha).add_(p, alpha=alpha)
+        failed = {r: vals for r, (v, vals) in results.items() if v != 1}
+        assert not failed, f"ranks that failed (a peer's error is often only 'Connection closed by peer'): {failed}"
         for rank in (0, 1):
             version, vals = results[rank]
-            assert version == 1, vals
             batches = [make_batch(2, 10 * rank + s) for s in range(4)]
             got = [(torch.tensor(c), torch.tensor(r)) for c, r in vals]
             assert_close(got[:2], expected(ref_model, batches[:2]))
