@@ -238,10 +238,15 @@ class ActorPoolReference:
     def sync_from(self, policy: nn.Module, alpha: float) -> None:
         """π_ref ← α·π_θ + (1-α)·π_ref on every actor; every rank must call it at the same step.
 
-        Rank 0 gathers the policy (ZeRO-3: parameter by parameter, a collective all ranks join), puts it
+        All ranks first meet at a barrier, so none still waits for an answer at the old version. Rank 0
+        then gathers the policy (ZeRO-3: parameter by parameter, a collective all ranks join), puts it
         in the object store once and mixes every actor at version+1; then all ranks learn the outcome
         and bump ``version`` together, so ``prefetched`` re-submits requests sent before the sync.
         """
+        # Every rank must have its answers for this step's batches (sent at the old version) before any
+        # actor moves on: otherwise a slower rank's pending request is computed with the mixed weights.
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
         state = gather_policy_state(policy)
         new_version = self.version + 1
         _on_rank0_for_all(self.rank == 0, lambda: self._mix_all(state, alpha, new_version),
