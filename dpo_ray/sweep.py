@@ -36,6 +36,7 @@ from typing import Any
 
 from dpo_ray.config import DPOConfig
 from dpo_ray.errors import ConfigError
+from dpo_ray.train.logger import read_metrics
 
 # Keys that never change the reference log-probs (what the policy optimises and how the run is organised): trials
 # that differ only in these share a reference pass without even hashing their data again. Any other key (seed,
@@ -185,11 +186,14 @@ class _MetricsReporter:
         except OSError:
             return
         complete = [line for line in lines if line.endswith("}")]
-        for line in complete[self.seen:]:
+        for n, line in enumerate(complete[self.seen:], self.seen + 1):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:  # a row half-written: read it next time
-                break
+            except json.JSONDecodeError:
+                if n == len(complete):  # the last row, half-written: read it next time
+                    break
+                self.seen += 1  # torn for good (a later row follows it): skip it, as read_metrics does
+                continue
             self.seen += 1
             self.latest.update(row)
             if self.metric is None or self.metric in row or (self.metric in self.latest and "loss" in row):
@@ -354,7 +358,7 @@ def plot_sweep(rows: list[dict], path: Path, varied: list[str]) -> Path | None:
         f = Path(r["output_dir"]) / "metrics.jsonl" if r.get("output_dir") else None
         if f is not None and f.exists():
             label = ", ".join(f"{k.split('.')[-1]}={r[k]}" for k in varied) or r["trial"]
-            histories[label] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            histories[label] = read_metrics(f)  # a torn line (a trial killed mid-write) is skipped, not fatal
     if not histories:
         return None
     has_eval = any("eval_rewards/accuracies" in row for h in histories.values() for row in h)

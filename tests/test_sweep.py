@@ -111,6 +111,45 @@ def test_summary_keeps_failed_trials_and_names_the_best(tmp_path):
     assert asha(40).__class__.__name__ == "AsyncHyperBandScheduler"
 
 
+def test_a_torn_metrics_line_neither_breaks_the_plot_nor_stops_the_reporter(tmp_path, monkeypatch, capsys):
+    """A trial killed mid-write leaves a torn line in its metrics.jsonl; the sweep's plot skips it (it used to
+    raise JSONDecodeError), and the live reporter skips it once a later row follows (it used to stop there)."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from dpo_ray.sweep import SweepPlan, _MetricsReporter, plot_sweep
+
+    out = tmp_path / "t_beta=0.1"
+    out.mkdir()
+    rows = [{"step": 1, "loss": 0.69, "eval_rewards/accuracies": 0.5, "eval_rewards/margins": 0.0},
+            {"step": 2, "loss": 0.60, "eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.2}]
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(json.dumps(rows[0]) + "\n" + '{"step": 2, "lo' + "}\n" + json.dumps(rows[1]) + "\n")
+    assert plot_sweep([{"output_dir": str(out), "trial": "t", "beta": 0.1}], tmp_path / "sweep.png", ["beta"])
+    assert "line 2 is torn" in capsys.readouterr().err
+    plan = SweepPlan(sweep_dir=tmp_path, store=tmp_path / "store", trainable=None, param_space={}, varied=["beta"])
+    done = {"eval_rewards/accuracies": 0.75, "steps": 2, "finished": True, "output_dir": str(out)}
+    summary = plan.summarize([SimpleNamespace(metrics=done, config={"beta": 0.1, "_sweep": {}}, error=None, path=None)],
+                             "eval_rewards/accuracies", "max")
+    assert summary["best"]["config"] == {"beta": 0.1} and (tmp_path / "sweep.png").exists()
+
+    reported = []
+    monkeypatch.setattr(tune, "report", lambda m: reported.append(m))
+    monkeypatch.setattr(_MetricsReporter, "POLL_S", 3600.0)  # polled by hand below
+    live = tmp_path / "live.jsonl"
+    live.write_text(json.dumps(rows[0]) + "\n" + '{"step": 2, "lo')  # the last row still being written
+    reporter = _MetricsReporter(live, "eval_rewards/accuracies")
+    try:
+        reporter.poll()
+        assert [r["step"] for r in reported] == [1]
+        live.write_text(json.dumps(rows[0]) + "\n" + '{"step": 2, "lo' + "}\n" + json.dumps(rows[1]) + "\n")
+        reporter.poll()  # the torn row is followed by another: skipped for good
+        assert [r["step"] for r in reported] == [1, 2] and reported[-1]["eval_rewards/accuracies"] == 0.75
+    finally:
+        reporter.stop()
+
+
 def test_a_sweep_whose_trials_have_no_eval_metric_says_why(tmp_path):
     """Issue 29: every trial NaN (no eval row scored): no best, a reason, and the eval_rows column."""
     from types import SimpleNamespace
