@@ -423,6 +423,21 @@ def test_moe_aux_loss():
 
 # ------------------------------------------------------------------ metrics
 
+def test_metric_names_are_the_averaged_metrics_a_step_logs():
+    """config.METRIC_NAMES (what metric_for_best_model may name) is exactly what a DPO step logs as a mean:
+    batch_metrics' averaged entries (those with a reduction weight), plus the step's loss and the MoE aux_loss
+    (train/steps.py); num_tokens is a sum and num_pairs a count, so neither may rank checkpoints."""
+    from dpo_ray.config import METRIC_NAMES
+
+    stats = SeqStats(logps=torch.tensor([-10.0, -12.0]), num_tokens=torch.tensor([2.0, 4.0]),
+                     nll_mean=torch.tensor([5.0, 3.0]), mean_logit=torch.tensor([1.0, 4.0]),
+                     entropy=torch.tensor([0.5, 1.0]), num_correct=torch.tensor([1.0, 3.0]))
+    m = batch_metrics(PairLogps.from_stats(stats, torch.tensor([-11.0]), torch.tensor([-13.0])), stats, BETA)
+    averaged = {k.removeprefix(METRIC_WEIGHT) for k in m if k.startswith(METRIC_WEIGHT)}
+    assert averaged | {"loss", "aux_loss"} == set(METRIC_NAMES)
+    assert set(sequence_metrics(stats)) - {METRIC_WEIGHT + k for k in METRIC_NAMES} <= set(METRIC_NAMES)
+
+
 def test_pairs_from_stats_and_batch_metrics():
     """2 pairs; rewards are β·c = 0.5·[1, -1] and β·r = 0.5·[-1, 2]; logits/* are token-weighted."""
     stats = SeqStats(
