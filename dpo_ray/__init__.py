@@ -1,6 +1,6 @@
 """dpo_ray: Direct Preference Optimization and its loss family, distributed on Ray."""
 
-__all__ = ["ConfigError", "DPOConfig", "load_config", "DPOTrainer"]
+__all__ = ["Callback", "CallbackContext", "ConfigError", "DPOConfig", "load_config", "DPOTrainer"]
 __version__ = "0.1.0"
 
 
@@ -15,4 +15,8 @@ def __getattr__(name):
         from dpo_ray.trainer import DPOTrainer
 
         return DPOTrainer
+    if name in ("Callback", "CallbackContext"):
+        import dpo_ray.train.callbacks
+
+        return getattr(dpo_ray.train.callbacks, name)
     raise AttributeError(name)

@@ -304,7 +304,7 @@ def worker_resources(cfg: DPOConfig, use_gpu: bool) -> dict[str, float]:
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
     env = dict(WORKER_ENV)
-    # DPO_RAY_* knobs (thread counts, test hooks) follow the driver to the workers
+    # DPO_RAY_* knobs (thread counts, progress, reference timeouts) follow the driver to the workers
     env.update({k: v for k, v in os.environ.items() if k.startswith("DPO_RAY_")})
     # DeepSpeed picks its accelerator from DS_ACCELERATOR; a driver started with it set to cpu (the Makefile
     # exports that for CPU machines) must not put GPU workers on DeepSpeed's CPU accelerator.

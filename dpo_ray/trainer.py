@@ -55,9 +55,12 @@ class DPOTrainer:
     """
 
     def __init__(self, model=None, ref_model=None, args: DPOConfig | None = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, peft_config=None, mode: str = "dpo"):
+                 eval_dataset=None, processing_class=None, peft_config=None, mode: str = "dpo", callbacks=None):
+        from dpo_ray.train.callbacks import check_callbacks
+
         if mode not in ("dpo", "sft"):
             raise ValueError(f"mode={mode!r}: choose 'dpo' or 'sft'")
+        self.callbacks = check_callbacks(callbacks)
         args = args or DPOConfig()
         # A model or reference given as a path is the config's path (one place to resolve and check it).
         # Rebuilt from the keys the user set, so defaults that depend on others (the reference under PEFT)
@@ -185,7 +188,8 @@ class DPOTrainer:
         # handed to the workers as a path (shared storage on a cluster) and loaded when that is empty.
         lc = LoopConfig(cfg=cfg, mode=self.mode, tokenizer=tokenizer, total_steps=total_steps, num_epochs=num_epochs,
                         micro_per_epoch=micro_per_epoch, model=model_source,
-                        resume_checkpoint=str(resume) if resume is not None else None, data_fingerprint=fingerprint)
+                        resume_checkpoint=str(resume) if resume is not None else None, data_fingerprint=fingerprint,
+                        callbacks=tuple(self.callbacks))
         print(f"dpo-ray {self.mode}: plan: {total_steps} optimizer steps ({plan.steps_per_epoch} per epoch, up to "
               f"{num_epochs} epoch(s)); {plan.rows_per_step(cfg)} {'prompt groups' if prepared.groups else 'pairs' if self.mode == 'dpo' else 'sequences'} "
               f"per step = {world} worker(s) × per_device_train_batch_size {cfg.per_device_train_batch_size} × "

@@ -268,3 +268,26 @@ def test_tr_dpo_with_peft_and_an_in_memory_reference_model_is_refused_before_tra
     cfg = DPOConfig(output_dir=str(tmp_path), use_peft=True, sync_ref_model=True, reference={"source": "local"})
     with pytest.raises(ConfigError, match=r"sync_ref_model.*a separate ref_model= has no adapter parameters"):
         DPOTrainer(ref_model=nn.Linear(2, 2), args=cfg)
+
+
+def test_callbacks_are_checked_when_the_trainer_is_built(tmp_path):
+    """A callback that is not a dpo_ray.Callback, a transformers TrainerCallback, or one that cannot travel to the
+    workers is refused at DPOTrainer(), naming its index and the fix; a good one is kept."""
+    import threading
+
+    from transformers import TrainerCallback
+
+    from dpo_ray import Callback, DPOTrainer
+
+    class Holds(Callback):
+        def __init__(self):
+            self.lock = threading.Lock()  # cannot be pickled
+
+    cfg = DPOConfig(output_dir=str(tmp_path))
+    with pytest.raises(TypeError, match=r"callbacks\[1\] is a object, not a dpo_ray.Callback"):
+        DPOTrainer(args=cfg, callbacks=[Callback(), object()])
+    with pytest.raises(TypeError, match=r"callbacks\[0\].*TrainerCallback.*port it to dpo_ray.Callback"):
+        DPOTrainer(args=cfg, callbacks=[TrainerCallback()])
+    with pytest.raises(TypeError, match=r"callbacks\[0\] \(Holds\) cannot be pickled to the training workers"):
+        DPOTrainer(args=cfg, callbacks=[Holds()])
+    assert len(DPOTrainer(args=cfg, callbacks=[Callback()]).callbacks) == 1

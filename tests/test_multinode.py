@@ -4,8 +4,8 @@ One ``ray.cluster_utils.Cluster`` for the module, shaped like deploy/raycluster.
 training resources (``num_cpus: 0``), a ``policy`` node advertising ``policy_gpu`` and labelled
 ``pool=policy``, a ``reference`` node advertising ``reference_gpu`` and labelled ``pool=reference``. Nodes
 are removed and added back from the main thread (Ray's node processes need it) while the run goes on in
-another. Runs pause once at a known step (``DPO_RAY_TEST_PAUSE_AT_STEP``, rank 0 after that step's
-checkpoint) so a node is lost mid-run at a known point.
+another. Runs pause once at a known step (the ``PauseOnce`` callback of tests/hooks.py: rank 0 after that
+step's checkpoint) so a node is lost mid-run at a known point.
 
 1. placement: every training worker on the policy node, every reference actor on the reference node, with
    ``reference.node_label`` (run A) and with ``reference.resources`` (run B);
@@ -87,17 +87,17 @@ def _rows(n: int = 64) -> list[dict]:
 
 
 class Paused:
-    """Runs ``DPOTrainer.train`` in a thread with the pause hook set; the test acts while rank 0 waits."""
+    """Runs ``DPOTrainer.train`` in a thread with the pause callback; the test acts while rank 0 waits."""
 
-    def __init__(self, tmp_path: Path, name: str, monkeypatch, **overrides):
+    def __init__(self, tmp_path: Path, name: str, **overrides):
+        from hooks import PauseOnce
+
         from dpo_ray import DPOConfig, DPOTrainer
 
         self.dir = tmp_path / f"{name}_pause"
         self.dir.mkdir()
-        monkeypatch.setenv("DPO_RAY_TEST_PAUSE_AT_STEP", "1")
-        monkeypatch.setenv("DPO_RAY_TEST_PAUSE_DIR", str(self.dir))
         cfg = DPOConfig(**{**BASE, **overrides, "output_dir": str(tmp_path / name)})
-        self.trainer = DPOTrainer(args=cfg, train_dataset=_rows())
+        self.trainer = DPOTrainer(args=cfg, train_dataset=_rows(), callbacks=[PauseOnce(1, self.dir)])
         self.result, self.error = None, None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -130,12 +130,12 @@ def _losses(out) -> list[float]:
     return [r["loss"] for r in out.history if "loss" in r]
 
 
-def test_reference_node_lost_mid_run_and_replaced(cluster, tmp_path, monkeypatch):
+def test_reference_node_lost_mid_run_and_replaced(cluster, tmp_path):
     """Run A: reference actors placed by node_label. After step 1 the reference node goes; the workers' requests
     wait (never a batch without reference log-probs) until a new node with the label lets Ray restart the actor
     there, then the run finishes all its steps (step 4's request is sent after the loss)."""
-    run = Paused(tmp_path, "a", monkeypatch, reference={"source": "actor", "num_cpus": 0.5,
-                                                        "node_label": {"pool": "reference"}})
+    run = Paused(tmp_path, "a", reference={"source": "actor", "num_cpus": 0.5,
+                                           "node_label": {"pool": "reference"}})
     run.wait_paused()
     policy, reference = _node(cluster, POLICY["labels"]), _node(cluster, REFERENCE["labels"])
     placed = _placement()
@@ -192,12 +192,12 @@ def test_reference_node_that_never_returns_fails_naming_the_resources(cluster):
         pool.shutdown()
 
 
-def test_policy_node_lost_restarts_from_checkpoint(cluster, tmp_path, monkeypatch, capfd):
+def test_policy_node_lost_restarts_from_checkpoint(cluster, tmp_path, capfd):
     """Run B: reference actors placed by custom resource. After step 1's checkpoint the policy node goes (both
     workers die); Ray Train restarts the worker group when a policy node is back, from that checkpoint, and the
     loss curve is run A's."""
-    run = Paused(tmp_path, "b", monkeypatch, reference={"source": "actor", "num_cpus": 0.5,
-                                                        "resources": {"reference_gpu": 1}})
+    run = Paused(tmp_path, "b", reference={"source": "actor", "num_cpus": 0.5,
+                                           "resources": {"reference_gpu": 1}})
     run.wait_paused()
     policy, reference = _node(cluster, POLICY["labels"]), _node(cluster, REFERENCE["labels"])
     placed = _placement()

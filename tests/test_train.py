@@ -40,9 +40,9 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def train(tmp_path: Path, name: str, rows, eval_rows=None, model=None, **overrides):
+def train(tmp_path: Path, name: str, rows, eval_rows=None, model=None, callbacks=None, **overrides):
     cfg = DPOConfig(**{**BASE, **overrides, "output_dir": str(tmp_path / name)})
-    return DPOTrainer(model=model, args=cfg, train_dataset=rows, eval_dataset=eval_rows).train()
+    return DPOTrainer(model=model, args=cfg, train_dataset=rows, eval_dataset=eval_rows, callbacks=callbacks).train()
 
 
 def losses(out) -> list[float]:
@@ -116,16 +116,18 @@ def test_resume_reproduces_the_uninterrupted_curve(ray_local, tmp_path):
         assert a == pytest.approx(b, abs=1e-5)
 
 
-def test_killed_worker_is_recovered(ray_local, tmp_path, monkeypatch):
-    """The last rank dies at step 3; Ray Train restarts the group from the step-2 checkpoint. The curve is
-    the uninterrupted run's (ZeRO-0's of the test above: same rows and steps), each step logged once."""
+def test_killed_worker_is_recovered(ray_local, tmp_path):
+    """The last rank dies at the end of step 3 (a callback, tests/hooks.py); Ray Train restarts the group from the
+    step-2 checkpoint. The curve is the uninterrupted run's (ZeRO-0's of the test above: same rows and steps),
+    each step logged once."""
+    from hooks import KillOnce
+
     if 0 not in _CURVES:  # run alone: make the uninterrupted curve here
         _CURVES[0] = losses(train(tmp_path, "z0", make_rows(64), max_steps=4, deepspeed={"zero_stage": 0}))
     marker = tmp_path / "killed"
-    monkeypatch.setenv("DPO_RAY_TEST_KILL_AT_STEP", "3")
-    monkeypatch.setenv("DPO_RAY_TEST_KILL_MARKER", str(marker))
     out = train(tmp_path, "kill", make_rows(64), max_steps=4, save_strategy="steps", save_steps=2,
-                ray={"num_workers": 2, "max_failures": 2}, deepspeed={"zero_stage": 0})
+                ray={"num_workers": 2, "max_failures": 2}, deepspeed={"zero_stage": 0},
+                callbacks=[KillOnce(3, marker)])
     assert marker.exists(), "the fault was never injected"
     assert out.report["steps"] == 4
     assert [r["step"] for r in out.history if "loss" in r] == [1, 2, 3, 4]  # no row twice
@@ -134,16 +136,32 @@ def test_killed_worker_is_recovered(ray_local, tmp_path, monkeypatch):
 
 
 def test_saved_model_reproduces_eval_logps(ray_local, tmp_path):
+    """The model written for load_best_model_at_end scores the eval rows as logged; and the run calls every
+    callback hook on every rank, in the documented order, with the step's metrics (dpo_ray.train.callbacks)."""
+    from hooks import Recorder
     from transformers import AutoModelForCausalLM
 
     from dpo_ray.data import collate_pairs, tokenize_rows
 
     rows, eval_rows = make_rows(32), make_rows(8, seed=11)
+    calls = tmp_path / "calls"
+    calls.mkdir()
     # load_best_model_at_end with the *highest* eval loss as "best": normally step 1, so the model written to
     # output_dir is a checkpoint's, exported, not the final weights; the rule is recomputed here either way
     out = train(tmp_path, "eval", rows, eval_rows, max_steps=3, eval_strategy="steps", eval_steps=1,
                 save_strategy="steps", save_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
-                greater_is_better=True)
+                greater_is_better=True, callbacks=[Recorder(calls)])
+    step_calls = [f"{hook} {s}" for s in (1, 2, 3) for hook in ("on_log", "on_evaluate", "on_save", "on_step_end")
+                  if not (hook == "on_save" and s == 3)]  # the last checkpoint is taken after the last step
+    expected = ["on_train_begin 0", *step_calls, "on_save 3", "on_train_end 3"]
+    for rank in (0, 1):
+        got = [json.loads(line) for line in (calls / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert [f"{c['hook']} {c['step']}" for c in got] == expected, rank
+        assert {(c["total"], c["world"], c["out"]) for c in got} == {(3, 2, out.output_dir)}
+        assert all(c["params"] > 0 for c in got)
+        by_hook = {c["hook"]: c["metrics"] for c in got}
+        assert {"loss", "rewards/accuracies", "learning_rate", "grad_norm"} <= set(by_hook["on_log"])
+        assert "eval_loss" in by_hook["on_evaluate"] and by_hook["on_step_end"] == []
     evals = {r["step"]: r for r in out.history if "eval_loss" in r}
     assert sorted(evals) == [1, 2, 3]
     best = max(evals, key=lambda s: (evals[s]["eval_loss"], -s))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from dpo_ray.errors import TooFewRowsError
 from dpo_ray.forward import eval_mode
 from dpo_ray.schedule import interval_steps
+from dpo_ray.train.callbacks import CallbackContext
 from dpo_ray.train.checkpoint import (
     TrainerState,
     checkpoint_problems,
@@ -41,21 +41,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config["loop"]`` is the driver's ``LoopConfig``."""
     lc: LoopConfig = config["loop"]
     w = setup(lc)
-    state = restore(w)
-    step = (DPOStep(w.cfg, w.device, w.pad_id, w.reference, announce=w.rank == 0) if lc.mode == "dpo"
-            else SFTStep(w.cfg, w.device, w.pad_id))
-    run = Run(w, step, state)
-    if lc.progress is not None and w.rank == 0:  # the driver's display measures rates from here
-        lc.progress.post.remote(state.global_step, {"epoch": round(run.epoch_fraction(), 3)})
-    if w.eval_shard is not None and w.cfg.eval_on_start and state.global_step == 0:
-        run.logger.log(0, run.evaluate())
-    while state.global_step < run.total_steps and state.epoch < run.num_epochs:
-        if run.epoch():  # the data ran out before the last step: a full epoch
-            if state.micro_per_epoch is None:
-                run.fit_plan_to_epoch(state.micro_in_epoch)
-            state.epoch, state.micro_in_epoch = state.epoch + 1, 0
-            run.on_epoch_end()
-    run.finish()
+    run = None
+    try:  # whatever fails, the TensorBoard writer is flushed and the reference requests in flight are dropped
+        state = restore(w)
+        step = (DPOStep(w.cfg, w.device, w.pad_id, w.reference, announce=w.rank == 0) if lc.mode == "dpo"
+                else SFTStep(w.cfg, w.device, w.pad_id))
+        run = Run(w, step, state)
+        run.fire("on_train_begin")
+        if lc.progress is not None and w.rank == 0:  # the driver's display measures rates from here
+            lc.progress.post.remote(state.global_step, {"epoch": round(run.epoch_fraction(), 3)})
+        if w.eval_shard is not None and w.cfg.eval_on_start and state.global_step == 0:
+            run.logger.log(0, run.evaluate())
+        while state.global_step < run.total_steps and state.epoch < run.num_epochs:
+            if run.epoch():  # the data ran out before the last step: a full epoch
+                if state.micro_per_epoch is None:
+                    run.fit_plan_to_epoch(state.micro_in_epoch)
+                state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+                run.on_epoch_end()
+        run.finish()
+    finally:
+        if run is not None:
+            run.logger.close()
+        if w.reference is not None:
+            w.reference.close()
 
 
 def restore(w: Worker) -> TrainerState:
@@ -104,8 +112,7 @@ class Run:
         self.acc = MetricAccumulator()
         self.throughput = Throughput(state)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=w.device)  # checked once per optimizer step
-        self.kill_at = int(os.environ.get("DPO_RAY_TEST_KILL_AT_STEP", "0"))  # fault injection (tests)
-        self.pause_at = int(os.environ.get("DPO_RAY_TEST_PAUSE_AT_STEP", "0"))  # node-loss tests (multi-node)
+        self.callbacks = list(self.lc.callbacks)
         self.best = w.cfg.best_model_metric()  # (eval key, greater is better) for load_best_model_at_end
         self.last_eval: dict[str, float] = {}
         self.noted = False  # the length-bucketing note, printed once
@@ -117,6 +124,17 @@ class Run:
         if state.micro_per_epoch is not None:  # resumed after that resizing
             self._resize(state.micro_per_epoch, announce=False)
         state.planned_steps = self.total_steps
+
+    def fire(self, hook: str, metrics: dict[str, float] | None = None) -> None:
+        """Call ``hook`` of every callback (dpo_ray.train.callbacks) with this worker's view of the run."""
+        if not self.callbacks:
+            return
+        w = self.w
+        ctx = CallbackContext(rank=w.rank, world_size=w.world, global_step=self.state.global_step,
+                              total_steps=self.total_steps, epoch=self.epoch_fraction(),
+                              output_dir=Path(self.cfg.output_dir), model=w.model, metrics=dict(metrics or {}))
+        for cb in self.callbacks:
+            getattr(cb, hook)(ctx)
 
     def epoch(self) -> bool:
         """Train from the state's data position to the end of its epoch; False when the run's last step
@@ -186,8 +204,6 @@ class Run:
             raise NonFiniteError(
                 f"loss or gradient norm is not finite at step {step} (grad_norm={grad_norm}); lower "
                 "learning_rate, check the data of this step, or set max_grad_norm")
-        if self.kill_at and step == self.kill_at and w.rank == w.world - 1:
-            _die_once_for_test()
         if w.reference is not None and cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
             w.reference.sync_from(w.model, cfg.ref_model_mixup_alpha)
         every = functools.partial(interval_steps, total_steps=self.total_steps)  # fractions of the run's steps
@@ -202,8 +218,7 @@ class Run:
         # the last step's checkpoint is taken by finish(), after its eval (load_best_model_at_end ranks it)
         if cfg.save_strategy == "steps" and step % every(cfg.save_steps) == 0 and step < self.total_steps:
             self.save()
-        if self.pause_at and step == self.pause_at and w.rank == 0:
-            _pause_once_for_test(step)
+        self.fire("on_step_end")
 
     def epoch_fraction(self) -> float:
         per_epoch = self.state.micro_per_epoch or self.lc.micro_per_epoch
@@ -219,6 +234,7 @@ class Run:
             self.state.ref_version = self.w.reference.version  # TR-DPO: the mixed weights travel along
         save_checkpoint(self.w.engine, self.state, self.w.rank, metrics, reference=self.w.reference)
         self.saved_step = self.state.global_step
+        self.fire("on_save")
 
     def log(self, step: int, grad_norm: float | None) -> dict[str, float]:
         reduced = self.acc.reduce()  # the logging step's one collective and host sync
@@ -231,6 +247,7 @@ class Run:
         if self.w.device.type == "cuda":  # this rank's allocator peak so far (the GPU check reads it)
             reduced["gpu_peak_mib"] = torch.cuda.max_memory_allocated(self.w.device) / 2**20
         self.logger.log(step, reduced)
+        self.fire("on_log", metrics=reduced)
         return reduced
 
     def on_epoch_end(self) -> None:
@@ -251,6 +268,7 @@ class Run:
                 acc.add(self.step(self.w.model, item)[1], real=real.pop(0))
         self.last_eval = {f"eval_{k}": v for k, v in acc.reduce().items()}
         self.eval_step = self.state.global_step
+        self.fire("on_evaluate", metrics=self.last_eval)
         return self.last_eval
 
     def finish(self) -> None:
@@ -267,9 +285,7 @@ class Run:
         save_model(w.engine, self.cfg, self.lc.tokenizer, w.rank)
         if w.rank == 0:
             save_final_state(self.cfg, self.state)
-        self.logger.close()
-        if w.reference is not None:
-            w.reference.close()
+        self.fire("on_train_end")
 
 
 def _run_name(lc: LoopConfig) -> str:
@@ -304,27 +320,3 @@ def _grad_norm(engine) -> float | None:
     if norm is None:
         return None
     return float(norm.item() if torch.is_tensor(norm) else norm)
-
-
-def _pause_once_for_test(step: int) -> None:
-    """Node-loss tests (DPO_RAY_TEST_PAUSE_AT_STEP + DPO_RAY_TEST_PAUSE_DIR): once per run, rank 0 stops after
-    that optimizer step (and its checkpoint), writes ``paused`` and waits (at most 300 s) for ``go``, so the test
-    removes a node at a known point; a restarted worker group finds ``paused`` and does not stop again."""
-    import time
-
-    d = Path(os.environ.get("DPO_RAY_TEST_PAUSE_DIR", "/tmp/dpo_ray_pause"))
-    if (d / "paused").exists():
-        return
-    (d / "paused").write_text(str(step))
-    deadline = time.monotonic() + 300
-    while not (d / "go").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
-def _die_once_for_test() -> None:
-    """Fault injection for the recovery tests (DPO_RAY_TEST_KILL_AT_STEP + DPO_RAY_TEST_KILL_MARKER): the last
-    rank exits hard once, at that optimizer step, as a lost worker would; Ray Train then restarts the group."""
-    marker = Path(os.environ.get("DPO_RAY_TEST_KILL_MARKER", "/tmp/dpo_ray_kill_marker"))
-    if not marker.exists():
-        marker.write_text("killed once")
-        os._exit(1)

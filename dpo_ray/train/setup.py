@@ -41,6 +41,7 @@ class LoopConfig:
     resume_checkpoint: str | None = None  # a checkpoint of an earlier run (Ray Train resumes its own)
     progress: Any = None  # the driver's progress board (an actor handle): rank 0 posts every optimizer step
     data_fingerprint: str | None = None  # the training rows' identity (trainer.data_fingerprint), kept in checkpoints
+    callbacks: tuple = ()  # dpo_ray.train.callbacks.Callback objects, called on every rank
 
 
 @dataclass

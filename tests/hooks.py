@@ -1,0 +1,79 @@
+"""Training-loop callbacks the tests use (import as ``from hooks import ...``): fault injection, a pause at a
+known step, a recorder of every hook call. They travel to the Ray Train workers pickled by value: the workers
+cannot import this test folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import ray.cloudpickle
+
+from dpo_ray.train.callbacks import Callback
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class KillOnce(Callback):
+    """Fault injection: the last rank exits hard at the end of optimizer step ``step``, as a lost worker would, once
+    per ``marker`` file (the worker group Ray Train restarts finds it and trains on)."""
+
+    def __init__(self, step: int, marker: Path):
+        self.step, self.marker = step, Path(marker)
+
+    def on_step_end(self, ctx) -> None:
+        if ctx.global_step == self.step and ctx.rank == ctx.world_size - 1 and not self.marker.exists():
+            self.marker.write_text("killed once")
+            os._exit(1)
+
+
+class PauseOnce(Callback):
+    """Rank 0 stops after optimizer step ``step`` (and its checkpoint), writes ``folder/paused`` and waits (at most
+    300 s) for ``folder/go``, so a test acts at a known point; a restarted worker group finds ``paused`` and goes
+    on."""
+
+    def __init__(self, step: int, folder: Path):
+        self.step, self.folder = step, Path(folder)
+
+    def on_step_end(self, ctx) -> None:
+        if ctx.global_step != self.step or ctx.rank != 0 or (self.folder / "paused").exists():
+            return
+        (self.folder / "paused").write_text(str(ctx.global_step))
+        deadline = time.monotonic() + 300
+        while not (self.folder / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+class Recorder(Callback):
+    """Appends one JSON line per hook call to ``folder/rank<r>.jsonl``: the hook, the step, the metric names."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def _note(self, hook: str, ctx) -> None:
+        with open(self.folder / f"rank{ctx.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"hook": hook, "step": ctx.global_step, "total": ctx.total_steps,
+                                "world": ctx.world_size, "metrics": sorted(ctx.metrics),
+                                "params": sum(p.numel() for p in ctx.model.parameters()),
+                                "out": str(ctx.output_dir)}) + "\n")
+
+    def on_train_begin(self, ctx) -> None:
+        self._note("on_train_begin", ctx)
+
+    def on_log(self, ctx) -> None:
+        self._note("on_log", ctx)
+
+    def on_evaluate(self, ctx) -> None:
+        self._note("on_evaluate", ctx)
+
+    def on_save(self, ctx) -> None:
+        self._note("on_save", ctx)
+
+    def on_step_end(self, ctx) -> None:
+        self._note("on_step_end", ctx)
+
+    def on_train_end(self, ctx) -> None:
+        self._note("on_train_end", ctx)
