@@ -432,6 +432,12 @@ class DPOConfig(BaseModel):
                           self.f_alpha_divergence_coef)
 
     @property
+    def data_order_seed(self) -> int:
+        """The seed of the training rows' order (shuffles, prompt groups' pairing): data_seed, else seed, as
+        transformers' Trainer falls back."""
+        return self.data_seed if self.data_seed is not None else self.seed
+
+    @property
     def uses_peft(self) -> bool:
         """The policy is a PEFT model: a new adapter (use_peft) or one loaded from peft_adapter_path."""
         return self.use_peft or self.peft_adapter_path is not None

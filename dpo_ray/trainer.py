@@ -511,7 +511,7 @@ def _check_resume(resume: Path, cfg: DPOConfig, fingerprint: str | None) -> None
     state = json.loads((resume / CHECKPOINT_STATE_FILE).read_text())
     now = {"world_size": cfg.ray.num_workers, "per_device_train_batch_size": cfg.per_device_train_batch_size,
            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-           "data_seed": cfg.data_seed if cfg.data_seed is not None else cfg.seed, "data_fingerprint": fingerprint}
+           "data_seed": cfg.data_order_seed, "data_fingerprint": fingerprint}
     problems = resume_mismatches(state, now)
     if problems:
         raise ConfigError(problems)

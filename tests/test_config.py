@@ -291,3 +291,9 @@ def test_callbacks_are_checked_when_the_trainer_is_built(tmp_path):
     with pytest.raises(TypeError, match=r"callbacks\[0\] \(Holds\) cannot be pickled to the training workers"):
         DPOTrainer(args=cfg, callbacks=[Holds()])
     assert len(DPOTrainer(args=cfg, callbacks=[Callback()]).callbacks) == 1
+
+
+def test_the_data_order_seed_is_data_seed_else_seed():
+    """One home for transformers' fallback (data order, prompt groups' pairing, resume keys): 0 is a seed too."""
+    assert DPOConfig(seed=7).data_order_seed == 7
+    assert DPOConfig(seed=7, data_seed=0).data_order_seed == 0

@@ -130,7 +130,7 @@ class Analyzer:
         self.full = RowProcessor(tokenizer, TokenizeOptions(None, cfg.truncation_mode, "skip", "dpo"))  # untruncated
         self.tok, self.keep = tokenizer, keep
         # prompt groups: the pair rule training uses; a group is checked as its bad-row rules and its first pair
-        self.group_rule = (cfg.group_pairs, cfg.group_margin, cfg.data_seed if cfg.data_seed is not None else cfg.seed)
+        self.group_rule = (cfg.group_pairs, cfg.group_margin, cfg.data_order_seed)
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     # -- one piece -------------------------------------------------------------------------------------

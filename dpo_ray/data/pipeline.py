@@ -480,7 +480,7 @@ def describe_inputs(cfg, tokenizer, train_src: _Source, eval_src: _Source | None
                     n_train: int) -> dict[str, Any]:
     """Which tokenizer, training files and eval rows a run uses, and the data files beside them it leaves out:
     what `dpo-ray train` prints and `dpo-ray inspect-data` reports (``inputs``)."""
-    seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
+    seed = cfg.data_order_seed
     if eval_src is None:
         ev = "none"
     elif frac:
@@ -513,7 +513,7 @@ def build_datasets(cfg, tokenizer, train_dataset: Any = None, eval_dataset: Any 
     if mode not in ("dpo", "sft"):
         raise ValueError(f"mode must be 'dpo' or 'sft', got {mode!r}")
     train_src, eval_src, frac = _sources(cfg, train_dataset, eval_dataset, tokenizer)
-    seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
+    seed = cfg.data_order_seed
     mode = detect_mode(train_src, cfg, mode)  # "groups" when the rows are prompt groups
     opts = TokenizeOptions.from_config(cfg, mode)
     limit = cfg.max_dropped_fraction

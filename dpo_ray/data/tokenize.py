@@ -47,7 +47,7 @@ class TokenizeOptions:
     def from_config(cls, cfg, mode: str = "dpo") -> TokenizeOptions:
         if mode != "groups":
             return cls(cfg.max_length, cfg.truncation_mode, cfg.on_bad_row, mode)
-        seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
+        seed = cfg.data_order_seed
         return cls(cfg.max_length, cfg.truncation_mode, cfg.on_bad_row, mode, cfg.group_pairs, cfg.group_margin, seed)
 
 

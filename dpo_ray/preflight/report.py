@@ -69,7 +69,7 @@ def padding_report(piece: Piece, cfg) -> dict[str, Any]:
     order = np.argsort(ln["row_id"], kind="stable")  # the pipeline preserves row order
     kept = order[ln["kept"][order] == 1]
     c, r = ln["chosen_seq"][kept].astype(np.int64), ln["rejected_seq"][kept].astype(np.int64)
-    seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
+    seed = cfg.data_order_seed
     b = cfg.per_device_train_batch_size
     args = (b, cfg.pad_to_multiple_of)
     out = {"batch_size": b, "pad_to_multiple_of": cfg.pad_to_multiple_of,

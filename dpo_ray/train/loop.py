@@ -95,7 +95,7 @@ def restore(w: Worker) -> TrainerState:
     cfg = w.cfg  # what the data position means, kept in every checkpoint (a resume checks them: trainer.py)
     state.per_device_train_batch_size = cfg.per_device_train_batch_size
     state.gradient_accumulation_steps = cfg.gradient_accumulation_steps
-    state.data_seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
+    state.data_seed = cfg.data_order_seed
     state.data_fingerprint = w.lc.data_fingerprint
     if w.rank == 0:  # rows past the checkpoint (a restarted worker group, a torn write) are logged again
         cut_metrics(Path(w.cfg.output_dir) / METRICS_FILE, state.global_step)

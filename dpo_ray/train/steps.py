@@ -116,7 +116,7 @@ class SFTStep:
     def batches(self, shard, *, epoch: int, train: bool = True) -> Iterator:
         """This worker's collated batches of ``shard``, every worker stopping at the same one."""
         cfg = self.cfg
-        seed = (cfg.data_seed if cfg.data_seed is not None else cfg.seed) if train else cfg.seed
+        seed = cfg.data_order_seed if train else cfg.seed
         size = cfg.per_device_train_batch_size if train else cfg.per_device_eval_batch_size
         return iter_train_batches(shard, cfg, self.pad_id, batch_size=size, epoch=epoch, seed=seed,
                                   mode=self.mode, shuffle=train)
