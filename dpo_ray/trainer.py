@@ -28,7 +28,12 @@ from dpo_ray.config import DPOConfig
 from dpo_ray.errors import ConfigError, ModelFilesError, TooFewRowsError, TrainingInterrupted
 from dpo_ray.paths import check_paths, resolve_config_paths
 from dpo_ray.timeline import Timeline
-from dpo_ray.train.checkpoint import CHECKPOINT_STATE_FILE, FINAL_STATE_FILE, checkpoint_problems
+from dpo_ray.train.checkpoint import (
+    CHECKPOINT_STATE_FILE,
+    FINAL_STATE_FILE,
+    checkpoint_problems,
+    saved_checkpoints,
+)
 from dpo_ray.train.logger import METRICS_FILE, cut_metrics, read_metrics
 
 _TIMED_A_RUN = False  # the start-up timeline of the first run in this process counts from the process start
@@ -384,8 +389,8 @@ def _describe_model(model) -> str:
 
 
 def _newest_complete_checkpoint(storage: Path) -> Path | None:
-    found = [c for c in storage.glob("checkpoint-*") if c.name.split("-")[-1].isdigit()]
-    for ckpt in sorted(found, key=lambda c: int(c.name.split("-")[-1]), reverse=True):
+    found = saved_checkpoints(storage)
+    for ckpt in (found[step] for step in sorted(found, reverse=True)):
         if not checkpoint_problems(ckpt):
             return ckpt
     return None
@@ -419,10 +424,10 @@ def _find_checkpoint(resume, out: Path, cfg: DPOConfig) -> Path | None:
     if resume is True or str(resume).lower() in ("true", "latest"):
         root = Path(cfg.ray.storage_path or out / "ray_results").resolve()
         runs = [root / cfg.run_name] if cfg.run_name else sorted(
-            (p for p in root.glob("*") if p.is_dir() and any(p.glob("checkpoint-*"))),
-            key=lambda p: max(c.stat().st_mtime for c in p.glob("checkpoint-*")), reverse=True)[:1]
-        found = [c for run in runs for c in run.glob("checkpoint-*") if c.name.split("-")[-1].isdigit()]
-        for ckpt in sorted(found, key=lambda c: int(c.name.split("-")[-1]), reverse=True):
+            (p for p in root.glob("*") if p.is_dir() and saved_checkpoints(p)),
+            key=lambda p: max(c.stat().st_mtime for c in saved_checkpoints(p).values()), reverse=True)[:1]
+        found = saved_checkpoints(runs[0]) if runs else {}
+        for ckpt in (found[step] for step in sorted(found, reverse=True)):
             problem = checkpoint_problems(ckpt)
             if not problem:
                 if not cfg.run_name:
@@ -473,7 +478,7 @@ def _check_output_dir(cfg: DPOConfig, out: Path, resume: Path | None, run_name: 
     storage = trainer_storage(cfg, run_name, out) if run_name and not remote else None
     if resume is None:
         found = [f for f in _PREVIOUS_RUN_FILES if (out / f).exists()]
-        reused = storage is not None and any(storage.glob("checkpoint-*"))
+        reused = storage is not None and bool(saved_checkpoints(storage))
         if (found or reused) and not cfg.overwrite_output_dir:
             what = (f"output_dir {out} holds an earlier run's {', '.join(found)}" if found else
                     f"run_name {run_name!r} already has checkpoints in {storage}")
@@ -638,7 +643,7 @@ def _load_best_model(cfg: DPOConfig, best: tuple[str, bool], history: list[dict]
     from dpo_ray.train.metrics import best_checkpoint_step
 
     key, greater = best
-    saved = {int(p.name.split("-")[-1]): p for p in storage.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()}
+    saved = saved_checkpoints(storage)
     last = max((r["step"] for r in history), default=0)
     step = best_checkpoint_step(history, [*saved, last], key, greater)
     if step is None or step == last or step not in saved:

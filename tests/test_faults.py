@@ -24,6 +24,7 @@ from dpo_ray.train.checkpoint import (
     _rng_state,
     _set_rng_state,
     checkpoint_problems,
+    saved_checkpoints,
 )
 from dpo_ray.train.logger import cut_metrics, read_metrics
 from dpo_ray.trainer import _check_output_dir, _find_checkpoint
@@ -77,6 +78,9 @@ def test_latest_is_the_newest_complete_checkpoint_of_the_run(tmp_path, capsys):
     (half / "rng_rank1.pt").unlink()
     (root / "a" / "checkpoint-000014").mkdir()  # a crash before anything was written
     _fake_checkpoint(root / "b" / "checkpoint-000100", 100)  # another run: never mixed in when run_name is a
+    (root / "a" / "checkpoint-000020").write_text("")  # someone's file, and a copy of a checkpoint: not ours
+    _fake_checkpoint(root / "a" / "checkpoint-000016-copy", 16)
+    assert sorted(saved_checkpoints(root / "a")) == [4, 10, 12, 14]
     cfg = DPOConfig(output_dir=str(out), run_name="a")
     assert _find_checkpoint("latest", out, cfg) == (root / "a" / "checkpoint-000010").resolve()
     assert "skipping" in capsys.readouterr().err

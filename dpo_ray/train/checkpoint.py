@@ -51,6 +51,21 @@ RESUME_KEYS = {"world_size": "ray.num_workers", "per_device_train_batch_size": "
 MANIFEST = "manifest_rank{rank}.json"
 
 
+def checkpoint_dir_name(step: int) -> str:
+    """A checkpoint's folder name in its run's Ray Train folder: ``checkpoint-000012`` for optimizer step 12."""
+    return f"checkpoint-{step:06d}"
+
+
+def saved_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """The checkpoint folders in one run's Ray Train folder, by optimizer step (others' files ignored)."""
+    out = {}
+    for p in Path(run_dir).glob("checkpoint-*"):
+        step = p.name.removeprefix("checkpoint-")
+        if step.isdigit() and p.is_dir():
+            out[int(step)] = p
+    return out
+
+
 def save_checkpoint(engine, state: TrainerState, rank: int, metrics: dict[str, float] | None = None,
                     reference=None) -> None:
     """Every rank writes its DeepSpeed shard (+ RNG) and reports it; Ray Train merges them in storage.
@@ -76,7 +91,7 @@ def save_checkpoint(engine, state: TrainerState, rank: int, metrics: dict[str, f
         files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(Path(d).rglob("*")) if p.is_file()}
         (Path(d) / MANIFEST.format(rank=rank)).write_text(json.dumps(files))
         ray.train.report({"step": state.global_step, **(metrics or {})}, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint-{state.global_step:06d}")
+                         checkpoint_dir_name=checkpoint_dir_name(state.global_step))
 
 
 def load_checkpoint(engine, d: str, rank: int, reference=None) -> TrainerState:
