@@ -75,8 +75,6 @@ HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
 def check_callbacks(callbacks) -> list[Callback]:
     """The callbacks as a list, each a ``Callback`` that pickles (it travels to the workers); else a TypeError
     naming the entry and the fix."""
-    import ray.cloudpickle
-
     out = list(callbacks or [])
     for i, cb in enumerate(out):
         if not isinstance(cb, Callback):
@@ -85,6 +83,8 @@ def check_callbacks(callbacks) -> list[Callback]:
                     if any(c.__name__ == "TrainerCallback" for c in type(cb).__mro__) else "")
             raise TypeError(f"callbacks[{i}] is a {type(cb).__name__}, not a dpo_ray.Callback{hint}: subclass "
                             "dpo_ray.Callback and override its on_* hooks")
+        import ray.cloudpickle
+
         try:
             ray.cloudpickle.dumps(cb)
         except Exception as e:
