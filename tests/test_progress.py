@@ -107,6 +107,21 @@ def test_ray_chatter_is_filtered_and_errors_never_are():
     assert [ln for ln in KEPT_LINES if _is_noise(ln)] == []
 
 
+def _read_all(fd: int) -> str:
+    """Everything written to a pty so far: one read can return a part of it (the line discipline hands the
+    output over in pieces), so read until nothing more arrives for 0.5 s."""
+    import os
+    import select
+
+    out = b""
+    while select.select([fd], [], [], 0.5)[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        out += chunk
+    return out.decode(errors="replace")
+
+
 def test_a_terminal_that_reports_no_size_still_shows_the_bar(monkeypatch):
     """A pseudo-terminal nobody sized (docker exec -t, script, CI runners) reports 0 × 0: tqdm's own width
     logic then draws nothing. The bar takes COLUMNS/LINES (or 100 × 24) there and follows a sized terminal."""
@@ -128,7 +143,7 @@ def test_a_terminal_that_reports_no_size_still_shows_the_bar(monkeypatch):
             progress.update(3, seconds_per_unit=0.5, loss=0.69)
             progress.close()
             tty.flush()
-            drawn = os.read(master, 65536).decode()
+            drawn = _read_all(master)
             assert "3/6 steps" in drawn, drawn
             fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
             assert bar_width(tty) == {"dynamic_ncols": True}
