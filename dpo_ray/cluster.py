@@ -175,6 +175,10 @@ def init_ray(cfg: DPOConfig) -> None:
     # wait up to that long; a 0.5 s check costs nothing and matters for short runs (propagated by Ray Train
     # from this process's environment; set it yourself to override).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Ray Train routes a worker's print() into its logger and, since Ray's worker stdout is not sys.__stdout__,
+    # also prints it: every print in a callback or a user's model code reached the console twice (measured with
+    # the docs/training.md callback example). Off, a print is one line, as in a plain script.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # Ray Data's per-operator progress bars drown the metrics table in a terminal; the table is the UI.
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = os.environ.get("DPO_RAY_DATA_PROGRESS", "0") == "1"
