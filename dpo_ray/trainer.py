@@ -423,10 +423,11 @@ def _find_checkpoint(resume, out: Path, cfg: DPOConfig) -> Path | None:
         return None
     if resume is True or str(resume).lower() in ("true", "latest"):
         root = Path(cfg.ray.storage_path or out / "ray_results").resolve()
-        runs = [root / cfg.run_name] if cfg.run_name else sorted(
-            (p for p in root.glob("*") if p.is_dir() and saved_checkpoints(p)),
-            key=lambda p: max(c.stat().st_mtime for c in saved_checkpoints(p).values()), reverse=True)[:1]
-        found = saved_checkpoints(runs[0]) if runs else {}
+        if cfg.run_name:
+            found = saved_checkpoints(root / cfg.run_name)
+        else:  # the run folder whose newest-written checkpoint is the most recent
+            runs = [c for c in (saved_checkpoints(p) for p in root.glob("*") if p.is_dir()) if c]
+            found = max(runs, key=lambda c: max(p.stat().st_mtime for p in c.values()), default={})
         for ckpt in (found[step] for step in sorted(found, reverse=True)):
             problem = checkpoint_problems(ckpt)
             if not problem:

@@ -245,7 +245,7 @@ class ActorPoolReference:
         """
         # Every rank must have its answers for this step's batches (sent at the old version) before any
         # actor moves on: otherwise a slower rank's pending request is computed with the mixed weights.
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _several_ranks():
             dist.barrier()
         state = gather_policy_state(policy)
         new_version = self.version + 1
@@ -328,6 +328,11 @@ def actor_state(handle) -> str | None:
         return None
 
 
+def _several_ranks() -> bool:
+    """A process group of more than one rank is up (collectives are needed; with one rank, or none, they are not)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _on_rank0_for_all(is_rank0: bool, action, what: str) -> None:
     """Run ``action`` on rank 0 only; every rank then learns whether it failed (a broadcast all ranks join)
     and raises ``what: error`` together, so none waits forever for a rank that gave up."""
@@ -337,7 +342,7 @@ def _on_rank0_for_all(is_rank0: bool, action, what: str) -> None:
             action()
         except Exception as e:  # reported to every rank below
             error = f"{type(e).__name__}: {e}"
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _several_ranks():
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]

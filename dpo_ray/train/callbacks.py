@@ -69,9 +69,6 @@ class Callback:
         pass
 
 
-HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
-
-
 def check_callbacks(callbacks) -> list[Callback]:
     """The callbacks as a list, each a ``Callback`` that pickles (it travels to the workers); else a TypeError
     naming the entry and the fix."""

@@ -112,7 +112,6 @@ class Run:
         self.acc = MetricAccumulator()
         self.throughput = Throughput(state)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=w.device)  # checked once per optimizer step
-        self.callbacks = list(self.lc.callbacks)
         self.best = w.cfg.best_model_metric()  # (eval key, greater is better) for load_best_model_at_end
         self.last_eval: dict[str, float] = {}
         self.noted = False  # the length-bucketing note, printed once
@@ -127,13 +126,13 @@ class Run:
 
     def fire(self, hook: str, metrics: dict[str, float] | None = None) -> None:
         """Call ``hook`` of every callback (dpo_ray.train.callbacks) with this worker's view of the run."""
-        if not self.callbacks:
+        if not self.lc.callbacks:
             return
         w = self.w
         ctx = CallbackContext(rank=w.rank, world_size=w.world, global_step=self.state.global_step,
                               total_steps=self.total_steps, epoch=self.epoch_fraction(),
                               output_dir=Path(self.cfg.output_dir), model=w.model, metrics=dict(metrics or {}))
-        for cb in self.callbacks:
+        for cb in self.lc.callbacks:
             getattr(cb, hook)(ctx)
 
     def epoch(self) -> bool:
