@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -57,14 +56,14 @@ def _first_row_watch(path: Path) -> dict:
 
 
 def child_dpo_ray(args) -> dict:
-    os.environ["DPO_RAY_TORCH_THREADS"] = "1"
     from dpo_ray import DPOConfig, DPOTrainer
 
     cfg = DPOConfig(model_name_or_path=args.model, dataset_name=args.data, dataset_test_split=None,
                     output_dir=args.workdir, per_device_train_batch_size=8, max_steps=1, logging_steps=1,
                     save_strategy="no", eval_strategy="no", report_to=[], bf16=False, gradient_checkpointing=False,
                     learning_rate=5e-4, max_length=128,
-                    ray={"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 0.5}})
+                    ray={"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 0.5},
+                         "torch_threads": 1})
     first = _first_row_watch(Path(args.workdir) / "metrics.jsonl")
     DPOTrainer(model=args.model, args=cfg).train()
     return {"first_step_s": first.get("t", float("nan")) - T_START}

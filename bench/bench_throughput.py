@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -72,8 +71,6 @@ def hparams(args) -> dict:
 # ------------------------------------------------------------------------------------- children
 
 def child_dpo_ray(args) -> dict:
-    if args.threads:
-        os.environ["DPO_RAY_TORCH_THREADS"] = str(args.threads)
     from dpo_ray import DPOConfig, DPOTrainer
 
     hp = hparams(args)
@@ -81,6 +78,8 @@ def child_dpo_ray(args) -> dict:
     extra = json.loads(args.dpo_ray_extra) if args.dpo_ray_extra else {}
     ray_cfg = {"num_workers": args.workers, "use_gpu": args.gpu,
                "resources_per_worker": {"CPU": 1, "GPU": 1} if args.gpu else {"CPU": 0.5}}
+    if args.threads:
+        ray_cfg["torch_threads"] = args.threads
     ray_cfg.update(extra.pop("ray", {}))  # e.g. {"resources_per_worker": {"CPU": 1, "GPU": 0.5}} (gpu_check.py)
     cfg = DPOConfig(
         model_name_or_path=args.model, dataset_name=args.data, dataset_test_split=None,

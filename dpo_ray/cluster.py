@@ -11,6 +11,7 @@ import os
 import re
 import sys
 
+from dpo_ray import ray_private
 from dpo_ray.config import DPOConfig
 from dpo_ray.errors import ConfigError
 from dpo_ray.paths import local_inputs
@@ -93,7 +94,7 @@ class _CleanerTraceback:
 def quiet_ray_console() -> None:
     """Filter what Ray prints on this driver's console from other processes (see ``RAY_NOISE``): worker and
     actor output, and the raylet's notices. Idempotent. Wraps Ray's printer (a private hook, which both
-    paths use); if that changes, everything is shown as before.
+    paths use: ray_private.wrap_log_printer); if that changes, everything is shown as before.
 
     Output that is not a terminal (a pipe, a file, ``ray job logs``) gets Ray's ``(RayTrainWorker pid=...)``
     prefixes without colour codes (Ray's RAY_COLOR_PREFIX=0, read per line; set it yourself to choose). In a
@@ -103,31 +104,19 @@ def quiet_ray_console() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if os.environ.get("DPO_RAY_RAY_LOGS", "quiet") == "all":
         return
-    try:
-        import functools
 
-        from ray._private import worker as ray_worker
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
-        return
-    show = getattr(ray_worker, "print_to_stdstream", None)
-    if show is None or getattr(show, "dpo_ray_quiet", False):
-        return
+    def make(show):
+        cleaner = _CleanerTraceback()
 
-    cleaner = _CleanerTraceback()
+        def quiet(data: dict, ignore_prefix: bool = False) -> None:
+            kept = _keep(cleaner(data))
+            if kept:
+                with _bars_cleared():
+                    show({**data, "lines": kept}, ignore_prefix)
 
-    def quiet(data: dict, ignore_prefix: bool = False) -> None:
-        kept = _keep(cleaner(data))
-        if kept:
-            with _bars_cleared():
-                show({**data, "lines": kept}, ignore_prefix)
+        return quiet
 
-    quiet.dpo_ray_quiet = True
-    ray_worker.print_to_stdstream = quiet  # the raylet's notices (listen_error_messages) look it up per call
-    for name, handler in list(dispatcher.handlers):  # worker output: a partial bound to the original at init
-        if name == "ray_print_logs" and getattr(handler, "func", None) is show:
-            dispatcher.remove_handler(name)
-            dispatcher.add_handler(name, functools.partial(quiet, **handler.keywords))
+    ray_private.wrap_log_printer(make)
 
 
 def _bars_cleared():
@@ -216,11 +205,8 @@ def init_ray(cfg: DPOConfig) -> None:
 
 def started_here() -> bool:
     """Whether this process started the Ray it is connected to (a local run, or a test's local Ray), rather
-    than joining a cluster (ray.address / RAY_ADDRESS, `ray job submit`). Ray's private node handle."""
-    import ray._private.worker as worker
-
-    node = getattr(worker, "_global_node", None)
-    return bool(getattr(node, "head", False))
+    than joining a cluster (ray.address / RAY_ADDRESS, `ray job submit`)."""
+    return ray_private.started_this_ray()
 
 
 def torch_trainer_class():
@@ -235,19 +221,14 @@ def torch_trainer_class():
     The cleaner is a detached actor that removes the run's placement group if the Train controller dies while
     the cluster lives on. A Ray started by this process ends with it, placement groups included, so there it is
     only one more process to start with every run (~117 MiB, a torch-free Ray import) and a poller of a state API
-    this Ray serves without a dashboard. Joined clusters keep it. Both are Ray's private hooks: when Ray renames
-    them, Ray's own behaviour stays."""
+    this Ray serves without a dashboard. Joined clusters keep it. Both are Ray's private hooks (ray_private):
+    when Ray renames them, Ray's own behaviour stays."""
     from ray.train.torch import TorchTrainer
 
-    drop_cleaner = started_here() and hasattr(TorchTrainer, "_create_default_callbacks")
     cleaner = None
-    if drop_cleaner:
-        try:
-            from ray.train.v2._internal.callbacks.placement_group_callback import (
-                PlacementGroupCleanerCallback as cleaner,
-            )
-        except ImportError:
-            drop_cleaner = False
+    if ray_private.trainer_hooks_present(TorchTrainer) and started_here():
+        cleaner = ray_private.placement_group_cleaner_callback()
+    drop_cleaner = cleaner is not None
 
     class DpoRayTorchTrainer(TorchTrainer):
         interrupted = False
@@ -279,13 +260,9 @@ def pin_ray_data_stats_to_driver() -> None:
     """Ray Data keeps one detached stats actor per cluster, pinned to the node of whichever process first runs a
     dataset: in a training run that is the split coordinator or a read task on a worker node, and when that node
     is lost every later Ray Data run on the cluster fails ("_StatsActor ... its node has died"). Created here,
-    from the driver, it lives on the driver's node (the head on a cluster). Best effort: a private Ray Data hook."""
-    try:
-        from ray.data._internal.stats import get_or_create_stats_actor
-
-        get_or_create_stats_actor()
-    except Exception:  # noqa: BLE001 - an older/newer Ray Data: it creates its own, as before
-        pass
+    from the driver, it lives on the driver's node (the head on a cluster). Best effort (a private Ray Data hook:
+    ray_private.create_data_stats_actor)."""
+    ray_private.create_data_stats_actor()
 
 
 def alive_nodes() -> int:
@@ -307,9 +284,7 @@ def worker_resources(cfg: DPOConfig, use_gpu: bool) -> dict[str, float]:
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
-    env = dict(WORKER_ENV)
-    # DPO_RAY_* knobs (thread counts, progress, reference timeouts) follow the driver to the workers
-    env.update({k: v for k, v in os.environ.items() if k.startswith("DPO_RAY_")})
+    env = dict(WORKER_ENV)  # every setting a worker needs travels in the config; no DPO_RAY_* variable is read there
     # DeepSpeed picks its accelerator from DS_ACCELERATOR; a driver started with it set to cpu (the Makefile
     # exports that for CPU machines) must not put GPU workers on DeepSpeed's CPU accelerator.
     env["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"

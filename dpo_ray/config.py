@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 import types
 import typing
@@ -28,6 +29,7 @@ from pydantic import (
 )
 
 from dpo_ray.data.checks import INSPECT_CHECKS
+from dpo_ray.dicts import merged, set_dotted
 from dpo_ray.errors import ConfigError
 from dpo_ray.losses import F_DIVERGENCES, LOSS_ALIASES, LOSSES, LossParams, canonical_loss_name
 from dpo_ray.optim import canonical_optimizer, optimizer_problems
@@ -111,6 +113,8 @@ class RayConfig(_Section):
         description="Ray resources per worker, e.g. {CPU: 0.5, policy_gpu: 1}; empty = auto (fractional CPU on CPU)",
     )
     num_cpus: float | None = Field(None, description="logical CPUs for a local Ray (default: 2× cores, at least 8)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads of each worker on CPU; default "
+                                      "the node's cores ÷ its workers (at least 1)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how the workers' bundles are placed across nodes")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1 = forever)")
@@ -141,14 +145,14 @@ class ReferenceConfig(_Section):
     batch_size: int | None = Field(None, ge=1, description="pairs per actor forward (default: per_device batch)")
     cache_dir: str | None = Field(None, description="precomputed cache dir; default ~/.cache/dpo_ray/ref_logps")
     request_timeout_s: float = Field(600.0, gt=0, description="seconds a worker waits for one reference answer before "
-                                     "failing (a wedged actor becomes an error, not a hang); env DPO_RAY_REF_TIMEOUT_S overrides")
+                                     "failing (a wedged actor becomes an error, not a hang)")
     capacity_timeout_s: float = Field(600.0, gt=0, description="seconds a worker waits for a reference actor that "
                                       "lost its node to find a node with its resources again (Ray restarts it there) "
-                                      "before failing, naming the resources; env DPO_RAY_REF_CAPACITY_TIMEOUT_S overrides")
+                                      "before failing, naming the resources")
     ready_timeout_s: float = Field(900.0, gt=0, description="seconds the driver waits for the actors to load their "
-                                   "model; env DPO_RAY_REF_READY_TIMEOUT_S overrides")
+                                   "model")
     check_placement: bool = Field(True, description="fail at once when the cluster's nodes cannot hold the pool; turn "
-                                  "off under an autoscaler that adds nodes on demand (env DPO_RAY_SKIP_PLACEMENT_CHECK=1 too)")
+                                  "off under an autoscaler that adds nodes on demand")
 
 
 class DeepSpeedConfig(_Section):
@@ -217,7 +221,8 @@ class DPOConfig(BaseModel):
     load_in_4bit: bool = Field(False, description="QLoRA: 4-bit base via bitsandbytes (GPU only)")
     model_adapter_name: str | None = Field(None, description="name of the trained adapter (default 'default')")
     ref_adapter_name: str | None = Field(None, description="name of the frozen reference adapter (reference.source ref_adapter)")
-    merge_adapter: bool = Field(False, description="also save a merged full model under output_dir/merged")
+    merge_adapter: bool = Field(False, description="also save a merged full model, with its tokenizer, under "
+                                 "output_dir/merged (loads with from_pretrained alone)")
     router_aux_loss_coef: float = Field(0.001, ge=0, description="weight of the MoE router load-balancing loss")
     output_router_logits: bool = Field(False, description="MoE: add the router load-balancing loss")
 
@@ -265,6 +270,11 @@ class DPOConfig(BaseModel):
 
     # --- TrainingArguments ---
     output_dir: str = Field("dpo_output", description="model, tokenizer, config, metrics, plot, report and checkpoints go here")
+    shared_dir: str | None = Field(
+        default_factory=lambda: os.environ.get("DPO_RAY_SHARED_DIR") or None,
+        description="storage every node mounts: relative output_dir, ray.storage_path and reference.cache_dir are "
+        "taken against it, and the precomputed-reference cache defaults to <shared_dir>/ref_logps_cache (needed "
+        "under `ray job submit --working-dir`, whose working copy Ray deletes); default $DPO_RAY_SHARED_DIR")
     learning_rate: float = Field(1e-6, gt=0, description="peak AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on norms and biases)")
     adam_beta1: float = Field(0.9, description="AdamW β1")
@@ -692,16 +702,7 @@ def deepspeed_config(cfg: DPOConfig, world_size: int, on_gpu: bool) -> dict:
         ds["bf16"] = {"enabled": True}
     elif cfg.fp16:
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
-    _deep_merge(ds, cfg.deepspeed.overrides)
-    return ds
-
-
-def _deep_merge(base: dict, extra: dict) -> None:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_merge(base[k], v)
-        else:
-            base[k] = v
+    return merged(ds, cfg.deepspeed.overrides)
 
 
 # ---------------------------------------------------------------- loading: YAML + TRL-style flags
@@ -779,15 +780,8 @@ def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
                                          f"(got {vars(ns)[dest]!r})")]) from None
         if isinstance(value, str) and value.lower() in ("none", "null") and key not in ("loss_type",):
             value = None
-        _set_dotted(out, key, value)
+        set_dotted(out, key, value)
     return out
-
-
-def _set_dotted(d: dict, key: str, value) -> None:
-    parts = key.split(".")
-    for part in parts[:-1]:
-        d = d.setdefault(part, {})
-    d[parts[-1]] = value
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DPOConfig:

@@ -37,9 +37,8 @@ PATH_KEYS: dict[str, bool] = {
 }
 # keys naming a model directory that must exist before anything starts (dpo_ray loads models from disk)
 MODEL_DIR_KEYS = ("model_name_or_path", "reference.model_name_or_path")
-# keys naming where a run writes; relative ones are taken against DPO_RAY_SHARED_DIR when it is set
+# keys naming where a run writes; relative ones are taken against shared_dir when it is set
 WRITE_KEYS = ("output_dir", "ray.storage_path", "reference.cache_dir")
-SHARED_DIR_ENV = "DPO_RAY_SHARED_DIR"
 
 
 def job_working_dir() -> str | None:
@@ -87,7 +86,7 @@ def resolve_config_paths(cfg: DPOConfig, base: str | Path | None = None) -> DPOC
     """A copy of ``cfg`` whose local paths are absolute (relative ones taken against ``base``, default the
     working directory). Idempotent: an absolute path stays as it is."""
     base = Path(base or os.getcwd()).resolve()
-    shared = os.environ.get(SHARED_DIR_ENV)
+    shared = cfg.shared_dir
     write_base = Path(shared).expanduser().resolve() if shared else base
     data = cfg.model_dump()
     job_dir = None if shared else job_working_dir()
@@ -100,9 +99,9 @@ def resolve_config_paths(cfg: DPOConfig, base: str | Path | None = None) -> DPOC
                 and not value.startswith(("/", "~")):
             blind.append((key, f"{value!r} is relative, and this driver runs in the Ray job's uploaded working "
                                f"directory {job_dir}: a copy on one node's local disk that Ray deletes after the job, "
-                               "so the outputs would be lost. Set DPO_RAY_SHARED_DIR to a directory on shared storage "
-                               "(the job's runtime_env env_vars, e.g. /mnt/shared/outputs: relative output paths are "
-                               "taken against it) or give an absolute path there"))
+                               "so the outputs would be lost. Set shared_dir (or DPO_RAY_SHARED_DIR in the job's "
+                               "runtime_env env_vars) to a directory on shared storage, e.g. /mnt/shared/outputs "
+                               "(relative output paths are taken against it), or give an absolute path there"))
             continue
         resolved = resolve_path(value, write_base if key in WRITE_KEYS else base, may_be_name)
         if resolved != value:
@@ -110,8 +109,10 @@ def resolve_config_paths(cfg: DPOConfig, base: str | Path | None = None) -> DPOC
             (data[section] if section else data)[name] = resolved
     if blind:
         raise ConfigError(blind)
-    if shared and not cfg.reference.cache_dir:  # the precomputed-reference cache goes to shared storage too
-        data["reference"]["cache_dir"] = str(write_base / "ref_logps_cache")
+    if shared:
+        data["shared_dir"] = str(write_base)
+        if not cfg.reference.cache_dir:  # the precomputed-reference cache goes to shared storage too
+            data["reference"]["cache_dir"] = str(write_base / "ref_logps_cache")
     return DPOConfig(**data)
 
 

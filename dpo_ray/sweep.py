@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_ray.config import DPOConfig
+from dpo_ray.dicts import merged, nest
 from dpo_ray.errors import ConfigError
 from dpo_ray.train.logger import read_metrics
 
@@ -75,17 +76,6 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
     return grid
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        *sections, leaf = key.split(".")
-        node = out
-        for s in sections:
-            node = node.setdefault(s, {})
-        node[leaf] = value
-    return out
-
-
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -98,13 +88,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _is_domain(v: Any) -> bool:
     return (isinstance(v, dict) and set(v) == {"grid_search"}) or type(v).__module__.startswith("ray.tune")
 
@@ -113,7 +96,7 @@ def grid_space(grid: dict[str, list]) -> dict[str, Any]:
     """A Tune param_space: every listed key a ``tune.grid_search`` (the CLI's --grid)."""
     from ray import tune
 
-    return _nest({k: tune.grid_search(v) for k, v in grid.items()})
+    return nest({k: tune.grid_search(v) for k, v in grid.items()})
 
 
 def grid_points(param_space: dict[str, Any]) -> list[dict[str, Any]]:
@@ -136,13 +119,13 @@ def trial_config(base: dict[str, Any], overrides: dict[str, Any], output_dir: st
     """The trial's DPOConfig: the base's keys, the trial's values (flat dotted or nested), its own output_dir and
     Ray Train run (run_name: the output folder's name, never the base's, so no two trials share a Ray Train
     folder under ray.storage_path) and, given ``cache_dir``, the shared precomputed reference."""
-    merged = _merge(base, _nest(_flatten(overrides)))
-    merged["output_dir"] = str(output_dir)
-    merged["run_name"] = Path(output_dir).name
+    data = merged(base, nest(_flatten(overrides)))
+    data["output_dir"] = str(output_dir)
+    data["run_name"] = Path(output_dir).name
     if cache_dir is not None:
-        merged = _merge(merged, {"reference": {"source": "precomputed", "cache_dir": cache_dir}})
-        merged.pop("precompute_ref_log_probs", None)
-    return DPOConfig(**merged)
+        data = merged(data, {"reference": {"source": "precomputed", "cache_dir": cache_dir}})
+        data.pop("precompute_ref_log_probs", None)
+    return DPOConfig(**data)
 
 
 def reference_projection(cfg: DPOConfig) -> str:
@@ -229,7 +212,7 @@ def dpo_trial(config: dict[str, Any], sweep: dict[str, Any] | None = None) -> No
     from dpo_ray.trainer import DPOTrainer
 
     sweep = sweep if sweep is not None else config[SWEEP_KEY]
-    os.environ.update(sweep["env"])  # DPO_RAY_* knobs follow the driver, as they do to Train workers
+    os.environ.update(sweep["env"])  # a trial is a driver: the sweep driver's DPO_RAY_* (console, shared dir)
     overrides = {k: v for k, v in config.items() if k != SWEEP_KEY}
     varied = {k: v for k, v in _flatten(overrides).items() if k in sweep["varied"]}
     ctx = tune.get_context()

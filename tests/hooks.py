@@ -1,17 +1,19 @@
 """Training-loop callbacks the tests use (import as ``from hooks import ...``): fault injection, a pause at a
-known step, a recorder of every hook call. They travel to the Ray Train workers pickled by value: the workers
-cannot import this test folder."""
+known step, a recorder of every hook call; and a reference host that answers late. They travel to the Ray Train
+workers and actors pickled by value: those processes cannot import this test folder."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
 
 import ray.cloudpickle
 
+from dpo_ray.reference.actor import ReferenceModelHost
 from dpo_ray.train.callbacks import Callback
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -77,3 +79,18 @@ class Recorder(Callback):
 
     def on_train_end(self, ctx) -> None:
         self._note("on_train_end", ctx)
+
+
+def slow_reference(low_s: float, high_s: float) -> type:
+    """A ``ReferenceModelHost`` (for ``ReferencePool.create(host_class=...)``) that sleeps a random
+    ``low_s``..``high_s`` seconds before each answer, seeded by its process id: the actors of a pool answer out of
+    order."""
+
+    class SlowReferenceHost(ReferenceModelHost):
+        def logps(self, *args, **kwargs):
+            if not hasattr(self, "_delays"):
+                self._delays = random.Random(os.getpid())
+            time.sleep(self._delays.uniform(low_s, high_s))
+            return super().logps(*args, **kwargs)
+
+    return SlowReferenceHost

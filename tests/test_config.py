@@ -297,3 +297,23 @@ def test_the_data_order_seed_is_data_seed_else_seed():
     """One home for transformers' fallback (data order, prompt groups' pairing, resume keys): 0 is a seed too."""
     assert DPOConfig(seed=7).data_order_seed == 7
     assert DPOConfig(seed=7, data_seed=0).data_order_seed == 0
+
+
+def test_the_nested_dict_helpers_merge_without_changing_their_inputs():
+    from dpo_ray.dicts import merged, nest, set_dotted
+
+    base = {"a": {"b": 1, "c": {"d": 2}}, "e": 3}
+    extra = {"a": {"c": {"d": 20, "f": 4}}, "e": {"g": 5}}
+    assert merged(base, extra) == {"a": {"b": 1, "c": {"d": 20, "f": 4}}, "e": {"g": 5}}
+    assert base == {"a": {"b": 1, "c": {"d": 2}}, "e": 3} and extra["a"]["c"] == {"d": 20, "f": 4}
+    assert nest({"reference.source": "actor", "beta": 0.1, "reference.num_actors": 2}) == {
+        "reference": {"source": "actor", "num_actors": 2}, "beta": 0.1}
+    d: dict = {}
+    set_dotted(d, "x.y.z", 1)
+    assert d == {"x": {"y": {"z": 1}}}
+    # the DeepSpeed dict takes the overrides last, nested keys merged into the built sections
+    from dpo_ray.config import deepspeed_config
+
+    cfg = DPOConfig(deepspeed={"overrides": {"zero_optimization": {"reduce_bucket_size": 123}}})
+    ds = deepspeed_config(cfg, world_size=2, on_gpu=False)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 123 and "stage" in ds["zero_optimization"]

@@ -5,8 +5,9 @@ Floors, ground up (docs/CONTRACTS.md, "Layers"):
   0 math        errors, logprobs, losses, prefix, flex, forward (the model forward policy and reference share),
                 vision (what a processor is), vision.images, plotting, progress (the console display),
                 optim and schedule (optimizers and LR schedules by TrainingArguments name), owned (what a run
-                may delete; the run lock), redact (the one redaction of secrets)
-  1 data        data.*, ledger (the bookkeeping actors: Ray and the standard library only)
+                may delete; the run lock), redact (the one redaction of secrets), dicts (nested dicts by dotted keys)
+  1 data        data.*, ledger (the bookkeeping actors: Ray and the standard library only), ray_private (every
+                private name of Ray dpo_ray uses, each with its fallback)
   2 config      config, paths, trl_keys (what each TRL key means here)
   3 models      models, adapters, vision.tiny
   4 reference   reference.*
@@ -26,8 +27,8 @@ PKG = Path(__file__).resolve().parents[1] / "dpo_ray"
 
 FLOORS = [
     (0, ("errors", "logprobs", "losses", "prefix", "flex", "forward", "vision", "vision.images", "plotting", "progress", "timeline",
-         "optim", "schedule", "owned", "redact", "extensions")),
-    (1, ("data", "ledger")),
+         "optim", "schedule", "owned", "redact", "extensions", "dicts")),
+    (1, ("data", "ledger", "ray_private")),
     (2, ("config", "paths", "trl_keys")),
     (3, ("models", "adapters", "vision.tiny")),
     (4, ("reference",)),

@@ -56,7 +56,7 @@ def test_outputs_of_a_ray_job_never_land_in_its_uploaded_working_dir(in_tmp, mon
     with pytest.raises(ConfigError) as e:
         resolve_config_paths(DPOConfig(output_dir="out", ray={"storage_path": "ckpts"}))
     assert [k for k, _ in e.value.problems] == ["output_dir", "ray.storage_path"]
-    assert "DPO_RAY_SHARED_DIR" in str(e.value) and "deletes after the job" in str(e.value)
+    assert "shared_dir" in str(e.value) and "DPO_RAY_SHARED_DIR" in str(e.value) and "deletes after the job" in str(e.value)
     assert resolve_config_paths(DPOConfig(output_dir="/abs/out")).output_dir == "/abs/out"  # absolute: as given
     shared = in_tmp / "shared"
     monkeypatch.setenv("DPO_RAY_SHARED_DIR", str(shared))
@@ -64,9 +64,14 @@ def test_outputs_of_a_ray_job_never_land_in_its_uploaded_working_dir(in_tmp, mon
     assert cfg.output_dir == str(shared / "out") and cfg.ray.storage_path == str(shared / "ckpts")
     assert cfg.reference.cache_dir == str(shared / "ref_logps_cache")
     assert cfg.model_name_or_path == str(in_tmp / "model")  # an input: the (uploaded) working directory's
+    assert cfg.shared_dir == str(shared)  # the variable is the setting's default: validate and dpo_config.yaml show it
     assert resolve_config_paths(cfg) == cfg
-    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # outside a job too: DPO_RAY_SHARED_DIR is the output base
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # outside a job too: shared_dir is the output base
     assert resolve_config_paths(DPOConfig(output_dir="o")).output_dir == str(shared / "o")
+    monkeypatch.delenv("DPO_RAY_SHARED_DIR")  # the setting itself, no variable
+    other = in_tmp / "other"
+    cfg = resolve_config_paths(DPOConfig(output_dir="o", shared_dir=str(other)))
+    assert cfg.output_dir == str(other / "o") and cfg.reference.cache_dir == str(other / "ref_logps_cache")
 
 
 def test_names_uris_and_latest_pass_through(in_tmp):

@@ -7,6 +7,7 @@ LlamaConfig (no downloads). Every blocking wait carries a timeout so a bug fails
 from __future__ import annotations
 
 import copy
+import json
 import random
 import time
 
@@ -14,6 +15,7 @@ import pytest
 import ray
 import torch
 from helpers import tiny_llama
+from hooks import slow_reference
 
 from dpo_ray.config import DPOConfig
 from dpo_ray.forward import reference_logps
@@ -93,7 +95,7 @@ def consume(client, batches, depth, on_item=None):
 def test_actor_logps_equal_in_process_and_prefetch_under_delays(source, source_ref):
     """Two actors with random delays, two ranks, depth 3: every batch gets its own log-probs (1e-5)."""
     cfg = config(num_actors=2)
-    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, delay_s=(0.0, 0.06))
+    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, host_class=slow_reference(0.0, 0.06))
     try:
         model = build(source)
         batches = [make_batch(3, s) for s in range(10)]
@@ -112,7 +114,7 @@ def test_actor_logps_equal_in_process_and_prefetch_under_delays(source, source_r
 @pytest.mark.timeout(150)
 def test_killed_actor_restarts_and_results_match(source, source_ref):
     cfg = config(num_actors=1, max_restarts=2, max_task_retries=3)
-    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, delay_s=(0.02, 0.05))
+    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, host_class=slow_reference(0.02, 0.05))
     try:
         batches = [make_batch(2, s) for s in range(8)]
         want = expected(build(source), batches)
@@ -153,7 +155,7 @@ def test_exhausted_retry_budget_raises_clear_error(source_ref):
 def test_tr_dpo_sync_mixes_exactly_and_resubmits_stale(source, source_ref, tmp_path):
     alpha = 0.6
     cfg = config(num_actors=2, max_restarts=2, max_task_retries=3)
-    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, delay_s=(0.0, 0.03))
+    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, host_class=slow_reference(0.0, 0.03))
     try:
         ref_model = build(source)
         policy = copy.deepcopy(ref_model)
@@ -266,6 +268,10 @@ def test_precompute_cache_hit_on_second_call(source, source_ref, tmp_path, capsy
     reshaped = ray.data.from_items(rows[5:] + rows[:5], override_num_blocks=5).repartition(3)
     attach_reference_logps(reshaped, cfg, source_ref, None, split="train").materialize()
     assert "reference cache hit" in capsys.readouterr().out
+    # one pass logged for the key: 12 rows, its result kept; the hits ran none
+    (log,) = tmp_path.rglob(precompute.PASSES_LOG)
+    passes = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(p["split"], p["rows"], p["kept"]) for p in passes] == [("train", 12, True)], passes
 
     model = build(source)
     by_id = {r["row_id"]: r for r in out}
@@ -330,7 +336,7 @@ def test_tr_dpo_sync_across_two_gloo_ranks(source, source_ref):
 
     alpha = 0.5
     cfg = config(num_actors=2)
-    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, delay_s=(0.0, 0.03))
+    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, host_class=slow_reference(0.0, 0.03))
     try:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

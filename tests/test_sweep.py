@@ -17,6 +17,7 @@ import pytest
 
 from dpo_ray import DPOConfig
 from dpo_ray.errors import ConfigError
+from dpo_ray.reference.precompute import PASSES_LOG
 from dpo_ray.reference.store import ReferenceStore, weights_fingerprint
 from dpo_ray.sweep import grid_points, grid_space, parse_grid, reference_projection, trial_config
 
@@ -188,8 +189,6 @@ def test_a_sweep_runs_the_reference_once_and_shares_it(ray_local, tmp_path, monk
     trials keeps the suite short), one reference pass for both."""
     from dpo_ray.sweep import run_sweep
 
-    counter = tmp_path / "reference_forwards.txt"
-    monkeypatch.setenv("DPO_RAY_REFERENCE_COUNTER", str(counter))  # the scorer appends "<pid> <rows>" per forward
     monkeypatch.setenv("DPO_RAY_TEST_SECRET", "S3CRET-ENV")  # DPO_RAY_* variables follow the trials, in private
     sweep_dir = tmp_path / "sweep"
     storage = tmp_path / "storage"
@@ -206,8 +205,10 @@ def test_a_sweep_runs_the_reference_once_and_shares_it(ray_local, tmp_path, monk
     key = summary["reference"]["keys"][0]
     entry = sweep_dir / "reference_store" / key
     meta = json.loads((entry / "_content_key.json").read_text())
-    scored = [int(line.split()[1]) for line in counter.read_text().splitlines()]
-    assert sum(scored) == sum(meta["row_counts"].values()) > 0, (scored, meta["row_counts"])
+    # every pass over any key inside the entry (the store's, and any a trial ran) logs its rows
+    passes = [json.loads(line) for log in entry.rglob(PASSES_LOG) for line in log.read_text().splitlines()]
+    assert sum(p["rows"] for p in passes) == sum(meta["row_counts"].values()) > 0, (passes, meta["row_counts"])
+    assert all(p["kept"] for p in passes), passes
 
     # the table: one row per trial, all ok, the varied keys, metrics, every trial reading the store's entry
     rows = list(csv.DictReader(open(sweep_dir / "results.csv")))

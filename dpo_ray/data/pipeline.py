@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from dpo_ray import ray_private
 from dpo_ray.data import bundled
 from dpo_ray.data.sources import (
     Chunk,
@@ -569,5 +570,4 @@ def _preserve_order(ds) -> None:
     ctx = ds.context.copy() if hasattr(ds.context, "copy") else ds.context
     ctx.execution_options.preserve_order = True
     ctx.target_max_block_size = BLOCK_BYTES
-    ds._context = ctx  # the public setter would change every dataset in the process
-    ds._logical_plan.context = ctx
+    ray_private.set_dataset_context(ds, ctx)  # the public setter would change every dataset in the process

@@ -14,8 +14,6 @@ or by an actor that restarted and reloaded version 0, from a current one.
 from __future__ import annotations
 
 import os
-import random
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +25,7 @@ from torch import Tensor, nn
 from dpo_ray.config import DPOConfig
 from dpo_ray.forward import GROUP_KEYS, PrefixSharing, reference_logps
 from dpo_ray.models import load_causal_lm, reference_dtype
+from dpo_ray.reference.base import mix_tensor, param_name, params_by_name
 from dpo_ray.vision import PIXEL_KEYS
 
 REQUEST_KEYS = ("input_ids", "attention_mask", "completion_mask")
@@ -89,11 +88,9 @@ class ReferenceModelHost:
     ``source``: a model directory, a ``{"config", "state_dict"}`` dict (an ObjectRef passed to a Ray
     actor arrives resolved), None for the tiny default seeded by ``cfg.seed``, or ``FromRequests()``: the
     model comes with the first request's ``model`` argument.
-    ``delay_s``: test knob, a (low, high) range of seconds slept before each answer.
     """
 
-    def __init__(self, cfg: DPOConfig | dict, source: str | dict | FromRequests | None, tokenizer, *,
-                 delay_s: tuple[float, float] | None = None, delay_seed: int = 0):
+    def __init__(self, cfg: DPOConfig | dict, source: str | dict | FromRequests | None, tokenizer):
         self.cfg = cfg if isinstance(cfg, DPOConfig) else DPOConfig(**cfg)
         rc = self.cfg.reference
         self.device = reference_device(rc.num_gpus)
@@ -104,8 +101,6 @@ class ReferenceModelHost:
         self.version = 0
         self.forwards = 0
         self.sharing = PrefixSharing(self.cfg.prefix_sharing, "reference", self.cfg.prefix_attention)
-        self._delay = delay_s
-        self._rng = random.Random(delay_seed + os.getpid())
         if not isinstance(source, FromRequests):
             self._load(source, tokenizer)
 
@@ -133,8 +128,6 @@ class ReferenceModelHost:
         tensors may arrive as numpy and the log-probs leave as float32 numpy (``to_wire``): Ray moves numpy
         through its object store without pickling torch tensors."""
         self._ensure_model(model)
-        if self._delay is not None:
-            time.sleep(self._rng.uniform(*self._delay))
         on_device = {k: from_wire(batch[k], self.device) for k in request_keys(batch)}
         chosen, rejected = reference_logps(self.model, on_device, ld_alpha=ld_alpha, sharing=self.sharing)
         self.forwards += 1
@@ -156,9 +149,9 @@ class ReferenceModelHost:
             raise RuntimeError(
                 f"reference actor at weights version {self.version} was asked to apply sync {version}: it missed "
                 "a sync (restarted?) and must be restored with load_state first")
-        for name, p in self._params_for(state_dict).items():
-            src = _lookup(state_dict, name)
-            p.mul_(1 - alpha).add_(src.to(device=p.device, dtype=p.dtype), alpha=alpha)
+        given = {param_name(k): v for k, v in state_dict.items()}
+        for name, p in params_by_name(self.model, given).items():
+            mix_tensor(p, given[name], alpha)
         self.version = version
         return self.version
 
@@ -166,24 +159,15 @@ class ReferenceModelHost:
     def load_state(self, state_dict: Mapping[str, Tensor], version: int, model: list | None = None) -> int:
         """Overwrite the parameters with ``state_dict`` (a peer's weights) and adopt its version."""
         self._ensure_model(model)
-        for name, p in self._params_for(state_dict).items():
-            p.copy_(_lookup(state_dict, name).to(device=p.device, dtype=p.dtype))
+        given = {param_name(k): v for k, v in state_dict.items()}
+        for name, p in params_by_name(self.model, given).items():
+            p.copy_(given[name].to(device=p.device, dtype=p.dtype))
         self.version = version
         return self.version
 
     def state_dict(self, model: list | None = None) -> dict[str, Tensor]:
         """The parameters on CPU, named as ``named_parameters`` names them (tied weights once)."""
         return {n: p.detach().cpu() for n, p in self._ensure_model(model).named_parameters()}
-
-    def _params_for(self, state_dict: Mapping[str, Tensor]) -> dict[str, nn.Parameter]:
-        params = dict(self.model.named_parameters())
-        given = {k.removeprefix("module.") for k in state_dict}
-        missing, extra = sorted(set(params) - given), sorted(given - set(params))
-        if missing or extra:
-            raise KeyError(
-                f"TR-DPO sync: policy and reference parameters differ (missing in the policy: {missing[:5]}, "
-                f"unknown to the reference: {extra[:5]}); is the reference the same architecture?")
-        return params
 
     # ------------------------------------------------------------------------------------- health
     def weights_version(self) -> int:
@@ -195,10 +179,6 @@ class ReferenceModelHost:
             self._ensure_model(model)
         return {"loaded": self.model is not None, "pid": os.getpid(), "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."), "version": self.version, "forwards": self.forwards}
-
-
-def _lookup(state_dict: Mapping[str, Tensor], name: str) -> Tensor:
-    return state_dict[name] if name in state_dict else state_dict["module." + name]
 
 
 ReferenceActor = ray.remote(ReferenceModelHost)

@@ -153,24 +153,46 @@ class LocalReference:
         pass
 
 
+# ------------------------------------------------------------------------------------- TR-DPO's weights
+
+def param_name(name: str) -> str:
+    """A parameter's name as the bare model names it: without the ``module.`` a DeepSpeed or DDP wrapper adds."""
+    return name.removeprefix("module.")
+
+
+def params_by_name(model: nn.Module, expected: Iterable[str] | None = None) -> dict[str, nn.Parameter]:
+    """``model``'s parameters keyed by ``param_name``. With ``expected`` (names, prefixed or not), the two sets
+    must be equal: a KeyError names what is missing on either side (another architecture)."""
+    params = {param_name(n): p for n, p in model.named_parameters()}
+    if expected is not None:
+        given = {param_name(n) for n in expected}
+        missing, extra = sorted(given - set(params)), sorted(set(params) - given)
+        if missing or extra:
+            raise KeyError(
+                f"TR-DPO sync: policy and reference parameters differ (only in the policy: {missing[:5]}, only in "
+                f"the reference: {extra[:5]}); is the reference the same architecture?")
+    return params
+
+
+@torch.no_grad()
+def mix_tensor(dst: Tensor, src: Tensor, alpha: float) -> None:
+    """``dst`` ← α·``src`` + (1-α)·``dst`` in place (``src`` brought to ``dst``'s device and dtype): TR-DPO's
+    update (arXiv 2404.09656) of one tensor, the only place it is written."""
+    dst.mul_(1 - alpha).add_(src.to(device=dst.device, dtype=dst.dtype), alpha=alpha)
+
+
 @torch.no_grad()
 def mix_into(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
-    """π_ref ← α·π_θ + (1-α)·π_ref (TR-DPO, arXiv 2404.09656), parameter by parameter.
+    """π_ref ← α·π_θ + (1-α)·π_ref, parameter by parameter, between two modules of one process.
 
     ZeRO-3 parameters are mixed on their local shards (``ds_tensor``): policy and reference are
     partitioned identically, so no gather is needed.
     """
-    ref_params = dict(reference.named_parameters())
-    for name, p in policy.named_parameters():
-        name = name.removeprefix("module.")
-        r = ref_params.get(name)
-        if r is None:  # `or` would ask a tensor for its truth value
-            r = ref_params.get("module." + name)
-        if r is None:
-            raise KeyError(f"TR-DPO sync: reference has no parameter {name!r}; is it the same architecture?")
-        src = getattr(p, "ds_tensor", None)
-        dst = getattr(r, "ds_tensor", None)
+    policy_params = params_by_name(policy)
+    for name, r in params_by_name(reference, policy_params).items():
+        p = policy_params[name]
+        src, dst = getattr(p, "ds_tensor", None), getattr(r, "ds_tensor", None)
         if src is not None and dst is not None:
-            dst.mul_(1 - alpha).add_(src.to(dst.dtype), alpha=alpha)
+            mix_tensor(dst, src, alpha)
         else:
-            r.data.mul_(1 - alpha).add_(p.data.to(r.dtype), alpha=alpha)
+            mix_tensor(r.data, p.data, alpha)

@@ -24,10 +24,12 @@ import torch.distributed as dist
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from torch import Tensor, nn
 
+from dpo_ray import ray_private
 from dpo_ray.config import DPOConfig
 from dpo_ray.forward import num_pairs
 from dpo_ray.reference.actor import from_wire, request_keys, to_wire
-from dpo_ray.reference.pool import actor_request, env_override
+from dpo_ray.reference.base import param_name
+from dpo_ray.reference.pool import actor_request
 
 
 @dataclass
@@ -65,14 +67,13 @@ class ActorPoolReference:
         self.rank = _worker_rank() if rank is None else rank
         self.ld_alpha = cfg.ld_alpha
         self.retries = cfg.reference.max_task_retries
-        self.timeout_s = (env_override("DPO_RAY_REF_TIMEOUT_S", cfg.reference.request_timeout_s)
-                          if timeout_s is None else timeout_s)
+        self.timeout_s = cfg.reference.request_timeout_s if timeout_s is None else timeout_s
         # The first answer also waits for the actor to load its model: the driver starts the pool without
         # waiting (the loading overlaps the worker group's start) and stops it if loading fails or times out.
-        self.ready_timeout_s = env_override("DPO_RAY_REF_READY_TIMEOUT_S", cfg.reference.ready_timeout_s)
+        self.ready_timeout_s = cfg.reference.ready_timeout_s
         self._answered = False
         # node loss (issue 18): how long to wait for a node with room for an actor Ray is restarting
-        self.capacity_timeout_s = env_override("DPO_RAY_REF_CAPACITY_TIMEOUT_S", cfg.reference.capacity_timeout_s)
+        self.capacity_timeout_s = cfg.reference.capacity_timeout_s
         self.actor_needs = (actor_request(cfg), dict(cfg.reference.node_label))
         self.version = 0
         self._seq = 0
@@ -189,10 +190,8 @@ class ActorPoolReference:
                 if lost_s >= self.capacity_timeout_s:
                     raise RuntimeError(
                         f"reference actor {req.actor} is down (its node or process was lost) and Ray found no node with "
-                        f"room to restart it within "
-                        f"{self.capacity_timeout_s:g}s (reference.capacity_timeout_s; DPO_RAY_REF_CAPACITY_TIMEOUT_S "
-                        f"overrides): it needs {self._needs()}. No batch was trained without reference log-probs; "
-                        "add a node with these resources and resume with resume_from_checkpoint: latest") from None
+                        f"room to restart it within {self.capacity_timeout_s:g}s (reference.capacity_timeout_s): it "
+                        f"needs {self._needs()}. No batch was trained without reference log-probs; add a node with these resources and resume with resume_from_checkpoint: latest") from None
             else:
                 alive_s += spent
                 if alive_s >= timeout_s:
@@ -318,13 +317,12 @@ _WAITING_FOR_NODE = ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY")
 
 
 def actor_state(handle) -> str | None:
-    """The actor's state as the GCS knows it (ALIVE, RESTARTING, DEAD, ...); None when it cannot be asked."""
+    """The actor's state as the GCS knows it (ALIVE, RESTARTING, DEAD, ...); None when the GCS cannot be asked
+    (a hiccup, or a Ray without the hook: ray_private.actor_state). Unknown is not "waiting for a node": the
+    wait then counts against the answer timeout, which still bounds it."""
     try:
-        from ray._private.state import state  # the GCS actor table; works without the dashboard
-
-        info = state.actor_table(handle._actor_id.hex())
-        return info.get("State") if info else None
-    except Exception:  # a GCS hiccup: treat as alive (the request timeout still bounds the wait)
+        return ray_private.actor_state(handle)
+    except ray_private.StateUnknown:
         return None
 
 
@@ -360,7 +358,7 @@ def gather_policy_state(policy: nn.Module) -> dict[str, Tensor] | None:
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     out: dict[str, Tensor] | None = {} if rank == 0 else None
     for name, p in policy.named_parameters():
-        key = name.removeprefix("module.")
+        key = param_name(name)
         if getattr(p, "ds_id", None) is not None:
             import deepspeed
 

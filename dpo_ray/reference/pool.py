@@ -9,7 +9,6 @@ goes to the workers through the loop config; ``shutdown()`` ends them.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,13 +16,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from dpo_ray.config import DPOConfig
-from dpo_ray.reference.actor import FromRequests, ReferenceActor
-
-
-def env_override(name: str, value: float) -> float:
-    """A reference.* setting, unless the environment variable ``name`` overrides it (read when used)."""
-    raw = os.environ.get(name)
-    return float(raw) if raw else value
+from dpo_ray.reference.actor import FromRequests, ReferenceActor, ReferenceModelHost
 
 
 class ReferencePlacementError(RuntimeError):
@@ -109,17 +102,18 @@ class ReferencePool:
 
     @classmethod
     def create(cls, cfg: DPOConfig, ref_source: str | ray.ObjectRef | None, tokenizer, *,
-               ready_timeout_s: float | None = None, delay_s: tuple[float, float] | None = None,
+               ready_timeout_s: float | None = None, host_class: type = ReferenceModelHost,
                wait: bool = True) -> ReferencePool:
         """Start ``reference.num_actors`` actors and wait until every one has its model loaded.
 
         Raises ``ReferencePlacementError`` at once when the cluster cannot hold them, and when they are
-        not all up within ``ready_timeout_s``. ``delay_s`` is a test knob (random delay per request).
+        not all up within ``ready_timeout_s``. ``host_class``: what each actor runs, ``ReferenceModelHost`` or a
+        subclass of it (another way to load or serve the model; the tests add latency to its answers).
         ``wait=False`` returns as soon as the actors are started and checks their loading in a background
         thread (``wait_ready_in_background``): the trainer starts its worker group meanwhile.
         """
         rc = cfg.reference
-        if rc.check_placement and os.environ.get("DPO_RAY_SKIP_PLACEMENT_CHECK", "0") != "1":
+        if rc.check_placement:
             problem = placement_problem(cfg)
             if problem:
                 raise ReferencePlacementError(f"cannot place the reference actor pool: {problem}")
@@ -135,12 +129,13 @@ class ReferencePool:
         cfg_dict = cfg.model_dump(mode="json")
         # the model travels with the requests, not as a constructor argument (see actor.FromRequests)
         model = [ray.put({"source": ref_source, "tokenizer": tokenizer})]
-        actors = [ReferenceActor.options(**options).remote(cfg_dict, FromRequests(), None, delay_s=delay_s,
-                                                           delay_seed=i)
-                  for i in range(rc.num_actors)]
+        if not (isinstance(host_class, type) and issubclass(host_class, ReferenceModelHost)):
+            raise TypeError(f"host_class must be ReferenceModelHost or a subclass of it, not {host_class!r}")
+        actor_class = ReferenceActor if host_class is ReferenceModelHost else ray.remote(host_class)
+        actors = [actor_class.options(**options).remote(cfg_dict, FromRequests(), None)
+                  for _ in range(rc.num_actors)]
         pool = cls(actors, cfg, model)
-        timeout_s = (ready_timeout_s if ready_timeout_s is not None
-                     else env_override("DPO_RAY_REF_READY_TIMEOUT_S", rc.ready_timeout_s))
+        timeout_s = ready_timeout_s if ready_timeout_s is not None else rc.ready_timeout_s
         if not wait:
             pool.wait_ready_in_background(timeout_s)
             return pool

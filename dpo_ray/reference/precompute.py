@@ -156,13 +156,11 @@ def pad_pairs(rows: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tenso
 class ReferenceScorer:
     """Ray Data callable class: one reference model per actor, rows in, ref log-probs out."""
 
-    def __init__(self, cfg_dict: dict, ref_source: Any, tokenizer, pad_id: int, counter: str | None = None,
-                 groups: bool = False):
+    def __init__(self, cfg_dict: dict, ref_source: Any, tokenizer, pad_id: int, groups: bool = False):
         from dpo_ray.reference.actor import ReferenceModelHost
 
         self.host = ReferenceModelHost(cfg_dict, ref_source, tokenizer)
         self.pad_id, self.ld_alpha = pad_id, self.host.cfg.ld_alpha
-        self.counter = counter  # a file that gets "<pid> <rows>" per forward (tests count reference passes)
         self.groups = groups
 
     def _groups(self, rows: dict[str, np.ndarray]):
@@ -177,9 +175,6 @@ class ReferenceScorer:
         _, _, logps, _ = self.host.logps(None, batch, None)
         ends = np.cumsum([len(n) for n in rows["group_lens"]])
         values = np.split(np.asarray(logps, dtype=np.float32), ends[:-1])  # numpy (to_wire) or a tensor
-        if self.counter:
-            with open(self.counter, "a") as f:
-                f.write(f"{os.getpid()} {len(rows['row_id'])}\n")
         return pa.table({"row_id": pa.array(np.asarray(rows["row_id"], dtype=np.int64)),
                          GROUP_OUT_COLUMN: pa.array([v.tolist() for v in values], type=pa.list_(pa.float32()))})
 
@@ -188,24 +183,21 @@ class ReferenceScorer:
             return self._groups(rows)
         batch = pad_pairs(rows, self.pad_id)
         _, _, chosen, rejected = self.host.logps(None, batch, self.ld_alpha)
-        if self.counter:
-            with open(self.counter, "a") as f:  # one short append per forward: lines from several actors stay whole
-                f.write(f"{os.getpid()} {len(rows['row_id'])}\n")
         return {"row_id": np.asarray(rows["row_id"], dtype=np.int64),
                 "ref_chosen_logps": np.asarray(chosen, dtype=np.float32),  # the actor's answers: numpy
                 "ref_rejected_logps": np.asarray(rejected, dtype=np.float32)}
 
 
 def _compute(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, out_dir: Path,
-             groups: bool = False) -> None:
+             groups: bool = False) -> int:
+    """Run the reference over ``ds`` into ``out_dir``/part-00000.parquet; the number of rows scored."""
     rc = cfg.reference
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     kwargs: dict[str, Any] = {"num_cpus": rc.num_cpus, "num_gpus": rc.num_gpus} if rc.num_gpus else {"num_cpus": rc.num_cpus}
     if rc.resources:
         kwargs["resources"] = dict(rc.resources)
     scored = ds.select_columns(GROUP_ROW_COLUMNS if groups else ROW_COLUMNS).map_batches(
-        ReferenceScorer, fn_constructor_args=(cfg.model_dump(mode="json"), ref_source, tokenizer, pad_id,
-                             os.environ.get("DPO_RAY_REFERENCE_COUNTER"), groups),
+        ReferenceScorer, fn_constructor_args=(cfg.model_dump(mode="json"), ref_source, tokenizer, pad_id, groups),
         batch_size=rc.batch_size or cfg.per_device_eval_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=rc.num_actors), **kwargs)
     # The driver writes the (row_id, two floats) results itself: one file, in the cache directory it sees,
@@ -228,6 +220,22 @@ def _compute(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, o
         if writer is not None:
             writer.close()
         bar.close()
+    return rows
+
+
+PASSES_LOG = "passes.jsonl"
+
+
+def _log_pass(key_dir: Path, split: str, rows: int, seconds: float, kept: bool) -> None:
+    """One line per reference pass over this key, appended to ``<key>/passes.jsonl`` (one short write: lines
+    from concurrent runs stay whole). ``kept`` false: another run wrote the key first and this pass's result
+    was dropped, the rows were scored twice. A sweep's store shows here that its trials shared one pass."""
+    import socket
+
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "split": split, "rows": rows, "seconds": round(seconds, 2),
+            "host": socket.gethostname(), "pid": os.getpid(), "kept": kept}
+    with open(key_dir / PASSES_LOG, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _load_table(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -316,17 +324,20 @@ def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any
         mark_owned(out.parent, "reference-cache")  # this key's folder: its deletes stay inside it
         tmp = Path(tempfile.mkdtemp(prefix=f"{split}.tmp-", dir=out.parent))
         try:
-            _compute(ds, cfg, ref_source, tokenizer, tmp, groups)
+            scored = _compute(ds, cfg, ref_source, tokenizer, tmp, groups)
             (tmp / "_key.json").write_text(json.dumps({"key": key, **parts}, indent=1, default=str))
             (tmp / "_SUCCESS").write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {time.perf_counter() - t0:.1f}s\n")
             if out.exists() and not done.exists():  # a crashed writer's leftovers (older layout): replace them
                 remove_owned(out, out.parent)
             try:
                 tmp.rename(out)
+                kept = True
             except OSError:
                 if not done.exists():
                     raise
+                kept = False
                 print(f"reference cache: another run wrote key {key} ({split}) first; using its result", flush=True)
+            _log_pass(out.parent, split, scored, time.perf_counter() - t0, kept)
         finally:
             remove_owned(tmp, out.parent)
     table = _load_group_table(out) if groups else _load_table(out)

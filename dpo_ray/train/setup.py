@@ -75,8 +75,9 @@ class Worker:
         self.engine.lr_scheduler = self.scheduler
 
 
-def process_settings(local_world_size: int) -> None:
-    """Per-process settings: DeepSpeed's op cache per venv, and intra-op threads per local worker on CPU."""
+def process_settings(local_world_size: int, torch_threads: int | None = None) -> None:
+    """Per-process settings: DeepSpeed's op cache per venv, and intra-op threads per local worker on CPU
+    (``torch_threads``, ray.torch_threads; default the node's cores ÷ its workers)."""
     # DeepSpeed JIT-builds ops into TORCH_EXTENSIONS_DIR; torch's default is one directory per user that
     # every venv shares, and each switch of venv rebuilds it (25-77 s and 3 GB on CPU, docs/BENCHMARKS.md).
     prefix_key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
@@ -87,10 +88,9 @@ def process_settings(local_world_size: int) -> None:
         print(f"dpo-ray: {op}: a killed earlier build of this DeepSpeed op was removed; it is built again", flush=True)
     if not torch.cuda.is_available():
         # The node's cores split between its workers: 2 workers on 2 cores get one intra-op thread each (no
-        # oversubscription), a single worker gets both. DPO_RAY_TORCH_THREADS overrides.
+        # oversubscription), a single worker gets both.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        default = max(1, cores // max(local_world_size, 1))
-        torch.set_num_threads(int(os.environ.get("DPO_RAY_TORCH_THREADS", default)))
+        torch.set_num_threads(torch_threads or max(1, cores // max(local_world_size, 1)))
 
 
 _MARKED: set[str] = set()
@@ -153,7 +153,7 @@ def setup(lc: LoopConfig) -> Worker:
     import ray.train.torch
 
     ctx = ray.train.get_context()
-    process_settings(ctx.get_local_world_size())
+    process_settings(ctx.get_local_world_size(), lc.cfg.ray.torch_threads)
     cfg, rank, world = lc.cfg, ctx.get_world_rank(), ctx.get_world_size()
     mark(lc, rank, "worker")
     device = ray.train.torch.get_device()
