@@ -284,3 +284,7 @@ def test_lora_on_two_workers_changes_only_adapter_weights(ray_local, tmp_path):
     changed = {k for k, v in base.items() if not torch.allclose(v, merged[k])}
     assert changed, "merged model equals the base"
     assert all(("q_proj" in k or "v_proj" in k) for k in changed), f"non-adapted weights moved: {changed}"
+    # merged/ is a model directory of its own: its tokenizer loads from it (the adapter's base is not needed)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(Path(out.output_dir) / "merged").vocab_size == load_tokenizer(cfg).vocab_size

@@ -224,6 +224,8 @@ def write_model(module, cfg: DPOConfig, tokenizer, out: Path, state_dict=None) -
         else:
             module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if (tmp / "merged").is_dir():  # merge_adapter: a model directory of its own, loadable with its tokenizer
+            tokenizer.save_pretrained(tmp / "merged")
         written, kept = [], []
         # weights first, config.json last: a config is there only once its weights are
         for src in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
