@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from typing import Any
@@ -33,6 +34,7 @@ from dpo_ray.config import (
     load_config,
     overrides_from_args,
 )
+from dpo_ray.dicts import merged
 from dpo_ray.errors import DataError
 from dpo_ray.paths import check_paths, resolve_config_paths
 
@@ -96,14 +98,64 @@ def _resolve(ns: argparse.Namespace, extra: dict[str, Any] | None = None) -> DPO
     overrides = overrides_from_args(ns)
     if getattr(ns, "address", None):
         overrides.setdefault("ray", {})["address"] = ns.address
-    merged: dict[str, Any] = {}
-    for src in (extra or {}), overrides:
-        for k, v in src.items():
-            merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
     # Relative paths (flags and the YAML file alike) are the working directory's: absolute from here on.
-    cfg = resolve_config_paths(load_config(ns.config, merged))
+    cfg = resolve_config_paths(load_config(ns.config, merged(extra or {}, overrides)))
     ns.error_log_dir = cfg.output_dir  # where main() writes a data error's traceback
     return cfg
+
+
+def run_plan(cfg: DPOConfig) -> list[str]:
+    """What the run will use, with every ``auto`` resolved as far as the config and this machine decide it; the
+    rest says what decides it later (the cluster Ray joins, the first batch, each pool of rows)."""
+    from dpo_ray.cluster import worker_resources
+    from dpo_ray.data.batching import AUTO_MIN_SAVING
+    from dpo_ray.reference.pool import actor_request
+
+    joins = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    lines = []
+    if joins:
+        one, several = cfg.resolve_auto_reference(nodes=1), cfg.resolve_auto_reference(nodes=2)
+        if one.reference.source == several.reference.source:
+            lines.append(f"{several.describe_reference()}  [on the cluster at {joins}]")
+        else:
+            lines.append(f"{several.describe_reference()}  [on the cluster at {joins} if it has several nodes]")
+            lines.append(f"{one.describe_reference()}  [if that cluster is one node]")
+    else:
+        lines.append(f"{cfg.resolve_auto_reference(nodes=1).describe_reference()}  [a local Ray: one node]")
+    source = cfg.resolve_auto_reference(nodes=2 if joins else 1).reference.source
+    if source == "actor" and cfg.needs_reference:
+        label = f", on nodes labelled {dict(cfg.reference.node_label)}" if cfg.reference.node_label else ""
+        lines.append(f"reference actors: {cfg.reference.num_actors} × {actor_request(cfg)}{label}")
+    gpu = cfg.ray.use_gpu
+    if gpu is None:
+        gpu_words = "GPU workers where the cluster has a GPU (ray.use_gpu auto)"
+        if not joins:
+            import torch
+
+            gpu = torch.cuda.is_available()
+            gpu_words = f"{'GPU' if gpu else 'CPU'} workers (ray.use_gpu auto: this machine has {'a' if gpu else 'no'} GPU)"
+    else:
+        gpu_words = f"{'GPU' if gpu else 'CPU'} workers (ray.use_gpu)"
+    shapes: list[dict] = []
+    for on_gpu in [bool(gpu)] if gpu is not None else [False, True]:
+        if worker_resources(cfg, on_gpu) not in shapes:
+            shapes.append(worker_resources(cfg, on_gpu))
+    threads = (f", {cfg.ray.torch_threads} torch thread(s) each on CPU" if cfg.ray.torch_threads
+               else ", the node's cores ÷ its workers as torch threads on CPU")
+    lines.append(f"workers: {cfg.ray.num_workers} × {' or '.join(str(s) for s in shapes)}, {gpu_words}{threads}; "
+                 f"{cfg.ray.placement_strategy} placement")
+    sharing = {"off": "off", "on": "on (no first-batch check)",
+               "auto": "on where the attention takes a 4-D mask (sdpa, eager) and the first batch agrees with the "
+                       "standard layout (checked on it); else off, saying why"}[cfg.prefix_sharing]
+    attention = {"dense": "dense 4-D mask", "flex": "FlexAttention (dense where it is missing or disagrees)",
+                 "auto": "dense on CPU; on a GPU the fastest of dense and FlexAttention that agrees on the first batch"}
+    lines.append(f"prefix sharing: {sharing}" + (f"; attention: {attention[cfg.prefix_attention]}"
+                                                  if cfg.prefix_sharing != "off" else ""))
+    pool = cfg.bucket_size_multiplier * cfg.per_device_train_batch_size
+    bucketing = {False: "off (shuffled batches, as TRL)", True: f"on (pools of {pool} rows sorted by length)",
+                 "auto": f"per pool of {pool} rows: bucketed when that pads at least {AUTO_MIN_SAVING:.0%} fewer tokens"}
+    lines.append(f"length bucketing: {bucketing[cfg.length_bucketing]}")
+    return lines
 
 
 def cmd_validate(ns) -> int:
@@ -113,6 +165,9 @@ def cmd_validate(ns) -> int:
     world = ns.world_size or cfg.ray.num_workers
     print("# resolved DPOConfig")
     print(cfg.to_yaml())
+    print("# what the run will use (auto settings resolved where the config and this machine decide them)")
+    for line in run_plan(cfg):
+        print(f"#   {line}")
     print(f"# DeepSpeed config (world_size={world}, CPU; on GPU bf16 turns on unless bf16: false)")
     print(json.dumps(deepspeed_config(cfg, world, on_gpu=False), indent=2))
     return 0

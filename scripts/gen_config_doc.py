@@ -30,7 +30,10 @@ def render() -> str:
              "`gs://`, ...) pass through. `model_name_or_path` (and the reference's) must be a directory holding",
              "`config.json`: this is checked before Ray starts (`validate --no_path_check` skips it for a config",
              "meant for another machine). On a cluster of several nodes the driver also checks, on every node,",
-             "that the model and data paths exist and that `output_dir` is the same shared directory.", ""]
+             "that the model and data paths exist and that `output_dir` is the same shared directory.", "",
+             "Keys set to `auto` stay `auto` in the resolved config; below it `dpo-ray validate` prints what the run",
+             "will use: the reference source (local Ray: one node; a cluster it joins: by its size), the reference",
+             "actors' and workers' resources, and how prefix sharing and length bucketing decide from the data.", ""]
     sections = []
     lines += ["## Top level (TRL / TrainingArguments names)", "", "| key | type | default | meaning |",
               "|---|---|---|---|"]

@@ -36,6 +36,30 @@ def test_validate_prints_config_and_deepspeed_dict(capsys):
     assert "- sft" in out
 
 
+def test_validate_says_what_each_auto_setting_will_be(capsys, monkeypatch):
+    """validate prints the config as written (auto stays auto) and, below it, what the run will use."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["validate", "--shared_dir", "/mnt/shared"]) == 0
+    out = capsys.readouterr().out
+    plan = out[out.index("# what the run will use"):out.index("# DeepSpeed config")]
+    assert "source: auto" in out and "shared_dir: /mnt/shared" in out
+    assert "reference: local = a frozen copy on each worker" in plan and "[a local Ray: one node]" in plan
+    assert "workers: 2 × {'CPU': 0.5}" in plan and "length bucketing: off" in plan
+    assert "prefix sharing: on where" in plan and "reference actors" not in plan
+    # joining a cluster: a pool with GPUs of its own is an actor pool whatever the cluster's size
+    assert main(["validate", "--ray.address", "10.0.0.1:6379", "--reference.num_gpus", "1", "--ray.num_workers", "4",
+                 "--length_bucketing", "auto", "--prefix_sharing", "off"]) == 0
+    plan = capsys.readouterr().out.split("# what the run will use")[1].split("# DeepSpeed config")[0]
+    assert "reference: actor = a Ray actor pool" in plan and "[on the cluster at 10.0.0.1:6379]" in plan
+    assert "reference actors: 1 × {'CPU': 0.5, 'GPU': 1.0}" in plan
+    assert "workers: 4 × {'CPU': 0.5} or {'CPU': 2, 'GPU': 1}" in plan and "bucketed when" in plan
+    assert "prefix sharing: off" in plan
+    # joining without a reason of its own for the pool: local on one node, the pool on several
+    assert main(["validate", "--ray.address", "10.0.0.1:6379"]) == 0
+    plan = capsys.readouterr().out.split("# what the run will use")[1]
+    assert "reference: actor" in plan and "if it has several nodes" in plan and "reference: local" in plan
+
+
 def test_unknown_flag_value_errors_name_the_key(capsys):
     assert main(["validate", "--ray.num_workers", "0", "--beta", "-1"]) == 2
     err = capsys.readouterr().err
