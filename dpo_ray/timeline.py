@@ -44,9 +44,20 @@ def process_start() -> float:
 class Timeline:
     """Marks (stage name -> wall-clock time of its end), the first mark of each stage wins."""
 
+    _process_start_claimed = False  # by the first run of this process (Timeline.for_run)
+
     def __init__(self, t0: float | None = None):
         self.t0 = process_start() if t0 is None else t0
         self.marks: dict[str, float] = {}
+
+    @classmethod
+    def for_run(cls) -> Timeline:
+        """The timeline of a training run: the process's first run counts from the process start (imports and
+        config parsing count); a later run in the same process (the demo's DPO stage after its SFT stage) counts
+        from now."""
+        first = not cls._process_start_claimed
+        cls._process_start_claimed = True
+        return cls(None if first else time.time())
 
     def mark(self, name: str, at: float | None = None) -> None:
         self.marks.setdefault(name, time.time() if at is None else at)

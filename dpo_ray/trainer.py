@@ -36,8 +36,6 @@ from dpo_ray.train.checkpoint import (
 )
 from dpo_ray.train.logger import METRICS_FILE, cut_metrics, read_metrics
 
-_TIMED_A_RUN = False  # the start-up timeline of the first run in this process counts from the process start
-
 
 @dataclass
 class TrainOutput:
@@ -48,6 +46,27 @@ class TrainOutput:
     report: dict[str, Any]
     output_dir: str
     eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    """What the stages of one ``DPOTrainer.train`` call share, filled in as they run."""
+
+    cfg: DPOConfig
+    t0: float  # perf_counter at the start (the report's wall time)
+    timeline: Timeline
+    out: Path | None = None
+    resume: Path | None = None  # the checkpoint to resume from
+    tokenizer: Any = None
+    use_gpu: bool = False
+    prepared: Any = None  # data.PreparedData
+    fingerprint: str | None = None  # the data's, for resume and checkpoints
+    plan: Any = None  # data.steps.StepPlan
+    model_source: Any = None  # a directory path or an ObjectRef of the weights
+    progress: Any = None  # cluster.TrainingProgress
+    pool: Any = None  # the reference actor pool, when there is one
+    trainer: Any = None  # Ray Train's TorchTrainer
+    result: Any = None  # what fit() returned
 
 
 class DPOTrainer:
@@ -121,124 +140,161 @@ class DPOTrainer:
                 lock.release()
 
     def _train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
-        import ray
-        import ray.train
+        """The recipe: each stage is a method below, in this order; ``_Run`` carries what they share."""
+        run = self._before_ray(resume_from_checkpoint)  # checks that need no cluster: fail fast, delete nothing
+        self._start_ray(run)
+        self._prepare_data(run)
+        self._ship_model(run)
+        self._fit(run)
+        self._check_outputs(run)
+        return self._write_outputs(run)
 
-        from dpo_ray.data import build_datasets, ingest_config, load_processing_class, unwrap_data_error
-        from dpo_ray.train.loop import train_loop_per_worker
-        from dpo_ray.train.setup import LoopConfig
-        from dpo_ray.vision import is_processor
+    # ------------------------------------------------------------------------------------- the stages
+    def _before_ray(self, resume_from_checkpoint) -> _Run:
+        """Paths, output_dir, the checkpoint to resume (and its batch geometry), the tokenizer: before Ray starts,
+        so a missing model directory or a refused output_dir fails at once, naming the key."""
+        from dpo_ray.data import load_processing_class
 
-        cfg = self.args
-        t0 = time.perf_counter()
-        # From the command's start (imports and config parsing count) for the process's first run; a later run in
-        # the same process (the demo's DPO stage after its SFT stage) counts from its own train() call.
-        global _TIMED_A_RUN
-        timeline = Timeline(time.time() if _TIMED_A_RUN else None)
-        _TIMED_A_RUN = True
-        timeline.mark("imports")
-        # Before Ray starts: a missing model directory or tokenizer fails here, once, naming the key.
-        check_paths(cfg)
-        out = Path(cfg.output_dir).resolve()
+        run = _Run(cfg=self.args, t0=time.perf_counter(), timeline=Timeline.for_run())
+        run.timeline.mark("imports")
+        check_paths(run.cfg)
+        run.out = Path(run.cfg.output_dir).resolve()
         # Before anything starts or is deleted: which checkpoint, and whether output_dir may be written.
-        resume = _find_checkpoint(resume_from_checkpoint or cfg.resume_from_checkpoint, out, cfg)
-        _check_output_dir(cfg, out, resume, self._run_name)
-        if resume is not None:  # the batch geometry, before anything starts; the data's content once it is read
-            _check_resume(resume, cfg, None)
-        tokenizer = self.processing_class or load_processing_class(
-            self.model if isinstance(self.model, str) else cfg)
-        where = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        run.resume = _find_checkpoint(resume_from_checkpoint or run.cfg.resume_from_checkpoint, run.out, run.cfg)
+        _check_output_dir(run.cfg, run.out, run.resume, self._run_name)
+        if run.resume is not None:  # the batch geometry now; the data's content once it is read
+            _check_resume(run.resume, run.cfg, None)
+        run.tokenizer = self.processing_class or load_processing_class(
+            self.model if isinstance(self.model, str) else run.cfg)
+        return run
+
+    def _start_ray(self, run: _Run) -> None:
+        """Start or join Ray; decide ``reference.source: auto`` by the cluster's size; check every node sees the
+        paths; GPU or CPU workers."""
+        import ray
+
+        where = run.cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if not ray.is_initialized():  # the first line of the run: Ray's start takes seconds
             print(f"dpo-ray {self.mode}: {f'joining the Ray cluster at {where}' if where else 'starting a local Ray'}",
                   flush=True)
-        init_ray(cfg)
-        timeline.mark("ray")
+        init_ray(run.cfg)
+        run.timeline.mark("ray")
         if self.mode == "dpo":
-            cfg = cfg.resolve_auto_reference(nodes=alive_nodes())
-            print(cfg.describe_reference(), flush=True)
-        check_nodes_see_paths(cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else cluster_has_gpu()
-        prepared = build_datasets(cfg, tokenizer, self.train_dataset, self.eval_dataset, mode=self.mode)
+            run.cfg = run.cfg.resolve_auto_reference(nodes=alive_nodes())
+            print(run.cfg.describe_reference(), flush=True)
+        check_nodes_see_paths(run.cfg)
+        run.out.mkdir(parents=True, exist_ok=True)
+        run.use_gpu = run.cfg.ray.use_gpu if run.cfg.ray.use_gpu is not None else cluster_has_gpu()
+
+    def _prepare_data(self, run: _Run) -> None:
+        """The Ray Data pipeline, its fingerprint (resume checks the data is the same), the quick data checks and
+        the step plan from the rows counted."""
+        from dpo_ray.data import build_datasets
+        from dpo_ray.data.steps import plan_steps, require_steps
+        from dpo_ray.vision import is_processor
+
+        cfg = run.cfg
+        prepared = run.prepared = build_datasets(cfg, run.tokenizer, self.train_dataset, self.eval_dataset,
+                                                 mode=self.mode)
         print(f"dpo-ray {self.mode}: model {_describe_model(self.model)}", flush=True)
         print(prepared.summary(), flush=True)  # which tokenizer, which files: never a silent fallback
-        fingerprint = (data_fingerprint(prepared, cfg, self.train_dataset)
-                       if resume is not None or cfg.save_strategy != "no" else None)
-        if resume is not None:
-            _check_resume(resume, cfg, fingerprint)
-        if self.mode == "dpo" and prepared.preview_rows and not is_processor(tokenizer) and not prepared.groups:
+        run.fingerprint = (data_fingerprint(prepared, cfg, self.train_dataset)
+                           if run.resume is not None or cfg.save_strategy != "no" else None)
+        if run.resume is not None:
+            _check_resume(run.resume, cfg, run.fingerprint)
+        if self.mode == "dpo" and prepared.preview_rows and not is_processor(run.tokenizer) and not prepared.groups:
             from dpo_ray.data.checks import quick_checks
 
-            for warning in quick_checks(prepared.preview_rows, tokenizer, cfg):  # once per kind
+            for warning in quick_checks(prepared.preview_rows, run.tokenizer, cfg):  # once per kind
                 print(f"dpo-ray data warning: {warning}", file=sys.stderr)
-        from dpo_ray.data.steps import plan_steps, require_steps
+        run.plan = plan_steps(prepared.num_train_rows_estimate, cfg, cfg.ray.num_workers)  # rows counted, not kept
+        require_steps(run.plan, cfg)
+        run.timeline.mark("data plan")
 
-        world = cfg.ray.num_workers
-        plan = plan_steps(prepared.num_train_rows_estimate, cfg, world)  # from the rows counted, not yet kept
-        require_steps(plan, cfg)
-        micro_per_epoch, total_steps, num_epochs = plan.micro_per_epoch, plan.total_steps, plan.num_epochs
-        timeline.mark("data plan")
+    def _ship_model(self, run: _Run) -> None:
+        """The policy's source for the workers: a directory path, or the weights in Ray's object store (the tiny
+        default is built here, once: every worker and the reference start from bit-identical weights)."""
+        import ray
 
         from dpo_ray.models import load_causal_lm, shippable
 
-        model_source: Any = self.model
-        if model_source is None:
-            # The tiny default is built here, once, and shipped: every worker and the reference then
-            # start from bit-identical weights, whatever else runs in their processes.
-            model_source = load_causal_lm(None, cfg, tokenizer)
-        if not isinstance(model_source, str):
-            model_source = ray.put(shippable(model_source))
-        timeline.mark("model")
-        # Ray Train V2 resumes its own run from get_checkpoint(); a checkpoint from an earlier run is
-        # handed to the workers as a path (shared storage on a cluster) and loaded when that is empty.
-        lc = LoopConfig(cfg=cfg, mode=self.mode, tokenizer=tokenizer, total_steps=total_steps, num_epochs=num_epochs,
-                        micro_per_epoch=micro_per_epoch, model=model_source,
-                        resume_checkpoint=str(resume) if resume is not None else None, data_fingerprint=fingerprint,
-                        callbacks=tuple(self.callbacks))
-        print(f"dpo-ray {self.mode}: plan: {total_steps} optimizer steps ({plan.steps_per_epoch} per epoch, up to "
-              f"{num_epochs} epoch(s)); {plan.rows_per_step(cfg)} {'prompt groups' if prepared.groups else 'pairs' if self.mode == 'dpo' else 'sequences'} "
-              f"per step = {world} worker(s) × per_device_train_batch_size {cfg.per_device_train_batch_size} × "
-              f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}"
-              f"{_untrained(prepared.num_train_rows_estimate, plan.micro_per_epoch * world * cfg.per_device_train_batch_size)}",
-              flush=True)
-        run_name = self._run_name
-        pool = progress = trainer = None
-        try:  # from here on, whatever fails, the reference actors and the progress board are stopped
-            progress = TrainingProgress(self.mode, total_steps, plan.rows_per_step(cfg))
-            lc.progress = progress.board
+        source: Any = self.model
+        if source is None:
+            source = load_causal_lm(None, run.cfg, run.tokenizer)
+        if not isinstance(source, str):
+            source = ray.put(shippable(source))
+        run.model_source = source
+        run.timeline.mark("model")
+
+    def _loop_config(self, run: _Run):
+        """What every worker gets; prints the step plan. Ray Train V2 resumes its own run from get_checkpoint(); a
+        checkpoint from an earlier run is handed to the workers as a path (shared storage on a cluster)."""
+        from dpo_ray.train.setup import LoopConfig
+
+        cfg, plan, prepared = run.cfg, run.plan, run.prepared
+        world = cfg.ray.num_workers
+        lc = LoopConfig(cfg=cfg, mode=self.mode, tokenizer=run.tokenizer, total_steps=plan.total_steps,
+                        num_epochs=plan.num_epochs, micro_per_epoch=plan.micro_per_epoch, model=run.model_source,
+                        resume_checkpoint=str(run.resume) if run.resume is not None else None,
+                        data_fingerprint=run.fingerprint, callbacks=tuple(self.callbacks))
+        rows = "prompt groups" if prepared.groups else "pairs" if self.mode == "dpo" else "sequences"
+        used = plan.micro_per_epoch * world * cfg.per_device_train_batch_size
+        print(f"dpo-ray {self.mode}: plan: {plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch, up to "
+              f"{plan.num_epochs} epoch(s)); {plan.rows_per_step(cfg)} {rows} per step = {world} worker(s) × "
+              f"per_device_train_batch_size {cfg.per_device_train_batch_size} × gradient_accumulation_steps "
+              f"{cfg.gradient_accumulation_steps}{_untrained(prepared.num_train_rows_estimate, used)}", flush=True)
+        return lc
+
+    def _fit(self, run: _Run) -> None:
+        """The reference (actor pool or precompute pass), the progress display, Ray Train's fit. Whatever fails,
+        the reference actors and the progress board are stopped; a Ctrl-C, a reference that never loaded and a
+        bad row met mid-stream are each raised as what they are."""
+        import ray
+        import ray.train
+
+        from dpo_ray.data import ingest_config, unwrap_data_error
+        from dpo_ray.train.loop import train_loop_per_worker
+
+        cfg, out, prepared = run.cfg, run.out, run.prepared
+        lc = self._loop_config(run)
+        pool = None
+        try:
+            run.progress = TrainingProgress(self.mode, run.plan.total_steps, run.plan.rows_per_step(cfg))
+            lc.progress = run.progress.board
             if self.mode == "dpo" and cfg.needs_reference:
-                pool = self._reference_setup(cfg, model_source, tokenizer, prepared, lc)
-                timeline.mark("reference pool")
-            _prepare_metrics_file(out, resume)
+                pool = run.pool = self._reference_setup(cfg, run.model_source, run.tokenizer, prepared, lc)
+                run.timeline.mark("reference pool")
+            _prepare_metrics_file(out, run.resume)
             (out / "dpo_config.yaml").write_text(cfg.to_yaml())
             datasets = {"train": prepared.train}
             if prepared.eval is not None and (cfg.eval_strategy != "no" or cfg.eval_on_start):
                 datasets["eval"] = prepared.eval
             best = cfg.best_model_metric()
-            trainer = torch_trainer_class()(
+            run.trainer = trainer = torch_trainer_class()(
                 train_loop_per_worker,
                 train_loop_config={"loop": lc},
                 scaling_config=ray.train.ScalingConfig(
-                    num_workers=world, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg, use_gpu),
+                    num_workers=cfg.ray.num_workers, use_gpu=run.use_gpu,
+                    resources_per_worker=worker_resources(cfg, run.use_gpu),
                     placement_strategy=cfg.ray.placement_strategy),
                 run_config=ray.train.RunConfig(
-                    name=run_name, storage_path=storage_root(cfg, out),
+                    name=self._run_name, storage_path=storage_root(cfg, out),
                     failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
                     checkpoint_config=ray.train.CheckpointConfig(
                         num_to_keep=cfg.save_total_limit, checkpoint_score_attribute=best[0] if best else None,
                         checkpoint_score_order="max" if best and best[1] else "min"),
-                    worker_runtime_env={"env_vars": worker_env(use_gpu)},
+                    worker_runtime_env={"env_vars": worker_env(run.use_gpu)},
                 ),
                 datasets=datasets,
                 dataset_config=ingest_config(),  # eval rows: each scored once (docs/training.md)
             )
-            timeline.mark("fit")
+            run.timeline.mark("fit")
             try:
                 with _sigint_restored():  # Ray's fit() installs a Ctrl-C handler (ours) and never removes it
-                    result = trainer.fit()  # Ray Train V2 raises a worker's error (WorkerGroupError) from fit()
+                    run.result = trainer.fit()  # Ray Train V2 raises a worker's error (WorkerGroupError) from fit()
             except Exception as e:
                 if trainer.interrupted:  # Ctrl-C: whatever the aborted workers raised, the user stopped it
-                    raise self._interrupted(cfg, out, run_name, resume, progress) from e
+                    raise self._interrupted(run) from e
                 if getattr(pool, "error", None) is not None:  # the reference actors never loaded: that is the cause
                     raise pool.error from e
                 data_error = unwrap_data_error(e)  # a bad row met mid-stream: name it, not the worker
@@ -248,50 +304,61 @@ class DPOTrainer:
                     # the workers found no optimizer step in the rows kept: say how many were kept of how many
                     from dpo_ray.data.stats import check_trained
 
-                    check_trained(0, total_steps, prepared.stats.report(), prepared.num_train_rows_estimate,
+                    check_trained(0, run.plan.total_steps, prepared.stats.report(), prepared.num_train_rows_estimate,
                                   cfg.max_dropped_fraction)
                 raise data_error from e
         except KeyboardInterrupt as e:  # Ctrl-C outside fit(), or a second one inside it
             if isinstance(e, TrainingInterrupted):
                 raise
-            raise self._interrupted(cfg, out, run_name, resume, progress) from e
+            raise self._interrupted(run) from e
         finally:
-            if progress is not None:
-                progress.close()
-                timeline.merge(progress.marks)
+            if run.progress is not None:
+                run.progress.close()
+                run.timeline.merge(run.progress.marks)
             if pool is not None:
                 if getattr(pool, "ready_at", None) is not None:
-                    timeline.mark("reference ready", pool.ready_at)
+                    run.timeline.mark("reference ready", pool.ready_at)
                 pool.shutdown()
+
+    def _check_outputs(self, run: _Run) -> None:
+        """fit() returned: a Ctrl-C before the model was written, a worker's error, or model files that are not
+        whole are raised; never reported as success."""
+        from dpo_ray.data import unwrap_data_error
         from dpo_ray.train.checkpoint import model_files_problem
 
-        if trainer.interrupted and model_files_problem(out, cfg):
-            raise self._interrupted(cfg, out, run_name, resume, progress)
+        out, trainer, result = run.out, run.trainer, run.result
+        if trainer.interrupted and model_files_problem(out, run.cfg):
+            raise self._interrupted(run)
         # Ctrl-C after the model was written (the workers' last moments): the run is finished, a success
         if getattr(result, "error", None) is not None and not trainer.interrupted:
-            if getattr(pool, "error", None) is not None:
-                raise pool.error from result.error
+            if getattr(run.pool, "error", None) is not None:
+                raise run.pool.error from result.error
             raise (unwrap_data_error(result.error) or result.error) from result.error
-        missing = model_files_problem(out, cfg)
-        if missing:  # fit() returned, yet the outputs are not whole: never report that as success
+        missing = model_files_problem(out, run.cfg)
+        if missing:
             raise RuntimeError(f"training finished but {out} lacks {missing}; the model was not saved completely "
                                "(a full disk, or a worker lost while writing). Resume with resume_from_checkpoint: latest")
-        history = read_metrics(out / METRICS_FILE)
-        report = self._final_report(cfg, history, prepared, time.perf_counter() - t0, out)
-        report["throughput"] = progress.final  # the whole run's, from the first batch (train.logger.Throughput)
-        report["startup"] = timeline.seconds()
-        report["startup_line"] = timeline.render()
+
+    def _write_outputs(self, run: _Run) -> TrainOutput:
+        """report.json (steps, data counts, throughput, start-up, the best model), metrics.png; a run that trained
+        no step, or dropped most of a split, is an error (exit 3), fewer steps than planned a note."""
         from dpo_ray.data.stats import check_trained
 
-        # 0 steps, or a split mostly dropped: an error (exit 3); fewer steps than planned: said plainly
-        short = check_trained(report["steps"], total_steps, report["data"], prepared.num_train_rows_estimate,
+        cfg, out, prepared = run.cfg, run.out, run.prepared
+        history = read_metrics(out / METRICS_FILE)
+        report = self._final_report(cfg, history, prepared, time.perf_counter() - run.t0, out)
+        report["throughput"] = run.progress.final  # the whole run's, from the first batch (train.logger.Throughput)
+        report["startup"] = run.timeline.seconds()
+        report["startup_line"] = run.timeline.render()
+        short = check_trained(report["steps"], run.plan.total_steps, report["data"], prepared.num_train_rows_estimate,
                               cfg.max_dropped_fraction)
         if short:
             print(f"dpo-ray: {short}", file=sys.stderr)
             report["note"] = short
+        best = cfg.best_model_metric()
         if best is not None:
-            report["best_model"] = _load_best_model(cfg, best, history, trainer_storage(cfg, run_name, out),
-                                                    model_source, tokenizer, out)
+            report["best_model"] = _load_best_model(cfg, best, history, trainer_storage(cfg, self._run_name, out),
+                                                    run.model_source, run.tokenizer, out)
         (out / "report.json").write_text(json.dumps(report, indent=2))
         train_rows = [r for r in history if "loss" in r]
         eval_rows = [r for r in history if any(k.startswith("eval_") for k in r)]
@@ -355,10 +422,11 @@ class DPOTrainer:
         return report
 
 
-    def _interrupted(self, cfg, out: Path, run_name: str, resume: Path | None, progress) -> TrainingInterrupted:
+    def _interrupted(self, run: _Run) -> TrainingInterrupted:
         """After Ctrl-C: report.json says "interrupted", with the last step and the checkpoint to resume from
         (the newest complete one of this run, else the one it resumed from); the exception the CLI turns into
         one line and exit status 130."""
+        cfg, out, run_name, resume, progress = run.cfg, run.out, self._run_name, run.resume, run.progress
         history = read_metrics(out / METRICS_FILE)
         step = getattr(progress, "step", None) or max((r["step"] for r in history if "loss" in r), default=None)
         checkpoint = _newest_complete_checkpoint(trainer_storage(cfg, run_name, out)) or resume
