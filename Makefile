@@ -61,7 +61,7 @@ SMOLLM2_ARGS ?=
 smollm2: install
 	$(PY) scripts/smollm2.py $(SMOLLM2_ARGS)
 
-# 5e-6 measured: the loss falls but the held-out metric stays 0 % in 12 steps (docs/smollm2.md); 3e-5 is not measured yet
+# 3e-5 measured: held-out metric 0 % -> 100 % in 12 steps, 7.3 min on 2 cores (5e-6: still 0 %; docs/smollm2.md)
 EXAMPLE_ARGS ?= --learning_rate 3e-5
 smollm2-example: smollm2
 	$(PY) examples/smollm2_ahoy.py $(EXAMPLE_ARGS)
