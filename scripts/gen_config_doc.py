@@ -19,7 +19,7 @@ def _fmt_type(ann) -> str:
 
 def render() -> str:
     lines = ["# Configuration reference", "",
-             "Generated from `dpo_ray/config.py` by `python scripts/gen_config_doc.py`. Every key works in a",
+             "Generated from `dpo_ray/config/` by `python scripts/gen_config_doc.py`. Every key works in a",
              "YAML file (`--config FILE`) and as a flag (`--key value`; sections as `--ray.num_workers 2`).",
              "Lists take several values (`--loss_type sigmoid sft`); dicts take JSON (`'{\"CPU\": 0.5}'`).", "",
              "Paths: a relative path means relative to the working directory of the command (or Python process)",
@@ -33,7 +33,23 @@ def render() -> str:
              "that the model and data paths exist and that `output_dir` is the same shared directory.", "",
              "Keys set to `auto` stay `auto` in the resolved config; below it `dpo-ray validate` prints what the run",
              "will use: the reference source (local Ray: one node; a cluster it joins: by its size), the reference",
-             "actors' and workers' resources, and how prefix sharing and length bucketing decide from the data.", ""]
+             "actors' and workers' resources, and how prefix sharing and length bucketing decide from the data.", "",
+             "Every rule between keys is checked when the config is built (`dpo_ray/config/rules.py`), so",
+             "`validate` reports it. A few rules need what only the data or a Python object shows, and are",
+             "checked when that is known, each raising the same `ConfigError` naming the key:",
+             "",
+             "| rule | checked in | when |",
+             "|---|---|---|",
+             "| `ld_alpha` needs pair rows, not prompt groups | `data/pipeline.py` | the data's format is read |",
+             "| prompt groups take text rows only (no images) | `data/tokenize.py` | the first group row |",
+             "| `truncation_mode: keep_end` is refused for a vision processor | `data/tokenize.py` | a processor given in Python |",
+             "| `reference.source: precomputed` carries no images | `reference/precompute.py` | a processor given in Python (a model directory: at config time) |",
+             "| `sync_ref_model` with a PEFT policy takes no separate `ref_model=` | `trainer.py` | `DPOTrainer(ref_model=...)` |",
+             "| a sweep's shared reference store takes pair rows | `reference/store.py` | the sweep reads the data |",
+             "",
+             "Checks of the outside world (model directories, `output_dir` ownership, a run to resume, every",
+             "node seeing the paths) run before Ray starts or right after it joins (`paths.py`, `trainer.py`,",
+             "`cluster.py`).", ""]
     sections = []
     lines += ["## Top level (TRL / TrainingArguments names)", "", "| key | type | default | meaning |",
               "|---|---|---|---|"]

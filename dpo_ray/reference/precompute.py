@@ -306,9 +306,9 @@ def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any
 
     if is_processor(tokenizer):  # the pass below builds text-only batches: its log-probs would ignore the images
         from dpo_ray.config import ConfigError
+        from dpo_ray.config.rules import PRECOMPUTED_VISION_PROBLEM
 
-        raise ConfigError([("reference.source", "precomputed reference log-probs do not carry images yet; use "
-                                                "reference.source actor or local for a vision-language model")])
+        raise ConfigError([PRECOMPUTED_VISION_PROBLEM])
     parts = {"model": model_identity(ref_source, cfg, tokenizer), "data": dataset_fingerprint(ds, cfg, groups),
              "tokenization": tokenization_settings(cfg, tokenizer)}
     key = cache_key(parts)

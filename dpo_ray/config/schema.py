@@ -1,20 +1,14 @@
-"""DPOConfig: one validated configuration for the whole run.
+"""The schema: DPOConfig and its sections (``ray``, ``reference``, ``deepspeed``, ``inspect``), field by field.
 
-Field names follow TRL's ``DPOConfig`` / ``transformers.TrainingArguments``; the sections ``ray``,
-``reference`` and ``deepspeed`` hold what TRL does not have. Every cross-field rule lives in
-``_cross_field_problems``; validation collects every problem and raises one ``ConfigError`` that lists
-them all, each naming the key as the user writes it.
-"""
+Field names follow TRL's ``DPOConfig`` / ``transformers.TrainingArguments``; the sections hold what TRL does not
+have. Building a DPOConfig runs pydantic's per-field checks, then every cross-field rule (``config.rules``), and
+raises one ``ConfigError`` listing every problem, each naming the key as the user writes it
+(``config.messages``)."""
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import os
 import re
-import types
-import typing
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -28,27 +22,21 @@ from pydantic import (
     model_validator,
 )
 
+from dpo_ray.config.messages import problems_from_pydantic
+from dpo_ray.config.rules import choose_reference_source, cross_field_problems, default_reference_source
 from dpo_ray.data.checks import INSPECT_CHECKS
-from dpo_ray.dicts import merged, set_dotted
 from dpo_ray.errors import ConfigError
-from dpo_ray.losses import F_DIVERGENCES, LOSS_ALIASES, LOSSES, LossParams, canonical_loss_name
-from dpo_ray.optim import canonical_optimizer, optimizer_problems
+from dpo_ray.losses import LOSSES, LossParams, canonical_loss_name
+from dpo_ray.optim import canonical_optimizer
 from dpo_ray.redact import REDACTED as _REDACTED
-from dpo_ray.redact import redact, redact_value
-from dpo_ray.schedule import SCHEDULES, scheduler_kwargs_problems
+from dpo_ray.redact import redact
+from dpo_ray.schedule import SCHEDULES
 from dpo_ray.trl_keys import TRL_KEYS, translate
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+-]{0,199}")
 TruncationMode = Literal["keep_start", "keep_end"]
 ReferenceSource = Literal["auto", "actor", "local", "precomputed", "adapter_off", "ref_adapter", "none"]
 
-# The logged metric names (SPEC §4) that metric_for_best_model may name, with or without eval_.
-METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy",
-                "mean_token_accuracy", "aux_loss")
-# Keys that only mean something for a PEFT policy (use_peft or peft_adapter_path).
-PEFT_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "merge_adapter",
-             "model_adapter_name")
 
 
 class _RuleViolations(Exception):
@@ -56,46 +44,6 @@ class _RuleViolations(Exception):
     # collected problems as one ConfigError with the keys intact.
     def __init__(self, problems):
         self.problems = problems
-
-
-def _did_you_mean(key: str) -> str:
-    """' did you mean X?' for a misspelt key (sections dotted: ray.num_worker -> ray.num_workers), else ''."""
-    known = list(_flag_fields()) + [k for k in TRL_KEYS if k not in DPOConfig.model_fields]
-    section = key.rpartition(".")[0]
-    pool = [k for k in known if k.rpartition(".")[0] == section] or known
-    close = difflib.get_close_matches(key, pool, n=1, cutoff=0.75) or difflib.get_close_matches(
-        key.rpartition(".")[2], [k.rpartition(".")[2] for k in known], n=1, cutoff=0.85)
-    if not close:
-        return ""
-    match = next((k for k in known if k == close[0] or k.endswith("." + close[0])), close[0])
-    return f"; did you mean {match}?"
-
-
-def _problems_from_pydantic(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
-    out = []
-    for e in err.errors():
-        key = prefix + ".".join(str(x) for x in e["loc"])
-        if e["type"] == "extra_forbidden":
-            out.append((key, "unknown key" + (_did_you_mean(key) or "; check its spelling (`dpo-ray validate --help` "
-                                                                  "lists every key)")))
-        else:
-            out.append((key, f"{e['msg']} (got {redact_value(key, e.get('input'))!r})" + _value_did_you_mean(e)))
-    return out
-
-
-def _value_did_you_mean(e: dict) -> str:
-    """'; did you mean 'steps'?' for a misspelt value of a key with a fixed set of values (a Literal)."""
-    if e["type"] != "literal_error" or not isinstance(e.get("input"), str):
-        return ""
-    choices = re.findall(r"'([^']*)'", str((e.get("ctx") or {}).get("expected", "")))
-    return value_did_you_mean(e["input"], choices)
-
-
-def value_did_you_mean(value: str, choices) -> str:
-    """'; did you mean X?' for a misspelt name among ``choices`` (losses, schedules), else ''."""
-    by_lower = {str(c).lower(): c for c in choices}
-    close = difflib.get_close_matches(str(value).lower(), sorted(by_lower), n=1, cutoff=0.6)
-    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 class _Section(BaseModel):
@@ -338,7 +286,7 @@ class DPOConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            problems = trl_problems + _problems_from_pydantic(e)
+            problems = trl_problems + problems_from_pydantic(e, known_keys())
             # The cross-field rules never ran; run them on the valid part so one error lists everything.
             reported = {key for key, _ in problems}
             problems += [pr for pr in _rule_problems(_without_invalid(data, e)) if pr[0] not in reported]
@@ -364,7 +312,7 @@ class DPOConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_rules(self):
-        problems = _cross_field_problems(self)
+        problems = cross_field_problems(self)
         if problems:
             raise _RuleViolations(problems)
         # TRL spellings of the reference source resolve into the reference section.
@@ -375,7 +323,7 @@ class DPOConfig(BaseModel):
         elif self.reference_source_defaulted:
             # TRL's reference under PEFT. Written past pydantic so model_fields_set still says the user left
             # it unset (reference_source_defaulted; a rebuild from model_dump(exclude_unset=True) re-resolves).
-            source = _default_reference_source(self)
+            source = default_reference_source(self)
             self.reference.__dict__["source"] = source
             if source == "ref_adapter":  # TRL's names: the trained adapter "default", its frozen copy "ref"
                 self.model_adapter_name = self.model_adapter_name or "default"
@@ -503,233 +451,7 @@ def _rule_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
     return []
 
 
-def _default_reference_source(c: DPOConfig) -> str:
-    """reference.source when the user gives none: TRL's reference under PEFT without a reference model (the
-    adapter disabled for a new adapter; a frozen copy of a loaded adapter, or of the named one), else auto."""
-    if (c.use_peft or c.peft_adapter_path) and not (c.reference.model_name_or_path or c.ref_model_name_or_path):
-        return "ref_adapter" if c.peft_adapter_path or c.ref_adapter_name else "adapter_off"
-    return "auto"
-
-
-def choose_reference_source(c: DPOConfig, nodes: int) -> tuple[str, str]:
-    """What ``reference.source: auto`` means on a cluster of ``nodes`` alive nodes: (actor | local, why).
-
-    The pool pays off where it runs on resources the workers do not use: GPUs of its own, a labelled node,
-    custom resources, another node. On one node the workers already fill (their torch threads take every
-    core; their GPUs), a frozen copy on each worker is faster (1.2-1.4× on CPU, docs/BENCHMARKS.md) and is
-    TRL's layout."""
-    rc = c.reference
-    if c.sync_ref_model and c.uses_peft:
-        return "local", "TR-DPO with a PEFT policy mixes adapter-wrapped weights, which only a local copy has"
-    given = [k for k, v in (("num_gpus", rc.num_gpus), ("resources", rc.resources), ("node_label", rc.node_label)) if v]
-    if given:
-        return "actor", f"reference.{given[0]} gives the pool resources of its own"
-    if nodes > 1:
-        return "actor", (f"a cluster of {nodes} nodes: the pool runs in its own process "
-                         "(place it with reference.node_label or reference.resources)")
-    return "local", ("one node, whose cores or GPUs the workers use: a frozen copy on each worker is faster there; "
-                     "reference.source: actor for the pool")
-
-
-def _remote_storage_problems(c: DPOConfig) -> list[tuple[str, str]]:
-    """ray.storage_path as a URI (s3://, gs://, file://...) goes to Ray Train unchanged; what dpo_ray itself reads
-    from the checkpoints on the driver's disk needs a local (or mounted shared) path."""
-    storage = c.ray.storage_path
-    if not storage or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", storage):
-        return []
-    why = (f"reads the checkpoints from the driver's file system, and ray.storage_path {storage!r} is a URI; use a "
-           "local or mounted shared path for ray.storage_path")
-    p = []
-    if str(c.resume_from_checkpoint).lower() in ("latest", "true"):
-        p.append(("resume_from_checkpoint", f"latest {why}, or give the checkpoint's local copy"))
-    if c.load_best_model_at_end:
-        p.append(("load_best_model_at_end", why))
-    return p
-
-
-def _best_model_problems(c: DPOConfig) -> list[tuple[str, str]]:
-    """transformers' rules for load_best_model_at_end, and a metric name the run logs."""
-    p: list[tuple[str, str]] = []
-    name = c.metric_for_best_model
-    if name is not None and name.removeprefix("eval_") not in METRIC_NAMES:
-        close = difflib.get_close_matches(name.removeprefix("eval_"), METRIC_NAMES, n=1)
-        p.append(("metric_for_best_model", f"{name!r} is not a logged metric"
-                  + (f"; did you mean {close[0]}?" if close else f"; choose from {', '.join(METRIC_NAMES)}")))
-    if not c.load_best_model_at_end:
-        return p
-    if c.eval_strategy == "no":
-        p.append(("load_best_model_at_end", "needs evaluations to rank checkpoints; set eval_strategy steps or epoch"))
-    elif c.save_strategy != c.eval_strategy:
-        p.append(("load_best_model_at_end", f"needs save_strategy equal to eval_strategy (got save_strategy "
-                                            f"{c.save_strategy!r}, eval_strategy {c.eval_strategy!r}), so every "
-                                            "checkpoint has an evaluation"))
-    elif c.eval_strategy == "steps" and c.save_steps >= 1 and (c.eval_steps or c.logging_steps) >= 1 and \
-            c.save_steps % (c.eval_steps or c.logging_steps):
-        p.append(("load_best_model_at_end", f"needs save_steps ({c.save_steps}) to be a multiple of eval_steps "
-                                            f"({c.eval_steps or c.logging_steps}), so every checkpoint has an "
-                                            "evaluation"))
-    return p
-
-
-def _cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
-    p: list[tuple[str, str]] = []
-    known = sorted(set(LOSSES) | set(LOSS_ALIASES))
-    names = []
-    for raw in c.loss_type:
-        name = canonical_loss_name(raw)
-        if name not in LOSSES:
-            p.append(("loss_type", f"{raw!r} is not a known loss; choose from {', '.join(known)}"
-                                   + value_did_you_mean(raw, known)))
-        else:
-            names.append(name)
-    if not c.loss_type:
-        p.append(("loss_type", "needs at least one loss; e.g. --loss_type sigmoid"))
-    if c.loss_weights is not None and len(c.loss_weights) != len(c.loss_type):
-        p.append(("loss_weights", f"has {len(c.loss_weights)} value(s) but loss_type has {len(c.loss_type)}; "
-                                  "give one weight per loss, in the same order"))
-    eps = c.label_smoothing
-    if "exo_pair" in names and eps <= 0:
-        p.append(("label_smoothing", "loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3); "
-                                     "e.g. --label_smoothing 0.001"))
-    if "exo_pair" in names and eps >= 1:
-        p.append(("label_smoothing", "exo_pair needs label_smoothing < 1"))
-    if "robust" in names and not 0 <= eps < 0.5:
-        p.append(("label_smoothing", f"loss_type robust needs 0 <= label_smoothing < 0.5 (got {eps})"))
-    if c.f_divergence_type not in F_DIVERGENCES:
-        p.append(("f_divergence_type", f"{c.f_divergence_type!r} is not one of {', '.join(F_DIVERGENCES)}"))
-    elif c.f_divergence_type != "reverse_kl":
-        bad = [n for n in names if not LOSSES[n].takes_f_divergence]
-        if bad:
-            ok = sorted(n for n, s in LOSSES.items() if s.takes_f_divergence)
-            p.append(("f_divergence_type", f"{c.f_divergence_type} replaces the log-ratios by f-divergence scores, "
-                                           f"which has no valid form for {', '.join(bad)} (as in TRL); use it only "
-                                           f"with {', '.join(ok)}, or f_divergence_type reverse_kl"))
-    if c.use_weighting and {"aot", "aot_unpaired"} & set(names):
-        p.append(("use_weighting", "WPO weights are per pair, but aot/aot_unpaired sort pairs across the batch; "
-                                   "turn off use_weighting or choose another loss"))
-    if c.ld_alpha is not None and not 0 <= c.ld_alpha <= 1:
-        p.append(("ld_alpha", f"must be in [0, 1] (got {c.ld_alpha}); the LD-DPO paper uses 0.3-0.7"))
-    if c.rpo_alpha is not None and c.rpo_alpha < 0:
-        p.append(("rpo_alpha", f"must be >= 0 (got {c.rpo_alpha}); the RPO paper uses 1.0"))
-    defaulted = c.reference_source_defaulted
-    src = ("none" if c.reference_free else "precomputed" if c.precompute_ref_log_probs
-           else _default_reference_source(c) if defaulted else c.reference.source)
-    if c.reference_free and c.precompute_ref_log_probs:
-        p.append(("precompute_ref_log_probs", "a reference-free run has no reference to precompute; drop one of them"))
-    if c.sync_ref_model and src not in ("auto", "actor", "local"):
-        p.append(("sync_ref_model", f"TR-DPO updates a reference model, but reference.source is {src!r}"
-                                    + (" (the default under PEFT)" if defaulted else "")
-                                    + "; use reference.source actor or local (not precomputed/adapter/none)"))
-    if c.sync_ref_model and src == "actor" and c.uses_peft:
-        p.append(("sync_ref_model", "TR-DPO with a PEFT policy mixes adapter-wrapped weights, which the actor's "
-                                    "plain reference model does not have; use reference.source local"))
-    if c.sync_ref_model and c.uses_peft and src in ("auto", "local") and (c.reference.model_name_or_path
-                                                                          or c.deepspeed.zero_stage == 3):
-        why = ("reference.model_name_or_path is a plain model" if c.reference.model_name_or_path else
-               "under deepspeed.zero_stage 3 the local reference is rebuilt from the model files")
-        p.append(("sync_ref_model", f"TR-DPO with a PEFT policy mixes the adapter-wrapped policy into a copy of "
-                                    f"itself, but {why}, without the adapter's parameters to mix into; drop "
-                                    "reference.model_name_or_path, use deepspeed.zero_stage <= 2, or turn off "
-                                    "sync_ref_model"))
-    if src in ("adapter_off", "ref_adapter") and not c.uses_peft:
-        p.append(("reference.source", f"{src} needs a PEFT model; set use_peft: true (or peft_adapter_path)"))
-    if src == "ref_adapter" and not defaulted and not (c.ref_adapter_name and c.model_adapter_name):
-        p.append(("ref_adapter_name", "reference.source ref_adapter needs model_adapter_name and ref_adapter_name"))
-    if c.ref_adapter_name and src not in ("ref_adapter",):
-        p.append(("reference.source", "ref_adapter_name is set; set reference.source: ref_adapter to use it"))
-    if c.bf16 and c.fp16:
-        p.append(("fp16", "bf16 and fp16 are both on; choose one"))
-    if c.deepspeed.offload_param and c.deepspeed.zero_stage != 3:
-        p.append(("deepspeed.offload_param", "parameter offload needs deepspeed.zero_stage 3"))
-    if c.deepspeed.offload_optimizer and c.deepspeed.zero_stage == 0:
-        p.append(("deepspeed.offload_optimizer", "optimizer offload needs deepspeed.zero_stage >= 1"))
-    if c.load_in_4bit and not c.use_peft:
-        p.append(("load_in_4bit", "a 4-bit base cannot be trained directly; set use_peft: true (QLoRA)"))
-    if c.load_in_4bit and c.deepspeed.zero_stage == 3:
-        p.append(("load_in_4bit", "4-bit weights cannot be sharded by ZeRO-3; use deepspeed.zero_stage <= 2"))
-    if c.max_steps == 0 or c.max_steps < -1:
-        p.append(("max_steps", f"must be -1 (use num_train_epochs) or a positive step count (got {c.max_steps})"))
-    p += [("optim" if msg.startswith("optim ") else "optim_args", msg) for msg in optimizer_problems(c.optim, c.optim_args)]
-    for msg in scheduler_kwargs_problems(c.lr_scheduler_type, c.lr_scheduler_kwargs, c.learning_rate):
-        if msg.startswith("lr_scheduler_type"):
-            p.append(("lr_scheduler_type", msg + value_did_you_mean(c.lr_scheduler_type, SCHEDULES)))
-        else:
-            p.append(("lr_scheduler_kwargs", msg))
-    for key in ("warmup_steps", "logging_steps", "eval_steps", "save_steps"):
-        value = getattr(c, key)
-        if isinstance(value, float) and value >= 1 and not value.is_integer():
-            p.append((key, f"{value} is neither a whole number of steps nor a fraction in (0, 1)"))
-    p += _best_model_problems(c)
-    p += _remote_storage_problems(c)
-    if not (c.use_peft or c.peft_adapter_path):
-        for key in PEFT_KEYS:
-            if key in c.model_fields_set and getattr(c, key) != DPOConfig.model_fields[key].default:
-                p.append((key, f"is set but use_peft is false, so the model trains in full and {key} has no "
-                               "effect; set use_peft: true or drop it"))
-    if c.max_length is not None and c.max_length < 2:
-        p.append(("max_length", "must leave room for a prompt and a completion token (>= 2)"))
-    from dpo_ray.vision import is_vision_model_dir, keep_end_problem
-
-    if is_vision_model_dir(c.model_name_or_path):  # reads config.json only
-        if c.truncation_mode == "keep_end":
-            p.append(("truncation_mode", keep_end_problem()))
-        if src == "precomputed":
-            p.append(("reference.source", "precomputed reference log-probs do not carry images yet; use "
-                                          "reference.source actor or local for a vision-language model"))
-    return p
-
-
-def deepspeed_config(cfg: DPOConfig, world_size: int, on_gpu: bool) -> dict:
-    """The DeepSpeed dict, derived from the config (batch sizes from ``global_batch_size``, written once)."""
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "train_batch_size": cfg.global_batch_size(world_size),
-        "gradient_clipping": cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-    }
-    zero = ds["zero_optimization"]
-    if cfg.deepspeed.zero_stage >= 1 and cfg.deepspeed.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    if cfg.deepspeed.zero_stage == 3:
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True,
-                     "stage3_param_persistence_threshold": 1e4})
-        if cfg.deepspeed.offload_param:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    if cfg.use_bf16(on_gpu):
-        ds["bf16"] = {"enabled": True}
-    elif cfg.fp16:
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
-    return merged(ds, cfg.deepspeed.overrides)
-
-
-# ---------------------------------------------------------------- loading: YAML + TRL-style flags
-
-def _is_list(annotation) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_is_list(a) for a in typing.get_args(annotation) if a is not type(None))
-    return origin is list
-
-
-def _is_bool(annotation) -> bool:
-    if annotation is bool:
-        return True
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return bool in typing.get_args(annotation)
-    return False
-
-
-def _is_dict(annotation) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_is_dict(a) for a in typing.get_args(annotation) if a is not type(None))
-    return origin is dict
-
-
-def _flag_fields() -> dict[str, tuple[str, Any, str]]:
+def flag_fields() -> dict[str, tuple[str, Any, str]]:
     """Flag name -> (dotted key, annotation, help) for every field, sections as --section.key."""
     out = {}
     for name, f in DPOConfig.model_fields.items():
@@ -741,65 +463,6 @@ def _flag_fields() -> dict[str, tuple[str, Any, str]]:
     return out
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with DPOConfig keys; flags override it")
-    group = parser.add_argument_group("DPOConfig (TRL spelling; sections as --ray.num_workers)")
-    for flag, (key, ann, help_) in _flag_fields().items():
-        kwargs: dict[str, Any] = {"dest": "cfg::" + key, "default": argparse.SUPPRESS, "help": help_.replace("%", "%%") if help_ else None}  # argparse %-formats help
-        if _is_list(ann):
-            kwargs["nargs"] = "+"
-        elif _is_bool(ann):
-            kwargs.update(nargs="?", const="true")
-        group.add_argument(f"--{flag}", **kwargs)
-    # TRL / TrainingArguments flags dpo_ray translates or refuses with a reason (docs/config.md lists them);
-    # hidden from --help, values parsed as YAML ("true", "4", '{"a": 1}')
-    for key in TRL_KEYS:
-        if key not in DPOConfig.model_fields:
-            group.add_argument(f"--{key}", dest="cfg::" + key, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
-                               nargs="?", const="true")
-
-
-def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
-    fields = _flag_fields()
-    out: dict[str, Any] = {}
-    for dest, value in vars(ns).items():
-        if not dest.startswith("cfg::"):
-            continue
-        key = dest[5:]
-        if key not in fields:  # a TRL-only key: dpo_ray.trl_keys.translate reads its YAML value
-            out[key] = value
-            continue
-        if _is_dict(fields[key][1]) and isinstance(value, str):
-            # YAML's flow style, as the example files write it ({CPU: 0.5}); JSON is a part of YAML
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                value = None
-            if not isinstance(value, dict):
-                raise ConfigError([(key, f"expects a mapping, e.g. '{{CPU: 0.5}}' or '{{\"CPU\": 0.5}}' "
-                                         f"(got {vars(ns)[dest]!r})")]) from None
-        if isinstance(value, str) and value.lower() in ("none", "null") and key not in ("loss_type",):
-            value = None
-        set_dotted(out, key, value)
-    return out
-
-
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DPOConfig:
-    """YAML file (optional) + overrides (flags win) -> validated DPOConfig."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError([("config", f"file {path} not found")]) from None
-        except yaml.YAMLError as e:
-            raise ConfigError([("config", f"{path} is not valid YAML: {e}")]) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError([("config", f"{path} must hold a mapping of DPOConfig keys")])
-        data = loaded
-    for k, v in (overrides or {}).items():
-        if isinstance(v, dict) and isinstance(data.get(k), dict):
-            data[k] = {**data[k], **v}
-        else:
-            data[k] = v
-    return DPOConfig(**data)
+def known_keys() -> list[str]:
+    """Every key a config may hold: the fields (sections dotted) and the TRL keys dpo_ray translates or refuses."""
+    return list(flag_fields()) + [k for k in TRL_KEYS if k not in DPOConfig.model_fields]
