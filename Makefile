@@ -61,7 +61,7 @@ SMOLLM2_ARGS ?=
 smollm2: install
 	$(PY) scripts/smollm2.py $(SMOLLM2_ARGS)
 
-# 3e-5 measured: held-out metric 0 % -> 100 % in 12 steps, 7.3 min on 2 cores (5e-6: still 0 %; docs/smollm2.md)
+# 3e-5 (+ the example's default rpo_alpha 1) measured: held-out 0 % -> 100 % answers opening with "Ahoy!", 12 steps (docs/smollm2.md)
 EXAMPLE_ARGS ?= --learning_rate 3e-5
 smollm2-example: smollm2
 	$(PY) examples/smollm2_ahoy.py $(EXAMPLE_ARGS)

@@ -10,8 +10,8 @@
 6. The held-out metrics after, from the saved model: answers opening with "Ahoy", and answers that go on as
    before training past it (the behaviour added, the rest kept; a model that only says "Ahoy!" scores 0).
 
-    .venv/bin/python examples/smollm2_ahoy.py --learning_rate 3e-5             # full fine-tuning (5e-6: not learned)
-    .venv/bin/python examples/smollm2_ahoy.py --peft --learning_rate 5e-4      # LoRA (r 16), merged to measure
+    .venv/bin/python examples/smollm2_ahoy.py --learning_rate 3e-5             # full fine-tuning, RPO (rpo_alpha 1)
+    .venv/bin/python examples/smollm2_ahoy.py --peft --learning_rate 5e-4      # LoRA (r 16) + RPO, merged to measure
     .venv/bin/python examples/smollm2_ahoy.py --compare_references             # 2 steps: auto/actor/precomputed
 
 Measured times and metrics: docs/smollm2.md.
@@ -110,7 +110,7 @@ def train(model_dir: Path, data: Path, output_dir: Path, args, reference: dict |
         if args.peft else {}
     cfg = DPOConfig(
         model_name_or_path=str(model_dir), dataset_name=str(data), output_dir=str(output_dir),
-        learning_rate=args.learning_rate, beta=args.beta, rpo_alpha=args.rpo_alpha,
+        learning_rate=args.learning_rate, beta=args.beta, rpo_alpha=args.rpo_alpha or None,
         max_steps=max_steps or args.max_steps,
         per_device_train_batch_size=args.batch // 2, max_length=args.max_length, logging_steps=1,
         save_strategy="no", bf16=False, gradient_checkpointing=False, report_to=[], seed=0,
@@ -131,9 +131,10 @@ def main(argv=None) -> int:
     p.add_argument("--learning_rate", type=float, default=3e-5,
                    help="3e-5: learned in 12 steps (full); LoRA: 5e-4; 5e-6: not learned (docs/smollm2.md)")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--rpo_alpha", type=float, default=None,
-                   help="weight of the NLL on the chosen answer (RPO): keeps the whole chosen text likely, not only "
-                        "its difference to the rejected one")
+    p.add_argument("--rpo_alpha", type=float, default=1.0,
+                   help="weight of the NLL on the chosen answer (RPO; 0: plain DPO). Plain DPO learned the opener "
+                        "by repeating it ('Ahoy! Ahoy! Ahoy! The capital ...'); with the NLL the answer goes on as "
+                        "before (docs/smollm2.md)")
     p.add_argument("--max_steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (2 workers)")
     p.add_argument("--max_length", type=int, default=192)
