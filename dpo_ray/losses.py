@@ -1,6 +1,6 @@
 """The DPO loss family as pure per-pair functions (torch only: no Ray, no torch.distributed).
 
-Notation (SPEC §3): for each pair, ``c = log π(y_w|x) - log π_ref(y_w|x)`` and
+Notation (docs/losses.md): for each pair, ``c = log π(y_w|x) - log π_ref(y_w|x)`` and
 ``r = log π(y_l|x) - log π_ref(y_l|x)`` (sums over completion tokens), ``d = c - r``, ``β = beta``,
 ``ε = label_smoothing``. Every loss returns a ``(B,)`` tensor of per-pair losses; the batch loss is
 their mean, combined across ``loss_type`` by ``loss_weights``.
@@ -325,7 +325,7 @@ def moe_aux_loss(loss: Tensor, aux_loss: Tensor | None, router_aux_loss_coef: fl
 
 
 def pair_metrics(p: PairLogps, beta: float) -> dict[str, Tensor]:
-    """SPEC §4 reward metrics for one batch, as detached 0-d tensors (no host sync)."""
+    """The reward metrics (docs/training.md, "Metrics") for one batch, as detached 0-d tensors (no host sync)."""
     with torch.no_grad():
         chosen_rewards = beta * p.chosen_logratios
         rejected_rewards = beta * p.rejected_logratios
@@ -366,7 +366,7 @@ def sequence_metrics(stats: SeqStats) -> dict[str, Tensor]:
 
 def batch_metrics(p: PairLogps, stats: SeqStats, beta: float,
                   attention_mask: Tensor | None = None) -> dict[str, Tensor]:
-    """Every per-batch SPEC §4 metric the math knows, as detached 0-d tensors (no .item()).
+    """Every per-batch metric the math knows, as detached 0-d tensors (no .item()).
 
     ``logits/*``, ``entropy`` and ``mean_token_accuracy`` (chosen completions only) are token-weighted means
     over the completion tokens, as TRL logs them; ``rewards/*`` and ``logps/*`` are means over pairs. Each

@@ -478,7 +478,7 @@ def _tune_console(verbose: int):
 def default_concurrency(cfg: DPOConfig, trial_cpus: float) -> int:
     """Trials at once when not given: as many as the cluster's CPUs hold, counting each trial's driver, its Train
     workers and half a CPU for its data tasks (Tune would otherwise start a trial per free trial_cpus and starve
-    the Train workers and Ray Data of CPUs: FACTS, "Ray starvation")."""
+    the Train workers and Ray Data of CPUs: docs/sweeps.md)."""
     import ray
 
     from dpo_ray.cluster import worker_resources

@@ -108,7 +108,7 @@ class DPOTrainer:
         self.ref_model = ref_model
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.processing_class = processing_class
-        if model is not None and processing_class is None:  # issue 29: never the bundled tokenizer and toy data
+        if model is not None and processing_class is None:  # never the bundled tokenizer and toy data
             raise ModelFilesError(
                 f"DPOTrainer(model=<{type(model).__name__}>) got a model object and no processing_class: pass its "
                 "tokenizer as processing_class= (as with TRL), or the model's directory as model= with the tokenizer "

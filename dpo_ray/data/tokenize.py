@@ -1,4 +1,4 @@
-"""Normalised examples -> token ids: chat template, divergence point, EOS, truncation (SPEC §2).
+"""Normalised examples -> token ids: chat template, divergence point, EOS, truncation (docs/data.md).
 
 ``RowProcessor`` turns a list of raw rows into the tokenized columns of docs/CONTRACTS.md, applying
 ``on_bad_row``. It is what the Ray Data tasks run and what ``tokenize_rows`` runs in-process.

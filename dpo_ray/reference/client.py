@@ -72,7 +72,7 @@ class ActorPoolReference:
         # waiting (the loading overlaps the worker group's start) and stops it if loading fails or times out.
         self.ready_timeout_s = cfg.reference.ready_timeout_s
         self._answered = False
-        # node loss (issue 18): how long to wait for a node with room for an actor Ray is restarting
+        # a lost node: how long to wait for a node with room for an actor Ray is restarting
         self.capacity_timeout_s = cfg.reference.capacity_timeout_s
         self.actor_needs = (actor_request(cfg), dict(cfg.reference.node_label))
         self.version = 0
