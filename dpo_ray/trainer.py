@@ -61,7 +61,7 @@ class _Run:
     use_gpu: bool = False
     prepared: Any = None  # data.PreparedData
     fingerprint: str | None = None  # the data's, for resume and checkpoints
-    plan: Any = None  # data.steps.StepPlan
+    plan: Any = None  # data.step_plan.StepPlan
     model_source: Any = None  # a directory path or an ObjectRef of the weights
     progress: Any = None  # cluster.TrainingProgress
     pool: Any = None  # the reference actor pool, when there is one
@@ -190,7 +190,7 @@ class DPOTrainer:
         """The Ray Data pipeline, its fingerprint (resume checks the data is the same), the quick data checks and
         the step plan from the rows counted."""
         from dpo_ray.data import build_datasets
-        from dpo_ray.data.steps import plan_steps, require_steps
+        from dpo_ray.data.step_plan import plan_steps, require_steps
         from dpo_ray.vision import is_processor
 
         cfg = run.cfg

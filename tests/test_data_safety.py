@@ -32,7 +32,7 @@ from dpo_ray.data import (
 from dpo_ray.data.analyze import Analyzer
 from dpo_ray.data.rows import IDENTICAL_TRUNCATED, NULL_VALUE
 from dpo_ray.data.stats import check_trained
-from dpo_ray.data.steps import plan_steps, steps_reached
+from dpo_ray.data.step_plan import plan_steps, steps_reached
 from dpo_ray.data.tokenize import RawRow, RowProcessor, TokenizeOptions
 from dpo_ray.preflight.report import evaluate, format_console
 

@@ -15,7 +15,7 @@ from dpo_ray.data.analyze import UNREADABLE, Hits, Piece
 from dpo_ray.data.batching import SHUFFLE_POOL_BATCHES
 from dpo_ray.data.checks import INSPECT_CHECKS
 from dpo_ray.data.rows import BAD_ROW_KINDS, PROMPT_FILLS
-from dpo_ray.data.steps import plan_steps, steps_reached
+from dpo_ray.data.step_plan import plan_steps, steps_reached
 
 REPORT_VERSION = 2
 
@@ -208,7 +208,7 @@ def bad_row_report(piece: Piece, on_bad_row: str, max_dropped: float = 1.0) -> d
 
 def steps_report(piece: Piece, cfg, rows_counted: int | None) -> dict[str, Any]:
     """The optimizer steps training plans (from the rows counted, as the trainer counts them) and the steps the
-    kept rows reach (dpo_ray.data.steps), with ``eval_fraction``'s share held out of both."""
+    kept rows reach (dpo_ray.data.step_plan), with ``eval_fraction``'s share held out of both."""
     kept = int(piece.lengths["kept"].sum())
     counted = piece.rows if rows_counted is None else rows_counted
     held = cfg.eval_fraction
