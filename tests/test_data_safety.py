@@ -32,7 +32,7 @@ from dpo_ray.data import (
 from dpo_ray.data.analyze import Analyzer
 from dpo_ray.data.rows import IDENTICAL_TRUNCATED, NULL_VALUE
 from dpo_ray.data.stats import check_trained
-from dpo_ray.data.step_plan import plan_steps, steps_reached
+from dpo_ray.data.step_plan import plan_for_micro_batches, plan_steps, steps_reached
 from dpo_ray.data.tokenize import RawRow, RowProcessor, TokenizeOptions
 from dpo_ray.preflight.report import evaluate, format_console
 
@@ -344,6 +344,10 @@ def test_step_plan_and_the_steps_kept_rows_reach():
     assert steps_reached(plan, 10, c) == 0
     capped = plan_steps(100, c.model_copy(update={"max_steps": 10}))
     assert (capped.total_steps, capped.num_epochs, steps_reached(capped, 50, c)) == (10, 2, 6)
+    # the worker loop re-plans by the same rule when its first epoch gives fewer micro-batches (rows dropped)
+    again = plan_for_micro_batches(3, c, 2)
+    assert (again.steps_per_epoch, again.total_steps, again.num_epochs) == (3, 9, 3)
+    assert plan_for_micro_batches(3, c.model_copy(update={"max_steps": 10}), 2).num_epochs == 4
 
 
 def test_after_the_run_zero_steps_is_an_error_and_a_short_run_is_said():

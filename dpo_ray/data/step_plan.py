@@ -28,8 +28,15 @@ class StepPlan:
 
 
 def plan_steps(rows: int, cfg, world: int | None = None) -> StepPlan:
+    """The plan for ``rows`` training rows over ``world`` workers (default ray.num_workers)."""
     world = world or cfg.ray.num_workers
-    micro = rows // (world * cfg.per_device_train_batch_size)
+    return plan_for_micro_batches(rows // (world * cfg.per_device_train_batch_size), cfg, world, rows)
+
+
+def plan_for_micro_batches(micro: int, cfg, world: int, rows: int = 0) -> StepPlan:
+    """The plan when each worker's epoch is ``micro`` micro-batches: max_steps as asked (epochs enough to reach it),
+    else ceil(num_train_epochs × steps per epoch) steps. The worker loop re-plans with it when the first epoch gave
+    fewer micro-batches than the rows counted promised (bad rows dropped)."""
     per_epoch = micro // cfg.gradient_accumulation_steps
     if per_epoch == 0:
         return StepPlan(rows, world, micro, 0, 0, 0)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dpo_ray.data.step_plan import plan_for_micro_batches
 from dpo_ray.errors import TooFewRowsError
 from dpo_ray.forward import eval_mode
 from dpo_ray.schedule import interval_steps
@@ -183,11 +184,11 @@ class Run:
 
     def _resize(self, micro: int, announce: bool) -> None:
         cfg, lc = self.cfg, self.lc
-        per_epoch = micro // cfg.gradient_accumulation_steps
+        plan = plan_for_micro_batches(micro, cfg, cfg.ray.num_workers)
         if cfg.max_steps > 0:  # the steps asked for stay; more epochs reach them
-            self.num_epochs = math.ceil(cfg.max_steps / per_epoch)
+            self.num_epochs = plan.num_epochs
         else:
-            self.total_steps = min(lc.total_steps, max(1, math.ceil(cfg.num_train_epochs * per_epoch)))
+            self.total_steps = min(lc.total_steps, plan.total_steps)
         if self.total_steps != lc.total_steps:
             self.w.resize_schedule(self.total_steps, self.state.global_step)
             self.logger.total = self.total_steps
