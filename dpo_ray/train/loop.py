@@ -31,7 +31,7 @@ from dpo_ray.train.checkpoint import (
 from dpo_ray.train.logger import METRICS_FILE, Logger, Throughput, cut_metrics
 from dpo_ray.train.metrics import EvalAccumulator, MetricAccumulator
 from dpo_ray.train.setup import LoopConfig, Worker, mark, setup
-from dpo_ray.train.steps import DPOStep, SFTStep
+from dpo_ray.train.steps import DPOStep, SFTStep, TrainingStep
 
 
 class NonFiniteError(RuntimeError):
@@ -106,7 +106,7 @@ def restore(w: Worker) -> TrainerState:
 class Run:
     """The loop's moving parts: what happens per micro-batch, per optimizer step, per epoch, at the end."""
 
-    def __init__(self, w: Worker, step: SFTStep, state: TrainerState):
+    def __init__(self, w: Worker, step: TrainingStep, state: TrainerState):
         self.w, self.step, self.state = w, step, state
         self.cfg, self.lc = w.cfg, w.lc
         self.logger = Logger(self.cfg, w.rank, self.lc.total_steps, run_name=_run_name(self.lc), start_step=state.global_step)

@@ -1,10 +1,11 @@
 """One micro-batch of each training mode. A step object owns its mode's batching, forward and metrics, so
 the loop never asks which mode it runs: ``DPOStep`` (pairs, a reference, the DPO-family loss) and
-``SFTStep`` (completions, token-mean NLL)."""
+``SFTStep`` (completions, token-mean NLL), both ``TrainingStep``s."""
 
 from __future__ import annotations
 
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -105,10 +106,12 @@ def decide_sharing(sharing: PrefixSharing, model, cfg: DPOConfig, batch, device,
     return bool(sharing.enabled)
 
 
-class SFTStep:
-    """Supervised fine-tuning on completions (the stage before DPO): no reference."""
+class TrainingStep(ABC):
+    """One micro-batch of a training mode, as the loop uses it: ``batches`` (this worker's collated batches of a
+    shard), ``stream`` (what one loop iteration consumes), ``eval_stream`` and the call (loss, metrics). The
+    modes below share the batching; each says what an item is and how it is scored."""
 
-    mode = "sft"
+    mode = ""
 
     def __init__(self, cfg: DPOConfig, device: torch.device, pad_id: int):
         self.cfg, self.device, self.pad_id = cfg, device, pad_id
@@ -136,11 +139,21 @@ class SFTStep:
     def _wrap(self, batches: Iterator) -> Iterator:
         return batches
 
+    @abstractmethod
+    def __call__(self, model: nn.Module, item) -> tuple[Tensor, dict]:
+        """(loss, detached metrics) of one item of ``stream``."""
+
+
+class SFTStep(TrainingStep):
+    """Supervised fine-tuning on completions (the stage before DPO): no reference."""
+
+    mode = "sft"
+
     def __call__(self, model: nn.Module, item) -> tuple[Tensor, dict]:
         return sft_step(model, self.cfg, to_device(item, self.device))
 
 
-class DPOStep(SFTStep):
+class DPOStep(TrainingStep):
     """Pairs: the policy's forward on [chosen; rejected], reference log-probs (prefetched ``depth`` ahead),
     and the DPO-family loss. The policy's prefix-sharing decision is made on its first batch."""
 
