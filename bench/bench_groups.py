@@ -90,7 +90,8 @@ def dpo_ray_epoch(path: Path, batches: list[dict], cfg, warmup: int) -> dict:
     """One epoch of dpo_ray's DPO step (the worker's functions, no Ray) over ``batches``."""
     import torch
 
-    from dpo_ray.forward import PrefixSharing, num_pairs, reference_logps
+    from dpo_ray.forward import num_pairs, reference_logps
+    from dpo_ray.sharing import PrefixSharing
     from dpo_ray.train.steps import dpo_step
 
     policy, ref = load(path).train(), load(path).eval().requires_grad_(False)

@@ -65,7 +65,8 @@ def epoch(policy, ref, init: dict, batches: list[dict], cfg, share: bool) -> flo
     """Seconds for one pass of DPO steps over ``batches`` from the weights ``init``."""
     import torch
 
-    from dpo_ray.forward import PrefixSharing, reference_logps
+    from dpo_ray.forward import reference_logps
+    from dpo_ray.sharing import PrefixSharing
     from dpo_ray.train.steps import dpo_step
 
     policy.load_state_dict(init)

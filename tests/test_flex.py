@@ -13,7 +13,8 @@ from helpers import random_pairs, tiny_llama
 
 from dpo_ray import flex, prefix
 from dpo_ray.config import DPOConfig
-from dpo_ray.forward import PrefixSharing, sequence_forward
+from dpo_ray.forward import sequence_forward
+from dpo_ray.sharing import PrefixSharing
 
 VOCAB = 64
 pytestmark = pytest.mark.skipif(not flex.available()[0], reason=flex.available()[1] or "flex available")

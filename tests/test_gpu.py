@@ -69,7 +69,8 @@ def test_flex_prefix_attention_on_the_gpu():
     """Prefix sharing's block-sparse path on the GPU (compiled FlexAttention): fp32 log-probs and gradients equal
     the standard layout's; bf16 within bf16 error; ``prefix_sharing: auto`` times standard / dense / flex on the
     first batch and says which it kept."""
-    from dpo_ray.forward import PrefixSharing, sequence_forward
+    from dpo_ray.forward import sequence_forward
+    from dpo_ray.sharing import PrefixSharing
 
     batch = to(pairs_batch(b=4, t=48), DEVICE)
     shape = {"hidden_size": 64, "intermediate_size": 128}  # head_dim 16: FlexAttention's GPU kernels need ≥ 16

@@ -23,8 +23,9 @@ from dpo_ray.data.collate import collate_groups
 from dpo_ray.data.groups import expand_to_pairs, group_pairs, normalize_group
 from dpo_ray.data.rows import BadRow
 from dpo_ray.errors import BadRowError
-from dpo_ray.forward import PrefixSharing, pair_layout, reference_logps, sequence_forward
+from dpo_ray.forward import pair_layout, reference_logps, sequence_forward
 from dpo_ray.reference.base import NoReference, PrecomputedReference
+from dpo_ray.sharing import PrefixSharing
 from dpo_ray.train.steps import dpo_step
 
 CFG = DPOConfig()

@@ -9,7 +9,7 @@ Floors, ground up (docs/CONTRACTS.md, "Layers"):
   1 data        data.*, ledger (the bookkeeping actors: Ray and the standard library only), ray_private (every
                 private name of Ray dpo_ray uses, each with its fallback)
   2 config      config, paths, trl_keys (what each TRL key means here)
-  3 models      models, adapters, vision.tiny
+  3 models      models, adapters, vision.tiny, sharing (prefix sharing's per-model decision and kernel timing)
   4 reference   reference.*
   5 train       train.*  (runs in the Ray Train workers)
   6 driver      cluster, trainer
@@ -31,7 +31,7 @@ FLOORS = [
          "optim", "schedule", "owned", "redact", "extensions", "dicts")),
     (1, ("data", "ledger", "ray_private")),
     (2, ("config", "paths", "trl_keys")),
-    (3, ("models", "adapters", "vision.tiny")),
+    (3, ("models", "adapters", "vision.tiny", "sharing")),
     (4, ("reference",)),
     (5, ("train",)),
     (6, ("cluster", "trainer")),

@@ -16,7 +16,8 @@ from dpo_ray import prefix
 from dpo_ray.config import DPOConfig
 from dpo_ray.data import collate_pairs, load_processing_class, tokenize_rows
 from dpo_ray.data.bundled import DATA_DIR
-from dpo_ray.forward import PrefixSharing, reference_logps, sequence_forward
+from dpo_ray.forward import reference_logps, sequence_forward
+from dpo_ray.sharing import PrefixSharing
 from dpo_ray.train.steps import dpo_step
 
 CFG = DPOConfig()

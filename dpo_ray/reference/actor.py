@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from dpo_ray.config import DPOConfig
-from dpo_ray.forward import GROUP_KEYS, PrefixSharing, reference_logps
+from dpo_ray.forward import GROUP_KEYS, reference_logps
 from dpo_ray.models import load_causal_lm, reference_dtype
 from dpo_ray.reference.base import mix_tensor, param_name, params_by_name
+from dpo_ray.sharing import PrefixSharing
 from dpo_ray.vision import PIXEL_KEYS
 
 REQUEST_KEYS = ("input_ids", "attention_mask", "completion_mask")

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from dpo_ray.forward import GROUP_KEYS, PrefixSharing, is_group_batch, num_pairs, reference_logps
+from dpo_ray.forward import GROUP_KEYS, is_group_batch, num_pairs, reference_logps
+from dpo_ray.sharing import PrefixSharing
 from dpo_ray.vision import PIXEL_KEYS
 
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from dpo_ray.config import DPOConfig, deepspeed_config
-from dpo_ray.forward import PrefixSharing
 from dpo_ray.models import frozen_copy, load_causal_lm, reference_dtype
 from dpo_ray.reference.base import LocalReference, NoReference, PrecomputedReference, ReferenceClient
+from dpo_ray.sharing import PrefixSharing
 
 
 def build_reference(cfg: DPOConfig, *, policy: nn.Module, tokenizer, device: torch.device, world: int,

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from dpo_ray.config import DPOConfig
-from dpo_ray.forward import GROUP_KEYS, PrefixSharing, eval_mode, reference_logps
+from dpo_ray.forward import GROUP_KEYS, eval_mode, reference_logps
+from dpo_ray.sharing import PrefixSharing
 
 
 class AdapterReference:

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from dpo_ray.config import DPOConfig
 from dpo_ray.data import iter_eval_batches, iter_train_batches
-from dpo_ray.forward import PrefixSharing, pair_layout, sequence_forward
+from dpo_ray.forward import pair_layout, sequence_forward
 from dpo_ray.losses import PairLogps, batch_metrics, dpo_loss, moe_aux_loss, sequence_metrics
 from dpo_ray.reference.base import ReferenceClient, prefetched
+from dpo_ray.sharing import PrefixSharing
 
 
 def to_device(batch: dict, device) -> dict:
