@@ -412,7 +412,8 @@ class TrainingProgress:
                             pairs_per_s=_round(state.get("pairs_per_s")), tokens_per_s=_round(state.get("tokens_per_s")),
                             loss=state.get("loss"))
         if "counted_s" in state:  # as of the last logged step: time, counts and rates of one instant
-            self.final = {"train_runtime_s": round(state["counted_s"], 3), "pairs": state["pairs"],
+            # microseconds: a run of a few fast steps (0.3 s) must still give pairs / train_runtime_s = pairs_per_s
+            self.final = {"train_runtime_s": round(state["counted_s"], 6), "pairs": state["pairs"],
                           "tokens": state["tokens"], "pairs_per_s": round(state["pairs_per_s"], 4),
                           "tokens_per_s": round(state["tokens_per_s"], 4)}
         if not self._estimated and per_step and steps_done >= self.ESTIMATE_AFTER:
