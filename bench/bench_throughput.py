@@ -81,15 +81,15 @@ def child_dpo_ray(args) -> dict:
     if args.threads:
         ray_cfg["torch_threads"] = args.threads
     ray_cfg.update(extra.pop("ray", {}))  # e.g. {"resources_per_worker": {"CPU": 1, "GPU": 0.5}} (gpu_check.py)
-    cfg = DPOConfig(
+    settings = dict(
         model_name_or_path=args.model, dataset_name=args.data, dataset_test_split=None,
         output_dir=args.workdir, overwrite_output_dir=True,  # repeats reuse run_<name>
         per_device_train_batch_size=per_device, num_train_epochs=args.epochs,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], bf16=args.gpu,
         gradient_checkpointing=False, **{k: v for k, v in hp.items() if k != "loss_type"},
-        loss_type=[hp["loss_type"]],
-        ray=ray_cfg, **extra,
+        loss_type=[hp["loss_type"]], ray=ray_cfg,
     )
+    cfg = DPOConfig(**{**settings, **extra})  # extra may override a default here (gradient_checkpointing)
     import threading
 
     metrics_file = Path(args.workdir) / "metrics.jsonl"
