@@ -8,7 +8,8 @@ and differ), one pair, one optimizer step, fp32, one training process, in its ow
   reference model in the same process); bf16 off (TRL's default bf16 autocast runs ~10x slower on this CPU);
 - ``dpo_ray``: dpo_ray's defaults (prefix sharing auto, the reference where ``reference.source`` auto puts it,
   no gradient checkpointing), 1 worker;
-- ``dpo_ray+gc``: the same with ``gradient_checkpointing: true``.
+- ``dpo_ray+gc``: the same with ``gradient_checkpointing: true``;
+- ``dpo_ray+gc+noshare``: and ``prefix_sharing: off`` (the standard [chosen; rejected] layout, as TRL).
 
 Reported per configuration: the training process's peak PSS (for dpo_ray the Ray Train worker; its reference
 actor, Ray's daemons and the driver are separate processes, listed at the tree's peak) and the whole tree's.
@@ -35,7 +36,8 @@ from common import BENCH, RESULTS, machine, run_child, table, versions  # noqa: 
 
 CONFIGS = {"trl": ("trl", {"gradient_checkpointing": True}),
            "dpo_ray": ("dpo_ray", {}),
-           "dpo_ray+gc": ("dpo_ray", {"gradient_checkpointing": True})}
+           "dpo_ray+gc": ("dpo_ray", {"gradient_checkpointing": True}),
+           "dpo_ray+gc+noshare": ("dpo_ray", {"gradient_checkpointing": True, "prefix_sharing": "off"})}
 WORDS = ("river stone light garden window paper music morning table silver forest letter candle market bridge "
          "winter harbor meadow lantern orchard valley thunder pocket ribbon violet anchor basket castle").split()
 
