@@ -112,18 +112,17 @@ def run_plan(cfg: DPOConfig) -> list[str]:
     from dpo_ray.reference.pool import actor_request
 
     joins = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    one = cfg.resolve_auto_reference(nodes=1)
+    planned = cfg.resolve_auto_reference(nodes=2) if joins else one  # the reference of the lines below
     lines = []
-    if joins:
-        one, several = cfg.resolve_auto_reference(nodes=1), cfg.resolve_auto_reference(nodes=2)
-        if one.reference.source == several.reference.source:
-            lines.append(f"{several.describe_reference()}  [on the cluster at {joins}]")
-        else:
-            lines.append(f"{several.describe_reference()}  [on the cluster at {joins} if it has several nodes]")
-            lines.append(f"{one.describe_reference()}  [if that cluster is one node]")
+    if not joins:
+        lines.append(f"{one.describe_reference()}  [a local Ray: one node]")
+    elif one.reference.source == planned.reference.source:
+        lines.append(f"{planned.describe_reference()}  [on the cluster at {joins}]")
     else:
-        lines.append(f"{cfg.resolve_auto_reference(nodes=1).describe_reference()}  [a local Ray: one node]")
-    source = cfg.resolve_auto_reference(nodes=2 if joins else 1).reference.source
-    if source == "actor" and cfg.needs_reference:
+        lines.append(f"{planned.describe_reference()}  [on the cluster at {joins} if it has several nodes]")
+        lines.append(f"{one.describe_reference()}  [if that cluster is one node]")
+    if planned.reference.source == "actor" and cfg.needs_reference:
         label = f", on nodes labelled {dict(cfg.reference.node_label)}" if cfg.reference.node_label else ""
         lines.append(f"reference actors: {cfg.reference.num_actors} × {actor_request(cfg)}{label}")
     gpu = cfg.ray.use_gpu
@@ -137,9 +136,9 @@ def run_plan(cfg: DPOConfig) -> list[str]:
     else:
         gpu_words = f"{'GPU' if gpu else 'CPU'} workers (ray.use_gpu)"
     shapes: list[dict] = []
-    for on_gpu in [bool(gpu)] if gpu is not None else [False, True]:
-        if worker_resources(cfg, on_gpu) not in shapes:
-            shapes.append(worker_resources(cfg, on_gpu))
+    for shape in (worker_resources(cfg, on_gpu) for on_gpu in ([bool(gpu)] if gpu is not None else [False, True])):
+        if shape not in shapes:
+            shapes.append(shape)
     threads = (f", {cfg.ray.torch_threads} torch thread(s) each on CPU" if cfg.ray.torch_threads
                else ", the node's cores ÷ its workers as torch threads on CPU")
     lines.append(f"workers: {cfg.ray.num_workers} × {' or '.join(str(s) for s in shapes)}, {gpu_words}{threads}; "

@@ -191,7 +191,8 @@ class ActorPoolReference:
                     raise RuntimeError(
                         f"reference actor {req.actor} is down (its node or process was lost) and Ray found no node with "
                         f"room to restart it within {self.capacity_timeout_s:g}s (reference.capacity_timeout_s): it "
-                        f"needs {self._needs()}. No batch was trained without reference log-probs; add a node with these resources and resume with resume_from_checkpoint: latest") from None
+                        f"needs {self._needs()}. No batch was trained without reference log-probs; add a node with "
+                        "these resources and resume with resume_from_checkpoint: latest") from None
             else:
                 alive_s += spent
                 if alive_s >= timeout_s:
