@@ -7,7 +7,8 @@ and differ), one pair, one optimizer step, fp32, one training process, in its ow
 - ``trl``: TRL 1.16's DPOTrainer with its defaults for memory (``gradient_checkpointing=True``, a separate
   reference model in the same process); bf16 off (TRL's default bf16 autocast runs ~10x slower on this CPU);
 - ``dpo_ray``: dpo_ray's defaults (prefix sharing auto, the reference where ``reference.source`` auto puts it,
-  no gradient checkpointing), 1 worker;
+  ``gradient_checkpointing: auto``), 1 worker;
+- ``dpo_ray-gc``: the same with ``gradient_checkpointing: false`` (what the defaults were before auto);
 - ``dpo_ray+gc``: the same with ``gradient_checkpointing: true``;
 - ``dpo_ray+gc+noshare``: and ``prefix_sharing: off`` (the standard [chosen; rejected] layout, as TRL).
 
@@ -35,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from common import BENCH, RESULTS, machine, run_child, table, versions  # noqa: E402
 
 CONFIGS = {"trl": ("trl", {"gradient_checkpointing": True}),
-           "dpo_ray": ("dpo_ray", {}),
+           "dpo_ray": ("dpo_ray", {"gradient_checkpointing": "auto"}),  # the product's default (the child's is off)
+           "dpo_ray-gc": ("dpo_ray", {"gradient_checkpointing": False}),
            "dpo_ray+gc": ("dpo_ray", {"gradient_checkpointing": True}),
            "dpo_ray+gc+noshare": ("dpo_ray", {"gradient_checkpointing": True, "prefix_sharing": "off"})}
 WORDS = ("river stone light garden window paper music morning table silver forest letter candle market bridge "

@@ -19,7 +19,7 @@ def wrap_peft(model: nn.Module, cfg: DPOConfig) -> nn.Module:
 
     name = cfg.model_adapter_name or "default"
     if cfg.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
     if cfg.peft_adapter_path:
         model = PeftModel.from_pretrained(model, cfg.peft_adapter_path, adapter_name=name, is_trainable=True)
         if cfg.reference.source == "ref_adapter":

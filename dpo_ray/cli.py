@@ -154,7 +154,39 @@ def run_plan(cfg: DPOConfig) -> list[str]:
     bucketing = {False: "off (shuffled batches, as TRL)", True: f"on (pools of {pool} rows sorted by length)",
                  "auto": f"per pool of {pool} rows: bucketed when that pads at least {AUTO_MIN_SAVING:.0%} fewer tokens"}
     lines.append(f"length bucketing: {bucketing[cfg.length_bucketing]}")
+    lines.append(f"gradient checkpointing: {checkpointing_plan(cfg)}")
     return lines
+
+
+def checkpointing_plan(cfg: DPOConfig) -> str:
+    """``gradient_checkpointing`` in words; for auto, the micro-batch size it switches at where the model's config
+    can be read here (a model directory, or the bundled tiny model)."""
+    if cfg.gradient_checkpointing is not True and cfg.gradient_checkpointing is not False:
+        if cfg.deepspeed.zero_stage == 3:
+            return "on for every micro-batch (auto under ZeRO-3: every rank must recompute alike)"
+        words = f"auto: on for micro-batches whose activations pass {cfg.gradient_checkpointing_gib:g} GiB"
+        per_token = _activation_bytes_per_token(cfg)
+        if per_token:
+            tokens = -(-int(cfg.gradient_checkpointing_gib * 2**30) // per_token)
+            words += (f" ({tokens:,}+ tokens of this model in fp32, {per_token / 2**20:.2f} MiB per token; twice as "
+                      "many in bf16)")
+        return words
+    return "on for every micro-batch" if cfg.gradient_checkpointing else "off"
+
+
+def _activation_bytes_per_token(cfg: DPOConfig) -> int | None:
+    from dpo_ray.models import TINY_LLAMA, activation_bytes_per_token
+
+    if cfg.model_name_or_path is None:
+        from types import SimpleNamespace
+
+        return activation_bytes_per_token(SimpleNamespace(**TINY_LLAMA), 4)
+    try:
+        from transformers import AutoConfig
+
+        return activation_bytes_per_token(AutoConfig.from_pretrained(cfg.model_name_or_path), 4)
+    except (OSError, ValueError):  # a hub name offline, a path not there yet: the run decides
+        return None
 
 
 def cmd_validate(ns) -> int:

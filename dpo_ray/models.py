@@ -175,12 +175,80 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def prepare_policy(model: nn.Module, cfg: DPOConfig) -> nn.Module:
+    """The policy in training mode, as the optimizer will see it. ``from_pretrained`` hands back a model in eval
+    mode, and transformers applies gradient checkpointing (and dropout) only to a module in training mode: left
+    in eval mode, ``gradient_checkpointing: true`` saved no memory and ``disable_dropout: false`` trained without
+    dropout. Checkpointing itself is ``ActivationCheckpointing``'s."""
+    model.train()
     if cfg.disable_dropout:
         disable_dropout(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     return model
+
+
+def activation_bytes_per_token(config, elem_bytes: int) -> int | None:
+    """An estimate of what one token's forward keeps for the backward across the decoder layers: per layer about
+    10 hidden-wide tensors (norms, q/k/v/o, residuals, attention output) and 4 MLP-wide ones (gate, up, their
+    product, the activation). SmolLM2-135M in fp32: 1.36 MiB per token, against 1.41 MiB measured (docs/BENCHMARKS.md,
+    memory at long context). ``None`` where the config does not say its widths."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers, hidden = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
+    if not layers or not hidden:
+        return None
+    mlp = getattr(text, "intermediate_size", None) or 4 * hidden
+    if getattr(text, "moe_intermediate_size", None):  # a token goes through its top-k experts
+        mlp = text.moe_intermediate_size * max(1, getattr(text, "num_experts_per_tok", 1) or 1)
+    return int(layers * (10 * hidden + 4 * mlp) * elem_bytes)
+
+
+class ActivationCheckpointing:
+    """``gradient_checkpointing`` on a prepared policy, decided per micro-batch: ``True`` always, ``False`` never,
+    ``auto`` for a micro-batch whose estimated activations (its tokens × ``activation_bytes_per_token``) pass
+    ``gradient_checkpointing_gib``: long rows get TRL's memory, short ones keep their speed. Under ZeRO-3 ``auto``
+    is on for every micro-batch: a recompute gathers the layer's parameter shards again, and ranks that decided
+    differently would issue different collectives."""
+
+    def __init__(self, model: nn.Module, cfg: DPOConfig, elem_bytes: int):
+        setting = cfg.gradient_checkpointing
+        self.auto = setting == "auto" and cfg.deepspeed.zero_stage != 3
+        self.on = bool(setting)  # "auto" included: the layers get their checkpoint function; __call__ toggles them
+        self.flags: list[nn.Module] = []
+        self.min_tokens: int | None = None
+        self.per_token: int | None = None
+        self.checkpointed = 0
+        if not self.on:
+            return
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        self.flags = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+        per_token = activation_bytes_per_token(model.config, elem_bytes)
+        if self.auto:
+            self.per_token = per_token
+            # a config that does not say its widths: checkpoint everything, the safe side
+            self.min_tokens = -(-int(cfg.gradient_checkpointing_gib * 2**30) // per_token) if per_token else 0
+
+    def __call__(self, batch: dict) -> bool:
+        """Whether this micro-batch's forward is checkpointed (set on the model's layers)."""
+        if not self.auto:
+            on = self.on
+        else:
+            on = batch["input_ids"].numel() >= self.min_tokens
+            for m in self.flags:
+                m.gradient_checkpointing = on
+        self.checkpointed += on
+        return on
+
+    def describe(self) -> str:
+        if not self.on:
+            return "gradient checkpointing off"
+        if not self.auto:
+            return "gradient checkpointing on for every micro-batch"
+        size = f" (~{self.per_token / 2**20:.2f} MiB of activations per token)" if self.per_token else ""
+        return (f"gradient checkpointing auto: on for micro-batches of {self.min_tokens:,}+ tokens{size}, "
+                "gradient_checkpointing_gib to change it")
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

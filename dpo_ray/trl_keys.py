@@ -84,8 +84,9 @@ TRL_KEYS: dict[str, TrlKey] = {
     "tf32": _only(None, "TF32 matmuls are left at torch's default"),
     "activation_checkpointing": _maps("gradient_checkpointing (transformers 5 spelling)"),
     "activation_checkpointing_kwargs": _ignored("checkpointing is always non-reentrant here"),
-    "gradient_checkpointing": _same("default off (TRL: on): it recomputes the forward in the backward; turn it on "
-                                     "for long rows (docs/BENCHMARKS.md, memory at long context)"),
+    "gradient_checkpointing": _same("default auto (TRL: on): on for micro-batches whose activations pass "
+                                     "gradient_checkpointing_gib, so long rows get TRL's memory and short ones skip "
+                                     "the recompute; true/false as in TRL"),
     "gradient_checkpointing_kwargs": _ignored("checkpointing is always non-reentrant here"),
     "torch_compile": _only(False, "models run eagerly"),
     "torch_compile_backend": _only(None, "models run eagerly"),

@@ -50,7 +50,8 @@ class PauseOnce(Callback):
 
 
 class Recorder(Callback):
-    """Appends one JSON line per hook call to ``folder/rank<r>.jsonl``: the hook, the step, the metric names."""
+    """Appends one JSON line per hook call to ``folder/rank<r>.jsonl``: the hook, the step, the metric names, whether
+    the policy is in training mode."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -60,6 +61,7 @@ class Recorder(Callback):
             f.write(json.dumps({"hook": hook, "step": ctx.global_step, "total": ctx.total_steps,
                                 "world": ctx.world_size, "metrics": sorted(ctx.metrics),
                                 "params": sum(p.numel() for p in ctx.model.parameters()),
+                                "training": ctx.model.training,
                                 "out": str(ctx.output_dir)}) + "\n")
 
     def on_train_begin(self, ctx) -> None:

@@ -46,6 +46,8 @@ def test_validate_says_what_each_auto_setting_will_be(capsys, monkeypatch):
     assert "reference: local = a frozen copy on each worker" in plan and "[a local Ray: one node]" in plan
     assert "workers: 2 × {'CPU': 0.5}" in plan and "length bucketing: off" in plan
     assert "prefix sharing: on where" in plan and "reference actors" not in plan
+    # the bundled tiny model: 0.03 MiB of activations per token, so 1 GiB is ~39k tokens per micro-batch
+    assert "gradient checkpointing: auto: on for micro-batches whose activations pass 1 GiB (38,837+ tokens" in plan
     # joining a cluster: a pool with GPUs of its own is an actor pool whatever the cluster's size
     assert main(["validate", "--ray.address", "10.0.0.1:6379", "--reference.num_gpus", "1", "--ray.num_workers", "4",
                  "--length_bucketing", "auto", "--prefix_sharing", "off"]) == 0
@@ -54,6 +56,8 @@ def test_validate_says_what_each_auto_setting_will_be(capsys, monkeypatch):
     assert "reference actors: 1 × {'CPU': 0.5, 'GPU': 1.0}" in plan
     assert "workers: 4 × {'CPU': 0.5} or {'CPU': 2, 'GPU': 1}" in plan and "bucketed when" in plan
     assert "prefix sharing: off" in plan
+    assert main(["validate", "--deepspeed.zero_stage", "3"]) == 0
+    assert "gradient checkpointing: on for every micro-batch (auto under ZeRO-3" in capsys.readouterr().out
     # joining without a reason of its own for the pool: local on one node, the pool on several
     assert main(["validate", "--ray.address", "10.0.0.1:6379"]) == 0
     plan = capsys.readouterr().out.split("# what the run will use")[1]

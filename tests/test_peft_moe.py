@@ -167,3 +167,83 @@ def test_moe_flag_on_dense_model_is_a_clear_error(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="mixture-of-experts"):
         load_causal_lm(str(tmp_path / "dense"), DPOConfig(output_router_logits=True), None)
+
+
+def _saved_for_backward(model, ids) -> int:
+    """Bytes the forward keeps for the backward, each storage once and the parameters left out: what activation
+    memory is made of."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean()
+    loss.backward()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_the_policy_trains_in_training_mode_so_checkpointing_and_dropout_apply(tmp_path, peft):
+    """The policy comes from ``from_pretrained`` in eval mode, where transformers skips gradient checkpointing
+    and dropout. ``prepare_policy`` (what each worker runs before DeepSpeed) puts it in training mode: with
+    ``gradient_checkpointing`` the forward keeps a fraction of the activations, and ``disable_dropout: false``
+    gives two different forwards."""
+    from dpo_ray.models import ActivationCheckpointing, prepare_policy
+
+    tiny_llama().save_pretrained(tmp_path / "m")
+    ids = torch.randint(1, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0))
+    extra = {"use_peft": True, "lora_dropout": 0.0} if peft else {}
+    saved = {}
+    for gc in (False, True):
+        cfg = DPOConfig(output_dir=str(tmp_path / "o"), gradient_checkpointing=gc, **extra)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+        assert not model.training  # what a worker starts from
+        if peft:
+            model = wrap_peft(model, cfg)
+        model = prepare_policy(model, cfg)
+        assert model.training and all(m.training for m in model.modules())
+        assert ActivationCheckpointing(model, cfg, elem_bytes=4)({"input_ids": ids}) is gc
+        saved[gc] = _saved_for_backward(model, ids)
+    assert saved[True] < 0.5 * saved[False], saved
+
+    dropout_cfg = DPOConfig(output_dir=str(tmp_path / "o"), disable_dropout=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attention_dropout=0.5)
+    model = prepare_policy(model, dropout_cfg)
+    with torch.no_grad():
+        a, b = (model(input_ids=ids, use_cache=False).logits for _ in range(2))
+    assert not torch.equal(a, b)
+
+
+def test_auto_checkpointing_recomputes_only_micro_batches_past_the_budget(tmp_path):
+    """``gradient_checkpointing: auto`` (the default) checkpoints a micro-batch whose estimated activations pass
+    ``gradient_checkpointing_gib``, and leaves shorter ones alone; under ZeRO-3 it is on for every micro-batch.
+    The estimate is within 15 % of what the forward really keeps."""
+    from dpo_ray.models import ActivationCheckpointing, activation_bytes_per_token, prepare_policy
+
+    model = tiny_llama()
+    per_token = activation_bytes_per_token(model.config, 4)
+    short, long = (torch.randint(1, VOCAB, (2, n), generator=torch.Generator().manual_seed(0)) for n in (16, 64))
+    cfg = DPOConfig(output_dir=str(tmp_path), gradient_checkpointing_gib=per_token * 100 / 2**30)
+    assert cfg.gradient_checkpointing == "auto"
+    plain = _saved_for_backward(prepare_policy(tiny_llama(), cfg), long)
+    assert 0.85 < per_token * long.numel() / plain < 1.15, (per_token * long.numel(), plain)
+
+    model = prepare_policy(model, cfg)
+    gc = ActivationCheckpointing(model, cfg, elem_bytes=4)
+    assert gc.min_tokens == 100 and "on for micro-batches of 100+ tokens" in gc.describe()
+    assert gc({"input_ids": long}) is True
+    assert _saved_for_backward(model, long) < 0.5 * plain
+    assert gc({"input_ids": short}) is False
+    short_plain = _saved_for_backward(prepare_policy(tiny_llama(), cfg), short)
+    assert _saved_for_backward(model, short) == short_plain
+    assert gc.checkpointed == 1
+
+    zero3 = DPOConfig(output_dir=str(tmp_path), deepspeed={"zero_stage": 3})
+    assert ActivationCheckpointing(prepare_policy(tiny_llama(), zero3), zero3, elem_bytes=4)({"input_ids": short})
+    off = DPOConfig(output_dir=str(tmp_path), gradient_checkpointing=False)
+    assert ActivationCheckpointing(prepare_policy(tiny_llama(), off), off, elem_bytes=4)({"input_ids": long}) is False

@@ -159,6 +159,7 @@ def test_saved_model_reproduces_eval_logps(ray_local, tmp_path):
         assert [f"{c['hook']} {c['step']}" for c in got] == expected, rank
         assert {(c["total"], c["world"], c["out"]) for c in got} == {(3, 2, out.output_dir)}
         assert all(c["params"] > 0 for c in got)
+        assert all(c["training"] for c in got)  # eval passes hand the policy back in training mode
         by_hook = {c["hook"]: c["metrics"] for c in got}
         assert {"loss", "rewards/accuracies", "learning_rate", "grad_norm"} <= set(by_hook["on_log"])
         assert "eval_loss" in by_hook["on_evaluate"] and by_hook["on_step_end"] == []

@@ -257,7 +257,13 @@ class DPOConfig(BaseModel):
     data_seed: int | None = Field(None, description="seed for data order (default seed)")
     bf16: bool | None = Field(None, description="None = auto: bf16 on GPU, fp32 on CPU")
     fp16: bool = Field(False, description="fp16 mixed precision (GPU)")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute each layer's activations in the backward (less memory, ~1/3 more compute); "
+        "auto: only for micro-batches whose activations would pass gradient_checkpointing_gib (under ZeRO-3: on, "
+        "every rank must recompute alike)")
+    gradient_checkpointing_gib: float = Field(
+        1.0, gt=0, description="gradient_checkpointing auto: checkpoint a micro-batch whose activations, estimated "
+        "from its tokens and the model's layers and widths, exceed this many GiB")
     disable_dropout: bool = Field(True, description="turn off dropout in the policy (and LoRA)")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="tensorboard, or none")
     run_name: str | None = Field(None, description="Ray Train run name, a plain name: the run's folder under ray.storage_path (default dpo_ray-<mode>-<time>-<random>)")

@@ -45,8 +45,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = None
     try:  # whatever fails, the TensorBoard writer is flushed and the reference requests in flight are dropped
         state = restore(w)
-        step = (DPOStep(w.cfg, w.device, w.pad_id, w.reference, announce=w.rank == 0) if lc.mode == "dpo"
-                else SFTStep(w.cfg, w.device, w.pad_id))
+        step = (DPOStep(w.cfg, w.device, w.pad_id, w.reference, w.checkpointing, announce=w.rank == 0)
+                if lc.mode == "dpo" else SFTStep(w.cfg, w.device, w.pad_id, w.checkpointing, announce=w.rank == 0))
         run = Run(w, step, state)
         run.fire("on_train_begin")
         if lc.progress is not None and w.rank == 0:  # the driver's display measures rates from here

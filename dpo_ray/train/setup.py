@@ -17,7 +17,7 @@ import torch
 
 from dpo_ray.config import DPOConfig, deepspeed_config
 from dpo_ray.extensions import set_aside_killed_builds
-from dpo_ray.models import load_causal_lm, prepare_policy
+from dpo_ray.models import ActivationCheckpointing, load_causal_lm, prepare_policy
 from dpo_ray.optim import build_optimizer
 from dpo_ray.reference.base import ReferenceClient
 from dpo_ray.reference.build import build_reference
@@ -58,6 +58,7 @@ class Worker:
     pad_id: int
     train_shard: Any
     eval_shard: Any  # None without an eval set
+    checkpointing: ActivationCheckpointing | None = None
     keepalive: Any = None  # transformers' HfDeepSpeedConfig under ZeRO-3: its integration is on while this lives
 
     @property
@@ -175,6 +176,8 @@ def setup(lc: LoopConfig) -> Worker:
 
         model = wrap_peft(model, cfg)
     prepare_policy(model, cfg)
+    half = on_gpu and (cfg.use_bf16(on_gpu) or cfg.fp16)  # DeepSpeed casts the module: its activations too
+    checkpointing = ActivationCheckpointing(model, cfg, elem_bytes=2 if half else next(model.parameters()).element_size())
     mark(lc, rank, "policy")
     reference = None
     if lc.mode == "dpo":
@@ -186,5 +189,6 @@ def setup(lc: LoopConfig) -> Worker:
     seed_everything(cfg.seed + rank)
     return Worker(lc=lc, engine=engine, scheduler=scheduler, reference=reference, device=device, rank=rank,
                   world=world, pad_id=text_tokenizer(lc.tokenizer).pad_token_id,  # a processor holds its tokenizer
+                  checkpointing=checkpointing,
                   train_shard=ray.train.get_dataset_shard("train"), eval_shard=_optional_shard("eval"),
                   keepalive=hf_ds_keepalive)

@@ -16,6 +16,7 @@ from dpo_ray.config import DPOConfig
 from dpo_ray.data import iter_eval_batches, iter_train_batches
 from dpo_ray.forward import pair_layout, sequence_forward
 from dpo_ray.losses import PairLogps, batch_metrics, dpo_loss, moe_aux_loss, sequence_metrics
+from dpo_ray.models import ActivationCheckpointing
 from dpo_ray.reference.base import ReferenceClient, prefetched
 from dpo_ray.sharing import PrefixSharing
 
@@ -114,8 +115,19 @@ class TrainingStep(ABC):
 
     mode = ""
 
-    def __init__(self, cfg: DPOConfig, device: torch.device, pad_id: int):
+    def __init__(self, cfg: DPOConfig, device: torch.device, pad_id: int,
+                 checkpointing: ActivationCheckpointing | None = None, announce: bool = False):
         self.cfg, self.device, self.pad_id = cfg, device, pad_id
+        self.checkpointing, self.announce = checkpointing, announce
+
+    def checkpoint(self, batch: dict) -> None:
+        """Gradient checkpointing on or off for this micro-batch's forward; rank 0 says the rule once."""
+        if self.checkpointing is None:
+            return
+        if self.announce and self.checkpointing.auto:
+            sys.stdout.write(self.checkpointing.describe() + "\n")
+            self.announce = False
+        self.checkpointing(batch)
 
     def batches(self, shard, *, epoch: int, train: bool = True) -> Iterator:
         """This worker's collated batches of ``shard``, every worker stopping at the same one."""
@@ -151,6 +163,7 @@ class SFTStep(TrainingStep):
     mode = "sft"
 
     def __call__(self, model: nn.Module, item) -> tuple[Tensor, dict]:
+        self.checkpoint(item)
         return sft_step(model, self.cfg, to_device(item, self.device))
 
 
@@ -161,9 +174,9 @@ class DPOStep(TrainingStep):
     mode = "dpo"
 
     def __init__(self, cfg: DPOConfig, device: torch.device, pad_id: int, reference: ReferenceClient,
-                 announce: bool = False):
-        super().__init__(cfg, device, pad_id)
-        self.reference, self.announce = reference, announce
+                 checkpointing: ActivationCheckpointing | None = None, announce: bool = False):
+        super().__init__(cfg, device, pad_id, checkpointing, announce)
+        self.reference = reference
         self.sharing = PrefixSharing(cfg.prefix_sharing, "policy", cfg.prefix_attention)
 
     def stream(self, batches: Iterable) -> Iterator:
@@ -175,4 +188,5 @@ class DPOStep(TrainingStep):
     def __call__(self, model: nn.Module, item) -> tuple[Tensor, dict]:
         batch, ref_chosen, ref_rejected = to_device(item[0], self.device), item[1], item[2]
         share = decide_sharing(self.sharing, model, self.cfg, batch, self.device, announce=self.announce)
+        self.checkpoint(batch)
         return dpo_step(model, self.cfg, batch, ref_chosen, ref_rejected, self.sharing.layout if share else False)
