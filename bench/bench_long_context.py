@@ -14,7 +14,9 @@ and differ), one pair, one optimizer step, fp32, one training process, in its ow
 
 Reported per configuration: the training process's peak PSS (for dpo_ray the Ray Train worker; its reference
 actor, Ray's daemons and the driver are separate processes, listed at the tree's peak) and the whole tree's.
-``--budget_gib``: the longest measured L whose training process stays within it.
+``--budget_gib``: the longest measured L whose training process stays within it; ``--stop_over_budget`` kills a
+run as soon as its largest process passes the budget (recorded as over budget, not failed), so a length that
+does not fit is settled without filling the machine.
 
     .venv/bin/python bench/bench_long_context.py --lengths 1024,2048,4096 [--configs trl,dpo_ray]   # make long-context
 
@@ -112,7 +114,10 @@ def main() -> int:
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--budget_gib", type=float, default=16.0)
-    ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--stop_over_budget", action="store_true",
+                    help="kill a run once its training process passes --budget_gib (recorded as over budget): "
+                         "what does not fit is measured without filling the machine")
+    ap.add_argument("--timeout", type=float, default=3000, help="seconds per run (8k takes ~20 minutes on 2 cores)")
     ap.add_argument("--workdir", default="/tmp/dpo_ray_bench/long_context")
     ap.add_argument("--out", default=str(RESULTS / "long_context.json"))
     ap.add_argument("--tag", default="", help="a label for this code state (e.g. before/after a change)")
@@ -143,10 +148,16 @@ def main() -> int:
                      "--lr", "1e-6", "--max_length", str(length + 64)]
             child += ["--trl_extra" if kind == "trl" else "--dpo_ray_extra", json.dumps(extra)]
             t0 = time.perf_counter()
-            res = run_child(child, work / f"{name}_{length}.json", args.timeout, log=work / f"{name}_{length}.log")
+            res = run_child(child, work / f"{name}_{length}.json", args.timeout, log=work / f"{name}_{length}.log",
+                            stop_above_mib=args.budget_gib * 1024 if args.stop_over_budget else None)
             row = {"config": name, "length": length, "tokens": lens, "tag": args.tag,
                    "wall_s": round(time.perf_counter() - t0, 1)}
-            if "error" in res:
+            if "stopped_above_mib" in res:
+                row.update(over_budget=True, process_peak_mib=res["stopped_above_mib"],
+                           tree_peak_mib=round(res["peak_pss_mib"]))
+                print(f"{name} @ {length} tokens/pair: stopped, its training process passed {args.budget_gib:g} GiB "
+                      f"({res['stopped_above_mib']} MiB)", flush=True)
+            elif "error" in res:
                 row["error"] = res["error"]
                 print(f"{name} @ {length}: FAILED {res['error']}\n{res.get('log_tail', '')[-1500:]}", flush=True)
             else:
@@ -161,9 +172,11 @@ def main() -> int:
     for row in sorted(results["runs"].values(), key=lambda r: (r.get("tag", ""), r["length"], r["config"])):
         ok = "error" not in row
         label = f"{row.get('tag', '')}{row['config']}"
-        if ok and row["process_peak_mib"] <= args.budget_gib * 1024:
+        if ok and not row.get("over_budget") and row["process_peak_mib"] <= args.budget_gib * 1024:
             longest[label] = max(longest.get(label, 0), row["length"])
-        rows.append([label, row["length"], row["tokens"]["pair"], row.get("process_peak_mib", "failed"),
+        peak = (f"> {args.budget_gib:g} GiB (stopped at {row['process_peak_mib']})" if row.get("over_budget")
+                else row.get("process_peak_mib", "failed"))
+        rows.append([label, row["length"], row["tokens"]["pair"], peak,
                      row.get("tree_peak_mib", ""), row["wall_s"]])
     print(table(["config", "L", "tokens/pair", "training process peak PSS MiB", "tree peak PSS MiB", "wall s"],
                 rows))

@@ -115,14 +115,17 @@ class TreeMemory:
     ``interval`` s: peak of the summed RSS and of the summed PSS (shared pages split between the processes
     that map them, so N Ray workers importing torch are not counted N times in full)."""
 
-    def __init__(self, pid: int, interval: float = 0.5):
+    def __init__(self, pid: int, interval: float = 0.5, stop_above_mib: float | None = None):
         import psutil
 
         self.root = psutil.Process(pid)
         self.interval = interval
+        self.stop_above = stop_above_mib * 2**20 if stop_above_mib else None  # one process's PSS: kill the tree
+        self.stopped_above: float | None = None  # MiB the largest process had reached when it was stopped
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_procs = 0
+        self.peak_single = 0  # the largest single process's PSS
         self.peak_breakdown: dict[str, list[int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -148,6 +151,16 @@ class TreeMemory:
             by_name.setdefault(os.path.basename(title) if title.startswith("/") else title[:60], []).append(p_pss)
         if pss > self.peak_pss:
             self.peak_breakdown = by_name
+        largest = max((max(v) for v in by_name.values()), default=0)
+        self.peak_single = max(self.peak_single, largest)
+        if self.stop_above and largest > self.stop_above and self.stopped_above is None:
+            import signal
+
+            self.stopped_above = largest / 2**20
+            try:
+                os.killpg(self.root.pid, signal.SIGKILL)  # the child's own session: its Ray processes too
+            except ProcessLookupError:
+                pass
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
         self.peak_procs = max(self.peak_procs, len(procs))
 
@@ -167,14 +180,17 @@ class TreeMemory:
     def report(self) -> dict[str, float]:
         by = sorted(self.peak_breakdown.items(), key=lambda kv: -sum(kv[1]))
         return {"peak_rss_mib": self.peak_rss / 2**20, "peak_pss_mib": self.peak_pss / 2**20,
-                "peak_processes": self.peak_procs,
+                "peak_processes": self.peak_procs, "peak_single_mib": self.peak_single / 2**20,
+                **({"stopped_above_mib": round(self.stopped_above)} if self.stopped_above else {}),
                 "peak_pss_by_process": {k: {"n": len(v), "mib": round(sum(v) / 2**20)} for k, v in by}}
 
 
 def run_child(args: list[str], out_json: Path, timeout: float, env: dict[str, str] | None = None,
-              log: Path | None = None) -> dict[str, Any]:
+              log: Path | None = None, stop_above_mib: float | None = None) -> dict[str, Any]:
     """Run ``python <args>`` (which writes ``out_json``) in its own session, sampling its process tree's
-    memory; returns the child's JSON plus memory peaks and wall time. A failure returns {"error": ...}."""
+    memory; returns the child's JSON plus memory peaks and wall time. A failure returns {"error": ...}.
+    ``stop_above_mib``: kill the tree once one of its processes passes that PSS (a memory budget measured
+    without risking the machine); the result then says ``stopped_above_mib``."""
     out_json.unlink(missing_ok=True)
     full_env = {**os.environ, **CHILD_ENV, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
@@ -182,7 +198,7 @@ def run_child(args: list[str], out_json: Path, timeout: float, env: dict[str, st
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], env=full_env, stdout=log_f, stderr=subprocess.STDOUT,
                             start_new_session=True, cwd=REPO)
-    with TreeMemory(proc.pid) as mem:
+    with TreeMemory(proc.pid, stop_above_mib=stop_above_mib) as mem:
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         "demo": "SFT then DPO on the bundled task and tiny model; prints metrics and task accuracy",
         "inspect-data": "preflight report on a preference dataset, before any training resources are taken",
         "sweep": "a hyper-parameter sweep on Ray Tune: --grid KEY=V1,V2 ...; one shared reference pass (docs/sweeps.md)",
+        "iterate": "iterative on-policy DPO: each round samples K responses per prompt from the policy, scores them, "
+                   "trains group DPO on them and syncs the weights (docs/iterative.md)",
     }
     for name, help_ in specs.items():
         # resolve: --debug below is this CLI's (a data error's traceback), not TRL's TrainingArguments.debug
@@ -66,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--max_rows", type=int, default=None, help="inspect only the first N rows")
         if name == "sweep":
             _sweep_arguments(sp)
+        if name == "iterate":
+            sp.add_argument("--rounds", type=int, default=None, help="same as --iterate.rounds")
+            sp.add_argument("--samples", type=int, default=None, help="same as --iterate.samples (K)")
+            sp.add_argument("--scorer", default=None, help="same as --iterate.scorer")
+        if name == "demo":
+            sp.add_argument("--iterative", action="store_true",
+                            help="after SFT, rounds of iterative DPO (sampled, rule-scored) instead of offline DPO")
     rs = sub.add_parser("ref-store", help="size report or cleanup of a reference store (docs/sweeps.md)",
                         description="size report (du) or cleanup (clean) of a content-addressed reference store")
     rs.add_argument("action", choices=["du", "clean"])
@@ -221,7 +230,8 @@ def cmd_demo(ns) -> int:
     from dpo_ray.demo import run_demo
 
     overrides = overrides_from_args(ns)
-    return run_demo(Path(overrides.pop("output_dir", "demo_output")), overrides, config_file=ns.config)
+    return run_demo(Path(overrides.pop("output_dir", "demo_output")), overrides, config_file=ns.config,
+                    iterative=ns.iterative)
 
 
 def cmd_inspect(ns) -> int:
@@ -258,6 +268,16 @@ def cmd_sweep(ns) -> int:
         print(f"dpo-ray sweep: cannot rank the trials by {summary['metric']}: {summary['unranked']}", file=sys.stderr)
         return 1
     return 0 if summary["ok"] else 1
+
+
+def cmd_iterate(ns) -> int:
+    from dpo_ray.iterate import print_rounds, run_iterate
+
+    extra = {k: v for k, v in (("rounds", ns.rounds), ("samples", ns.samples), ("scorer", ns.scorer)) if v is not None}
+    cfg = _resolve(ns, {"iterate": extra} if extra else None)
+    summary = run_iterate(cfg)
+    print_rounds(summary)
+    return 0
 
 
 def cmd_ref_store(ns) -> int:
@@ -302,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sweep(ns)
         if ns.command == "ref-store":
             return cmd_ref_store(ns)
+        if ns.command == "iterate":
+            return cmd_iterate(ns)
     except ConfigError as e:
         print(f"dpo-ray {ns.command}: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """``dpo-ray demo`` / ``make demo``: SFT then DPO on the bundled task with the tiny Llama, on a local Ray.
 
 Prints each stage's metrics, the held-out eval rewards/accuracies, and the task metric (the fraction of
-greedy answers that follow the bundled task's rule) after SFT and after DPO.
+greedy answers that follow the bundled task's rule) after SFT and after DPO. ``--iterative``: after SFT, rounds of
+iterative DPO (``dpo_ray.iterate``) instead of the offline DPO stage, the task metric after each round.
 """
 
 from __future__ import annotations
@@ -24,10 +25,21 @@ DEMO_DPO = {"learning_rate": 5e-4, "beta": 0.1, "rpo_alpha": 1.0, "num_train_epo
             "lr_scheduler_type": "cosine", "save_strategy": "no"}
 
 
+# `dpo-ray demo --iterative`: after the same SFT stage, 3 rounds of iterative DPO on the bundled prompts, each
+# sampling 4 answers per prompt from the current policy and scoring them by the task's rule; DEMO_DPO's
+# optimizer settings, with its 94 optimizer steps split over the rounds (docs/iterative.md).
+DEMO_ITERATE = {**{k: v for k, v in DEMO_DPO.items() if k not in ("eval_strategy", "eval_steps", "num_train_epochs")},
+                "max_steps": 31, "eval_strategy": "no",
+                "iterate": {"rounds": 3, "samples": 4, "temperature": 0.7, "max_new_tokens": 16, "eval_limit": 200}}
+
+
 def _stage_config(base: dict, output_dir: Path, overrides: dict, config_file) -> Any:
-    # the demo re-runs into the same folders: each run replaces the last (overwrite_output_dir)
-    merged = {"overwrite_output_dir": True, **base, **overrides, "output_dir": str(output_dir)}
-    return load_config(config_file, merged)
+    from dpo_ray.dicts import merged
+
+    # the demo re-runs into the same folders: each run replaces the last (overwrite_output_dir); sections such
+    # as iterate merge key by key (a flag's iterate.rounds keeps the stage's other iterate settings)
+    settings = merged(merged({"overwrite_output_dir": True}, base), overrides)
+    return load_config(config_file, {**settings, "output_dir": str(output_dir)})
 
 
 def greedy_task_accuracy(model_dir: Path, limit: int = 200) -> float:
@@ -42,7 +54,18 @@ def greedy_task_accuracy(model_dir: Path, limit: int = 200) -> float:
     return task_accuracy(model, tokenizer, eval_prompts()[:limit])
 
 
-def run_demo(output_dir: Path, overrides: dict, config_file=None) -> int:
+def run_iterative(output_dir: Path, sft_dir: Path, overrides: dict, config_file=None) -> dict:
+    """The iterative stage of ``dpo-ray demo --iterative``: rounds from the SFT model, scored by the task's rule."""
+    from dpo_ray.dicts import merged
+    from dpo_ray.iterate import print_rounds, run_iterate
+
+    cfg = _stage_config(DEMO_ITERATE, output_dir, merged({"model_name_or_path": str(sft_dir)}, overrides), config_file)
+    summary = run_iterate(cfg)
+    print_rounds(summary)
+    return summary
+
+
+def run_demo(output_dir: Path, overrides: dict, config_file=None, iterative: bool = False) -> int:
     from transformers.utils import logging as hf_logging
 
     from dpo_ray.trainer import DPOTrainer, print_summary
@@ -57,6 +80,17 @@ def run_demo(output_dir: Path, overrides: dict, config_file=None) -> int:
     acc_sft = greedy_task_accuracy(output_dir / "sft")
     print(f"  task accuracy after SFT (greedy, held-out prompts): {acc_sft:.3f}")
 
+    if iterative:
+        summary = run_iterative(output_dir / "iterate", output_dir / "sft", overrides, config_file)
+        acc = summary["rounds"][-1]["heldout"]
+        (output_dir / "demo_summary.json").write_text(json.dumps(
+            {"sft_task_accuracy": acc_sft, "iterative_task_accuracy": acc, "rounds": summary["rounds"],
+             "plot": summary["plot"]}, indent=2))
+        print("\n== demo summary (iterative)")
+        print(f"  task accuracy (rule followed), SFT -> {len(summary['rounds']) - 1} round(s) of iterative DPO: "
+              f"{acc_sft:.3f} -> {acc:.3f}")
+        print(f"  plot: {summary['plot']}")
+        return 0
     dpo_cfg = _stage_config(DEMO_DPO, output_dir / "dpo", overrides, config_file)
     if dpo_cfg.dataset_name is None:  # a model of its own (the SFT output) names its data: no silent default
         from dpo_ray.data.bundled import TRAIN_FILE

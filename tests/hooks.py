@@ -96,3 +96,36 @@ def slow_reference(low_s: float, high_s: float) -> type:
             return super().logps(*args, **kwargs)
 
     return SlowReferenceHost
+
+
+def word_count(prompt, response: str) -> float:
+    """An iterate scorer for a random tiny model: how many words its response has (its samples differ in that:
+    they end at a random EOS)."""
+    return float(len(response.split()))
+
+
+def dying_rollout_host(marker: Path) -> type:
+    """A ``RolloutHost`` whose first ``generate`` (across every actor of the pool, once per ``marker`` file) exits
+    the actor's process hard, as a lost node would."""
+    from dpo_ray.iterate.pools import RolloutHost
+
+    class DyingRolloutHost(RolloutHost):
+        def generate(self, prompts, params):
+            if not Path(marker).exists():
+                Path(marker).write_text(str(os.getpid()))
+                os._exit(1)
+            return super().generate(prompts, params)
+
+    return DyingRolloutHost
+
+
+def nan_scorer(prompt, response: str) -> float:
+    return float("nan") if "7" in response.split() else 1.0
+
+
+def constant_scorer(prompt, response: str) -> float:
+    return 0.5
+
+
+def raising_scorer(prompt, response: str) -> float:
+    raise KeyError("no verifier for this prompt")

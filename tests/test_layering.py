@@ -13,7 +13,8 @@ Floors, ground up (docs/CONTRACTS.md, "Layers"):
   4 reference   reference.*
   5 train       train.*  (runs in the Ray Train workers)
   6 driver      cluster, trainer
-  7 preflight   preflight.*  (`dpo-ray inspect-data`), sweep (`dpo-ray sweep`: Ray Tune over DPOTrainer runs)
+  7 preflight   preflight.*  (`dpo-ray inspect-data`), sweep (`dpo-ray sweep`: Ray Tune over DPOTrainer runs),
+                iterate.* (`dpo-ray iterate`: rollout and scorer pools around DPOTrainer rounds)
   8 entry       cli, demo, __main__, vision.__main__, the package itself
 Imports inside functions count as much as those at the top; imports under ``if TYPE_CHECKING:`` do not (they
 never run: annotations only).
@@ -35,7 +36,7 @@ FLOORS = [
     (4, ("reference",)),
     (5, ("train",)),
     (6, ("cluster", "trainer")),
-    (7, ("preflight", "sweep")),
+    (7, ("preflight", "sweep", "iterate")),
     (8, ("cli", "demo", "__main__", "vision.__main__", "")),
 ]
 

@@ -146,6 +146,44 @@ class InspectConfig(_Section):
         return self.max_fraction.get(check, INSPECT_CHECKS[check][1])
 
 
+class IterateConfig(_Section):
+    """``dpo-ray iterate``: rounds of sample -> score -> group DPO -> sync (docs/iterative.md). ``dpo-ray train``
+    ignores this section."""
+
+    rounds: int = Field(3, ge=1, description="rounds of sample, score, train, sync")
+    samples: int = Field(4, ge=2, description="responses sampled per prompt (K): one prompt group each")
+    prompts: str | None = Field(None, description="prompt file (JSON Lines / JSON / CSV / Parquet with a 'prompt' "
+                                "column, standard or conversational); None: the prompts of dataset_name (the bundled "
+                                "task's when that is unset too)")
+    prompts_per_round: int | None = Field(None, ge=1, description="prompts sampled per round, taken in turn from the "
+                                          "shuffled prompt set (None: all of them every round)")
+    eval_prompts: str | None = Field(None, description="held-out prompt file for the per-round metric (the mean "
+                                     "score of greedy answers); None: the bundled task's held-out prompts when the "
+                                     "prompts are the bundled task's, else none")
+    eval_limit: int = Field(200, ge=0, description="held-out prompts scored per round (0: no held-out metric)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (0: greedy, every sample alike)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest token set with this mass")
+    max_new_tokens: int = Field(64, ge=1, description="tokens generated per response at most")
+    scorer: str = Field("rule", description="rule: the bundled task's rule (1 follows it, 0 not); module:function: a "
+                        "Python callable (prompt, response) -> float; a directory: a reward model "
+                        "(AutoModelForSequenceClassification, its first logit)")
+    reference: Literal["previous", "initial"] = Field(
+        "previous", description="each round's DPO reference: previous: the model the round starts from (Self-Rewarding "
+        "LMs, Iterative RPO); initial: the model of round 1 (the KL anchor of online iterative RLHF's analysis)")
+    rollout_actors: int = Field(1, ge=1, description="rollout actors sampling in parallel, each with the policy")
+    rollout_cpus: float = Field(1.0, ge=0, description="CPUs per rollout actor (torch threads: this, at least 1)")
+    rollout_gpus: float = Field(0.0, ge=0, description="GPUs per rollout actor")
+    rollout_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rollout "
+                                                "actor (to place them on nodes that carry them)")
+    scorer_actors: int = Field(1, ge=1, description="scorer actors")
+    scorer_cpus: float = Field(0.5, ge=0, description="CPUs per scorer actor")
+    scorer_gpus: float = Field(0.0, ge=0, description="GPUs per scorer actor (a reward model)")
+    scorer_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per scorer "
+                                               "actor")
+    max_restarts: int = Field(3, ge=0, description="restarts of a rollout or scorer actor that died, per round, before "
+                              "the job fails")
+
+
 class DPOConfig(BaseModel):
     """The run's configuration. Field names and defaults follow TRL 1.x DPOConfig / TrainingArguments."""
 
@@ -273,6 +311,7 @@ class DPOConfig(BaseModel):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     inspect: InspectConfig = Field(default_factory=InspectConfig)
+    iterate: IterateConfig = Field(default_factory=IterateConfig)
 
     def __init__(self, **data):
         if isinstance(data.get("loss_type"), str):
