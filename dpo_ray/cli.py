@@ -270,12 +270,17 @@ def cmd_sweep(ns) -> int:
     return 0 if summary["ok"] else 1
 
 
+def iterate_config(ns) -> DPOConfig:
+    """``dpo-ray iterate``'s config: the file and flags, with --rounds / --samples / --scorer as the iterate keys
+    (an explicit --iterate.* flag wins)."""
+    extra = {k: v for k, v in (("rounds", ns.rounds), ("samples", ns.samples), ("scorer", ns.scorer)) if v is not None}
+    return _resolve(ns, {"iterate": extra} if extra else None)
+
+
 def cmd_iterate(ns) -> int:
     from dpo_ray.iterate import print_rounds, run_iterate
 
-    extra = {k: v for k, v in (("rounds", ns.rounds), ("samples", ns.samples), ("scorer", ns.scorer)) if v is not None}
-    cfg = _resolve(ns, {"iterate": extra} if extra else None)
-    summary = run_iterate(cfg)
+    summary = run_iterate(iterate_config(ns))
     print_rounds(summary)
     return 0
 

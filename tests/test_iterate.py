@@ -129,6 +129,18 @@ def test_iterate_refuses_a_folder_it_did_not_make(tmp_path):
     assert (tmp_path / "theirs.txt").read_text() == "keep me"
 
 
+def test_the_iterate_command_reads_its_short_flags(tmp_path):
+    from dpo_ray.cli import _parser, iterate_config
+
+    base = tmp_path / "base.yaml"
+    base.write_text("max_steps: 5\niterate:\n  temperature: 0.7\n  rounds: 9\n")
+    ns = _parser().parse_args(["iterate", "--config", str(base), "--rounds", "2", "--samples", "6", "--scorer",
+                               "checks:score", "--iterate.samples", "8", "--output_dir", str(tmp_path / "o")])
+    cfg = iterate_config(ns)
+    assert (cfg.iterate.rounds, cfg.iterate.samples, cfg.iterate.scorer) == (2, 8, "checks:score")
+    assert cfg.iterate.temperature == 0.7 and cfg.max_steps == 5
+
+
 # ------------------------------------------------------------------------------------------ on Ray
 
 def test_a_lost_rollout_actor_is_replaced_and_its_prompts_sampled_again(ray_local, tmp_path):
