@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import ray
 import ray.cloudpickle
 
 from dpo_ray.reference.actor import ReferenceModelHost
@@ -51,7 +52,7 @@ class PauseOnce(Callback):
 
 class Recorder(Callback):
     """Appends one JSON line per hook call to ``folder/rank<r>.jsonl``: the hook, the step, the metric names, whether
-    the policy is in training mode."""
+    the policy is in training mode, the Ray node."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -62,6 +63,7 @@ class Recorder(Callback):
                                 "world": ctx.world_size, "metrics": sorted(ctx.metrics),
                                 "params": sum(p.numel() for p in ctx.model.parameters()),
                                 "training": ctx.model.training,
+                                "node": ray.get_runtime_context().get_node_id(),
                                 "out": str(ctx.output_dir)}) + "\n")
 
     def on_train_begin(self, ctx) -> None:

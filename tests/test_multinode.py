@@ -14,7 +14,9 @@ step's checkpoint) so a node is lost mid-run at a known point.
    resources (test_reference_node_that_never_returns_fails_naming_the_resources);
 3. run B loses the policy node after step 1's checkpoint: Ray Train restarts the worker group there when the
    node is back, from the checkpoint, and the curve is run A's (the same rows and weights; the reference
-   answers are the same values).
+   answers are the same values);
+4. a round of iterative DPO (``dpo_ray.iterate``) with its rollout actors on the reference node, its scorer on
+   the head (``scorer_slot``) and its training on the policy node, one rollout actor lost mid-round.
 
 `ray job submit`, `ray job stop` and a killed driver are tests/test_job_submit.py's (a real head with the Jobs
 API and token authentication).
@@ -47,7 +49,7 @@ def cluster():
 
     if ray.is_initialized():
         ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"scorer_slot": 1}})
     c.add_node(**POLICY)
     c.add_node(**REFERENCE)
     ray.init(address=c.address)  # workers' lines reach this process: the restart test reads them
@@ -218,3 +220,36 @@ def test_policy_node_lost_restarts_from_checkpoint(cluster, tmp_path, capfd):
     if "a" in _CURVES:
         for a, b in zip(_CURVES["a"], _losses(out), strict=True):
             assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_iterate_places_rollout_scorer_and_training_on_their_nodes(cluster, tmp_path):
+    """One round: rollout actors (``iterate.rollout_resources``) on the reference node, the scorer
+    (``iterate.scorer_resources``) on the head, the training workers on the policy node; one rollout actor exits
+    in its first generate and is replaced, its prompts sampled again."""
+    import json
+
+    import ray
+    from hooks import Recorder, dying_rollout_host, word_count
+    from test_iterate import tiny
+
+    from dpo_ray import DPOConfig
+    from dpo_ray.iterate import run_iterate
+
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    cfg = DPOConfig(**{**BASE, "save_strategy": "no", "max_steps": 1}, output_dir=str(tmp_path / "it"),
+                    model_name_or_path=str(tiny(tmp_path)),
+                    iterate={"rounds": 1, "samples": 4, "prompts_per_round": 16, "max_new_tokens": 6,
+                             "eval_limit": 0, "rollout_actors": 2, "rollout_cpus": 0.5,
+                             "rollout_resources": {"reference_gpu": 0.1}, "scorer_cpus": 0,
+                             "scorer_resources": {"scorer_slot": 1}})
+    summary = run_iterate(cfg, scorer=word_count, rollout_host=dying_rollout_host(tmp_path / "died"),
+                          callbacks=[Recorder(calls)])
+    policy, reference = _node(cluster, POLICY["labels"]), _node(cluster, REFERENCE["labels"])
+    round1 = summary["rounds"][1]
+    assert set(round1["nodes"]["rollout"]) == {reference.node_id}, round1["nodes"]
+    assert set(round1["nodes"]["scorer"]) == {cluster.head_node.node_id}, round1["nodes"]
+    assert round1["restarts"] == 1 and (tmp_path / "died").exists()
+    ranks = [json.loads(x) for f in calls.glob("rank*.jsonl") for x in f.read_text().splitlines()]
+    assert {r["node"] for r in ranks} == {policy.node_id}
+    assert round1["groups"] > 0 and ray.is_initialized()

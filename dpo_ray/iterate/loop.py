@@ -45,6 +45,7 @@ class RoundRecord:
     seconds: dict[str, float] = field(default_factory=dict)  # sample, score, train, sync, eval
     model_dir: str = ""
     restarts: int = 0  # rollout actors replaced during the round
+    nodes: dict[str, list[str]] = field(default_factory=dict)  # Ray node ids of the rollout and scorer actors
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -193,10 +194,10 @@ class Iteration:
     """One iterate job: the pools, the rounds, the state file. ``run()`` does every round not yet done."""
 
     def __init__(self, cfg: DPOConfig, scorer: Callable[[Any, str], float] | None = None,
-                 rollout_host: type | None = None):
+                 rollout_host: type | None = None, callbacks: list | None = None):
         self.cfg, self.it = cfg, cfg.iterate
         self.out = Path(cfg.output_dir)
-        self.scorer_fn, self.rollout_host = scorer, rollout_host
+        self.scorer_fn, self.rollout_host, self.callbacks = scorer, rollout_host, callbacks
 
     def _say(self, text: str) -> None:
         print(f"iterate: {text}", flush=True)
@@ -274,7 +275,7 @@ class Iteration:
                 base = {"round": 0, "prompts": 0, "responses": 0, "mean_score": None, "best_of_k": None,
                         "groups": 0, "pairs": 0, "heldout": self._heldout(pool, scorer),
                         "seconds": {"eval": round(time.perf_counter() - t0, 2)}, "model_dir": initial,
-                        "restarts": 0}
+                        "restarts": pool.restarts, "nodes": {"rollout": pool.nodes(), "scorer": scorer.nodes()}}
                 state["rounds"].append(base)
                 _write_json(out / STATE_FILE, state)
                 self._say(f"round 0 (the model before training): held-out {base['heldout']}")
@@ -344,7 +345,7 @@ class Iteration:
         t0 = time.perf_counter()
         reference = initial if it.reference == "initial" else None  # None: the model the round starts from
         round_cfg = _round_config(cfg, groups_file, rd / "model", reference)
-        trained = DPOTrainer(model=current, args=round_cfg).train()
+        trained = DPOTrainer(model=current, args=round_cfg, callbacks=self.callbacks).train()
         secs["train"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         from safetensors.torch import load_file
@@ -361,7 +362,7 @@ class Iteration:
         rec = RoundRecord(round=r, prompts=meta["prompts"], responses=meta["responses"],
                           mean_score=meta["mean_score"], best_of_k=meta["best_of_k"], groups=meta["groups"],
                           pairs=meta["pairs"], heldout=heldout, seconds=secs, model_dir=str(rd / "model"),
-                          restarts=pool.restarts - restarts0)
+                          restarts=pool.restarts - restarts0, nodes={"rollout": pool.nodes(), "scorer": scorer.nodes()})
         _write_json(rd / "round.json", asdict(rec))
         loss = trained.metrics.get("loss") if getattr(trained, "metrics", None) else None
         self._say(f"round {r} done: held-out {heldout if heldout is None else round(heldout, 4)}, train loss "
@@ -370,10 +371,11 @@ class Iteration:
 
 
 def run_iterate(cfg: DPOConfig, scorer: Callable[[Any, str], float] | None = None,
-                rollout_host: type | None = None) -> dict:
+                rollout_host: type | None = None, callbacks: list | None = None) -> dict:
     """Every round of ``cfg.iterate`` not yet done under ``cfg.output_dir``; returns the summary (``rounds``: a
     record per round, round 0 the model before the first; ``model_dir``: the last policy; ``plot``; ``state``).
 
     ``scorer``: a Python function ``(prompt, response) -> float`` instead of ``iterate.scorer`` (pickled to the
-    scorer actors); ``rollout_host``: a ``pools.RolloutHost`` subclass (another engine, or a test's fault)."""
-    return Iteration(cfg, scorer, rollout_host).run()
+    scorer actors); ``rollout_host``: a ``pools.RolloutHost`` subclass (another engine, or a test's fault);
+    ``callbacks``: ``dpo_ray.Callback`` objects every round's training calls (docs/training.md)."""
+    return Iteration(cfg, scorer, rollout_host, callbacks).run()

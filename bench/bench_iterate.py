@@ -1,0 +1,91 @@
+"""Iterative DPO against offline DPO on the bundled task, from the same SFT model, with the same total steps.
+
+For each ``--seeds`` value, one after the other:
+- ``offline``: the demo's DPO stage (``dpo_ray.demo.DEMO_DPO``: 3,000 bundled pairs, one epoch = 94 steps of 2
+  workers × 16) from ``--sft``; the greedy task accuracy on the first 200 held-out prompts after it;
+- ``iterative``: ``--rounds`` rounds of ``dpo_ray.iterate`` from ``--sft`` with the same optimizer settings and
+  94 // rounds steps per round; K = ``--samples`` answers per prompt at ``--temperature``, ``--prompts_per_round``
+  prompts per round, scored by the task's rule; the held-out accuracy after each round.
+
+``--sft``: the SFT model (default: ``make demo``'s SFT stage is run once into ``--workdir``/sft).
+
+    .venv/bin/python bench/bench_iterate.py --seeds 42 --prompts_per_round 1024 --samples 4 --temperature 0.7
+
+Writes bench/results/iterate.json (merged over calls) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, machine, table, versions  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sft", default=None, help="the SFT model directory (default: run the demo's SFT stage)")
+    ap.add_argument("--seeds", default="42")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--prompts_per_round", type=int, default=1024)
+    ap.add_argument("--learning_rate", type=float, default=5e-4)
+    ap.add_argument("--skip_offline", action="store_true")
+    ap.add_argument("--workdir", default="/tmp/dpo_ray_bench/iterate")
+    args = ap.parse_args()
+
+    from dpo_ray.config import DPOConfig
+    from dpo_ray.data.bundled import TRAIN_FILE
+    from dpo_ray.demo import DEMO_DPO, DEMO_SFT, greedy_task_accuracy
+    from dpo_ray.iterate import run_iterate
+    from dpo_ray.trainer import DPOTrainer
+
+    work = Path(args.workdir)
+    sft = Path(args.sft) if args.sft else work / "sft"
+    if not args.sft and not (sft / "config.json").exists():
+        DPOTrainer(args=DPOConfig(**DEMO_SFT, output_dir=str(sft), overwrite_output_dir=True), mode="sft").train()
+    out_file = RESULTS / "iterate.json"
+    results = json.loads(out_file.read_text()) if out_file.exists() else {"runs": {}}
+    results.update(machine=machine(), versions=versions(), sft=str(sft))
+    steps = 94 // args.rounds
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        if not args.skip_offline:
+            t0 = time.perf_counter()
+            cfg = DPOConfig(**{**DEMO_DPO, "eval_strategy": "no"}, seed=seed, output_dir=str(work / f"offline_{seed}"),
+                            overwrite_output_dir=True, dataset_name=str(TRAIN_FILE), report_to=[])
+            DPOTrainer(model=str(sft), args=cfg).train()
+            acc = greedy_task_accuracy(work / f"offline_{seed}")
+            results["runs"][f"offline seed {seed}"] = {"heldout": [greedy_task_accuracy(sft), acc],
+                                                       "seconds": round(time.perf_counter() - t0, 1)}
+        name = (f"iterative seed {seed} prompts {args.prompts_per_round} K {args.samples} T {args.temperature:g} "
+                f"lr {args.learning_rate:g}")
+        t0 = time.perf_counter()
+        settings = {k: v for k, v in DEMO_DPO.items() if k not in ("eval_strategy", "eval_steps", "num_train_epochs")}
+        cfg = DPOConfig(**{**settings, "learning_rate": args.learning_rate}, seed=seed, max_steps=steps,
+                        eval_strategy="no", report_to=[], model_name_or_path=str(sft), overwrite_output_dir=True,
+                        output_dir=str(work / name.replace(" ", "_")),
+                        iterate={"rounds": args.rounds, "samples": args.samples, "temperature": args.temperature,
+                                 "prompts_per_round": args.prompts_per_round, "max_new_tokens": 16,
+                                 "eval_limit": 200})
+        summary = run_iterate(cfg)
+        results["runs"][name] = {"heldout": [r["heldout"] for r in summary["rounds"]],
+                                 "groups": [r["groups"] for r in summary["rounds"][1:]],
+                                 "pairs": [r["pairs"] for r in summary["rounds"][1:]],
+                                 "seconds": [r["seconds"] for r in summary["rounds"]],
+                                 "wall_s": round(time.perf_counter() - t0, 1)}
+        out_file.write_text(json.dumps(results, indent=2) + "\n")
+    for name, run in results["runs"].items():
+        rows.append([name, " / ".join(f"{x:.3f}" for x in run["heldout"]), run.get("wall_s", run.get("seconds"))])
+    print(table(["run", "held-out accuracy by round (0 = SFT)", "seconds"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
