@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--prompts_per_round", type=int, default=1024)
     ap.add_argument("--learning_rate", type=float, default=5e-4)
     ap.add_argument("--skip_offline", action="store_true")
+    ap.add_argument("--overlap", action="store_true", help="iterate.overlap: sample round r+1 while round r trains")
     ap.add_argument("--workdir", default="/tmp/dpo_ray_bench/iterate")
     args = ap.parse_args()
 
@@ -65,7 +66,7 @@ def main() -> int:
             results["runs"][f"offline seed {seed}"] = {"heldout": [greedy_task_accuracy(sft), acc],
                                                        "seconds": round(time.perf_counter() - t0, 1)}
         name = (f"iterative seed {seed} prompts {args.prompts_per_round} K {args.samples} T {args.temperature:g} "
-                f"lr {args.learning_rate:g}")
+                f"lr {args.learning_rate:g}{' overlap' if args.overlap else ''}")
         t0 = time.perf_counter()
         settings = {k: v for k, v in DEMO_DPO.items() if k not in ("eval_strategy", "eval_steps", "num_train_epochs")}
         cfg = DPOConfig(**{**settings, "learning_rate": args.learning_rate}, seed=seed, max_steps=steps,
@@ -73,7 +74,7 @@ def main() -> int:
                         output_dir=str(work / name.replace(" ", "_")),
                         iterate={"rounds": args.rounds, "samples": args.samples, "temperature": args.temperature,
                                  "prompts_per_round": args.prompts_per_round, "max_new_tokens": 16,
-                                 "eval_limit": 200})
+                                 "eval_limit": 200, "overlap": args.overlap})
         summary = run_iterate(cfg)
         results["runs"][name] = {"heldout": [r["heldout"] for r in summary["rounds"]],
                                  "groups": [r["groups"] for r in summary["rounds"][1:]],

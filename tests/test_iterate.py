@@ -232,3 +232,23 @@ def test_rounds_train_sync_and_resume_without_sampling_twice(ray_local, tmp_path
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2, 3]
     assert (out / "round-3" / "groups.jsonl").stat().st_mtime_ns == groups
     assert "sample" in summary["rounds"][3]["seconds"]  # the sampling time of the job that sampled it
+
+
+def test_overlap_samples_the_next_round_while_this_one_trains(ray_local, tmp_path):
+    """iterate.overlap: round 2's samples are drawn during round 1's training, from the weights round 1 started
+    from (one round off-policy), and round 2 trains on them without sampling again."""
+    from hooks import word_count
+
+    from dpo_ray.iterate import run_iterate
+
+    model = tiny(tmp_path)
+    out = tmp_path / "job"
+    cfg = DPOConfig(output_dir=str(out), model_name_or_path=str(model), ray={"num_workers": 1}, report_to=[],
+                    save_strategy="no", max_steps=1, per_device_train_batch_size=4, seed=5,
+                    iterate={"rounds": 2, "samples": 4, "prompts_per_round": 12, "max_new_tokens": 6,
+                             "eval_limit": 0, "overlap": True})
+    rounds = run_iterate(cfg, scorer=word_count)["rounds"]
+    assert [r["sampled_from"] for r in rounds[1:]] == [str(model), str(model)]  # round 2: from round 1's start
+    meta = json.loads((out / "round-2" / "samples.json").read_text())
+    assert meta["sampled_from"] == str(model) and rounds[2]["groups"] == meta["groups"] > 0
+    assert rounds[1]["seconds"]["round"] >= rounds[1]["seconds"]["train"]

@@ -182,6 +182,8 @@ class IterateConfig(_Section):
                                                "actor")
     max_restarts: int = Field(3, ge=0, description="restarts of a rollout or scorer actor that died, per round, before "
                               "the job fails")
+    overlap: bool = Field(False, description="sample round r+1 while round r trains, from the weights round r started "
+                          "from (one round off-policy): the rollout actors work during training instead of waiting")
 
 
 class DPOConfig(BaseModel):

@@ -46,6 +46,7 @@ class RoundRecord:
     model_dir: str = ""
     restarts: int = 0  # rollout actors replaced during the round
     nodes: dict[str, list[str]] = field(default_factory=dict)  # Ray node ids of the rollout and scorer actors
+    sampled_from: str = ""  # the model the round's samples came from (the previous round's, or with overlap the one before)
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -198,6 +199,8 @@ class Iteration:
         self.cfg, self.it = cfg, cfg.iterate
         self.out = Path(cfg.output_dir)
         self.scorer_fn, self.rollout_host, self.callbacks = scorer, rollout_host, callbacks
+        self.overlapped: dict[int, bool] = {}  # rounds whose samples were drawn while the round before trained
+        self.pending_error: Exception | None = None  # an overlapped sampling's failure, raised once its round is kept
 
     def _say(self, text: str) -> None:
         print(f"iterate: {text}", flush=True)
@@ -287,6 +290,8 @@ class Iteration:
                 state["rounds"].append(asdict(rec))
                 _write_json(out / STATE_FILE, state)
                 plot_rounds(state["rounds"], out / "iterate.png")
+                if self.pending_error is not None:
+                    raise self.pending_error
         finally:
             pool.shutdown()
             scorer.shutdown()
@@ -295,58 +300,92 @@ class Iteration:
         plot_rounds(state["rounds"], out / "iterate.png")
         return summary
 
+    def _sample(self, r: int, pool, scorer, policy: str) -> dict:
+        """Round ``r``'s samples, scores and groups, written to ``round-<r>/`` (``groups.jsonl`` last, atomically:
+        its presence means the round's data is complete); returns their summary (``samples.json``). ``policy``
+        names the model the rollout actors hold, for the record."""
+        cfg, it = self.cfg, self.it
+        rd = self.out / f"round-{r}"
+        rd.mkdir(exist_ok=True)
+        idx = _round_prompts(self.prompts, cfg, r)
+        prompts = [self.prompts[i] for i in idx]
+        secs: dict[str, float] = {}
+        t0 = time.perf_counter()
+        seed = cfg.seed * 1_000_003 + r * 10_007
+        enc = [Prompt(self.encode(p), seed + i) for p, i in zip(prompts, idx)]
+        responses = pool.sample(enc, SamplingParams(it.samples, it.temperature, it.top_p, it.max_new_tokens))
+        secs["sample"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        flat_p = [p for p, rs in zip(prompts, responses) for _ in rs]
+        flat_r = [x for rs in responses for x in rs]
+        flat = scorer.score(flat_p, flat_r)
+        k = it.samples
+        scores = [flat[j * k:(j + 1) * k] for j in range(len(prompts))]
+        secs["score"] = round(time.perf_counter() - t0, 2)
+        rows, pairs = group_rows(prompts, responses, scores, cfg.group_pairs, cfg.group_margin,
+                                 cfg.data_seed if cfg.data_seed is not None else cfg.seed)
+        meta = {"prompts": len(prompts), "responses": len(flat_r), "mean_score": sum(flat) / len(flat),
+                "best_of_k": sum(max(s) for s in scores) / len(scores), "groups": len(rows), "pairs": pairs,
+                "seconds": secs, "sampled_from": policy}
+        if not rows:
+            raise NoPairsError(
+                f"round {r}: the scorer gave every response of each of the {len(prompts)} prompt(s) the same score "
+                f"(mean {meta['mean_score']:.4g}), so there is no pair to train on. Sample more diverse responses "
+                "(iterate.temperature, iterate.samples), use a scorer that tells them apart, or lower group_margin")
+        _write_json(rd / "samples.json", meta)
+        groups_file = rd / "groups.jsonl"
+        tmp = groups_file.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, groups_file)
+        self._say(f"round {r}: {len(flat_r)} responses to {len(prompts)} prompts in {secs['sample']:.1f} s, "
+                  f"mean score {meta['mean_score']:.3f}, best of {k} {meta['best_of_k']:.3f}; {len(rows)} groups, "
+                  f"{pairs} pairs")
+        return meta
+
     def _round(self, r: int, pool, scorer, current: str, initial: str) -> RoundRecord:
+        """Round ``r``: its samples (unless written already), training, sync, held-out metric. With
+        ``iterate.overlap`` the next round's samples are drawn while this round trains, from the same weights."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from dpo_ray.trainer import DPOTrainer
 
         cfg, it = self.cfg, self.it
         rd = self.out / f"round-{r}"
-        rd.mkdir(exist_ok=True)
-        groups_file, secs = rd / "groups.jsonl", {}
-        idx = _round_prompts(self.prompts, cfg, r)
-        prompts = [self.prompts[i] for i in idx]
+        groups_file = rd / "groups.jsonl"
         restarts0 = pool.restarts
-        if groups_file.exists():  # written by a job that stopped in this round's training: not sampled again
+        t_round = time.perf_counter()
+        if groups_file.exists():  # written by an earlier job (or overlapped with the last round): not sampled again
             meta = json.loads((rd / "samples.json").read_text())
-            self._say(f"round {r}: its samples are already written ({groups_file}); training on them")
+            if not self.overlapped.pop(r, False):
+                self._say(f"round {r}: its samples are already written ({groups_file}); training on them")
         else:
-            t0 = time.perf_counter()
-            seed = cfg.seed * 1_000_003 + r * 10_007
-            enc = [Prompt(self.encode(p), seed + i) for p, i in zip(prompts, idx)]
-            params = SamplingParams(it.samples, it.temperature, it.top_p, it.max_new_tokens)
-            responses = pool.sample(enc, params)
-            secs["sample"] = round(time.perf_counter() - t0, 2)
-            t0 = time.perf_counter()
-            flat_p = [p for p, rs in zip(prompts, responses) for _ in rs]
-            flat_r = [x for rs in responses for x in rs]
-            flat = scorer.score(flat_p, flat_r)
-            k = it.samples
-            scores = [flat[j * k:(j + 1) * k] for j in range(len(prompts))]
-            secs["score"] = round(time.perf_counter() - t0, 2)
-            rows, pairs = group_rows(prompts, responses, scores, cfg.group_pairs, cfg.group_margin, cfg.data_seed
-                                     if cfg.data_seed is not None else cfg.seed)
-            meta = {"prompts": len(prompts), "responses": len(flat_r), "mean_score": sum(flat) / len(flat),
-                    "best_of_k": sum(max(s) for s in scores) / len(scores), "groups": len(rows), "pairs": pairs,
-                    "seconds": secs}
-            if not rows:
-                raise NoPairsError(
-                    f"round {r}: the scorer gave every response of each of the {len(prompts)} prompt(s) the same score "
-                    f"(mean {meta['mean_score']:.4g}), so there is no pair to train on. Sample more diverse responses "
-                    "(iterate.temperature, iterate.samples), use a scorer that tells them apart, or lower group_margin")
-            _write_json(rd / "samples.json", meta)
-            tmp = groups_file.with_suffix(".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
-            os.replace(tmp, groups_file)
-            self._say(f"round {r}: {len(flat_r)} responses to {len(prompts)} prompts in {secs['sample']:.1f} s, "
-                      f"mean score {meta['mean_score']:.3f}, best of {k} {meta['best_of_k']:.3f}; {len(rows)} groups, "
-                      f"{pairs} pairs")
+            meta = self._sample(r, pool, scorer, current)
         secs = dict(meta["seconds"])
+        ahead = None
+        nxt = self.out / f"round-{r + 1}" / "groups.jsonl"
+        if it.overlap and r < it.rounds and not nxt.exists():
+            ahead = ThreadPoolExecutor(1, thread_name_prefix="iterate-sample")
+            future = ahead.submit(self._sample, r + 1, pool, scorer, current)
+            self._say(f"round {r + 1}: sampling from the round-{r - 1} policy while round {r} trains "
+                      "(iterate.overlap: one round off-policy)")
         t0 = time.perf_counter()
         reference = initial if it.reference == "initial" else None  # None: the model the round starts from
         round_cfg = _round_config(cfg, groups_file, rd / "model", reference)
-        trained = DPOTrainer(model=current, args=round_cfg, callbacks=self.callbacks).train()
-        secs["train"] = round(time.perf_counter() - t0, 2)
+        try:
+            trained = DPOTrainer(model=current, args=round_cfg, callbacks=self.callbacks).train()
+        finally:
+            secs["train"] = round(time.perf_counter() - t0, 2)
+            if ahead is not None:
+                ahead.shutdown(wait=True)  # the actors finish the next round's share before they take new weights
+        error = None
+        if ahead is not None:
+            try:
+                future.result()
+                self.overlapped[r + 1] = True
+            except Exception as e:  # noqa: BLE001 - raised after this round is recorded
+                error = e
         t0 = time.perf_counter()
         from safetensors.torch import load_file
 
@@ -359,14 +398,17 @@ class Iteration:
         t0 = time.perf_counter()
         heldout = self._heldout(pool, scorer)
         secs["eval"] = round(time.perf_counter() - t0, 2)
+        secs["round"] = round(time.perf_counter() - t_round, 2)
         rec = RoundRecord(round=r, prompts=meta["prompts"], responses=meta["responses"],
                           mean_score=meta["mean_score"], best_of_k=meta["best_of_k"], groups=meta["groups"],
                           pairs=meta["pairs"], heldout=heldout, seconds=secs, model_dir=str(rd / "model"),
-                          restarts=pool.restarts - restarts0, nodes={"rollout": pool.nodes(), "scorer": scorer.nodes()})
+                          restarts=pool.restarts - restarts0, nodes={"rollout": pool.nodes(), "scorer": scorer.nodes()},
+                          sampled_from=meta.get("sampled_from", ""))
         _write_json(rd / "round.json", asdict(rec))
         loss = trained.metrics.get("loss") if getattr(trained, "metrics", None) else None
         self._say(f"round {r} done: held-out {heldout if heldout is None else round(heldout, 4)}, train loss "
                   f"{loss if loss is None else round(loss, 4)}; seconds " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
+        self.pending_error = error
         return rec
 
 
