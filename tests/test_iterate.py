@@ -235,19 +235,26 @@ def test_rounds_train_sync_and_resume_without_sampling_twice(ray_local, tmp_path
 
 
 def test_overlap_samples_the_next_round_while_this_one_trains(ray_local, tmp_path):
-    """iterate.overlap: round 2's samples are drawn during round 1's training, from the weights round 1 started
-    from (one round off-policy), and round 2 trains on them without sampling again."""
+    """iterate.overlap on a user's prompt file of chat messages: round 2's samples are drawn during round 1's
+    training, from the weights round 1 started from (one round off-policy), and round 2 trains on them without
+    sampling again; the prompts go through the chat template, the answers are stored as assistant messages."""
     from hooks import word_count
 
+    from dpo_ray.data.bundled import CONVERSATIONAL_TRAIN_FILE
     from dpo_ray.iterate import run_iterate
 
     model = tiny(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(x) for x in CONVERSATIONAL_TRAIN_FILE.read_text().splitlines()[:24]]
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
     out = tmp_path / "job"
     cfg = DPOConfig(output_dir=str(out), model_name_or_path=str(model), ray={"num_workers": 1}, report_to=[],
                     save_strategy="no", max_steps=1, per_device_train_batch_size=4, seed=5,
                     iterate={"rounds": 2, "samples": 4, "prompts_per_round": 12, "max_new_tokens": 6,
-                             "eval_limit": 0, "overlap": True})
+                             "eval_limit": 0, "overlap": True, "prompts": str(prompts)})
     rounds = run_iterate(cfg, scorer=word_count)["rounds"]
+    group = json.loads((out / "round-1" / "groups.jsonl").read_text().splitlines()[0])
+    assert group["prompt"][0]["role"] == "user" and group["completions"][0][0]["role"] == "assistant"
     assert [r["sampled_from"] for r in rounds[1:]] == [str(model), str(model)]  # round 2: from round 1's start
     meta = json.loads((out / "round-2" / "samples.json").read_text())
     assert meta["sampled_from"] == str(model) and rounds[2]["groups"] == meta["groups"] > 0

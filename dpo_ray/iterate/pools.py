@@ -52,7 +52,22 @@ def _request(cpus: float, gpus: float, resources: Mapping[str, float] | None = N
     return {"num_cpus": cpus, "num_gpus": gpus, **({"resources": dict(resources)} if resources else {})}
 
 
-class RolloutPool:
+class _Pool:
+    """What both pools share: their actors' nodes, and ending them."""
+
+    actors: list
+
+    def nodes(self) -> list[str]:
+        """The Ray node id of each actor."""
+        return ray.get([a.node.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+
+
+class RolloutPool(_Pool):
     """``n`` rollout actors with the current policy; replaces the ones that die."""
 
     def __init__(self, source: str, n: int, cpus: float, gpus: float, max_restarts: int,
@@ -109,16 +124,8 @@ class RolloutPool:
             except LOST as e:
                 self._replace(i, e)
 
-    def nodes(self) -> list[str]:
-        return ray.get([a.node.remote() for a in self.actors])
 
-    def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
-        self.actors = []
-
-
-class ScorerPool:
+class ScorerPool(_Pool):
     """``n`` scorer actors; ``score`` splits the responses between them."""
 
     def __init__(self, spec: str, n: int, cpus: float, gpus: float, max_restarts: int,
@@ -134,11 +141,3 @@ class ScorerPool:
         refs = [self.actors[j].score.remote(list(prompts[i:i + size]), list(responses[i:i + size]))
                 for j, i in enumerate(range(0, len(responses), size))]
         return [s for part in ray.get(refs) for s in part]
-
-    def nodes(self) -> list[str]:
-        return ray.get([a.node.remote() for a in self.actors])
-
-    def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
-        self.actors = []
