@@ -1,0 +1,37 @@
+"""Peak memory of one SDPA call (forward + backward) under prefix sharing's boolean mask against a causal one, in
+a fresh process per cell (a diagnostic for bench_long_context.py): SmolLM2's attention shape (9 query heads, 3
+key/value heads, head dim 64), fp32, one thread; the mask is a lower triangle of the packed row's length S.
+
+    for S in 6144 12288; do for m in causal mask; do .venv/bin/python bench/probe_sdpa_mask.py $S $m; done; done
+
+Prints the peak RSS over the inputs, MiB.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def main() -> int:
+    s, mode = int(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)
+    q = torch.randn(1, 9, s, 64, requires_grad=True)
+    k = torch.randn(1, 3, s, 64, requires_grad=True)
+    v = torch.randn(1, 3, s, 64, requires_grad=True)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if mode == "causal":
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        mask = torch.ones(s, s, dtype=torch.bool).tril()[None, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    out.sum().backward()
+    print(s, mode, "peak over the inputs MiB", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
