@@ -259,3 +259,21 @@ def test_overlap_samples_the_next_round_while_this_one_trains(ray_local, tmp_pat
     meta = json.loads((out / "round-2" / "samples.json").read_text())
     assert meta["sampled_from"] == str(model) and rounds[2]["groups"] == meta["groups"] > 0
     assert rounds[1]["seconds"]["round"] >= rounds[1]["seconds"]["train"]
+
+
+def test_a_job_does_not_go_on_after_rounds_made_with_other_settings(tmp_path):
+    """iterate.json keeps what the rounds were made with; a job that would train on a mix stops before Ray,
+    naming each change (rounds and the held-out set may change)."""
+    from dpo_ray.config import ConfigError
+    from dpo_ray.iterate import run_iterate
+    from dpo_ray.iterate.loop import job_settings
+    from dpo_ray.owned import mark_owned
+
+    out = tmp_path / "job"
+    before = DPOConfig(output_dir=str(out), iterate={"samples": 4, "temperature": 0.7})
+    mark_owned(out, "iterate")
+    (out / "iterate.json").write_text(json.dumps({"rounds": [], "settings": job_settings(before)}))
+    later = before.model_copy(update={"beta": 0.3, "iterate": before.iterate.model_copy(
+        update={"temperature": 1.0, "rounds": 5, "eval_limit": 10})})
+    with pytest.raises(ConfigError, match=r"other settings \(beta: 0.1 -> 0.3; iterate.temperature: 0.7 -> 1.0\)"):
+        run_iterate(later)

@@ -131,6 +131,33 @@ def _state(out: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"rounds": []}
 
 
+# What a round's data and training depend on: a job that goes on after earlier rounds must keep them (rounds,
+# the held-out set, the pools' sizes and overlap may change).
+_KEPT = ("model_name_or_path", "seed", "loss_type", "beta", "learning_rate", "max_steps", "num_train_epochs",
+         "group_pairs", "group_margin", "rpo_alpha")
+_KEPT_ITERATE = ("samples", "temperature", "top_p", "max_new_tokens", "scorer", "prompts", "prompts_per_round",
+                 "reference")
+
+
+def job_settings(cfg: DPOConfig, scorer_name: str | None = None) -> dict:
+    """The settings earlier rounds were made with, as ``iterate.json`` keeps them."""
+    out = {k: getattr(cfg, k) for k in _KEPT}
+    out.update({f"iterate.{k}": getattr(cfg.iterate, k) for k in _KEPT_ITERATE})
+    if scorer_name is not None:
+        out["iterate.scorer"] = f"function {scorer_name}"
+    return json.loads(json.dumps(out, default=str))
+
+
+def settings_problem(before: dict, now: dict) -> str | None:
+    """Why a job with ``now`` may not go on after rounds made with ``before`` (None: it may)."""
+    changed = [f"{k}: {before[k]!r} -> {now.get(k)!r}" for k in before if before[k] != now.get(k)]
+    if not changed:
+        return None
+    return (f"the finished rounds here were made with other settings ({'; '.join(changed)}), and the next rounds "
+            "would train on a mix. Keep the settings to go on, or start over with overwrite_output_dir: true (or "
+            "another output_dir)")
+
+
 def _initial_model(cfg: DPOConfig, out: Path) -> str:
     """The model round 1 starts from: model_name_or_path, or the bundled tiny model (built once and saved)."""
     if cfg.model_name_or_path:
@@ -256,9 +283,16 @@ class Iteration:
         from dpo_ray.data import load_tokenizer
         from dpo_ray.iterate.pools import RolloutHost, RolloutPool, ScorerPool
 
+        from dpo_ray.config import ConfigError
+
         cfg, it, out = self.cfg, self.it, self.out
         state = _state(out)
         done = {r["round"] for r in state["rounds"]}
+        settings = job_settings(cfg, getattr(self.scorer_fn, "__name__", "callable") if self.scorer_fn else None)
+        problem = settings_problem(state.get("settings", settings), settings)
+        if problem:
+            raise ConfigError([("output_dir", f"{out}: {problem}")])
+        state["settings"] = settings
         self._load_data()
         initial = _initial_model(cfg, out)
         current = state["rounds"][-1]["model_dir"] if state["rounds"] else initial
