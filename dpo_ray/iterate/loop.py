@@ -280,10 +280,9 @@ class Iteration:
 
     def _run(self) -> dict:
         from dpo_ray.cluster import init_ray
+        from dpo_ray.config import ConfigError
         from dpo_ray.data import load_tokenizer
         from dpo_ray.iterate.pools import RolloutHost, RolloutPool, ScorerPool
-
-        from dpo_ray.config import ConfigError
 
         cfg, it, out = self.cfg, self.it, self.out
         state = _state(out)
