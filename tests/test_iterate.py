@@ -204,7 +204,7 @@ def test_rounds_train_sync_and_resume_without_sampling_twice(ray_local, tmp_path
         rows = [json.loads(x) for x in (out / f"round-{r['round']}" / "groups.jsonl").read_text().splitlines()]
         assert len(rows) == r["groups"] > 0 and r["pairs"] >= r["groups"] and r["prompts"] == 12
         assert all(s == word_count(row["prompt"], c) for row in rows for c, s in zip(row["completions"], row["scores"]))
-        assert set(r["seconds"]) == {"sample", "score", "train", "sync", "eval"}
+        assert set(r["seconds"]) == {"sample", "score", "train", "sync", "eval", "round"}
         assert 0 <= r["mean_score"] <= r["best_of_k"]
     w1, w2 = (load_file(str(out / f"round-{r}" / "model" / "model.safetensors")) for r in (1, 2))
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)  # round 2 trained on from round 1
