@@ -176,7 +176,9 @@ def checkpointing_plan(cfg: DPOConfig) -> str:
         words = f"auto: on for micro-batches whose activations pass {cfg.gradient_checkpointing_gib:g} GiB"
         per_token = _activation_bytes_per_token(cfg)
         if per_token:
-            tokens = -(-int(cfg.gradient_checkpointing_gib * 2**30) // per_token)
+            from dpo_ray.models import checkpoint_min_tokens
+
+            tokens = checkpoint_min_tokens(cfg.gradient_checkpointing_gib, per_token)
             words += (f" ({tokens:,}+ tokens of this model in fp32, {per_token / 2**20:.2f} MiB per token; twice as "
                       "many in bf16)")
         return words

@@ -200,6 +200,11 @@ def activation_bytes_per_token(config, elem_bytes: int) -> int | None:
     return int(layers * (10 * hidden + 4 * mlp) * elem_bytes)
 
 
+def checkpoint_min_tokens(gib: float, per_token: int) -> int:
+    """``gradient_checkpointing: auto``'s switch: the fewest tokens per micro-batch whose activations pass ``gib``."""
+    return -(-int(gib * 2**30) // per_token)
+
+
 class ActivationCheckpointing:
     """``gradient_checkpointing`` on a prepared policy, decided per micro-batch: ``True`` always, ``False`` never,
     ``auto`` for a micro-batch whose estimated activations (its tokens × ``activation_bytes_per_token``) pass
@@ -228,7 +233,7 @@ class ActivationCheckpointing:
         if self.auto:
             self.per_token = per_token
             # a config that does not say its widths: checkpoint everything, the safe side
-            self.min_tokens = -(-int(cfg.gradient_checkpointing_gib * 2**30) // per_token) if per_token else 0
+            self.min_tokens = checkpoint_min_tokens(cfg.gradient_checkpointing_gib, per_token) if per_token else 0
 
     def __call__(self, batch: dict) -> bool:
         """Whether this micro-batch's forward is checkpointed (set on the model's layers)."""
