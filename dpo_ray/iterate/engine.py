@@ -72,15 +72,16 @@ class HFGenerateEngine:
                 gen.update(temperature=None, top_p=None, top_k=None)
             torch.manual_seed(p.seed)
             seqs = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
-            out.append([self._text(p.ids, row[len(p.ids):].tolist()) for row in seqs])
+            head = self.tokenizer.decode(p.ids, skip_special_tokens=True)
+            out.append([self._text(p.ids, head, row[len(p.ids):].tolist()) for row in seqs])
         return out
 
-    def _text(self, prompt_ids: list[int], new: list[int]) -> str:
-        """The response as text exactly as it continues the prompt's text (a leading space kept), up to EOS."""
+    def _text(self, prompt_ids: list[int], head: str, new: list[int]) -> str:
+        """The response as text exactly as it continues the prompt's text ``head`` (a leading space kept), up to
+        EOS."""
         if self.eos is not None and self.eos in new:
             new = new[:new.index(self.eos)]
         tok = self.tokenizer
-        head = tok.decode(prompt_ids, skip_special_tokens=True)
         full = tok.decode(prompt_ids + new, skip_special_tokens=True)
         return full[len(head):] if full.startswith(head) else tok.decode(new, skip_special_tokens=True)
 

@@ -37,8 +37,8 @@ class RoundRecord:
     round: int
     prompts: int
     responses: int
-    mean_score: float
-    best_of_k: float  # the mean over prompts of the best of its K scores
+    mean_score: float | None  # None for round 0 (the starting model: nothing sampled)
+    best_of_k: float | None  # the mean over prompts of the best of its K scores
     groups: int  # prompt groups with at least one pair (the round's training rows)
     pairs: int  # pairs those groups form under group_pairs / group_margin
     heldout: float | None  # the mean score of greedy answers to the held-out prompts, after the round
@@ -287,7 +287,8 @@ class Iteration:
         cfg, it, out = self.cfg, self.it, self.out
         state = _state(out)
         done = {r["round"] for r in state["rounds"]}
-        settings = job_settings(cfg, getattr(self.scorer_fn, "__name__", "callable") if self.scorer_fn else None)
+        fn_name = getattr(self.scorer_fn, "__name__", "callable") if self.scorer_fn is not None else None
+        settings = job_settings(cfg, fn_name)
         problem = settings_problem(state.get("settings", settings), settings)
         if problem:
             raise ConfigError([("output_dir", f"{out}: {problem}")])
@@ -297,7 +298,7 @@ class Iteration:
         current = state["rounds"][-1]["model_dir"] if state["rounds"] else initial
         self.encode = PromptEncoder(load_tokenizer(initial))
         init_ray(cfg)
-        spec = getattr(self.scorer_fn, "__name__", "callable") if self.scorer_fn is not None else it.scorer
+        spec = fn_name or it.scorer
         per_round = len(self.prompts) if it.prompts_per_round is None else min(it.prompts_per_round, len(self.prompts))
         self._say(f"{it.rounds} round(s) of {per_round} prompt(s) × {it.samples} samples, scorer {spec}, reference "
                   f"{it.reference}; {len(done)} round(s) already done in {out}")
@@ -308,13 +309,14 @@ class Iteration:
         try:
             if 0 not in done:
                 t0 = time.perf_counter()
-                base = {"round": 0, "prompts": 0, "responses": 0, "mean_score": None, "best_of_k": None,
-                        "groups": 0, "pairs": 0, "heldout": self._heldout(pool, scorer),
-                        "seconds": {"eval": round(time.perf_counter() - t0, 2)}, "model_dir": initial,
-                        "restarts": pool.restarts, "nodes": {"rollout": pool.nodes(), "scorer": scorer.nodes()}}
-                state["rounds"].append(base)
+                heldout = self._heldout(pool, scorer)
+                base = RoundRecord(round=0, prompts=0, responses=0, mean_score=None, best_of_k=None, groups=0,
+                                   pairs=0, heldout=heldout, seconds={"eval": round(time.perf_counter() - t0, 2)},
+                                   model_dir=initial, restarts=pool.restarts,
+                                   nodes={"rollout": pool.nodes(), "scorer": scorer.nodes()})
+                state["rounds"].append(asdict(base))
                 _write_json(out / STATE_FILE, state)
-                self._say(f"round 0 (the model before training): held-out {base['heldout']}")
+                self._say(f"round 0 (the model before training): held-out {heldout}")
             for r in range(1, it.rounds + 1):
                 if r in done:
                     continue
