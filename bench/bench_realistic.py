@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--configs", default="dpo_ray_2w,dpo_ray_1w+nobucket,trl")
     ap.add_argument("--workdir", default="/tmp/dpo_ray_bench/realistic")
     ap.add_argument("--name", default="realistic", help="bench/results/<name>.json")
+    ap.add_argument("--code", action="append", default=[], metavar="LABEL=DIR",
+                    help="configs ending in @LABEL run dpo_ray from DIR (bench_throughput.py --code)")
     args = ap.parse_args()
     work = Path(args.workdir)
     model = save_model(work)
@@ -145,7 +147,7 @@ def main() -> None:
     cmd = [sys.executable, str(BENCH / "bench_throughput.py"), "--model_dir", str(model), "--data_file", str(data),
            "--pairs", str(args.pairs), "--batch", str(args.batch), "--max_length", "1024", "--repeats",
            str(args.repeats), "--warmup", "3", "--configs", args.configs, "--workdir", str(work / "runs"),
-           "--name", args.name, "--timeout", "1500"]
+           "--name", args.name, "--timeout", "1500", *(f"--code={c}" for c in args.code)]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 

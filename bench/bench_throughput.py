@@ -117,7 +117,8 @@ def child_dpo_ray(args) -> dict:
             "train_wall_s": train_wall, "report_wall_s": out.report["wall_time_s"],
             "pairs": out.report["pairs"], "tokens": out.report["tokens"],
             "gpu_peak_mib": max((r.get("gpu_peak_mib", 0.0) for r in rows), default=0.0),  # rank 0, allocator
-            "startup_s": first["t"] - t0 - step_times[0]}
+            "startup_s": first["t"] - t0 - step_times[0],
+            "code": str(Path(__import__("dpo_ray").__file__).parent)}  # which checkout ran (--code)
 
 
 def dpo_ray_order(n: int, batch: int, pool_batches: int, seed: int) -> list[int]:
@@ -222,6 +223,9 @@ def main() -> None:
     ap.add_argument("--long_pairs", metavar="MIN,MAX", help="generate --pairs bundled-task pairs of MIN..MAX "
                     "tokens per sequence (prompt about as long as the completion) instead of the bundled subset")
     ap.add_argument("--gpu", action="store_true", help="one GPU per trainer process, bf16 (bench_gpu.py)")
+    ap.add_argument("--code", action="append", default=[], metavar="LABEL=DIR",
+                    help="a config name ending in @LABEL runs dpo_ray from DIR (another checkout, e.g. `git worktree "
+                         "add DIR <commit>`): a change measured against the code before it, alternated in one run")
     # child mode
     ap.add_argument("--child", choices=["dpo_ray", "trl"])
     ap.add_argument("--model")
@@ -250,17 +254,20 @@ def main() -> None:
         data = Path(args.data_file) if args.data_file else bundled_subset(work / "data" / "train.jsonl", args.pairs)
     names = args.configs.split(",")
     runs: dict[str, list[dict]] = {n: [] for n in names}
+    code = dict(kv.split("=", 1) for kv in args.code)
     for rep in range(args.repeats):
         for name in names:
-            c = CONFIGS[name.split("+")[0]]
+            base, _, label = name.partition("@")
+            c = CONFIGS[base.split("+")[0]]
+            env = {"PYTHONPATH": code[label]} if label else None  # run_child puts this repo after it
             out = work / f"{name}.json"
             child = [__file__, "--child", c["kind"], "--model", str(model), "--data", str(data),
                      "--workers", str(c["workers"]), "--threads", str(c["threads"]), "--out", str(out),
                      "--workdir", str(work / f"run_{name}"), "--batch", str(args.batch), "--epochs",
                      str(args.epochs), "--lr", str(args.lr), "--max_length", str(args.max_length),
-                     "--dpo_ray_extra", json.dumps(variant_extra(name, args.dpo_ray_extra))]
+                     "--dpo_ray_extra", json.dumps(variant_extra(base, args.dpo_ray_extra))]
             child += ["--gpu"] if args.gpu else []
-            res = run_child(child, out, args.timeout, log=work / f"{name}_{rep}.log")
+            res = run_child(child, out, args.timeout, env=env, log=work / f"{name}_{rep}.log")
             if "error" in res:
                 print(f"[{rep}] {name}: FAILED ({res['error']})\n{res['log_tail']}", file=sys.stderr)
             else:

@@ -193,7 +193,9 @@ def run_child(args: list[str], out_json: Path, timeout: float, env: dict[str, st
     without risking the machine); the result then says ``stopped_above_mib``."""
     out_json.unlink(missing_ok=True)
     full_env = {**os.environ, **CHILD_ENV, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    # this repo's bench helpers importable; a PYTHONPATH given in ``env`` (another checkout's dpo_ray) comes first
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [(env or {}).get("PYTHONPATH"), str(REPO),
+                                                           os.environ.get("PYTHONPATH")]))
     log_f = open(log, "w") if log else subprocess.DEVNULL
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], env=full_env, stdout=log_f, stderr=subprocess.STDOUT,

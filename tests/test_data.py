@@ -269,17 +269,38 @@ def test_collate_pairs_shapes_masks_and_passthrough():
 class _Rows:
     """Tokenized rows as a worker's shard hands them out (``iter_batches`` of numpy columns)."""
 
-    def __init__(self, lengths):
+    def __init__(self, lengths, chunks=None):
         ids = np.empty(len(lengths), dtype=object)
         ids[:] = [np.arange(3, 3 + n, dtype=np.int64) for n in lengths]
         self.cols = {"row_id": np.arange(len(lengths)), "chosen_input_ids": ids, "rejected_input_ids": ids,
                      "chosen_prompt_len": np.ones(len(lengths), dtype=np.int64),
                      "rejected_prompt_len": np.ones(len(lengths), dtype=np.int64)}
+        self.chunks = chunks  # sizes the stream is cut into (blocks of any size), else batch_size each
 
     def iter_batches(self, batch_size, **_):
         n = len(self.cols["row_id"])
-        for i in range(0, n, batch_size):
-            yield {k: v[i:i + batch_size] for k, v in self.cols.items()}
+        cuts = np.cumsum([0, *(self.chunks or [])]) if self.chunks else range(0, n + batch_size, batch_size)
+        for a, b in zip(cuts, cuts[1:]):
+            if a < n:
+                yield {k: v[a:min(b, n)] for k, v in self.cols.items()}
+
+
+@pytest.mark.parametrize("bucketing", [False, True, "auto"])
+def test_a_shard_of_r_rows_gives_r_over_batch_size_batches_however_it_is_cut(bucketing):
+    """The promise the training loop's no-sync epoch rests on (``train.steps.counted``): R rows give exactly
+    R // batch_size batches, each row at most once, whatever sizes the stream's blocks have (a carry joining a
+    full pool used to drop the remainder mid-stream, so two workers with equal rows could differ)."""
+    from dpo_ray.data.batching import iter_train_batches
+
+    rng = np.random.default_rng(1)
+    cfg = DPOConfig(bucket_size_multiplier=4, length_bucketing=bucketing)
+    for trial in range(40):
+        rows = int(rng.integers(1, 200))
+        chunks = [int(c) for c in rng.integers(1, 40, size=rows)]
+        shard = _Rows(rng.integers(2, 30, size=rows), chunks)
+        got = [b["row_id"].tolist() for b in iter_train_batches(shard, cfg, 0, batch_size=4, epoch=0, seed=trial)]
+        seen = sum(got, [])
+        assert len(got) == rows // 4 and len(seen) == len(set(seen)), (trial, rows, chunks[:8])
 
 
 def _auto_batches(lengths, seed=0):

@@ -6,10 +6,11 @@ generator seeded by (seed, epoch) -- the same order for the same seed and epoch 
 holds rows of similar length and pads less. ``length_bucketing: auto`` (opt-in; off by default, as TRL) decides
 per pool from the pool's own lengths: bucketed when that pads at least ``AUTO_MIN_SAVING`` fewer of the pool's
 tokens than the shuffled batches would; a decision from the data and the seeded order only, so runs stay
-reproducible. The final partial batch of the shard is dropped: with
-``streaming_split(equal=True)`` (Ray Train's default) every worker holds the same number of rows, so
-every worker yields the same number of batches (``rows_per_worker // batch_size``) and no collective
-waits for a worker that has run out.
+reproducible. Only the shard's final partial batch is dropped: rows a pool cannot fill a batch with wait
+for the next pool, however the stream is cut into blocks, so a shard of R rows gives exactly
+``R // batch_size`` batches. With ``streaming_split(equal=True)`` every worker holds the same number of
+rows, so every worker yields the same number of batches and no collective waits for a worker that has run
+out: the training loop relies on it instead of agreeing on every micro-batch (``train.steps.counted``).
 """
 
 from __future__ import annotations
@@ -131,9 +132,13 @@ class BatchIterator:
                     cols = {k: np.concatenate([carry[k], cols[k]]) for k in cols}
                     carry = None
                 n = len(cols["row_id"])
-                if n < pool_rows and n % self.batch_size:
+                rest = n % self.batch_size
+                if n < pool_rows and rest:
                     carry = cols  # a short pool mid-stream (block edge): wait for more rows
                     continue
+                if rest:  # a long pool (a carry joined it): its last rows wait for the next one, none dropped
+                    carry = {k: v[n - rest:] for k, v in cols.items()}
+                    cols = {k: v[:n - rest] for k, v in cols.items()}
                 for idx in self._pool_order(cols):
                     yield self._emit(cols, idx)
             if carry is not None:

@@ -168,7 +168,7 @@ class Run:
                                  f"a pool's tokens there); padding {source.padding_fraction:.1%} of the tokens\n")
 
     def fit_plan_to_epoch(self, micro: int) -> None:
-        """The first full epoch gave ``micro`` micro-batches on every worker (``synced`` makes them agree); the
+        """The first full epoch gave ``micro`` micro-batches on every worker (``counted`` checks they agree); the
         driver planned from the rows it counted, before bad rows were dropped. Fewer: size the rest of the run
         (its steps or its epochs, and the LR schedule's horizon) by the rows that arrived."""
         self.state.micro_per_epoch = micro

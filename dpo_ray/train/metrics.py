@@ -5,8 +5,9 @@ Three kinds of metric, as TRL logs them:
 - weighted: a metric sent with ``METRIC_WEIGHT + name`` (its token or pair count) is, per micro-batch, the
   weighted mean over workers (TRL gathers the counts of every rank), then the plain mean over micro-batches;
 - the rest: the plain mean over micro-batches and workers.
-Weighted metrics need every worker to add the same number of micro-batches between reductions (the loop's
-``_synced`` batches guarantee it): their per-micro-batch values line up in the one all-reduce.
+Weighted metrics need every worker to add the same number of micro-batches between reductions (equal shards
+cut into ``rows // batch_size`` batches guarantee it, ``train.steps.counted``): their per-micro-batch values
+line up in the one all-reduce.
 """
 
 from __future__ import annotations

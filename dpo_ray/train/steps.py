@@ -33,20 +33,31 @@ def _across_workers(flag: bool, op, device) -> bool:
     return bool(t.item())
 
 
-def synced(batches: Iterable, device) -> Iterator:
-    """Stop every worker at the same micro-batch: the first worker to run dry ends the epoch for all.
+class UnequalShardsError(RuntimeError):
+    """Workers' epochs had different numbers of micro-batches (the data split broke its promise)."""
 
-    Sync point: one all-reduce of a flag and a host read per micro-batch. The shards are split with
-    ``equal=True`` and batching drops the last partial batch, so the counts should match; this is the guard
-    that turns any mismatch into a clean epoch end instead of a hang in the next gradient all-reduce.
+
+def counted(batches: Iterable, device) -> Iterator:
+    """This worker's micro-batches, with no collective between them; one check when the epoch ends.
+
+    Every worker yields the same number: ``streaming_split(equal=True)`` gives each worker the same number of
+    rows, and ``BatchIterator`` cuts R rows into exactly ``R // batch_size`` batches whatever the block sizes
+    (tests/test_data.py). So the loop issues no per-micro-batch all-reduce or host read; at the epoch's end the
+    counts are compared once (MIN against MAX), and a mismatch, should the split ever break its promise, is a
+    clear error rather than a silent difference.
     """
-    it = iter(batches)
-    while True:
-        batch = next(it, None)
-        every_worker_has_one = _across_workers(batch is not None, dist.ReduceOp.MIN, device)
-        if batch is None or not every_worker_has_one:
-            return
+    n = 0
+    for batch in batches:
+        n += 1
         yield batch
+    if dist.is_initialized():
+        t = torch.tensor([n, -n], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        fewest, most = int(t[0]), -int(t[1])
+        if fewest != most:
+            raise UnequalShardsError(
+                f"the workers' epochs had {fewest} to {most} micro-batches; the training rows must split into "
+                "equal shares (ray.train.DataConfig with equal splits)")
 
 
 def synced_eval(share, device, real: list[bool]) -> Iterator:
@@ -130,7 +141,7 @@ class TrainingStep(ABC):
         self.checkpointing(batch)
 
     def batches(self, shard, *, epoch: int, train: bool = True) -> Iterator:
-        """This worker's collated batches of ``shard``, every worker stopping at the same one."""
+        """This worker's collated batches of ``shard``: as many on every worker (``counted``)."""
         cfg = self.cfg
         seed = cfg.data_order_seed if train else cfg.seed
         size = cfg.per_device_train_batch_size if train else cfg.per_device_eval_batch_size
@@ -139,7 +150,7 @@ class TrainingStep(ABC):
 
     def stream(self, batches: Iterable) -> Iterator:
         """What one iteration of the loop consumes, in order."""
-        return synced(batches, self.device)
+        return counted(batches, self.device)
 
     def eval_stream(self, shard, real: list[bool]) -> Iterator:
         """This worker's share of the eval rows, each row once (``EvalShare``), padded with weight-0 fillers
@@ -180,7 +191,7 @@ class DPOStep(TrainingStep):
         self.sharing = PrefixSharing(cfg.prefix_sharing, "policy", cfg.prefix_attention)
 
     def stream(self, batches: Iterable) -> Iterator:
-        return self._wrap(synced(batches, self.device))
+        return self._wrap(counted(batches, self.device))
 
     def _wrap(self, batches: Iterator) -> Iterator:
         return prefetched(batches, self.reference, self.cfg.reference.prefetch_depth)
