@@ -22,7 +22,8 @@ from dpo_ray.config.schema import (
 )
 from dpo_ray.errors import ConfigError
 
-__all__ = ["METRIC_NAMES", "PEFT_KEYS", "REDACTED", "ConfigError", "DPOConfig", "DeepSpeedConfig", "InspectConfig",
-           "IterateConfig", "RayConfig", "ReferenceConfig", "ReferenceSource", "TruncationMode", "_Section", "add_config_arguments",
-           "choose_reference_source", "deepspeed_config", "flag_fields", "load_config", "overrides_from_args",
-           "redact_secrets", "value_did_you_mean"]
+__all__ = ["METRIC_NAMES", "PEFT_KEYS", "REDACTED", "ConfigError", "DPOConfig", "DeepSpeedConfig",
+           "InspectConfig", "IterateConfig", "RayConfig", "ReferenceConfig", "ReferenceSource",
+           "TruncationMode", "_Section", "add_config_arguments", "choose_reference_source",
+           "deepspeed_config", "flag_fields", "load_config", "overrides_from_args", "redact_secrets",
+           "value_did_you_mean"]

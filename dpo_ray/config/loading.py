@@ -43,7 +43,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with DPOConfig keys; flags override it")
     group = parser.add_argument_group("DPOConfig (TRL spelling; sections as --ray.num_workers)")
     for flag, (key, ann, help_) in flag_fields().items():
-        kwargs: dict[str, Any] = {"dest": "cfg::" + key, "default": argparse.SUPPRESS, "help": help_.replace("%", "%%") if help_ else None}  # argparse %-formats help
+        # argparse %-formats help
+        kwargs: dict[str, Any] = {"dest": "cfg::" + key, "default": argparse.SUPPRESS,
+                                  "help": help_.replace("%", "%%") if help_ else None}
         if _is_list(ann):
             kwargs["nargs"] = "+"
         elif _is_bool(ann):
@@ -53,8 +55,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     # hidden from --help, values parsed as YAML ("true", "4", '{"a": 1}')
     for key in TRL_KEYS:
         if key not in DPOConfig.model_fields:
-            group.add_argument(f"--{key}", dest="cfg::" + key, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
-                               nargs="?", const="true")
+            group.add_argument(f"--{key}", dest="cfg::" + key, default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS, nargs="?", const="true")
 
 
 def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:

@@ -32,10 +32,12 @@ def problems_from_pydantic(err: ValidationError, known: list[str], prefix: str =
     for e in err.errors():
         key = prefix + ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
-            out.append((key, "unknown key" + (_did_you_mean(key, known) or "; check its spelling (`dpo-ray validate --help` "
-                                                                  "lists every key)")))
+            out.append((key, "unknown key" + (_did_you_mean(key, known)
+                                              or "; check its spelling (`dpo-ray validate --help` "
+                                                 "lists every key)")))
         else:
-            out.append((key, f"{e['msg']} (got {redact_value(key, e.get('input'))!r})" + _value_did_you_mean(e)))
+            out.append((key, f"{e['msg']} (got {redact_value(key, e.get('input'))!r})"
+                        + _value_did_you_mean(e)))
     return out
 
 
