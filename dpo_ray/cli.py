@@ -1,4 +1,5 @@
-"""``dpo-ray`` (same as ``python -m dpo_ray``): train | sft | validate | demo | inspect-data | sweep | ref-store.
+"""``dpo-ray`` (same as ``python -m dpo_ray``): train | sft | validate | demo | inspect-data | sweep |
+ref-store.
 
 Flags are TRL's script flags (``--model_name_or_path``, ``--dataset_name``, ``--beta``, ...) plus
 ``--config FILE.yaml``; flags override the file. Sections use dots: ``--ray.num_workers 2``.
@@ -40,7 +41,8 @@ from dpo_ray.paths import check_paths, resolve_config_paths
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dpo-ray", description="DPO and its loss family on Ray Train + DeepSpeed")
+    p = argparse.ArgumentParser(prog="dpo-ray",
+                                description="DPO and its loss family on Ray Train + DeepSpeed")
     sub = p.add_subparsers(dest="command", required=True)
     specs = {
         "train": "run DPO (or any loss of the family) on Ray",
@@ -48,9 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         "validate": "print the resolved config and the DeepSpeed dict, or every config error (exit 2)",
         "demo": "SFT then DPO on the bundled task and tiny model; prints metrics and task accuracy",
         "inspect-data": "preflight report on a preference dataset, before any training resources are taken",
-        "sweep": "a hyper-parameter sweep on Ray Tune: --grid KEY=V1,V2 ...; one shared reference pass (docs/sweeps.md)",
-        "iterate": "iterative on-policy DPO: each round samples K responses per prompt from the policy, scores them, "
-                   "trains group DPO on them and syncs the weights (docs/iterative.md)",
+        "sweep": "a hyper-parameter sweep on Ray Tune: --grid KEY=V1,V2 ...; one shared reference pass "
+                 "(docs/sweeps.md)",
+        "iterate": "iterative on-policy DPO: each round samples K responses per prompt from the policy, "
+                   "scores them, trains group DPO on them and syncs the weights (docs/iterative.md)",
     }
     for name, help_ in specs.items():
         # resolve: --debug below is this CLI's (a data error's traceback), not TRL's TrainingArguments.debug
@@ -58,11 +61,13 @@ def _parser() -> argparse.ArgumentParser:
         add_config_arguments(sp)
         sp.add_argument("--address", help="Ray cluster address (same as --ray.address; default RAY_ADDRESS)")
         sp.add_argument("--debug", action="store_true",
-                        help="print the traceback of a data error (exit 3) too; it always goes to <output_dir>/error.log")
+                        help="print the traceback of a data error (exit 3) too; it always goes to "
+                             "<output_dir>/error.log")
         if name == "validate":
             sp.add_argument("--world_size", type=int, default=None, help="workers for the DeepSpeed dict")
             sp.add_argument("--no_path_check", action="store_true",
-                            help="check the keys only, not that model directories exist (a config for another machine)")
+                            help="check the keys only, not that model directories exist (a config for "
+                                 "another machine)")
         if name == "inspect-data":
             sp.add_argument("--report_dir", default=None, help="where the JSON + PNG report goes")
             sp.add_argument("--max_rows", type=int, default=None, help="inspect only the first N rows")
@@ -74,14 +79,18 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--scorer", default=None, help="same as --iterate.scorer")
         if name == "demo":
             sp.add_argument("--iterative", action="store_true",
-                            help="after SFT, rounds of iterative DPO (sampled, rule-scored) instead of offline DPO")
+                            help="after SFT, rounds of iterative DPO (sampled, rule-scored) instead of "
+                                 "offline DPO")
     rs = sub.add_parser("ref-store", help="size report or cleanup of a reference store (docs/sweeps.md)",
-                        description="size report (du) or cleanup (clean) of a content-addressed reference store")
+                        description="size report (du) or cleanup (clean) of a content-addressed reference "
+                                    "store")
     rs.add_argument("action", choices=["du", "clean"])
-    rs.add_argument("--store", required=True, help="the store's root (a sweep's <output_dir>/reference_store, or "
-                                                   "the reference.cache_dir it was given)")
+    rs.add_argument("--store", required=True,
+                    help="the store's root (a sweep's <output_dir>/reference_store, or "
+                         "the reference.cache_dir it was given)")
     rs.add_argument("--key", action="append", default=None, help="clean: this key (repeatable)")
-    rs.add_argument("--older_than_days", type=float, default=None, help="clean: keys not used for this many days")
+    rs.add_argument("--older_than_days", type=float, default=None,
+                    help="clean: keys not used for this many days")
     rs.add_argument("--all", action="store_true", help="clean: every key")
     return p
 
@@ -89,18 +98,24 @@ def _parser() -> argparse.ArgumentParser:
 def _sweep_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                     help="a DPOConfig key and its values (repeatable: the sweep is the product)")
-    sp.add_argument("--metric", default="eval_rewards/accuracies", help="the metric that ranks trials (and ASHA's)")
+    sp.add_argument("--metric", default="eval_rewards/accuracies",
+                    help="the metric that ranks trials (and ASHA's)")
     sp.add_argument("--mode", choices=["max", "min"], default="max")
-    sp.add_argument("--max_concurrent_trials", type=int, default=None, help="trials at once (default: what the cluster's CPUs hold, docs/sweeps.md)")
+    sp.add_argument("--max_concurrent_trials", type=int, default=None,
+                    help="trials at once (default: what the cluster's CPUs hold, docs/sweeps.md)")
     sp.add_argument("--num_samples", type=int, default=1, help="repeats of the grid (Tune's num_samples)")
-    sp.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA on --metric, time = optimizer steps)")
+    sp.add_argument("--asha", action="store_true",
+                    help="stop poor trials early (ASHA on --metric, time = optimizer steps)")
     sp.add_argument("--grace_steps", type=int, default=None, help="ASHA: steps before a trial may be stopped")
     sp.add_argument("--trial_cpus", type=float, default=0.25, help="CPUs each trial's driver reserves")
-    sp.add_argument("--task_prompts", type=int, default=200, help="held-out prompts for the bundled task's metric (0: off)")
-    sp.add_argument("--verbose", action="store_true", help="show Ray Tune's trial status tables too (default: "
-                                                            "the trials' own dpo_ray lines and the summary)")
-    sp.add_argument("--ref_store", default=None, help="reference store root (default reference.cache_dir, else "
-                                                      "<output_dir>/reference_store); shared storage on a cluster")
+    sp.add_argument("--task_prompts", type=int, default=200,
+                    help="held-out prompts for the bundled task's metric (0: off)")
+    sp.add_argument("--verbose", action="store_true",
+                    help="show Ray Tune's trial status tables too (default: "
+                         "the trials' own dpo_ray lines and the summary)")
+    sp.add_argument("--ref_store", default=None,
+                    help="reference store root (default reference.cache_dir, else "
+                         "<output_dir>/reference_store); shared storage on a cluster")
 
 
 def _resolve(ns: argparse.Namespace, extra: dict[str, Any] | None = None) -> DPOConfig:
@@ -114,8 +129,8 @@ def _resolve(ns: argparse.Namespace, extra: dict[str, Any] | None = None) -> DPO
 
 
 def run_plan(cfg: DPOConfig) -> list[str]:
-    """What the run will use, with every ``auto`` resolved as far as the config and this machine decide it; the
-    rest says what decides it later (the cluster Ray joins, the first batch, each pool of rows)."""
+    """What the run will use, with every ``auto`` resolved as far as the config and this machine decide it;
+    the rest says what decides it later (the cluster Ray joins, the first batch, each pool of rows)."""
     from dpo_ray.cluster import worker_resources
     from dpo_ray.data.batching import AUTO_MIN_SAVING
     from dpo_ray.reference.pool import actor_request
@@ -141,35 +156,39 @@ def run_plan(cfg: DPOConfig) -> list[str]:
             import torch
 
             gpu = torch.cuda.is_available()
-            gpu_words = f"{'GPU' if gpu else 'CPU'} workers (ray.use_gpu auto: this machine has {'a' if gpu else 'no'} GPU)"
+            gpu_words = (f"{'GPU' if gpu else 'CPU'} workers (ray.use_gpu auto: this machine has "
+                         f"{'a' if gpu else 'no'} GPU)")
     else:
         gpu_words = f"{'GPU' if gpu else 'CPU'} workers (ray.use_gpu)"
     shapes: list[dict] = []
-    for shape in (worker_resources(cfg, on_gpu) for on_gpu in ([bool(gpu)] if gpu is not None else [False, True])):
+    for shape in (worker_resources(cfg, on_gpu)
+                  for on_gpu in ([bool(gpu)] if gpu is not None else [False, True])):
         if shape not in shapes:
             shapes.append(shape)
     threads = (f", {cfg.ray.torch_threads} torch thread(s) each on CPU" if cfg.ray.torch_threads
                else ", the node's cores ÷ its workers as torch threads on CPU")
-    lines.append(f"workers: {cfg.ray.num_workers} × {' or '.join(str(s) for s in shapes)}, {gpu_words}{threads}; "
-                 f"{cfg.ray.placement_strategy} placement")
+    lines.append(f"workers: {cfg.ray.num_workers} × {' or '.join(str(s) for s in shapes)}, "
+                 f"{gpu_words}{threads}; {cfg.ray.placement_strategy} placement")
     sharing = {"off": "off", "on": "on (no first-batch check)",
-               "auto": "on where the attention takes a 4-D mask (sdpa, eager) and the first batch agrees with the "
-                       "standard layout (checked on it); else off, saying why"}[cfg.prefix_sharing]
+               "auto": "on where the attention takes a 4-D mask (sdpa, eager) and the first batch agrees "
+                       "with the standard layout (checked on it); else off, saying why"}[cfg.prefix_sharing]
     attention = {"dense": "dense 4-D mask", "flex": "FlexAttention (dense where it is missing or disagrees)",
-                 "auto": "dense on CPU; on a GPU the fastest of dense and FlexAttention that agrees on the first batch"}
+                 "auto": "dense on CPU; on a GPU the fastest of dense and FlexAttention that agrees on the "
+                         "first batch"}
     lines.append(f"prefix sharing: {sharing}" + (f"; attention: {attention[cfg.prefix_attention]}"
                                                   if cfg.prefix_sharing != "off" else ""))
     pool = cfg.bucket_size_multiplier * cfg.per_device_train_batch_size
     bucketing = {False: "off (shuffled batches, as TRL)", True: f"on (pools of {pool} rows sorted by length)",
-                 "auto": f"per pool of {pool} rows: bucketed when that pads at least {AUTO_MIN_SAVING:.0%} fewer tokens"}
+                 "auto": f"per pool of {pool} rows: bucketed when that pads at least {AUTO_MIN_SAVING:.0%} "
+                         "fewer tokens"}
     lines.append(f"length bucketing: {bucketing[cfg.length_bucketing]}")
     lines.append(f"gradient checkpointing: {checkpointing_plan(cfg)}")
     return lines
 
 
 def checkpointing_plan(cfg: DPOConfig) -> str:
-    """``gradient_checkpointing`` in words; for auto, the micro-batch size it switches at where the model's config
-    can be read here (a model directory, or the bundled tiny model)."""
+    """``gradient_checkpointing`` in words; for auto, the micro-batch size it switches at where the model's
+    config can be read here (a model directory, or the bundled tiny model)."""
     if cfg.gradient_checkpointing is not True and cfg.gradient_checkpointing is not False:
         if cfg.deepspeed.zero_stage == 3:
             return "on for every micro-batch (auto under ZeRO-3: every rank must recompute alike)"
@@ -179,8 +198,8 @@ def checkpointing_plan(cfg: DPOConfig) -> str:
             from dpo_ray.models import checkpoint_min_tokens
 
             tokens = checkpoint_min_tokens(cfg.gradient_checkpointing_gib, per_token)
-            words += (f" ({tokens:,}+ tokens of this model in fp32, {per_token / 2**20:.2f} MiB per token; twice as "
-                      "many in bf16)")
+            words += (f" ({tokens:,}+ tokens of this model in fp32, {per_token / 2**20:.2f} MiB per token; "
+                      "twice as many in bf16)")
         return words
     return "on for every micro-batch" if cfg.gradient_checkpointing else "off"
 
@@ -257,25 +276,28 @@ def cmd_sweep(ns) -> int:
         scheduler = asha(cfg.max_steps, ns.grace_steps)
     summary = run_sweep(cfg, grid_space(grid), metric=ns.metric, mode=ns.mode, scheduler=scheduler,
                         num_samples=ns.num_samples, max_concurrent_trials=ns.max_concurrent_trials,
-                        trial_resources={"CPU": ns.trial_cpus}, store=ns.ref_store, task_prompts=ns.task_prompts,
-                        verbose=1 if ns.verbose else 0)
-    print(f"\n== sweep finished: {summary['ok']} of {summary['trials']} trial(s) ok, {summary['failed']} failed, "
-          f"{summary['wall_time_s']} s; reference keys {', '.join(summary['reference']['keys']) or 'none'}")
+                        trial_resources={"CPU": ns.trial_cpus}, store=ns.ref_store,
+                        task_prompts=ns.task_prompts, verbose=1 if ns.verbose else 0)
+    print(f"\n== sweep finished: {summary['ok']} of {summary['trials']} trial(s) ok, {summary['failed']} "
+          f"failed, {summary['wall_time_s']} s; reference keys "
+          f"{', '.join(summary['reference']['keys']) or 'none'}")
     print(f"  table: {summary['results']}  plot: {summary['plot']}")
     best = summary["best"]
     if best:
         print(f"  best ({summary['metric']} {summary['mode']}): {best['config']} = {best['value']:.6g}; "
               f"model: {best['model_dir']}")
     elif summary.get("unranked"):  # a sweep that cannot rank its trials has no answer: say why, exit 1
-        print(f"dpo-ray sweep: cannot rank the trials by {summary['metric']}: {summary['unranked']}", file=sys.stderr)
+        print(f"dpo-ray sweep: cannot rank the trials by {summary['metric']}: {summary['unranked']}",
+              file=sys.stderr)
         return 1
     return 0 if summary["ok"] else 1
 
 
 def iterate_config(ns) -> DPOConfig:
-    """``dpo-ray iterate``'s config: the file and flags, with --rounds / --samples / --scorer as the iterate keys
-    (an explicit --iterate.* flag wins)."""
-    extra = {k: v for k, v in (("rounds", ns.rounds), ("samples", ns.samples), ("scorer", ns.scorer)) if v is not None}
+    """``dpo-ray iterate``'s config: the file and flags, with --rounds / --samples / --scorer as the iterate
+    keys (an explicit --iterate.* flag wins)."""
+    extra = {k: v for k, v in (("rounds", ns.rounds), ("samples", ns.samples), ("scorer", ns.scorer))
+             if v is not None}
     return _resolve(ns, {"iterate": extra} if extra else None)
 
 
@@ -376,7 +398,8 @@ def _ray_up() -> bool:
 
 
 def _data_error(ns, e: DataError) -> int:
-    """The message alone (it names the file, row or key and the fix), last on stderr; the traceback in the log."""
+    """The message alone (it names the file, row or key and the fix), last on stderr; the traceback in the
+    log."""
     import traceback
     from pathlib import Path
 

@@ -4,8 +4,8 @@
 
 1. for every grid point, the reference log-probs are looked up in a content-addressed store
    (``dpo_ray.reference.store``) and computed where missing, once per distinct reference key, before any trial
-   starts; a key none of the grid points gives (a sampled ``ld_alpha``, say) is computed by the first trial that
-   needs it, under the store's lock, once;
+   starts; a key none of the grid points gives (a sampled ``ld_alpha``, say) is computed by the first trial
+   that needs it, under the store's lock, once;
 2. every trial is a Tune function trainable (``dpo_trial``) that runs ``DPOTrainer.train`` (a Ray Train fit
    nested in the trial) with ``reference.source: precomputed`` pointing at the store, in its own directory
    ``<sweep_dir>/trials/<trial>``, and reports each logged row to Tune while it trains (so schedulers such as
@@ -39,18 +39,19 @@ from dpo_ray.dicts import merged, nest
 from dpo_ray.errors import ConfigError
 from dpo_ray.train.logger import read_metrics
 
-# Keys that never change the reference log-probs (what the policy optimises and how the run is organised): trials
-# that differ only in these share a reference pass without even hashing their data again. Any other key (seed,
-# max_length, ld_alpha, the data, the model...) is checked by content: the store key decides.
+# Keys that never change the reference log-probs (what the policy optimises and how the run is organised):
+# trials that differ only in these share a reference pass without even hashing their data again. Any other key
+# (seed, max_length, ld_alpha, the data, the model...) is checked by content: the store key decides.
 REFERENCE_FREE_KEYS = frozenset((
     "beta", "loss_type", "loss_weights", "label_smoothing", "learning_rate", "rpo_alpha", "use_weighting",
-    "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau", "weight_decay", "warmup_ratio", "warmup_steps",
-    "lr_scheduler_type", "lr_scheduler_kwargs", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon",
-    "max_grad_norm", "max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "save_strategy",
-    "eval_strategy", "save_total_limit", "logging_first_step", "eval_on_start", "load_best_model_at_end",
-    "metric_for_best_model", "greater_is_better", "report_to", "gradient_accumulation_steps",
-    "per_device_train_batch_size", "router_aux_loss_coef", "output_dir", "run_name", "resume_from_checkpoint", "ray",
-    "deepspeed", "gradient_checkpointing", "length_bucketing", "disable_dropout", "inspect", "overwrite_output_dir",
+    "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau", "weight_decay", "warmup_ratio",
+    "warmup_steps", "lr_scheduler_type", "lr_scheduler_kwargs", "optim", "optim_args", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "max_steps", "num_train_epochs", "logging_steps",
+    "eval_steps", "save_steps", "save_strategy", "eval_strategy", "save_total_limit", "logging_first_step",
+    "eval_on_start", "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "report_to",
+    "gradient_accumulation_steps", "per_device_train_batch_size", "router_aux_loss_coef", "output_dir",
+    "run_name", "resume_from_checkpoint", "ray", "deepspeed", "gradient_checkpointing", "length_bucketing",
+    "disable_dropout", "inspect", "overwrite_output_dir",
 ))
 TABLE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies",
                  "eval_rewards/margins")
@@ -60,8 +61,9 @@ SWEEP_KEY = "_sweep"  # the param_space entry carrying the sweep's constants to 
 # ============================================================================ grids and configs
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
-    """``["beta=0.05,0.1", "loss_type=sigmoid,ipo"]`` -> ``{"beta": [0.05, 0.1], "loss_type": ["sigmoid", "ipo"]}``
-    (values read as YAML scalars; dotted keys name a section's key: ``reference.num_actors=1,2``)."""
+    """``["beta=0.05,0.1", "loss_type=sigmoid,ipo"]`` ->
+    ``{"beta": [0.05, 0.1], "loss_type": ["sigmoid", "ipo"]}`` (values read as YAML scalars; dotted keys name
+    a section's key: ``reference.num_actors=1,2``)."""
     import yaml
 
     grid: dict[str, list] = {}
@@ -71,7 +73,8 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
         if not sep or not key or not values.strip():
             raise ConfigError([("--grid", f"{spec!r} is not KEY=V1,V2,...; e.g. --grid beta=0.05,0.1,0.3")])
         if key in grid:
-            raise ConfigError([("--grid", f"{key} is given twice; put all its values in one --grid {key}=...")])
+            raise ConfigError([("--grid",
+                                f"{key} is given twice; put all its values in one --grid {key}=...")])
         grid[key] = [yaml.safe_load(v.strip()) for v in values.split(",")]
     return grid
 
@@ -100,8 +103,8 @@ def grid_space(grid: dict[str, list]) -> dict[str, Any]:
 
 
 def grid_points(param_space: dict[str, Any]) -> list[dict[str, Any]]:
-    """The cartesian product of the space's grid_search entries, as flat {dotted key: value}; other entries (Tune
-    distributions) are left out: they are drawn per trial."""
+    """The cartesian product of the space's grid_search entries, as flat {dotted key: value}; other entries
+    (Tune distributions) are left out: they are drawn per trial."""
     flat = _flatten(param_space)
     grids = {k: v["grid_search"] for k, v in flat.items() if isinstance(v, dict) and "grid_search" in v}
     consts = {k: v for k, v in flat.items() if not _is_domain(v)}
@@ -109,16 +112,17 @@ def grid_points(param_space: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def shares_reference(cfg: DPOConfig) -> bool:
-    """Whether the trials of this config can read a precomputed reference (not TR-DPO, not a PEFT adapter's)."""
+    """Whether the trials of this config can read a precomputed reference (not TR-DPO, not a PEFT
+    adapter's)."""
     return (cfg.needs_reference and not cfg.sync_ref_model and not cfg.use_peft and not cfg.peft_adapter_path
             and cfg.reference.source in ("auto", "actor", "local", "precomputed"))
 
 
 def trial_config(base: dict[str, Any], overrides: dict[str, Any], output_dir: str | Path,
                  cache_dir: str | None = None) -> DPOConfig:
-    """The trial's DPOConfig: the base's keys, the trial's values (flat dotted or nested), its own output_dir and
-    Ray Train run (run_name: the output folder's name, never the base's, so no two trials share a Ray Train
-    folder under ray.storage_path) and, given ``cache_dir``, the shared precomputed reference."""
+    """The trial's DPOConfig: the base's keys, the trial's values (flat dotted or nested), its own output_dir
+    and Ray Train run (run_name: the output folder's name, never the base's, so no two trials share a Ray
+    Train folder under ray.storage_path) and, given ``cache_dir``, the shared precomputed reference."""
     data = merged(base, nest(_flatten(overrides)))
     data["output_dir"] = str(output_dir)
     data["run_name"] = Path(output_dir).name
@@ -129,23 +133,26 @@ def trial_config(base: dict[str, Any], overrides: dict[str, Any], output_dir: st
 
 
 def reference_projection(cfg: DPOConfig) -> str:
-    """The config minus REFERENCE_FREE_KEYS, as a string: equal projections share a reference pass for certain."""
+    """The config minus REFERENCE_FREE_KEYS, as a string: equal projections share a reference pass for
+    certain."""
     dump = cfg.model_dump(mode="json")
     kept = {k: v for k, v in dump.items() if k not in REFERENCE_FREE_KEYS}
-    kept["reference"] = {k: v for k, v in dump["reference"].items() if k in ("model_name_or_path", "num_gpus")}
+    kept["reference"] = {k: v for k, v in dump["reference"].items()
+                         if k in ("model_name_or_path", "num_gpus")}
     return json.dumps(kept, sort_keys=True, default=str)
 
 
 # ============================================================================ the trial
 
 def _trial_dirname(trial_id: str, varied: dict[str, Any]) -> str:
-    desc = ",".join(f"{k.split('.')[-1]}={v if not isinstance(v, float) else f'{v:.4g}'}" for k, v in varied.items())
+    desc = ",".join(f"{k.split('.')[-1]}={v if not isinstance(v, float) else f'{v:.4g}'}"
+                    for k, v in varied.items())
     return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", f"{trial_id}_{desc}" if desc else trial_id)[:120]
 
 
 class _MetricsReporter:
-    """Tails the trial's metrics.jsonl and reports each new row to Tune (merged with the latest value of every key,
-    so a scheduler sees the eval metric with the step it was measured at)."""
+    """Tails the trial's metrics.jsonl and reports each new row to Tune (merged with the latest value of every
+    key, so a scheduler sees the eval metric with the step it was measured at)."""
 
     POLL_S = 0.5
 
@@ -188,8 +195,8 @@ class _MetricsReporter:
 
 
 def task_metric(out_dir: Path, cfg: DPOConfig, prompts: int) -> float | None:
-    """The bundled task's metric (the fraction of greedy answers that follow its rule) for a run on the bundled
-    data; None for other data (no rule to check) or ``prompts`` 0."""
+    """The bundled task's metric (the fraction of greedy answers that follow its rule) for a run on the
+    bundled data; None for other data (no rule to check) or ``prompts`` 0."""
     from dpo_ray.data.bundled import TRAIN_FILE, eval_prompts, task_accuracy
 
     on_bundled = cfg.dataset_name is None or Path(cfg.dataset_name).resolve() == Path(TRAIN_FILE).resolve()
@@ -204,8 +211,8 @@ def task_metric(out_dir: Path, cfg: DPOConfig, prompts: int) -> float | None:
 
 
 def dpo_trial(config: dict[str, Any], sweep: dict[str, Any] | None = None) -> None:
-    """Tune function trainable: one DPOTrainer run with the trial's keys. ``sweep`` (the base config, the store,
-    the DPO_RAY_* variables) comes through ``tune.with_parameters`` (Ray's object store), never through
+    """Tune function trainable: one DPOTrainer run with the trial's keys. ``sweep`` (the base config, the
+    store, the DPO_RAY_* variables) comes through ``tune.with_parameters`` (Ray's object store), never through
     ``config``: Tune writes a trial's config to its params.json / params.pkl."""
     from ray import tune
 
@@ -263,7 +270,8 @@ class SweepPlan:
     shared: bool = True
 
     def summarize(self, results, metric: str | None, mode: str = "max") -> dict[str, Any]:
-        """results.csv / results.json / sweep.png / sweep_summary.json from a Tune ResultGrid; returns the summary."""
+        """results.csv / results.json / sweep.png / sweep_summary.json from a Tune ResultGrid; returns the
+        summary."""
         rows = []
         for r in results:
             m = r.metrics or {}
@@ -289,12 +297,14 @@ class SweepPlan:
         scored = [r for r in rows if r["status"] == "ok" and _finite(r.get(metric))] if metric else []
         best = (max if mode == "max" else min)(scored, key=lambda r: r[metric]) if scored else None
         summary = {"metric": metric, "mode": mode, "trials": len(rows),
-                   "ok": sum(r["status"] == "ok" for r in rows), "failed": sum(r["status"] == "error" for r in rows),
+                   "ok": sum(r["status"] == "ok" for r in rows),
+                   "failed": sum(r["status"] == "error" for r in rows),
                    "best": None if best is None else {"trial": best["trial"], "value": best[metric],
                                                       "model_dir": best["output_dir"],
                                                       "config": {k: best[k] for k in self.varied}},
                    "unranked": _why_unranked(rows, metric) if metric and best is None else None,
-                   "reference": {"shared": self.shared, "store": str(self.store), "keys": self.reference_keys},
+                   "reference": {"shared": self.shared, "store": str(self.store),
+                                 "keys": self.reference_keys},
                    "results": str(self.sweep_dir / "results.csv"), "plot": str(plot) if plot else None}
         (self.sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=1, default=str))
         return summary
@@ -306,8 +316,8 @@ def _why_unranked(rows: list[dict], metric: str) -> str:
     if not ok:
         return "no trial finished; see the error column of results.csv"
     if metric.startswith("eval_") and not any(r.get("eval_rows") for r in ok):
-        return (f"no finished trial scored an eval row, so {metric} is missing or NaN: give the runs an eval set "
-                "(eval_dataset_name, a test-split file beside the training data, or eval_fraction) and "
+        return (f"no finished trial scored an eval row, so {metric} is missing or NaN: give the runs an eval "
+                "set (eval_dataset_name, a test-split file beside the training data, or eval_fraction) and "
                 "eval_strategy steps or epoch")
     return (f"no finished trial logged a finite {metric} (eval rows per trial: "
             f"{', '.join(str(r.get('eval_rows')) for r in ok)}); check the metric's name (--metric) against "
@@ -362,7 +372,8 @@ def plot_sweep(rows: list[dict], path: Path, varied: list[str]) -> Path | None:
     return path
 
 
-def prepare_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str | None = "eval_rewards/accuracies",
+def prepare_sweep(base: DPOConfig, param_space: dict[str, Any], *,
+                  metric: str | None = "eval_rewards/accuracies",
                   store: str | os.PathLike | None = None, trial_resources: dict[str, float] | None = None,
                   task_prompts: int = 200, share_reference: bool = True) -> SweepPlan:
     """Validate every grid point, run the reference pass once per distinct store key (before any trial), and
@@ -383,7 +394,8 @@ def prepare_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str |
 
     base = resolve_config_paths(base)
     sweep_dir = Path(base.output_dir).resolve()
-    store_root = Path(store or base.reference.cache_dir or sweep_dir / "reference_store").expanduser().resolve()
+    store_root = Path(store or base.reference.cache_dir
+                      or sweep_dir / "reference_store").expanduser().resolve()
     base_dump = base.model_dump(mode="json", exclude_unset=True)
     base_dump.pop("output_dir", None)
     base_dump.get("reference", {}).pop("cache_dir", None)
@@ -408,20 +420,21 @@ def prepare_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str |
             if proj not in dirs:
                 key, dirs[proj] = reference_store.ensure(cfg)
                 keys += [key] if key not in keys else []
-        print(f"dpo-ray sweep: {len(points)} grid point(s), {len(dirs)} reference setting(s), {len(keys)} reference "
-              f"key(s) in {store_root}", flush=True)
+        print(f"dpo-ray sweep: {len(points)} grid point(s), {len(dirs)} reference setting(s), {len(keys)} "
+              f"reference key(s) in {store_root}", flush=True)
     elif share_reference:
-        print("dpo-ray sweep: the trials' reference cannot be precomputed (TR-DPO or a PEFT adapter's reference): "
-              "each trial runs its own", flush=True)
+        print("dpo-ray sweep: the trials' reference cannot be precomputed (TR-DPO or a PEFT adapter's "
+              "reference): each trial runs its own", flush=True)
     env = {k: v for k, v in os.environ.items() if k.startswith("DPO_RAY_")}
-    constants = {"base": base_dump, "sweep_dir": str(sweep_dir), "store": str(store_root), "reference_dirs": dirs,
-                 "share_reference": share, "own_reference": not share_reference, "metric": metric, "varied": varied, "env": env,
-                 "task_prompts": task_prompts}
+    constants = {"base": base_dump, "sweep_dir": str(sweep_dir), "store": str(store_root),
+                 "reference_dirs": dirs, "share_reference": share, "own_reference": not share_reference,
+                 "metric": metric, "varied": varied, "env": env, "task_prompts": task_prompts}
     # the constants hold the base config and DPO_RAY_* variables, secrets included: through the object store,
     # not the param_space (Tune writes that to every trial's params.json / params.pkl)
-    trainable = tune.with_resources(tune.with_parameters(dpo_trial, sweep=constants), trial_resources or {"CPU": 0.25})
-    return SweepPlan(sweep_dir=sweep_dir, store=store_root, trainable=trainable, param_space=dict(param_space),
-                     varied=varied, reference_keys=keys, shared=share)
+    trainable = tune.with_resources(tune.with_parameters(dpo_trial, sweep=constants),
+                                    trial_resources or {"CPU": 0.25})
+    return SweepPlan(sweep_dir=sweep_dir, store=store_root, trainable=trainable,
+                     param_space=dict(param_space), varied=varied, reference_keys=keys, shared=share)
 
 
 def run_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str | None = "eval_rewards/accuracies",
@@ -430,7 +443,8 @@ def run_sweep(base: DPOConfig, param_space: dict[str, Any], *, metric: str | Non
               store: str | os.PathLike | None = None, task_prompts: int = 200, verbose: int = 0,
               share_reference: bool = True) -> dict[str, Any]:
     """Prepare (shared reference passes), run the trials under ``tune.Tuner``, summarize; returns the summary.
-    ``verbose``: Tune's (0: none of its status tables, the trials' own lines only; 1 or 2: Tune's tables too)."""
+    ``verbose``: Tune's (0: none of its status tables, the trials' own lines only; 1 or 2: Tune's tables
+    too)."""
     from ray import tune
 
     t0 = time.perf_counter()
@@ -476,9 +490,9 @@ def _tune_console(verbose: int):
 
 
 def default_concurrency(cfg: DPOConfig, trial_cpus: float) -> int:
-    """Trials at once when not given: as many as the cluster's CPUs hold, counting each trial's driver, its Train
-    workers and half a CPU for its data tasks (Tune would otherwise start a trial per free trial_cpus and starve
-    the Train workers and Ray Data of CPUs: docs/sweeps.md)."""
+    """Trials at once when not given: as many as the cluster's CPUs hold, counting each trial's driver, its
+    Train workers and half a CPU for its data tasks (Tune would otherwise start a trial per free trial_cpus
+    and starve the Train workers and Ray Data of CPUs: docs/sweeps.md)."""
     import ray
 
     from dpo_ray.cluster import worker_resources
@@ -492,5 +506,6 @@ def asha(max_steps: int, grace_steps: int | None = None, reduction_factor: int =
     """Tune's ASHA on the reported ``step`` (optimizer steps), for early stopping on the eval metric."""
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace_steps or max(1, max_steps // 4),
+    return ASHAScheduler(time_attr="step", max_t=max_steps,
+                         grace_period=grace_steps or max(1, max_steps // 4),
                          reduction_factor=reduction_factor)

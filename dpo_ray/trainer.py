@@ -1,4 +1,5 @@
-"""The driver API: ``DPOTrainer(model=..., args=DPOConfig(...), train_dataset=..., processing_class=...).train()``.
+"""The driver API:
+``DPOTrainer(model=..., args=DPOConfig(...), train_dataset=..., processing_class=...).train()``.
 
 Builds the Ray Data pipeline, the reference source, and a Ray Train ``TorchTrainer`` whose workers run
 ``dpo_ray.train.loop.train_loop_per_worker``; then writes the outputs (metrics, plot, report, config).
@@ -79,7 +80,8 @@ class DPOTrainer:
     """
 
     def __init__(self, model=None, ref_model=None, args: DPOConfig | None = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, peft_config=None, mode: str = "dpo", callbacks=None):
+                 eval_dataset=None, processing_class=None, peft_config=None, mode: str = "dpo",
+                 callbacks=None):
         from dpo_ray.train.callbacks import check_callbacks
 
         if mode not in ("dpo", "sft"):
@@ -110,20 +112,23 @@ class DPOTrainer:
         self.processing_class = processing_class
         if model is not None and processing_class is None:  # never the bundled tokenizer and toy data
             raise ModelFilesError(
-                f"DPOTrainer(model=<{type(model).__name__}>) got a model object and no processing_class: pass its "
-                "tokenizer as processing_class= (as with TRL), or the model's directory as model= with the tokenizer "
-                "saved beside it. The bundled 66-token tokenizer and toy data belong to the bundled tiny model only")
+                f"DPOTrainer(model=<{type(model).__name__}>) got a model object and no processing_class: "
+                "pass its tokenizer as processing_class= (as with TRL), or the model's directory as model= "
+                "with the tokenizer saved beside it. The bundled 66-token tokenizer and toy data belong to "
+                "the bundled tiny model only")
         if peft_config is not None:  # a peft.LoraConfig, TRL style: fold it into the config
             self.args = _apply_peft_config(self.args, peft_config)
         if self.ref_model is not None and self.args.sync_ref_model and self.args.uses_peft:
-            raise ConfigError([("sync_ref_model", "TR-DPO with a PEFT policy mixes the adapter-wrapped policy into a "
-                                                  "copy of itself; a separate ref_model= has no adapter parameters to "
-                                                  "mix into: drop ref_model, or turn off sync_ref_model")])
+            raise ConfigError([("sync_ref_model",
+                                "TR-DPO with a PEFT policy mixes the adapter-wrapped policy into a "
+                                "copy of itself; a separate ref_model= has no adapter parameters to "
+                                "mix into: drop ref_model, or turn off sync_ref_model")])
 
     # ---------------------------------------------------------------------------------------- train
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
-        """Run the training. For its whole length the run holds an exclusive lock on output_dir (and on its Ray
-        Train folder under a local ray.storage_path): a second run into either stops at once, naming this one."""
+        """Run the training. For its whole length the run holds an exclusive lock on output_dir (and on its
+        Ray Train folder under a local ray.storage_path): a second run into either stops at once, naming this
+        one."""
         from dpo_ray.owned import OwnershipError
 
         self._run_name = self.args.run_name or default_run_name(self.mode)
@@ -141,7 +146,8 @@ class DPOTrainer:
 
     def _train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         """The recipe: each stage is a method below, in this order; ``_Run`` carries what they share."""
-        run = self._before_ray(resume_from_checkpoint)  # checks that need no cluster: fail fast, delete nothing
+        # checks that need no cluster: fail fast, delete nothing
+        run = self._before_ray(resume_from_checkpoint)
         self._start_ray(run)
         self._prepare_data(run)
         self._ship_model(run)
@@ -151,8 +157,8 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------------------------- the stages
     def _before_ray(self, resume_from_checkpoint) -> _Run:
-        """Paths, output_dir, the checkpoint to resume (and its batch geometry), the tokenizer: before Ray starts,
-        so a missing model directory or a refused output_dir fails at once, naming the key."""
+        """Paths, output_dir, the checkpoint to resume (and its batch geometry), the tokenizer: before Ray
+        starts, so a missing model directory or a refused output_dir fails at once, naming the key."""
         from dpo_ray.data import load_processing_class
 
         run = _Run(cfg=self.args, t0=time.perf_counter(), timeline=Timeline.for_run())
@@ -160,7 +166,8 @@ class DPOTrainer:
         check_paths(run.cfg)
         run.out = Path(run.cfg.output_dir).resolve()
         # Before anything starts or is deleted: which checkpoint, and whether output_dir may be written.
-        run.resume = _find_checkpoint(resume_from_checkpoint or run.cfg.resume_from_checkpoint, run.out, run.cfg)
+        run.resume = _find_checkpoint(resume_from_checkpoint or run.cfg.resume_from_checkpoint, run.out,
+                                      run.cfg)
         _check_output_dir(run.cfg, run.out, run.resume, self._run_name)
         if run.resume is not None:  # the batch geometry now; the data's content once it is read
             _check_resume(run.resume, run.cfg, None)
@@ -169,13 +176,14 @@ class DPOTrainer:
         return run
 
     def _start_ray(self, run: _Run) -> None:
-        """Start or join Ray; decide ``reference.source: auto`` by the cluster's size; check every node sees the
-        paths; GPU or CPU workers."""
+        """Start or join Ray; decide ``reference.source: auto`` by the cluster's size; check every node sees
+        the paths; GPU or CPU workers."""
         import ray
 
         where = run.cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if not ray.is_initialized():  # the first line of the run: Ray's start takes seconds
-            print(f"dpo-ray {self.mode}: {f'joining the Ray cluster at {where}' if where else 'starting a local Ray'}",
+            print(f"dpo-ray {self.mode}: "
+                  f"{f'joining the Ray cluster at {where}' if where else 'starting a local Ray'}",
                   flush=True)
         init_ray(run.cfg)
         run.timeline.mark("ray")
@@ -187,8 +195,8 @@ class DPOTrainer:
         run.use_gpu = run.cfg.ray.use_gpu if run.cfg.ray.use_gpu is not None else cluster_has_gpu()
 
     def _prepare_data(self, run: _Run) -> None:
-        """The Ray Data pipeline, its fingerprint (resume checks the data is the same), the quick data checks and
-        the step plan from the rows counted."""
+        """The Ray Data pipeline, its fingerprint (resume checks the data is the same), the quick data checks
+        and the step plan from the rows counted."""
         from dpo_ray.data import build_datasets
         from dpo_ray.data.step_plan import plan_steps, require_steps
         from dpo_ray.vision import is_processor
@@ -202,18 +210,20 @@ class DPOTrainer:
                            if run.resume is not None or cfg.save_strategy != "no" else None)
         if run.resume is not None:
             _check_resume(run.resume, cfg, run.fingerprint)
-        if self.mode == "dpo" and prepared.preview_rows and not is_processor(run.tokenizer) and not prepared.groups:
+        if self.mode == "dpo" and prepared.preview_rows and not is_processor(run.tokenizer) \
+                and not prepared.groups:
             from dpo_ray.data.checks import quick_checks
 
             for warning in quick_checks(prepared.preview_rows, run.tokenizer, cfg):  # once per kind
                 print(f"dpo-ray data warning: {warning}", file=sys.stderr)
-        run.plan = plan_steps(prepared.num_train_rows_estimate, cfg, cfg.ray.num_workers)  # rows counted, not kept
+        # rows counted, not kept
+        run.plan = plan_steps(prepared.num_train_rows_estimate, cfg, cfg.ray.num_workers)
         require_steps(run.plan, cfg)
         run.timeline.mark("data plan")
 
     def _ship_model(self, run: _Run) -> None:
-        """The policy's source for the workers: a directory path, or the weights in Ray's object store (the tiny
-        default is built here, once: every worker and the reference start from bit-identical weights)."""
+        """The policy's source for the workers: a directory path, or the weights in Ray's object store (the
+        tiny default is built here, once: every worker and the reference start from bit-identical weights)."""
         import ray
 
         from dpo_ray.models import load_causal_lm, shippable
@@ -227,28 +237,32 @@ class DPOTrainer:
         run.timeline.mark("model")
 
     def _loop_config(self, run: _Run):
-        """What every worker gets; prints the step plan. Ray Train V2 resumes its own run from get_checkpoint(); a
-        checkpoint from an earlier run is handed to the workers as a path (shared storage on a cluster)."""
+        """What every worker gets; prints the step plan. Ray Train V2 resumes its own run from
+        get_checkpoint(); a checkpoint from an earlier run is handed to the workers as a path (shared storage
+        on a cluster)."""
         from dpo_ray.train.setup import LoopConfig
 
         cfg, plan, prepared = run.cfg, run.plan, run.prepared
         world = cfg.ray.num_workers
         lc = LoopConfig(cfg=cfg, mode=self.mode, tokenizer=run.tokenizer, total_steps=plan.total_steps,
-                        num_epochs=plan.num_epochs, micro_per_epoch=plan.micro_per_epoch, model=run.model_source,
+                        num_epochs=plan.num_epochs, micro_per_epoch=plan.micro_per_epoch,
+                        model=run.model_source,
                         resume_checkpoint=str(run.resume) if run.resume is not None else None,
                         data_fingerprint=run.fingerprint, callbacks=tuple(self.callbacks))
         rows = "prompt groups" if prepared.groups else "pairs" if self.mode == "dpo" else "sequences"
         used = plan.micro_per_epoch * world * cfg.per_device_train_batch_size
-        print(f"dpo-ray {self.mode}: plan: {plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch, up to "
-              f"{plan.num_epochs} epoch(s)); {plan.rows_per_step(cfg)} {rows} per step = {world} worker(s) × "
-              f"per_device_train_batch_size {cfg.per_device_train_batch_size} × gradient_accumulation_steps "
-              f"{cfg.gradient_accumulation_steps}{_untrained(prepared.num_train_rows_estimate, used)}", flush=True)
+        print(f"dpo-ray {self.mode}: plan: {plan.total_steps} optimizer steps ({plan.steps_per_epoch} per "
+              f"epoch, up to {plan.num_epochs} epoch(s)); {plan.rows_per_step(cfg)} {rows} per step = "
+              f"{world} worker(s) × per_device_train_batch_size {cfg.per_device_train_batch_size} × "
+              "gradient_accumulation_steps "
+              f"{cfg.gradient_accumulation_steps}{_untrained(prepared.num_train_rows_estimate, used)}",
+              flush=True)
         return lc
 
     def _fit(self, run: _Run) -> None:
-        """The reference (actor pool or precompute pass), the progress display, Ray Train's fit. Whatever fails,
-        the reference actors and the progress board are stopped; a Ctrl-C, a reference that never loaded and a
-        bad row met mid-stream are each raised as what they are."""
+        """The reference (actor pool or precompute pass), the progress display, Ray Train's fit. Whatever
+        fails, the reference actors and the progress board are stopped; a Ctrl-C, a reference that never
+        loaded and a bad row met mid-stream are each raised as what they are."""
         import ray
         import ray.train
 
@@ -281,7 +295,8 @@ class DPOTrainer:
                     name=self._run_name, storage_path=storage_root(cfg, out),
                     failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
                     checkpoint_config=ray.train.CheckpointConfig(
-                        num_to_keep=cfg.save_total_limit, checkpoint_score_attribute=best[0] if best else None,
+                        num_to_keep=cfg.save_total_limit,
+                        checkpoint_score_attribute=best[0] if best else None,
                         checkpoint_score_order="max" if best and best[1] else "min"),
                     worker_runtime_env={"env_vars": worker_env(run.use_gpu)},
                 ),
@@ -291,11 +306,13 @@ class DPOTrainer:
             run.timeline.mark("fit")
             try:
                 with _sigint_restored():  # Ray's fit() installs a Ctrl-C handler (ours) and never removes it
-                    run.result = trainer.fit()  # Ray Train V2 raises a worker's error (WorkerGroupError) from fit()
+                    # Ray Train V2 raises a worker's error (WorkerGroupError) from fit()
+                    run.result = trainer.fit()
             except Exception as e:
                 if trainer.interrupted:  # Ctrl-C: whatever the aborted workers raised, the user stopped it
                     raise self._interrupted(run) from e
-                if getattr(pool, "error", None) is not None:  # the reference actors never loaded: that is the cause
+                # the reference actors never loaded: that is the cause
+                if getattr(pool, "error", None) is not None:
                     raise pool.error from e
                 data_error = unwrap_data_error(e)  # a bad row met mid-stream: name it, not the worker
                 if data_error is None:
@@ -304,8 +321,8 @@ class DPOTrainer:
                     # the workers found no optimizer step in the rows kept: say how many were kept of how many
                     from dpo_ray.data.stats import check_trained
 
-                    check_trained(0, run.plan.total_steps, prepared.stats.report(), prepared.num_train_rows_estimate,
-                                  cfg.max_dropped_fraction)
+                    check_trained(0, run.plan.total_steps, prepared.stats.report(),
+                                  prepared.num_train_rows_estimate, cfg.max_dropped_fraction)
                 raise data_error from e
         except KeyboardInterrupt as e:  # Ctrl-C outside fit(), or a second one inside it
             if isinstance(e, TrainingInterrupted):
@@ -321,8 +338,8 @@ class DPOTrainer:
                 pool.shutdown()
 
     def _check_outputs(self, run: _Run) -> None:
-        """fit() returned: a Ctrl-C before the model was written, a worker's error, or model files that are not
-        whole are raised; never reported as success."""
+        """fit() returned: a Ctrl-C before the model was written, a worker's error, or model files that are
+        not whole are raised; never reported as success."""
         from dpo_ray.data import unwrap_data_error
         from dpo_ray.train.checkpoint import model_files_problem
 
@@ -336,28 +353,31 @@ class DPOTrainer:
             raise (unwrap_data_error(result.error) or result.error) from result.error
         missing = model_files_problem(out, run.cfg)
         if missing:
-            raise RuntimeError(f"training finished but {out} lacks {missing}; the model was not saved completely "
-                               "(a full disk, or a worker lost while writing). Resume with resume_from_checkpoint: latest")
+            raise RuntimeError(f"training finished but {out} lacks {missing}; the model was not saved "
+                               "completely (a full disk, or a worker lost while writing). Resume with "
+                               "resume_from_checkpoint: latest")
 
     def _write_outputs(self, run: _Run) -> TrainOutput:
-        """report.json (steps, data counts, throughput, start-up, the best model), metrics.png; a run that trained
-        no step, or dropped most of a split, is an error (exit 3), fewer steps than planned a note."""
+        """report.json (steps, data counts, throughput, start-up, the best model), metrics.png; a run that
+        trained no step, or dropped most of a split, is an error (exit 3), fewer steps than planned a note."""
         from dpo_ray.data.stats import check_trained
 
         cfg, out, prepared = run.cfg, run.out, run.prepared
         history = read_metrics(out / METRICS_FILE)
         report = self._final_report(cfg, history, prepared, time.perf_counter() - run.t0, out)
-        report["throughput"] = run.progress.final  # the whole run's, from the first batch (train.logger.Throughput)
+        # the whole run's, from the first batch (train.logger.Throughput)
+        report["throughput"] = run.progress.final
         report["startup"] = run.timeline.seconds()
         report["startup_line"] = run.timeline.render()
-        short = check_trained(report["steps"], run.plan.total_steps, report["data"], prepared.num_train_rows_estimate,
-                              cfg.max_dropped_fraction)
+        short = check_trained(report["steps"], run.plan.total_steps, report["data"],
+                              prepared.num_train_rows_estimate, cfg.max_dropped_fraction)
         if short:
             print(f"dpo-ray: {short}", file=sys.stderr)
             report["note"] = short
         best = cfg.best_model_metric()
         if best is not None:
-            report["best_model"] = _load_best_model(cfg, best, history, trainer_storage(cfg, self._run_name, out),
+            report["best_model"] = _load_best_model(cfg, best, history,
+                                                    trainer_storage(cfg, self._run_name, out),
                                                     run.model_source, run.tokenizer, out)
         (out / "report.json").write_text(json.dumps(report, indent=2))
         train_rows = [r for r in history if "loss" in r]
@@ -368,7 +388,8 @@ class DPOTrainer:
             try:
                 plot_metrics(history, out / "metrics.png")
             except ImportError as e:  # the air-gapped wheelhouse ships no matplotlib (docs/deploy.md)
-                sys.stderr.write(f"metrics.png not written: {e} (pip install matplotlib); metrics.jsonl has every row\n")
+                sys.stderr.write(f"metrics.png not written: {e} (pip install matplotlib); metrics.jsonl has "
+                                 "every row\n")
         return TrainOutput(metrics=train_rows[-1] if train_rows else {}, history=history, report=report,
                            output_dir=str(out), eval_metrics=eval_rows[-1] if eval_rows else {})
 
@@ -398,8 +419,8 @@ class DPOTrainer:
             prepared.train = attach_reference_logps(prepared.train, cfg, ref_source, tokenizer, split="train",
                                                     groups=prepared.groups)
             if prepared.eval is not None:
-                prepared.eval = attach_reference_logps(prepared.eval, cfg, ref_source, tokenizer, split="eval",
-                                                       groups=prepared.groups)
+                prepared.eval = attach_reference_logps(prepared.eval, cfg, ref_source, tokenizer,
+                                                       split="eval", groups=prepared.groups)
         elif source == "local" and ref_source is not model_source:
             lc.ref_model = ref_source
         return None
@@ -416,7 +437,8 @@ class DPOTrainer:
             "wall_time_s": round(wall, 2),
             "data": prepared.stats.report() if prepared.stats is not None else {},
             "final_metrics": next((r for r in reversed(history) if "loss" in r), {}),
-            "final_eval_metrics": next((r for r in reversed(history) if any(k.startswith("eval_") for k in r)), {}),
+            "final_eval_metrics": next((r for r in reversed(history)
+                                        if any(k.startswith("eval_") for k in r)), {}),
         }
         (out / "report.json").write_text(json.dumps(report, indent=2))
         return report
@@ -428,7 +450,8 @@ class DPOTrainer:
         one line and exit status 130."""
         cfg, out, run_name, resume, progress = run.cfg, run.out, self._run_name, run.resume, run.progress
         history = read_metrics(out / METRICS_FILE)
-        step = getattr(progress, "step", None) or max((r["step"] for r in history if "loss" in r), default=None)
+        step = getattr(progress, "step", None) or max((r["step"] for r in history if "loss" in r),
+                                                      default=None)
         checkpoint = _newest_complete_checkpoint(trainer_storage(cfg, run_name, out)) or resume
         checkpoint_step = (json.loads((checkpoint / CHECKPOINT_STATE_FILE).read_text())["global_step"]
                            if checkpoint is not None else None)
@@ -446,7 +469,8 @@ class DPOTrainer:
 
 
 def _describe_model(model) -> str:
-    """The run header's policy: a directory, an in-memory model (its class and size), or the bundled tiny one."""
+    """The run header's policy: a directory, an in-memory model (its class and size), or the bundled tiny
+    one."""
     if model is None:
         return "the bundled tiny Llama (no model_name_or_path)"
     if isinstance(model, str):
@@ -465,7 +489,8 @@ def _newest_complete_checkpoint(storage: Path) -> Path | None:
 
 
 class _sigint_restored:
-    """Puts back the SIGINT handler that was in place before (Ray Train's fit() installs its own, for good)."""
+    """Puts back the SIGINT handler that was in place before (Ray Train's fit() installs its own, for
+    good)."""
 
     def __enter__(self):
         import signal
@@ -500,20 +525,23 @@ def _find_checkpoint(resume, out: Path, cfg: DPOConfig) -> Path | None:
             problem = checkpoint_problems(ckpt)
             if not problem:
                 if not cfg.run_name:
-                    print(f"resume_from_checkpoint latest: run {ckpt.parent.name!r}, the most recent under {root}: "
-                          f"{ckpt.name}", flush=True)
+                    print(f"resume_from_checkpoint latest: run {ckpt.parent.name!r}, the most recent under "
+                          f"{root}: {ckpt.name}", flush=True)
                 return ckpt
-            print(f"resume_from_checkpoint latest: skipping {ckpt}, half-written ({problem})", file=sys.stderr)
+            print(f"resume_from_checkpoint latest: skipping {ckpt}, half-written ({problem})",
+                  file=sys.stderr)
         where = root / cfg.run_name if cfg.run_name else root
         raise FileNotFoundError(f"resume_from_checkpoint latest: no complete checkpoint under {where}"
-                                + ("" if cfg.run_name else " (no run_name given: the most recent run was searched)"))
+                                + ("" if cfg.run_name else " (no run_name given: the most recent run was "
+                                                           "searched)"))
     path = Path(resume).resolve()
     if not (path / CHECKPOINT_STATE_FILE).exists():
-        raise FileNotFoundError(f"resume_from_checkpoint={resume}: not a dpo_ray checkpoint (no {CHECKPOINT_STATE_FILE})")
+        raise FileNotFoundError(f"resume_from_checkpoint={resume}: not a dpo_ray checkpoint (no "
+                                f"{CHECKPOINT_STATE_FILE})")
     problem = checkpoint_problems(path)
     if problem:
-        raise FileNotFoundError(f"resume_from_checkpoint={resume}: the checkpoint is half-written ({problem}); "
-                                "give an earlier one, or 'latest' for the newest complete one")
+        raise FileNotFoundError(f"resume_from_checkpoint={resume}: the checkpoint is half-written "
+                                f"({problem}); give an earlier one, or 'latest' for the newest complete one")
     return path
 
 
@@ -523,11 +551,12 @@ _PREVIOUS_RUN_FILES = ("model.safetensors", "config.json", "adapter_model.safete
 
 
 def _check_output_dir(cfg: DPOConfig, out: Path, resume: Path | None, run_name: str | None = None) -> None:
-    """Refuse a new run into an output_dir holding an earlier run's outputs (or into a run_name whose Ray Train
-    storage has checkpoints, which Ray would silently continue), unless resuming or overwrite_output_dir; refuse
-    a root, a home directory or a repository as output_dir, and an overwrite of files dpo_ray did not write.
-    Then mark output_dir and the run's Ray Train folder as dpo_ray's (dpo_ray/owned.py): only marked folders,
-    and inside them only what dpo_ray wrote, are ever deleted or replaced."""
+    """Refuse a new run into an output_dir holding an earlier run's outputs (or into a run_name whose Ray
+    Train storage has checkpoints, which Ray would silently continue), unless resuming or
+    overwrite_output_dir; refuse a root, a home directory or a repository as output_dir, and an overwrite of
+    files dpo_ray did not write. Then mark output_dir and the run's Ray Train folder as dpo_ray's
+    (dpo_ray/owned.py): only marked folders, and inside them only what dpo_ray wrote, are ever deleted or
+    replaced."""
     from dpo_ray.owned import (
         LOCK_FILE,
         OWNER_FILE,
@@ -541,7 +570,8 @@ def _check_output_dir(cfg: DPOConfig, out: Path, resume: Path | None, run_name: 
 
     problem = root_problem(out, "output_dir")
     if problem:
-        raise ConfigError([("output_dir", f"{problem}; dpo_ray writes (and on overwrite replaces) a model there")])
+        raise ConfigError([("output_dir",
+                            f"{problem}; dpo_ray writes (and on overwrite replaces) a model there")])
     remote = bool(cfg.ray.storage_path) and is_remote(cfg.ray.storage_path)
     run_name = run_name or cfg.run_name
     storage = trainer_storage(cfg, run_name, out) if run_name and not remote else None
@@ -551,13 +581,15 @@ def _check_output_dir(cfg: DPOConfig, out: Path, resume: Path | None, run_name: 
         if (found or reused) and not cfg.overwrite_output_dir:
             what = (f"output_dir {out} holds an earlier run's {', '.join(found)}" if found else
                     f"run_name {run_name!r} already has checkpoints in {storage}")
-            raise ConfigError([("output_dir", f"{what}. Continue that run with resume_from_checkpoint: latest (or a "
-                                              "checkpoint directory), or replace it with overwrite_output_dir: true "
-                                              "(or choose another output_dir / run_name)")])
+            raise ConfigError([("output_dir",
+                                f"{what}. Continue that run with resume_from_checkpoint: latest (or a "
+                                "checkpoint directory), or replace it with overwrite_output_dir: true "
+                                "(or choose another output_dir / run_name)")])
         if found and not is_owned(out):
-            raise ConfigError([("output_dir", f"overwrite_output_dir: {out} holds {', '.join(found)} but no {OWNER_FILE} "
-                                              "marker, so dpo_ray did not write them and will not replace them; remove "
-                                              "them yourself or choose another output_dir")])
+            raise ConfigError([("output_dir",
+                                f"overwrite_output_dir: {out} holds {', '.join(found)} but no {OWNER_FILE} "
+                                "marker, so dpo_ray did not write them and will not replace them; remove "
+                                "them yourself or choose another output_dir")])
         if reused:  # overwriting: Ray Train would otherwise resume from this run name's last checkpoint
             print(f"overwrite_output_dir: removing run {run_name!r}'s checkpoints in {storage}", flush=True)
             try:
@@ -567,7 +599,8 @@ def _check_output_dir(cfg: DPOConfig, out: Path, resume: Path | None, run_name: 
                     if child.name not in (LOCK_FILE, OWNER_FILE):
                         remove_owned(child, storage)
             except OSError as e:
-                raise ConfigError([("run_name", f"overwrite_output_dir: {e}; choose another run_name")]) from None
+                raise ConfigError([("run_name",
+                                    f"overwrite_output_dir: {e}; choose another run_name")]) from None
     mark_owned(out, "output_dir")
     if storage is not None:
         problem = root_problem(storage.parent, "ray.storage_path")
@@ -578,8 +611,9 @@ def _check_output_dir(cfg: DPOConfig, out: Path, resume: Path | None, run_name: 
 
 
 def _check_resume(resume: Path, cfg: DPOConfig, fingerprint: str | None) -> None:
-    """Refuse to resume from a checkpoint whose data position means other rows in this run: another world size,
-    per-device batch size, gradient accumulation, data seed, or dataset (``fingerprint``; None: not checked yet)."""
+    """Refuse to resume from a checkpoint whose data position means other rows in this run: another world
+    size, per-device batch size, gradient accumulation, data seed, or dataset (``fingerprint``; None: not
+    checked yet)."""
     from dpo_ray.train.checkpoint import resume_mismatches
 
     state = json.loads((resume / CHECKPOINT_STATE_FILE).read_text())
@@ -597,10 +631,10 @@ _DATA_SETTINGS = ("dataset_config", "dataset_train_split", "eval_fraction", "max
 
 
 def data_fingerprint(prepared, cfg: DPOConfig, given=None) -> str:
-    """A hash of the training rows' identity, recorded in every checkpoint: each input file's name, size and the
-    bytes of its first and last 64 KiB (a moved or copied file matches; an edited one does not), the row count
-    and the data settings. In-memory data (``given``): a list of rows by content, a Hugging Face dataset by its
-    own fingerprint; other in-memory datasets by row count only (nothing is read twice to hash it)."""
+    """A hash of the training rows' identity, recorded in every checkpoint: each input file's name, size and
+    the bytes of its first and last 64 KiB (a moved or copied file matches; an edited one does not), the row
+    count and the data settings. In-memory data (``given``): a list of rows by content, a Hugging Face dataset
+    by its own fingerprint; other in-memory datasets by row count only (nothing is read twice to hash it)."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=12)
@@ -653,24 +687,28 @@ def print_summary(out) -> None:
             print(f"  {k:<28} {rows[k]:.6g}")
     rates = out.report.get("throughput") or {}
     if rates:
-        print(f"  throughput: pairs_per_s {rates['pairs_per_s']:.4g} | tokens_per_s {rates['tokens_per_s']:.4g} "
-              f"over {rates['train_runtime_s']:.1f} s of training (from the first batch; start-up on its own line)")
+        print(f"  throughput: pairs_per_s {rates['pairs_per_s']:.4g} | tokens_per_s "
+              f"{rates['tokens_per_s']:.4g} over {rates['train_runtime_s']:.1f} s of training (from the "
+              "first batch; start-up on its own line)")
     if out.report.get("data"):
         print(f"  data: {json.dumps(out.report['data'])}")
     if out.report.get("startup_line"):
         print(f"  {out.report['startup_line']}")
-    print(f"  outputs: {out.output_dir} (model, tokenizer, dpo_config.yaml, metrics.jsonl, metrics.png, report.json)")
+    print(f"  outputs: {out.output_dir} (model, tokenizer, dpo_config.yaml, metrics.jsonl, metrics.png, "
+          "report.json)")
 
 
 def trainer_storage(cfg: DPOConfig, run_name: str, out: Path) -> Path:
-    """Where Ray Train keeps this run's checkpoints: ``<ray.storage_path or output_dir/ray_results>/<run_name>``
-    (a local path: see ``storage_root`` for a URI)."""
+    """Where Ray Train keeps this run's checkpoints:
+    ``<ray.storage_path or output_dir/ray_results>/<run_name>`` (a local path: see ``storage_root`` for a
+    URI)."""
     return Path(cfg.ray.storage_path or out / "ray_results").resolve() / run_name
 
 
 def storage_root(cfg: DPOConfig, out: Path) -> str:
-    """Ray Train's ``storage_path``: a URI (``s3://``, ``gs://``, ``file://``...) exactly as given, so Ray's own
-    file systems (pyarrow) write there; else the absolute local path (default ``output_dir/ray_results``)."""
+    """Ray Train's ``storage_path``: a URI (``s3://``, ``gs://``, ``file://``...) exactly as given, so Ray's
+    own file systems (pyarrow) write there; else the absolute local path (default
+    ``output_dir/ray_results``)."""
     from dpo_ray.paths import is_remote
 
     if cfg.ray.storage_path and is_remote(cfg.ray.storage_path):
@@ -679,7 +717,8 @@ def storage_root(cfg: DPOConfig, out: Path) -> str:
 
 
 def default_run_name(mode: str) -> str:
-    """``dpo_ray-<mode>-<date>-<time>-<6 random hex>``: two runs started in the same second never share a name."""
+    """``dpo_ray-<mode>-<date>-<time>-<6 random hex>``: two runs started in the same second never share a
+    name."""
     import secrets
 
     return f"dpo_ray-{mode}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -694,7 +733,8 @@ def run_locks(cfg: DPOConfig, run_name: str) -> list:
     out = Path(cfg.output_dir).resolve()
     problem = root_problem(out, "output_dir")
     if problem:
-        raise ConfigError([("output_dir", f"{problem}; dpo_ray writes (and on overwrite replaces) a model there")])
+        raise ConfigError([("output_dir",
+                            f"{problem}; dpo_ray writes (and on overwrite replaces) a model there")])
     locks = [RunLock(out, "output_dir")]
     if cfg.ray.storage_path and not is_remote(cfg.ray.storage_path):
         storage = trainer_storage(cfg, run_name, out)
