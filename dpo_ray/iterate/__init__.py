@@ -5,7 +5,8 @@
 
     cfg = DPOConfig(output_dir="out", model_name_or_path="sft_model", rpo_alpha=1.0, max_steps=30,
                     iterate={"rounds": 3, "samples": 4, "scorer": "my_checks:score"})
-    summary = run_iterate(cfg)   # summary["rounds"]: one record per round; summary["model_dir"]: the last policy
+    summary = run_iterate(cfg)
+    # summary["rounds"]: one record per round; summary["model_dir"]: the last policy
 
 docs/iterative.md explains the loop, its settings and its numbers.
 """
@@ -20,7 +21,8 @@ from dpo_ray.iterate.scoring import ScorerError, load_scorer
 def print_rounds(summary: dict) -> None:
     """The rounds as a table: held-out metric, sample scores, pairs, and where the time went."""
     print("\n== iterate: rounds (round 0 = the model before the first round)")
-    print(f"  {'round':>5}  {'held-out':>8}  {'mean score':>10}  {'best of K':>9}  {'groups':>6}  {'pairs':>6}  seconds")
+    print(f"  {'round':>5}  {'held-out':>8}  {'mean score':>10}  {'best of K':>9}  {'groups':>6}  "
+          f"{'pairs':>6}  seconds")
     for r in summary["rounds"]:
         def f(v, w):
             return f"{v:>{w}.3f}" if isinstance(v, float) else f"{'-' if v is None else v:>{w}}"

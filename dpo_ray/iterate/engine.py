@@ -1,13 +1,13 @@
 """Generation behind a small interface: what a rollout actor asks of its engine.
 
 ``GenerationEngine`` is two calls: ``generate`` (K responses for each prompt, as text) and ``load_weights``
-(the policy after a round of training). ``HFGenerateEngine`` runs transformers' ``generate`` with the KV cache,
-one prompt at a time with its own seed, so a response depends on (prompt, seed) only, never on which actor drew
-it or what else was in its batch: a re-sampled prompt gets the same responses.
+(the policy after a round of training). ``HFGenerateEngine`` runs transformers' ``generate`` with the KV
+cache, one prompt at a time with its own seed, so a response depends on (prompt, seed) only, never on which
+actor drew it or what else was in its batch: a re-sampled prompt gets the same responses.
 
 A vLLM engine plugs in behind the same two calls (docs/iterative.md): ``generate`` maps to ``LLM.generate``
-with ``SamplingParams(n=K, temperature, top_p, max_tokens, seed)`` on prompt token ids, and ``load_weights`` to
-``llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(state_dict.items())`` (or a
+with ``SamplingParams(n=K, temperature, top_p, max_tokens, seed)`` on prompt token ids, and ``load_weights``
+to ``llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(state_dict.items())`` (or a
 collective RPC of it under tensor parallelism).
 """
 
@@ -32,7 +32,8 @@ class SamplingParams:
 
 @dataclass
 class Prompt:
-    """One prompt as the engine needs it: its token ids (the training rows' own prompt tokens) and its seed."""
+    """One prompt as the engine needs it: its token ids (the training rows' own prompt tokens) and its
+    seed."""
 
     ids: list[int]
     seed: int
@@ -77,8 +78,8 @@ class HFGenerateEngine:
         return out
 
     def _text(self, prompt_ids: list[int], head: str, new: list[int]) -> str:
-        """The response as text exactly as it continues the prompt's text ``head`` (a leading space kept), up to
-        EOS."""
+        """The response as text exactly as it continues the prompt's text ``head`` (a leading space kept), up
+        to EOS."""
         if self.eos is not None and self.eos in new:
             new = new[:new.index(self.eos)]
         tok = self.tokenizer
@@ -93,8 +94,8 @@ class HFGenerateEngine:
         shapes = [f"{k} {tuple(v.shape)} vs {tuple(have[k].shape)}" for k, v in state_dict.items()
                   if k in have and v.shape != have[k].shape]
         if missing or unexpected or shapes:
-            raise ValueError(f"the new weights do not fit the rollout model: missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}, other shapes {shapes[:3]}")
+            raise ValueError(f"the new weights do not fit the rollout model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}, other shapes {shapes[:3]}")
         self.model.load_state_dict(dict(state_dict), strict=False)
         if tied and hasattr(self.model, "tie_weights"):
             self.model.tie_weights()

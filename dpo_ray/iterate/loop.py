@@ -3,11 +3,11 @@ policy (the rollout pool), scores them (the scorer pool), writes them as a promp
 DPO on it (``DPOTrainer``, the round's reference per ``iterate.reference``) and hands the new weights to the
 rollout actors. docs/iterative.md explains the loop and its settings.
 
-Everything a round makes lives under ``<output_dir>/round-<r>/``: ``groups.jsonl`` (``prompt``, ``completions``,
-``scores``: a dataset ``dpo-ray train`` reads on its own), ``model/`` (the policy after the round) and
-``round.json`` (its metrics). ``<output_dir>/iterate.json`` lists the finished rounds; a job started again on
-the same output_dir goes on after the last finished round, and a round whose groups were written but whose
-training did not finish trains on those groups again: nothing is sampled twice.
+Everything a round makes lives under ``<output_dir>/round-<r>/``: ``groups.jsonl`` (``prompt``,
+``completions``, ``scores``: a dataset ``dpo-ray train`` reads on its own), ``model/`` (the policy after the
+round) and ``round.json`` (its metrics). ``<output_dir>/iterate.json`` lists the finished rounds; a job
+started again on the same output_dir goes on after the last finished round, and a round whose groups were
+written but whose training did not finish trains on those groups again: nothing is sampled twice.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ class RoundRecord:
     model_dir: str = ""
     restarts: int = 0  # rollout actors replaced during the round
     nodes: dict[str, list[str]] = field(default_factory=dict)  # Ray node ids of the rollout and scorer actors
-    sampled_from: str = ""  # the model the round's samples came from (the previous round's, or with overlap the one before)
+    # the model the round's samples came from (the previous round's, or with overlap the one before)
+    sampled_from: str = ""
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -99,12 +100,13 @@ class PromptEncoder:
 
 
 def completion_value(prompt: Any, text: str) -> Any:
-    """A response as the dataset stores it: text for string prompts, an assistant message for message lists."""
+    """A response as the dataset stores it: text for string prompts, an assistant message for message
+    lists."""
     return [{"role": "assistant", "content": text.strip()}] if isinstance(prompt, list) else text
 
 
-def group_rows(prompts: list[Any], responses: list[list[str]], scores: list[list[float]], rule: str, margin: float,
-               seed: int) -> tuple[list[dict], int]:
+def group_rows(prompts: list[Any], responses: list[list[str]], scores: list[list[float]], rule: str,
+               margin: float, seed: int) -> tuple[list[dict], int]:
     """The round's prompt-group rows and the pairs they form. A group keeps each distinct response once and no
     empty one (a response that is only EOS is no completion the data layer takes); a group left without a pair
     is left out."""
@@ -135,8 +137,8 @@ def _state(out: Path) -> dict:
 # the held-out set, the pools' sizes and overlap may change).
 _KEPT = ("model_name_or_path", "seed", "loss_type", "beta", "learning_rate", "max_steps", "num_train_epochs",
          "group_pairs", "group_margin", "rpo_alpha")
-_KEPT_ITERATE = ("samples", "temperature", "top_p", "max_new_tokens", "scorer", "prompts", "prompts_per_round",
-                 "reference")
+_KEPT_ITERATE = ("samples", "temperature", "top_p", "max_new_tokens", "scorer", "prompts",
+                 "prompts_per_round", "reference")
 
 
 def job_settings(cfg: DPOConfig, scorer_name: str | None = None) -> dict:
@@ -153,9 +155,9 @@ def settings_problem(before: dict, now: dict) -> str | None:
     changed = [f"{k}: {before[k]!r} -> {now.get(k)!r}" for k in before if before[k] != now.get(k)]
     if not changed:
         return None
-    return (f"the finished rounds here were made with other settings ({'; '.join(changed)}), and the next rounds "
-            "would train on a mix. Keep the settings to go on, or start over with overwrite_output_dir: true (or "
-            "another output_dir)")
+    return (f"the finished rounds here were made with other settings ({'; '.join(changed)}), and the next "
+            "rounds would train on a mix. Keep the settings to go on, or start over with "
+            "overwrite_output_dir: true (or another output_dir)")
 
 
 def _initial_model(cfg: DPOConfig, out: Path) -> str:
@@ -174,7 +176,8 @@ def _initial_model(cfg: DPOConfig, out: Path) -> str:
 
 
 def _round_prompts(prompts: list[Any], cfg: DPOConfig, r: int) -> list[int]:
-    """Indices of round ``r``'s prompts: all, or the r-th window of ``prompts_per_round`` over a seeded shuffle."""
+    """Indices of round ``r``'s prompts: all, or the r-th window of ``prompts_per_round`` over a seeded
+    shuffle."""
     m = cfg.iterate.prompts_per_round
     if m is None or m >= len(prompts):
         return list(range(len(prompts)))
@@ -187,9 +190,10 @@ def _round_prompts(prompts: list[Any], cfg: DPOConfig, r: int) -> list[int]:
 def _round_config(cfg: DPOConfig, groups: Path, model_dir: Path, reference: str | None) -> DPOConfig:
     ref = cfg.reference.model_copy(update={"model_name_or_path": reference})
     return cfg.model_copy(update={
-        "dataset_name": str(groups), "eval_dataset_name": None, "dataset_test_split": None, "eval_fraction": 0.0,
-        "eval_strategy": "no", "load_best_model_at_end": False, "output_dir": str(model_dir),
-        "model_name_or_path": None, "reference": ref, "overwrite_output_dir": True})
+        "dataset_name": str(groups), "eval_dataset_name": None, "dataset_test_split": None,
+        "eval_fraction": 0.0, "eval_strategy": "no", "load_best_model_at_end": False,
+        "output_dir": str(model_dir), "model_name_or_path": None, "reference": ref,
+        "overwrite_output_dir": True})
 
 
 def plot_rounds(records: list[dict], path: Path) -> Path | None:
@@ -226,8 +230,10 @@ class Iteration:
         self.cfg, self.it = cfg, cfg.iterate
         self.out = Path(cfg.output_dir)
         self.scorer_fn, self.rollout_host, self.callbacks = scorer, rollout_host, callbacks
-        self.overlapped: dict[int, bool] = {}  # rounds whose samples were drawn while the round before trained
-        self.pending_error: Exception | None = None  # an overlapped sampling's failure, raised once its round is kept
+        # rounds whose samples were drawn while the round before trained
+        self.overlapped: dict[int, bool] = {}
+        # an overlapped sampling's failure, raised once its round is kept
+        self.pending_error: Exception | None = None
 
     def _say(self, text: str) -> None:
         print(f"iterate: {text}", flush=True)
@@ -254,12 +260,14 @@ class Iteration:
         from dpo_ray.owned import RunLock
 
         self._claim()
-        with RunLock(self.out, "output_dir"):  # a second job into the same folder stops at once, naming this one
+        # a second job into the same folder stops at once, naming this one
+        with RunLock(self.out, "output_dir"):
             return self._run()
 
     def _claim(self) -> None:
-        """output_dir becomes this job's: empty, or an earlier iterate job's (marked). With overwrite_output_dir an
-        earlier job's rounds are removed (only what it wrote); without it the job goes on after its last round."""
+        """output_dir becomes this job's: empty, or an earlier iterate job's (marked). With
+        overwrite_output_dir an earlier job's rounds are removed (only what it wrote); without it the job goes
+        on after its last round."""
         from dpo_ray.config import ConfigError
         from dpo_ray.owned import OWNER_FILE, is_owned, mark_owned, remove_owned, root_problem
 
@@ -269,9 +277,10 @@ class Iteration:
             raise ConfigError([("output_dir", problem)])
         theirs = [p.name for p in out.iterdir()] if out.is_dir() else []
         if theirs and not is_owned(out, "iterate"):
-            raise ConfigError([("output_dir", f"{out} holds {', '.join(sorted(theirs)[:5])} but no {OWNER_FILE} "
-                                              "marker of an iterate job, so it is not one; choose an empty or new "
-                                              "output_dir")])
+            raise ConfigError([("output_dir",
+                                f"{out} holds {', '.join(sorted(theirs)[:5])} but no {OWNER_FILE} "
+                                "marker of an iterate job, so it is not one; choose an empty or new "
+                                "output_dir")])
         if theirs and self.cfg.overwrite_output_dir:
             for p in sorted(out.iterdir()):
                 if p.name.startswith("round-") or p.name in (STATE_FILE, "iterate.png", "initial"):
@@ -299,9 +308,10 @@ class Iteration:
         self.encode = PromptEncoder(load_tokenizer(initial))
         init_ray(cfg)
         spec = fn_name or it.scorer
-        per_round = len(self.prompts) if it.prompts_per_round is None else min(it.prompts_per_round, len(self.prompts))
-        self._say(f"{it.rounds} round(s) of {per_round} prompt(s) × {it.samples} samples, scorer {spec}, reference "
-                  f"{it.reference}; {len(done)} round(s) already done in {out}")
+        per_round = (len(self.prompts) if it.prompts_per_round is None
+                     else min(it.prompts_per_round, len(self.prompts)))
+        self._say(f"{it.rounds} round(s) of {per_round} prompt(s) × {it.samples} samples, scorer {spec}, "
+                  f"reference {it.reference}; {len(done)} round(s) already done in {out}")
         pool = RolloutPool(current, it.rollout_actors, it.rollout_cpus, it.rollout_gpus, it.max_restarts,
                            host_class=self.rollout_host or RolloutHost, resources=it.rollout_resources)
         scorer = ScorerPool(spec, it.scorer_actors, it.scorer_cpus, it.scorer_gpus, it.max_restarts,
@@ -311,7 +321,8 @@ class Iteration:
                 t0 = time.perf_counter()
                 heldout = self._heldout(pool, scorer)
                 base = RoundRecord(round=0, prompts=0, responses=0, mean_score=None, best_of_k=None, groups=0,
-                                   pairs=0, heldout=heldout, seconds={"eval": round(time.perf_counter() - t0, 2)},
+                                   pairs=0, heldout=heldout,
+                                   seconds={"eval": round(time.perf_counter() - t0, 2)},
                                    model_dir=initial, restarts=pool.restarts,
                                    nodes={"rollout": pool.nodes(), "scorer": scorer.nodes()})
                 state["rounds"].append(asdict(base))
@@ -336,9 +347,9 @@ class Iteration:
         return summary
 
     def _sample(self, r: int, pool, scorer, policy: str) -> dict:
-        """Round ``r``'s samples, scores and groups, written to ``round-<r>/`` (``groups.jsonl`` last, atomically:
-        its presence means the round's data is complete); returns their summary (``samples.json``). ``policy``
-        names the model the rollout actors hold, for the record."""
+        """Round ``r``'s samples, scores and groups, written to ``round-<r>/`` (``groups.jsonl`` last,
+        atomically: its presence means the round's data is complete); returns their summary
+        (``samples.json``). ``policy`` names the model the rollout actors hold, for the record."""
         cfg, it = self.cfg, self.it
         rd = self.out / f"round-{r}"
         rd.mkdir(exist_ok=True)
@@ -364,9 +375,10 @@ class Iteration:
                 "seconds": secs, "sampled_from": policy}
         if not rows:
             raise NoPairsError(
-                f"round {r}: the scorer gave every response of each of the {len(prompts)} prompt(s) the same score "
-                f"(mean {meta['mean_score']:.4g}), so there is no pair to train on. Sample more diverse responses "
-                "(iterate.temperature, iterate.samples), use a scorer that tells them apart, or lower group_margin")
+                f"round {r}: the scorer gave every response of each of the {len(prompts)} prompt(s) the same "
+                f"score (mean {meta['mean_score']:.4g}), so there is no pair to train on. Sample more "
+                "diverse responses (iterate.temperature, iterate.samples), use a scorer that tells them "
+                "apart, or lower group_margin")
         _write_json(rd / "samples.json", meta)
         groups_file = rd / "groups.jsonl"
         tmp = groups_file.with_suffix(".tmp")
@@ -375,13 +387,14 @@ class Iteration:
                 f.write(json.dumps(row) + "\n")
         os.replace(tmp, groups_file)
         self._say(f"round {r}: {len(flat_r)} responses to {len(prompts)} prompts in {secs['sample']:.1f} s, "
-                  f"mean score {meta['mean_score']:.3f}, best of {k} {meta['best_of_k']:.3f}; {len(rows)} groups, "
-                  f"{pairs} pairs")
+                  f"mean score {meta['mean_score']:.3f}, best of {k} {meta['best_of_k']:.3f}; {len(rows)} "
+                  f"groups, {pairs} pairs")
         return meta
 
     def _round(self, r: int, pool, scorer, current: str, initial: str) -> RoundRecord:
         """Round ``r``: its samples (unless written already), training, sync, held-out metric. With
-        ``iterate.overlap`` the next round's samples are drawn while this round trains, from the same weights."""
+        ``iterate.overlap`` the next round's samples are drawn while this round trains, from the same
+        weights."""
         from concurrent.futures import ThreadPoolExecutor
 
         from dpo_ray.trainer import DPOTrainer
@@ -391,7 +404,8 @@ class Iteration:
         groups_file = rd / "groups.jsonl"
         restarts0 = pool.restarts
         t_round = time.perf_counter()
-        if groups_file.exists():  # written by an earlier job (or overlapped with the last round): not sampled again
+        # written by an earlier job (or overlapped with the last round): not sampled again
+        if groups_file.exists():
             meta = json.loads((rd / "samples.json").read_text())
             if not self.overlapped.pop(r, False):
                 self._say(f"round {r}: its samples are already written ({groups_file}); training on them")
@@ -413,7 +427,8 @@ class Iteration:
         finally:
             secs["train"] = round(time.perf_counter() - t0, 2)
             if ahead is not None:
-                ahead.shutdown(wait=True)  # the actors finish the next round's share before they take new weights
+                # the actors finish the next round's share before they take new weights
+                ahead.shutdown(wait=True)
         error = None
         if ahead is not None:
             try:
@@ -437,22 +452,25 @@ class Iteration:
         rec = RoundRecord(round=r, prompts=meta["prompts"], responses=meta["responses"],
                           mean_score=meta["mean_score"], best_of_k=meta["best_of_k"], groups=meta["groups"],
                           pairs=meta["pairs"], heldout=heldout, seconds=secs, model_dir=str(rd / "model"),
-                          restarts=pool.restarts - restarts0, nodes={"rollout": pool.nodes(), "scorer": scorer.nodes()},
+                          restarts=pool.restarts - restarts0,
+                          nodes={"rollout": pool.nodes(), "scorer": scorer.nodes()},
                           sampled_from=meta.get("sampled_from", ""))
         _write_json(rd / "round.json", asdict(rec))
         loss = trained.metrics.get("loss") if getattr(trained, "metrics", None) else None
         self._say(f"round {r} done: held-out {heldout if heldout is None else round(heldout, 4)}, train loss "
-                  f"{loss if loss is None else round(loss, 4)}; seconds " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
+                  f"{loss if loss is None else round(loss, 4)}; "
+                  "seconds " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
         self.pending_error = error
         return rec
 
 
 def run_iterate(cfg: DPOConfig, scorer: Callable[[Any, str], float] | None = None,
                 rollout_host: type | None = None, callbacks: list | None = None) -> dict:
-    """Every round of ``cfg.iterate`` not yet done under ``cfg.output_dir``; returns the summary (``rounds``: a
-    record per round, round 0 the model before the first; ``model_dir``: the last policy; ``plot``; ``state``).
+    """Every round of ``cfg.iterate`` not yet done under ``cfg.output_dir``; returns the summary (``rounds``:
+    a record per round, round 0 the model before the first; ``model_dir``: the last policy; ``plot``;
+    ``state``).
 
-    ``scorer``: a Python function ``(prompt, response) -> float`` instead of ``iterate.scorer`` (pickled to the
-    scorer actors); ``rollout_host``: a ``pools.RolloutHost`` subclass (another engine, or a test's fault);
-    ``callbacks``: ``dpo_ray.Callback`` objects every round's training calls (docs/training.md)."""
+    ``scorer``: a Python function ``(prompt, response) -> float`` instead of ``iterate.scorer`` (pickled to
+    the scorer actors); ``rollout_host``: a ``pools.RolloutHost`` subclass (another engine, or a test's
+    fault); ``callbacks``: ``dpo_ray.Callback`` objects every round's training calls (docs/training.md)."""
     return Iteration(cfg, scorer, rollout_host, callbacks).run()

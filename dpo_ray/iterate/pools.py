@@ -1,11 +1,11 @@
-"""The rollout and scorer actor pools of ``dpo-ray iterate``, on resources of their own (``iterate.rollout_*``,
-``iterate.scorer_*``), like the reference pool.
+"""The rollout and scorer actor pools of ``dpo-ray iterate``, on resources of their own
+(``iterate.rollout_*``, ``iterate.scorer_*``), like the reference pool.
 
-``RolloutPool.sample`` splits the round's prompts into one contiguous share per actor and gathers the answers in
-prompt order. An actor that dies mid-round (its process or node lost) is replaced by a new actor holding the
-current weights, and its share is sampled again: since each prompt carries its own seed, the re-sampled responses
-are the ones the lost actor would have returned. ``sync`` hands every actor the weights of the round just trained
-through the object store (one ``ray.put``; on one node the actors read it from shared memory).
+``RolloutPool.sample`` splits the round's prompts into one contiguous share per actor and gathers the answers
+in prompt order. An actor that dies mid-round (its process or node lost) is replaced by a new actor holding
+the current weights, and its share is sampled again: since each prompt carries its own seed, the re-sampled
+responses are the ones the lost actor would have returned. ``sync`` hands every actor the weights of the round
+just trained through the object store (one ``ray.put``; on one node the actors read it from shared memory).
 """
 
 from __future__ import annotations
@@ -90,9 +90,10 @@ class RolloutPool(_Pool):
         self.restarts += 1
         if self.restarts > self.max_restarts:
             raise RuntimeError(f"rollout actors died {self.restarts} times (iterate.max_restarts="
-                               f"{self.max_restarts}); the last: {type(why).__name__}: {str(why)[:300]}") from why
-        print(f"iterate: rollout actor {i} was lost ({type(why).__name__}); a new one samples its prompts again",
-              flush=True)
+                               f"{self.max_restarts}); the last: {type(why).__name__}: "
+                               f"{str(why)[:300]}") from why
+        print(f"iterate: rollout actor {i} was lost ({type(why).__name__}); a new one samples its prompts "
+              "again", flush=True)
         ray.kill(self.actors[i], no_restart=True)
         self.actors[i] = self._start()
 
@@ -132,9 +133,11 @@ class ScorerPool(_Pool):
                  resources: Mapping[str, float] | None = None, fn: Any = None):
         self.spec, self.max_restarts = spec, max_restarts
         self.actor_class = ray.remote(ScorerHost).options(**_request(cpus, gpus, resources),
-                                                          max_restarts=max_restarts, max_task_retries=max_restarts)
+                                                          max_restarts=max_restarts,
+                                                          max_task_retries=max_restarts)
         self.actors = [self.actor_class.remote(spec, max(1, math.floor(cpus)), fn) for _ in range(n)]
-        ray.get([a.ping.remote() for a in self.actors])  # a scorer that cannot load fails here, before sampling
+        # a scorer that cannot load fails here, before sampling
+        ray.get([a.ping.remote() for a in self.actors])
 
     def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
         size = max(1, math.ceil(len(responses) / len(self.actors)))

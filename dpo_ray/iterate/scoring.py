@@ -1,6 +1,7 @@
 """Scorers: (prompt, response) -> a float, higher is better. Three kinds, named by ``iterate.scorer``:
 
-- ``rule``: the bundled task's rule (``data.bundled.follows_rule``): 1.0 when the response follows it, else 0.0;
+- ``rule``: the bundled task's rule (``data.bundled.follows_rule``): 1.0 when the response follows it, else
+  0.0;
 - ``module:function``: a Python callable importable where the scorer actor runs (a verifier, unit tests, a
   heuristic), called once per response with the prompt as the dataset gives it (a string, or a message list)
   and the response text;
@@ -33,7 +34,8 @@ def _prompt_text(prompt: Any) -> str:
     return str(prompt)[:120]
 
 
-def per_response(fn: Callable[[Any, str], Any], spec: str) -> Callable[[Sequence[Any], Sequence[str]], list[Any]]:
+def per_response(fn: Callable[[Any, str], Any],
+                 spec: str) -> Callable[[Sequence[Any], Sequence[str]], list[Any]]:
     """A batch scorer from ``fn(prompt, response)``; an exception names the response it raised on."""
 
     def each(prompts: Sequence[Any], responses: Sequence[str]) -> list[Any]:
@@ -43,7 +45,8 @@ def per_response(fn: Callable[[Any, str], Any], spec: str) -> Callable[[Sequence
                 out.append(fn(p, r))
             except Exception as e:  # noqa: BLE001 - user code: one clear error naming the response
                 raise ScorerError(f"iterate.scorer={spec!r} raised {type(e).__name__}: {e} on the response "
-                                  f"{str(r)[:80]!r} to the prompt {_prompt_text(p)!r}; fix the scorer") from None
+                                  f"{str(r)[:80]!r} to the prompt {_prompt_text(p)!r}; "
+                                  "fix the scorer") from None
         return out
 
     return each
@@ -62,9 +65,9 @@ def load_scorer(spec: str) -> Callable[[Sequence[Any], Sequence[str]], list[floa
         try:
             fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as e:
-            raise ScorerError(f"iterate.scorer={spec!r}: cannot import {name!r} from {module!r} ({e}); the module "
-                              "must be importable where the scorer actors run (on PYTHONPATH, or shipped with "
-                              "ray.runtime_env py_modules / working_dir)") from None
+            raise ScorerError(f"iterate.scorer={spec!r}: cannot import {name!r} from {module!r} ({e}); the "
+                              "module must be importable where the scorer actors run (on PYTHONPATH, or "
+                              "shipped with ray.runtime_env py_modules / working_dir)") from None
         if not callable(fn):
             raise ScorerError(f"iterate.scorer={spec!r} is a {type(fn).__name__}, not a function")
         return per_response(fn, spec)
@@ -88,7 +91,8 @@ class RewardModelScorer:
 
     def _text(self, prompt: Any, response: str) -> str:
         if isinstance(prompt, list):
-            return self.tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+            return self.tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
+                                                tokenize=False)
         return prompt + response
 
     def __call__(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
@@ -102,7 +106,8 @@ class RewardModelScorer:
 
 
 def check_scores(spec: str, prompts: Sequence[Any], responses: Sequence[str], scores: Any) -> list[float]:
-    """``scores`` as floats, one per response, every one finite; else ``ScorerError`` naming the first bad one."""
+    """``scores`` as floats, one per response, every one finite; else ``ScorerError`` naming the first bad
+    one."""
     if not isinstance(scores, (list, tuple)) or len(scores) != len(responses):
         got = f"{len(scores)} value(s)" if isinstance(scores, (list, tuple)) else type(scores).__name__
         raise ScorerError(f"iterate.scorer={spec!r} returned {got} for {len(responses)} response(s)")
@@ -114,9 +119,9 @@ def check_scores(spec: str, prompts: Sequence[Any], responses: Sequence[str], sc
             value = math.nan
         if not math.isfinite(value):
             raise ScorerError(
-                f"iterate.scorer={spec!r} returned {s!r} for the response {responses[i][:80]!r} to the prompt "
-                f"{_prompt_text(prompts[i])!r}: every score must be a finite number (a NaN or a non-number "
-                "cannot rank responses); fix the scorer")
+                f"iterate.scorer={spec!r} returned {s!r} for the response {responses[i][:80]!r} to the "
+                f"prompt {_prompt_text(prompts[i])!r}: every score must be a finite number (a NaN or a "
+                "non-number cannot rank responses); fix the scorer")
         out.append(value)
     return out
 
@@ -139,9 +144,11 @@ class ScorerHost:
         except Exception as e:  # noqa: BLE001 - any failure of user code becomes one clear error
             first = _prompt_text(prompts[0]) if prompts else ""
             raise ScorerError(f"iterate.scorer={self.spec!r} raised {type(e).__name__}: {e} (scoring "
-                              f"{len(responses)} response(s), the first to the prompt {first!r}); fix the scorer"
+                              f"{len(responses)} response(s), the first to the prompt {first!r}); fix the "
+                              "scorer"
                               ) from None
-        return check_scores(self.spec, prompts, responses, list(raw) if not isinstance(raw, (list, tuple)) else raw)
+        return check_scores(self.spec, prompts, responses,
+                            list(raw) if not isinstance(raw, (list, tuple)) else raw)
 
     def ping(self) -> bool:
         return True
