@@ -24,9 +24,9 @@ from dpo_ray.data.stats import DataStats
 from dpo_ray.errors import BadRowError, DataError, DataSourceError, ModelFilesError, TooFewRowsError
 
 __all__ = [
-    "BAD_ROW_KINDS", "BadRowError", "BatchIterator", "EvalShare", "DataError", "DataSourceError", "DataStats", "ModelFilesError",
-    "PreparedData", "TooFewRowsError",
-    "build_datasets", "collate_pairs", "collate_sft", "ingest_config", "iter_eval_batches", "iter_train_batches", "load_processing_class", "load_tokenizer",
-    "tokenize_rows",
+    "BAD_ROW_KINDS", "BadRowError", "BatchIterator", "EvalShare", "DataError", "DataSourceError", "DataStats",
+    "ModelFilesError", "PreparedData", "TooFewRowsError",
+    "build_datasets", "collate_pairs", "collate_sft", "ingest_config", "iter_eval_batches",
+    "iter_train_batches", "load_processing_class", "load_tokenizer", "tokenize_rows",
     "unwrap_data_error",
 ]

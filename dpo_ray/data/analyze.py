@@ -22,8 +22,8 @@ from dpo_ray.data.tokenize import RawRow, RowProcessor, TokenizeOptions, diverge
 
 # Checks counted per row here; "bad_rows_raise", "dropped_rows", "mixed_formats" and "no_training_steps" are
 # derived from the counts when the report is built.
-ROW_CHECKS = ("identical_pairs", "whitespace_identical_pairs", "prompt_not_prefix", "doubled_bos", "doubled_eos",
-              "missing_eos", "missing_generation_prompt", "truncated_rows", "empty_prompt")
+ROW_CHECKS = ("identical_pairs", "whitespace_identical_pairs", "prompt_not_prefix", "doubled_bos",
+              "doubled_eos", "missing_eos", "missing_generation_prompt", "truncated_rows", "empty_prompt")
 UNREADABLE = "unreadable"
 _WS = re.compile(r"\s+")
 
@@ -53,7 +53,8 @@ def _lengths(n: int = 0) -> dict[str, np.ndarray]:
 @dataclass
 class Piece:
     """The counts of some rows. ``lengths`` has one entry per tokenized row (untruncated prompt / completion
-    tokens; ``*_seq`` the truncated sequence lengths training sees; ``kept`` 0 for rows the pipeline drops)."""
+    tokens; ``*_seq`` the truncated sequence lengths training sees; ``kept`` 0 for rows the pipeline
+    drops)."""
 
     rows: int = 0
     formats: Counter = field(default_factory=Counter)
@@ -127,9 +128,11 @@ class Analyzer:
     def __init__(self, tokenizer, cfg, keep: int = 5):
         opts = TokenizeOptions(cfg.max_length, cfg.truncation_mode, "skip", "dpo")
         self.proc = RowProcessor(tokenizer, opts)  # as training tokenizes and truncates
-        self.full = RowProcessor(tokenizer, TokenizeOptions(None, cfg.truncation_mode, "skip", "dpo"))  # untruncated
+        # untruncated
+        self.full = RowProcessor(tokenizer, TokenizeOptions(None, cfg.truncation_mode, "skip", "dpo"))
         self.tok, self.keep = tokenizer, keep
-        # prompt groups: the pair rule training uses; a group is checked as its bad-row rules and its first pair
+        # prompt groups: the pair rule training uses; a group is checked as its bad-row rules and its
+        # first pair
         self.group_rule = (cfg.group_pairs, cfg.group_margin, cfg.data_order_seed)
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
@@ -143,7 +146,8 @@ class Analyzer:
             fmt = row_format(None if isinstance(r.value, BadRow) else r.value)
             piece.formats[fmt] += 1
             at = where(source, r.row_id, r.line)
-            piece.source_formats.setdefault((source or "in-memory rows", fmt), Hits()).add(r.row_id, at, keep=self.keep)
+            piece.source_formats.setdefault((source or "in-memory rows", fmt), Hits()).add(
+                r.row_id, at, keep=self.keep)
             same = pair_identity(r.value)
             if same:
                 name = "identical_pairs" if same == "identical" else "whitespace_identical_pairs"
@@ -151,7 +155,8 @@ class Analyzer:
             try:
                 if isinstance(r.value, BadRow):
                     raise r.value
-                good.append((r, at, self._group_pair(r) if is_group_row(r.value) else normalize_pair(r.value)))
+                good.append((r, at, self._group_pair(r) if is_group_row(r.value)
+                             else normalize_pair(r.value)))
             except BadRow as b:
                 self._bad(piece, src, b, r.row_id, at)
         self._tokenized(piece, src, good)
@@ -206,8 +211,10 @@ class Analyzer:
             n += 1
         piece.length_parts = [{k: v[:n] for k, v in lens.items()}]
 
-    def _row(self, piece: Piece, row_id: int, at: str, p_ids: list[int], full_ids: list[list[int]], conv: bool):
-        """Checks on one tokenized row -> (its lengths or None, the BadRow training would drop it for or None)."""
+    def _row(self, piece: Piece, row_id: int, at: str, p_ids: list[int], full_ids: list[list[int]],
+             conv: bool):
+        """Checks on one tokenized row -> (its lengths or None, the BadRow training would drop it for or
+        None)."""
         try:  # untruncated sequences, EOS rule applied: raises for a completion that adds no token
             seqs = [self.full._sequence(p_ids, f, conv)[0] for f in full_ids]
         except BadRow as b:
@@ -220,13 +227,15 @@ class Analyzer:
         bad = None
         try:
             cut = [self.proc._sequence(p_ids, f, conv) for f in full_ids]
-            identical_tokens(cut, self.proc.opts.max_length, self.proc.opts.truncation_mode)  # training drops these
+            # training drops these
+            identical_tokens(cut, self.proc.opts.max_length, self.proc.opts.truncation_mode)
         except BadRow as b:
             bad, cut = b, [(s, st, False) for s, st in zip(seqs, starts)]
         truncated = bad is None and any(t for _, _, t in cut)
         if truncated:
             longest = max(len(s) for s in seqs)
-            piece.checks["truncated_rows"].add(row_id, at, f"{longest} tokens > max_length {self.proc.opts.max_length}",
+            piece.checks["truncated_rows"].add(row_id, at,
+                                               f"{longest} tokens > max_length {self.proc.opts.max_length}",
                                                keep=self.keep)
             piece.tokens_cut += sum(len(s) - len(c) for s, (c, _, _) in zip(seqs, cut))
         out.update(chosen_seq=len(cut[0][0]), rejected_seq=len(cut[1][0]), kept=int(bad is None))
@@ -236,7 +245,8 @@ class Analyzer:
         keep = self.keep
         for p_end, f in zip(starts, full_ids):
             if p_end < len(p_ids):
-                piece.checks["prompt_not_prefix"].add(row_id, at, self._divergence(p_ids, f, p_end), keep=keep)
+                piece.checks["prompt_not_prefix"].add(row_id, at, self._divergence(p_ids, f, p_end),
+                                                      keep=keep)
                 break
         if self.bos is not None and any(s[:2] == [self.bos, self.bos] for s in seqs):
             piece.checks["doubled_bos"].add(row_id, at, keep=keep)
@@ -252,7 +262,8 @@ class Analyzer:
     def _core(self, seq: list[int]) -> list[int]:
         """``seq`` without up to 3 trailing whitespace-only tokens (templates write "<|im_end|>\\n")."""
         k = len(seq)
-        while k > 0 and len(seq) - k < 3 and seq[k - 1] != self.eos and not self.tok.decode([seq[k - 1]]).strip():
+        while k > 0 and len(seq) - k < 3 and seq[k - 1] != self.eos \
+                and not self.tok.decode([seq[k - 1]]).strip():
             k -= 1
         return seq[:k]
 

@@ -3,10 +3,10 @@
 Rows are read from the shard in pools of ``pool × batch_size`` rows. Each pool is permuted with a
 generator seeded by (seed, epoch) -- the same order for the same seed and epoch -- and, with
 ``length_bucketing``, sorted by length, cut into batches, and the batches shuffled again, so a batch
-holds rows of similar length and pads less. ``length_bucketing: auto`` (opt-in; off by default, as TRL) decides
-per pool from the pool's own lengths: bucketed when that pads at least ``AUTO_MIN_SAVING`` fewer of the pool's
-tokens than the shuffled batches would; a decision from the data and the seeded order only, so runs stay
-reproducible. Only the shard's final partial batch is dropped: rows a pool cannot fill a batch with wait
+holds rows of similar length and pads less. ``length_bucketing: auto`` (opt-in; off by default, as TRL)
+decides per pool from the pool's own lengths: bucketed when that pads at least ``AUTO_MIN_SAVING`` fewer of
+the pool's tokens than the shuffled batches would; a decision from the data and the seeded order only, so runs
+stay reproducible. Only the shard's final partial batch is dropped: rows a pool cannot fill a batch with wait
 for the next pool, however the stream is cut into blocks, so a shard of R rows gives exactly
 ``R // batch_size`` batches. With ``streaming_split(equal=True)`` every worker holds the same number of
 rows, so every worker yields the same number of batches and no collective waits for a worker that has run
@@ -114,7 +114,8 @@ class BatchIterator:
 
     def _emit(self, cols: dict[str, Any], idx: np.ndarray) -> dict[str, torch.Tensor]:
         sub = {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] for k, v in cols.items()}
-        collate = collate_groups if "group_input_ids" in sub else self.collate  # prompt groups: by their columns
+        # prompt groups: by their columns
+        collate = collate_groups if "group_input_ids" in sub else self.collate
         batch = collate(sub, self.pad_id, self.pad_to_multiple_of)
         mask = batch["attention_mask"]
         self.total_tokens += mask.numel()
@@ -126,7 +127,8 @@ class BatchIterator:
         pool_rows = self.pool_batches * self.batch_size
         carry: dict[str, Any] | None = None
         try:
-            for cols in self.shard.iter_batches(batch_size=pool_rows, batch_format="numpy", prefetch_batches=1):
+            for cols in self.shard.iter_batches(batch_size=pool_rows, batch_format="numpy",
+                                                prefetch_batches=1):
                 cols = dict(cols)
                 if carry is not None:  # rows left over from a short pool join the next one
                     cols = {k: np.concatenate([carry[k], cols[k]]) for k in cols}
@@ -154,8 +156,9 @@ class BatchIterator:
 class EvalShare(BatchIterator):
     """This worker's share of the whole eval stream (not split by Ray: every worker reads it all, in order):
     the rows at positions ``rank, rank + world, ...``, in order, in batches of ``batch_size``, the last one
-    partial. Every row is in exactly one worker's share. ``filler``: a one-row batch of the stream's first row,
-    which a worker whose share ran out scores with weight 0 while the others still run collective forwards."""
+    partial. Every row is in exactly one worker's share. ``filler``: a one-row batch of the stream's first
+    row, which a worker whose share ran out scores with weight 0 while the others still run collective
+    forwards."""
 
     def __init__(self, shard, *, rank: int, world: int, **kw):
         super().__init__(shard, **kw)
@@ -173,8 +176,10 @@ class EvalShare(BatchIterator):
                     self.filler = self._emit(cols, np.array([0]))
                 mine = np.nonzero((pos + np.arange(n)) % self.world == self.rank)[0]
                 pos += n
-                mine_cols = {k: [v[i] for i in mine] if isinstance(v, list) else v[mine] for k, v in cols.items()}
-                held = mine_cols if held is None else {k: np.concatenate([held[k], mine_cols[k]]) for k in held}
+                mine_cols = {k: [v[i] for i in mine] if isinstance(v, list) else v[mine]
+                             for k, v in cols.items()}
+                held = mine_cols if held is None else {k: np.concatenate([held[k], mine_cols[k]])
+                                                       for k in held}
                 while len(held["row_id"]) >= self.batch_size:
                     yield self._emit(held, np.arange(self.batch_size))
                     held = {k: v[self.batch_size:] for k, v in held.items()}
@@ -205,5 +210,5 @@ def iter_train_batches(shard, cfg, pad_token_id: int, *, batch_size: int, epoch:
     """
     return BatchIterator(shard, batch_size=batch_size, pad_token_id=pad_token_id,
                          pad_to_multiple_of=cfg.pad_to_multiple_of, bucketing=cfg.length_bucketing,
-                         bucket_multiplier=cfg.bucket_size_multiplier, seed=seed, epoch=epoch, shuffle=shuffle,
-                         mode=mode)
+                         bucket_multiplier=cfg.bucket_size_multiplier, seed=seed, epoch=epoch,
+                         shuffle=shuffle, mode=mode)

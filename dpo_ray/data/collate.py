@@ -40,7 +40,8 @@ def _pixels(batch: dict, repeat: int) -> dict[str, torch.Tensor]:
         if not key.endswith("_shape") or key[: -len("_shape")] not in batch:
             continue
         name = key[: -len("_shape")]
-        arrays = [np.asarray(flat).reshape([int(d) for d in shape]) for flat, shape in zip(batch[name], batch[key])]
+        arrays = [np.asarray(flat).reshape([int(d) for d in shape])
+                  for flat, shape in zip(batch[name], batch[key])]
         joined = np.concatenate(arrays) if arrays else np.zeros((0,))
         if joined.shape[0]:
             out[name] = torch.from_numpy(np.ascontiguousarray(np.concatenate([joined] * repeat)))
@@ -101,8 +102,8 @@ def collate_sft(batch: dict[str, Any], pad_token_id: int, pad_to_multiple_of: in
 
 
 def group_responses(batch: dict[str, Any]) -> tuple[list, list, list, list, list]:
-    """Prompt-group columns -> (sequences, prompt lengths, group index, pair chosen, pair rejected), the pairs as
-    indices into the flattened responses (all of group 0's responses, then group 1's, ...)."""
+    """Prompt-group columns -> (sequences, prompt lengths, group index, pair chosen, pair rejected), the pairs
+    as indices into the flattened responses (all of group 0's responses, then group 1's, ...)."""
     seqs, plens, gidx, chosen, rejected = [], [], [], [], []
     for g, (flat, lens, pl, c, r) in enumerate(zip(batch["group_input_ids"], batch["group_lens"],
                                                     batch["group_prompt_len"], batch["pair_chosen"],
@@ -120,10 +121,10 @@ def group_responses(batch: dict[str, Any]) -> tuple[list, list, list, list, list
 
 def collate_groups(batch: dict[str, Any], pad_token_id: int, pad_to_multiple_of: int | None = None
                    ) -> dict[str, torch.Tensor]:
-    """Prompt groups (docs/CONTRACTS.md) -> input_ids/attention_mask/completion_mask (R, T), one row per response
-    (R = all the groups' responses, group by group), ``group_index`` (R,), the pairs ``pair_chosen`` /
-    ``pair_rejected`` (P,) as indices into the R responses, ``row_id`` (G,), and ``ref_logps`` (R,) float32 when
-    the rows carry precomputed per-response reference log-probs (``ref_group_logps``)."""
+    """Prompt groups (docs/CONTRACTS.md) -> input_ids/attention_mask/completion_mask (R, T), one row per
+    response (R = all the groups' responses, group by group), ``group_index`` (R,), the pairs ``pair_chosen``
+    / ``pair_rejected`` (P,) as indices into the R responses, ``row_id`` (G,), and ``ref_logps`` (R,) float32
+    when the rows carry precomputed per-response reference log-probs (``ref_group_logps``)."""
     seqs, plens, gidx, chosen, rejected = group_responses(batch)
     out = _tensors(*_pack(seqs, plens, pad_token_id, pad_to_multiple_of), batch)
     out["group_index"] = torch.tensor(gidx, dtype=torch.long)

@@ -42,8 +42,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 # ------------------------------------------------------------------------------------------ tokenizer
 def load_tokenizer(cfg_or_path: Any = None):
-    """The model directory's tokenizer (AutoTokenizer); the bundled one only when there is no model directory at
-    all (the embedded default). A model directory without tokenizer files is an error, never the bundled
+    """The model directory's tokenizer (AutoTokenizer); the bundled one only when there is no model directory
+    at all (the embedded default). A model directory without tokenizer files is an error, never the bundled
     tokenizer in its place. Pad falls back to EOS."""
     from transformers import AutoTokenizer
 
@@ -51,20 +51,22 @@ def load_tokenizer(cfg_or_path: Any = None):
     if path is None:
         tok = AutoTokenizer.from_pretrained(str(bundled.TOKENIZER_DIR))
     elif not Path(path).is_dir():
-        raise ModelFilesError(f"model_name_or_path={str(path)!r} is not a directory, so it has no tokenizer to load; "
-                              "give the directory that save_pretrained wrote (dpo_ray downloads nothing)")
+        raise ModelFilesError(f"model_name_or_path={str(path)!r} is not a directory, so it has no tokenizer "
+                              "to load; give the directory that save_pretrained wrote (dpo_ray downloads "
+                              "nothing)")
     elif not any((Path(path) / f).exists() for f in _TOKENIZER_FILES):
         raise ModelFilesError(
-            f"model_name_or_path={str(path)!r} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}): "
-            "model.save_pretrained(DIR) writes only the model; also run tokenizer.save_pretrained(DIR) for the "
-            "tokenizer the model was trained with, or pass processing_class=tokenizer from Python. dpo_ray does not "
-            "substitute its bundled 66-token tokenizer for a model of yours")
+            f"model_name_or_path={str(path)!r} has no tokenizer files (none of "
+            f"{', '.join(_TOKENIZER_FILES)}): model.save_pretrained(DIR) writes only the model; also run "
+            "tokenizer.save_pretrained(DIR) for the tokenizer the model was trained with, or pass "
+            "processing_class=tokenizer from Python. dpo_ray does not substitute its bundled 66-token "
+            "tokenizer for a model of yours")
     else:
         tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:
         if tok.eos_token is None:
-            raise ValueError(f"the tokenizer from {path or bundled.TOKENIZER_DIR} has neither a pad nor an EOS "
-                             "token; set tokenizer.pad_token before training")
+            raise ValueError(f"the tokenizer from {path or bundled.TOKENIZER_DIR} has neither a pad nor an "
+                             "EOS token; set tokenizer.pad_token before training")
         tok.pad_token = tok.eos_token
     return tok
 
@@ -130,7 +132,8 @@ def _splitmix(x: np.ndarray) -> np.ndarray:
 
 def in_eval(row_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Deterministic held-out membership: hash(row_id, seed) < fraction. Same rows every run and epoch."""
-    h = _splitmix(np.asarray(row_ids, dtype=np.int64).astype(np.uint64) ^ np.uint64(seed * 0x632BE59BD9B4E019 % 2**64))
+    h = _splitmix(np.asarray(row_ids, dtype=np.int64).astype(np.uint64)
+                  ^ np.uint64(seed * 0x632BE59BD9B4E019 % 2**64))
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
@@ -214,7 +217,8 @@ class _Source:
     files: list[str] = field(default_factory=list)  # the source files, for the run's data summary
     ignored: list[str] = field(default_factory=list)  # "FILE (why)": data files beside them left out
     notes: list[str] = field(default_factory=list)
-    table_blocks: list | None = None  # an in-memory table's slices (with row_id), put in the object store on use
+    # an in-memory table's slices (with row_id), put in the object store on use
+    table_blocks: list | None = None
 
     def dataset(self):
         """The Ray dataset of an in-memory source; a table reaches the object store only here, when read."""
@@ -306,8 +310,8 @@ def _plan(data: Any, max_rows: int | None) -> _Source:
         import datasets
 
         if isinstance(data, datasets.DatasetDict):
-            raise DataSourceError("got a DatasetDict; pass one split (ds['train']) as train_dataset and another "
-                                  "as eval_dataset")
+            raise DataSourceError("got a DatasetDict; pass one split (ds['train']) as train_dataset and "
+                                  "another as eval_dataset")
         if isinstance(data, datasets.Dataset):
             return _from_table(data, "datasets.Dataset", max_rows)
     except ImportError:
@@ -357,8 +361,9 @@ def _has_group_column(src: _Source) -> bool:
 
 
 def detect_mode(src: _Source, cfg, mode: str) -> str:
-    """``"groups"`` when a DPO source's first row is a prompt group (``completions``: dpo_ray.data.groups), else
-    ``mode``. The first row decides for the whole dataset, eval included; a row of the other format is a bad row."""
+    """``"groups"`` when a DPO source's first row is a prompt group (``completions``: dpo_ray.data.groups),
+    else ``mode``. The first row decides for the whole dataset, eval included; a row of the other format is a
+    bad row."""
     from dpo_ray.data.groups import is_group_row
 
     if mode != "dpo":
@@ -369,9 +374,10 @@ def detect_mode(src: _Source, cfg, mode: str) -> str:
     if cfg.ld_alpha is not None:
         from dpo_ray.errors import ConfigError
 
-        raise ConfigError([("ld_alpha", f"{src.label} holds prompt groups (completions + scores/ranking); LD-DPO splits "
-                                        "each pair at its shorter completion, which a response shared by several pairs "
-                                        "does not have: unset ld_alpha")])
+        raise ConfigError([("ld_alpha",
+                            f"{src.label} holds prompt groups (completions + scores/ranking); LD-DPO splits "
+                            "each pair at its shorter completion, which a response shared by several pairs "
+                            "does not have: unset ld_alpha")])
     return "groups"
 
 
@@ -396,8 +402,9 @@ def _dataset(src: _Source, proc: RowProcessor, rule: SplitRule, record: StatsRec
                             num_cpus=DATA_TASK_CPUS,
                             compute=ray.data.TaskPoolStrategy(size=min(concurrency, len(items))))
     else:
-        ds = src.dataset().map_batches(_TableUDF(proc, rule, record), batch_size=PIECE_ROWS, batch_format="pyarrow",
-                                    num_cpus=DATA_TASK_CPUS, compute=ray.data.TaskPoolStrategy(size=concurrency))
+        ds = src.dataset().map_batches(_TableUDF(proc, rule, record), batch_size=PIECE_ROWS,
+                                       batch_format="pyarrow", num_cpus=DATA_TASK_CPUS,
+                                       compute=ray.data.TaskPoolStrategy(size=concurrency))
     if limit is not None:
         ds = ds.limit(limit)
     return ds
@@ -419,9 +426,11 @@ class PreparedData:
     groups: bool = False  # prompt groups (completions + scores/ranking): a row is a group, not a pair
 
     def summary(self) -> str:
-        """Which tokenizer and which data the run uses (printed by `dpo-ray train` before any worker starts)."""
+        """Which tokenizer and which data the run uses (printed by `dpo-ray train` before any worker
+        starts)."""
         i = self.inputs
-        lines = [f"dpo-ray data: tokenizer {i['tokenizer']}", f"  train: {i['train']}", f"  eval:  {i['eval']}"]
+        lines = [f"dpo-ray data: tokenizer {i['tokenizer']}", f"  train: {i['train']}",
+                 f"  eval:  {i['eval']}"]
         lines += [f"  not used: {x}" for x in i["not_used"]]
         lines += [f"  warning: {x}" for x in i["notes"]]
         return "\n".join(lines)
@@ -435,15 +444,16 @@ def _listing(files: list[str], label: str, limit: int = 10) -> str:
 
 
 def _bundled_default(cfg, tokenizer) -> str:
-    """The bundled task's file, only for the embedded default: no model_name_or_path and the bundled tokenizer."""
+    """The bundled task's file, only for the embedded default: no model_name_or_path and the bundled
+    tokenizer."""
     if cfg.model_name_or_path is not None or (tokenizer is not None and not is_bundled_tokenizer(tokenizer)):
         whose = (f"model_name_or_path={cfg.model_name_or_path!r}" if cfg.model_name_or_path is not None
                  else f"the tokenizer {describe_tokenizer(tokenizer)}")
         raise DataSourceError(
             f"dataset_name is not set. The bundled toy task (sorting digits) is the default data only of the "
-            f"bundled tiny model, not of {whose}: give your preference data with --dataset_name FILE|DIR|GLOB "
-            f"(dataset_name: in YAML, train_dataset= in Python). To train on the toy task on purpose, pass "
-            f"--dataset_name {bundled.TRAIN_FILE}")
+            f"bundled tiny model, not of {whose}: give your preference data with --dataset_name "
+            "FILE|DIR|GLOB (dataset_name: in YAML, train_dataset= in Python). To train on the toy task on "
+            f"purpose, pass --dataset_name {bundled.TRAIN_FILE}")
     return str(bundled.TRAIN_FILE)
 
 
@@ -459,7 +469,8 @@ def _sources(cfg, train_dataset, eval_dataset, tokenizer=None) -> tuple[_Source,
         name = cfg.dataset_name or _bundled_default(cfg, tokenizer)
         resolved = resolve(name, cfg.dataset_train_split, cfg.dataset_config, cfg.dataset_test_split)
         train = _from_resolved(resolved, None if frac else cfg.max_train_samples)
-        beside = eval_files_beside(resolved, name, cfg.dataset_train_split, cfg.dataset_test_split, cfg.dataset_config)
+        beside = eval_files_beside(resolved, name, cfg.dataset_train_split, cfg.dataset_test_split,
+                                   cfg.dataset_config)
     if eval_dataset is not None:
         ev = _plan(eval_dataset, cfg.max_eval_samples)
     elif cfg.eval_dataset_name:
@@ -472,8 +483,9 @@ def _sources(cfg, train_dataset, eval_dataset, tokenizer=None) -> tuple[_Source,
         return train, (train if frac else None), frac
     both = sorted({str(Path(f).resolve()) for f in train.files} & {str(Path(f).resolve()) for f in ev.files})
     if both:
-        raise DataSourceError(f"{', '.join(both)} would be both training and eval data; give eval_dataset_name a "
-                              "file that is not in the training data, or set dataset_test_split: null")
+        raise DataSourceError(f"{', '.join(both)} would be both training and eval data; give "
+                              "eval_dataset_name a file that is not in the training data, or set "
+                              "dataset_test_split: null")
     return train, ev, 0.0
 
 
@@ -540,7 +552,8 @@ def build_datasets(cfg, tokenizer, train_dataset: Any = None, eval_dataset: Any 
             _preserve_order(ds)
     return PreparedData(train, ev, stats, int(n_train), int(n_eval), train_src.label,
                         eval_src.label if eval_src is not None else "", preview,
-                        describe_inputs(cfg, tokenizer, train_src, eval_src, frac, int(n_train)), mode == "groups")
+                        describe_inputs(cfg, tokenizer, train_src, eval_src, frac, int(n_train)),
+                        mode == "groups")
 
 
 def ingest_config():

@@ -32,11 +32,14 @@ BAD_ROW_KINDS = (MISSING_COLUMN, WRONG_TYPE, EMPTY_COMPLETION, IDENTICAL, INVALI
                  IDENTICAL_TRUNCATED, NO_PAIRS)
 # The columns a row is read from. A null in one of the TEXT_COLUMNS is a bad row (not "absent"): a file
 # whose rows have prompts must not train one row as implicit-prompt because its cell was empty.
-KNOWN_COLUMNS = ("prompt", "chosen", "rejected", "completion", "messages", "images", "tools", "chat_template_kwargs")
-TEXT_COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "sft": ("prompt", "chosen", "completion", "messages")}
+KNOWN_COLUMNS = ("prompt", "chosen", "rejected", "completion", "messages", "images", "tools",
+                 "chat_template_kwargs")
+TEXT_COLUMNS = {"dpo": ("prompt", "chosen", "rejected"),
+                "sft": ("prompt", "chosen", "completion", "messages")}
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
-_SKIP_HINT = "Fix the row, or set on_bad_row: skip (--on_bad_row skip) to drop such rows; they are counted and reported."
+_SKIP_HINT = ("Fix the row, or set on_bad_row: skip (--on_bad_row skip) to drop such rows; they are counted "
+              "and reported.")
 
 
 class BadRow(Exception):
@@ -78,7 +81,8 @@ def misnamed_message(pairs: list[tuple[str, str]]) -> str:
     spelled = "; ".join(f"{ascii(n)} looks like {k!r} (differs in case, spaces or invisible characters)"
                         for n, k in pairs)
     bom = any("\ufeff" in n for n, _ in pairs)
-    return (f"column {spelled}; dpo_ray reads only the exact names {', '.join(KNOWN_COLUMNS)}: rename the column"
+    return (f"column {spelled}; dpo_ray reads only the exact names {', '.join(KNOWN_COLUMNS)}: rename the "
+            "column"
             + (" ('\\ufeff' is a byte-order mark: save the file as UTF-8 without BOM)" if bom else ""))
 
 
@@ -105,8 +109,8 @@ def _text(value: Any, name: str) -> str:
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise BadRow(UNDECODABLE, f"column {name!r} holds bytes that are not UTF-8 ({e.reason} at byte {e.start}); "
-                                      "re-encode the file as UTF-8") from None
+            raise BadRow(UNDECODABLE, f"column {name!r} holds bytes that are not UTF-8 ({e.reason} at byte "
+                                      f"{e.start}); re-encode the file as UTF-8") from None
     if not isinstance(value, str):
         raise BadRow(WRONG_TYPE, f"column {name!r} should be a string here, got {type(value).__name__}")
     try:
@@ -133,7 +137,8 @@ def _parts(value: list, name: str) -> list[dict]:
 
 
 def _content_text(content: Any) -> str:
-    return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
+    return content if isinstance(content, str) else " ".join(p["text"] for p in content
+                                                             if p["type"] == "text")
 
 
 def _messages(value: Any, name: str, typed: bool = False) -> list[dict]:
@@ -143,16 +148,19 @@ def _messages(value: Any, name: str, typed: bool = False) -> list[dict]:
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise BadRow(INVALID_MESSAGE, f"{name}[{i}] should be a {{\"role\": ..., \"content\": ...}} object, got {m!r:.80}")
+            raise BadRow(INVALID_MESSAGE,
+                         f"{name}[{i}] should be a {{\"role\": ..., \"content\": ...}} object, got {m!r:.80}")
         role = _text(m["role"], f"{name}[{i}].role")
         if role not in ROLES:
-            raise BadRow(INVALID_MESSAGE, f"{name}[{i}] has role {role!r}; use one of {', '.join(sorted(ROLES))}")
+            raise BadRow(INVALID_MESSAGE,
+                         f"{name}[{i}] has role {role!r}; use one of {', '.join(sorted(ROLES))}")
         if typed and isinstance(m["content"], list):
             out.append({**m, "role": role, "content": _parts(m["content"], f"{name}[{i}].content")})
             continue
         if not isinstance(m["content"], (str, bytes)):
-            raise BadRow(INVALID_MESSAGE, f"{name}[{i}].content should be a string, got {type(m['content']).__name__} "
-                                          "(typed multimodal content needs an 'images' column and a processor)")
+            raise BadRow(INVALID_MESSAGE,
+                         f"{name}[{i}].content should be a string, got {type(m['content']).__name__} "
+                         "(typed multimodal content needs an 'images' column and a processor)")
         out.append({**m, "role": role, "content": _text(m["content"], f"{name}[{i}].content")})
     return out
 
@@ -169,9 +177,10 @@ def _check_columns(row: dict, mode: str) -> None:
         raise BadRow(MISNAMED_COLUMN, misnamed_message(misnamed))
     for n in TEXT_COLUMNS[mode]:
         if n in row and row[n] is None:
-            raise BadRow(NULL_VALUE, f"column {n!r} is null (JSON null, an empty CSV cell or a missing Parquet "
-                                     f"value), so the row would train as if it had no {n!r}; give it a value, "
-                                     f"or leave the key out of rows that have none (JSON Lines)")
+            raise BadRow(NULL_VALUE,
+                         f"column {n!r} is null (JSON null, an empty CSV cell or a missing Parquet "
+                         f"value), so the row would train as if it had no {n!r}; give it a value, "
+                         f"or leave the key out of rows that have none (JSON Lines)")
 
 
 def _require(row: dict, names: tuple[str, ...], hint: str) -> None:
@@ -186,7 +195,8 @@ def _is_conv(value: Any, name: str) -> bool:
         return True
     if isinstance(value, (str, bytes, bytearray)):
         return False
-    raise BadRow(WRONG_TYPE, f"column {name!r} should be a string or a list of messages, got {type(value).__name__}")
+    raise BadRow(WRONG_TYPE,
+                 f"column {name!r} should be a string or a list of messages, got {type(value).__name__}")
 
 
 def common_prefix(a: str, b: str) -> str:
@@ -211,17 +221,22 @@ def _extras(row: dict) -> tuple[list | None, dict]:
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError:
-            raise BadRow(WRONG_TYPE, "column 'tools' is a string but not JSON; give a list of tool schemas") from None
+            raise BadRow(WRONG_TYPE,
+                         "column 'tools' is a string but not JSON; give a list of tool schemas") from None
     if tools is not None and not isinstance(tools, list):
-        raise BadRow(WRONG_TYPE, f"column 'tools' should be a list of tool schemas, got {type(tools).__name__}")
+        raise BadRow(WRONG_TYPE,
+                     f"column 'tools' should be a list of tool schemas, got {type(tools).__name__}")
     if isinstance(kwargs, str):
         try:
             kwargs = json.loads(kwargs) if kwargs.strip() else None
         except json.JSONDecodeError as e:
-            raise BadRow(WRONG_TYPE, f"column 'chat_template_kwargs' is a string but not a JSON object ({e.msg} at "
-                                     f"column {e.colno}); give an object such as {{\"enable_thinking\": false}}") from None
+            raise BadRow(WRONG_TYPE,
+                         f"column 'chat_template_kwargs' is a string but not a JSON object ({e.msg} at "
+                         f"column {e.colno}); give an object such as "
+                         f"{{\"enable_thinking\": false}}") from None
     if kwargs is not None and not isinstance(kwargs, dict):
-        raise BadRow(WRONG_TYPE, f"column 'chat_template_kwargs' should be an object, got {type(kwargs).__name__}")
+        raise BadRow(WRONG_TYPE,
+                     f"column 'chat_template_kwargs' should be an object, got {type(kwargs).__name__}")
     return tools or None, kwargs or {}
 
 
@@ -235,14 +250,15 @@ def _check_completion(value: Any, name: str, conversational: bool) -> None:
 def normalize_pair(row: Any) -> Example:
     """A DPO row in any TRL preference format -> Example(prompt, [chosen, rejected])."""
     if not isinstance(row, dict):
-        raise BadRow(WRONG_TYPE, f"a row should be an object with prompt/chosen/rejected, got {type(row).__name__}")
+        raise BadRow(WRONG_TYPE,
+                     f"a row should be an object with prompt/chosen/rejected, got {type(row).__name__}")
     _check_columns(row, "dpo")
     hint = "DPO rows need 'chosen' and 'rejected' ('prompt' optional)"
     if row.get("chosen") is None and ("completion" in row or "messages" in row):
         hint += "; this looks like SFT data (completion/messages): run `dpo-ray sft` for it"
     if row.get("chosen") is None and "completions" in row:  # a prompt group among pair rows
-        hint += ("; this row is a prompt group (completions + scores/ranking) but the dataset's first rows are "
-                 "pairs: use one format per dataset")
+        hint += ("; this row is a prompt group (completions + scores/ranking) but the dataset's first rows "
+                 "are pairs: use one format per dataset")
     _require(row, ("chosen", "rejected"), hint)
     conv = _is_conv(row["chosen"], "chosen")
     if _is_conv(row["rejected"], "rejected") != conv:
@@ -250,12 +266,14 @@ def normalize_pair(row: Any) -> Example:
     chosen, rejected = _field(row, "chosen", conv), _field(row, "rejected", conv)
     if row.get("prompt") is not None:
         if _is_conv(row["prompt"], "prompt") != conv:
-            raise BadRow(WRONG_TYPE, "'prompt' must be the same kind as 'chosen' (both strings or both message lists)")
+            raise BadRow(WRONG_TYPE,
+                         "'prompt' must be the same kind as 'chosen' (both strings or both message lists)")
         prompt = _field(row, "prompt", conv)
     elif conv:  # implicit prompt: all messages but the last
         if not chosen or not rejected or chosen[:-1] != rejected[:-1]:
-            raise BadRow(INVALID_MESSAGE, "without a 'prompt' column, 'chosen' and 'rejected' must be the same "
-                                          "conversation up to their last message")
+            raise BadRow(INVALID_MESSAGE,
+                         "without a 'prompt' column, 'chosen' and 'rejected' must be the same "
+                         "conversation up to their last message")
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
     else:  # implicit prompt: longest common prefix
         prompt = common_prefix(chosen, rejected)

@@ -35,7 +35,8 @@ BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark (Excel's "CSV UTF-8", Notepad): r
 # Split names recognised in file and folder names, besides dataset_train_split / dataset_test_split
 # themselves: a file named for any of them is never training data by default.
 SPLIT_ALIASES = {"train": ("training",), "test": ("testing",)}
-OTHER_SPLITS = ("train", "training", "test", "testing", "eval", "evaluation", "validation", "valid", "val", "dev")
+OTHER_SPLITS = ("train", "training", "test", "testing", "eval", "evaluation", "validation", "valid", "val",
+                "dev")
 
 
 @dataclass
@@ -128,8 +129,8 @@ def _csv_rows(path: str, f) -> Iterator[tuple[int, list[str]]]:
                 yield start, cells
             start = reader.line_num + 1  # a quoted cell may span lines
     except csv.Error as e:
-        raise DataSourceError(f"{path} line {reader.line_num}: not readable as CSV ({e}); check the quoting of "
-                              "that line, or write the data as JSON Lines or Parquet") from None
+        raise DataSourceError(f"{path} line {reader.line_num}: not readable as CSV ({e}); check the quoting "
+                              "of that line, or write the data as JSON Lines or Parquet") from None
 
 
 def _open_text(path: str):
@@ -142,23 +143,25 @@ def _check_header(path: str, line: int, header: list[str]) -> None:
     seen: dict[str, int] = {}
     for i, name in enumerate(header, 1):
         if name in seen:
-            raise DataSourceError(f"{path} line {line}: the header names column {name!r} twice (columns {seen[name]} and "
-                                  f"{i}); a row keeps only one of them. Rename or drop one in the header")
+            raise DataSourceError(f"{path} line {line}: the header names column {name!r} twice (columns "
+                                  f"{seen[name]} and {i}); a row keeps only one of them. Rename or drop one "
+                                  "in the header")
         seen[name] = i
 
 
 def _check_cells(path: str, header: list[str], line: int, cells: list[str]) -> None:
-    """A row with more or fewer cells than the header (an unquoted comma in a text) would shift its columns."""
+    """A row with more or fewer cells than the header (an unquoted comma in a text) would shift its
+    columns."""
     if len(cells) != len(header):
         raise DataSourceError(
-            f"{path} line {line}: {len(cells)} cells, but the header has {len(header)} ({', '.join(header)}); a text "
-            "with a comma (or a line break) must be quoted (\"a, b\"): write the file with a CSV writer (csv.writer, "
-            "pandas to_csv), or as JSON Lines")
+            f"{path} line {line}: {len(cells)} cells, but the header has {len(header)} "
+            f"({', '.join(header)}); a text with a comma (or a line break) must be quoted (\"a, b\"): write "
+            "the file with a CSV writer (csv.writer, pandas to_csv), or as JSON Lines")
 
 
 def _plan_csv(path: str, first_row_id: int) -> list[Chunk]:
-    """One chunk per file; the planning pass reads every record, so a row whose cell count is not the header's is
-    an error here, on the driver, before anything trains (the reader checks again: the file may change)."""
+    """One chunk per file; the planning pass reads every record, so a row whose cell count is not the header's
+    is an error here, on the driver, before anything trains (the reader checks again: the file may change)."""
     n = 0
     with _open_text(path) as f:
         rows = _csv_rows(path, f)
@@ -176,9 +179,10 @@ def _plan_json_array(path: str, first_row_id: int) -> list[Chunk]:
     size = os.path.getsize(path)
     if size > JSON_ARRAY_MAX_BYTES:
         raise DataSourceError(
-            f"{path} is one JSON array of {size / 2**20:.0f} MiB; a JSON array is parsed whole on the driver, so "
-            f"dpo_ray reads arrays of at most {JSON_ARRAY_MAX_BYTES >> 20} MiB. Write it as JSON Lines (one object "
-            "per line, e.g. `jq -c '.[]' in.json > in.jsonl`), which is read in parallel pieces")
+            f"{path} is one JSON array of {size / 2**20:.0f} MiB; a JSON array is parsed whole on the "
+            f"driver, so dpo_ray reads arrays of at most {JSON_ARRAY_MAX_BYTES >> 20} MiB. Write it as JSON "
+            "Lines (one object per line, e.g. `jq -c '.[]' in.json > in.jsonl`), which is read in parallel "
+            "pieces")
     try:
         rows = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -288,7 +292,8 @@ class Resolved:
     files: list[str] | None = None
     table: Any = None  # datasets.Dataset
     label: str = ""
-    ignored: list[str] = field(default_factory=list)  # "FILE (why)": data files beside these, not in this split
+    # "FILE (why)": data files beside these, not in this split
+    ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # warnings for the run's data summary
 
 
@@ -306,9 +311,10 @@ def _words(part: str) -> list[str]:
 
 
 def split_of(rel: Path, splits: tuple[str, ...]) -> str | None:
-    """The split a file's path names: its folders (relative to the dataset root) and its stem, cut into words at
-    - _ . and spaces ('train/0.jsonl', 'prefs_train.jsonl', 'train-00000-of-00002.parquet' -> 'train'). ``splits``
-    (the configured names, first wins on a tie) and OTHER_SPLITS are recognised; None: no split named; '?': two."""
+    """The split a file's path names: its folders (relative to the dataset root) and its stem, cut into
+    words at - _ . and spaces ('train/0.jsonl', 'prefs_train.jsonl', 'train-00000-of-00002.parquet' ->
+    'train'). ``splits`` (the configured names, first wins on a tie) and OTHER_SPLITS are recognised; None: no
+    split named; '?': two."""
     words = {w for part in (*rel.parent.parts, rel.stem) for w in _words(part)}
     named = [sp for sp in splits if words & _names(sp)]
     known = set().union(*(_names(sp) for sp in splits))
@@ -322,9 +328,10 @@ def split_files(root: Path, split: str, other: str | None, fallback: bool,
                 files: list[Path] | None = None) -> tuple[list[Path], list[str]]:
     """(files of ``split`` in directory ``root``, "FILE (why)" for the data files left out).
 
-    The files named for ``split``; when none is and ``fallback``, the files named for no split. A file named for
-    another split (``other``, or one of OTHER_SPLITS) or for two is never taken, so no file is in two splits.
-    ``files``: the candidates (a glob's matches, each under ``root``); default every data file under ``root``."""
+    The files named for ``split``; when none is and ``fallback``, the files named for no split. A file named
+    for another split (``other``, or one of OTHER_SPLITS) or for two is never taken, so no file is in two
+    splits. ``files``: the candidates (a glob's matches, each under ``root``); default every data file under
+    ``root``."""
     files = _data_files(root) if files is None else files
     splits = (split,) if not other or other == split else (split, other)
     label = {f: split_of(f.relative_to(root), splits) for f in files}
@@ -332,14 +339,16 @@ def split_files(root: Path, split: str, other: str | None, fallback: bool,
     if not chosen and fallback:
         chosen = [f for f in files if label[f] is None]
     why = {None: "named for no split", "?": "named for two splits"}
-    ignored = [f"{f} ({why.get(label[f], f'named for split {label[f]!r}')})" for f in files if f not in chosen]
+    ignored = [f"{f} ({why.get(label[f], f'named for split {label[f]!r}')})" for f in files
+               if f not in chosen]
     return chosen, ignored
 
 
 def _sibling(path: Path, train_split: str, test_split: str) -> Path | None:
     """The eval file a training file's name pairs it with, only when the names say so: the train word replaced
-    by the test split (train.jsonl -> test.jsonl, foo_train.parquet -> foo_test.parquet), or for a name with no
-    split word, the name + _test / -test (prefs.jsonl -> prefs_test.jsonl). Never an unrelated test.jsonl."""
+    by the test split (train.jsonl -> test.jsonl, foo_train.parquet -> foo_test.parquet), or for a name with
+    no split word, the name + _test / -test (prefs.jsonl -> prefs_test.jsonl). Never an unrelated
+    test.jsonl."""
     parts = re.split(r"([-_.\s]+)", path.stem)
     hits = [i for i, part in enumerate(parts) if part.lower() in _names(train_split)]
     if hits:
@@ -368,14 +377,14 @@ def resolve(name: str, split: str, config: str | None, other_split: str | None =
         if _is_save_to_disk(p):
             return Resolved(table=_load_from_disk(p, split), label=f"{p} [{split}]")
         if not _data_files(p):
-            raise DataSourceError(f"dataset_name={name!r} is a directory with no .jsonl/.json/.parquet/.csv files "
-                                  "and is not a save_to_disk directory")
+            raise DataSourceError(f"dataset_name={name!r} is a directory with no .jsonl/.json/.parquet/.csv "
+                                  "files and is not a save_to_disk directory")
         chosen, ignored = split_files(p, split, other_split, fallback=True)
         if not chosen:
             raise DataSourceError(
-                f"dataset_name={name!r}: no file in this directory is named for split {split!r} or for no split, so "
-                f"none is training data ({'; '.join(ignored)}). Name the training files *{split}* (or set "
-                "dataset_train_split), or give one file as dataset_name")
+                f"dataset_name={name!r}: no file in this directory is named for split {split!r} or for no "
+                f"split, so none is training data ({'; '.join(ignored)}). Name the training files *{split}* "
+                "(or set dataset_train_split), or give one file as dataset_name")
         return Resolved(files=[str(f) for f in chosen], label=str(p), ignored=ignored)
     if is_glob(name):
         root, files = glob_files(name)
@@ -384,9 +393,9 @@ def resolve(name: str, split: str, config: str | None, other_split: str | None =
         chosen, ignored = split_files(root, split, other_split, fallback=True, files=files)
         if not chosen:
             raise DataSourceError(
-                f"dataset_name={name!r}: no file the glob matches is named for split {split!r} or for no split below "
-                f"{str(root)!r} ({'; '.join(ignored[:5])}). Name the training files or folders *{split}* (or set "
-                "dataset_train_split), or narrow the glob to the files to train on")
+                f"dataset_name={name!r}: no file the glob matches is named for split {split!r} or for no "
+                f"split below {str(root)!r} ({'; '.join(ignored[:5])}). Name the training files or folders "
+                f"*{split}* (or set dataset_train_split), or narrow the glob to the files to train on")
         return Resolved(files=[str(f) for f in chosen], label=name, ignored=ignored)
     return Resolved(table=_load_hub(name, config, split), label=f"{name} [{split}]")
 
@@ -397,8 +406,9 @@ def is_glob(name: str) -> bool:
 
 def glob_files(pattern: str) -> tuple[Path, list[Path]]:
     """(the glob's fixed folder, its data files). A split is read from the path below the fixed folder -- the
-    folders and the file name the wildcards matched (``data/**/*.jsonl`` over ``data/train/`` and ``data/test/``)
-    -- never from the folders the pattern names itself (``runs/test_3/*.jsonl`` is the user's choice)."""
+    folders and the file name the wildcards matched (``data/**/*.jsonl`` over ``data/train/`` and
+    ``data/test/``) -- never from the folders the pattern names itself (``runs/test_3/*.jsonl`` is the user's
+    choice)."""
     pattern = os.path.expanduser(pattern)
     fixed = []
     for part in Path(pattern).parts:
@@ -430,10 +440,11 @@ def _load_hub(name: str, config: str | None, split: str):
         return datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001 - any failure here means: not reachable / not found
         raise DataSourceError(
-            f"dataset_name={name!r} is not a local file, directory or glob, so it was looked up on the Hugging Face "
-            f"hub, which failed ({type(e).__name__}: {str(e)[:200]}). The hub cannot be reached from this machine: "
-            "download the dataset where it can (datasets.load_dataset(...).save_to_disk(DIR), or the jsonl/parquet "
-            "files), copy it here, and pass the local path as dataset_name.") from None
+            f"dataset_name={name!r} is not a local file, directory or glob, so it was looked up on the "
+            f"Hugging Face hub, which failed ({type(e).__name__}: {str(e)[:200]}). The hub cannot be reached "
+            "from this machine: download the dataset where it can "
+            "(datasets.load_dataset(...).save_to_disk(DIR), or the jsonl/parquet files), copy it here, and "
+            "pass the local path as dataset_name.") from None
 
 
 def eval_files_beside(train: Resolved, name: str, train_split: str, test_split: str | None,
@@ -449,7 +460,8 @@ def eval_files_beside(train: Resolved, name: str, train_split: str, test_split: 
     if p.is_dir() and not _is_save_to_disk(p):
         files, _ = split_files(p, test_split, train_split, fallback=False)
         return Resolved(files=[str(f) for f in files], label=str(p)) if files else None
-    if train.files is not None and is_glob(name) and not p.exists():  # a glob: its files named for the test split
+    # a glob: its files named for the test split
+    if train.files is not None and is_glob(name) and not p.exists():
         root, matched = glob_files(name)
         files, _ = split_files(root, test_split, train_split, fallback=False, files=matched)
         return Resolved(files=[str(f) for f in files], label=name) if files else None

@@ -66,7 +66,8 @@ class DataStats:
     def __init__(self):
         self.actor = DataCounts.options(scheduling_strategy=on_driver_node()).remote()
 
-    def recorder(self, split: str, max_dropped_fraction: float = 1.0, expected_rows: int = 0) -> StatsRecorder:
+    def recorder(self, split: str, max_dropped_fraction: float = 1.0,
+                 expected_rows: int = 0) -> StatsRecorder:
         return StatsRecorder(self.actor, split, max_dropped_fraction, expected_rows)
 
     def report(self) -> dict[str, Any]:
@@ -94,8 +95,9 @@ class StatsRecorder:
 
 def check_trained(steps: int | None, planned_steps: int, report: dict[str, Any], rows_estimate: int,
                   limit: float) -> str | None:
-    """After a run, on the driver: raise TooFewRowsError when it trained 0 optimizer steps or dropped more than
-    ``limit`` of a split's rows; else a plain note when it ended before its planned steps (None when not).
+    """After a run, on the driver: raise TooFewRowsError when it trained 0 optimizer steps or dropped more
+    than ``limit`` of a split's rows; else a plain note when it ended before its planned steps (None when
+    not).
 
     ``report``: ``DataStats.report()``; ``rows_estimate``: the raw row count the steps were planned from."""
     for split in ("train", "eval"):
@@ -109,10 +111,10 @@ def check_trained(steps: int | None, planned_steps: int, report: dict[str, Any],
            f"{train.get('dropped') or {}}), against the ~{rows_estimate} rows counted to plan the steps")
     if steps == 0:
         raise TooFewRowsError(
-            f"the run trained 0 optimizer steps: {why}, too few for one batch on every worker. The weights in "
-            "output_dir are the untouched input weights. Give more rows, or lower per_device_train_batch_size / "
-            "gradient_accumulation_steps / ray.num_workers")
+            f"the run trained 0 optimizer steps: {why}, too few for one batch on every worker. The weights "
+            "in output_dir are the untouched input weights. Give more rows, or lower "
+            "per_device_train_batch_size / gradient_accumulation_steps / ray.num_workers")
     if steps is not None and steps < planned_steps:
-        return (f"the run trained {steps} optimizer steps, not the {planned_steps} first planned: {why}. After its "
-                "first epoch the run sized its steps and learning-rate schedule by the rows kept")
+        return (f"the run trained {steps} optimizer steps, not the {planned_steps} first planned: {why}. "
+                "After its first epoch the run sized its steps and learning-rate schedule by the rows kept")
     return None

@@ -34,9 +34,9 @@ def plan_steps(rows: int, cfg, world: int | None = None) -> StepPlan:
 
 
 def plan_for_micro_batches(micro: int, cfg, world: int, rows: int = 0) -> StepPlan:
-    """The plan when each worker's epoch is ``micro`` micro-batches: max_steps as asked (epochs enough to reach it),
-    else ceil(num_train_epochs × steps per epoch) steps. The worker loop re-plans with it when the first epoch gave
-    fewer micro-batches than the rows counted promised (bad rows dropped)."""
+    """The plan when each worker's epoch is ``micro`` micro-batches: max_steps as asked (epochs enough to
+    reach it), else ceil(num_train_epochs × steps per epoch) steps. The worker loop re-plans with it when the
+    first epoch gave fewer micro-batches than the rows counted promised (bad rows dropped)."""
     per_epoch = micro // cfg.gradient_accumulation_steps
     if per_epoch == 0:
         return StepPlan(rows, world, micro, 0, 0, 0)
@@ -47,8 +47,8 @@ def plan_for_micro_batches(micro: int, cfg, world: int, rows: int = 0) -> StepPl
 
 
 def steps_reached(plan: StepPlan, kept_rows: int, cfg) -> int:
-    """The steps the worker loop reaches when only ``kept_rows`` of the planned rows arrive: the planned epochs,
-    each as long as the kept rows make it, capped at the planned total."""
+    """The steps the worker loop reaches when only ``kept_rows`` of the planned rows arrive: the planned
+    epochs, each as long as the kept rows make it, capped at the planned total."""
     return min(plan.total_steps, plan.num_epochs * plan_steps(kept_rows, cfg, plan.world).steps_per_epoch)
 
 
@@ -58,5 +58,5 @@ def require_steps(plan: StepPlan, cfg, what: str = "the training set") -> None:
         raise TooFewRowsError(
             f"{what} (~{plan.rows} rows) is too small for one optimizer step, which takes "
             f"{plan.rows_per_step(cfg)} rows: {plan.world} worker(s) × per_device_train_batch_size "
-            f"{cfg.per_device_train_batch_size} × gradient_accumulation_steps {cfg.gradient_accumulation_steps}; "
-            "give more rows or lower one of them")
+            f"{cfg.per_device_train_batch_size} × gradient_accumulation_steps "
+            f"{cfg.gradient_accumulation_steps}; give more rows or lower one of them")

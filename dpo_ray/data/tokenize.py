@@ -48,7 +48,8 @@ class TokenizeOptions:
         if mode != "groups":
             return cls(cfg.max_length, cfg.truncation_mode, cfg.on_bad_row, mode)
         seed = cfg.data_order_seed
-        return cls(cfg.max_length, cfg.truncation_mode, cfg.on_bad_row, mode, cfg.group_pairs, cfg.group_margin, seed)
+        return cls(cfg.max_length, cfg.truncation_mode, cfg.on_bad_row, mode, cfg.group_pairs,
+                   cfg.group_margin, seed)
 
 
 @dataclass
@@ -86,7 +87,8 @@ def diverge(prompt_ids: list[int], full_ids: list[int]) -> int:
     return i
 
 
-def truncate(ids: list[int], prompt_len: int, max_length: int | None, mode: str) -> tuple[list[int], int, bool]:
+def truncate(ids: list[int], prompt_len: int, max_length: int | None,
+             mode: str) -> tuple[list[int], int, bool]:
     """(ids, prompt_len) cut to max_length. keep_start keeps the head, keep_end the tail (prompt shrinks).
 
     Raises BadRow(prompt_fills_max_length) when keep_start leaves no completion token.
@@ -97,9 +99,10 @@ def truncate(ids: list[int], prompt_len: int, max_length: int | None, mode: str)
         cut = len(ids) - max_length
         return ids[cut:], max(0, prompt_len - cut), True
     if prompt_len >= max_length:
-        raise BadRow(PROMPT_FILLS, f"the prompt alone is {prompt_len} tokens, which fills max_length={max_length} "
-                                   "and leaves no completion token; raise max_length, shorten the prompt, or use "
-                                   "truncation_mode: keep_end")
+        raise BadRow(PROMPT_FILLS,
+                     f"the prompt alone is {prompt_len} tokens, which fills max_length={max_length} "
+                     "and leaves no completion token; raise max_length, shorten the prompt, or use "
+                     "truncation_mode: keep_end")
     return ids[:max_length], prompt_len, True
 
 
@@ -109,7 +112,8 @@ class RowProcessor:
     def __init__(self, tokenizer, opts: TokenizeOptions, source: str | None = None):
         from dpo_ray import vision
 
-        # A processor (vision): its tokenizer does the text, the processor expands image tokens and makes pixels.
+        # A processor (vision): its tokenizer does the text, the processor expands image tokens and makes
+        # pixels.
         self.processor = tokenizer if vision.is_processor(tokenizer) else None
         tokenizer = vision.text_tokenizer(tokenizer)
         self.pixel_specs: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
@@ -150,7 +154,8 @@ class RowProcessor:
         return None
 
     def _vision_encode(self, ex: Example, texts: list[str], special: bool) -> tuple[list[list[int]], dict]:
-        """(ids of [prompt, *prompt+completion] with image tokens expanded, pixel arrays of the row's images)."""
+        """(ids of [prompt, *prompt+completion] with image tokens expanded, pixel arrays of the row's
+        images)."""
         from dpo_ray.vision.images import ImageError, load_images
 
         try:
@@ -158,8 +163,10 @@ class RowProcessor:
         except ImageError as e:
             raise BadRow(BAD_IMAGE, str(e)) from None
         try:
-            prompt = self.processor(text=texts[:1], images=images, add_special_tokens=special, return_tensors="np")
-            fulls = self.processor(text=texts[1:], images=images * (len(texts) - 1), add_special_tokens=special)
+            prompt = self.processor(text=texts[:1], images=images, add_special_tokens=special,
+                                    return_tensors="np")
+            fulls = self.processor(text=texts[1:], images=images * (len(texts) - 1),
+                                   add_special_tokens=special)
         except (ValueError, TypeError, IndexError) as e:  # e.g. image placeholders and images disagree
             raise BadRow(BAD_IMAGE, f"the processor refused the row's {len(images)} image(s): {e}") from None
         ids = [list(map(int, prompt["input_ids"][0]))] + [list(map(int, x)) for x in fulls["input_ids"]]
@@ -171,12 +178,14 @@ class RowProcessor:
     # -- texts -------------------------------------------------------------------------------------------
     def _template(self, ex: Example, messages: list[dict], generation_prompt: bool) -> str:
         if self.processor is not None and getattr(self.processor, "chat_template", None):
-            return self.processor.apply_chat_template(messages, tools=ex.tools, add_generation_prompt=generation_prompt,
-                                                      tokenize=False, **ex.template_kwargs)
+            return self.processor.apply_chat_template(messages, tools=ex.tools,
+                                                      add_generation_prompt=generation_prompt, tokenize=False,
+                                                      **ex.template_kwargs)
         if getattr(self.tok, "chat_template", None) is None:
             raise ValueError(
-                "a conversational row (lists of {role, content} messages) needs a chat template, but the tokenizer "
-                "has none; set tokenizer.chat_template (a jinja string) or use standard string rows")
+                "a conversational row (lists of {role, content} messages) needs a chat template, but the "
+                "tokenizer has none; set tokenizer.chat_template (a jinja string) or use standard string "
+                "rows")
         return self.tok.apply_chat_template(messages, tools=ex.tools, add_generation_prompt=generation_prompt,
                                             tokenize=False, **ex.template_kwargs)
 
@@ -191,11 +200,13 @@ class RowProcessor:
             prompt = self._template(ex, ex.prompt, True)
             return prompt, [self._template(ex, ex.prompt + c, False) for c in ex.completions]
         except (TemplateError, TypeError) as e:
-            raise BadRow(TEMPLATE_ERROR, f"the chat template refused the row ({type(e).__name__}: {str(e)[:200]}); "
-                                         "fix the messages (or tools / chat_template_kwargs) to fit the template") from None
+            raise BadRow(TEMPLATE_ERROR,
+                         f"the chat template refused the row ({type(e).__name__}: {str(e)[:200]}); "
+                         "fix the messages (or tools / chat_template_kwargs) to fit the template") from None
 
     def _special(self, ex: Example, prompt_text: str) -> bool:
-        # The chat template writes its own special tokens; a text that already starts with BOS gets no second one.
+        # The chat template writes its own special tokens; a text that already starts with BOS gets no second
+        # one.
         if ex.conversational:
             return False
         return not (self._adds_bos and self._bos_text and prompt_text.startswith(self._bos_text))
@@ -246,13 +257,14 @@ class RowProcessor:
             rendered.append((r, ex))
             flag = self._special(ex, prompt)
             if ex.images is not None and self.processor is None and _has_images(ex.images):
-                raise ValueError("rows carry an 'images' column but the processing class is a tokenizer; pass the "
-                                 "vision model's AutoProcessor (processing_class=processor, or a model directory "
-                                 "that holds its processor files)")
+                raise ValueError("rows carry an 'images' column but the processing class is a tokenizer; "
+                                 "pass the vision model's AutoProcessor (processing_class=processor, or a "
+                                 "model directory that holds its processor files)")
             spans.append(len(texts))
             texts += [prompt, *fulls]
             # image rows (flag None here) are encoded by the processor, one row at a time
-            special += [None if self.processor is not None and _has_images(ex.images) else flag] * (1 + len(fulls))
+            special += ([None if self.processor is not None and _has_images(ex.images) else flag]
+                        * (1 + len(fulls)))
         good = rendered
         ids = self._encode(texts, special)
         n_comp = 1 if self.opts.mode == "sft" else 2
@@ -288,12 +300,14 @@ class RowProcessor:
 
     def _process_groups(self, rows: list[RawRow]) -> tuple[pa.Table, PartStats]:
         """Prompt-group rows -> the group columns (docs/CONTRACTS.md): every response's prompt+response ids
-        back to back, their lengths and prompt lengths, and the (chosen, rejected) response indices of the pairs."""
+        back to back, their lengths and prompt lengths, and the (chosen, rejected) response indices of the
+        pairs."""
         from dpo_ray.data.groups import checked_pairs, normalize_group
 
         if self.processor is not None:
-            raise ConfigError([("dataset_name", "prompt groups (completions + scores/ranking) take text rows only; "
-                                                "a vision processor is not supported with them")])
+            raise ConfigError([("dataset_name",
+                                "prompt groups (completions + scores/ranking) take text rows only; "
+                                "a vision processor is not supported with them")])
         o, stats, good = self.opts, PartStats(seen=len(rows)), []
         for r in rows:
             try:
@@ -321,12 +335,13 @@ class RowProcessor:
                     try:
                         identical_tokens([seqs[i], seqs[j]], o.max_length, o.truncation_mode)
                     except BadRow as b:
-                        raise BadRow(b.kind, f"completions[{i}] and completions[{j}] (a pair): {b.problem}") from None
+                        raise BadRow(b.kind, f"completions[{i}] and completions[{j}] (a pair): "
+                                             f"{b.problem}") from None
             except BadRow as b:
                 self._bad(b, r, stats)
                 continue
-            # only the responses some pair uses (best_vs_worst: 2 of K): the rest would be computed by the policy
-            # and the reference and thrown away; the pairs' indices follow
+            # only the responses some pair uses (best_vs_worst: 2 of K): the rest would be computed by the
+            # policy and the reference and thrown away; the pairs' indices follow
             used = sorted({k for pair in pairs for k in pair})
             seqs, at_used = [seqs[k] for k in used], {k: n for n, k in enumerate(used)}
             pairs = [(at_used[i], at_used[j]) for i, j in pairs]
@@ -352,9 +367,10 @@ class RowProcessor:
         if seq[2] and self.image_ids:  # truncation must never separate image tokens from their pixels
             lost = sum(t in self.image_ids for t in full_ids) - sum(t in self.image_ids for t in seq[0])
             if lost:
-                raise BadRow(PROMPT_FILLS, f"max_length={self.opts.max_length} would cut {lost} of the row's image "
-                                           f"tokens (the row is {len(full_ids)} tokens with its images expanded); "
-                                           "raise max_length or use fewer/smaller images")
+                raise BadRow(PROMPT_FILLS,
+                             f"max_length={self.opts.max_length} would cut {lost} of the row's image "
+                             f"tokens (the row is {len(full_ids)} tokens with its images expanded); "
+                             "raise max_length or use fewer/smaller images")
         return seq
 
 
@@ -366,11 +382,13 @@ def identical_tokens(seqs, max_length: int | None, mode: str) -> None:
     if chosen != rejected or c_len != r_len:
         return
     if c_cut or r_cut:
-        raise BadRow(IDENTICAL_TRUNCATED, f"chosen and rejected are the same {len(chosen)} tokens after truncation to "
-                                          f"max_length={max_length} ({mode}): they differ only in the tokens it cut; "
-                                          "raise max_length, or shorten the prompt")
-    raise BadRow(IDENTICAL, "chosen and rejected are different texts but the same tokens (the tokenizer maps the "
-                            "characters where they differ alike, e.g. to <unk>), so the pair teaches nothing")
+        raise BadRow(IDENTICAL_TRUNCATED,
+                     f"chosen and rejected are the same {len(chosen)} tokens after truncation to "
+                     f"max_length={max_length} ({mode}): they differ only in the tokens it cut; "
+                     "raise max_length, or shorten the prompt")
+    raise BadRow(IDENTICAL, "chosen and rejected are different texts but the same tokens (the tokenizer maps "
+                            "the characters where they differ alike, e.g. to <unk>), so the pair teaches "
+                            "nothing")
 
 
 def _has_images(value: Any) -> bool:
@@ -384,7 +402,8 @@ def schema(names: Iterable[str], pixel_specs: dict | None = None) -> pa.Schema:
     for n in names:
         fields += [pa.field(f"{n}_input_ids", pa.list_(pa.int32())), pa.field(f"{n}_prompt_len", pa.int32())]
     for k, (dt, _) in (pixel_specs or {}).items():  # vision: flat pixel arrays + their shapes
-        fields += [pa.field(k, pa.list_(pa.from_numpy_dtype(dt))), pa.field(k + SHAPE_SUFFIX, pa.list_(pa.int32()))]
+        fields += [pa.field(k, pa.list_(pa.from_numpy_dtype(dt))),
+                   pa.field(k + SHAPE_SUFFIX, pa.list_(pa.int32()))]
     return pa.schema(fields)
 
 
@@ -393,12 +412,14 @@ def to_table(cols: dict[str, list], names: list[str], pixel_specs: dict | None =
     return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in sch}, schema=sch)
 
 
-GROUP_TABLE_COLUMNS = ("row_id", "group_input_ids", "group_lens", "group_prompt_len", "pair_chosen", "pair_rejected")
+GROUP_TABLE_COLUMNS = ("row_id", "group_input_ids", "group_lens", "group_prompt_len", "pair_chosen",
+                       "pair_rejected")
 
 
 def group_table(cols: dict[str, list]) -> pa.Table:
     """The tokenized prompt-group columns (docs/CONTRACTS.md) as a table."""
-    fields = [pa.field("row_id", pa.int64())] + [pa.field(n, pa.list_(pa.int32())) for n in GROUP_TABLE_COLUMNS[1:]]
+    fields = [pa.field("row_id", pa.int64())] + [pa.field(n, pa.list_(pa.int32()))
+                                                 for n in GROUP_TABLE_COLUMNS[1:]]
     sch = pa.schema(fields)
     return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in sch}, schema=sch)
 
