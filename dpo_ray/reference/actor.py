@@ -40,18 +40,20 @@ def request_keys(batch: Mapping[str, Tensor]) -> tuple[str, ...]:
 
 
 def to_wire(value):
-    """A request/answer field as Ray ships it cheaply: numpy (zero-copy out of the object store), not a pickled
-    torch tensor; dtypes numpy lacks (bfloat16 pixels) and plain Python values travel as they are."""
+    """A request/answer field as Ray ships it cheaply: numpy (zero-copy out of the object store), not a
+    pickled torch tensor; dtypes numpy lacks (bfloat16 pixels) and plain Python values travel as they are."""
     if torch.is_tensor(value) and value.dtype != torch.bfloat16:
         return value.detach().cpu().numpy()
     return value.detach().cpu() if torch.is_tensor(value) else value
 
 
 def from_wire(value, device: torch.device | None = None):
-    """The inverse of ``to_wire``: numpy -> tensor (on ``device``; pinned for an asynchronous copy to a GPU)."""
+    """The inverse of ``to_wire``: numpy -> tensor (on ``device``; pinned for an asynchronous copy to a
+    GPU)."""
     if not isinstance(value, np.ndarray):
         return value.to(device, non_blocking=True) if torch.is_tensor(value) and device is not None else value
-    t = torch.from_numpy(np.array(value) if not value.flags.writeable else value)  # object-store views are read-only
+    # object-store views are read-only
+    t = torch.from_numpy(np.array(value) if not value.flags.writeable else value)
     if device is not None and device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device) if device is not None else t
@@ -62,8 +64,8 @@ def reference_device(num_gpus: float) -> torch.device:
     if num_gpus > 0:
         if not torch.cuda.is_available():
             raise RuntimeError(
-                f"reference.num_gpus={num_gpus} but the reference actor sees no CUDA device; check the node's "
-                "drivers or set reference.num_gpus: 0 to run the reference on CPU")
+                f"reference.num_gpus={num_gpus} but the reference actor sees no CUDA device; check the "
+                "node's drivers or set reference.num_gpus: 0 to run the reference on CPU")
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -80,7 +82,8 @@ class FromRequests:
     (ray-project/ray#53727), and a model or a large tokenizer is one. So the pool's actors start empty and
     every request carries ``model``: a one-element list holding the ObjectRef of ``{"source", "tokenizer"}``
     (nested, so Ray does not resolve it per call). The first request loads it, and so does the first one a
-    restarted actor receives (Ray retries the request that was in flight, which brings the reference along)."""
+    restarted actor receives (Ray retries the request that was in flight, which brings the reference
+    along)."""
 
 
 class ReferenceModelHost:
@@ -116,8 +119,8 @@ class ReferenceModelHost:
         if self.model is None:
             if not model:
                 raise RuntimeError(
-                    "this reference actor loads its model from its requests and the request carried none: build "
-                    "the client from ReferencePool.handles(), which carries the model's reference")
+                    "this reference actor loads its model from its requests and the request carried none: "
+                    "build the client from ReferencePool.handles(), which carries the model's reference")
             bundle = ray.get(model[0])
             self._load(bundle["source"], bundle["tokenizer"])
         return self.model
@@ -125,9 +128,9 @@ class ReferenceModelHost:
     # ------------------------------------------------------------------------------------- serving
     def logps(self, request_id: Any, batch: Mapping[str, Tensor], ld_alpha: float | None = None,
               model: list | None = None) -> tuple[Any, int, Tensor, Tensor]:
-        """(request_id, weights_version, ref_chosen (B,), ref_rejected (B,)) for a collated pair batch. The batch's
-        tensors may arrive as numpy and the log-probs leave as float32 numpy (``to_wire``): Ray moves numpy
-        through its object store without pickling torch tensors."""
+        """(request_id, weights_version, ref_chosen (B,), ref_rejected (B,)) for a collated pair batch. The
+        batch's tensors may arrive as numpy and the log-probs leave as float32 numpy (``to_wire``): Ray moves
+        numpy through its object store without pickling torch tensors."""
         self._ensure_model(model)
         on_device = {k: from_wire(batch[k], self.device) for k in request_keys(batch)}
         chosen, rejected = reference_logps(self.model, on_device, ld_alpha=ld_alpha, sharing=self.sharing)
@@ -148,8 +151,8 @@ class ReferenceModelHost:
             return self.version
         if version != self.version + 1:
             raise RuntimeError(
-                f"reference actor at weights version {self.version} was asked to apply sync {version}: it missed "
-                "a sync (restarted?) and must be restored with load_state first")
+                f"reference actor at weights version {self.version} was asked to apply sync {version}: it "
+                "missed a sync (restarted?) and must be restored with load_state first")
         given = {param_name(k): v for k, v in state_dict.items()}
         for name, p in params_by_name(self.model, given).items():
             mix_tensor(p, given[name], alpha)
@@ -179,7 +182,8 @@ class ReferenceModelHost:
         if model:
             self._ensure_model(model)
         return {"loaded": self.model is not None, "pid": os.getpid(), "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "version": self.version, "forwards": self.forwards}
+                "dtype": str(self.dtype).removeprefix("torch."), "version": self.version,
+                "forwards": self.forwards}
 
 
 ReferenceActor = ray.remote(ReferenceModelHost)

@@ -89,11 +89,13 @@ class PrecomputedReference(NoReference):
     def result(self, handle, batch):
         if is_group_batch(batch):  # prompt groups: per-response columns, gathered for the pairs
             if "ref_logps" not in batch:
-                raise RuntimeError("reference.source is 'precomputed' but the group batch carries no ref_logps column")
+                raise RuntimeError("reference.source is 'precomputed' but the group batch carries no "
+                                   "ref_logps column")
             logps = batch["ref_logps"].float().cpu()
             return logps[batch["pair_chosen"].cpu()], logps[batch["pair_rejected"].cpu()]
         if "ref_chosen_logps" not in batch:
-            raise RuntimeError("reference.source is 'precomputed' but the batch carries no ref_chosen_logps column")
+            raise RuntimeError("reference.source is 'precomputed' but the batch carries no ref_chosen_logps "
+                               "column")
         return batch["ref_chosen_logps"].float().cpu(), batch["ref_rejected_logps"].float().cpu()
 
     def sync_from(self, policy, alpha):
@@ -121,9 +123,11 @@ class LocalReference:
         on_device = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
                                                                                "completion_mask", *PIXEL_KEYS,
                                                                                *GROUP_KEYS)}
-        if "packed_width" in batch:  # the collate's packed width: prefix sharing reads no shape from the device
+        # the collate's packed width: prefix sharing reads no shape from the device
+        if "packed_width" in batch:
             on_device["packed_width"] = batch["packed_width"]
-        chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.ld_alpha, sharing=self.sharing)
+        chosen, rejected = reference_logps(self.model, on_device, ld_alpha=self.ld_alpha,
+                                           sharing=self.sharing)
         return chosen.cpu(), rejected.cpu()
 
     @torch.no_grad()
@@ -132,8 +136,8 @@ class LocalReference:
         self.version += 1
 
     def save_state(self, d, rank: int) -> None:
-        """The mixed weights into checkpoint folder ``d``: each rank's shards under ZeRO-3 (``ref_rank{r}.pt``),
-        else rank 0's whole copy (``ref_model.pt``, the same on every rank)."""
+        """The mixed weights into checkpoint folder ``d``: each rank's shards under ZeRO-3
+        (``ref_rank{r}.pt``), else rank 0's whole copy (``ref_model.pt``, the same on every rank)."""
         params = dict(self.model.named_parameters())
         if any(getattr(p, "ds_tensor", None) is not None for p in params.values()):
             torch.save({n: p.ds_tensor.detach().cpu() for n, p in params.items()}, d / f"ref_rank{rank}.pt")
@@ -144,7 +148,8 @@ class LocalReference:
     def load_state(self, d, rank: int, version: int) -> None:
         """The checkpoint's mixed weights back into the reference, at weights version ``version``."""
         path = d / f"ref_rank{rank}.pt"
-        state = torch.load(path if path.exists() else d / "ref_model.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path if path.exists() else d / "ref_model.pt", map_location="cpu",
+                           weights_only=True)
         for n, p in self.model.named_parameters():
             dst = p.ds_tensor if getattr(p, "ds_tensor", None) is not None else p.data
             dst.copy_(state[n].to(dtype=dst.dtype))
@@ -157,21 +162,22 @@ class LocalReference:
 # ------------------------------------------------------------------------------------- TR-DPO's weights
 
 def param_name(name: str) -> str:
-    """A parameter's name as the bare model names it: without the ``module.`` a DeepSpeed or DDP wrapper adds."""
+    """A parameter's name as the bare model names it: without the ``module.`` a DeepSpeed or DDP wrapper
+    adds."""
     return name.removeprefix("module.")
 
 
 def params_by_name(model: nn.Module, expected: Iterable[str] | None = None) -> dict[str, nn.Parameter]:
-    """``model``'s parameters keyed by ``param_name``. With ``expected`` (names, prefixed or not), the two sets
-    must be equal: a KeyError names what is missing on either side (another architecture)."""
+    """``model``'s parameters keyed by ``param_name``. With ``expected`` (names, prefixed or not), the two
+    sets must be equal: a KeyError names what is missing on either side (another architecture)."""
     params = {param_name(n): p for n, p in model.named_parameters()}
     if expected is not None:
         given = {param_name(n) for n in expected}
         missing, extra = sorted(given - set(params)), sorted(set(params) - given)
         if missing or extra:
             raise KeyError(
-                f"TR-DPO sync: policy and reference parameters differ (only in the policy: {missing[:5]}, only in "
-                f"the reference: {extra[:5]}); is the reference the same architecture?")
+                f"TR-DPO sync: policy and reference parameters differ (only in the policy: {missing[:5]}, "
+                f"only in the reference: {extra[:5]}); is the reference the same architecture?")
     return params
 
 

@@ -21,9 +21,11 @@ from dpo_ray.sharing import PrefixSharing
 
 
 def build_reference(cfg: DPOConfig, *, policy: nn.Module, tokenizer, device: torch.device, world: int,
-                    policy_source: Any, ref_model: Any = None, pool_handles: list | None = None) -> ReferenceClient:
-    """``policy_source`` is what the policy was loaded from (a path, a shipped state dict or None); ``ref_model``
-    a separate reference (a path or an ObjectRef of a shipped model), ``pool_handles`` the actor pool's."""
+                    policy_source: Any, ref_model: Any = None,
+                    pool_handles: list | None = None) -> ReferenceClient:
+    """``policy_source`` is what the policy was loaded from (a path, a shipped state dict or None);
+    ``ref_model`` a separate reference (a path or an ObjectRef of a shipped model), ``pool_handles`` the actor
+    pool's."""
     source = cfg.reference.source
     if not cfg.needs_reference or source == "none":
         return NoReference()
@@ -37,8 +39,9 @@ def build_reference(cfg: DPOConfig, *, policy: nn.Module, tokenizer, device: tor
         from dpo_ray.reference.peft_ref import AdapterReference
 
         return AdapterReference(policy, cfg, device)
-    return LocalReference(_local_model(cfg, policy, tokenizer, device, world, policy_source, ref_model), device,
-                          cfg.ld_alpha, sharing=PrefixSharing(cfg.prefix_sharing, "reference", cfg.prefix_attention))
+    return LocalReference(_local_model(cfg, policy, tokenizer, device, world, policy_source, ref_model),
+                          device, cfg.ld_alpha,
+                          sharing=PrefixSharing(cfg.prefix_sharing, "reference", cfg.prefix_attention))
 
 
 def _local_model(cfg: DPOConfig, policy: nn.Module, tokenizer, device: torch.device, world: int,

@@ -89,7 +89,8 @@ class ActorPoolReference:
             i = (start + k) % n
             if i not in self._dead:
                 return i
-        raise RuntimeError(f"all {n} reference actor(s) are dead (restart budget reference.max_restarts spent)")
+        raise RuntimeError(f"all {n} reference actor(s) are dead (restart budget reference.max_restarts "
+                           "spent)")
 
     def _send(self, request_id, actor: int, payload: dict[str, Tensor], version: int) -> RefRequest:
         ref = self.actors[actor].logps.remote(request_id, payload, self.ld_alpha, self.model)
@@ -108,8 +109,9 @@ class ActorPoolReference:
     def result(self, handle: RefRequest, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(ref_chosen, ref_rejected) for ``batch``, each (B,) float32 on CPU; blocks up to the timeout."""
         if not np.array_equal(handle.payload["input_ids"], batch["input_ids"].detach().cpu().numpy()):
-            raise RuntimeError(f"reference request {handle.request_id} was submitted for another batch than the "
-                               "one being trained; answers are matched by request, never by arrival order")
+            raise RuntimeError(f"reference request {handle.request_id} was submitted for another batch than "
+                               "the one being trained; answers are matched by request, never by arrival "
+                               "order")
         if handle.version != self.version:
             raise RuntimeError(f"reference request {handle.request_id} was computed at weights version "
                                f"{handle.version} but the reference is at {self.version}; submit it again")
@@ -123,17 +125,17 @@ class ActorPoolReference:
                     self._dead.add(req.actor)
                 if failures > self.retries:
                     raise RuntimeError(
-                        f"reference request {req.request_id} failed {failures} time(s); the last on reference actor "
-                        f"{req.actor} ({type(e).__name__}); retry budget reference.max_task_retries={self.retries} "
-                        "spent. Check the actor logs (out of memory?) or raise reference.max_restarts / "
-                        "max_task_retries") from e
+                        f"reference request {req.request_id} failed {failures} time(s); the last on "
+                        f"reference actor {req.actor} ({type(e).__name__}); retry budget "
+                        f"reference.max_task_retries={self.retries} spent. Check the actor logs (out of "
+                        "memory?) or raise reference.max_restarts / max_task_retries") from e
                 req = self._retry(req, unavailable=isinstance(e, ActorUnavailableError))
                 continue
             if version < req.version:  # the actor restarted and reloaded the initial weights
                 failures += 1
                 if failures > self.retries:
-                    raise RuntimeError(f"reference actor {req.actor} keeps answering at weights version {version}, "
-                                       f"expected {req.version}")
+                    raise RuntimeError(f"reference actor {req.actor} keeps answering at weights version "
+                                       f"{version}, expected {req.version}")
                 self._restore(req.actor, req.version)
                 req = self._send(req.request_id, req.actor, req.payload, req.version)
                 continue
@@ -141,26 +143,29 @@ class ActorPoolReference:
         self._answered = True
         self._inflight.pop(handle.request_id, None)
         if request_id != handle.request_id:
-            raise RuntimeError(f"reference actor answered request {request_id} when asked for {handle.request_id}")
+            raise RuntimeError(f"reference actor answered request {request_id} when asked for "
+                               f"{handle.request_id}")
         if version != handle.version:
             raise RuntimeError(
-                f"reference request {handle.request_id} was answered at weights version {version}, not {handle.version}: "
-                "a TR-DPO sync reached the actors before the batches of its step were consumed")
+                f"reference request {handle.request_id} was answered at weights version {version}, not "
+                f"{handle.version}: a TR-DPO sync reached the actors before the batches of its step were "
+                "consumed")
         chosen, rejected = from_wire(chosen), from_wire(rejected)
         b = num_pairs(batch)
         if chosen.shape != (b,) or rejected.shape != (b,):
-            raise RuntimeError(f"reference answer shapes {tuple(chosen.shape)}/{tuple(rejected.shape)} do not match "
-                               f"the batch's {b} pairs")
+            raise RuntimeError(f"reference answer shapes {tuple(chosen.shape)}/{tuple(rejected.shape)} do "
+                               f"not match the batch's {b} pairs")
         return chosen, rejected
 
     # ---------------------------------------------------------------- waiting; node loss (docs/reference.md)
     POLL_S = 5.0  # how often a slow answer's actor is looked up (one GCS call)
 
     def _await(self, req: RefRequest):
-        """``ray.get`` of one answer, in slices. Time while the actor is alive counts against request_timeout_s
-        (a wedged actor); time while Ray restarts it and no node has room for it (its node was lost) counts
-        against capacity_timeout_s. It goes on as soon as a node with the actor's resources (back) lets Ray
-        restart it (Ray re-runs the request there); either bound raises naming what is missing: never a hang."""
+        """``ray.get`` of one answer, in slices. Time while the actor is alive counts against
+        request_timeout_s (a wedged actor); time while Ray restarts it and no node has room for it (its node
+        was lost) counts against capacity_timeout_s. It goes on as soon as a node with the actor's resources
+        (back) lets Ray restart it (Ray re-runs the request there); either bound raises naming what is
+        missing: never a hang."""
         alive_s = lost_s = 0.0
         lost_since = None
         # the first answer also waits for the actor to load its model (the pool starts without waiting)
@@ -184,23 +189,24 @@ class ActorPoolReference:
                     lost_since = t
                     # once back, the restarted actor loads its model with this request (actor.FromRequests)
                     timeout_s = max(timeout_s, alive_s + self.timeout_s + self.ready_timeout_s)
-                    print(f"reference actor {req.actor} is down (its node or process was lost) and Ray is restarting it; "
-                          f"waiting up to {self.capacity_timeout_s:g}s (reference.capacity_timeout_s) for a node with "
-                          f"{self._needs()}", flush=True)
+                    print(f"reference actor {req.actor} is down (its node or process was lost) and Ray is "
+                          f"restarting it; waiting up to {self.capacity_timeout_s:g}s "
+                          f"(reference.capacity_timeout_s) for a node with {self._needs()}", flush=True)
                 if lost_s >= self.capacity_timeout_s:
                     raise RuntimeError(
-                        f"reference actor {req.actor} is down (its node or process was lost) and Ray found no node with "
-                        f"room to restart it within {self.capacity_timeout_s:g}s (reference.capacity_timeout_s): it "
-                        f"needs {self._needs()}. No batch was trained without reference log-probs; add a node with "
-                        "these resources and resume with resume_from_checkpoint: latest") from None
+                        f"reference actor {req.actor} is down (its node or process was lost) and Ray found "
+                        f"no node with room to restart it within {self.capacity_timeout_s:g}s "
+                        f"(reference.capacity_timeout_s): it needs {self._needs()}. No batch was trained "
+                        "without reference log-probs; add a node with these resources and resume with "
+                        "resume_from_checkpoint: latest") from None
             else:
                 alive_s += spent
                 if alive_s >= timeout_s:
                     raise RuntimeError(
                         f"reference actor {req.actor} gave no answer to request {req.request_id} within "
                         f"{timeout_s:g}s (reference.request_timeout_s"
-                        f"{'' if self._answered else ' + ready_timeout_s for the first answer'}); it may be wedged "
-                        "or starved of resources") from None
+                        f"{'' if self._answered else ' + ready_timeout_s for the first answer'}); it may be "
+                        "wedged or starved of resources") from None
 
     def _needs(self) -> str:
         req, labels = self.actor_needs
@@ -226,13 +232,15 @@ class ActorPoolReference:
                 if ray.get(peer.weights_version.remote(), timeout=self.timeout_s) != version:
                     continue
                 weights = peer.state_dict.remote(self.model)
-                ray.get(self.actors[actor].load_state.remote(weights, version, self.model), timeout=self.timeout_s)
+                ray.get(self.actors[actor].load_state.remote(weights, version, self.model),
+                        timeout=self.timeout_s)
                 return
             except RayActorError:
                 continue
         raise RuntimeError(
-            f"reference actor {actor} restarted and lost the TR-DPO weights of version {version}, and no live peer "
-            "holds them; with sync_ref_model, run reference.num_actors >= 2 so a peer can restore it")
+            f"reference actor {actor} restarted and lost the TR-DPO weights of version {version}, and no "
+            "live peer holds them; with sync_ref_model, run reference.num_actors >= 2 so a peer can restore "
+            "it")
 
     # ------------------------------------------------------------------------------------ TR-DPO
     def sync_from(self, policy: nn.Module, alpha: float) -> None:
@@ -328,7 +336,8 @@ def actor_state(handle) -> str | None:
 
 
 def _several_ranks() -> bool:
-    """A process group of more than one rank is up (collectives are needed; with one rank, or none, they are not)."""
+    """A process group of more than one rank is up (collectives are needed; with one rank, or none, they are
+    not)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 

@@ -33,7 +33,8 @@ def actor_request(cfg: DPOConfig) -> dict[str, float]:
 
 
 def _key_name(resource: str) -> str:
-    return {"CPU": "reference.num_cpus", "GPU": "reference.num_gpus"}.get(resource, f"reference.resources.{resource}")
+    return {"CPU": "reference.num_cpus", "GPU": "reference.num_gpus"}.get(resource,
+                                                                          f"reference.resources.{resource}")
 
 
 def _eligible_nodes(node_label: Mapping[str, str]) -> list[dict]:
@@ -64,8 +65,9 @@ def placement_problem(cfg: DPOConfig, nodes: Sequence[Mapping[str, Any]] | None 
     fits = sum(min(math.floor(node["Resources"].get(r, 0.0) / a + 1e-9) for r, a in req.items()) if req else n
                for node in nodes)
     if fits < n:
-        return (f"one reference actor asks for {req} and must fit on a single node, but the nodes of {where} can "
-                f"hold only {fits} of the {n} actor(s); lower the per-actor request or reference.num_actors")
+        return (f"one reference actor asks for {req} and must fit on a single node, but the nodes of {where} "
+                f"can hold only {fits} of the {n} actor(s); lower the per-actor request or "
+                "reference.num_actors")
     return None
 
 
@@ -73,7 +75,8 @@ def _short_now(cfg: DPOConfig) -> str | None:
     """Resources that exist but are taken right now (the actors will wait for them)."""
     req, n = actor_request(cfg), cfg.reference.num_actors
     free = ray.available_resources()
-    short = [f"{r} (need {a * n:g}, free {free.get(r, 0.0):g})" for r, a in req.items() if a * n > free.get(r, 0.0)]
+    short = [f"{r} (need {a * n:g}, free {free.get(r, 0.0):g})" for r, a in req.items() if a * n
+             > free.get(r, 0.0)]
     return ", ".join(short) or None
 
 
@@ -107,8 +110,8 @@ class ReferencePool:
         """Start ``reference.num_actors`` actors and wait until every one has its model loaded.
 
         Raises ``ReferencePlacementError`` at once when the cluster cannot hold them, and when they are
-        not all up within ``ready_timeout_s``. ``host_class``: what each actor runs, ``ReferenceModelHost`` or a
-        subclass of it (another way to load or serve the model; the tests add latency to its answers).
+        not all up within ``ready_timeout_s``. ``host_class``: what each actor runs, ``ReferenceModelHost`` or
+        a subclass of it (another way to load or serve the model; the tests add latency to its answers).
         ``wait=False`` returns as soon as the actors are started and checks their loading in a background
         thread (``wait_ready_in_background``): the trainer starts its worker group meanwhile.
         """
@@ -147,9 +150,10 @@ class ReferencePool:
         return pool
 
     def wait_ready_in_background(self, timeout_s: float) -> None:
-        """Check the actors' loading on a thread. On failure the error is kept in ``self.error`` and the actors
-        are stopped, so the workers' first reference request fails at once instead of waiting; the trainer
-        then raises ``self.error`` (which names the actor and the cause) rather than the workers' error."""
+        """Check the actors' loading on a thread. On failure the error is kept in ``self.error`` and the
+        actors are stopped, so the workers' first reference request fails at once instead of waiting; the
+        trainer then raises ``self.error`` (which names the actor and the cause) rather than the workers'
+        error."""
         import threading
         import time
 
@@ -178,7 +182,8 @@ class ReferencePool:
         if pending:
             idle = sorted(pings[r] for r in pending)
             busy = _short_now(self.cfg)
-            hint = f"; resources taken: {busy}" if busy else " (model still loading? raise reference.ready_timeout_s)"
+            hint = (f"; resources taken: {busy}" if busy
+                    else " (model still loading? raise reference.ready_timeout_s)")
             raise ReferencePlacementError(
                 f"reference actor(s) {idle} of {len(self.actors)} not ready after {timeout_s:g}s{hint}")
 

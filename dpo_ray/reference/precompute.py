@@ -35,11 +35,13 @@ FINGERPRINT_BATCH = 1024  # rows per content-hash task (the key does not depend 
 ROW_COLUMNS = ["row_id", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len"]
 OUT_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
 # Prompt groups (dpo_ray.data.groups): one reference log-prob per response, a list per row.
-GROUP_ROW_COLUMNS = ["row_id", "group_input_ids", "group_lens", "group_prompt_len", "pair_chosen", "pair_rejected"]
+GROUP_ROW_COLUMNS = ["row_id", "group_input_ids", "group_lens", "group_prompt_len", "pair_chosen",
+                     "pair_rejected"]
 GROUP_OUT_COLUMN = "ref_group_logps"
 # Settings that change which rows exist or how they are tokenized (the data side of the key).
-_DATA_KEYS = ("dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split", "eval_dataset_name",
-              "eval_fraction", "max_train_samples", "max_eval_samples", "on_bad_row", "seed", "data_seed")
+_DATA_KEYS = ("dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split",
+              "eval_dataset_name", "eval_fraction", "max_train_samples", "max_eval_samples", "on_bad_row",
+              "seed", "data_seed")
 
 
 # ============================================================================ cache key
@@ -71,10 +73,12 @@ def model_identity(ref_source: Any, cfg: DPOConfig, tokenizer) -> dict[str, Any]
     if ref_source is None:
         from dpo_ray.models import TINY_LLAMA
 
-        return {"tiny_llama": TINY_LLAMA, "seed": cfg.seed, "vocab": len(tokenizer) if tokenizer is not None else None}
+        return {"tiny_llama": TINY_LLAMA, "seed": cfg.seed,
+                "vocab": len(tokenizer) if tokenizer is not None else None}
     if isinstance(ref_source, dict):
         config = ref_source["config"]
-        config_json = config.to_json_string() if hasattr(config, "to_json_string") else json.dumps(config, default=str)
+        config_json = (config.to_json_string() if hasattr(config, "to_json_string")
+                       else json.dumps(config, default=str))
         return {"config": hashlib.sha256(config_json.encode()).hexdigest(),
                 "weights": state_dict_fingerprint(ref_source["state_dict"])}
     path = Path(ref_source).resolve()
@@ -84,14 +88,16 @@ def model_identity(ref_source: Any, cfg: DPOConfig, tokenizer) -> dict[str, Any]
 
 def _row_hashes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each row's 128-bit digest, summed as two 64-bit halves (mod 2**64): a sum does not depend on the rows'
-    order or on how Ray Data cut them into blocks and batches, so the same rows give the same key every time."""
+    order or on how Ray Data cut them into blocks and batches, so the same rows give the same key every
+    time."""
     lo = hi = 0
     for i in range(len(batch["row_id"])):
         r = hashlib.blake2b(digest_size=16)
         for col in (GROUP_ROW_COLUMNS if "group_input_ids" in batch else ROW_COLUMNS):
             r.update(np.asarray(batch[col][i], dtype=np.int64).tobytes() + b"|")
         d = r.digest()
-        lo, hi = (lo + int.from_bytes(d[:8], "little")) % 2**64, (hi + int.from_bytes(d[8:], "little")) % 2**64
+        lo, hi = ((lo + int.from_bytes(d[:8], "little")) % 2**64,
+                  (hi + int.from_bytes(d[8:], "little")) % 2**64)
     return {"lo": np.array([lo], dtype=np.uint64), "hi": np.array([hi], dtype=np.uint64),
             "rows": np.array([len(batch["row_id"])])}
 
@@ -99,15 +105,17 @@ def _row_hashes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def dataset_fingerprint(ds: ray.data.Dataset, cfg: DPOConfig, groups: bool = False) -> dict[str, Any]:
     """Source files + sizes/mtimes and the data settings; a content hash when there are no files."""
     settings = {k: getattr(cfg, k) for k in _DATA_KEYS}
-    if groups:  # which pairs a group gives changes nothing here, but the per-response columns are another layout
+    # which pairs a group gives changes nothing here, but the per-response columns are another layout
+    if groups:
         settings = {**settings, "groups": True}
     files = ds.input_files()
     if files:
         return {"files": _file_stats(files), "settings": settings}
-    parts = ds.select_columns(GROUP_ROW_COLUMNS if groups else ROW_COLUMNS).map_batches(_row_hashes, batch_format="numpy",
-                                                       batch_size=FINGERPRINT_BATCH).take_all()
+    parts = ds.select_columns(GROUP_ROW_COLUMNS if groups else ROW_COLUMNS).map_batches(
+        _row_hashes, batch_format="numpy", batch_size=FINGERPRINT_BATCH).take_all()
     lo, hi = (sum(int(p[k]) for p in parts) % 2**64 for k in ("lo", "hi"))
-    return {"content": f"{hi:016x}{lo:016x}", "rows": int(sum(p["rows"] for p in parts)), "settings": settings}
+    return {"content": f"{hi:016x}{lo:016x}", "rows": int(sum(p["rows"] for p in parts)),
+            "settings": settings}
 
 
 def tokenization_settings(cfg: DPOConfig, tokenizer) -> dict[str, Any]:
@@ -118,9 +126,11 @@ def tokenization_settings(cfg: DPOConfig, tokenizer) -> dict[str, Any]:
             "vocab_size": len(tokenizer) if tokenizer is not None else None,
             "chat_template": hashlib.sha256(str(template).encode()).hexdigest()[:16] if template else None,
             # the reference's precision changes the numbers
-            "precision": {"gpu": rc.num_gpus > 0, "torch_dtype": cfg.torch_dtype, "bf16": cfg.bf16, "fp16": cfg.fp16},
-            # how the reference is loaded changes the numbers too (attention kernel, 4-bit, from_pretrained kwargs);
-            # secret-looking kwargs (a hub token) do not, and the key's parts are written to _key.json
+            "precision": {"gpu": rc.num_gpus > 0, "torch_dtype": cfg.torch_dtype, "bf16": cfg.bf16,
+                          "fp16": cfg.fp16},
+            # how the reference is loaded changes the numbers too (attention kernel, 4-bit,
+            # from_pretrained kwargs); secret-looking kwargs (a hub token) do not, and the key's parts are
+            # written to _key.json
             "loading": {"attn_implementation": cfg.attn_implementation, "load_in_4bit": cfg.load_in_4bit,
                         "model_init_kwargs": redact(cfg.model_init_kwargs)}}
 
@@ -146,7 +156,8 @@ def pad_pairs(rows: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tenso
     completion = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
         n = len(s)
-        input_ids[i, :n] = torch.from_numpy(np.array(s, dtype=np.int64))  # a copy: Arrow's buffers are read-only
+        # a copy: Arrow's buffers are read-only
+        input_ids[i, :n] = torch.from_numpy(np.array(s, dtype=np.int64))
         attention[i, :n] = 1
         completion[i, int(p):n] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion,
@@ -170,13 +181,15 @@ class ReferenceScorer:
         from dpo_ray.data.collate import collate_groups
 
         batch = collate_groups(rows, self.pad_id)
-        every = torch.arange(batch["input_ids"].shape[0])  # each response its own "pair": per-response log-probs
+        # each response its own "pair": per-response log-probs
+        every = torch.arange(batch["input_ids"].shape[0])
         batch["pair_chosen"], batch["pair_rejected"] = every, every
         _, _, logps, _ = self.host.logps(None, batch, None)
         ends = np.cumsum([len(n) for n in rows["group_lens"]])
         values = np.split(np.asarray(logps, dtype=np.float32), ends[:-1])  # numpy (to_wire) or a tensor
         return pa.table({"row_id": pa.array(np.asarray(rows["row_id"], dtype=np.int64)),
-                         GROUP_OUT_COLUMN: pa.array([v.tolist() for v in values], type=pa.list_(pa.float32()))})
+                         GROUP_OUT_COLUMN: pa.array([v.tolist() for v in values],
+                                                    type=pa.list_(pa.float32()))})
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.groups:
@@ -193,11 +206,13 @@ def _compute(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any, tokenizer, o
     """Run the reference over ``ds`` into ``out_dir``/part-00000.parquet; the number of rows scored."""
     rc = cfg.reference
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    kwargs: dict[str, Any] = {"num_cpus": rc.num_cpus, "num_gpus": rc.num_gpus} if rc.num_gpus else {"num_cpus": rc.num_cpus}
+    kwargs: dict[str, Any] = ({"num_cpus": rc.num_cpus, "num_gpus": rc.num_gpus} if rc.num_gpus
+                              else {"num_cpus": rc.num_cpus})
     if rc.resources:
         kwargs["resources"] = dict(rc.resources)
     scored = ds.select_columns(GROUP_ROW_COLUMNS if groups else ROW_COLUMNS).map_batches(
-        ReferenceScorer, fn_constructor_args=(cfg.model_dump(mode="json"), ref_source, tokenizer, pad_id, groups),
+        ReferenceScorer, fn_constructor_args=(cfg.model_dump(mode="json"), ref_source, tokenizer, pad_id,
+                                              groups),
         batch_size=rc.batch_size or cfg.per_device_eval_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=rc.num_actors), **kwargs)
     # The driver writes the (row_id, two floats) results itself: one file, in the cache directory it sees,
@@ -232,8 +247,8 @@ def _log_pass(key_dir: Path, split: str, rows: int, seconds: float, kept: bool) 
     was dropped, the rows were scored twice. A sweep's store shows here that its trials shared one pass."""
     import socket
 
-    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "split": split, "rows": rows, "seconds": round(seconds, 2),
-            "host": socket.gethostname(), "pid": os.getpid(), "kept": kept}
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "split": split, "rows": rows,
+            "seconds": round(seconds, 2), "host": socket.gethostname(), "pid": os.getpid(), "kept": kept}
     with open(key_dir / PASSES_LOG, "a") as f:
         f.write(json.dumps(line) + "\n")
 
@@ -247,7 +262,8 @@ def _load_table(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ids = ids[order]
     if len(ids) > 1 and (np.diff(ids) == 0).any():
         dup = int(ids[1:][np.diff(ids) == 0][0])
-        raise RuntimeError(f"reference cache {path} holds row_id {dup} twice; row_ids must be unique per split")
+        raise RuntimeError(f"reference cache {path} holds row_id {dup} twice; row_ids must be unique per "
+                           "split")
     chosen = table.column(OUT_COLUMNS[0]).to_numpy().astype(np.float32)[order]
     rejected = table.column(OUT_COLUMNS[1]).to_numpy().astype(np.float32)[order]
     return ids, chosen, rejected
@@ -264,7 +280,8 @@ def _load_group_table(path: Path) -> tuple[np.ndarray, list]:
     ids = ids[order]
     if len(ids) > 1 and (np.diff(ids) == 0).any():
         dup = int(ids[1:][np.diff(ids) == 0][0])
-        raise RuntimeError(f"reference cache {path} holds row_id {dup} twice; row_ids must be unique per split")
+        raise RuntimeError(f"reference cache {path} holds row_id {dup} twice; row_ids must be unique per "
+                           "split")
     return ids, [values[i] for i in order]
 
 
@@ -284,12 +301,14 @@ def _attach(batch, table_ref: Any, source: str):
     pos = np.searchsorted(ids, row_ids).clip(max=len(ids) - 1)
     missing = ids[pos] != row_ids
     if missing.any():
-        raise RuntimeError(f"row_id {int(row_ids[missing][0])} has no reference log-probs in the cache {source}; "
-                           "the cache does not match this data: delete that directory to recompute it")
+        raise RuntimeError(f"row_id {int(row_ids[missing][0])} has no reference log-probs in the cache "
+                           f"{source}; the cache does not match this data: delete that directory to "
+                           "recompute it")
     if len(values) == 1:  # prompt groups: one list of per-response log-probs per row
         if GROUP_OUT_COLUMN in batch.column_names:
             batch = batch.drop_columns([GROUP_OUT_COLUMN])
-        return batch.append_column(GROUP_OUT_COLUMN, pa.array([values[0][p] for p in pos], type=pa.list_(pa.float32())))
+        return batch.append_column(GROUP_OUT_COLUMN, pa.array([values[0][p] for p in pos],
+                                                              type=pa.list_(pa.float32())))
     chosen, rejected = values
     for name, values in zip(OUT_COLUMNS, (chosen[pos], rejected[pos])):
         if name in batch.column_names:
@@ -304,12 +323,14 @@ def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any
     ``groups`` (prompt-group rows): one column ``ref_group_logps``, a float32 per response of each row."""
     from dpo_ray.vision import is_processor
 
-    if is_processor(tokenizer):  # the pass below builds text-only batches: its log-probs would ignore the images
+    # the pass below builds text-only batches: its log-probs would ignore the images
+    if is_processor(tokenizer):
         from dpo_ray.config import ConfigError
         from dpo_ray.config.rules import PRECOMPUTED_VISION_PROBLEM
 
         raise ConfigError([PRECOMPUTED_VISION_PROBLEM])
-    parts = {"model": model_identity(ref_source, cfg, tokenizer), "data": dataset_fingerprint(ds, cfg, groups),
+    parts = {"model": model_identity(ref_source, cfg, tokenizer),
+             "data": dataset_fingerprint(ds, cfg, groups),
              "tokenization": tokenization_settings(cfg, tokenizer)}
     key = cache_key(parts)
     out = cache_root(cfg) / key / split
@@ -317,17 +338,21 @@ def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any
     if done.exists():
         print(f"reference cache hit: key {key} ({split}) at {out}", flush=True)
     else:
-        print(f"reference cache miss: key {key} ({split}); computing reference log-probs into {out}", flush=True)
+        print(f"reference cache miss: key {key} ({split}); computing reference log-probs into {out}",
+              flush=True)
         t0 = time.perf_counter()
         # A unique temporary folder, then one rename: concurrent runs with the same key (a sweep, two jobs on
-        # shared storage) never write into each other's files; the first rename wins, the others use its result.
+        # shared storage) never write into each other's files; the first rename wins, the others use its
+        # result.
         mark_owned(out.parent, "reference-cache")  # this key's folder: its deletes stay inside it
         tmp = Path(tempfile.mkdtemp(prefix=f"{split}.tmp-", dir=out.parent))
         try:
             scored = _compute(ds, cfg, ref_source, tokenizer, tmp, groups)
             (tmp / "_key.json").write_text(json.dumps({"key": key, **parts}, indent=1, default=str))
-            (tmp / "_SUCCESS").write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {time.perf_counter() - t0:.1f}s\n")
-            if out.exists() and not done.exists():  # a crashed writer's leftovers (older layout): replace them
+            (tmp / "_SUCCESS").write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} "
+                                          f"{time.perf_counter() - t0:.1f}s\n")
+            # a crashed writer's leftovers (older layout): replace them
+            if out.exists() and not done.exists():
                 remove_owned(out, out.parent)
             try:
                 tmp.rename(out)
@@ -336,7 +361,8 @@ def attach_reference_logps(ds: ray.data.Dataset, cfg: DPOConfig, ref_source: Any
                 if not done.exists():
                     raise
                 kept = False
-                print(f"reference cache: another run wrote key {key} ({split}) first; using its result", flush=True)
+                print(f"reference cache: another run wrote key {key} ({split}) first; using its result",
+                      flush=True)
             _log_pass(out.parent, split, scored, time.perf_counter() - t0, kept)
         finally:
             remove_owned(tmp, out.parent)

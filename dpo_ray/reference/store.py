@@ -1,20 +1,21 @@
-"""A content-addressed store of precomputed reference log-probs, shared by the trials of a sweep (and by sweeps).
+"""A content-addressed store of precomputed reference log-probs, shared by the trials of a sweep (and by
+sweeps).
 
-Reference log-probs depend on the reference weights, the tokenizer (vocabulary, special tokens, chat template),
-the tokenized rows (which the truncation settings shape), the reference precision, the forward layout and the
-LD-DPO split (``ld_alpha``), and on nothing a sweep usually varies (β, loss_type, learning_rate,
-label_smoothing, ...). The store key hashes exactly those, by content: a hash of every weight file's bytes (or of
-the shipped tensors), of the tokenizer's vocabulary and template, of the tokenized rows' ids; never a path or a
-modification time, so a copied model directory or a re-written data file with the same rows finds the same
-entry.
+Reference log-probs depend on the reference weights, the tokenizer (vocabulary, special tokens, chat
+template), the tokenized rows (which the truncation settings shape), the reference precision, the forward
+layout and the LD-DPO split (``ld_alpha``), and on nothing a sweep usually varies (β, loss_type,
+learning_rate, label_smoothing, ...). The store key hashes exactly those, by content: a hash of every weight
+file's bytes (or of the shipped tensors), of the tokenizer's vocabulary and template, of the tokenized rows'
+ids; never a path or a modification time, so a copied model directory or a re-written data file with the same
+rows finds the same entry.
 
 Layout: ``<root>/<content key>/`` is the ``reference.cache_dir`` of every run with that key; inside it
-``attach_reference_logps`` keeps its own cache (``<precompute key>/<split>/``, dpo_ray/reference/precompute.py)
-and this module adds ``_content_key.json`` (what the key was made of, rows, when) and ``_COMPLETE``. Writers
-take an exclusive ``fcntl`` lock on ``<root>/<content key>.lock`` for the pass, so concurrent sweeps (processes,
-nodes on one shared file system) compute a key once; the others wait and read. A run whose precompute key
-differs while the content key is the same (e.g. another path to the same weights) gets an alias (a symlink) to
-the computed entry instead of a second pass.
+``attach_reference_logps`` keeps its own cache (``<precompute key>/<split>/``,
+dpo_ray/reference/precompute.py) and this module adds ``_content_key.json`` (what the key was made of, rows,
+when) and ``_COMPLETE``. Writers take an exclusive ``fcntl`` lock on ``<root>/<content key>.lock`` for the
+pass, so concurrent sweeps (processes, nodes on one shared file system) compute a key once; the others wait
+and read. A run whose precompute key differs while the content key is the same (e.g. another path to the same
+weights) gets an alias (a symlink) to the computed entry instead of a second pass.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from dpo_ray.owned import OWNER_FILE, OwnershipError, is_owned, mark_owned, remo
 from dpo_ray.redact import redact
 
 STORE_FORMAT = 1
-STORE_KIND, ENTRY_KIND = "reference-store", "reference-store-entry"  # the markers (dpo_ray/owned.py) it writes
+# the markers (dpo_ray/owned.py) it writes
+STORE_KIND, ENTRY_KIND = "reference-store", "reference-store-entry"
 COMPLETE = "_COMPLETE"
 KEY_FILE = "_content_key.json"
 ROW_COLUMNS = ("row_id", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len")
@@ -63,7 +65,8 @@ def weights_fingerprint(ref_source: Any) -> dict[str, Any]:
         ref_source = ray.get(ref_source)
     if isinstance(ref_source, dict):
         config = ref_source["config"]
-        config_json = config.to_json_string() if hasattr(config, "to_json_string") else json.dumps(config, default=str)
+        config_json = (config.to_json_string() if hasattr(config, "to_json_string")
+                       else json.dumps(config, default=str))
         return {"config": hashlib.sha256(config_json.encode()).hexdigest()[:32],
                 "tensors": state_dict_fingerprint(ref_source["state_dict"])}
     if hasattr(ref_source, "state_dict"):
@@ -99,7 +102,8 @@ def _row_digests(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def rows_fingerprint(ds) -> dict[str, Any]:
-    """A content hash of the tokenized rows (row ids, token ids, prompt lengths), independent of their order."""
+    """A content hash of the tokenized rows (row ids, token ids, prompt lengths), independent of their
+    order."""
     if ds is None:
         return {"rows": 0, "content": None}
     parts = ds.select_columns(list(ROW_COLUMNS)).map_batches(_row_digests, batch_format="numpy",
@@ -115,11 +119,14 @@ def reference_settings(cfg: DPOConfig) -> dict[str, Any]:
     """The config keys the reference numbers depend on besides weights, tokenizer and rows."""
     rc = cfg.reference
     return {"ld_alpha": cfg.ld_alpha, "max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode,
-            "precision": {"gpu": rc.num_gpus > 0, "torch_dtype": cfg.torch_dtype, "bf16": cfg.bf16, "fp16": cfg.fp16},
+            "precision": {"gpu": rc.num_gpus > 0, "torch_dtype": cfg.torch_dtype, "bf16": cfg.bf16,
+                          "fp16": cfg.fp16},
             "prefix_sharing": cfg.prefix_sharing,
-            # how the reference is loaded (attention kernel, 4-bit, from_pretrained kwargs): secrets never enter
+            # how the reference is loaded (attention kernel, 4-bit, from_pretrained kwargs): secrets
+            # never enter
             "loading": {"attn_implementation": cfg.attn_implementation, "load_in_4bit": cfg.load_in_4bit,
-                        "model_init_kwargs": sorted((k, str(v)) for k, v in redact(cfg.model_init_kwargs or {}).items())}}
+                        "model_init_kwargs": sorted((k, str(v))
+                                                    for k, v in redact(cfg.model_init_kwargs or {}).items())}}
 
 
 def content_key(parts: dict[str, Any]) -> str:
@@ -142,8 +149,8 @@ class Entry:
 
 @dataclass
 class Cleaned:
-    """What ``ReferenceStore.clean`` did: keys removed, keys whose removal failed (with why), and folders in the
-    store's root that are not entries it wrote (left alone)."""
+    """What ``ReferenceStore.clean`` did: keys removed, keys whose removal failed (with why), and folders in
+    the store's root that are not entries it wrote (left alone)."""
 
     removed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
@@ -151,8 +158,9 @@ class Cleaned:
 
 
 class ReferenceStore:
-    """``ReferenceStore(root).ensure(cfg)`` -> the ``reference.cache_dir`` holding ``cfg``'s reference log-probs
-    (computed now, once, if no run computed them before); ``entries()`` / ``report()`` / ``clean()``."""
+    """``ReferenceStore(root).ensure(cfg)`` -> the ``reference.cache_dir`` holding ``cfg``'s reference
+    log-probs (computed now, once, if no run computed them before); ``entries()`` / ``report()`` /
+    ``clean()``."""
 
     def __init__(self, root: str | os.PathLike):
         if root is None or not str(root).strip():  # Path("") would be the working directory
@@ -173,7 +181,8 @@ class ReferenceStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def ensure(self, cfg: DPOConfig, tokenizer=None, train_dataset=None, eval_dataset=None) -> tuple[str, str]:
+    def ensure(self, cfg: DPOConfig, tokenizer=None, train_dataset=None,
+               eval_dataset=None) -> tuple[str, str]:
         """(content key, cache dir) for ``cfg``; runs the reference pass over train (and eval) unless stored.
 
         Prepares the data and the reference source as ``DPOTrainer.train`` does, so the precompute key that a
@@ -193,8 +202,9 @@ class ReferenceStore:
         if prepared.groups:
             from dpo_ray.errors import ConfigError
 
-            raise ConfigError([("dataset_name", "the sweep's shared reference store takes pair rows; prompt groups "
-                                                "(completions + scores/ranking) are not supported by sweeps yet")])
+            raise ConfigError([("dataset_name",
+                                "the sweep's shared reference store takes pair rows; prompt groups "
+                                "(completions + scores/ranking) are not supported by sweeps yet")])
         model_source: Any = cfg.model_name_or_path
         if model_source is None:  # the tiny default, seeded by cfg.seed: shipped, as the trainer ships it
             model_source = ray.put(shippable(load_causal_lm(None, cfg, tokenizer)))
@@ -217,7 +227,8 @@ class ReferenceStore:
                 for name, ds in splits.items():
                     attach_reference_logps(ds, sub, ref_source, tokenizer, split=name)
                 (entry / KEY_FILE).write_text(json.dumps((
-                    {"key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.perf_counter() - t0, 2),
+                    {"key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "seconds": round(time.perf_counter() - t0, 2),
                      **parts, "row_counts": {n: r["rows"] for n, r in rows.items()}}), indent=1, default=str))
                 (entry / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
             (entry / "_last_used").touch()
@@ -225,8 +236,9 @@ class ReferenceStore:
 
     @staticmethod
     def _alias(entry: Path, cfg: DPOConfig, splits: dict, ref_source: Any, tokenizer) -> None:
-        """Same content key, another precompute key (another path to the same weights, other data settings that
-        keep the rows): link that key to the computed one, so the run reads it instead of running a pass."""
+        """Same content key, another precompute key (another path to the same weights, other data settings
+        that keep the rows): link that key to the computed one, so the run reads it instead of running a
+        pass."""
         from dpo_ray.reference.precompute import (
             cache_key,
             dataset_fingerprint,
@@ -235,12 +247,13 @@ class ReferenceStore:
         )
 
         for split, ds in splits.items():
-            wanted = cache_key({"model": model_identity(ref_source, cfg, tokenizer), "data": dataset_fingerprint(ds, cfg),
+            wanted = cache_key({"model": model_identity(ref_source, cfg, tokenizer),
+                                "data": dataset_fingerprint(ds, cfg),
                                 "tokenization": tokenization_settings(cfg, tokenizer)})
             if (entry / wanted / split / "_SUCCESS").exists():
                 continue
-            computed = next((p for p in entry.glob(f"*/{split}") if (p / "_SUCCESS").exists() and not p.is_symlink()),
-                            None)
+            computed = next((p for p in entry.glob(f"*/{split}")
+                             if (p / "_SUCCESS").exists() and not p.is_symlink()), None)
             if computed is not None:
                 (entry / wanted).mkdir(exist_ok=True)
                 (entry / wanted / split).symlink_to(Path("..") / computed.parent.name / split)
@@ -253,7 +266,8 @@ class ReferenceStore:
             meta = json.loads((d / KEY_FILE).read_text()) if (d / KEY_FILE).exists() else {}
             size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file() and not p.is_symlink())
             used = d / "_last_used"
-            out.append(Entry(key=d.name, path=d, bytes=size, rows=meta.get("row_counts", {}), created=meta.get("created", "?"),
+            out.append(Entry(key=d.name, path=d, bytes=size, rows=meta.get("row_counts", {}),
+                             created=meta.get("created", "?"),
                              last_used=used.stat().st_mtime if used.exists() else d.stat().st_mtime,
                              complete=(d / COMPLETE).exists()))
         return out
@@ -261,7 +275,8 @@ class ReferenceStore:
     def report(self) -> str:
         """One line per key (size, rows per split, created, last used) and the total."""
         entries = self.entries()
-        lines = [f"reference store {self.root}: {len(entries)} key(s), {_human(sum(e.bytes for e in entries))}"]
+        lines = [f"reference store {self.root}: {len(entries)} key(s), "
+                 f"{_human(sum(e.bytes for e in entries))}"]
         for e in entries:
             rows = ", ".join(f"{k} {v}" for k, v in e.rows.items()) or "rows ?"
             state = "" if e.complete else "  (incomplete: a pass was interrupted or is running)"
@@ -271,10 +286,10 @@ class ReferenceStore:
 
     def clean(self, keys: list[str] | None = None, older_than_days: float | None = None,
               everything: bool = False) -> Cleaned:
-        """Delete the given keys, those not used for ``older_than_days``, or everything: only entries this store
-        wrote (their ``.dpo_ray_owned`` marker), in a root that is a store (its marker); anything else in the
-        folder is never touched. Each key is removed under its lock, so a pass in progress is never deleted
-        under a writer. A removal that fails is reported in ``failed``, not in ``removed``."""
+        """Delete the given keys, those not used for ``older_than_days``, or everything: only entries this
+        store wrote (their ``.dpo_ray_owned`` marker), in a root that is a store (its marker); anything else
+        in the folder is never touched. Each key is removed under its lock, so a pass in progress is never
+        deleted under a writer. A removal that fails is reported in ``failed``, not in ``removed``."""
         if not (keys or older_than_days is not None or everything):
             raise ValueError("say what to clean: keys, older_than_days or everything")
         problem = root_problem(self.root, "the reference store")
@@ -284,9 +299,10 @@ class ReferenceStore:
         if not self.root.exists():
             return out
         if not is_owned(self.root, STORE_KIND):
-            raise OwnershipError(f"{self.root} is not a reference store: it has no {OWNER_FILE} marker, which dpo_ray "
-                                 "writes in every store it makes; nothing deleted")
-        out.skipped = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not is_owned(p, ENTRY_KIND))
+            raise OwnershipError(f"{self.root} is not a reference store: it has no {OWNER_FILE} marker, "
+                                 "which dpo_ray writes in every store it makes; nothing deleted")
+        out.skipped = sorted(p.name for p in self.root.iterdir()
+                             if p.is_dir() and not is_owned(p, ENTRY_KIND))
         now = time.time()
         for e in self.entries():
             if keys and e.key not in keys:
