@@ -13,7 +13,8 @@ writes files or talks to a service checks ``ctx.rank``. Whatever it raises fails
 error of the loop (Ray Train restarts the worker group up to ``ray.max_failures`` times, from the last
 checkpoint, and calls ``on_train_begin`` again on the new group). The hooks, in the order a run calls them:
 
-    on_train_begin  after the model, the optimizer and a resumed checkpoint are in place, before the first batch
+    on_train_begin  after the model, the optimizer and a resumed checkpoint are in place, before the first
+                    batch
     on_log          at each logging step, with the step's reduced metrics (the same on every rank)
     on_evaluate     after each evaluation, with the eval_ metrics (every rank)
     on_save         after a checkpoint was written (every rank joined the save)
@@ -75,17 +76,17 @@ def check_callbacks(callbacks) -> list[Callback]:
     out = list(callbacks or [])
     for i, cb in enumerate(out):
         if not isinstance(cb, Callback):
-            hint = (" (a transformers TrainerCallback: its hooks take TrainingArguments and a TrainerControl that "
-                    "this loop does not have; port it to dpo_ray.Callback)"
+            hint = (" (a transformers TrainerCallback: its hooks take TrainingArguments and a TrainerControl "
+                    "that this loop does not have; port it to dpo_ray.Callback)"
                     if any(c.__name__ == "TrainerCallback" for c in type(cb).__mro__) else "")
-            raise TypeError(f"callbacks[{i}] is a {type(cb).__name__}, not a dpo_ray.Callback{hint}: subclass "
-                            "dpo_ray.Callback and override its on_* hooks")
+            raise TypeError(f"callbacks[{i}] is a {type(cb).__name__}, not a dpo_ray.Callback{hint}: "
+                            "subclass dpo_ray.Callback and override its on_* hooks")
         import ray.cloudpickle
 
         try:
             ray.cloudpickle.dumps(cb)
         except Exception as e:
-            raise TypeError(f"callbacks[{i}] ({type(cb).__name__}) cannot be pickled to the training workers: "
-                            f"{type(e).__name__}: {e}. Keep only picklable state on it (paths, numbers), and open "
-                            "files or clients inside its hooks") from None
+            raise TypeError(f"callbacks[{i}] ({type(cb).__name__}) cannot be pickled to the training "
+                            f"workers: {type(e).__name__}: {e}. Keep only picklable state on it (paths, "
+                            "numbers), and open files or clients inside its hooks") from None
     return out

@@ -41,7 +41,8 @@ class TrainerState:
     gradient_accumulation_steps: int | None = None
     data_seed: int | None = None
     data_fingerprint: str | None = None
-    manifests: bool = False  # each rank wrote manifest_rank{r}.json last: completeness is checked against them
+    # each rank wrote manifest_rank{r}.json last: completeness is checked against them
+    manifests: bool = False
 
 
 # The state keys a resume must match (world_size included), with the setting that gives each.
@@ -52,7 +53,8 @@ MANIFEST = "manifest_rank{rank}.json"
 
 
 def checkpoint_dir_name(step: int) -> str:
-    """A checkpoint's folder name in its run's Ray Train folder: ``checkpoint-000012`` for optimizer step 12."""
+    """A checkpoint's folder name in its run's Ray Train folder: ``checkpoint-000012`` for optimizer step
+    12."""
     return f"checkpoint-{step:06d}"
 
 
@@ -70,8 +72,8 @@ def save_checkpoint(engine, state: TrainerState, rank: int, metrics: dict[str, f
                     reference=None) -> None:
     """Every rank writes its DeepSpeed shard (+ RNG) and reports it; Ray Train merges them in storage.
 
-    Metrics go to metrics.jsonl / TensorBoard, so Ray Train sees only the step and ``metrics`` (the eval metric
-    load_best_model_at_end ranks checkpoints by).
+    Metrics go to metrics.jsonl / TensorBoard, so Ray Train sees only the step and ``metrics`` (the eval
+    metric load_best_model_at_end ranks checkpoints by).
     """
     import ray.train
     import torch.distributed as dist
@@ -86,11 +88,12 @@ def save_checkpoint(engine, state: TrainerState, rank: int, metrics: dict[str, f
             reference.save_state(Path(d), rank)
         if rank == 0:
             (Path(d) / CHECKPOINT_STATE_FILE).write_text(json.dumps(asdict(state)))
-        # last: every file this rank wrote, with its size; a checkpoint is complete when every rank's manifest is
-        # there and every file it lists has that size (a file torn or emptied in the upload is caught)
+        # last: every file this rank wrote, with its size; a checkpoint is complete when every rank's manifest
+        # is there and every file it lists has that size (a file torn or emptied in the upload is caught)
         files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(Path(d).rglob("*")) if p.is_file()}
         (Path(d) / MANIFEST.format(rank=rank)).write_text(json.dumps(files))
-        ray.train.report({"step": state.global_step, **(metrics or {})}, checkpoint=ray.train.Checkpoint.from_directory(d),
+        ray.train.report({"step": state.global_step, **(metrics or {})},
+                         checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=checkpoint_dir_name(state.global_step))
 
 
@@ -102,8 +105,9 @@ def load_checkpoint(engine, d: str, rank: int, reference=None) -> TrainerState:
         _set_rng_state(torch.load(rng_file, weights_only=True))  # plain tensors and numbers: no pickled code
     if state.ref_version > 0:
         if reference is None or not hasattr(reference, "load_state"):
-            raise RuntimeError(f"checkpoint {d} holds a TR-DPO reference at weights version {state.ref_version}, "
-                               "but this run's reference source cannot take it; resume with the same reference.source")
+            raise RuntimeError(f"checkpoint {d} holds a TR-DPO reference at weights version "
+                               f"{state.ref_version}, but this run's reference source cannot take it; resume "
+                               "with the same reference.source")
         reference.load_state(Path(d), rank, state.ref_version)
     return state
 
@@ -173,7 +177,8 @@ def _manifest_problems(d: Path, world: int) -> str:
 
 def resume_mismatches(state: dict, now: dict) -> list[tuple[str, str]]:
     """(key, message) for each setting the checkpoint's data position depends on that differs in this run
-    (``now``: the RESUME_KEYS as this run has them); a checkpoint that did not record a key is not checked on it."""
+    (``now``: the RESUME_KEYS as this run has them); a checkpoint that did not record a key is not checked on
+    it."""
     out = []
     for key, setting in RESUME_KEYS.items():
         was, is_ = state.get(key), now.get(key)
@@ -181,10 +186,10 @@ def resume_mismatches(state: dict, now: dict) -> list[tuple[str, str]]:
             continue
         what = ("other data (the dataset's files, sizes, row count or data settings differ)"
                 if key == "data_fingerprint" else f"{setting} {was}, and this run has {is_}")
-        out.append((setting, f"resume_from_checkpoint: the checkpoint was written with {what}; its data position "
-                             f"(epoch {state.get('epoch')}, micro-batch {state.get('micro_in_epoch')}) counts that "
-                             "run's batches, so resuming would skip other rows. Resume with the checkpoint's "
-                             f"{setting}, or start a new run"))
+        out.append((setting, f"resume_from_checkpoint: the checkpoint was written with {what}; its data "
+                             f"position (epoch {state.get('epoch')}, micro-batch "
+                             f"{state.get('micro_in_epoch')}) counts that run's batches, so resuming would "
+                             f"skip other rows. Resume with the checkpoint's {setting}, or start a new run"))
     return out
 
 
@@ -209,8 +214,8 @@ def write_model(module, cfg: DPOConfig, tokenizer, out: Path, state_dict=None) -
     leaves the previous files or none, never a truncated model.safetensors beside a valid config.json.
     The set is replaced whole: what an earlier write listed in ``out``'s marker (``model_files``) and this one
     did not write (a LoRA run's adapter files under a full model, old shards, merged/) is removed, so
-    ``from_pretrained(out)`` never loads a stale piece. A file dpo_ray did not write (a user's README.md) is left
-    as it is, never replaced by a model card (the rest of the set is the model's and is written)."""
+    ``from_pretrained(out)`` never loads a stale piece. A file dpo_ray did not write (a user's README.md) is
+    left as it is, never replaced by a model card (the rest of the set is the model's and is written)."""
     from dpo_ray.owned import mark_owned, read_marker, remove_owned, replace_owned
 
     mark_owned(out, "output_dir")
@@ -224,7 +229,8 @@ def write_model(module, cfg: DPOConfig, tokenizer, out: Path, state_dict=None) -
         else:
             module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if (tmp / "merged").is_dir():  # merge_adapter: a model directory of its own, loadable with its tokenizer
+        # merge_adapter: a model directory of its own, loadable with its tokenizer
+        if (tmp / "merged").is_dir():
             tokenizer.save_pretrained(tmp / "merged")
         written, kept = [], []
         # weights first, config.json last: a config is there only once its weights are
@@ -239,7 +245,8 @@ def write_model(module, cfg: DPOConfig, tokenizer, out: Path, state_dict=None) -
             remove_owned(out / stale, out)
         mark_owned(out, "output_dir", model_files=sorted(written))
         if kept:
-            print(f"dpo-ray: left {', '.join(kept)} in {out} as they were (not written by dpo_ray)", flush=True)
+            print(f"dpo-ray: left {', '.join(kept)} in {out} as they were (not written by dpo_ray)",
+                  flush=True)
     finally:
         remove_owned(tmp, out)
 
@@ -281,8 +288,8 @@ def export_checkpoint(d: Path, cfg: DPOConfig, model_source, tokenizer, out: Pat
     missing, unexpected = model.load_state_dict(checkpoint_weights(d, cfg), strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if unexpected or trainable & set(missing):
-        raise RuntimeError(f"checkpoint {d} does not match the policy: missing {sorted(trainable & set(missing))[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
+        raise RuntimeError(f"checkpoint {d} does not match the policy: missing "
+                           f"{sorted(trainable & set(missing))[:5]}, unexpected {sorted(unexpected)[:5]}")
     write_model(model, cfg, tokenizer, out)
 
 

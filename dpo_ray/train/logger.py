@@ -41,15 +41,15 @@ def cut_metrics(path: Path, step: int) -> None:
 
 
 class Throughput:
-    """The run's rates, defined once, on one clock (rank 0's ``time.perf_counter``), all counting from the first
-    batch's arrival (the end of start-up: the timeline's "first batch"; start-up has its own line):
+    """The run's rates, defined once, on one clock (rank 0's ``time.perf_counter``), all counting from the
+    first batch's arrival (the end of start-up: the timeline's "first batch"; start-up has its own line):
 
-    - per optimizer step, ``seconds_per_step``: training time so far / optimizer steps so far (the bar's s/step,
-      its time left and the estimated duration);
+    - per optimizer step, ``seconds_per_step``: training time so far / optimizer steps so far (the bar's
+      s/step, its time left and the estimated duration);
     - per logging window, metrics.jsonl's ``samples_per_second`` (pairs; sequences in SFT) and
-      ``tokens_per_second``: the window's pairs and tokens over its wall time, from the previous logged step (the
-      first window: from the first batch) to this one. Eval and checkpoint time count in the window they fall
-      in, so the windows tile the run: their durations add up to ``train_runtime_s``;
+      ``tokens_per_second``: the window's pairs and tokens over its wall time, from the previous logged step
+      (the first window: from the first batch) to this one. Eval and checkpoint time count in the window they
+      fall in, so the windows tile the run: their durations add up to ``train_runtime_s``;
     - whole run, ``pairs_per_s`` / ``tokens_per_s`` over ``train_runtime_s`` (report.json, the summary, the
       bar): every pair and token since the first batch over the time since then.
     A resumed run counts from its own first batch.
@@ -57,7 +57,8 @@ class Throughput:
 
     def __init__(self, state: TrainerState):
         self.first: float | None = None  # the first batch's arrival
-        self.start_step, self.start_pairs, self.start_tokens = state.global_step, state.pairs_seen, state.tokens_seen
+        self.start_step, self.start_pairs, self.start_tokens = (state.global_step, state.pairs_seen,
+                                                                state.tokens_seen)
         self.t, self.pairs, self.tokens = None, state.pairs_seen, state.tokens_seen
 
     def begin(self) -> None:
@@ -84,7 +85,8 @@ class Throughput:
 
     def whole_run(self, state: TrainerState, logged: bool) -> dict[str, float]:
         """What rank 0 posts to the driver's display at each optimizer step: training time and steps so far;
-        at a logged step also the whole-run rates (the counts are only known after the window's all-reduce)."""
+        at a logged step also the whole-run rates (the counts are only known after the window's
+        all-reduce)."""
         train_s = (self.t if logged else time.perf_counter()) - self.first if self.first is not None else 0.0
         out = {"train_runtime_s": train_s, "steps_done": state.global_step - self.start_step}
         if logged and train_s > 0:
@@ -100,7 +102,8 @@ class Logger:
 
     COLUMNS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate", "grad_norm")
 
-    def __init__(self, cfg: DPOConfig, rank: int, total_steps: int, run_name: str = "run", start_step: int = 0):
+    def __init__(self, cfg: DPOConfig, rank: int, total_steps: int, run_name: str = "run",
+                 start_step: int = 0):
         self.active = rank == 0
         self.total = total_steps
         self.out = Path(cfg.output_dir)

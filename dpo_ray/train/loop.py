@@ -46,7 +46,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:  # whatever fails, the TensorBoard writer is flushed and the reference requests in flight are dropped
         state = restore(w)
         step = (DPOStep(w.cfg, w.device, w.pad_id, w.reference, w.checkpointing, announce=w.rank == 0)
-                if lc.mode == "dpo" else SFTStep(w.cfg, w.device, w.pad_id, w.checkpointing, announce=w.rank == 0))
+                if lc.mode == "dpo"
+                else SFTStep(w.cfg, w.device, w.pad_id, w.checkpointing, announce=w.rank == 0))
         run = Run(w, step, state)
         run.fire("on_train_begin")
         if lc.progress is not None and w.rank == 0:  # the driver's display measures rates from here
@@ -80,8 +81,8 @@ def restore(w: Worker) -> TrainerState:
             missing = checkpoint_problems(Path(d))
         if missing:
             if w.rank == 0:
-                sys.stdout.write(f"Ray Train's latest checkpoint {checkpoint.path} is incomplete ({missing}); "
-                                 f"resuming from {w.lc.resume_checkpoint}\n")
+                sys.stdout.write(f"Ray Train's latest checkpoint {checkpoint.path} is incomplete "
+                                 f"({missing}); resuming from {w.lc.resume_checkpoint}\n")
             checkpoint = None
     if checkpoint is None and w.lc.resume_checkpoint:
         checkpoint = ray.train.Checkpoint.from_directory(w.lc.resume_checkpoint)
@@ -109,7 +110,8 @@ class Run:
     def __init__(self, w: Worker, step: TrainingStep, state: TrainerState):
         self.w, self.step, self.state = w, step, state
         self.cfg, self.lc = w.cfg, w.lc
-        self.logger = Logger(self.cfg, w.rank, self.lc.total_steps, run_name=_run_name(self.lc), start_step=state.global_step)
+        self.logger = Logger(self.cfg, w.rank, self.lc.total_steps, run_name=_run_name(self.lc),
+                             start_step=state.global_step)
         self.acc = MetricAccumulator()
         self.throughput = Throughput(state)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=w.device)  # checked once per optimizer step
@@ -132,7 +134,8 @@ class Run:
         w = self.w
         ctx = CallbackContext(rank=w.rank, world_size=w.world, global_step=self.state.global_step,
                               total_steps=self.total_steps, epoch=self.epoch_fraction(),
-                              output_dir=Path(self.cfg.output_dir), model=w.model, metrics=dict(metrics or {}))
+                              output_dir=Path(self.cfg.output_dir), model=w.model,
+                              metrics=dict(metrics or {}))
         for cb in self.lc.callbacks:
             getattr(cb, hook)(ctx)
 
@@ -149,7 +152,8 @@ class Run:
                 self.nonfinite |= ~torch.isfinite(loss.detach())
                 boundary = w.engine.is_gradient_accumulation_boundary()
                 w.engine.backward(loss)  # at a boundary this also all-reduces the gradients
-                grad_norm = _stage0_grad_norm(w.engine) if boundary and self.cfg.deepspeed.zero_stage == 0 else None
+                grad_norm = (_stage0_grad_norm(w.engine) if boundary and self.cfg.deepspeed.zero_stage == 0
+                             else None)
                 w.engine.step()
                 self.acc.add(metrics)
                 state.micro_in_epoch += 1
@@ -161,23 +165,25 @@ class Run:
                         return False
             return True
         finally:
-            if w.rank == 0 and self.cfg.length_bucketing == "auto" and getattr(source, "pools", 0) and not self.noted:
+            if w.rank == 0 and self.cfg.length_bucketing == "auto" and getattr(source, "pools", 0) \
+                    and not self.noted:
                 self.noted = True  # once per run: what the data decided (docs/training.md)
-                sys.stdout.write(f"length bucketing (auto): {source.pools_bucketed} of {source.pools} pool(s) of "
-                                 f"{source.pool_batches} batches bucketed by length (bucketing saves >= 10% of "
-                                 f"a pool's tokens there); padding {source.padding_fraction:.1%} of the tokens\n")
+                sys.stdout.write(f"length bucketing (auto): {source.pools_bucketed} of {source.pools} "
+                                 f"pool(s) of {source.pool_batches} batches bucketed by length (bucketing "
+                                 "saves >= 10% of a pool's tokens there); padding "
+                                 f"{source.padding_fraction:.1%} of the tokens\n")
 
     def fit_plan_to_epoch(self, micro: int) -> None:
-        """The first full epoch gave ``micro`` micro-batches on every worker (``counted`` checks they agree); the
-        driver planned from the rows it counted, before bad rows were dropped. Fewer: size the rest of the run
-        (its steps or its epochs, and the LR schedule's horizon) by the rows that arrived."""
+        """The first full epoch gave ``micro`` micro-batches on every worker (``counted`` checks they agree);
+        the driver planned from the rows it counted, before bad rows were dropped. Fewer: size the rest of the
+        run (its steps or its epochs, and the LR schedule's horizon) by the rows that arrived."""
         self.state.micro_per_epoch = micro
         if micro // self.cfg.gradient_accumulation_steps == 0:
             raise TooFewRowsError(
                 f"the training data gave {micro} micro-batch(es) per worker in a whole epoch, fewer than one "
-                f"optimizer step (gradient_accumulation_steps {self.cfg.gradient_accumulation_steps}): the rows kept "
-                "after bad rows were dropped are too few. Give more rows, or lower per_device_train_batch_size / "
-                "gradient_accumulation_steps / ray.num_workers")
+                f"optimizer step (gradient_accumulation_steps {self.cfg.gradient_accumulation_steps}): the "
+                "rows kept after bad rows were dropped are too few. Give more rows, or lower "
+                "per_device_train_batch_size / gradient_accumulation_steps / ray.num_workers")
         if micro < self.lc.micro_per_epoch:
             self._resize(micro, announce=self.w.rank == 0)
             self.state.planned_steps = self.total_steps
@@ -193,12 +199,14 @@ class Run:
             self.w.resize_schedule(self.total_steps, self.state.global_step)
             self.logger.total = self.total_steps
         if announce:
-            sys.stdout.write(f"the first epoch gave {micro} micro-batches per worker, not the {lc.micro_per_epoch} "
-                             f"planned from the rows counted (bad rows dropped): the run now has {self.total_steps} "
-                             f"optimizer steps over up to {self.num_epochs} epoch(s)\n")
+            sys.stdout.write(f"the first epoch gave {micro} micro-batches per worker, not the "
+                             f"{lc.micro_per_epoch} planned from the rows counted (bad rows dropped): the "
+                             f"run now has {self.total_steps} optimizer steps over up to {self.num_epochs} "
+                             "epoch(s)\n")
 
     def on_optimizer_step(self, grad_norm: float | None) -> None:
-        """Every N steps: the non-finite check, fault injection, the TR-DPO sync, logging, eval, checkpoint."""
+        """Every N steps: the non-finite check, fault injection, the TR-DPO sync, logging, eval,
+        checkpoint."""
         cfg, w, step = self.cfg, self.w, self.state.global_step
         if bool(self.nonfinite) or (grad_norm is not None and not math.isfinite(grad_norm)):  # host sync
             raise NonFiniteError(
@@ -206,14 +214,18 @@ class Run:
                 "learning_rate, check the data of this step, or set max_grad_norm")
         if w.reference is not None and cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
             w.reference.sync_from(w.model, cfg.ref_model_mixup_alpha)
-        every = functools.partial(interval_steps, total_steps=self.total_steps)  # fractions of the run's steps
-        log_due = step % every(cfg.logging_steps) == 0 or step == self.total_steps or (cfg.logging_first_step and step == 1)
+        # fractions of the run's steps
+        every = functools.partial(interval_steps, total_steps=self.total_steps)
+        log_due = (step % every(cfg.logging_steps) == 0 or step == self.total_steps
+                   or (cfg.logging_first_step and step == 1))
         logged = self.log(step, grad_norm) if log_due else {}
         if self.lc.progress is not None and w.rank == 0:  # fire and forget: the driver draws it
-            post = {"epoch": round(self.epoch_fraction(), 3), **self.throughput.whole_run(self.state, bool(logged))}
+            post = {"epoch": round(self.epoch_fraction(), 3),
+                    **self.throughput.whole_run(self.state, bool(logged))}
             post.update({k: logged[k] for k in ("loss",) if k in logged})
             self.lc.progress.post.remote(step, post)
-        if w.eval_shard is not None and cfg.eval_strategy == "steps" and step % every(cfg.eval_steps or cfg.logging_steps) == 0:
+        if w.eval_shard is not None and cfg.eval_strategy == "steps" \
+                and step % every(cfg.eval_steps or cfg.logging_steps) == 0:
             self.logger.log(step, self.evaluate())
         # the last step's checkpoint is taken by finish(), after its eval (load_best_model_at_end ranks it)
         if cfg.save_strategy == "steps" and step % every(cfg.save_steps) == 0 and step < self.total_steps:
@@ -225,9 +237,11 @@ class Run:
         return self.state.epoch + self.state.micro_in_epoch / max(per_epoch, 1)
 
     def save(self) -> None:
-        """A checkpoint; with load_best_model_at_end it carries the latest eval metric for Ray Train to rank."""
+        """A checkpoint; with load_best_model_at_end it carries the latest eval metric for Ray Train to
+        rank."""
         metrics = {}
-        if self.best is not None:  # every checkpoint carries the key Ray ranks by; one before any eval ranks last
+        # every checkpoint carries the key Ray ranks by; one before any eval ranks last
+        if self.best is not None:
             key, greater = self.best
             metrics[key] = self.last_eval.get(key, float("-inf") if greater else float("inf"))
         if self.w.reference is not None:
@@ -275,10 +289,11 @@ class Run:
         """The last eval, the saved model (every rank joins the ZeRO-3 gather), rank 0's final state."""
         w = self.w
         if self.state.global_step == 0:  # never save the untouched input weights as the result
-            raise TooFewRowsError("the run trained 0 optimizer steps: the training data gave no full batch on "
-                                  "every worker. Give more rows, or lower per_device_train_batch_size / "
+            raise TooFewRowsError("the run trained 0 optimizer steps: the training data gave no full batch "
+                                  "on every worker. Give more rows, or lower per_device_train_batch_size / "
                                   "gradient_accumulation_steps / ray.num_workers")
-        if w.eval_shard is not None and self.cfg.eval_strategy != "no" and self.eval_step != self.state.global_step:
+        if w.eval_shard is not None and self.cfg.eval_strategy != "no" \
+                and self.eval_step != self.state.global_step:
             self.logger.log(self.state.global_step, self.evaluate())
         if self.cfg.save_strategy != "no" and self.saved_step != self.state.global_step:
             self.save()  # the last step is never lost to a crash while the model is written

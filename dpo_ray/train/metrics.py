@@ -55,7 +55,8 @@ class MetricAccumulator:
             dist.all_reduce(flat)
         values = flat.cpu()  # the one host sync of the logging step
         n_micro = float(values[-1])  # micro-batches of all workers
-        out = {k: (v if k in SUMMED else v / max(n_micro, 1.0)) for k, v in zip(keys, values[:len(keys)].tolist())}
+        out = {k: (v if k in SUMMED else v / max(n_micro, 1.0))
+               for k, v in zip(keys, values[:len(keys)].tolist())}
         start = len(keys)
         for k in wkeys:
             n = 2 * len(self._weighted[k])
@@ -104,10 +105,12 @@ class EvalAccumulator:
                 for k, (num, den) in zip(keys, values)}
 
 
-def best_checkpoint_step(rows: list[dict], saved_steps: list[int], key: str, greater_is_better: bool) -> int | None:
+def best_checkpoint_step(rows: list[dict], saved_steps: list[int], key: str,
+                         greater_is_better: bool) -> int | None:
     """load_best_model_at_end: the saved step whose eval ``key`` (e.g. "eval_loss") is best, as transformers
     picks it (the first of equal values wins), from the logged rows (each with "step"); None without one."""
-    at_step = {r["step"]: r[key] for r in rows if key in r and r[key] == r[key]}  # the eval of each step, NaN out
+    # the eval of each step, NaN out
+    at_step = {r["step"]: r[key] for r in rows if key in r and r[key] == r[key]}
     best = None
     for step in sorted(saved_steps):
         if step in at_step and (best is None or (at_step[step] > at_step[best] if greater_is_better

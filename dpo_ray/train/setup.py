@@ -40,7 +40,8 @@ class LoopConfig:
     reference_pool: list | None = None  # the actor handles for source actor
     resume_checkpoint: str | None = None  # a checkpoint of an earlier run (Ray Train resumes its own)
     progress: Any = None  # the driver's progress board (an actor handle): rank 0 posts every optimizer step
-    data_fingerprint: str | None = None  # the training rows' identity (trainer.data_fingerprint), kept in checkpoints
+    # the training rows' identity (trainer.data_fingerprint), kept in checkpoints
+    data_fingerprint: str | None = None
     callbacks: tuple = ()  # dpo_ray.train.callbacks.Callback objects, called on every rank
 
 
@@ -59,7 +60,8 @@ class Worker:
     train_shard: Any
     eval_shard: Any  # None without an eval set
     checkpointing: ActivationCheckpointing | None = None
-    keepalive: Any = None  # transformers' HfDeepSpeedConfig under ZeRO-3: its integration is on while this lives
+    # transformers' HfDeepSpeedConfig under ZeRO-3: its integration is on while this lives
+    keepalive: Any = None
 
     @property
     def cfg(self) -> DPOConfig:
@@ -86,7 +88,8 @@ def process_settings(local_world_size: int, torch_threads: int | None = None) ->
                           str(Path.home() / ".cache" / "dpo_ray" / "torch_extensions" / prefix_key))
     # a build an earlier run's worker was killed in leaves its lock: DeepSpeed would wait on it for ever
     for op in set_aside_killed_builds(Path(os.environ["TORCH_EXTENSIONS_DIR"])):
-        print(f"dpo-ray: {op}: a killed earlier build of this DeepSpeed op was removed; it is built again", flush=True)
+        print(f"dpo-ray: {op}: a killed earlier build of this DeepSpeed op was removed; it is built again",
+              flush=True)
     if not torch.cuda.is_available():
         # The node's cores split between its workers: 2 workers on 2 cores get one intra-op thread each (no
         # oversubscription), a single worker gets both.
@@ -122,15 +125,16 @@ def _param_groups(model, weight_decay: float):
 
 
 def build_engine(cfg: DPOConfig, model, total_steps: int, world: int, on_gpu: bool):
-    """(DeepSpeed engine, LR scheduler) around ``model``: ``optim`` (default torch's fused AdamW) over decayed /
-    not-decayed groups, the ``lr_scheduler_type`` schedule."""
+    """(DeepSpeed engine, LR scheduler) around ``model``: ``optim`` (default torch's fused AdamW) over decayed
+    / not-decayed groups, the ``lr_scheduler_type`` schedule."""
     import deepspeed
 
     ds_cfg = deepspeed_config(cfg, world, on_gpu)
     if cfg.deepspeed.offload_optimizer:
         ds_cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     optimizer = build_optimizer(cfg.optim, _param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, optim_args=cfg.optim_args)
+                                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                optim_args=cfg.optim_args)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_cfg, dist_init_required=False,
         lr_scheduler=lambda opt: build_scheduler(opt, cfg, total_steps))
@@ -177,7 +181,8 @@ def setup(lc: LoopConfig) -> Worker:
         model = wrap_peft(model, cfg)
     prepare_policy(model, cfg)
     half = on_gpu and (cfg.use_bf16(on_gpu) or cfg.fp16)  # DeepSpeed casts the module: its activations too
-    checkpointing = ActivationCheckpointing(model, cfg, elem_bytes=2 if half else next(model.parameters()).element_size())
+    checkpointing = ActivationCheckpointing(model, cfg,
+                                            elem_bytes=2 if half else next(model.parameters()).element_size())
     mark(lc, rank, "policy")
     reference = None
     if lc.mode == "dpo":
@@ -188,7 +193,8 @@ def setup(lc: LoopConfig) -> Worker:
     mark(lc, rank, "engine")
     seed_everything(cfg.seed + rank)
     return Worker(lc=lc, engine=engine, scheduler=scheduler, reference=reference, device=device, rank=rank,
-                  world=world, pad_id=text_tokenizer(lc.tokenizer).pad_token_id,  # a processor holds its tokenizer
+                  # a processor holds its tokenizer
+                  world=world, pad_id=text_tokenizer(lc.tokenizer).pad_token_id,
                   checkpointing=checkpointing,
                   train_shard=ray.train.get_dataset_shard("train"), eval_shard=_optional_shard("eval"),
                   keepalive=hf_ds_keepalive)

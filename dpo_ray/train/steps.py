@@ -26,7 +26,8 @@ def to_device(batch: dict, device) -> dict:
 
 
 def _across_workers(flag: bool, op, device) -> bool:
-    """``flag`` reduced over every worker with ``op`` (MIN: all of them, MAX: any); every worker must call it."""
+    """``flag`` reduced over every worker with ``op`` (MIN: all of them, MAX: any); every worker must call
+    it."""
     t = torch.tensor([int(flag)], device=device)
     if dist.is_initialized():
         dist.all_reduce(t, op=op)
@@ -42,9 +43,9 @@ def counted(batches: Iterable, device) -> Iterator:
 
     Every worker yields the same number: ``streaming_split(equal=True)`` gives each worker the same number of
     rows, and ``BatchIterator`` cuts R rows into exactly ``R // batch_size`` batches whatever the block sizes
-    (tests/test_data.py). So the loop issues no per-micro-batch all-reduce or host read; at the epoch's end the
-    counts are compared once (MIN against MAX), and a mismatch, should the split ever break its promise, is a
-    clear error rather than a silent difference.
+    (tests/test_data.py). So the loop issues no per-micro-batch all-reduce or host read; at the epoch's end
+    the counts are compared once (MIN against MAX), and a mismatch, should the split ever break its promise,
+    is a clear error rather than a silent difference.
     """
     n = 0
     for batch in batches:
@@ -56,8 +57,8 @@ def counted(batches: Iterable, device) -> Iterator:
         fewest, most = int(t[0]), -int(t[1])
         if fewest != most:
             raise UnequalShardsError(
-                f"the workers' epochs had {fewest} to {most} micro-batches; the training rows must split into "
-                "equal shares (ray.train.DataConfig with equal splits)")
+                f"the workers' epochs had {fewest} to {most} micro-batches; the training rows must split "
+                "into equal shares (ray.train.DataConfig with equal splits)")
 
 
 def synced_eval(share, device, real: list[bool]) -> Iterator:
@@ -101,7 +102,8 @@ def sft_step(model, cfg: DPOConfig, batch) -> tuple[Tensor, dict]:
     return loss, metrics
 
 
-def decide_sharing(sharing: PrefixSharing, model, cfg: DPOConfig, batch, device, announce: bool = False) -> bool:
+def decide_sharing(sharing: PrefixSharing, model, cfg: DPOConfig, batch, device,
+                   announce: bool = False) -> bool:
     """The policy's prefix-sharing decision on its first batch, the same on every worker (the minimum);
     ``announce`` (rank 0) prints the decision and its reason once."""
     if sharing.enabled is None:
@@ -120,8 +122,8 @@ def decide_sharing(sharing: PrefixSharing, model, cfg: DPOConfig, batch, device,
 
 
 class TrainingStep(ABC):
-    """One micro-batch of a training mode, as the loop uses it: ``batches`` (this worker's collated batches of a
-    shard), ``stream`` (what one loop iteration consumes), ``eval_stream`` and the call (loss, metrics). The
+    """One micro-batch of a training mode, as the loop uses it: ``batches`` (this worker's collated batches of
+    a shard), ``stream`` (what one loop iteration consumes), ``eval_stream`` and the call (loss, metrics). The
     modes below share the batching; each says what an item is and how it is scored."""
 
     mode = ""
@@ -156,7 +158,8 @@ class TrainingStep(ABC):
         """This worker's share of the eval rows, each row once (``EvalShare``), padded with weight-0 fillers
         to the longest share; ``real`` says which items are real (``synced_eval``)."""
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        share = iter_eval_batches(shard, self.cfg, self.pad_id, batch_size=self.cfg.per_device_eval_batch_size,
+        share = iter_eval_batches(shard, self.cfg, self.pad_id,
+                                  batch_size=self.cfg.per_device_eval_batch_size,
                                   rank=rank, world=world, mode=self.mode)
         return self._wrap(synced_eval(share, self.device, real))
 
@@ -200,4 +203,5 @@ class DPOStep(TrainingStep):
         batch, ref_chosen, ref_rejected = to_device(item[0], self.device), item[1], item[2]
         share = decide_sharing(self.sharing, model, self.cfg, batch, self.device, announce=self.announce)
         self.checkpoint(batch)
-        return dpo_step(model, self.cfg, batch, ref_chosen, ref_rejected, self.sharing.layout if share else False)
+        return dpo_step(model, self.cfg, batch, ref_chosen, ref_rejected,
+                        self.sharing.layout if share else False)
