@@ -19,7 +19,8 @@ def wrap_peft(model: nn.Module, cfg: DPOConfig) -> nn.Module:
 
     name = cfg.model_adapter_name or "default"
     if cfg.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
+        model = prepare_model_for_kbit_training(model,
+                                                use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
     if cfg.peft_adapter_path:
         model = PeftModel.from_pretrained(model, cfg.peft_adapter_path, adapter_name=name, is_trainable=True)
         if cfg.reference.source == "ref_adapter":
@@ -72,7 +73,8 @@ def merged_model(cfg: DPOConfig, adapter_dir: Path) -> nn.Module:
 
     from dpo_ray.models import load_causal_lm
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir) if (adapter_dir / "tokenizer_config.json").exists() else None
+    tokenizer = (AutoTokenizer.from_pretrained(adapter_dir)
+                 if (adapter_dir / "tokenizer_config.json").exists() else None)
     if tokenizer is None:
         from dpo_ray.data import load_tokenizer
 

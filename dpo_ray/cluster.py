@@ -29,14 +29,16 @@ WORKER_ENV = {
 # The console keeps the run header, progress, metrics and every error; these stay in Ray's log files
 # (<ray temp dir>/session_latest/logs/) and show with DPO_RAY_RAY_LOGS=all. Errors are never filtered.
 RAY_NOISE = re.compile("|".join((
-    r"State API may be temporarily unavailable",  # Ray Train's PlacementGroupCleaner polls a dashboard we skip
+    # Ray Train's PlacementGroupCleaner polls a dashboard we skip
+    r"State API may be temporarily unavailable",
     r"Requesting resources: |Attempting to start training worker group|Started training worker group",
     r"^- \(ip=\S+, pid=\d+\) world_rank=",
     r"Setting up process group for",
     r"Checkpoint successfully created at|Reporting training result \d+",
     r"deepspeed_shm_comm_op built successfully",
     r"Progress bars disabled\. To enable",
-    r"Dataset \S+ execution finished in|Registered dataset logger|Starting execution of Dataset|Execution plan of",
+    r"Dataset \S+ execution finished in|Registered dataset logger|Starting execution of Dataset|"
+    r"Execution plan of",
     r"Full stats for this dataset|Tip: For detailed progress reporting",
     r"PYTHON worker processes have been started on node",  # the raylet, at start-up on small machines
     r"Warning|warnings\.warn\(",  # library deprecation / advisory warnings (and the source line after them)
@@ -63,11 +65,11 @@ def _keep(lines: list[str]) -> list[str]:
 class _CleanerTraceback:
     """Ray Train's PlacementGroupCleaner (a detached actor per run) asks the state API whether the run's
     controller lives. With a second Ray instance on the machine (two runs at once, a test suite beside a run)
-    that call finds two clusters, raises ConnectionError and its monitor thread dies with a ~30-line traceback,
-    forwarded to every run's console. The run goes on (on a local Ray the check never succeeds anyway: the
-    state API needs the dashboard, which a local run does not start). Its lines are replaced by one line naming
-    the error; the traceback stays in the actor's log file. Other actors' lines and the cleaner's other lines
-    pass."""
+    that call finds two clusters, raises ConnectionError and its monitor thread dies with a ~30-line
+    traceback, forwarded to every run's console. The run goes on (on a local Ray the check never succeeds
+    anyway: the state API needs the dashboard, which a local run does not start). Its lines are replaced by
+    one line naming the error; the traceback stays in the actor's log file. Other actors' lines and the
+    cleaner's other lines pass."""
 
     START = "Exception in thread PlacementGroupCleanerMonitor"
 
@@ -84,8 +86,8 @@ class _CleanerTraceback:
                 self.inside.add(pid)
             elif pid in self.inside and not line[:1].isspace() and not line.startswith("Traceback"):
                 self.inside.discard(pid)  # the exception line ends the traceback
-                kept.append(f"Ray Train's placement-group cleaner stopped ({line.strip()[:160]}); the run goes "
-                            "on, the traceback is in Ray's log files")
+                kept.append(f"Ray Train's placement-group cleaner stopped ({line.strip()[:160]}); the run "
+                            "goes on, the traceback is in Ray's log files")
             elif pid not in self.inside:
                 kept.append(line)
         return kept
@@ -120,7 +122,8 @@ def quiet_ray_console() -> None:
 
 
 def _bars_cleared():
-    """tqdm's own context: every live bar on stdout/stderr is cleared, then redrawn (the driver's bar, if any)."""
+    """tqdm's own context: every live bar on stdout/stderr is cleared, then redrawn (the driver's bar, if
+    any)."""
     import contextlib
 
     tqdm = sys.modules.get("tqdm")
@@ -131,12 +134,13 @@ def _bars_cleared():
 
 class _DriverNoise(logging.Filter):
     """Ray's driver-side notices at every local start ("Started a local Ray instance", the token-auth
-    advice) and Ray Data's in this process (progress bars disabled, "execution finished": ``RAY_NOISE``; they stay
-    in Ray Data's log file); warnings and errors otherwise pass."""
+    advice) and Ray Data's in this process (progress bars disabled, "execution finished": ``RAY_NOISE``; they
+    stay in Ray Data's log file); warnings and errors otherwise pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Started a local Ray instance") or "Token authentication is enabled" in message
+        return not (message.startswith("Started a local Ray instance")
+                    or "Token authentication is enabled" in message
                     or (record.levelno < logging.ERROR and _is_noise(message)))
 
 
@@ -164,9 +168,10 @@ def init_ray(cfg: DPOConfig) -> None:
     # wait up to that long; a 0.5 s check costs nothing and matters for short runs (propagated by Ray Train
     # from this process's environment; set it yourself to override).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # Ray Train routes a worker's print() into its logger and, since Ray's worker stdout is not sys.__stdout__,
-    # also prints it: every print in a callback or a user's model code reached the console twice (measured with
-    # the docs/training.md callback example). Off, a print is one line, as in a plain script.
+    # Ray Train routes a worker's print() into its logger and, since Ray's worker stdout is not
+    # sys.__stdout__, also prints it: every print in a callback or a user's model code reached the console
+    # twice (measured with the docs/training.md callback example). Off, a print is one line, as in a plain
+    # script.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # Ray Data's per-operator progress bars drown the metrics table in a terminal; the table is the UI.
     data_ctx = ray.data.DataContext.get_current()
@@ -195,8 +200,9 @@ def init_ray(cfg: DPOConfig) -> None:
         # (and logs a core_worker error at every start). Set the variable yourself to keep it.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         cpus = cfg.ray.num_cpus or max(8, 2 * (os.cpu_count() or 1))
-        # "local": a new Ray of its own, even when a `ray start` head runs on this machine (without it ray.init
-        # would join that one and refuse num_cpus); join a cluster with ray.address / RAY_ADDRESS instead.
+        # "local": a new Ray of its own, even when a `ray start` head runs on this machine (without it
+        # ray.init would join that one and refuse num_cpus); join a cluster with ray.address / RAY_ADDRESS
+        # instead.
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=True)
     quiet_ray_console()
@@ -215,14 +221,14 @@ def torch_trainer_class():
 
     Ctrl-C: Ray's handler logs "Received SIGINT. Gracefully aborting" and leaves the command to exit 1 with no
     report; ours aborts the run the same way (the controller stops the workers) without a word and sets
-    ``interrupted`` on the trainer, so the driver writes report.json and says what was saved (``DPOTrainer.train``).
-    A second Ctrl-C raises KeyboardInterrupt at once.
+    ``interrupted`` on the trainer, so the driver writes report.json and says what was saved
+    (``DPOTrainer.train``). A second Ctrl-C raises KeyboardInterrupt at once.
 
     The cleaner is a detached actor that removes the run's placement group if the Train controller dies while
-    the cluster lives on. A Ray started by this process ends with it, placement groups included, so there it is
-    only one more process to start with every run (~117 MiB, a torch-free Ray import) and a poller of a state API
-    this Ray serves without a dashboard. Joined clusters keep it. Both are Ray's private hooks (ray_private):
-    when Ray renames them, Ray's own behaviour stays."""
+    the cluster lives on. A Ray started by this process ends with it, placement groups included, so there it
+    is only one more process to start with every run (~117 MiB, a torch-free Ray import) and a poller of a
+    state API this Ray serves without a dashboard. Joined clusters keep it. Both are Ray's private hooks
+    (ray_private): when Ray renames them, Ray's own behaviour stays."""
     from ray.train.torch import TorchTrainer
 
     cleaner = None
@@ -257,11 +263,11 @@ def torch_trainer_class():
 
 
 def pin_ray_data_stats_to_driver() -> None:
-    """Ray Data keeps one detached stats actor per cluster, pinned to the node of whichever process first runs a
-    dataset: in a training run that is the split coordinator or a read task on a worker node, and when that node
-    is lost every later Ray Data run on the cluster fails ("_StatsActor ... its node has died"). Created here,
-    from the driver, it lives on the driver's node (the head on a cluster). Best effort (a private Ray Data hook:
-    ray_private.create_data_stats_actor)."""
+    """Ray Data keeps one detached stats actor per cluster, pinned to the node of whichever process first runs
+    a dataset: in a training run that is the split coordinator or a read task on a worker node, and when that
+    node is lost every later Ray Data run on the cluster fails ("_StatsActor ... its node has died"). Created
+    here, from the driver, it lives on the driver's node (the head on a cluster). Best effort (a private Ray
+    Data hook: ray_private.create_data_stats_actor)."""
     ray_private.create_data_stats_actor()
 
 
@@ -284,7 +290,8 @@ def worker_resources(cfg: DPOConfig, use_gpu: bool) -> dict[str, float]:
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
-    env = dict(WORKER_ENV)  # every setting a worker needs travels in the config; no DPO_RAY_* variable is read there
+    # every setting a worker needs travels in the config; no DPO_RAY_* variable is read there
+    env = dict(WORKER_ENV)
     # DeepSpeed picks its accelerator from DS_ACCELERATOR; a driver started with it set to cpu (the Makefile
     # exports that for CPU machines) must not put GPU workers on DeepSpeed's CPU accelerator.
     env["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
@@ -292,7 +299,8 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
 
 
 def _probe(paths: dict[str, str], marker: str | None) -> dict[str, bool]:
-    """On one node: which of ``paths`` (globs allowed) exist, and whether the driver's marker file is visible."""
+    """On one node: which of ``paths`` (globs allowed) exist, and whether the driver's marker file is
+    visible."""
     import glob as glob_
 
     seen = {key: bool(glob_.glob(p)) or os.path.exists(p) for key, p in paths.items()}
@@ -305,9 +313,10 @@ def paths_missing_on_nodes(paths: dict[str, str], output_dir: str | None = None,
                            timeout_s: float = 120.0) -> list[tuple[str, str]]:
     """(key, message) for each local path some alive node of the cluster cannot see.
 
-    Runs a zero-CPU probe task pinned to every alive node. ``output_dir``: the driver writes a marker file there
-    first, so a directory that exists on every node but is not *shared* (each node its own disk) is caught too:
-    rank 0 and the checkpoints may land on another node than the driver. One node: nothing to check.
+    Runs a zero-CPU probe task pinned to every alive node. ``output_dir``: the driver writes a marker file
+    there first, so a directory that exists on every node but is not *shared* (each node its own disk) is
+    caught too: rank 0 and the checkpoints may land on another node than the driver. One node: nothing to
+    check.
     """
     import uuid
 
@@ -324,7 +333,8 @@ def paths_missing_on_nodes(paths: dict[str, str], output_dir: str | None = None,
         open(marker, "w").close()
     probe = ray.remote(num_cpus=0)(_probe)
     try:
-        refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+        refs = {n["NodeID"]: probe.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(paths, marker) for n in nodes}
         results = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
     finally:
@@ -339,8 +349,8 @@ def paths_missing_on_nodes(paths: dict[str, str], output_dir: str | None = None,
         if blind:
             value = output_dir if key == "output_dir" else paths[key]
             what = "is not shared with" if key == "output_dir" else "does not exist on"
-            problems.append((key, f"{value} {what} node(s) {', '.join(blind)}: workers, reference actors and data "
-                                  "tasks run on every node. Put it on storage every node mounts (NFS, a "
+            problems.append((key, f"{value} {what} node(s) {', '.join(blind)}: workers, reference actors and "
+                                  "data tasks run on every node. Put it on storage every node mounts (NFS, a "
                                   "Kubernetes PVC: deploy/pvc.yaml) and give that path"))
     return problems
 
@@ -380,7 +390,8 @@ class TrainingProgress:
         self.final: dict[str, float] = {}  # the whole run's rates as of the last logged step (Throughput)
         self._make = lambda initial: Progress(self.desc, total_steps, "steps", initial=initial, own_rate=True)
         self._estimated = False
-        self._startup = None  # in a terminal, the start-up status line until the first step (``_show_startup``)
+        # in a terminal, the start-up status line until the first step (``_show_startup``)
+        self._startup = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dpo-ray-progress", daemon=True)
         self._thread.start()
@@ -409,10 +420,11 @@ class TrainingProgress:
         steps_done, train_s = state.get("steps_done") or 0, state.get("train_runtime_s") or 0.0
         per_step = train_s / steps_done if steps_done and train_s > 0 else None
         self.display.update(step, seconds_per_unit=per_step, epoch=state.get("epoch"),
-                            pairs_per_s=_round(state.get("pairs_per_s")), tokens_per_s=_round(state.get("tokens_per_s")),
-                            loss=state.get("loss"))
+                            pairs_per_s=_round(state.get("pairs_per_s")),
+                            tokens_per_s=_round(state.get("tokens_per_s")), loss=state.get("loss"))
         if "counted_s" in state:  # as of the last logged step: time, counts and rates of one instant
-            # microseconds: a run of a few fast steps (0.3 s) must still give pairs / train_runtime_s = pairs_per_s
+            # microseconds: a run of a few fast steps (0.3 s) must still give
+            # pairs / train_runtime_s = pairs_per_s
             self.final = {"train_runtime_s": round(state["counted_s"], 6), "pairs": state["pairs"],
                           "tokens": state["tokens"], "pairs_per_s": round(state["pairs_per_s"], 4),
                           "tokens_per_s": round(state["tokens_per_s"], 4)}
@@ -422,16 +434,17 @@ class TrainingProgress:
             self._estimated = True
             with _bars_cleared():
                 print(f"{self.desc}: estimated duration {fmt_duration(per_step * (self.total - first_step))} "
-                      f"({per_step:.2f} s/step over the first {steps_done} steps)", file=sys.stderr, flush=True)
+                      f"({per_step:.2f} s/step over the first {steps_done} steps)", file=sys.stderr,
+                      flush=True)
 
     # rank 0's start-up marks (dpo_ray.timeline) -> what it is doing now
     NEXT_STAGE = {None: "the worker group", "worker": "loading the policy", "policy": "the DeepSpeed engine",
                   "engine": "the first batch (Ray Data)", "first batch": "the first optimizer step"}
 
     def _show_startup(self) -> None:
-        """In a terminal, from the plan to the first step: one live status line, stage by stage (the worker group,
-        the policy, the engine, the first batch), replaced by the step bar; off a terminal nothing (the summary's
-        start-up line says where the time went)."""
+        """In a terminal, from the plan to the first step: one live status line, stage by stage (the worker
+        group, the policy, the engine, the first batch), replaced by the step bar; off a terminal nothing (the
+        summary's start-up line says where the time went)."""
         import ray
 
         from dpo_ray.progress import bar_width, choose_form

@@ -1,8 +1,9 @@
 """``dpo-ray demo`` / ``make demo``: SFT then DPO on the bundled task with the tiny Llama, on a local Ray.
 
 Prints each stage's metrics, the held-out eval rewards/accuracies, and the task metric (the fraction of
-greedy answers that follow the bundled task's rule) after SFT and after DPO. ``--iterative``: after SFT, rounds of
-iterative DPO (``dpo_ray.iterate``) instead of the offline DPO stage, the task metric after each round.
+greedy answers that follow the bundled task's rule) after SFT and after DPO. ``--iterative``: after SFT,
+rounds of iterative DPO (``dpo_ray.iterate``) instead of the offline DPO stage, the task metric after each
+round.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ DEMO_DPO = {"learning_rate": 5e-4, "beta": 0.1, "rpo_alpha": 1.0, "num_train_epo
 
 
 # `dpo-ray demo --iterative`: after the same SFT stage, 3 rounds of iterative DPO, each sampling 8 answers to
-# 1,024 of the bundled prompts from the current policy and scoring them by the task's rule; DEMO_DPO's settings
-# at lr 2e-4, its 94 optimizer steps split over the rounds (docs/BENCHMARKS.md section 11: the best of the
-# settings tried, 0.630 -> 0.660 on one seed; offline DPO reaches 0.690).
-DEMO_ITERATE = {**{k: v for k, v in DEMO_DPO.items() if k not in ("eval_strategy", "eval_steps", "num_train_epochs")},
+# 1,024 of the bundled prompts from the current policy and scoring them by the task's rule; DEMO_DPO's
+# settings at lr 2e-4, its 94 optimizer steps split over the rounds (docs/BENCHMARKS.md section 11: the best
+# of the settings tried, 0.630 -> 0.660 on one seed; offline DPO reaches 0.690).
+DEMO_ITERATE = {**{k: v for k, v in DEMO_DPO.items()
+                   if k not in ("eval_strategy", "eval_steps", "num_train_epochs")},
                 "learning_rate": 2e-4, "max_steps": 31, "eval_strategy": "no",
                 "iterate": {"rounds": 3, "samples": 8, "temperature": 1.0, "prompts_per_round": 1024,
                             "max_new_tokens": 16, "eval_limit": 200}}
@@ -57,11 +59,13 @@ def greedy_task_accuracy(model_dir: Path, limit: int = 200) -> float:
 
 
 def run_iterative(output_dir: Path, sft_dir: Path, overrides: dict, config_file=None) -> dict:
-    """The iterative stage of ``dpo-ray demo --iterative``: rounds from the SFT model, scored by the task's rule."""
+    """The iterative stage of ``dpo-ray demo --iterative``: rounds from the SFT model, scored by the task's
+    rule."""
     from dpo_ray.dicts import merged
     from dpo_ray.iterate import print_rounds, run_iterate
 
-    cfg = _stage_config(DEMO_ITERATE, output_dir, merged({"model_name_or_path": str(sft_dir)}, overrides), config_file)
+    cfg = _stage_config(DEMO_ITERATE, output_dir, merged({"model_name_or_path": str(sft_dir)}, overrides),
+                        config_file)
     summary = run_iterate(cfg)
     print_rounds(summary)
     return summary
@@ -90,8 +94,8 @@ def run_demo(output_dir: Path, overrides: dict, config_file=None, iterative: boo
             {"sft_task_accuracy": acc_sft, "iterative_task_accuracy": acc, "rounds": summary["rounds"],
              "plot": summary["plot"]}, indent=2))
         print("\n== demo summary (iterative)")
-        print(f"  task accuracy (rule followed), SFT -> {len(summary['rounds']) - 1} round(s) of iterative DPO: "
-              f"{acc_sft:.3f} -> {acc:.3f}")
+        print(f"  task accuracy (rule followed), SFT -> {len(summary['rounds']) - 1} round(s) of iterative "
+              f"DPO: {acc_sft:.3f} -> {acc:.3f}")
         print(f"  plot: {summary['plot']}")
         return 0
     dpo_cfg = _stage_config(DEMO_DPO, output_dir / "dpo", overrides, config_file)

@@ -7,7 +7,8 @@ from typing import Any
 
 
 def merged(base: dict, extra: dict) -> dict:
-    """``base`` with ``extra`` laid over it, recursively where both hold a dict; a new dict (neither is changed)."""
+    """``base`` with ``extra`` laid over it, recursively where both hold a dict; a new dict (neither is
+    changed)."""
     out = dict(base)
     for k, v in extra.items():
         out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v

@@ -1,10 +1,12 @@
-"""Errors every layer raises, with no dependencies of their own (the lowest floor: anything may import this)."""
+"""Errors every layer raises, with no dependencies of their own (the lowest floor: anything may import
+this)."""
 
 from __future__ import annotations
 
 
 class ConfigError(ValueError):
-    """Invalid configuration. ``problems`` is a list of (key, message) pairs, each key as the user writes it."""
+    """Invalid configuration. ``problems`` is a list of (key, message) pairs, each key as the user writes
+    it."""
 
     exit_code = 2
 
@@ -57,14 +59,16 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __init__(self, step: int | None, checkpoint: str | None, checkpoint_step: int | None,
                  report: str | None = None):
-        self.step, self.checkpoint, self.checkpoint_step, self.report = step, checkpoint, checkpoint_step, report
+        self.step, self.checkpoint, self.checkpoint_step, self.report = (step, checkpoint, checkpoint_step,
+                                                                         report)
         super().__init__(self.saved())
 
     def saved(self) -> str:
         """What survives, in words (the step reached and the checkpoint to resume from)."""
         reached = f"interrupted after step {self.step}" if self.step else "interrupted before the first step"
         if self.checkpoint is None:
-            return f"{reached}; no checkpoint was saved yet (save_strategy / save_steps), so a rerun starts over"
+            return (f"{reached}; no checkpoint was saved yet (save_strategy / save_steps), so a rerun "
+                    "starts over")
         return f"{reached}; saved: checkpoint of step {self.checkpoint_step} ({self.checkpoint})"
 
     def __reduce__(self):

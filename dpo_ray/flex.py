@@ -40,8 +40,8 @@ def available() -> tuple[bool, str]:
 def backward_on(device: torch.device) -> tuple[bool, str]:
     """(does FlexAttention differentiate on this device, why not): torch 2.13 has no CPU backward."""
     if device.type == "cpu":
-        return False, (f"FlexAttention has no backward on the CPU (torch {torch.__version__}): the policy's packed "
-                       "pairs keep the dense mask")
+        return False, (f"FlexAttention has no backward on the CPU (torch {torch.__version__}): the policy's "
+                       "packed pairs keep the dense mask")
     return True, ""
 
 
@@ -57,8 +57,8 @@ def _flex(query: Tensor):
 
 
 def _eager(*args, **kwargs):
-    """FlexAttention's eager form (the CPU: the reference the tests compare with), without its once-per-process
-    advice to compile it."""
+    """FlexAttention's eager form (the CPU: the reference the tests compare with), without its
+    once-per-process advice to compile it."""
     import warnings
 
     from torch.nn.attention.flex_attention import flex_attention
@@ -70,7 +70,8 @@ def _eager(*args, **kwargs):
 
 
 def flex_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
-                           scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
+                           scaling: float | None = None, dropout: float = 0.0,
+                           **kwargs) -> tuple[Tensor, None]:
     """transformers' attention-function signature: (B, H, S, D) in, (B, S, H, D) out. A BlockMask (a packed
     forward) runs FlexAttention; any other mask (the standard layout, the dense packed path, a recomputation
     under gradient checkpointing of either) runs SDPA as before."""
@@ -78,10 +79,11 @@ def flex_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if not isinstance(attention_mask, BlockMask):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
     if dropout and module.training:
-        raise ValueError(f"{NAME} has no attention dropout (attention_dropout {dropout}); use prefix_attention: dense")
+        raise ValueError(f"{NAME} has no attention dropout (attention_dropout {dropout}); use "
+                         "prefix_attention: dense")
     gqa = query.shape[1] != key.shape[1]
     out = _flex(query)(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
@@ -106,8 +108,8 @@ def register() -> None:
 
 
 def enable(model: nn.Module) -> None:
-    """Route ``model``'s attention through ``NAME`` from now on (idempotent): BlockMask inputs take FlexAttention,
-    everything else SDPA (an ``eager`` model's arithmetic, through SDPA's kernels). Set
+    """Route ``model``'s attention through ``NAME`` from now on (idempotent): BlockMask inputs take
+    FlexAttention, everything else SDPA (an ``eager`` model's arithmetic, through SDPA's kernels). Set
     for good rather than around one forward, so a gradient-checkpointing recomputation in backward still finds
     it."""
     register()
@@ -116,8 +118,8 @@ def enable(model: nn.Module) -> None:
 
 
 def block_mask(branch: Tensor):
-    """The BlockMask of packed rows with these branches (B, S): a query sees causally earlier keys of the shared
-    prefix and of its own branch; padding sees only itself (no all-masked row)."""
+    """The BlockMask of packed rows with these branches (B, S): a query sees causally earlier keys of the
+    shared prefix and of its own branch; padding sees only itself (no all-masked row)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     b, s = branch.shape

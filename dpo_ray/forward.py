@@ -32,8 +32,8 @@ def num_pairs(batch) -> int:
 
 
 def pair_layout(stats: SeqStats, batch) -> SeqStats:
-    """Per-sequence statistics in the [chosen; rejected] layout of the batch's pairs: a pair batch's as they are,
-    a prompt-group batch's per-response statistics gathered by (pair_chosen, pair_rejected)."""
+    """Per-sequence statistics in the [chosen; rejected] layout of the batch's pairs: a pair batch's as they
+    are, a prompt-group batch's per-response statistics gathered by (pair_chosen, pair_rejected)."""
     if not is_group_batch(batch):
         return stats
     return gather_sequences(stats, torch.cat([batch["pair_chosen"], batch["pair_rejected"]]))
@@ -89,10 +89,11 @@ def sequence_forward(
     inputs, score_index = {"input_ids": input_ids, "attention_mask": attention_mask}, None
     groups = "group_index" in batch
     if groups and ld_alpha is not None:
-        raise ValueError("ld_alpha (LD-DPO) splits each pair at its shorter completion, which a response shared by "
-                         "several pairs of a prompt group does not have; unset ld_alpha for group data")
+        raise ValueError("ld_alpha (LD-DPO) splits each pair at its shorter completion, which a response "
+                         "shared by several pairs of a prompt group does not have; unset ld_alpha for group "
+                         "data")
     if share_prefix and not pixels and not router_aux:
-        # --- prefix sharing: dense 4-D mask, or FlexAttention's BlockMask (w20); a prompt group is one packed row,
+        # --- prefix sharing: dense 4-D mask, or FlexAttention's BlockMask; a prompt group is one packed row,
         # always through the dense mask (pack_groups builds no branch map for the block-sparse path)
         flex_path = share_prefix == "flex" and not groups
         if groups:
@@ -101,7 +102,8 @@ def sequence_forward(
             packed = prefix.pack_pairs(input_ids, attention_mask, completion_mask, dense=not flex_path,
                                        width_multiple=flex.BLOCK if flex_path and input_ids.is_cuda else 1,
                                        width=batch.get("packed_width"))  # from the collate: no host sync
-        mask = flex.block_mask(packed.branch) if flex_path else prefix.attention_mask_for(model, packed.keep, dtype)
+        mask = (flex.block_mask(packed.branch) if flex_path
+                else prefix.attention_mask_for(model, packed.keep, dtype))
         inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "attention_mask": mask}
         score_index = packed.score_index
         if flex_path:
@@ -115,8 +117,9 @@ def _forward(model, inputs, input_ids, completion_mask, pixels, score_index, *, 
     decoder, head = _decoder_and_head(model) if lean and not router_aux and not pixels else (None, None)
     if decoder is not None and getattr(head.weight, "ds_id", None) is None:
         hidden = decoder(**inputs, use_cache=False).last_hidden_state
-        stats = completion_logps_from_hidden(hidden, head.weight, input_ids, completion_mask, lm_head_bias=head.bias,
-                                             ld_alpha=ld_alpha, want_wpo=want_wpo, score_index=score_index)
+        stats = completion_logps_from_hidden(hidden, head.weight, input_ids, completion_mask,
+                                             lm_head_bias=head.bias, ld_alpha=ld_alpha, want_wpo=want_wpo,
+                                             score_index=score_index)
         return ForwardOut(stats)
     kwargs = {"output_router_logits": True} if router_aux else {}
     out = model(**inputs, use_cache=False, **pixels, **kwargs)
@@ -150,7 +153,8 @@ def reference_logps(model: nn.Module, batch: dict[str, Tensor], *, ld_alpha: flo
                     lean: bool = True, sharing: SharingDecision | None = None) -> tuple[Tensor, Tensor]:
     """Frozen-model log-probs for the pairs: (ref_chosen, ref_rejected), each (B,) float32. A prompt-group
     batch: each response scored once, then gathered for its pairs, each (P,)."""
-    share = sharing.layout if sharing is not None and sharing(model, batch, ld_alpha=ld_alpha, lean=lean) else False
+    share = (sharing.layout if sharing is not None and sharing(model, batch, ld_alpha=ld_alpha, lean=lean)
+             else False)
     stats = sequence_forward(model, batch, ld_alpha=ld_alpha, lean=lean, share_prefix=share).stats
     logps = stats.logps.float()
     if is_group_batch(batch):

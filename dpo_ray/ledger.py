@@ -14,9 +14,9 @@ import ray
 
 
 def on_driver_node():
-    """Scheduling strategy for the bookkeeping actors: the driver's node, which lives as long as the run does; a
-    0-CPU actor left to Ray's default may land on a worker node and be lost with it. Hard affinity: a soft one
-    spilled to another node 3 times in 4 on a fresh head whose worker pool was still starting (ray 2.60,
+    """Scheduling strategy for the bookkeeping actors: the driver's node, which lives as long as the run does;
+    a 0-CPU actor left to Ray's default may land on a worker node and be lost with it. Hard affinity: a soft
+    one spilled to another node 3 times in 4 on a fresh head whose worker pool was still starting (ray 2.60,
     cluster_utils, 2026-11-30)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -26,7 +26,8 @@ def on_driver_node():
 @ray.remote(num_cpus=0)
 class ProgressBoard:
     """Where rank 0 posts its start and each optimizer step (a zero-CPU actor); the driver's progress display
-    reads it. Times are taken here, on the board, so rates do not depend on when the driver happens to poll."""
+    reads it. Times are taken here, on the board, so rates do not depend on when the driver happens to
+    poll."""
 
     def __init__(self):
         self.state: dict = {"step": None}

@@ -182,7 +182,8 @@ def completion_logps(
         rows, cols = mask.nonzero(as_tuple=True)  # (M,)
         score_index = rows * logits.shape[1] + cols  # flat index of the scoring logits (position t-1)
     flat = logits.reshape(-1, v)
-    per_token = _score_positions(lambda idx, lg: lg[idx], (flat,), score_index, labels[mask], chunk_tokens, want_wpo)
+    per_token = _score_positions(lambda idx, lg: lg[idx], (flat,), score_index, labels[mask], chunk_tokens,
+                                 want_wpo)
     return _reduce(*per_token, mask, ld_alpha)
 
 
@@ -223,5 +224,6 @@ def gather_sequences(stats: SeqStats, index: Tensor) -> SeqStats:
     def pick(x: Tensor | None) -> Tensor | None:
         return None if x is None else x[index.to(x.device)]
 
-    return SeqStats(*(pick(getattr(stats, f)) for f in ("logps", "num_tokens", "nll_mean", "mean_logit", "entropy",
-                                                          "num_correct", "logps_shared", "logps_tail", "wpo_logw")))
+    return SeqStats(*(pick(getattr(stats, f)) for f in ("logps", "num_tokens", "nll_mean", "mean_logit",
+                                                        "entropy", "num_correct", "logps_shared",
+                                                        "logps_tail", "wpo_logw")))

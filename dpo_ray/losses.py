@@ -129,7 +129,8 @@ def _capped_exp(x: Tensor) -> Tensor:
 
 
 def f_score(u: Tensor, cfg: LossParams) -> Tensor:
-    """f'(t) at t = e^u for a log-ratio u, under the configured f-divergence (f-DPO, arXiv 2309.16240, as TRL 1.x).
+    """f'(t) at t = e^u for a log-ratio u, under the configured f-divergence
+    (f-DPO, arXiv 2309.16240, as TRL 1.x).
 
     Each f' is shifted so that f'(1) = 0: reverse_kl u; forward_kl 1 - e^{-u}; js_divergence log 2 + logσ(u);
     alpha_divergence (e^{(α-1)u} - 1)/(α-1), α = f_alpha_divergence_coef, α = 1 being reverse KL (its limit).
@@ -325,7 +326,8 @@ def moe_aux_loss(loss: Tensor, aux_loss: Tensor | None, router_aux_loss_coef: fl
 
 
 def pair_metrics(p: PairLogps, beta: float) -> dict[str, Tensor]:
-    """The reward metrics (docs/training.md, "Metrics") for one batch, as detached 0-d tensors (no host sync)."""
+    """The reward metrics (docs/training.md, "Metrics") for one batch, as detached 0-d tensors (no host
+    sync)."""
     with torch.no_grad():
         chosen_rewards = beta * p.chosen_logratios
         rejected_rewards = beta * p.rejected_logratios
@@ -340,7 +342,8 @@ def pair_metrics(p: PairLogps, beta: float) -> dict[str, Tensor]:
 
 
 def _token_weighted(out: dict[str, Tensor], name: str, per_seq: Tensor, n: Tensor) -> None:
-    """out[name] = Σ per_seq·n / Σ n (0 without tokens, as TRL), and its weight Σ n for the worker reduction."""
+    """out[name] = Σ per_seq·n / Σ n (0 without tokens, as TRL), and its weight Σ n for the worker
+    reduction."""
     total = n.sum()
     out[name] = (per_seq.detach() * n).sum() / total.clamp(min=1)
     out[METRIC_WEIGHT + name] = total

@@ -15,7 +15,8 @@ from dpo_ray.errors import ModelFilesError
 
 # The embedded default: a Llama small enough to train in CPU minutes (≈1.2 M parameters + embeddings).
 TINY_LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=True)
+                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,7 +76,8 @@ def from_pretrained_kwargs(cfg: DPOConfig) -> dict[str, Any]:
 
 
 def _auto_class(config_or_dir):
-    """AutoModelForImageTextToText for vision-language configs (LLaVA, Qwen2-VL, ...), else AutoModelForCausalLM."""
+    """AutoModelForImageTextToText for vision-language configs (LLaVA, Qwen2-VL, ...), else
+    AutoModelForCausalLM."""
     from dpo_ray.vision import is_vision_config, is_vision_model_dir
 
     vision = is_vision_model_dir(config_or_dir) if isinstance(config_or_dir, (str, Path)) \
@@ -115,8 +117,8 @@ def load_causal_lm(source: str | dict | None, cfg: DPOConfig, tokenizer) -> nn.M
                 # clone: tied weights share storage, which safetensors refuses to write
                 save_file({k: v.contiguous().clone() for k, v in source["state_dict"].items()},
                           str(Path(d) / "model.safetensors"), metadata={"format": "pt"})
-                return _finish(_auto_class(source["config"]).from_pretrained(d, **from_pretrained_kwargs(cfg)),
-                               cfg)
+                return _finish(
+                    _auto_class(source["config"]).from_pretrained(d, **from_pretrained_kwargs(cfg)), cfg)
         model = _auto_class(source["config"]).from_config(source["config"], dtype=torch.float32)
         model.load_state_dict(source["state_dict"])
     else:
@@ -146,8 +148,9 @@ def _check_model_dir(d: Path) -> None:
     if (d / "adapter_config.json").exists() and not (d / "config.json").exists():
         return  # a PEFT adapter directory: peft checks its own files and names the base model
     if not (d / "config.json").is_file():
-        raise ModelFilesError(f"model directory {d} has no config.json; give the directory that save_pretrained "
-                              "wrote (model.save_pretrained(DIR) writes config.json and the weights)")
+        raise ModelFilesError(f"model directory {d} has no config.json; give the directory that "
+                              "save_pretrained wrote (model.save_pretrained(DIR) writes config.json and the "
+                              "weights)")
     if not any(next(d.glob(p), None) for p in _WEIGHTS):
         raise ModelFilesError(f"model directory {d} has a config.json but no weights (*.safetensors or "
                               "pytorch_model*.bin): the copy is incomplete, or only the config was saved")
@@ -155,10 +158,11 @@ def _check_model_dir(d: Path) -> None:
 
 def _finish(model: nn.Module, cfg: DPOConfig) -> nn.Module:
     if cfg.output_router_logits:
-        if not hasattr(model.config, "router_aux_loss_coef") and not hasattr(model.config, "output_router_logits"):
+        if not hasattr(model.config, "router_aux_loss_coef") \
+                and not hasattr(model.config, "output_router_logits"):
             raise ValueError(
-                f"output_router_logits=true needs a mixture-of-experts model, but {type(model).__name__} has no "
-                "router; turn output_router_logits off for dense models."
+                f"output_router_logits=true needs a mixture-of-experts model, but {type(model).__name__} has "
+                "no router; turn output_router_logits off for dense models."
             )
         model.config.output_router_logits = True
         model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
@@ -175,10 +179,10 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def prepare_policy(model: nn.Module, cfg: DPOConfig) -> nn.Module:
-    """The policy in training mode, as the optimizer will see it. ``from_pretrained`` hands back a model in eval
-    mode, and transformers applies gradient checkpointing (and dropout) only to a module in training mode: left
-    in eval mode, ``gradient_checkpointing: true`` saved no memory and ``disable_dropout: false`` trained without
-    dropout. Checkpointing itself is ``ActivationCheckpointing``'s."""
+    """The policy in training mode, as the optimizer will see it. ``from_pretrained`` hands back a model in
+    eval mode, and transformers applies gradient checkpointing (and dropout) only to a module in training
+    mode: left in eval mode, ``gradient_checkpointing: true`` saved no memory and ``disable_dropout: false``
+    trained without dropout. Checkpointing itself is ``ActivationCheckpointing``'s."""
     model.train()
     if cfg.disable_dropout:
         disable_dropout(model)
@@ -186,10 +190,10 @@ def prepare_policy(model: nn.Module, cfg: DPOConfig) -> nn.Module:
 
 
 def activation_bytes_per_token(config, elem_bytes: int) -> int | None:
-    """An estimate of what one token's forward keeps for the backward across the decoder layers: per layer about
-    10 hidden-wide tensors (norms, q/k/v/o, residuals, attention output) and 4 MLP-wide ones (gate, up, their
-    product, the activation). SmolLM2-135M in fp32: 1.36 MiB per token, against 1.41 MiB measured (docs/BENCHMARKS.md,
-    memory at long context). ``None`` where the config does not say its widths."""
+    """An estimate of what one token's forward keeps for the backward across the decoder layers: per layer
+    about 10 hidden-wide tensors (norms, q/k/v/o, residuals, attention output) and 4 MLP-wide ones (gate, up,
+    their product, the activation). SmolLM2-135M in fp32: 1.36 MiB per token, against 1.41 MiB measured
+    (docs/BENCHMARKS.md, memory at long context). ``None`` where the config does not say its widths."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers, hidden = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
     if not layers or not hidden:
@@ -201,21 +205,23 @@ def activation_bytes_per_token(config, elem_bytes: int) -> int | None:
 
 
 def checkpoint_min_tokens(gib: float, per_token: int) -> int:
-    """``gradient_checkpointing: auto``'s switch: the fewest tokens per micro-batch whose activations pass ``gib``."""
+    """``gradient_checkpointing: auto``'s switch: the fewest tokens per micro-batch whose activations pass
+    ``gib``."""
     return -(-int(gib * 2**30) // per_token)
 
 
 class ActivationCheckpointing:
-    """``gradient_checkpointing`` on a prepared policy, decided per micro-batch: ``True`` always, ``False`` never,
-    ``auto`` for a micro-batch whose estimated activations (its tokens × ``activation_bytes_per_token``) pass
-    ``gradient_checkpointing_gib``: long rows get TRL's memory, short ones keep their speed. Under ZeRO-3 ``auto``
-    is on for every micro-batch: a recompute gathers the layer's parameter shards again, and ranks that decided
-    differently would issue different collectives."""
+    """``gradient_checkpointing`` on a prepared policy, decided per micro-batch: ``True`` always, ``False``
+    never, ``auto`` for a micro-batch whose estimated activations (its tokens ×
+    ``activation_bytes_per_token``) pass ``gradient_checkpointing_gib``: long rows get TRL's memory, short
+    ones keep their speed. Under ZeRO-3 ``auto`` is on for every micro-batch: a recompute gathers the layer's
+    parameter shards again, and ranks that decided differently would issue different collectives."""
 
     def __init__(self, model: nn.Module, cfg: DPOConfig, elem_bytes: int):
         setting = cfg.gradient_checkpointing
         self.auto = setting == "auto" and cfg.deepspeed.zero_stage != 3
-        self.on = bool(setting)  # "auto" included: the layers get their checkpoint function; __call__ toggles them
+        # "auto" included: the layers get their checkpoint function; __call__ toggles them
+        self.on = bool(setting)
         self.flags: list[nn.Module] = []
         self.min_tokens: int | None = None
         self.per_token: int | None = None
@@ -233,7 +239,8 @@ class ActivationCheckpointing:
         if self.auto:
             self.per_token = per_token
             # a config that does not say its widths: checkpoint everything, the safe side
-            self.min_tokens = checkpoint_min_tokens(cfg.gradient_checkpointing_gib, per_token) if per_token else 0
+            self.min_tokens = (checkpoint_min_tokens(cfg.gradient_checkpointing_gib, per_token) if per_token
+                               else 0)
 
     def __call__(self, batch: dict) -> bool:
         """Whether this micro-batch's forward is checkpointed (set on the model's layers)."""
@@ -265,4 +272,5 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 def shippable(model: nn.Module) -> dict:
     """A model as {config, state_dict} on CPU, for ray.put to workers and reference actors."""
-    return {"config": model.config, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    return {"config": model.config,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}

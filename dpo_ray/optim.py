@@ -22,7 +22,8 @@ OPTIMIZERS: dict[str, tuple[str, ...]] = {
     "rmsprop": ("momentum", "alpha", "eps", "weight_decay", "centered"),
 }
 # older or other spellings of the same optimizer
-OPTIMIZER_ALIASES = {"adamw_hf": "adamw_torch", "adamw": "adamw_torch", "adamw_apex_fused": "adamw_torch_fused"}
+OPTIMIZER_ALIASES = {"adamw_hf": "adamw_torch", "adamw": "adamw_torch",
+                     "adamw_apex_fused": "adamw_torch_fused"}
 
 _BNB = "8-bit, paged and Lion optimizers need bitsandbytes on a GPU, which dpo_ray does not wire"
 UNSUPPORTED: dict[str, str] = {
@@ -33,16 +34,19 @@ UNSUPPORTED: dict[str, str] = {
     **dict.fromkeys(("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
                      "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "apollo_adamw",
                      "apollo_adamw_layerwise"),
-                    "low-rank (GaLore/APOLLO) optimizers need per-module target lists and layer-wise hooks the "
-                    "DeepSpeed engine does not run"),
-    **dict.fromkeys(("lomo", "adalomo"), "LOMO fuses the update into backward, which the DeepSpeed engine owns"),
+                    "low-rank (GaLore/APOLLO) optimizers need per-module target lists and layer-wise hooks "
+                    "the DeepSpeed engine does not run"),
+    **dict.fromkeys(("lomo", "adalomo"),
+                    "LOMO fuses the update into backward, which the DeepSpeed engine owns"),
     **dict.fromkeys(("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd"),
                     "schedule-free optimizers need the schedulefree package and train/eval switches the loop "
                     "does not make"),
-    **dict.fromkeys(("adamw_torch_xla", "adamw_torch_npu_fused"), "for TPU/NPU devices; dpo_ray runs on CUDA or CPU"),
-    **dict.fromkeys(("adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "grokadamw", "stable_adamw"),
-                    "needs an extra optimizer package (torchdistx, torchao, grokadamw or optimi) dpo_ray does not "
-                    "install"),
+    **dict.fromkeys(("adamw_torch_xla", "adamw_torch_npu_fused"),
+                    "for TPU/NPU devices; dpo_ray runs on CUDA or CPU"),
+    **dict.fromkeys(("adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "grokadamw",
+                     "stable_adamw"),
+                    "needs an extra optimizer package (torchdistx, torchao, grokadamw or optimi) dpo_ray "
+                    "does not install"),
 }
 
 
@@ -51,7 +55,8 @@ def canonical_optimizer(name: str) -> str:
 
 
 def parse_optim_args(text: str | None) -> dict[str, str]:
-    """TrainingArguments' optim_args: "momentum=0.9,nesterov=true" -> {"momentum": "0.9", "nesterov": "true"}."""
+    """TrainingArguments' optim_args: "momentum=0.9,nesterov=true" ->
+    {"momentum": "0.9", "nesterov": "true"}."""
     out: dict[str, str] = {}
     for item in (text or "").replace(" ", "").split(","):
         if not item:
@@ -85,9 +90,11 @@ def _flag(value: str) -> bool:
     return value.lower() in ("true", "1", "yes")
 
 
-def build_optimizer(name: str, param_groups: Iterable[dict], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-8, optim_args: str | None = None) -> torch.optim.Optimizer:
-    """The optimizer ``name`` over ``param_groups`` (each may carry its own weight_decay), as transformers builds it."""
+def build_optimizer(name: str, param_groups: Iterable[dict], *, lr: float,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                    optim_args: str | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``param_groups`` (each may carry its own weight_decay), as transformers
+    builds it."""
     name = canonical_optimizer(name)
     problems = optimizer_problems(name, optim_args)
     if problems:

@@ -1,11 +1,12 @@
-"""What a run may delete or overwrite: only what dpo_ray made, inside the folder that owns it (docs/training.md,
-"What a run may delete").
+"""What a run may delete or overwrite: only what dpo_ray made, inside the folder that owns it
+(docs/training.md, "What a run may delete").
 
-Every folder dpo_ray writes into as a whole (an output_dir, a run's Ray Train folder, a reference store and its
-entries) carries ``.dpo_ray_owned``, written by the writer when it creates or first writes the folder. A delete
-goes through ``remove_owned``: the owner folder must carry the marker, the resolved path (symlinks followed) must
-lie strictly inside it, and the owner must not be a root a user keeps other things in (``/``, a home directory, a
-repository's root). ``RunLock`` is the exclusive lock a run holds on its output folder for its whole length.
+Every folder dpo_ray writes into as a whole (an output_dir, a run's Ray Train folder, a reference store and
+its entries) carries ``.dpo_ray_owned``, written by the writer when it creates or first writes the folder. A
+delete goes through ``remove_owned``: the owner folder must carry the marker, the resolved path (symlinks
+followed) must lie strictly inside it, and the owner must not be a root a user keeps other things in (``/``, a
+home directory, a repository's root). ``RunLock`` is the exclusive lock a run holds on its output folder for
+its whole length.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ LOCK_FILE = ".dpo_ray_run.lock"
 
 
 class OwnershipError(PermissionError):
-    """A delete or overwrite dpo_ray refused: the path is not one it made, or lies outside the folder it owns."""
+    """A delete or overwrite dpo_ray refused: the path is not one it made, or lies outside the folder it
+    owns."""
 
 
 def root_problem(path: str | os.PathLike | None, what: str) -> str:
@@ -72,38 +74,40 @@ def mark_owned(folder: str | os.PathLike, kind: str, **extra: Any) -> Path:
 
 
 def check_inside(path: str | os.PathLike, owner: str | os.PathLike) -> Path:
-    """``path`` resolved (symlinks followed), checked to lie strictly inside ``owner``; raises OwnershipError."""
+    """``path`` resolved (symlinks followed), checked to lie strictly inside ``owner``; raises
+    OwnershipError."""
     owner_r = Path(owner).resolve()
     target = Path(path)
     # a symlink itself is removed as a link: resolve its parent, not where it points
     resolved = target.parent.resolve() / target.name if target.is_symlink() else target.resolve()
     if resolved == owner_r or owner_r not in resolved.parents:
-        raise OwnershipError(f"refusing to delete {path}: it resolves to {resolved}, outside the folder {owner_r} "
-                             "that dpo_ray owns")
+        raise OwnershipError(f"refusing to delete {path}: it resolves to {resolved}, outside the folder "
+                             f"{owner_r} that dpo_ray owns")
     return resolved
 
 
 def remove_owned(path: str | os.PathLike, owner: str | os.PathLike, *, need_marker: bool = False) -> bool:
-    """Delete ``path`` (a file, link or folder) inside ``owner``, which must carry dpo_ray's marker and not be a
-    root (``root_problem``); with ``need_marker`` the folder ``path`` itself must carry one too. Returns False
-    when nothing was there; raises OwnershipError when refused and OSError when the removal failed."""
+    """Delete ``path`` (a file, link or folder) inside ``owner``, which must carry dpo_ray's marker and not be
+    a root (``root_problem``); with ``need_marker`` the folder ``path`` itself must carry one too. Returns
+    False when nothing was there; raises OwnershipError when refused and OSError when the removal failed."""
     problem = root_problem(owner, "the folder")
     if problem:
         raise OwnershipError(f"refusing to delete {path}: {problem}")
     if not is_owned(owner):
-        raise OwnershipError(f"refusing to delete {path}: {Path(owner).resolve()} has no {OWNER_FILE} marker, so "
-                             "dpo_ray did not make it; remove it yourself if it should go")
+        raise OwnershipError(f"refusing to delete {path}: {Path(owner).resolve()} has no {OWNER_FILE} "
+                             "marker, so dpo_ray did not make it; remove it yourself if it should go")
     resolved = check_inside(path, owner)
     if not os.path.lexists(resolved):
         return False
     if resolved.is_dir() and not resolved.is_symlink():
         if need_marker and not is_owned(resolved):
-            raise OwnershipError(f"refusing to delete {resolved}: it has no {OWNER_FILE} marker, so dpo_ray did not "
-                                 "make it")
+            raise OwnershipError(f"refusing to delete {resolved}: it has no {OWNER_FILE} marker, so dpo_ray "
+                                 "did not make it")
         failed: list[str] = []
         shutil.rmtree(resolved, onerror=lambda fn, p, exc: failed.append(f"{p}: {exc[1]}"))
         if failed or resolved.exists():
-            raise OSError(f"could not remove {resolved} completely: {'; '.join(failed[:3]) or 'it is still there'}")
+            raise OSError(f"could not remove {resolved} completely: "
+                          f"{'; '.join(failed[:3]) or 'it is still there'}")
     else:
         resolved.unlink()
     return True
@@ -118,9 +122,9 @@ def replace_owned(src: Path, dst: Path, owner: Path) -> None:
 
 
 class RunLock:
-    """An exclusive lock on a folder for a whole run (``fcntl.flock`` on ``<folder>/.dpo_ray_run.lock``): a second
-    run into it stops at once, naming the holder. The kernel drops the lock when its process dies, so the lock of
-    a crashed or killed run is taken over by the next one."""
+    """An exclusive lock on a folder for a whole run (``fcntl.flock`` on ``<folder>/.dpo_ray_run.lock``): a
+    second run into it stops at once, naming the holder. The kernel drops the lock when its process dies, so
+    the lock of a crashed or killed run is taken over by the next one."""
 
     def __init__(self, folder: str | os.PathLike, what: str):
         self.folder, self.what = Path(folder), what
@@ -135,8 +139,8 @@ class RunLock:
             f.seek(0)
             holder = _holder(f.read())
             f.close()
-            raise OwnershipError(f"{self.what} {self.folder} is in use by another run ({holder}); wait for it to end, "
-                                 f"or choose another {self.what}") from None
+            raise OwnershipError(f"{self.what} {self.folder} is in use by another run ({holder}); wait for "
+                                 f"it to end, or choose another {self.what}") from None
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),

@@ -97,11 +97,12 @@ def resolve_config_paths(cfg: DPOConfig, base: str | Path | None = None) -> DPOC
             continue
         if key in WRITE_KEYS and job_dir and isinstance(value, str) and value and not is_remote(value) \
                 and not value.startswith(("/", "~")):
-            blind.append((key, f"{value!r} is relative, and this driver runs in the Ray job's uploaded working "
-                               f"directory {job_dir}: a copy on one node's local disk that Ray deletes after the job, "
-                               "so the outputs would be lost. Set shared_dir (or DPO_RAY_SHARED_DIR in the job's "
-                               "runtime_env env_vars) to a directory on shared storage, e.g. /mnt/shared/outputs "
-                               "(relative output paths are taken against it), or give an absolute path there"))
+            blind.append((key, f"{value!r} is relative, and this driver runs in the Ray job's uploaded "
+                               f"working directory {job_dir}: a copy on one node's local disk that Ray "
+                               "deletes after the job, so the outputs would be lost. Set shared_dir (or "
+                               "DPO_RAY_SHARED_DIR in the job's runtime_env env_vars) to a directory on "
+                               "shared storage, e.g. /mnt/shared/outputs (relative output paths are taken "
+                               "against it), or give an absolute path there"))
             continue
         resolved = resolve_path(value, write_base if key in WRITE_KEYS else base, may_be_name)
         if resolved != value:
@@ -127,8 +128,8 @@ def path_problems(cfg: DPOConfig) -> list[tuple[str, str]]:
         path = Path(value)
         want = "adapter_config.json" if key == "peft_adapter_path" else "config.json"
         if not path.is_dir():
-            hint = (" (dpo_ray loads models from disk and downloads nothing at run time: download it first, e.g. "
-                    "`hf download NAME --local-dir DIR`, and give DIR)" if not _path_like(value) else "")
+            hint = (" (dpo_ray loads models from disk and downloads nothing at run time: download it first, "
+                    "e.g. `hf download NAME --local-dir DIR`, and give DIR)" if not _path_like(value) else "")
             problems.append((key, f"{value!r} is not a directory{hint}; relative paths are taken against the "
                                   f"working directory {os.getcwd()}"))
         elif not (path / want).is_file():

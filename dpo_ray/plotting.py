@@ -11,7 +11,8 @@ def plot_metrics(history: list[dict], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("loss", "loss"), ("rewards/margins", "rewards/margins"), ("rewards/accuracies", "rewards/accuracies")]
+    panels = [("loss", "loss"), ("rewards/margins", "rewards/margins"),
+              ("rewards/accuracies", "rewards/accuracies")]
     panels = [p for p in panels if any(p[0] in r or f"eval_{p[0]}" in r for r in history)]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 3.6), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):

@@ -42,7 +42,8 @@ class PackedPairs:
     keep: Tensor | None  # (B, 1, S, S) bool: query may attend to key (None: pack_pairs(dense=False))
     score_index: Tensor  # (M,) flat index into (B·S) positions, one per standard completion token
     lengths: Tensor  # (B,) non-pad tokens of each packed row
-    branch: Tensor | None = None  # (B, S) 0 shared prefix, 1 chosen, 2 rejected, 3 padding (dpo_ray.flex's mask)
+    # (B, S) 0 shared prefix, 1 chosen, 2 rejected, 3 padding (dpo_ray.flex's mask)
+    branch: Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -51,8 +52,8 @@ class PackedPairs:
 
 
 def attn_implementation(model: nn.Module) -> str | None:
-    """The model's attention implementation (``sdpa`` once dpo_ray.flex routes it: SDPA runs every non-BlockMask
-    mask there)."""
+    """The model's attention implementation (``sdpa`` once dpo_ray.flex routes it: SDPA runs every
+    non-BlockMask mask there)."""
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None) if config is not None else None
     return "sdpa" if impl == "dpo_ray_flex" else impl
@@ -70,12 +71,14 @@ def supports(model: nn.Module) -> tuple[bool, str]:
     """(can this model take a packed pair batch, why not)."""
     impl = attn_implementation(model)
     if impl not in MASK_IMPLEMENTATIONS:
-        return False, f"attn_implementation {impl!r} takes no custom 4-D mask (needs one of {MASK_IMPLEMENTATIONS})"
+        return False, (f"attn_implementation {impl!r} takes no custom 4-D mask (needs one of "
+                       f"{MASK_IMPLEMENTATIONS})")
     if _sliding(model.config):
         return False, "sliding-window attention: a custom 4-D mask would replace the window"
     base = _unwrapped(model)
     if "position_ids" not in inspect.signature(base.forward).parameters:
-        return False, f"{type(base).__name__}.forward takes no position_ids (positions from the mask, e.g. ALiBi)"
+        return False, (f"{type(base).__name__}.forward takes no position_ids (positions from the mask, e.g. "
+                       "ALiBi)")
     return True, ""
 
 
@@ -148,12 +151,13 @@ def pack_groups(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tens
 
         [shared prefix (L) | rest of response 1 | ... | rest of response K | pad]
 
-    ``group_index`` (R,): each response's group, non-decreasing, every group 0..G-1 present (the collate order,
-    docs/CONTRACTS.md). Each rest restarts its position ids at L, and under the mask a response's tokens see
-    the prefix and themselves only, so every hidden state is the one its own (R, T) row computes. The prefix
-    is the longest token prefix all of a group's responses share, cut at the first completion token of any.
-    ``score_index`` maps the completion tokens of the (R, T) layout (``completion_mask[:, 1:].nonzero()``
-    order) into the packed (G·S) positions, as ``pack_pairs`` does for the pair layout (a pair is a group of 2).
+    ``group_index`` (R,): each response's group, non-decreasing, every group 0..G-1 present (the collate
+    order, docs/CONTRACTS.md). Each rest restarts its position ids at L, and under the mask a response's
+    tokens see the prefix and themselves only, so every hidden state is the one its own (R, T) row computes.
+    The prefix is the longest token prefix all of a group's responses share, cut at the first completion token
+    of any. ``score_index`` maps the completion tokens of the (R, T) layout
+    (``completion_mask[:, 1:].nonzero()`` order) into the packed (G·S) positions, as ``pack_pairs`` does for
+    the pair layout (a pair is a group of 2).
     """
     r, t = input_ids.shape
     if r == 0:
@@ -166,7 +170,8 @@ def pack_groups(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tens
     lens = attn.sum(-1)  # (R,)
     first_comp = torch.where(comp.any(-1), comp.float().argmax(-1), lens)
     rows = torch.arange(r, device=dev)
-    head = torch.full((g,), r, dtype=torch.long, device=dev).scatter_reduce(0, gi, rows, "amin")  # first response
+    # first response
+    head = torch.full((g,), r, dtype=torch.long, device=dev).scatter_reduce(0, gi, rows, "amin")
     lead = head[gi]  # (R,) each response's group's first response
     same = (input_ids == input_ids[lead]) & attn & attn[lead]
     common = same.long().cumprod(-1).sum(-1)
@@ -211,5 +216,6 @@ def pack_groups(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tens
 def attention_mask_for(model: nn.Module, keep: Tensor, dtype: torch.dtype) -> Tensor:
     """The 4-D mask in the form the model's attention takes: bool for sdpa, additive float for eager."""
     if attn_implementation(model) == "eager":
-        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep,
+                                                                                    torch.finfo(dtype).min)
     return keep

@@ -40,9 +40,9 @@ def choose_form(stream: TextIO) -> str:
 
 
 def bar_width(stream: TextIO) -> dict[str, Any]:
-    """tqdm's width arguments for ``stream``: follow the terminal's width, or, where the terminal reports no size
-    (a pseudo-terminal nobody sized: ``docker exec -t``, ``script``, CI runners; tqdm then draws nothing at all),
-    a fixed size from COLUMNS and LINES, or 100 × 24."""
+    """tqdm's width arguments for ``stream``: follow the terminal's width, or, where the terminal reports no
+    size (a pseudo-terminal nobody sized: ``docker exec -t``, ``script``, CI runners; tqdm then draws nothing
+    at all), a fixed size from COLUMNS and LINES, or 100 × 24."""
     import shutil
 
     try:
@@ -72,17 +72,19 @@ class Progress:
     """``update(done, **fields)`` as work advances; ``close()`` once (prints the final line).
 
     ``total`` None: no percentage or time left, a rate only. ``unit``: what ``done`` counts (steps, rows).
-    ``own_rate=True`` with ``update(..., seconds_per_unit=x)``: the caller's own measure of the rate (training:
-    ``seconds_per_step``, dpo_ray.train.logger.Throughput); the time left and the bar use it, never a second rate
-    of the bar's own.
+    ``own_rate=True`` with ``update(..., seconds_per_unit=x)``: the caller's own measure of the rate
+    (training: ``seconds_per_step``, dpo_ray.train.logger.Throughput); the time left and the bar use it, never
+    a second rate of the bar's own.
     """
 
-    def __init__(self, desc: str, total: int | None, unit: str, *, initial: int = 0, stream: TextIO | None = None,
-                 form: str | None = None, interval_s: float | None = None, own_rate: bool = False):
+    def __init__(self, desc: str, total: int | None, unit: str, *, initial: int = 0,
+                 stream: TextIO | None = None, form: str | None = None, interval_s: float | None = None,
+                 own_rate: bool = False):
         self.desc, self.total, self.unit, self.initial = desc, total, unit, initial
         self.stream = stream or sys.stderr
         self.form = form or choose_form(self.stream)
-        self.interval_s = float(os.environ.get("DPO_RAY_PROGRESS_INTERVAL_S", 10)) if interval_s is None else interval_s
+        self.interval_s = (float(os.environ.get("DPO_RAY_PROGRESS_INTERVAL_S", 10)) if interval_s is None
+                           else interval_s)
         self.start = time.monotonic()
         self.done, self.fields = initial, {}  # a resumed job starts at ``initial``; rates count from there
         self.seconds_per_unit: float | None = None
@@ -120,7 +122,8 @@ class Progress:
     def line(self) -> str:
         """The plain form's line: ``desc: done/total unit (pct) | fields | elapsed, left``."""
         if self.total:
-            head = f"{self.desc}: {self.done}/{self.total} {self.unit} ({100.0 * self.done / self.total:.0f}%)"
+            head = (f"{self.desc}: {self.done}/{self.total} {self.unit} "
+                    f"({100.0 * self.done / self.total:.0f}%)")
         else:
             rate = self.rate()
             head = f"{self.desc}: {self.done} {self.unit}" + (f" ({rate:.3g} {self.unit}/s)" if rate else "")

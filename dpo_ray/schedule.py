@@ -13,16 +13,16 @@ import torch
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float, warmup_steps: float) -> int:
-    """transformers 5's rule: ``warmup_steps`` >= 1 counts steps, one in (0, 1) is a fraction of the run's steps;
-    0 leaves it to ``warmup_ratio`` (transformers 4.x's key)."""
+    """transformers 5's rule: ``warmup_steps`` >= 1 counts steps, one in (0, 1) is a fraction of the run's
+    steps; 0 leaves it to ``warmup_ratio`` (transformers 4.x's key)."""
     if warmup_steps >= 1:
         return int(warmup_steps)
     return math.ceil(total_steps * (warmup_steps if warmup_steps > 0 else warmup_ratio))
 
 
 def interval_steps(value: float, total_steps: int) -> int:
-    """logging_steps / eval_steps / save_steps as transformers reads them: >= 1 counts optimizer steps, a number in
-    (0, 1) is that fraction of the run's steps (rounded up, at least 1)."""
+    """logging_steps / eval_steps / save_steps as transformers reads them: >= 1 counts optimizer steps, a
+    number in (0, 1) is that fraction of the run's steps (rounded up, at least 1)."""
     return int(value) if value >= 1 else max(1, math.ceil(total_steps * value))
 
 
@@ -53,12 +53,13 @@ def scheduler_kwargs_problems(kind: str, kwargs: dict, learning_rate: float) -> 
         return [f"lr_scheduler_type {kind!r}: {why}; choose one of {', '.join(SCHEDULES)}"]
     allowed = SCHEDULES[kind]
     problems = [f"{k!r} is not an argument of the {kind} schedule"
-                + (f"; it takes {', '.join(allowed)}" if allowed else "; it takes none") for k in kwargs if k not in allowed]
+                + (f"; it takes {', '.join(allowed)}" if allowed else "; it takes none") for k in kwargs
+                if k not in allowed]
     if kind == "cosine_with_min_lr":
         given = [k for k in ("min_lr", "min_lr_rate") if kwargs.get(k) is not None]
         if len(given) != 1:
-            problems.append("cosine_with_min_lr needs exactly one of min_lr (absolute) or min_lr_rate (fraction of "
-                            "learning_rate), e.g. {min_lr_rate: 0.1}")
+            problems.append("cosine_with_min_lr needs exactly one of min_lr (absolute) or min_lr_rate "
+                            "(fraction of learning_rate), e.g. {min_lr_rate: 0.1}")
         elif given == ["min_lr"] and not 0 <= kwargs["min_lr"] <= learning_rate:
             problems.append(f"min_lr must be in [0, learning_rate={learning_rate}] (got {kwargs['min_lr']})")
     if kind == "polynomial" and kwargs.get("lr_end", 1e-7) > learning_rate:
@@ -66,16 +67,19 @@ def scheduler_kwargs_problems(kind: str, kwargs: dict, learning_rate: float) -> 
     return problems
 
 
-def lr_lambda(kind: str, total_steps: int, warmup: int, kwargs: dict | None = None, base_lr: float | None = None):
+def lr_lambda(kind: str, total_steps: int, warmup: int, kwargs: dict | None = None,
+              base_lr: float | None = None):
     """The multiplier of ``base_lr`` at each optimizer step (LambdaLR), as transformers' schedule ``kind``.
 
-    ``kwargs``: the schedule's keyword arguments (``SCHEDULES``); ``base_lr``: the peak learning rate, needed by
-    the schedules that end at an absolute rate (cosine_with_min_lr's min_lr, polynomial's lr_end).
+    ``kwargs``: the schedule's keyword arguments (``SCHEDULES``); ``base_lr``: the peak learning rate, needed
+    by the schedules that end at an absolute rate (cosine_with_min_lr's min_lr, polynomial's lr_end).
     """
     if kind not in SCHEDULES:
         raise ValueError(f"lr_scheduler_type={kind!r} is not supported; choose one of {', '.join(SCHEDULES)}")
-    if not base_lr and (kind == "polynomial" or (kind == "cosine_with_min_lr" and (kwargs or {}).get("min_lr") is not None)):
-        raise ValueError(f"the {kind} schedule needs base_lr (the peak learning rate) to reach an absolute rate")
+    if not base_lr and (kind == "polynomial"
+                        or (kind == "cosine_with_min_lr" and (kwargs or {}).get("min_lr") is not None)):
+        raise ValueError(f"the {kind} schedule needs base_lr (the peak learning rate) to reach an absolute "
+                         "rate")
     opts = {k: v for k, v in SCHEDULES[kind].items() if v is not None} | dict(kwargs or {})
     if kind == "cosine_with_min_lr":
         floor = opts["min_lr"] / base_lr if opts.get("min_lr") is not None else opts.get("min_lr_rate")
@@ -122,9 +126,11 @@ def lr_lambda_for(cfg, total_steps: int):
     return lr_lambda(cfg.lr_scheduler_type, total_steps, warm, cfg.lr_scheduler_kwargs, cfg.learning_rate)
 
 
-def build_scheduler(optimizer, cfg, total_steps: int, last_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer, cfg, total_steps: int,
+                    last_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """The run's schedule around ``optimizer`` (DeepSpeed steps it once per optimizer step); ``last_step`` > 0
-    continues a run whose horizon changed at that step (the optimizer already holds each group's initial_lr)."""
+    continues a run whose horizon changed at that step (the optimizer already holds each group's
+    initial_lr)."""
     # LambdaLR's constructor takes one step: from last_step - 1 it lands on last_step and sets its rates
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(cfg, total_steps),
                                              last_epoch=last_step - 1 if last_step else -1)

@@ -1,6 +1,6 @@
 """Prefix sharing's decision for one model: whether its pair forwards pack [prompt, chosen, rejected], checked
-on the first batch, and through which attention kernel (timed on a GPU). Used by the policy on each worker and by
-every reference holder; the packing itself is ``dpo_ray.prefix`` and the forward ``dpo_ray.forward``."""
+on the first batch, and through which attention kernel (timed on a GPU). Used by the policy on each worker and
+by every reference holder; the packing itself is ``dpo_ray.prefix`` and the forward ``dpo_ray.forward``."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class PrefixSharing:
-    """Whether a model's pair forwards pack [prompt, chosen, rejected] (config ``prefix_sharing``), and through
-    which attention (config ``prefix_attention``: the ``kernel`` once decided).
+    """Whether a model's pair forwards pack [prompt, chosen, rejected] (config ``prefix_sharing``), and
+    through which attention (config ``prefix_attention``: the ``kernel`` once decided).
 
     ``off``: never. ``on``: wherever the model's attention takes a custom 4-D mask (``prefix.supports``).
     ``auto`` (default): the same, and the first pair batch is also run both ways once, without grad,
@@ -31,12 +31,13 @@ class PrefixSharing:
 
     Kernels (``prefix_attention``): ``dense`` the 4-D mask through the model's attention; ``flex`` the
     block-sparse path (``dpo_ray.flex``), falling back to dense with the reason where FlexAttention is
-    missing or disagrees; ``auto`` (default) flex is a candidate on the GPU only (on the CPU its eager form is a
-    reference implementation, not a fast one). Decided once per holder (the policy on each worker, each
+    missing or disagrees; ``auto`` (default) flex is a candidate on the GPU only (on the CPU its eager form is
+    a reference implementation, not a fast one). Decided once per holder (the policy on each worker, each
     reference model).
     """
 
-    def __init__(self, mode: str = "auto", who: str = "policy", kernel: str = "auto", timed: bool | None = None):
+    def __init__(self, mode: str = "auto", who: str = "policy", kernel: str = "auto",
+                 timed: bool | None = None):
         self.mode, self.who, self.kernel_mode = mode, who, kernel
         self.enabled: bool | None = False if mode == "off" else None
         self.why = "prefix_sharing: off" if mode == "off" else ""  # the reason for the decision, once made
@@ -87,7 +88,8 @@ class PrefixSharing:
         notes, agreeing = [], []
         with eval_mode(model), torch.no_grad():  # dropout would make the forwards differ
             plain = sequence_forward(model, batch, **fwd).stats
-            tol = (2e-2 if half else 1e-3) * plain.num_tokens.clamp(min=1)  # per sequence, grows with its tokens
+            # per sequence, grows with its tokens
+            tol = (2e-2 if half else 1e-3) * plain.num_tokens.clamp(min=1)
             for kernel in candidates:
                 try:
                     packed = sequence_forward(model, batch, share_prefix=kernel, **fwd).stats
@@ -102,8 +104,8 @@ class PrefixSharing:
                     if self.mode == "on":
                         break  # on: the first kernel that runs and agrees, untimed
                 else:
-                    notes.append(f"{kernel}: packed and standard log-probs differ by up to {worst:.3g} on the first "
-                                 "batch (does this model's attention honour a custom 4-D mask?)")
+                    notes.append(f"{kernel}: packed and standard log-probs differ by up to {worst:.3g} on "
+                                 "the first batch (does this model's attention honour a custom 4-D mask?)")
         if self.why_flex and self.kernel_mode == "flex":
             notes.append(self.why_flex)
         if not agreeing:
@@ -129,8 +131,8 @@ class PrefixSharing:
             return False
         self.kernel = best
         worst = dict(agreeing)[best]
-        self.why = (f"the first batch agrees with the standard layout (max |Δlogp| {worst:.2e}) and {best} packing was "
-                    f"fastest ({shown})")
+        self.why = (f"the first batch agrees with the standard layout (max |Δlogp| {worst:.2e}) and {best} "
+                    f"packing was fastest ({shown})")
         log.info("prefix_sharing on for the %s: %s", self.who, self.why)
         return True
 
@@ -148,7 +150,8 @@ class PrefixSharing:
                     if cuda:
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    sequence_forward(model, batch, share_prefix=False if layout == "standard" else layout, **fwd)
+                    sequence_forward(model, batch, share_prefix=False if layout == "standard" else layout,
+                                     **fwd)
                     if cuda:
                         torch.cuda.synchronize()
                     best = min(best, time.perf_counter() - t0)

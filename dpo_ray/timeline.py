@@ -53,8 +53,8 @@ class Timeline:
     @classmethod
     def for_run(cls) -> Timeline:
         """The timeline of a training run: the process's first run counts from the process start (imports and
-        config parsing count); a later run in the same process (the demo's DPO stage after its SFT stage) counts
-        from now."""
+        config parsing count); a later run in the same process (the demo's DPO stage after its SFT stage)
+        counts from now."""
         first = not cls._process_start_claimed
         cls._process_start_claimed = True
         return cls(None if first else time.time())

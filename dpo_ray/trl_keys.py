@@ -1,5 +1,6 @@
-"""What dpo_ray does with each TRL 1.x configuration key (``DPOConfig`` with its ``TrainingArguments``, and the
-``ModelConfig`` / ``ScriptArguments`` keys of TRL's scripts), so a TRL user's YAML loads with the same meaning.
+"""What dpo_ray does with each TRL 1.x configuration key (``DPOConfig`` with its ``TrainingArguments``, and
+the ``ModelConfig`` / ``ScriptArguments`` keys of TRL's scripts), so a TRL user's YAML loads with the same
+meaning.
 
 One table, ``TRL_KEYS``: the config translates the keys before validation (``translate``) and
 ``scripts/gen_config_doc.py`` renders it into docs/config.md. Treatments:
@@ -58,14 +59,15 @@ TRL_KEYS: dict[str, TrlKey] = {
     "num_train_epochs": _same(),
     "max_steps": _same(),
     "learning_rate": _same("default 1e-6, as TRL's DPOConfig"),
-    "lr_scheduler_type": _same("linear, cosine, cosine_with_restarts, cosine_with_min_lr, polynomial, constant, "
-                               "constant_with_warmup, inverse_sqrt, as transformers computes them; "
+    "lr_scheduler_type": _same("linear, cosine, cosine_with_restarts, cosine_with_min_lr, polynomial, "
+                               "constant, constant_with_warmup, inverse_sqrt, as transformers computes them; "
                                "reduce_lr_on_plateau and warmup_stable_decay are refused"),
-    "lr_scheduler_kwargs": _same("transformers' names per schedule (num_cycles, min_lr, min_lr_rate, lr_end, power, "
-                                 "timescale); unknown ones are refused"),
+    "lr_scheduler_kwargs": _same("transformers' names per schedule (num_cycles, min_lr, min_lr_rate, lr_end, "
+                                 "power, timescale); unknown ones are refused"),
     "warmup_steps": _same("warmup_ratio is also accepted (transformers 4.x)"),
-    "optim": _same("adamw_torch_fused (default), adamw_torch (alias adamw_hf), adafactor, sgd, adagrad, rmsprop; "
-                   "bitsandbytes, GaLore, LOMO, schedule-free and TPU/NPU optimizers are refused with the reason"),
+    "optim": _same("adamw_torch_fused (default), adamw_torch (alias adamw_hf), adafactor, sgd, adagrad, "
+                   "rmsprop; bitsandbytes, GaLore, LOMO, schedule-free and TPU/NPU optimizers are refused "
+                   "with the reason"),
     "optim_args": _same("\"k=v,...\" for sgd, adagrad, rmsprop, as transformers reads it"),
     "optim_target_modules": _only(None, "only GaLore/APOLLO optimizers read it, and they are not supported"),
     "weight_decay": _same("not on biases and norm weights"),
@@ -73,10 +75,11 @@ TRL_KEYS: dict[str, TrlKey] = {
     "adam_beta2": _same(),
     "adam_epsilon": _same(),
     "gradient_accumulation_steps": _same(),
-    "average_tokens_across_devices": _ignored("the DPO loss is a mean over pairs per micro-batch (TRL's DPO loss does "
-                                              "not read it either)"),
+    "average_tokens_across_devices": _ignored("the DPO loss is a mean over pairs per micro-batch (TRL's DPO "
+                                              "loss does not read it either)"),
     "max_grad_norm": _same(),
-    "label_smoothing_factor": _only(0.0, "token-level label smoothing of the LM loss; DPO's ε is label_smoothing"),
+    "label_smoothing_factor": _only(0.0, "token-level label smoothing of the LM loss; DPO's ε is "
+                                         "label_smoothing"),
     "bf16": _same("None (default) = bf16 on GPU, fp32 on CPU"),
     "fp16": _same(),
     "bf16_full_eval": _only(False, "eval runs in the training precision"),
@@ -85,18 +88,21 @@ TRL_KEYS: dict[str, TrlKey] = {
     "activation_checkpointing": _maps("gradient_checkpointing (transformers 5 spelling)"),
     "activation_checkpointing_kwargs": _ignored("checkpointing is always non-reentrant here"),
     "gradient_checkpointing": _same("default auto (TRL: on): on for micro-batches whose activations pass "
-                                     "gradient_checkpointing_gib, so long rows get TRL's memory and short ones skip "
-                                     "the recompute; true/false as in TRL"),
+                                     "gradient_checkpointing_gib, so long rows get TRL's memory and short "
+                                     "ones skip the recompute; true/false as in TRL"),
     "gradient_checkpointing_kwargs": _ignored("checkpointing is always non-reentrant here"),
     "torch_compile": _only(False, "models run eagerly"),
     "torch_compile_backend": _only(None, "models run eagerly"),
     "torch_compile_mode": _only(None, "models run eagerly"),
-    "use_liger_kernel": _only(False, "log-probs come from dpo_ray's own chunked LM head (dpo_ray/logprobs.py)"),
-    "liger_kernel_config": _only(None, "log-probs come from dpo_ray's own chunked LM head (dpo_ray/logprobs.py)"),
+    "use_liger_kernel": _only(False, "log-probs come from dpo_ray's own chunked LM head "
+                                     "(dpo_ray/logprobs.py)"),
+    "liger_kernel_config": _only(None, "log-probs come from dpo_ray's own chunked LM head "
+                                       "(dpo_ray/logprobs.py)"),
     "use_cache": _ignored("training forwards never use the KV cache"),
     "neftune_noise_alpha": _only(None, "NEFTune embedding noise is not implemented"),
     "torch_empty_cache_steps": _ignored("the CUDA cache is left to torch"),
-    "auto_find_batch_size": _only(False, "batch sizes are fixed by the config (DeepSpeed's dict is derived from them)"),
+    "auto_find_batch_size": _only(False, "batch sizes are fixed by the config (DeepSpeed's dict is derived "
+                                         "from them)"),
     "logging_strategy": _only("steps", "dpo_ray logs every logging_steps optimizer steps"),
     "logging_steps": _same(),
     "logging_first_step": _same("also log after the first optimizer step"),
@@ -123,10 +129,12 @@ TRL_KEYS: dict[str, TrlKey] = {
     "eval_accumulation_steps": _ignored(_NO_PRED),
     "include_for_metrics": _ignored(_NO_PRED),
     "batch_eval_metrics": _ignored(_NO_PRED),
-    "save_only_model": _only(False, "checkpoints keep the optimizer, scheduler and RNG states so a resume is exact"),
+    "save_only_model": _only(False, "checkpoints keep the optimizer, scheduler and RNG states so a resume is "
+                                    "exact"),
     "save_strategy": _same("no, steps or epoch (best is not supported; use load_best_model_at_end)"),
     "save_steps": _same(),
-    "save_on_each_node": _ignored("checkpoints go to Ray Train storage (ray.storage_path), shared by the nodes"),
+    "save_on_each_node": _ignored("checkpoints go to Ray Train storage (ray.storage_path), shared by the "
+                                  "nodes"),
     "save_total_limit": _same(),
     "enable_jit_checkpoint": _only(False, "checkpoints are written at save_steps / epochs only"),
     "push_to_hub": _only(False, _HUB),
@@ -136,13 +144,14 @@ TRL_KEYS: dict[str, TrlKey] = {
     "hub_strategy": _only("every_save", _HUB),
     "hub_always_push": _only(False, _HUB),
     "hub_revision": _only(None, _HUB),
-    "load_best_model_at_end": _same("output_dir gets the checkpoint with the best metric_for_best_model; needs "
-                                    "save_strategy equal to eval_strategy"),
+    "load_best_model_at_end": _same("output_dir gets the checkpoint with the best metric_for_best_model; "
+                                    "needs save_strategy equal to eval_strategy"),
     "metric_for_best_model": _same("an eval metric name, with or without eval_ (default loss)"),
     "greater_is_better": _same("default: false for names ending in loss, else true"),
     "ignore_data_skip": _only(False, "a resume always restores the data position"),
     "restore_callback_states_from_checkpoint": _only(False, "there are no trainer callbacks"),
-    "full_determinism": _only(False, "seeds are set per worker (seed, data_seed); deterministic kernels are not forced"),
+    "full_determinism": _only(False, "seeds are set per worker (seed, data_seed); deterministic kernels are "
+                                     "not forced"),
     "seed": _same(),
     "data_seed": _same(),
     "use_cpu": _maps("true: ray.use_gpu false"),
@@ -155,8 +164,8 @@ TRL_KEYS: dict[str, TrlKey] = {
     "dataloader_prefetch_factor": _ignored(_RAY_DATA),
     "dataloader_multiprocessing_context": _ignored(_RAY_DATA),
     "dataloader_in_order": _ignored(_RAY_DATA),
-    "remove_unused_columns": _ignored("the pipeline keeps the columns it needs (prompt, chosen, rejected, images, "
-                                      "tools, chat_template_kwargs)"),
+    "remove_unused_columns": _ignored("the pipeline keeps the columns it needs (prompt, chosen, rejected, "
+                                      "images, tools, chat_template_kwargs)"),
     "label_names": _ignored("DPO batches have no label columns"),
     "train_sampling_strategy": _maps("random (default): shuffled; group_by_length: length_bucketing true; "
                                      "sequential is refused (rows are shuffled per epoch with data_seed)"),
@@ -168,9 +177,10 @@ TRL_KEYS: dict[str, TrlKey] = {
     "ddp_backend": _ignored("nccl on GPU, gloo on CPU, chosen by Ray Train"),
     "ddp_timeout": _ignored(_DEEPSPEED_DP),
     "fsdp": _only(None, "DeepSpeed ZeRO shards instead: deepspeed.zero_stage 3 is FSDP's full sharding"),
-    "fsdp_config": _only(None, "DeepSpeed ZeRO shards instead: deepspeed.zero_stage 3 is FSDP's full sharding"),
-    "deepspeed": _same("a section here (zero_stage, offload_optimizer, offload_param, overrides); TRL's path to a "
-                       "DeepSpeed JSON is refused: the dict is derived from the config"),
+    "fsdp_config": _only(None, "DeepSpeed ZeRO shards instead: deepspeed.zero_stage 3 is FSDP's full "
+                               "sharding"),
+    "deepspeed": _same("a section here (zero_stage, offload_optimizer, offload_param, overrides); TRL's path "
+                       "to a DeepSpeed JSON is refused: the dict is derived from the config"),
     "debug": _only("", "no debug modes"),
     "skip_memory_metrics": _ignored("memory is not profiled"),
     "do_train": _ignored("the command decides: dpo-ray train trains"),
@@ -178,20 +188,21 @@ TRL_KEYS: dict[str, TrlKey] = {
     "do_predict": _ignored(_NO_PRED),
     "resume_from_checkpoint": _same("also 'latest'"),
     "overwrite_output_dir": _same("TrainingArguments' key of transformers 4.x: a new run into an output_dir "
-                                  "holding an earlier run's outputs is refused unless this is true or the run "
-                                  "resumes"),
+                                  "holding an earlier run's outputs is refused unless this is true or the "
+                                  "run resumes"),
     "local_rank": _ignored("Ray Train assigns ranks"),
     # --- DPOConfig: TRL's own ---
     "model_init_kwargs": _same(),
     "trust_remote_code": _same(),
-    "router_aux_loss_coef": _same("a number (default 0.001); TRL's None (the model's own coefficient) keeps 0.001, "
-                                  "the usual MoE configs' value; the loss needs output_router_logits: true"),
+    "router_aux_loss_coef": _same("a number (default 0.001); TRL's None (the model's own coefficient) keeps "
+                                  "0.001, the usual MoE configs' value; the loss needs output_router_logits: "
+                                  "true"),
     "disable_dropout": _same(),
     "dataset_num_proc": _same("tokenization tasks in flight"),
     "max_length": _same(),
     "truncation_mode": _same("keep_end is kept (TRL deprecates it)"),
-    "padding_free": _maps("true: prefix_sharing on (each pair packed into one row, the prompt computed once); false: "
-                          "prefix_sharing stays as set (default auto)"),
+    "padding_free": _maps("true: prefix_sharing on (each pair packed into one row, the prompt computed "
+                          "once); false: prefix_sharing stays as set (default auto)"),
     "pad_to_multiple_of": _same("TRL's auto is None here (no padding off Neuron)"),
     "precompute_ref_log_probs": _same("reference.source precomputed"),
     "precompute_ref_batch_size": _maps("reference.batch_size"),
@@ -204,8 +215,10 @@ TRL_KEYS: dict[str, TrlKey] = {
     "beta": _same(),
     "use_weighting": _same(),
     "discopop_tau": _same(),
-    "activation_offloading": _only(False, "activations stay on the device (deepspeed.offload_* moves states instead)"),
-    "sync_ref_model": _same("also with a PEFT policy (reference.source local, the policy's own copy: not with a separate reference model or ZeRO-3)"),
+    "activation_offloading": _only(False, "activations stay on the device (deepspeed.offload_* moves states "
+                                          "instead)"),
+    "sync_ref_model": _same("also with a PEFT policy (reference.source local, the policy's own copy: not "
+                            "with a separate reference model or ZeRO-3)"),
     "ref_model_mixup_alpha": _same(),
     "ref_model_sync_steps": _same(),
     "pad_token": _only(None, "deprecated in TRL: the tokenizer's pad token is used (EOS when it has none)"),
@@ -271,16 +284,17 @@ def translate(data: dict[str, Any], fields: set[str]) -> tuple[dict[str, Any], l
     if "deepspeed" in out and out["deepspeed"] is None:  # TRL: no DeepSpeed config file
         del out["deepspeed"]
     if isinstance(out.get("deepspeed"), str):
-        problems.append(("deepspeed", f"a DeepSpeed JSON path ({out.pop('deepspeed')!r}) is not read: the DeepSpeed dict "
-                                      "is derived from the config; set deepspeed.zero_stage, offload_optimizer, "
-                                      "offload_param, and deepspeed.overrides for anything else"))
+        problems.append(("deepspeed",
+                         f"a DeepSpeed JSON path ({out.pop('deepspeed')!r}) is not read: the DeepSpeed dict "
+                         "is derived from the config; set deepspeed.zero_stage, offload_optimizer, "
+                         "offload_param, and deepspeed.overrides for anything else"))
     for key in [k for k in data if k not in fields and k in TRL_KEYS]:
         entry, value = TRL_KEYS[key], _as_value(out.pop(key))
         # TrainingArguments.to_dict() masks tokens as "<HUB_TOKEN>": a dumped config carries no token
         unset = value in (None, False, "", [], {}) or value == f"<{key.upper()}>"
         if entry.treatment == "default_only" and value != entry.default and not unset:
-            problems.append((key, f"{entry.note} (got {redact_value(key, value)!r}); remove the key or set it to "
-                                  f"{entry.default!r}"))
+            problems.append((key, f"{entry.note} (got {redact_value(key, value)!r}); remove the key or set "
+                                  f"it to {entry.default!r}"))
         elif entry.treatment == "maps":
             if key == "padding_free" and value:
                 setdefault("prefix_sharing", "on", key)
@@ -300,6 +314,6 @@ def translate(data: dict[str, Any], fields: set[str]) -> tuple[dict[str, Any], l
                 if value == "group_by_length":
                     setdefault("length_bucketing", True, key)
                 else:
-                    problems.append((key, f"{value!r} is not supported: rows are shuffled per epoch (data_seed); "
-                                          "use random, or group_by_length (length_bucketing)"))
+                    problems.append((key, f"{value!r} is not supported: rows are shuffled per epoch "
+                                          "(data_seed); use random, or group_by_length (length_bucketing)"))
     return out, problems

@@ -58,7 +58,7 @@ def _tensors(ids, attn, comp, batch: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-# --- prefix sharing's packed width, computed here on the host (w20)
+# --- prefix sharing's packed width, computed here on the host
 def packed_width(chosen: Sequence[Any], rejected: Sequence[Any], chosen_plen: Sequence[int],
                  rejected_plen: Sequence[int]) -> int:
     """The width ``prefix.pack_pairs`` gives these pairs (max over pairs of len(chosen) + len(rejected) - the

@@ -25,7 +25,8 @@ def percentiles(x: np.ndarray) -> dict[str, float]:
     if len(x) == 0:
         return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
     p50, p90, p99 = np.percentile(x, [50, 90, 99], method="lower")
-    return {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(x.max()), "mean": round(float(x.mean()), 2)}
+    return {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(x.max()),
+            "mean": round(float(x.mean()), 2)}
 
 
 def length_arrays(piece: Piece) -> dict[str, np.ndarray]:
@@ -36,8 +37,9 @@ def length_arrays(piece: Piece) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------- padding
-def padding_fraction(chosen: np.ndarray, rejected: np.ndarray, batch_size: int, pad_to_multiple_of: int | None,
-                     bucketing: bool, bucket_multiplier: int, seed: int) -> float:
+def padding_fraction(chosen: np.ndarray, rejected: np.ndarray, batch_size: int,
+                     pad_to_multiple_of: int | None, bucketing: bool, bucket_multiplier: int,
+                     seed: int) -> float:
     """Pad tokens / all tokens of the batches ``BatchIterator`` (dpo_ray.data.batching) builds from rows in
     this order: pools of rows, each permuted by the (seed, epoch 0) generator, sorted by length and the
     batches shuffled when bucketing; [chosen; rejected] padded to the batch's longest, partial batch dropped.
@@ -74,13 +76,16 @@ def padding_report(piece: Piece, cfg) -> dict[str, Any]:
     args = (b, cfg.pad_to_multiple_of)
     out = {"batch_size": b, "pad_to_multiple_of": cfg.pad_to_multiple_of,
            "length_bucketing": cfg.length_bucketing,
-           "without_bucketing": round(padding_fraction(c, r, *args, False, cfg.bucket_size_multiplier, seed), 4),
+           "without_bucketing": round(
+               padding_fraction(c, r, *args, False, cfg.bucket_size_multiplier, seed), 4),
            "with_bucketing": round(padding_fraction(c, r, *args, True, cfg.bucket_size_multiplier, seed), 4)}
     bucketing = cfg.length_bucketing
-    if bucketing == "auto":  # as the batches decide per pool: bucketed where that saves >= AUTO_MIN_SAVING of the tokens
+    # as the batches decide per pool: bucketed where that saves >= AUTO_MIN_SAVING of the tokens
+    if bucketing == "auto":
         from dpo_ray.data.batching import AUTO_MIN_SAVING
 
-        saving = 1 - (1 - out["without_bucketing"]) / (1 - out["with_bucketing"]) if out["with_bucketing"] < 1 else 0
+        saving = (1 - (1 - out["without_bucketing"]) / (1 - out["with_bucketing"])
+                  if out["with_bucketing"] < 1 else 0)
         bucketing = saving >= AUTO_MIN_SAVING
     out["configured"] = out["with_bucketing" if bucketing else "without_bucketing"]
     return out
@@ -121,7 +126,8 @@ def parameter_count(path: str | None, tokenizer, trust_remote_code: bool = False
 
         config, source = tiny_llama_config(tokenizer), "the bundled tiny Llama config"
     elif (Path(path) / "config.json").exists():
-        config, source = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), f"{path}/config.json"
+        config, source = (AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code),
+                          f"{path}/config.json")
     else:
         return None, f"{path} has no config.json; FLOPs not estimated"
     with torch.device("meta"):
@@ -149,7 +155,8 @@ def mixed_formats(piece: Piece, keep: int) -> Hits:
         mix = ", ".join(f"{f} {h.count}" for f, h in sorted(formats.items(), key=lambda kv: -kv[1].count))
         for fmt, h in formats.items():
             if fmt != main:
-                out.merge(Hits(h.count, [(i, at, f"{fmt} in a file of {main} ({mix})") for i, at, _ in h.rows]), keep)
+                out.merge(Hits(h.count, [(i, at, f"{fmt} in a file of {main} ({mix})")
+                                         for i, at, _ in h.rows]), keep)
     return out
 
 
@@ -159,14 +166,16 @@ def check_hits(piece: Piece, on_bad_row: str, keep: int = 5) -> dict[str, Hits]:
     hits = dict(piece.checks)
     bad = Hits()
     for kind, h in piece.bad.items():
-        bad.merge(Hits(h.count, [(i, at, f"[{kind}] {d}") for i, at, d in h.rows]), keep=max(len(h.rows), keep))
+        bad.merge(Hits(h.count, [(i, at, f"[{kind}] {d}") for i, at, d in h.rows]),
+                  keep=max(len(h.rows), keep))
     hits["dropped_rows"] = bad
     hits["bad_rows_raise"] = bad if on_bad_row == "raise" else Hits()
     hits["mixed_formats"] = mixed_formats(piece, keep)
     return hits
 
 
-def evaluate(piece: Piece, cfg, keep: int, extra: dict[str, tuple[int, str]] | None = None) -> dict[str, dict[str, Any]]:
+def evaluate(piece: Piece, cfg, keep: int,
+             extra: dict[str, tuple[int, str]] | None = None) -> dict[str, dict[str, Any]]:
     """{check: {level, max_fraction, count, fraction, status, meaning, rows}}; status ok | warn | error | off.
 
     ``extra``: checks not counted per row (``no_training_steps``): name -> (rows affected, detail)."""
@@ -201,14 +210,14 @@ def bad_row_report(piece: Piece, on_bad_row: str, max_dropped: float = 1.0) -> d
     else:
         effect = f"on_bad_row: skip, so training drops {n} row(s) and reports them at the end"
         if n >= piece.rows or n / piece.rows > max_dropped:
-            effect += (f"; {n / piece.rows:.0%} dropped is above max_dropped_fraction={max_dropped:g} (or is every "
-                       "row), so training stops with exit status 3")
+            effect += (f"; {n / piece.rows:.0%} dropped is above max_dropped_fraction={max_dropped:g} (or is "
+                       "every row), so training stops with exit status 3")
     return {"on_bad_row": on_bad_row, "total": n, "effect": effect, "kinds": kinds}
 
 
 def steps_report(piece: Piece, cfg, rows_counted: int | None) -> dict[str, Any]:
-    """The optimizer steps training plans (from the rows counted, as the trainer counts them) and the steps the
-    kept rows reach (dpo_ray.data.step_plan), with ``eval_fraction``'s share held out of both."""
+    """The optimizer steps training plans (from the rows counted, as the trainer counts them) and the steps
+    the kept rows reach (dpo_ray.data.step_plan), with ``eval_fraction``'s share held out of both."""
     kept = int(piece.lengths["kept"].sum())
     counted = piece.rows if rows_counted is None else rows_counted
     held = cfg.eval_fraction
@@ -216,21 +225,24 @@ def steps_report(piece: Piece, cfg, rows_counted: int | None) -> dict[str, Any]:
     plan = plan_steps(counted, cfg)
     kept_plan = plan_steps(kept, cfg)
     return {"workers": plan.world, "rows_per_step": plan.rows_per_step(cfg), "rows_counted": counted,
-            "rows_kept": kept, "planned_steps": plan.total_steps, "planned_steps_per_epoch": plan.steps_per_epoch,
+            "rows_kept": kept, "planned_steps": plan.total_steps,
+            "planned_steps_per_epoch": plan.steps_per_epoch,
             "kept_steps_per_epoch": kept_plan.steps_per_epoch, "epochs": plan.num_epochs,
             "steps_reached": steps_reached(plan, kept, cfg) if plan.total_steps else 0}
 
 
 def build_report(piece: Piece, cfg, *, dataset: str, tokenizer_name: str, params: dict[str, Any],
-                 keep: int, rows_counted: int | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+                 keep: int, rows_counted: int | None = None,
+                 inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     lengths = length_arrays(piece)
     kept = int(piece.lengths["kept"].sum())
     padding = padding_report(piece, cfg)
     steps = steps_report(piece, cfg, rows_counted)
     extra = {}
     if steps["kept_steps_per_epoch"] == 0 and piece.rows:
-        extra["no_training_steps"] = (piece.rows, f"{steps['rows_kept']} rows kept for training; one optimizer "
-                                                  f"step takes {steps['rows_per_step']}")
+        extra["no_training_steps"] = (piece.rows,
+                                      f"{steps['rows_kept']} rows kept for training; one optimizer "
+                                      f"step takes {steps['rows_per_step']}")
     checks = evaluate(piece, cfg, keep, extra)
     statuses = {c["status"] for c in checks.values()}
     status = "error" if "error" in statuses else "warn" if "warn" in statuses else "ok"
@@ -341,9 +353,10 @@ def format_console(report: dict[str, Any]) -> str:
     add(f"max_length {t['max_length']} ({t['truncation_mode']}): {t['rows_truncated']} rows truncated, "
         f"{t['rows_dropped']} dropped (prompt fills max_length), {t['completion_tokens_cut']} tokens cut")
     st = report["steps"]
-    add(f"steps: {st['rows_counted']} training rows counted, {st['rows_kept']} kept; one optimizer step takes "
-        f"{st['rows_per_step']} rows: {st['planned_steps']} steps planned ({st['planned_steps_per_epoch']}/epoch), "
-        f"the kept rows reach {st['steps_reached']} ({st['kept_steps_per_epoch']}/epoch)")
+    add(f"steps: {st['rows_counted']} training rows counted, {st['rows_kept']} kept; one optimizer step "
+        f"takes {st['rows_per_step']} rows: {st['planned_steps']} steps planned "
+        f"({st['planned_steps_per_epoch']}/epoch), the kept rows reach {st['steps_reached']} "
+        f"({st['kept_steps_per_epoch']}/epoch)")
     pad = report["padding"]
     add(f"padding (batch {pad['batch_size']}): {pad['without_bucketing']:.1%} without length bucketing, "
         f"{pad['with_bucketing']:.1%} with; configured: {pad['configured']:.1%}")
@@ -351,12 +364,14 @@ def format_console(report: dict[str, Any]) -> str:
     add(f"compute: {c['tokens_per_epoch']} tokens/epoch ({c['tokens_per_epoch_padded']} with padding), "
         f"N = {c['parameters'] if c['parameters'] is not None else 'unknown'} ({c['parameter_source']})")
     add(f"  FLOPs/epoch: policy {_flops(c['policy_flops_per_epoch'])} (6·N·tokens), reference "
-        f"{_flops(c['reference_flops_per_epoch'])} (2·N·tokens{'' if c['needs_reference'] else ', no reference'}); "
-        f"run total {_flops(c['total_flops'])} over {c['epochs']:g} epoch(s)")
+        f"{_flops(c['reference_flops_per_epoch'])} "
+        f"(2·N·tokens{'' if c['needs_reference'] else ', no reference'}); run total "
+        f"{_flops(c['total_flops'])} over {c['epochs']:g} epoch(s)")
     add("checks:")
     for name, v in report["checks"].items():
         mark = {"ok": "ok   ", "warn": "WARN ", "error": "ERROR", "off": "off  "}[v["status"]]
-        add(f"  [{mark}] {name}: {v['count']} rows ({v['fraction']:.2%}; {v['level']} above {v['max_fraction']:.0%})")
+        add(f"  [{mark}] {name}: {v['count']} rows ({v['fraction']:.2%}; {v['level']} above "
+            f"{v['max_fraction']:.0%})")
         if v["status"] in ("warn", "error"):
             add(f"          {v['meaning']}" + ("; e.g. " + "; ".join(x["where"] for x in v["rows"][:3])
                                                if v["rows"] else ""))

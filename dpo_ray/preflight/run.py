@@ -83,7 +83,8 @@ def _preflight(src: _Source, analyzer: Analyzer) -> None:
     if src.preview is not None:
         analyzer.analyze(src.preview, src.label)
     elif src.chunks:
-        analyzer.analyze([r for _, r in zip(range(PREFLIGHT_ROWS), iter_chunk(src.chunks[0]))], src.chunks[0].source)
+        analyzer.analyze([r for _, r in zip(range(PREFLIGHT_ROWS), iter_chunk(src.chunks[0]))],
+                         src.chunks[0].source)
     elif src.chunks is not None:
         raise DataSourceError(f"{src.label}: no rows")
 
@@ -94,7 +95,8 @@ def _pieces(src: _Source, analyzer: Analyzer) -> Iterator[Piece]:
     if src.chunks is not None:
         items = [c.to_item() for c in src.chunks]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(_ChunkUDF(analyzer), batch_size=1, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+        ds = ds.map_batches(_ChunkUDF(analyzer), batch_size=1, batch_format="pyarrow",
+                            num_cpus=DATA_TASK_CPUS)
     else:
         ds = src.dataset().map_batches(_TableUDF(analyzer, src.label), batch_size=PIECE_ROWS,
                                     batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
@@ -120,7 +122,8 @@ def _parameters(cfg, tokenizer) -> dict[str, Any]:
 
 def inspect_data(cfg, *, dataset: Any = None, tokenizer=None, max_rows: int | None = None,
                  progress: bool = True) -> tuple[dict[str, Any], Piece]:
-    """(report dict, merged Piece) for the training data of ``cfg`` (or ``dataset``). Needs Ray initialised."""
+    """(report dict, merged Piece) for the training data of ``cfg`` (or ``dataset``). Needs Ray
+    initialised."""
     from dpo_ray.data import load_tokenizer
 
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
@@ -135,7 +138,8 @@ def inspect_data(cfg, *, dataset: Any = None, tokenizer=None, max_rows: int | No
         total.merge(piece, keep)
         bar.update(total.rows)
     bar.close()
-    name = cfg.model_name_or_path or ("bundled" if tokenizer is None else getattr(tok, "name_or_path", "") or "given")
+    name = cfg.model_name_or_path or ("bundled" if tokenizer is None
+                                      else getattr(tok, "name_or_path", "") or "given")
     report = build_report(total, cfg, dataset=src.label, tokenizer_name=name, params=_parameters(cfg, tok),
                           keep=keep, rows_counted=src.num_rows, inputs=inputs)
     return report, total
@@ -162,8 +166,8 @@ def _data_error(e: BaseException) -> tuple[str, int] | None:
     return None
 
 
-def run_inspect(cfg, report_dir: str | Path | None = None, max_rows: int | None = None, *, dataset: Any = None,
-                tokenizer=None) -> int:
+def run_inspect(cfg, report_dir: str | Path | None = None, max_rows: int | None = None, *,
+                dataset: Any = None, tokenizer=None) -> int:
     """``dpo-ray inspect-data``: print the report, write JSON + PNGs to ``report_dir`` (default
     ``<output_dir>/data_report``), return 0 when clean, 1 when an error-level check fires, 3 when the data
     (or the model directory's tokenizer) cannot be read at all (``DataError.exit_code``)."""
@@ -176,7 +180,8 @@ def run_inspect(cfg, report_dir: str | Path | None = None, max_rows: int | None 
         found = _data_error(e)
         if found is None:
             raise
-        print(f"dpo-ray inspect-data: the training pipeline cannot read this data: {found[0]}", file=sys.stderr)
+        print(f"dpo-ray inspect-data: the training pipeline cannot read this data: {found[0]}",
+              file=sys.stderr)
         return found[1]
     out_dir = Path(report_dir) if report_dir is not None else Path(cfg.output_dir) / "data_report"
     write_report(report, piece, cfg, out_dir)

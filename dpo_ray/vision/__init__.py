@@ -47,14 +47,17 @@ def is_vision_model_dir(path: Any) -> bool:
 
 
 def has_processor(path: Any) -> bool:
-    return bool(path) and Path(str(path)).is_dir() and any((Path(str(path)) / f).exists() for f in _PROCESSOR_FILES)
+    return bool(path) and Path(str(path)).is_dir() and any((Path(str(path)) / f).exists()
+                                                           for f in _PROCESSOR_FILES)
 
 
 def keep_end_problem() -> str:
-    """Why truncation_mode keep_end is refused for a vision-language model (config and tokenizer say the same)."""
+    """Why truncation_mode keep_end is refused for a vision-language model (config and tokenizer say the
+    same)."""
     return ("keep_end cuts tokens from the front of the sequence, which would drop the prompt's image tokens "
-            "while their pixel inputs stay; vision-language models need truncation_mode: keep_start (rows whose "
-            "prompt and image tokens do not fit max_length are dropped and counted) or a larger max_length")
+            "while their pixel inputs stay; vision-language models need truncation_mode: keep_start (rows "
+            "whose prompt and image tokens do not fit max_length are dropped and counted) or a larger "
+            "max_length")
 
 
 def image_token_ids(processor) -> set[int]:

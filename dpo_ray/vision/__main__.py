@@ -1,4 +1,5 @@
-"""``python -m dpo_ray.vision OUT_DIR``: write the tiny VLM and its processor (save_pretrained) into OUT_DIR."""
+"""``python -m dpo_ray.vision OUT_DIR``: write the tiny VLM and its processor (save_pretrained) into
+OUT_DIR."""
 
 import sys
 

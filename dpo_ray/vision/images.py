@@ -16,7 +16,8 @@ def as_list(value: Any) -> list:
         return []
     if isinstance(value, (list, tuple)):
         return list(value)
-    if hasattr(value, "tolist") and not isinstance(value, (bytes, bytearray)) and getattr(value, "ndim", 0) == 1:
+    if hasattr(value, "tolist") and not isinstance(value, (bytes, bytearray)) \
+            and getattr(value, "ndim", 0) == 1:
         return list(value)  # a numpy object array from Arrow
     return [value]
 
@@ -47,7 +48,8 @@ def load_images(value: Any, base_dir: str | Path | None = None) -> list:
                     path = Path(base_dir) / path
                 what += f" file {str(path)!r}"
                 if not path.is_file():
-                    where = f" (relative paths resolve against {base_dir} and the working directory)" if base_dir else ""
+                    where = (f" (relative paths resolve against {base_dir} and the working directory)"
+                             if base_dir else "")
                     raise ImageError(f"{what} not found{where}")
                 img = Image.open(path)
             else:

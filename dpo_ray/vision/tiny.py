@@ -44,8 +44,8 @@ def _tiny_tokenizer(out_dir: Path):
     vocab = spec["model"]["vocab"]
     for w in VISION_WORDS:
         vocab.setdefault(w, len(vocab))
-    spec["added_tokens"].append({"id": len(vocab), "content": IMAGE_TOKEN, "single_word": False, "lstrip": False,
-                                 "rstrip": False, "normalized": False, "special": True})
+    spec["added_tokens"].append({"id": len(vocab), "content": IMAGE_TOKEN, "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False, "special": True})
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.json").write_text(json.dumps(spec))
     (out_dir / "tokenizer_config.json").write_text((TOKENIZER_DIR / "tokenizer_config.json").read_text())
@@ -81,12 +81,15 @@ def build_tiny_vlm(out_dir: str | Path, seed: int = 0) -> Path:
     vision = SiglipVisionConfig(hidden_size=t["vision_hidden"], intermediate_size=2 * t["vision_hidden"],
                                 num_hidden_layers=1, num_attention_heads=2, image_size=t["image_size"],
                                 patch_size=t["patch_size"])
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=t["text_hidden"], intermediate_size=2 * t["text_hidden"],
-                       num_hidden_layers=t["text_layers"], num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-                         vision_feature_select_strategy="full", vision_feature_layer=-1, projector_hidden_act="gelu",
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=t["text_hidden"],
+                       intermediate_size=2 * t["text_hidden"], num_hidden_layers=t["text_layers"],
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                         vision_feature_select_strategy="full", vision_feature_layer=-1,
+                         projector_hidden_act="gelu",
                          image_seq_length=(t["image_size"] // t["patch_size"]) ** 2, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
@@ -122,8 +125,10 @@ def vision_pair(image_path: str, colour: str, wrong: str) -> dict:
             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}]}
 
 
-def make_shapes_dataset(out_dir: str | Path = VISION_DIR, n_train: int = 128, n_test: int = 32, seed: int = 7) -> Path:
-    """Write images/NNNN.png and {train,test}.jsonl (image paths relative to the jsonl files). Deterministic."""
+def make_shapes_dataset(out_dir: str | Path = VISION_DIR, n_train: int = 128, n_test: int = 32,
+                        seed: int = 7) -> Path:
+    """Write images/NNNN.png and {train,test}.jsonl (image paths relative to the jsonl files).
+    Deterministic."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
