@@ -10,9 +10,12 @@
 6. The held-out metrics after, from the saved model: answers opening with "Ahoy", and answers that go on as
    before training past it (the behaviour added, the rest kept; a model that only says "Ahoy!" scores 0).
 
-    .venv/bin/python examples/smollm2_ahoy.py --learning_rate 3e-5             # full fine-tuning, RPO (rpo_alpha 1)
-    .venv/bin/python examples/smollm2_ahoy.py --peft --learning_rate 5e-4      # LoRA (r 16) + RPO, merged to measure
-    .venv/bin/python examples/smollm2_ahoy.py --compare_references             # 2 steps: auto/actor/precomputed
+    .venv/bin/python examples/smollm2_ahoy.py --learning_rate 3e-5
+        # full fine-tuning, RPO (rpo_alpha 1)
+    .venv/bin/python examples/smollm2_ahoy.py --peft --learning_rate 5e-4
+        # LoRA (r 16) + RPO, merged to measure
+    .venv/bin/python examples/smollm2_ahoy.py --compare_references
+        # 2 steps: auto/actor/precomputed
 
 Measured times and metrics: docs/smollm2.md.
 """
@@ -60,7 +63,8 @@ def generate(model_dir: Path, texts: list[str], max_new_tokens: int, batch: int 
         with torch.no_grad():
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
-        out += [s.strip() for s in tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+        out += [s.strip() for s in tok.batch_decode(ids[:, enc["input_ids"].shape[1]:],
+                                                    skip_special_tokens=True)]
     return out
 
 
@@ -76,7 +80,8 @@ def without_opener(answer: str) -> str:
 
 
 def metric(model_dir: Path, held_out: list[str]) -> tuple[float, list[str]]:
-    """The share of held-out prompts whose greedy answer (16 tokens) opens with the opener, and the answers."""
+    """The share of held-out prompts whose greedy answer (16 tokens) opens with the opener, and the
+    answers."""
     answers = generate(model_dir, held_out, max_new_tokens=16)
     return sum(opens(a) for a in answers) / len(answers), answers
 
@@ -132,17 +137,18 @@ def main(argv=None) -> int:
                    help="3e-5: learned in 12 steps (full); LoRA: 5e-4; 5e-6: not learned (docs/smollm2.md)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--rpo_alpha", type=float, default=1.0,
-                   help="weight of the NLL on the chosen answer (RPO; 0: plain DPO). Plain DPO learned the opener "
-                        "by repeating it ('Ahoy! Ahoy! Ahoy! The capital ...'); with the NLL the answer goes on as "
-                        "before (docs/smollm2.md)")
+                   help="weight of the NLL on the chosen answer (RPO; 0: plain DPO). Plain DPO learned the "
+                        "opener by repeating it ('Ahoy! Ahoy! Ahoy! The capital ...'); with the NLL the "
+                        "answer goes on as before (docs/smollm2.md)")
     p.add_argument("--max_steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (2 workers)")
     p.add_argument("--max_length", type=int, default=192)
     p.add_argument("--answer_tokens", type=int, default=48, help="length of the model's own answers")
     p.add_argument("--peft", action="store_true", help="LoRA (r 16, all linear layers), merged to measure")
     p.add_argument("--compare_references", action="store_true",
-                   help="2 steps with reference.source auto, actor and precomputed: print the step losses (step 1 "
-                        "is ln 2 whatever the reference; step 2's loss depends on the reference's log-probs)")
+                   help="2 steps with reference.source auto, actor and precomputed: print the step losses "
+                        "(step 1 is ln 2 whatever the reference; step 2's loss depends on the reference's "
+                        "log-probs)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     work = Path(args.workdir).resolve()
@@ -193,8 +199,8 @@ def main(argv=None) -> int:
     print(json.dumps({"mode": "lora" if args.peft else "full", "learning_rate": args.learning_rate,
                       "rpo_alpha": args.rpo_alpha,
                       "steps": result.report["steps"], "before": before, "after": after,
-                      "kept": kept, "still_names_paris": "paris" in paris.lower(), "train_seconds": round(train_s),
-                      "seconds": round(time.perf_counter() - t0)}))
+                      "kept": kept, "still_names_paris": "paris" in paris.lower(),
+                      "train_seconds": round(train_s), "seconds": round(time.perf_counter() - t0)}))
     return 0
 
 

@@ -11,7 +11,8 @@ With no arguments it trains the bundled tiny Llama on the bundled preference tas
 The seed's recipe, once the model and data are on disk (dpo_ray downloads nothing at run time):
 
     $ python examples/train_dpo.py --model ./Qwen2-0.5B-Instruct --dataset ./ultrafeedback_binarized \
-        --output_dir Qwen2-0.5B-DPO --gpu --num_workers 8 --max_steps -1   # not run by the tests: needs the model on disk and GPUs
+        --output_dir Qwen2-0.5B-DPO --gpu --num_workers 8 --max_steps -1 \
+        # not run by the tests: needs the model on disk and GPUs
 
 Where it runs: with no RAY_ADDRESS, ``train()`` starts a local Ray in this process; with RAY_ADDRESS set
 (or under ``ray job submit ... -- python examples/train_dpo.py``) the same code joins that cluster; under a

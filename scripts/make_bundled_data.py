@@ -31,8 +31,8 @@ SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 # ends the prompt with "assistant:". Per-row `tools` render as one "tools: name ..." line.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% if tools %}tools:{% for t in tools %} {{ t['function']['name'] if t['function'] is defined else t['name'] }}"
-    "{% endfor %}{{ '\\n' }}{% endif %}"
+    "{% if tools %}tools:{% for t in tools %} "
+    "{{ t['function']['name'] if t['function'] is defined else t['name'] }}{% endfor %}{{ '\\n' }}{% endif %}"
     "{% for m in messages %}"
     "{% if m['role'] == 'assistant' %}assistant: {{ m['content'] }}{{ eos_token }}"
     "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}"

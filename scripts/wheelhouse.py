@@ -1,4 +1,5 @@
-"""Build, on a connected machine, the wheels an air-gapped GPU box needs to run dpo_ray (and bench/gpu_check.py).
+"""Build, on a connected machine, the wheels an air-gapped GPU box needs to run dpo_ray (and
+bench/gpu_check.py).
 
 The box is assumed to have Python 3.12 (``--python-version``), a CUDA build of torch, transformers and peft
 (the "box" set: ``BOX``). This script downloads what the rest needs and the box lacks: Ray with its train and
@@ -10,9 +11,9 @@ in constraints.txt. What the box set already brings is left out: the script reso
 
 Trimming (``trim_wheel``): Ray's manylinux wheel is ~79 MB, ~32 MB of it Java jars; pyarrow carries Flight,
 S3, headers and Cython sources; pandas its test suite. The rules in ``TRIM`` drop what training never loads,
-native binaries are stripped of their symbol tables (``strip --strip-unneeded``, when binutils is present), and
-every wheel is re-packed with LZMA compression (a valid ZIP method; pip installs it through ``zipfile``). Each
-re-packed wheel gets a fresh RECORD (sha256 + size of every file kept), so pip accepts it.
+native binaries are stripped of their symbol tables (``strip --strip-unneeded``, when binutils is present),
+and every wheel is re-packed with LZMA compression (a valid ZIP method; pip installs it through ``zipfile``).
+Each re-packed wheel gets a fresh RECORD (sha256 + size of every file kept), so pip accepts it.
 
 Verification (``--verify``): every wheel is installed with ``pip install --no-index --no-deps --target DIR``
 (for the target platform: this is what the box runs). When this interpreter's Python version differs from
@@ -46,8 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
 BOX = ("torch", "transformers", "peft")
-# what dpo_ray's runtime and bench/gpu_check.py need beyond the box (versions from constraints.txt where pinned)
-# (pytest: gpu_check's first stage runs the GPU-marked tests; matplotlib is left out, ~20 MiB with its
+# what dpo_ray's runtime and bench/gpu_check.py need beyond the box (versions from constraints.txt where
+# pinned) (pytest: gpu_check's first stage runs the GPU-marked tests; matplotlib is left out, ~20 MiB with its
 # dependencies: without it a run writes no metrics.png, everything else is the same)
 NEED = ("ray[train,data]", "deepspeed", "datasets", "pydantic", "trl==1.16.0", "PyYAML", "tqdm", "pyarrow",
         "tensorboardX", "pytest", "pytest-timeout")
@@ -97,7 +98,8 @@ def trim_wheel(src: Path, dst: Path, drop: tuple[str, ...] = (), strip: bool = F
     stats = {"dropped": 0, "dropped_bytes": 0, "stripped": 0}
     with zipfile.ZipFile(src) as zin:
         names = [i for i in zin.infolist() if not i.is_dir()]
-        record = next((i.filename for i in names if re.fullmatch(r"[^/]+\.dist-info/RECORD", i.filename)), None)
+        record = next((i.filename for i in names if re.fullmatch(r"[^/]+\.dist-info/RECORD", i.filename)),
+                      None)
         if record is None:
             raise ValueError(f"{src.name}: no *.dist-info/RECORD: not a wheel")
         rows = []
@@ -171,17 +173,19 @@ def stub_torch(folder: Path, version: str) -> str:
     reqs = [r for r in (distribution("torch").requires or [])
             if not re.match(r"(nvidia|triton|cuda)", r, re.I)]
     ver = f"{version}+box"
-    meta = "Metadata-Version: 2.1\nName: torch\nVersion: " + ver + "\n" + "".join(f"Requires-Dist: {r}\n" for r in reqs)
+    meta = ("Metadata-Version: 2.1\nName: torch\nVersion: " + ver + "\n"
+            + "".join(f"Requires-Dist: {r}\n" for r in reqs))
     files = {f"torch-{ver}.dist-info/METADATA": meta.encode(),
-             f"torch-{ver}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: wheelhouse\nRoot-Is-Purelib: true\n"
-                                             b"Tag: py3-none-any\n"}
+             f"torch-{ver}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: wheelhouse\n"
+                                             b"Root-Is-Purelib: true\nTag: py3-none-any\n"}
     folder.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(folder / f"torch-{ver}-py3-none-any.whl", "w") as z:
         rows = []
         for name, data in files.items():
             z.writestr(name, data)
             rows.append(f"{name},{_record_hash(data)},{len(data)}")
-        z.writestr(f"torch-{ver}.dist-info/RECORD", "\n".join(rows + [f"torch-{ver}.dist-info/RECORD,,"]) + "\n")
+        z.writestr(f"torch-{ver}.dist-info/RECORD",
+                   "\n".join(rows + [f"torch-{ver}.dist-info/RECORD,,"]) + "\n")
     return ver
 
 
@@ -204,8 +208,8 @@ def pip(*args: str, quiet: bool = True) -> subprocess.CompletedProcess:
 def resolve(reqs: list[str], pyver: str, links: list[Path], work: Path, name: str) -> dict[str, str]:
     """{distribution name (normalised): version} pip would install for ``reqs`` on the target Python."""
     report = work / f"{name}.json"
-    args = ["install", "--dry-run", "--ignore-installed", "--report", str(report), "--target", str(work / "t"),
-            *_target_flags(pyver)]
+    args = ["install", "--dry-run", "--ignore-installed", "--report", str(report), "--target",
+            str(work / "t"), *_target_flags(pyver)]
     for d in links:
         args += ["--find-links", str(d)]
     pip(*args, *reqs)
@@ -221,7 +225,8 @@ def build_deepspeed(version: str, folder: Path) -> Path:
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                         str(folder), f"deepspeed=={version}"], capture_output=True, text=True, env=env)
     if r.returncode:
-        raise RuntimeError(f"building the deepspeed wheel failed (needs torch in this interpreter):\n{r.stderr[-3000:]}")
+        raise RuntimeError("building the deepspeed wheel failed (needs torch in this "
+                           f"interpreter):\n{r.stderr[-3000:]}")
     (wheel,) = folder.glob("deepspeed-*.whl")
     return wheel
 
@@ -260,8 +265,8 @@ def build(out: Path, pyver: str, compression: int, strip: bool, log=print) -> li
                             compression=compression)
             rows.append({"wheel": wheel.name, "dist": dist, "original_bytes": wheel.stat().st_size,
                          "bytes": (out / wheel.name).stat().st_size, **st})
-    (out / "wheelhouse.json").write_text(json.dumps({"python": pyver, "platforms": PLATFORMS, "box": list(BOX),
-                                                     "wheels": rows}, indent=1))
+    (out / "wheelhouse.json").write_text(json.dumps({"python": pyver, "platforms": PLATFORMS,
+                                                     "box": list(BOX), "wheels": rows}, indent=1))
     return rows
 
 
@@ -300,7 +305,7 @@ TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, resources_per_wor
 ray.shutdown()
 print("import check ok: ray", ray.__version__, "deepspeed", deepspeed.__version__, "datasets", datasets.__version__,
       "trl", trl.__version__)
-"""
+"""  # noqa: E501 - a program's text, passed to python -c as it is
 
 
 def install_target(out: Path, target: Path, pyver: str | None) -> None:
@@ -313,12 +318,12 @@ def verify(out: Path, pyver: str, compression: int, strip: bool, rebuild: bool =
     local = f"{sys.version_info.major}.{sys.version_info.minor}"
     with tempfile.TemporaryDirectory(prefix="wheelhouse-target-") as t:
         install_target(out, Path(t), pyver)
-        print(f"pip install --no-index --no-deps --target: all {len(list(out.glob('*.whl')))} wheels accepted "
-              f"(Python {pyver})")
+        print(f"pip install --no-index --no-deps --target: all {len(list(out.glob('*.whl')))} wheels "
+              f"accepted (Python {pyver})")
     if local != pyver:
         other = out.parent / f"{out.name}-py{local.replace('.', '')}"
-        print(f"this interpreter is Python {local}, not {pyver}: building the same recipe for {local} in {other} "
-              "to import it")
+        print(f"this interpreter is Python {local}, not {pyver}: building the same recipe for {local} in "
+              f"{other} to import it")
         if rebuild or not (other / "wheelhouse.json").exists():
             build(other, local, compression, strip, log=lambda *_: None)
         size = sum(r["bytes"] for r in json.loads((other / "wheelhouse.json").read_text())["wheels"])
