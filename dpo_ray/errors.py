@@ -59,8 +59,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __init__(self, step: int | None, checkpoint: str | None, checkpoint_step: int | None,
                  report: str | None = None):
-        self.step, self.checkpoint, self.checkpoint_step, self.report = (step, checkpoint, checkpoint_step,
-                                                                         report)
+        self.step, self.checkpoint, self.checkpoint_step, self.report = (
+            step, checkpoint, checkpoint_step, report)
         super().__init__(self.saved())
 
     def saved(self) -> str:

@@ -216,6 +216,6 @@ def pack_groups(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tens
 def attention_mask_for(model: nn.Module, keep: Tensor, dtype: torch.dtype) -> Tensor:
     """The 4-D mask in the form the model's attention takes: bool for sdpa, additive float for eager."""
     if attn_implementation(model) == "eager":
-        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep,
-                                                                                    torch.finfo(dtype).min)
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
+            ~keep, torch.finfo(dtype).min)
     return keep

@@ -33,8 +33,8 @@ def actor_request(cfg: DPOConfig) -> dict[str, float]:
 
 
 def _key_name(resource: str) -> str:
-    return {"CPU": "reference.num_cpus", "GPU": "reference.num_gpus"}.get(resource,
-                                                                          f"reference.resources.{resource}")
+    return {"CPU": "reference.num_cpus", "GPU": "reference.num_gpus"}.get(
+        resource, f"reference.resources.{resource}")
 
 
 def _eligible_nodes(node_label: Mapping[str, str]) -> list[dict]:

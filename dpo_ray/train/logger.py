@@ -57,8 +57,8 @@ class Throughput:
 
     def __init__(self, state: TrainerState):
         self.first: float | None = None  # the first batch's arrival
-        self.start_step, self.start_pairs, self.start_tokens = (state.global_step, state.pairs_seen,
-                                                                state.tokens_seen)
+        self.start_step, self.start_pairs, self.start_tokens = (
+            state.global_step, state.pairs_seen, state.tokens_seen)
         self.t, self.pairs, self.tokens = None, state.pairs_seen, state.tokens_seen
 
     def begin(self) -> None:
