@@ -93,8 +93,8 @@ class PrefixSharing:
             for kernel in candidates:
                 try:
                     packed = sequence_forward(model, batch, share_prefix=kernel, **fwd).stats
-                except Exception as e:  # noqa: BLE001 - the model or the kernel rejects packed inputs (flex: any
-                    # compile/lowering error too): sharing falls back, the reason is kept
+                except Exception as e:  # noqa: BLE001 - the model or the kernel rejects packed inputs
+                    # (flex: any compile/lowering error too): sharing falls back, the reason is kept
                     notes.append(f"the {kernel} packed forward failed ({type(e).__name__}: {str(e)[:200]})")
                     continue
                 diff = (plain.logps - packed.logps).abs()
