@@ -77,7 +77,8 @@ def main() -> None:
             for how in ("whole_group", "iter_chunk"):
                 out = subprocess.run([sys.executable, __file__, "--one", path, how, str(rows)], check=True,
                                      capture_output=True, text=True).stdout
-                print(json.dumps({"preview" if rows == 32 else "full_pass": True, **json.loads(out)}), flush=True)
+                print(json.dumps({"preview" if rows == 32 else "full_pass": True, **json.loads(out)}),
+                      flush=True)
 
 
 if __name__ == "__main__":
