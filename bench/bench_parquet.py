@@ -1,4 +1,4 @@
-"""Peak memory of reading a Parquet file written as one large row group (issue 29), as the JSONL planning
+"""Peak memory of reading a Parquet file written as one large row group, as the JSONL planning
 measurement does it (tracemalloc: Python objects) plus Arrow's own pool peak (decoded columns).
 
     python bench/bench_parquet.py [--rows 200000]

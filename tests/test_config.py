@@ -47,7 +47,7 @@ RULES = [
     ({"sync_ref_model": True, "precompute_ref_log_probs": True}, "sync_ref_model", "precomputed"),
     ({"sync_ref_model": True, "reference": {"source": "none"}}, "sync_ref_model", "'none'"),
     ({"sync_ref_model": True, "use_peft": True, "reference": {"source": "actor"}}, "sync_ref_model", "PEFT"),
-    # issue 29: these validated, then raised KeyError at the first sync
+    # These validated, then raised KeyError at the first sync
     ({"sync_ref_model": True, "use_peft": True, "reference": {"source": "local", "model_name_or_path": "/m"}},
      "sync_ref_model", "reference.model_name_or_path is a plain model"),
     ({"sync_ref_model": True, "use_peft": True, "reference": {"source": "auto", "model_name_or_path": "/m"}},
@@ -266,7 +266,7 @@ def test_explicit_and_peft_sources_are_not_touched_by_auto():
 
 
 def test_tr_dpo_with_peft_and_an_in_memory_reference_model_is_refused_before_training(tmp_path):
-    # issue 29: validated, then KeyError at the first sync (the plain reference has no adapter parameters)
+    # Validated, then KeyError at the first sync (the plain reference has no adapter parameters)
     from torch import nn
 
     from dpo_ray import DPOTrainer

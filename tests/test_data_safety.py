@@ -1,4 +1,4 @@
-"""Issue 16: never train on the wrong data. Each silent path from files to tokens either does the right thing
+"""Never train on the wrong data. Each silent path from files to tokens either does the right thing
 or stops with a message naming the file, row or key and the fix. Files are written the way real tools write
 them: pandas / Excel CSV with a byte-order mark, ``datasets`` Parquet and ``save_to_disk``, a model saved
 with ``save_pretrained`` and no tokenizer, sibling split files.
@@ -121,7 +121,7 @@ def test_no_dataset_name_with_a_model_of_ones_own_is_an_error(model_without_toke
 
 
 def test_in_memory_model_without_processing_class_is_an_error_not_the_bundled_tokenizer(tmp_path, tok, rows):
-    # issue 29: DPOTrainer(model=<nn.Module>) with no processing_class used the bundled tokenizer and toy data
+    # DPOTrainer(model=<nn.Module>) with no processing_class used the bundled tokenizer and toy data
     from transformers import AutoModelForCausalLM
 
     from dpo_ray import DPOTrainer
@@ -212,7 +212,7 @@ def test_glob_over_split_files_keeps_the_test_file_out_of_training(tmp_path, row
 
 
 def test_glob_over_train_and_test_folders_never_trains_on_the_test_rows(ray_local, tmp_path, tok, rows):
-    # issue 29: `data/**/*.jsonl` over data/train/ and data/test/ folders; the split is in a folder's name
+    # `data/**/*.jsonl` over data/train/ and data/test/ folders; the split is in a folder's name
     data = tmp_path / "data"
     write_jsonl(data / "train" / "part-0.jsonl", rows[:40])
     write_jsonl(data / "train" / "part-1.jsonl", rows[40:80])
@@ -247,7 +247,7 @@ def _csv_lines(path: Path, lines: list[str]) -> Path:
 
 
 def test_csv_row_with_an_unquoted_comma_names_file_line_and_the_fix(tmp_path, tok):
-    # issue 29: a CSV written by hand (or by a join), a comma in a text not quoted: the columns would shift
+    # A CSV written by hand (or by a join), a comma in a text not quoted: the columns would shift
     path = _csv_lines(tmp_path / "prefs.csv", ["prompt,chosen,rejected", '"sort: 2 1 =", 1 2, 2 1',
                                                "sort: 3, 1 =, 1 3, 3 1", '"sort: 5 4 =", 4 5, 5 4'])
     with pytest.raises(DataSourceError) as e:
@@ -431,7 +431,7 @@ def test_planning_a_large_jsonl_keeps_driver_memory_flat(tmp_path, rows):
 
 
 def test_previewing_a_parquet_file_of_one_large_row_group_reads_a_bounded_batch(tmp_path):
-    # issue 29: a file written as one row group was read whole (every row as a dict) to preview 32 rows
+    # A file written as one row group was read whole (every row as a dict) to preview 32 rows
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -625,7 +625,7 @@ def test_cli_run_that_trains_zero_steps_exits_3(ray_local, tmp_path, rows, capsy
 
 @pytest.mark.parametrize("n_rows, world, batch", [(1, 2, 4), (5, 2, 2), (13, 3, 4), (16, 2, 4)])
 def test_eval_shares_score_every_row_exactly_once(ray_local, tok, rows, n_rows, world, batch):
-    # issue 29: every worker reads the whole eval stream and scores its share; a partial last batch counts
+    # Every worker reads the whole eval stream and scores its share; a partial last batch counts
     from dpo_ray.data import iter_eval_batches
 
     prep = build_datasets(cfg(), tok, train_dataset=rows[:n_rows])
@@ -642,8 +642,7 @@ def test_eval_shares_score_every_row_exactly_once(ray_local, tok, rows, n_rows, 
 
 
 def test_the_plan_line_names_the_rows_an_epoch_leaves_untrained():
-    # issue 29: each worker's last partial batch is not trained
-    # (as dataloader_drop_last); the plan says how many
+    # Each worker's last partial batch is not trained (as dataloader_drop_last); the plan says how many
     from dpo_ray.trainer import _untrained
 
     c = cfg(per_device_train_batch_size=4, ray={"num_workers": 2})

@@ -67,7 +67,7 @@ def smoothed(z: float, eps: float) -> float:
 
 def pair_loss(name: str, c: float, r: float, c_len: int, r_len: int, nll: float, b: float, eps: float,
               tau: float) -> float:
-    """One row of SPEC §3's table, in float64."""
+    """One row of the loss table (docs/losses.md), in float64."""
     z = b * (c - r)
     d_bar = c / c_len - r / r_len  # length-averaged margin
     formulas = {
@@ -133,7 +133,8 @@ def test_worked_values(name):
 
 @pytest.mark.parametrize("name", sorted(set(LOSSES) - {"aot"}))
 def test_every_loss_matches_float64_formula(name):
-    """Every registered loss (aot has its own test) equals SPEC §3's formula written out in float64."""
+    """Every registered loss (aot has its own test) equals the loss table's formula (docs/losses.md) written
+    out in float64."""
     got = per_pair(name, make_pairs())
     want = reference_losses(name, C, R, CHOSEN_LEN, REJECTED_LEN, CHOSEN_NLL)
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)

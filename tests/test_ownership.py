@@ -1,4 +1,4 @@
-"""A run touches only its own files (issue 29): what dpo_ray may delete, the run lock, run names, and the one
+"""A run touches only its own files: what dpo_ray may delete, the run lock, run names, and the one
 redaction of secrets. Real folders with other people's files in them, real `dpo-ray` processes."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A run touches only its own files (issue 29), on real runs: a resume with a changed batch size, a checkpoint
+"""A run touches only its own files, on real runs: a resume with a changed batch size, a checkpoint
 emptied after it was written, a URI storage_path, a LoRA run then a full run into one folder, and two
 `dpo-ray train` processes into one output_dir at once."""
 

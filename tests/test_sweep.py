@@ -160,7 +160,7 @@ def test_a_torn_metrics_line_neither_breaks_the_plot_nor_stops_the_reporter(tmp_
 
 
 def test_a_sweep_whose_trials_have_no_eval_metric_says_why(tmp_path):
-    """Issue 29: every trial NaN (no eval row scored): no best, a reason, and the eval_rows column."""
+    """Every trial NaN (no eval row scored): no best, a reason, and the eval_rows column."""
     from types import SimpleNamespace
 
     from dpo_ray.sweep import SweepPlan
@@ -270,7 +270,7 @@ def test_a_sweep_runs_the_reference_once_and_shares_it(ray_local, tmp_path, monk
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_cli_sweep_that_cannot_rank_its_trials_exits_1_and_says_why(ray_local, tmp_path, capsys):
-    """Issue 29: a real sweep whose trials score no eval row (eval_strategy no) ranked nothing and wrote
+    """A real sweep whose trials score no eval row (eval_strategy no) ranked nothing and wrote
     "best": null without a word; now it says why and exits 1."""
     from dpo_ray.cli import main
 

@@ -184,7 +184,7 @@ def test_saved_model_reproduces_eval_logps(ray_local, tmp_path):
 
 
 def test_two_worker_eval_equals_one_process_over_every_eval_row(ray_local, tmp_path):
-    """Issue 29: 5 eval rows, 2 workers × per_device_eval_batch_size 2: shares of 3 and 2 rows, a partial last
+    """5 eval rows, 2 workers × per_device_eval_batch_size 2: shares of 3 and 2 rows, a partial last
     batch and a weight-0 filler forward on the worker that ran out. Every row counts once: the run's eval
     metrics equal one process's DPO metrics over all 5 rows in one batch (the saved policy, the initial model
     as reference). Before, the partial batch and the remainder were never scored."""

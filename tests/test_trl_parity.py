@@ -1,4 +1,4 @@
-"""TRL 1.x parity: the same option gives the same loss and the same logged metrics (issue 15).
+"""TRL 1.x parity: the same option gives the same loss and the same logged metrics.
 
 TRL's own ``DPOTrainer`` loss code (``compute_loss`` → ``_compute_loss``: its fused LM head, its reference
 forward, its loss chain and metric logging) runs on a tiny Llama built from a config, and dpo_ray's
