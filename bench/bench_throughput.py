@@ -321,8 +321,8 @@ def main() -> None:
         n = min(args.loss_steps, len(base["losses"]), len(other["losses"]))
         a, b = base["losses"][:n], other["losses"][:n]
         summary[name]["max_abs_dloss"] = max(abs(x - y) for x, y in zip(a, b))
-        summary[name]["max_abs_dloss_smooth10"] = max(abs(x - y)
-                                                      for x, y in zip(smooth(a, 10), smooth(b, 10)))
+        summary[name]["max_abs_dloss_smooth10"] = max(
+            abs(x - y) for x, y in zip(smooth(a, 10), smooth(b, 10)))
         summary[name]["loss_steps_compared"] = n
         summary[name]["speedup_vs_trl"] = summary[name]["steady_pairs_s"] / summary["trl"]["steady_pairs_s"]
         summary[name]["pss_vs_trl"] = summary[name]["peak_pss_mib"] / summary["trl"]["peak_pss_mib"]

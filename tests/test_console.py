@@ -124,8 +124,8 @@ def test_piped_train_console_is_plain_quiet_and_its_numbers_agree(tmp_path):
     windows = [(r["step"] - prev) * pairs_per_step / r["samples_per_second"]
                for prev, r in zip([0, 2, 4], train_rows)]
     assert sum(windows) == pytest.approx(rates["train_runtime_s"], rel=1e-2, abs=5e-3)
-    tokens = [r["num_tokens"] - prev for prev, r in zip([0] + [r["num_tokens"] for r in train_rows],
-                                                        train_rows)]
+    tokens = [r["num_tokens"] - prev
+              for prev, r in zip([0] + [r["num_tokens"] for r in train_rows], train_rows)]
     for w, n, r in zip(windows, tokens, train_rows):
         assert r["tokens_per_second"] == pytest.approx(n / w, rel=1e-6)
     # one number everywhere: the progress line's final value is the summary's and report.json's

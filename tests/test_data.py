@@ -303,8 +303,8 @@ def test_a_shard_of_r_rows_gives_r_over_batch_size_batches_however_it_is_cut(buc
         rows = int(rng.integers(1, 200))
         chunks = [int(c) for c in rng.integers(1, 40, size=rows)]
         shard = _Rows(rng.integers(2, 30, size=rows), chunks)
-        got = [b["row_id"].tolist() for b in iter_train_batches(shard, cfg, 0, batch_size=4, epoch=0,
-                                                                seed=trial)]
+        got = [b["row_id"].tolist()
+               for b in iter_train_batches(shard, cfg, 0, batch_size=4, epoch=0, seed=trial)]
         seen = sum(got, [])
         assert len(got) == rows // 4 and len(seen) == len(set(seen)), (trial, rows, chunks[:8])
 

@@ -308,8 +308,8 @@ def test_excel_bytes_csv_and_bom_jsonl(tmp_path, rows):
 
 
 @pytest.mark.parametrize("header,known", [("Prompt", "prompt"), ("prompt\u200b", "prompt"),
-                                          (" chosen", "chosen"),
-                                          ("REJECTED", "rejected"), ("\ufeffprompt", "prompt")])
+                                          (" chosen", "chosen"), ("REJECTED", "rejected"),
+                                          ("\ufeffprompt", "prompt")])
 def test_a_known_column_spelled_another_way_names_both_spellings(tmp_path, header, known):
     cols = [header if c == known else c for c in ("prompt", "chosen", "rejected")]
     path = tmp_path / "t.csv"
@@ -548,8 +548,8 @@ def test_dropped_rows_example_names_its_own_kind(tok, rows):
                           "epochs": 1},
               "checks": checks, "status": "error", "exit_status": 1, "files": {}}
     text = format_console(report)
-    line = text.splitlines()[text.splitlines().index(next(x for x in text.splitlines()
-                                                          if "] dropped_rows" in x)) + 2]
+    line = text.splitlines()[
+        text.splitlines().index(next(x for x in text.splitlines() if "] dropped_rows" in x)) + 2]
     assert line.strip() == "by kind: identical_chosen_rejected 1, missing_column 1"
 
 

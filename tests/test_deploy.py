@@ -926,8 +926,8 @@ def test_docs_create_the_secret_and_configmap_before_the_cluster():
     for name, text in [("docs/deploy.md", docs)] + [(p.name, p.read_text()) for p, _ in RAY_DOCS]:
         secret = text.find("kubectl create secret generic dpo-ray-auth")
         configmap = text.find("kubectl create configmap dpo-ray-config --from-file")
-        applies = [m.start() for m in re.finditer(r"kubectl apply -k deploy/ -l dpo-ray/part=(job|cluster)",
-                                                  text)]
+        applies = [m.start()
+                   for m in re.finditer(r"kubectl apply -k deploy/ -l dpo-ray/part=(job|cluster)", text)]
         assert secret >= 0 and configmap >= 0 and applies, f"{name}: the Secret, the ConfigMap and the apply"
         assert max(secret, configmap) < min(applies), (
             f"{name}: create the Secret and ConfigMap before the cluster")

@@ -376,8 +376,7 @@ def test_the_manifests_cluster_runs_the_rayjob(cluster):
     for extra in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}):
         refused = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.address,
                                   "--no-wait", "--", "echo", "should-not-run"], env={**bare, **extra},
-                                 capture_output=True,
-                                 text=True, timeout=120)
+                                 capture_output=True, text=True, timeout=120)
         assert refused.returncode != 0, (
             f"submit with {sorted(extra) or 'no token'} accepted:\n{refused.stdout}")
     assert not [j for j in (cluster._api("/api/jobs/") or []) if "should-not-run" in j.get("entrypoint", "")]

@@ -47,8 +47,8 @@ def both_layouts(tok, rows, cfg=CFG):
     cols = tokenize_rows(rows, tok, cfg)
     assert "group_input_ids" in cols  # detected from the first row
     pairs = expand_to_pairs(rows, cfg.group_pairs, cfg.group_margin, cfg.data_order_seed)
-    return collate_groups(cols, tok.pad_token_id), collate_pairs(tokenize_rows(pairs, tok, cfg),
-                                                                 tok.pad_token_id)
+    return collate_groups(cols, tok.pad_token_id), collate_pairs(
+        tokenize_rows(pairs, tok, cfg), tok.pad_token_id)
 
 
 # ------------------------------------------------------------------------------------ rows and pairs

@@ -172,8 +172,8 @@ def test_levels_and_thresholds_come_from_the_config(tok):
 
 # ------------------------------------------------------------------------------------ quick_checks
 def test_quick_checks_fast_side_effect_free_one_message_per_kind(tok):
-    rows = read(bundled.TRAIN_FILE, 60) + [{"prompt": "sort: 1 2 =", "chosen": " 1 2",
-                                            "rejected": " 1 2"}] * 2
+    rows = (read(bundled.TRAIN_FILE, 60)
+            + [{"prompt": "sort: 1 2 =", "chosen": " 1 2", "rejected": " 1 2"}] * 2)
     rows += [{"prompt": "sort: " + "1 " * 80 + "=", "chosen": " 1", "rejected": " 2"}] * 2
     before = copy.deepcopy(rows)
     t0 = time.perf_counter()

@@ -41,8 +41,8 @@ def test_config_level_problems():
     assert ("not an argument of the cosine schedule"
             in scheduler_kwargs_problems("cosine", {"min_lr": 1}, LR)[0])
     assert "exactly one of min_lr" in scheduler_kwargs_problems("cosine_with_min_lr", {}, LR)[0]
-    assert ("exactly one" in scheduler_kwargs_problems("cosine_with_min_lr",
-                                                       {"min_lr": 0, "min_lr_rate": 0.1}, LR)[0])
+    assert ("exactly one"
+            in scheduler_kwargs_problems("cosine_with_min_lr", {"min_lr": 0, "min_lr_rate": 0.1}, LR)[0])
     assert "takes none" in scheduler_kwargs_problems("linear", {"power": 2}, LR)[0]
     assert "eval metrics" in scheduler_kwargs_problems("reduce_lr_on_plateau", {}, LR)[0]
 
