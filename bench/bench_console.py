@@ -4,8 +4,8 @@ as shipped and with ``DPO_RAY_RAY_LOGS=all`` (everything Ray forwards: the side-
 
 A line is dpo_ray's own unless it is Ray's or a library's: a line under a Ray process prefix
 (``(RayTrainWorker pid=N) ...``) that dpo_ray's worker code did not print, or a line in Ray's log formats
-(``2026-12-03 17:09:47,422 INFO ...``, ``[2026-12-03 ... E 8874 8874] core_worker.cc ...``). Blank lines do not count.
-``tests/test_console.py`` holds train's console to >= 90 % with the same function.
+(``2026-12-03 17:09:47,422 INFO ...``, ``[2026-12-03 ... E 8874 8874] core_worker.cc ...``). Blank lines do
+not count. ``tests/test_console.py`` holds train's console to >= 90 % with the same function.
 
     python bench/bench_console.py [--commands train inspect sweep] [--consoles quiet all]
 """
@@ -24,11 +24,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 _RAY_PREFIX = re.compile(r"^\((?:[\w.:]+ )?pid=\d+(?:, ip=[\d.]+)?\) ")
-# what dpo_ray's worker-side code prints (rank 0's metrics line and notes; a trial's own driver lines in a sweep)
+# what dpo_ray's worker-side code prints (rank 0's metrics
+# line and notes; a trial's own driver lines in a sweep)
 _OWN_WORKER = ("step ", "prefix sharing", "length bucketing", "resumed from", "the first epoch gave",
-               "Ray Train's latest checkpoint", "reference actor", "reference cache", "dpo-ray", "reference: ",
-               "  train: ", "  eval: ", "== ", "  data: ", "  outputs: ", "  start-up ", "  throughput: ",
-               "  not used: ", "  warning: ")
+               "Ray Train's latest checkpoint", "reference actor", "reference cache", "dpo-ray",
+               "reference: ", "  train: ", "  eval: ", "== ", "  data: ", "  outputs: ", "  start-up ",
+               "  throughput: ", "  not used: ", "  warning: ")
 _RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING|ERROR|DEBUG)\b"
                       r"|^\[\d{4}-\d\d-\d\d [\d:,]+ [EWI] \d+")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -40,7 +41,8 @@ def own_share(lines: list[str]) -> tuple[float, list[str]]:
     foreign = []
     for line in counted:
         body = _RAY_PREFIX.sub("", line)
-        if (body != line and not body.startswith(_OWN_WORKER) and not re.match(r"\s+[a-z_/]+ +[-0-9.e+na]+$", body)) \
+        if (body != line and not body.startswith(_OWN_WORKER)
+                and not re.match(r"\s+[a-z_/]+ +[-0-9.e+na]+$", body)) \
                 or _RAY_LOG.search(line):
             foreign.append(line)
     return 1 - len(foreign) / max(len(counted), 1), foreign
@@ -49,7 +51,8 @@ def own_share(lines: list[str]) -> tuple[float, list[str]]:
 def commands(work: Path) -> dict[str, list[str]]:
     tiny = ["--config", str(REPO / "examples" / "tiny_demo.yaml")]
     return {
-        "train": ["train", *tiny, "--max_steps", "6", "--output_dir", str(work / "train"), "--overwrite_output_dir"],
+        "train": ["train", *tiny, "--max_steps", "6", "--output_dir", str(work / "train"),
+                  "--overwrite_output_dir"],
         "inspect": ["inspect-data", *tiny, "--max_rows", "200", "--report_dir", str(work / "inspect")],
         "sweep": ["sweep", *tiny, "--max_steps", "4", "--logging_steps", "2", "--eval_strategy", "steps",
                   "--eval_steps", "4", "--ray.num_workers", "1", "--output_dir", str(work / "sweep"),
@@ -60,11 +63,12 @@ def commands(work: Path) -> dict[str, list[str]]:
 def run(name: str, argv: list[str], quiet: bool, timeout: float) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1", "DPO_RAY_RAY_LOGS": "quiet" if quiet else "all"}
+           "RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1",
+           "DPO_RAY_RAY_LOGS": "quiet" if quiet else "all"}
     env.pop("RAY_ADDRESS", None)
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "dpo_ray", *argv], cwd=REPO, env=env, text=True, timeout=timeout,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    res = subprocess.run([sys.executable, "-m", "dpo_ray", *argv], cwd=REPO, env=env, text=True,
+                         timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = res.stdout.splitlines()
     share, foreign = own_share(lines)
     return {"command": name, "console": "quiet" if quiet else "all", "rc": res.returncode,

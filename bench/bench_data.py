@@ -83,11 +83,12 @@ def time_to_first_batch(path: Path, tok, cfg) -> dict:
     t0 = time.perf_counter()
     prep = build_datasets(cfg.model_copy(update={"dataset_name": str(path)}), tok)
     t_build = time.perf_counter() - t0
-    it = iter(iter_train_batches(prep.train, cfg, tok.pad_token_id, batch_size=cfg.per_device_train_batch_size,
-                                 epoch=0, seed=0))
+    it = iter(iter_train_batches(prep.train, cfg, tok.pad_token_id,
+                                 batch_size=cfg.per_device_train_batch_size, epoch=0, seed=0))
     next(it)
     t_first = time.perf_counter() - t0
-    return {"rows": prep.num_train_rows_estimate, "build_s": round(t_build, 3), "first_batch_s": round(t_first, 3)}
+    return {"rows": prep.num_train_rows_estimate, "build_s": round(t_build, 3),
+            "first_batch_s": round(t_first, 3)}
 
 
 def main() -> None:
@@ -108,7 +109,8 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     tok = load_tokenizer(None)
     cfg = DPOConfig(max_length=64, per_device_train_batch_size=32, dataset_test_split=None)
-    results: dict = {"date": date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU, {platform.machine()}",
+    results: dict = {"date": date.today().isoformat(),
+                     "machine": f"{os.cpu_count()}-core CPU, {platform.machine()}",
                      "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
                      "ray": ray.__version__}
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +122,8 @@ def main() -> None:
         ours = bench_ours(bench_file, tok, cfg)
         ref = bench_datasets_map(bench_file, tok)
         results["throughput"] = {"rows": ours["rows"], "dpo_ray": ours, "datasets_map": ref,
-                                 "ratio_dpo_ray_over_datasets_map": round(ours["pairs_per_s"] / ref["pairs_per_s"], 2)}
+                                 "ratio_dpo_ray_over_datasets_map": round(
+                                     ours["pairs_per_s"] / ref["pairs_per_s"], 2)}
         ttfb = []
         for n in args.sizes:
             f = tmp / f"gen_{n}.jsonl"

@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, machine, versions, write_result  # noqa: E402
 
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                 tie_word_embeddings=True, vocab_size=151936)
+                 num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1_000_000.0,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=151936)
 
 
 def save_qwen_like(out: Path, shape: dict | None = None) -> Path:
-    """A Qwen2 model with random weights (seed 0) of ``shape`` (default Qwen2-0.5B's; the vocabulary defaults to the
-    bundled tokenizer's) and the bundled tokenizer, saved once."""
+    """A Qwen2 model with random weights (seed 0) of ``shape`` (default Qwen2-0.5B's; the vocabulary defaults
+    to the bundled tokenizer's) and the bundled tokenizer, saved once."""
     if (out / "config.json").exists():
         return out
     import torch
@@ -46,8 +46,8 @@ def save_qwen_like(out: Path, shape: dict | None = None) -> Path:
 
     tok = load_tokenizer(None)
     shape = {"vocab_size": len(tok), **(QWEN2_05B if shape is None else shape)}
-    cfg = Qwen2Config(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      **shape)
+    cfg = Qwen2Config(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, **shape)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,10 +56,12 @@ def save_qwen_like(out: Path, shape: dict | None = None) -> Path:
     return out
 
 
-def long_pairs(out: Path, n: int, min_tokens: int, max_tokens: int, seed: int = 0, skew: float | None = None) -> Path:
-    """Bundled-task pairs with long digit lists (one token per digit in the bundled tokenizer); the prompt holds
-    about half of each sequence. Lengths uniform in [min_tokens, max_tokens], or with ``skew`` k skewed like real
-    preference data: min + (max - min)·u^k, u uniform (k = 3: the median pair an eighth of the way up)."""
+def long_pairs(out: Path, n: int, min_tokens: int, max_tokens: int, seed: int = 0,
+               skew: float | None = None) -> Path:
+    """Bundled-task pairs with long digit lists (one token per digit in the bundled tokenizer); the prompt
+    holds about half of each sequence. Lengths uniform in [min_tokens, max_tokens], or with ``skew`` k skewed
+    like real preference data: min + (max - min)·u^k, u uniform (k = 3: the median pair an eighth of the way
+    up)."""
     from dpo_ray.data.bundled import apply_op
 
     rng = random.Random(seed)
@@ -70,7 +72,8 @@ def long_pairs(out: Path, n: int, min_tokens: int, max_tokens: int, seed: int = 
                 k = rng.randint(min_tokens // 2, max_tokens // 2 - 4)
             else:
                 k = max(2, int(min_tokens + (max_tokens - min_tokens) * rng.random() ** skew) // 2 - 4)
-            items = [str(rng.randrange(10)) for _ in range(k)]  # digits in the prompt's list; the answer repeats them
+            # digits in the prompt's list; the answer repeats them
+            items = [str(rng.randrange(10)) for _ in range(k)]
             op = rng.choice(("sort", "reverse"))
             answer = apply_op(op, items)
             wrong = list(answer)
@@ -95,7 +98,8 @@ def main() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        msg = "bench_gpu: skipped, no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine"
+        msg = ("bench_gpu: skipped, no CUDA device (torch.cuda.is_available() is False); run it on a GPU "
+               "machine")
         print(msg)
         write_result("gpu", {"skipped": msg, "machine": machine(), "versions": versions()})
         return
@@ -103,17 +107,19 @@ def main() -> None:
     model = save_qwen_like(work / "qwen2_0.5b_random")
     data = long_pairs(work / "data" / "train.jsonl", args.pairs, args.min_tokens, args.max_tokens)
     base = [sys.executable, str(BENCH / "bench_throughput.py"), "--gpu", "--model_dir", str(model),
-            "--data_file", str(data), "--pairs", str(args.pairs), "--batch", str(args.batch), "--lr", str(args.lr),
-            "--max_length", str(args.max_tokens + 8), "--repeats", str(args.repeats)]
+            "--data_file", str(data), "--pairs", str(args.pairs), "--batch", str(args.batch), "--lr",
+            str(args.lr), "--max_length", str(args.max_tokens + 8), "--repeats", str(args.repeats)]
     # dpo_ray with the actor pool sharing the worker's GPU, then with a local reference, then TRL
-    subprocess.run(base + ["--configs", "dpo_ray_1w2t,trl", "--name", "gpu_throughput", "--workdir", str(work / "actor"),
+    subprocess.run(base + ["--configs", "dpo_ray_1w2t,trl", "--name", "gpu_throughput", "--workdir",
+                           str(work / "actor"),
                            # the worker and the actor share one GPU: half each (a whole GPU each needs 2)
-                           "--dpo_ray_extra", json.dumps({"reference": {"source": "actor", "num_gpus": 0.5},
-                                                          "ray": {"resources_per_worker": {"CPU": 1, "GPU": 0.5}}})],
+                           "--dpo_ray_extra",
+                           json.dumps({"reference": {"source": "actor", "num_gpus": 0.5},
+                                       "ray": {"resources_per_worker": {"CPU": 1, "GPU": 0.5}}})],
                    check=True)
     # local reference with and without prefix sharing: the sharing gain on GPU (bf16, sdpa)
-    subprocess.run(base + ["--configs", "dpo_ray_1w2t+noshare,dpo_ray_1w2t", "--name", "gpu_throughput_local_ref",
-                           "--workdir", str(work / "local"),
+    subprocess.run(base + ["--configs", "dpo_ray_1w2t+noshare,dpo_ray_1w2t", "--name",
+                           "gpu_throughput_local_ref", "--workdir", str(work / "local"),
                            "--dpo_ray_extra", json.dumps({"reference": {"source": "local"}})],
                    check=True)
 

@@ -19,10 +19,11 @@ Tokens per epoch: the non-pad positions each way runs through the model per forw
 each run them once per step): groups count the packed rows, pairs the packed pair rows, trl the [chosen;
 rejected] rows (TRL pads them to the longest; the padded counts are in the JSON). Pairs per CPU-second:
 pairs per epoch / the process's CPU time over it (``time.process_time``, all its threads: on a shared, loaded
-box the stable measure of the compute each way costs), and pairs/s over wall time; the first ``--warmup`` steps
-left out of both. The systems alternate within each setting, ``--rounds`` epochs each, medians.
+box the stable measure of the compute each way costs), and pairs/s over wall time; the first ``--warmup``
+steps left out of both. The systems alternate within each setting, ``--rounds`` epochs each, medians.
 
-    python bench/bench_groups.py [--groups 12] [--batch 2] [--length 64] [--hidden 256] [--layers 4] [--rounds 2] [--threads 1]
+    python bench/bench_groups.py [--groups 12] [--batch 2] [--length 64] [--hidden 256] [--layers 4]
+        [--rounds 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: CPU t
 from common import machine, median, table, versions, write_result  # noqa: E402
 
 WORK = Path(tempfile.gettempdir()) / "dpo_ray_bench_groups"  # the saved model, TRL's output_dir
-SETTINGS = [(2, "all"), (4, "all"), (4, "best_vs_rest"), (8, "all"), (8, "best_vs_rest")]  # K = 2: the rules agree
+# K = 2: the rules agree
+SETTINGS = [(2, "all"), (4, "all"), (4, "best_vs_rest"), (8, "all"), (8, "best_vs_rest")]
 
 
 def make_rows(n: int, k: int, length: int, seed: int) -> list[dict]:
-    """``n`` groups of ``k`` responses: prompt and every response about ``length`` digit tokens, distinct scores."""
+    """``n`` groups of ``k`` responses: prompt and every response about ``length`` digit tokens, distinct
+    scores."""
     rng = random.Random(seed)
 
     def digits(m: int) -> str:
@@ -54,9 +57,11 @@ def make_rows(n: int, k: int, length: int, seed: int) -> list[dict]:
 
     rows = []
     for _ in range(n):
-        m = max(4, int(rng.gauss(length, length / 8)))  # the bundled tokenizer: one token per digit and its space
+        # the bundled tokenizer: one token per digit and its space
+        m = max(4, int(rng.gauss(length, length / 8)))
         rows.append({"prompt": f"sort: {digits(m)} =",
-                     "completions": [" " + digits(max(2, int(rng.gauss(length, length / 8)))) for _ in range(k)],
+                     "completions": [" " + digits(max(2, int(rng.gauss(length, length / 8))))
+                                     for _ in range(k)],
                      "scores": rng.sample(range(100), k)})
     return rows
 
@@ -69,9 +74,10 @@ def save_model(path: Path, tok, hidden: int, layers: int) -> Path:
         return path
     torch.manual_seed(0)
     conf = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                       num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), max_position_embeddings=4096,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       attn_implementation="sdpa")
+                       num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                       max_position_embeddings=4096,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, attn_implementation="sdpa")
     model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
@@ -132,13 +138,14 @@ def trl_epoch(path: Path, pair_rows: list[dict], batch: int, cfg, warmup: int, w
             self.cpu.append(time.process_time())
 
     timer = Timer()
-    args = DPOConfig(output_dir=str(workdir), per_device_train_batch_size=batch, num_train_epochs=1, logging_steps=1,
-                     save_strategy="no", eval_strategy="no", report_to=[], bf16=False, fp16=False,
-                     gradient_checkpointing=False, use_cpu=True, disable_tqdm=True, dataloader_drop_last=True,
-                     train_sampling_strategy="sequential", warmup_steps=0, learning_rate=cfg.learning_rate,
-                     beta=cfg.beta, loss_type=["sigmoid"], max_length=None, lr_scheduler_type="constant",
-                     max_grad_norm=0.0)
-    trainer = DPOTrainer(model=load(path), ref_model=load(path), args=args, train_dataset=Dataset.from_list(pair_rows),
+    args = DPOConfig(output_dir=str(workdir), per_device_train_batch_size=batch, num_train_epochs=1,
+                     logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], bf16=False,
+                     fp16=False, gradient_checkpointing=False, use_cpu=True, disable_tqdm=True,
+                     dataloader_drop_last=True, train_sampling_strategy="sequential", warmup_steps=0,
+                     learning_rate=cfg.learning_rate, beta=cfg.beta, loss_type=["sigmoid"], max_length=None,
+                     lr_scheduler_type="constant", max_grad_norm=0.0)
+    trainer = DPOTrainer(model=load(path), ref_model=load(path), args=args,
+                         train_dataset=Dataset.from_list(pair_rows),
                          processing_class=AutoTokenizer.from_pretrained(path), callbacks=[timer])
     torch.manual_seed(0)
     trainer.train()
@@ -147,8 +154,8 @@ def trl_epoch(path: Path, pair_rows: list[dict], batch: int, cfg, warmup: int, w
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     c = timer.cpu
     return {"pairs_s": batch * (steps - warmup) / (s[-1] - s[warmup]),
-            "pairs_cpu_s": batch * (steps - warmup) / (c[-1] - c[warmup]), "epoch_s": s[-1] - s[0], "losses": losses,
-            "steps": steps}
+            "pairs_cpu_s": batch * (steps - warmup) / (c[-1] - c[warmup]), "epoch_s": s[-1] - s[0],
+            "losses": losses, "steps": steps}
 
 
 def main() -> None:
@@ -190,18 +197,21 @@ def main() -> None:
         pcols = tokenize_rows(pair_rows, tok, cfg)
         g, pb = args.batch, args.batch * per_group
         n = args.groups - args.groups % g
-        gb = [collate_groups({c: v[i:i + g] for c, v in cols.items()}, tok.pad_token_id) for i in range(0, n, g)]
+        gb = [collate_groups({c: v[i:i + g] for c, v in cols.items()}, tok.pad_token_id)
+              for i in range(0, n, g)]
         pp = [collate_pairs({c: v[i:i + pb] for c, v in pcols.items()}, tok.pad_token_id)
               for i in range(0, n * per_group, pb)]
-        packed_g = [prefix.pack_groups(x["input_ids"], x["attention_mask"], x["completion_mask"], x["group_index"])
+        packed_g = [prefix.pack_groups(x["input_ids"], x["attention_mask"], x["completion_mask"],
+                                       x["group_index"])
                     for x in gb]
         packed_p = [prefix.pack_pairs(x["input_ids"], x["attention_mask"], x["completion_mask"]) for x in pp]
         tokens = {"groups": sum(p.tokens for p in packed_g), "pairs": sum(p.tokens for p in packed_p),
                   "trl": sum(int(x["attention_mask"].sum()) for x in pp)}
         padded = {"groups": sum(p.input_ids.numel() for p in packed_g),
-                  "pairs": sum(p.input_ids.numel() for p in packed_p), "trl": sum(x["input_ids"].numel() for x in pp)}
-        res = {"k": k, "rule": rule, "pairs_per_group": per_group, "num_pairs": n * per_group, "steps": len(gb),
-               "tokens": tokens, "padded_tokens": padded}
+                  "pairs": sum(p.input_ids.numel() for p in packed_p),
+                  "trl": sum(x["input_ids"].numel() for x in pp)}
+        res = {"k": k, "rule": rule, "pairs_per_group": per_group, "num_pairs": n * per_group,
+               "steps": len(gb), "tokens": tokens, "padded_tokens": padded}
         for r in range(args.rounds):  # the systems alternate; medians over the rounds
             for system in systems:
                 t0 = time.perf_counter()
@@ -211,8 +221,8 @@ def main() -> None:
                 else:
                     out = dpo_ray_epoch(path, gb if system == "groups" else pp, cfg, args.warmup)
                 res.setdefault(system, {"runs": []})["runs"].append(out)
-                print(f"[{r}] K={k} {rule}: {system} {out['pairs_s']:.1f} pairs/s, {out['pairs_cpu_s']:.1f} pairs/cpu-s "
-                      f"({time.perf_counter() - t0:.1f}s)", flush=True)
+                print(f"[{r}] K={k} {rule}: {system} {out['pairs_s']:.1f} pairs/s, {out['pairs_cpu_s']:.1f} "
+                      f"pairs/cpu-s ({time.perf_counter() - t0:.1f}s)", flush=True)
         if "groups" in systems:  # the same pairs and weights: the loss curves must agree
             base = res["groups"]["runs"][0]["losses"]
             res["max_abs_loss_diff"] = {s: max(abs(a - b) for a, b in zip(base, res[s]["runs"][0]["losses"]))
@@ -231,15 +241,19 @@ def main() -> None:
         for key in ("pairs_cpu_s", "pairs_s"):
             for s in ("groups", "pairs", "trl"):
                 line.append(r[s][key] if s in r else "-")
-        line += [r["groups"]["pairs_cpu_s"] / r["pairs"]["pairs_cpu_s"] if "pairs" in r and "groups" in r else "-",
-                 r["groups"]["pairs_cpu_s"] / r["trl"]["pairs_cpu_s"] if "trl" in r and "groups" in r else "-"]
+        line += [r["groups"]["pairs_cpu_s"] / r["pairs"]["pairs_cpu_s"] if "pairs" in r and "groups" in r
+                 else "-",
+                 r["groups"]["pairs_cpu_s"] / r["trl"]["pairs_cpu_s"] if "trl" in r and "groups" in r
+                 else "-"]
         rows_out.append(line)
-    print(f"\n{args.groups} groups per epoch, medians of {args.rounds} alternating rounds, {args.batch} groups per "
-          f"micro-batch, prompt ≈ response ≈ {args.length} tokens, Llama hidden {args.hidden} × {args.layers} layers (fp32, sdpa), {args.threads} thread(s); "
-          "step = reference forward + policy forward/backward + AdamW")
+    print(f"\n{args.groups} groups per epoch, medians of {args.rounds} alternating rounds, {args.batch} "
+          f"groups per micro-batch, prompt ≈ response ≈ {args.length} tokens, Llama hidden {args.hidden} × "
+          f"{args.layers} layers (fp32, sdpa), {args.threads} thread(s); step = reference forward + policy "
+          "forward/backward + AdamW")
     print(table(["K", "rule", "pairs/group", "tokens trl", "tokens pairs", "tokens groups", "trl ÷ groups",
-                 "pairs ÷ groups", "pairs/cpu-s groups", "pairs/cpu-s pairs", "pairs/cpu-s trl", "pairs/s groups",
-                 "pairs/s pairs", "pairs/s trl", "groups × pairs (cpu)", "groups × trl (cpu)"], rows_out))
+                 "pairs ÷ groups", "pairs/cpu-s groups", "pairs/cpu-s pairs", "pairs/cpu-s trl",
+                 "pairs/s groups", "pairs/s pairs", "pairs/s trl", "groups × pairs (cpu)",
+                 "groups × trl (cpu)"], rows_out))
     path_out = write_result(args.name, {"machine": machine(), "versions": versions(), "args": vars(args),
                                         "results": results})
     print(f"wrote {path_out}")

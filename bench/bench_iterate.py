@@ -3,9 +3,10 @@
 For each ``--seeds`` value, one after the other:
 - ``offline``: the demo's DPO stage (``dpo_ray.demo.DEMO_DPO``: 3,000 bundled pairs, one epoch = 94 steps of 2
   workers × 16) from ``--sft``; the greedy task accuracy on the first 200 held-out prompts after it;
-- ``iterative``: ``--rounds`` rounds of ``dpo_ray.iterate`` from ``--sft`` with the same optimizer settings and
-  94 // rounds steps per round; K = ``--samples`` answers per prompt at ``--temperature``, ``--prompts_per_round``
-  prompts per round, scored by the task's rule; the held-out accuracy after each round.
+- ``iterative``: ``--rounds`` rounds of ``dpo_ray.iterate`` from ``--sft`` with the same optimizer settings
+  and 94 // rounds steps per round; K = ``--samples`` answers per prompt at ``--temperature``,
+  ``--prompts_per_round`` prompts per round, scored by the task's rule; the held-out accuracy after each
+  round.
 
 ``--sft``: the SFT model (default: ``make demo``'s SFT stage is run once into ``--workdir``/sft).
 
@@ -37,7 +38,8 @@ def main() -> int:
     ap.add_argument("--prompts_per_round", type=int, default=1024)
     ap.add_argument("--learning_rate", type=float, default=5e-4)
     ap.add_argument("--skip_offline", action="store_true")
-    ap.add_argument("--overlap", action="store_true", help="iterate.overlap: sample round r+1 while round r trains")
+    ap.add_argument("--overlap", action="store_true",
+                    help="iterate.overlap: sample round r+1 while round r trains")
     ap.add_argument("--workdir", default="/tmp/dpo_ray_bench/iterate")
     args = ap.parse_args()
 
@@ -50,7 +52,8 @@ def main() -> int:
     work = Path(args.workdir)
     sft = Path(args.sft) if args.sft else work / "sft"
     if not args.sft and not (sft / "config.json").exists():
-        DPOTrainer(args=DPOConfig(**DEMO_SFT, output_dir=str(sft), overwrite_output_dir=True), mode="sft").train()
+        DPOTrainer(args=DPOConfig(**DEMO_SFT, output_dir=str(sft), overwrite_output_dir=True),
+                   mode="sft").train()
     out_file = RESULTS / "iterate.json"
     results = json.loads(out_file.read_text()) if out_file.exists() else {"runs": {}}
     results.update(machine=machine(), versions=versions(), sft=str(sft))
@@ -59,22 +62,24 @@ def main() -> int:
     for seed in [int(s) for s in args.seeds.split(",")]:
         if not args.skip_offline:
             t0 = time.perf_counter()
-            cfg = DPOConfig(**{**DEMO_DPO, "eval_strategy": "no"}, seed=seed, output_dir=str(work / f"offline_{seed}"),
+            cfg = DPOConfig(**{**DEMO_DPO, "eval_strategy": "no"}, seed=seed,
+                            output_dir=str(work / f"offline_{seed}"),
                             overwrite_output_dir=True, dataset_name=str(TRAIN_FILE), report_to=[])
             DPOTrainer(model=str(sft), args=cfg).train()
             acc = greedy_task_accuracy(work / f"offline_{seed}")
             results["runs"][f"offline seed {seed}"] = {"heldout": [greedy_task_accuracy(sft), acc],
                                                        "seconds": round(time.perf_counter() - t0, 1)}
-        name = (f"iterative seed {seed} prompts {args.prompts_per_round} K {args.samples} T {args.temperature:g} "
-                f"lr {args.learning_rate:g}{' overlap' if args.overlap else ''}")
+        name = (f"iterative seed {seed} prompts {args.prompts_per_round} K {args.samples} T "
+                f"{args.temperature:g} lr {args.learning_rate:g}{' overlap' if args.overlap else ''}")
         t0 = time.perf_counter()
-        settings = {k: v for k, v in DEMO_DPO.items() if k not in ("eval_strategy", "eval_steps", "num_train_epochs")}
+        settings = {k: v for k, v in DEMO_DPO.items()
+                    if k not in ("eval_strategy", "eval_steps", "num_train_epochs")}
         cfg = DPOConfig(**{**settings, "learning_rate": args.learning_rate}, seed=seed, max_steps=steps,
-                        eval_strategy="no", report_to=[], model_name_or_path=str(sft), overwrite_output_dir=True,
-                        output_dir=str(work / name.replace(" ", "_")),
-                        iterate={"rounds": args.rounds, "samples": args.samples, "temperature": args.temperature,
-                                 "prompts_per_round": args.prompts_per_round, "max_new_tokens": 16,
-                                 "eval_limit": 200, "overlap": args.overlap})
+                        eval_strategy="no", report_to=[], model_name_or_path=str(sft),
+                        overwrite_output_dir=True, output_dir=str(work / name.replace(" ", "_")),
+                        iterate={"rounds": args.rounds, "samples": args.samples,
+                                 "temperature": args.temperature, "prompts_per_round": args.prompts_per_round,
+                                 "max_new_tokens": 16, "eval_limit": 200, "overlap": args.overlap})
         summary = run_iterate(cfg)
         results["runs"][name] = {"heldout": [r["heldout"] for r in summary["rounds"]],
                                  "groups": [r["groups"] for r in summary["rounds"][1:]],
@@ -83,7 +88,8 @@ def main() -> int:
                                  "wall_s": round(time.perf_counter() - t0, 1)}
         out_file.write_text(json.dumps(results, indent=2) + "\n")
     for name, run in results["runs"].items():
-        rows.append([name, " / ".join(f"{x:.3f}" for x in run["heldout"]), run.get("wall_s", run.get("seconds"))])
+        rows.append([name, " / ".join(f"{x:.3f}" for x in run["heldout"]),
+                     run.get("wall_s", run.get("seconds"))])
     print(table(["run", "held-out accuracy by round (0 = SFT)", "seconds"], rows))
     return 0
 

@@ -1,8 +1,8 @@
 """Memory at long context: one DPO optimizer step on the real SmolLM2-135M-Instruct at 1k..8k tokens per pair.
 
 Per length L (tokens per pair: prompt + one response, the prompt half of it; chosen and rejected are as long
-and differ), one pair, one optimizer step, fp32, one training process, in its own process tree (bench/common.py
-``run_child``, PSS sampled every 50 ms):
+and differ), one pair, one optimizer step, fp32, one training process, in its own process tree
+(bench/common.py ``run_child``, PSS sampled every 50 ms):
 
 - ``trl``: TRL 1.16's DPOTrainer with its defaults for memory (``gradient_checkpointing=True``, a separate
   reference model in the same process); bf16 off (TRL's default bf16 autocast runs ~10x slower on this CPU);
@@ -14,11 +14,12 @@ and differ), one pair, one optimizer step, fp32, one training process, in its ow
 
 Reported per configuration: the training process's peak PSS (for dpo_ray the Ray Train worker; its reference
 actor, Ray's daemons and the driver are separate processes, listed at the tree's peak) and the whole tree's.
-``--budget_gib``: the longest measured L whose training process stays within it; ``--stop_over_budget`` kills a
-run as soon as its largest process passes the budget (recorded as over budget, not failed), so a length that
+``--budget_gib``: the longest measured L whose training process stays within it; ``--stop_over_budget`` kills
+a run as soon as its largest process passes the budget (recorded as over budget, not failed), so a length that
 does not fit is settled without filling the machine.
 
-    .venv/bin/python bench/bench_long_context.py --lengths 1024,2048,4096 [--configs trl,dpo_ray]   # make long-context
+    .venv/bin/python bench/bench_long_context.py --lengths 1024,2048,4096 [--configs trl,dpo_ray]
+        # make long-context
 
 Writes bench/results/long_context.json (merged over calls: one length per call is fine) and prints the table.
 """
@@ -38,12 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from common import BENCH, RESULTS, machine, run_child, table, versions  # noqa: E402
 
 CONFIGS = {"trl": ("trl", {"gradient_checkpointing": True}),
-           "dpo_ray": ("dpo_ray", {"gradient_checkpointing": "auto"}),  # the product's default (the child's is off)
+           # the product's default (the child's is off)
+           "dpo_ray": ("dpo_ray", {"gradient_checkpointing": "auto"}),
            "dpo_ray-gc": ("dpo_ray", {"gradient_checkpointing": False}),
            "dpo_ray+gc": ("dpo_ray", {"gradient_checkpointing": True}),
            "dpo_ray+gc+noshare": ("dpo_ray", {"gradient_checkpointing": True, "prefix_sharing": "off"})}
-WORDS = ("river stone light garden window paper music morning table silver forest letter candle market bridge "
-         "winter harbor meadow lantern orchard valley thunder pocket ribbon violet anchor basket castle").split()
+WORDS = ("river stone light garden window paper music morning table silver forest letter candle market "
+         "bridge winter harbor meadow lantern orchard valley thunder pocket ribbon violet anchor basket "
+         "castle").split()
 
 
 def text_of(tok, n: int, rng: random.Random) -> str:
@@ -92,15 +95,16 @@ print(pk.input_ids.shape[1], (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def mask_memory(lengths: list[int]) -> list[list]:
-    """Peak memory of building prefix sharing's dense (B, 1, S, S) mask for one pair: now vs the old expression."""
+    """Peak memory of building prefix sharing's dense (B, 1, S, S) mask for one pair: now vs the old
+    expression."""
     import subprocess
 
     rows = []
     for length in lengths:
         got = {}
         for how in ("before", "now"):
-            r = subprocess.run([sys.executable, "-c", MASK_CODE, str(length), how], capture_output=True, text=True,
-                               check=True)
+            r = subprocess.run([sys.executable, "-c", MASK_CODE, str(length), how], capture_output=True,
+                               text=True, check=True)
             s, mib = r.stdout.split()
             got[how] = float(mib)
         rows.append([length, int(s), round(int(s) ** 2 / 2**20), round(got["before"]), round(got["now"]),
@@ -110,18 +114,21 @@ def mask_memory(lengths: list[int]) -> list[list]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="the SmolLM2 directory (default: scripts/smollm2.py's cache)")
+    ap.add_argument("--model", default=None,
+                    help="the SmolLM2 directory (default: scripts/smollm2.py's cache)")
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--budget_gib", type=float, default=16.0)
     ap.add_argument("--stop_over_budget", action="store_true",
-                    help="kill a run once its training process passes --budget_gib (recorded as over budget): "
-                         "what does not fit is measured without filling the machine")
-    ap.add_argument("--timeout", type=float, default=3000, help="seconds per run (8k takes ~20 minutes on 2 cores)")
+                    help="kill a run once its training process passes --budget_gib (recorded as over "
+                         "budget): what does not fit is measured without filling the machine")
+    ap.add_argument("--timeout", type=float, default=3000,
+                    help="seconds per run (8k takes ~20 minutes on 2 cores)")
     ap.add_argument("--workdir", default="/tmp/dpo_ray_bench/long_context")
     ap.add_argument("--out", default=str(RESULTS / "long_context.json"))
     ap.add_argument("--tag", default="", help="a label for this code state (e.g. before/after a change)")
-    ap.add_argument("--mask", action="store_true", help="only the dense mask's build: now vs the old expression")
+    ap.add_argument("--mask", action="store_true",
+                    help="only the dense mask's build: now vs the old expression")
     args = ap.parse_args()
     if args.mask:
         print(table(["L", "S packed", "mask MiB", "build peak MiB before", "now", "now/before"],
@@ -142,27 +149,31 @@ def main() -> int:
         lens = one_pair(tok, length, data)
         for name in args.configs.split(","):
             kind, extra = CONFIGS[name]
-            child = [str(BENCH / "bench_throughput.py"), "--child", kind, "--model", str(model), "--data", str(data),
-                     "--workers", "1", "--threads", "2", "--out", str(work / f"{name}_{length}.json"),
-                     "--workdir", str(work / f"run_{name}_{length}"), "--batch", "1", "--epochs", "1",
-                     "--lr", "1e-6", "--max_length", str(length + 64)]
+            child = [str(BENCH / "bench_throughput.py"), "--child", kind, "--model", str(model), "--data",
+                     str(data), "--workers", "1", "--threads", "2", "--out",
+                     str(work / f"{name}_{length}.json"), "--workdir", str(work / f"run_{name}_{length}"),
+                     "--batch", "1", "--epochs", "1", "--lr", "1e-6", "--max_length", str(length + 64)]
             child += ["--trl_extra" if kind == "trl" else "--dpo_ray_extra", json.dumps(extra)]
             t0 = time.perf_counter()
-            res = run_child(child, work / f"{name}_{length}.json", args.timeout, log=work / f"{name}_{length}.log",
+            res = run_child(child, work / f"{name}_{length}.json", args.timeout,
+                            log=work / f"{name}_{length}.log",
                             stop_above_mib=args.budget_gib * 1024 if args.stop_over_budget else None)
             row = {"config": name, "length": length, "tokens": lens, "tag": args.tag,
                    "wall_s": round(time.perf_counter() - t0, 1)}
             if "stopped_above_mib" in res:
                 row.update(over_budget=True, process_peak_mib=res["stopped_above_mib"],
                            tree_peak_mib=round(res["peak_pss_mib"]))
-                print(f"{name} @ {length} tokens/pair: stopped, its training process passed {args.budget_gib:g} GiB "
-                      f"({res['stopped_above_mib']} MiB)", flush=True)
+                print(f"{name} @ {length} tokens/pair: stopped, its training process passed "
+                      f"{args.budget_gib:g} GiB ({res['stopped_above_mib']} MiB)", flush=True)
             elif "error" in res:
                 row["error"] = res["error"]
-                print(f"{name} @ {length}: FAILED {res['error']}\n{res.get('log_tail', '')[-1500:]}", flush=True)
+                print(f"{name} @ {length}: FAILED {res['error']}\n{res.get('log_tail', '')[-1500:]}",
+                      flush=True)
             else:
-                row.update(process_peak_mib=round(worker_peak(res, kind)), tree_peak_mib=round(res["peak_pss_mib"]),
-                           by_process=res.get("peak_pss_by_process"), loss=res["losses"][0] if res["losses"] else None)
+                row.update(process_peak_mib=round(worker_peak(res, kind)),
+                           tree_peak_mib=round(res["peak_pss_mib"]),
+                           by_process=res.get("peak_pss_by_process"),
+                           loss=res["losses"][0] if res["losses"] else None)
                 print(f"{name} @ {length} tokens/pair: training process {row['process_peak_mib']} MiB, tree "
                       f"{row['tree_peak_mib']} MiB, {row['wall_s']:.0f} s", flush=True)
             results["runs"][f"{args.tag}{name}@{length}"] = row
@@ -178,8 +189,8 @@ def main() -> int:
                 else row.get("process_peak_mib", "failed"))
         rows.append([label, row["length"], row["tokens"]["pair"], peak,
                      row.get("tree_peak_mib", ""), row["wall_s"]])
-    print(table(["config", "L", "tokens/pair", "training process peak PSS MiB", "tree peak PSS MiB", "wall s"],
-                rows))
+    print(table(["config", "L", "tokens/pair", "training process peak PSS MiB", "tree peak PSS MiB",
+                 "wall s"], rows))
     print(f"longest measured L within {args.budget_gib:g} GiB (training process):", json.dumps(longest))
     return 0
 

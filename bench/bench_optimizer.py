@@ -52,7 +52,8 @@ def main() -> None:
     models = {
         "tiny Llama (bundled default)": load_causal_lm(None, DPOConfig(), load_tokenizer(None)),
         "Llama 256 × 4, vocab 8192": AutoModelForCausalLM.from_config(LlamaConfig(
-            vocab_size=8192, hidden_size=256, intermediate_size=682, num_hidden_layers=4, num_attention_heads=4)),
+            vocab_size=8192, hidden_size=256, intermediate_size=682, num_hidden_layers=4,
+            num_attention_heads=4)),
     }
     results, rows = {}, []
     for name, model in models.items():
@@ -67,7 +68,8 @@ def main() -> None:
         results[name] = {"params": sum(p.numel() for p in params), "ms": med, "times": times}
         rows.append([name, results[name]["params"], med["default"], med["foreach"], med["fused"],
                      med["default"] / med["fused"]])
-    print(f"\nAdamW step, {args.steps} steps × {args.rounds} alternating rounds (medians), {args.threads} thread(s)")
+    print(f"\nAdamW step, {args.steps} steps × {args.rounds} alternating rounds (medians), {args.threads} "
+          "thread(s)")
     print(table(["parameters of", "count", "default ms", "foreach ms", "fused ms", "default / fused"], rows))
     path = write_result(args.name, {"machine": machine(), "versions": versions(), "args": vars(args),
                                     "results": results})

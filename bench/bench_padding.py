@@ -35,7 +35,8 @@ def skewed_rows(n: int, vocab: int, max_len: int, seed: int) -> list[dict]:
         comp = [int(np.clip(rng.lognormal(3.0, 0.9), 1, max_len - prompt)) for _ in range(2)]
         p_ids = rng.integers(3, vocab, prompt).tolist()
         rows.append({"row_id": i,
-                     "chosen_input_ids": p_ids + rng.integers(3, vocab, comp[0]).tolist(), "chosen_prompt_len": prompt,
+                     "chosen_input_ids": p_ids + rng.integers(3, vocab, comp[0]).tolist(),
+                     "chosen_prompt_len": prompt,
                      "rejected_input_ids": p_ids + rng.integers(3, vocab, comp[1]).tolist(),
                      "rejected_prompt_len": prompt})
     return rows
@@ -107,10 +108,12 @@ def main() -> None:
         s["epoch_s"] = median(times[name])
         s["step_s"] = s["epoch_s"] / s["batches"]
         rows_out.append([f"length_bucketing {name}", s["padding_fraction"], s["padded_tokens"], s["step_s"],
-                         s["epoch_s"], stats["off"]["epoch_s"] / s["epoch_s"] if "epoch_s" in stats["off"] else 1.0])
-    print(f"\n{args.pairs} pairs, log-normal lengths ≤ {args.max_len}, batch {args.batch}, {args.threads} thread(s), "
-          f"medians of {args.rounds} alternating rounds")
-    print(table(["setting", "padding fraction", "tokens incl. pad", "s/step", "s/epoch", "speed-up"], rows_out))
+                         s["epoch_s"], stats["off"]["epoch_s"] / s["epoch_s"] if "epoch_s" in stats["off"]
+                         else 1.0])
+    print(f"\n{args.pairs} pairs, log-normal lengths ≤ {args.max_len}, batch {args.batch}, {args.threads} "
+          f"thread(s), medians of {args.rounds} alternating rounds")
+    print(table(["setting", "padding fraction", "tokens incl. pad", "s/step", "s/epoch", "speed-up"],
+                rows_out))
     path = write_result(args.name, {"machine": machine(), "versions": versions(), "args": vars(args),
                                     "stats": stats, "epoch_times": times})
     print(f"wrote {path}")

@@ -1,4 +1,4 @@
-"""Peak memory of reading a Parquet file written as one large row group (issue 29), as the JSONL planning
+"""Peak memory of reading a Parquet file written as one large row group, as the JSONL planning
 measurement does it (tracemalloc: Python objects) plus Arrow's own pool peak (decoded columns).
 
     python bench/bench_parquet.py [--rows 200000]
@@ -77,7 +77,8 @@ def main() -> None:
             for how in ("whole_group", "iter_chunk"):
                 out = subprocess.run([sys.executable, __file__, "--one", path, how, str(rows)], check=True,
                                      capture_output=True, text=True).stdout
-                print(json.dumps({"preview" if rows == 32 else "full_pass": True, **json.loads(out)}), flush=True)
+                print(json.dumps({"preview" if rows == 32 else "full_pass": True, **json.loads(out)}),
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ length mixes (random token ids; lengths drawn around the given means):
 The model is a small Llama built from a config (``--hidden``, ``--layers``; random weights, fp32,
 sdpa attention). Before timing, each mix checks that the two layouts give the same log-probs.
 
-    python bench/bench_prefix.py [--pairs 64] [--batch 8] [--hidden 256] [--layers 4] [--rounds 3] [--threads 2]
+    python bench/bench_prefix.py [--pairs 64] [--batch 8] [--hidden 256] [--layers 4] [--rounds 3]
+        [--threads 2]
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def main() -> None:
             a = sequence_forward(ref, batches[0]).stats.logps
             b = sequence_forward(ref, batches[0], share_prefix=True).stats.logps
         max_diff = float((a - b).abs().max())
-        packed = [prefix.pack_pairs(x["input_ids"], x["attention_mask"], x["completion_mask"]) for x in batches]
+        packed = [prefix.pack_pairs(x["input_ids"], x["attention_mask"], x["completion_mask"])
+                  for x in batches]
         tokens = {"standard": sum(int(x["attention_mask"].sum()) for x in batches),
                   "shared": sum(pk.tokens for pk in packed)}
         padded = {"standard": sum(x["input_ids"].numel() for x in batches),
@@ -143,9 +145,9 @@ def main() -> None:
                 times[layout].append(epoch(policy, ref, init, batches, cfg, layout == "shared"))
                 print(f"[{r}] {name} {layout}: {times[layout][-1]:.2f}s", flush=True)
         t_std, t_sh = median(times["standard"]), median(times["shared"])
-        results[name] = {"tokens": tokens, "padded_tokens": padded, "epoch_s": {"standard": t_std, "shared": t_sh},
-                         "times": times, "speedup": t_std / t_sh, "max_abs_logp_diff": max_diff,
-                         "steps": len(batches)}
+        results[name] = {"tokens": tokens, "padded_tokens": padded,
+                         "epoch_s": {"standard": t_std, "shared": t_sh}, "times": times,
+                         "speedup": t_std / t_sh, "max_abs_logp_diff": max_diff, "steps": len(batches)}
 
     rows = []
     for name, r in results.items():
@@ -154,9 +156,9 @@ def main() -> None:
                      r["padded_tokens"]["shared"] / r["padded_tokens"]["standard"],
                      r["epoch_s"]["standard"] / r["steps"], r["epoch_s"]["shared"] / r["steps"], r["speedup"],
                      r["max_abs_logp_diff"]])
-    print(f"\n{args.pairs} pairs per mix, batch {args.batch}, Llama hidden {args.hidden} × {args.layers} layers "
-          f"(bundled: the tiny Llama), {args.threads} thread(s), medians of {args.rounds} alternating rounds; "
-          "step = reference forward + policy forward/backward + AdamW")
+    print(f"\n{args.pairs} pairs per mix, batch {args.batch}, Llama hidden {args.hidden} × {args.layers} "
+          f"layers (bundled: the tiny Llama), {args.threads} thread(s), medians of {args.rounds} alternating "
+          "rounds; step = reference forward + policy forward/backward + AdamW")
     print(table(["mix", "tokens standard", "tokens shared", "token ratio", "padded ratio", "s/step standard",
                  "s/step shared", "speed-up", "max |Δlogp|"], rows))
     path = write_result(args.name, {"machine": machine(), "versions": versions(), "args": vars(args),

@@ -6,8 +6,9 @@ with random weights, and a real 32,000-token SentencePiece vocabulary: Mistral's
 ``mistral-common`` wheel ships (fetched once with ``pip download --no-deps`` from the package index, converted
 with ``sentencepiece`` to a ``tokenizer.json``; nothing comes from a model hub).
 Data: ``--pairs`` preference pairs of English text (sentences of the Python standard library's docstrings),
-lengths drawn like UltraFeedback's: prompt and completion token counts log-normal with medians ``--prompt_median``
-/ ``--completion_median`` tokens and a long tail (σ 0.8, cut at 900), ``max_length`` 1,024.
+lengths drawn like UltraFeedback's: prompt and completion token counts log-normal with medians
+``--prompt_median`` / ``--completion_median`` tokens and a long tail (σ 0.8, cut at 900), ``max_length``
+1,024.
 
 Configurations (bench_throughput.py runs each in its own process, alternated ``--repeats`` times):
 
@@ -43,7 +44,8 @@ def shipped_tokenizer(work: Path) -> Path:
     if (out / "tokenizer.json").exists():
         return out
     wheels = work / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), TOKENIZER_WHEEL],
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels),
+                    TOKENIZER_WHEEL],
                    check=True)
     wheel = next(wheels.glob("mistral_common-*.whl"))
     spm = work / "spm"
@@ -98,7 +100,8 @@ def sentences() -> list[str]:
     return sorted(set(text))
 
 
-def make_pairs(path: Path, n: int, model_dir: Path, prompt_median: int, completion_median: int, seed: int = 0) -> Path:
+def make_pairs(path: Path, n: int, model_dir: Path, prompt_median: int, completion_median: int,
+               seed: int = 0) -> Path:
     if path.exists():
         return path
     from transformers import AutoTokenizer
@@ -122,7 +125,8 @@ def make_pairs(path: Path, n: int, model_dir: Path, prompt_median: int, completi
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for _ in range(n):
-            f.write(json.dumps({"prompt": text(draw(prompt_median)), "chosen": " " + text(draw(completion_median)),
+            f.write(json.dumps({"prompt": text(draw(prompt_median)),
+                                "chosen": " " + text(draw(completion_median)),
                                 "rejected": " " + text(draw(completion_median))}) + "\n")
     return path
 
@@ -142,12 +146,13 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir)
     model = save_model(work)
-    data = make_pairs(work / "data" / f"pairs_{args.pairs}_{args.prompt_median}_{args.completion_median}.jsonl",
+    data = make_pairs(work / "data"
+                      / f"pairs_{args.pairs}_{args.prompt_median}_{args.completion_median}.jsonl",
                       args.pairs, model, args.prompt_median, args.completion_median)
-    cmd = [sys.executable, str(BENCH / "bench_throughput.py"), "--model_dir", str(model), "--data_file", str(data),
-           "--pairs", str(args.pairs), "--batch", str(args.batch), "--max_length", "1024", "--repeats",
-           str(args.repeats), "--warmup", "3", "--configs", args.configs, "--workdir", str(work / "runs"),
-           "--name", args.name, "--timeout", "1500", *(f"--code={c}" for c in args.code)]
+    cmd = [sys.executable, str(BENCH / "bench_throughput.py"), "--model_dir", str(model), "--data_file",
+           str(data), "--pairs", str(args.pairs), "--batch", str(args.batch), "--max_length", "1024",
+           "--repeats", str(args.repeats), "--warmup", "3", "--configs", args.configs, "--workdir",
+           str(work / "runs"), "--name", args.name, "--timeout", "1500", *(f"--code={c}" for c in args.code)]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 

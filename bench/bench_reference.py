@@ -60,7 +60,8 @@ def tokenizer():
     return load_tokenizer(DPOConfig())
 
 
-def make_batches(n: int, pairs: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def make_batches(n: int, pairs: int, seq_len: int, vocab: int,
+                 seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Full-length pairs: prompt = first quarter, completion = the rest (the worst case per token)."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -130,7 +131,8 @@ def main() -> None:
 
         def pipelined() -> float:
             n_warm = 2
-            stream = prefetched((batches[i % len(batches)] for i in range(n_warm + args.steps)), client, args.depth)
+            stream = prefetched((batches[i % len(batches)] for i in range(n_warm + args.steps)), client,
+                                args.depth)
             times, t0 = [], time.perf_counter()
             for i, (batch, ref_c, ref_r) in enumerate(stream):
                 policy_step(batch, ref_c, ref_r)
@@ -151,14 +153,16 @@ def main() -> None:
         pool.shutdown()
     finally:
         ray.shutdown()
-    t_policy, t_ref, t_seq, t_pipe = (min(rounds[k]) for k in ("policy", "reference", "sequential", "pipelined"))
+    t_policy, t_ref, t_seq, t_pipe = (min(rounds[k])
+                                      for k in ("policy", "reference", "sequential", "pipelined"))
 
     ratio_pipe = t_pipe / max(t_policy, t_ref)
     ratio_seq = t_seq / t_pipe
     rows = [("policy step (fwd+bwd+AdamW)", t_policy), ("reference forward", t_ref),
             ("sequential (ref then policy)", t_seq), (f"pipelined (actor pool, depth {args.depth})", t_pipe)]
     print(f"\ntiny Llama, {args.pairs} pairs × {args.seq_len} tokens ({2 * args.pairs} sequences), "
-          f"best of {args.rounds} rounds of the median of {args.steps} steps, 1 thread per process, {os.cpu_count()}-core CPU")
+          f"best of {args.rounds} rounds of the median of {args.steps} steps, 1 thread per process, "
+          f"{os.cpu_count()}-core CPU")
     print(f"{'configuration':<36} {'s/step':>8}")
     for name, t in rows:
         print(f"{name:<36} {t:8.3f}")
@@ -167,9 +171,12 @@ def main() -> None:
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core CPU, {platform.machine()}",
         "torch": torch.__version__, "ray": ray.__version__, "pairs": args.pairs, "seq_len": args.seq_len,
-        "steps": args.steps, "rounds": rounds, "prefetch_depth": args.depth, "params": sum(p.numel() for p in policy.parameters()),
-        "seconds_per_step": {"policy": t_policy, "reference": t_ref, "sequential": t_seq, "pipelined": t_pipe},
-        "pipelined_over_max": ratio_pipe, "sequential_over_pipelined": ratio_seq, "goal_pipelined_over_max": 1.15,
+        "steps": args.steps, "rounds": rounds, "prefetch_depth": args.depth,
+        "params": sum(p.numel() for p in policy.parameters()),
+        "seconds_per_step": {"policy": t_policy, "reference": t_ref, "sequential": t_seq,
+                             "pipelined": t_pipe},
+        "pipelined_over_max": ratio_pipe, "sequential_over_pipelined": ratio_seq,
+        "goal_pipelined_over_max": 1.15,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Sampling throughput of ``dpo-ray iterate``'s rollout pool against one process, side by side in one run.
 
-The same prompts (the bundled task's, ``--prompts`` of them), ``--samples`` answers each, ``--max_new_tokens``,
-temperature 1, the same seeds, the same model (``--model``, default the bundled tiny Llama with random weights,
-so every answer runs to ``max_new_tokens`` and the work is the same in every configuration):
+The same prompts (the bundled task's, ``--prompts`` of them), ``--samples`` answers each,
+``--max_new_tokens``, temperature 1, the same seeds, the same model (``--model``, default the bundled tiny
+Llama with random weights, so every answer runs to ``max_new_tokens`` and the work is the same in every
+configuration):
 
 - ``single``: ``HFGenerateEngine`` in this process, torch threads = the machine's cores;
 - ``pool 1×C``: one rollout actor with all the cores;

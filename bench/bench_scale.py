@@ -60,8 +60,8 @@ def child_dpo_ray(args) -> dict:
 
     cfg = DPOConfig(model_name_or_path=args.model, dataset_name=args.data, dataset_test_split=None,
                     output_dir=args.workdir, per_device_train_batch_size=8, max_steps=1, logging_steps=1,
-                    save_strategy="no", eval_strategy="no", report_to=[], bf16=False, gradient_checkpointing=False,
-                    learning_rate=5e-4, max_length=128,
+                    save_strategy="no", eval_strategy="no", report_to=[], bf16=False,
+                    gradient_checkpointing=False, learning_rate=5e-4, max_length=128,
                     ray={"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 0.5},
                          "torch_threads": 1})
     first = _first_row_watch(Path(args.workdir) / "metrics.jsonl")
@@ -87,7 +87,8 @@ def child_trl(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     t_load = time.perf_counter()
-    ds = load_dataset("json", data_files=args.data, split="train", cache_dir=str(Path(args.workdir) / "hf_cache"))
+    ds = load_dataset("json", data_files=args.data, split="train",
+                      cache_dir=str(Path(args.workdir) / "hf_cache"))
     cfg = DPOConfig(output_dir=args.workdir, per_device_train_batch_size=16, max_steps=1, logging_steps=1,
                     save_strategy="no", report_to=[], bf16=False, gradient_checkpointing=False, use_cpu=True,
                     disable_tqdm=True, learning_rate=5e-4, max_length=128, beta=0.1)
@@ -117,7 +118,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(res))
         return
 
-    print(f"DeepSpeed ops ready in {warm_deepspeed_ops():.1f}s (built once, outside the timed runs)", flush=True)
+    print(f"DeepSpeed ops ready in {warm_deepspeed_ops():.1f}s (built once, outside the timed runs)",
+          flush=True)
     work = Path(args.workdir)
     model = save_tiny_model(work / "model")
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -126,18 +128,20 @@ def main() -> None:
         t0 = time.perf_counter()
         data = generated_pairs(work / f"pairs_{n}" / "train.jsonl", n)
         size_mib = data.stat().st_size / 2**20
-        print(f"{n} pairs: {size_mib:.1f} MiB of JSON Lines ({time.perf_counter() - t0:.1f}s to generate)", flush=True)
+        print(f"{n} pairs: {size_mib:.1f} MiB of JSON Lines ({time.perf_counter() - t0:.1f}s to generate)",
+              flush=True)
         for rep in range(args.repeats):
             for kind in ("dpo_ray", "trl"):
                 if kind == "trl" and n > args.trl_max:
                     continue
                 out = work / f"{kind}_{n}.json"
-                child = [__file__, "--child", kind, "--model", str(model), "--data", str(data), "--out", str(out),
-                         "--workdir", str(work / f"run_{kind}_{n}")]
+                child = [__file__, "--child", kind, "--model", str(model), "--data", str(data), "--out",
+                         str(out), "--workdir", str(work / f"run_{kind}_{n}")]
                 res = run_child(child, out, args.timeout, log=work / f"{kind}_{n}_{rep}.log")
                 res["data_mib"] = size_mib
                 runs[kind].setdefault(n, []).append(res)
-                msg = res.get("error") or f"first step {res['first_step_s']:.1f}s, PSS {res['peak_pss_mib']:.0f} MiB"
+                msg = res.get("error") or (
+                    f"first step {res['first_step_s']:.1f}s, PSS {res['peak_pss_mib']:.0f} MiB")
                 print(f"[{rep}] {kind} {n}: {msg}", flush=True)
 
     summary: dict[str, dict[int, dict]] = {"dpo_ray": {}, "trl": {}}
@@ -172,8 +176,8 @@ def main() -> None:
                      (t["first_step_s"] if t else "-"), (t["peak_pss_mib"] if t else "-"),
                      "" if t is None or t["measured"] else "TRL extrapolated"])
     print("\ntime to first optimizer step (process start -> end of step 1) and peak PSS of the process tree")
-    print(table(["pairs", "dpo_ray first step s", "dpo_ray peak PSS MiB", "TRL first step s", "TRL peak PSS MiB",
-                 "note"], rows))
+    print(table(["pairs", "dpo_ray first step s", "dpo_ray peak PSS MiB", "TRL first step s",
+                 "TRL peak PSS MiB", "note"], rows))
     path = write_result(args.name, {"machine": machine(), "versions": versions(), "args": vars(args),
                                     "summary": summary, "runs": runs})
     print(f"wrote {path}")

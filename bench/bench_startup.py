@@ -38,13 +38,14 @@ COMMANDS = {
 # What dpo_ray itself prints on a run's console (driver and rank 0); anything else is chatter.
 OURS = re.compile(r"^(\S+ )?(\x1b\[\d+m)?(\(RayTrainWorker pid=\d+\)(\x1b\[0m)? )?"
                   r"(dpo-ray|reference: |  (train|eval): |== |  [a-z_/]+ +[-0-9.e+na]+$|  data: |  outputs: |"
-                  r"  start-up |  throughput: |\[#*-*\] step|step \d+/\d+ \||prefix sharing |length bucketing |resumed from)")
+                  r"  start-up |  throughput: |\[#*-*\] step|step \d+/\d+ \||prefix sharing |"
+                  r"length bucketing |resumed from)")
 
 
 def run(name: str, quiet: bool, work: Path, timeout: float, extra_env: dict[str, str] | None = None) -> dict:
     out = work / f"{name}_{'quiet' if quiet else 'all'}"
-    env = {**os.environ, **CHILD_ENV, "DPO_RAY_RAY_LOGS": "quiet" if quiet else "all", "PYTHONUNBUFFERED": "1",
-           **(extra_env or {})}
+    env = {**os.environ, **CHILD_ENV, "DPO_RAY_RAY_LOGS": "quiet" if quiet else "all",
+           "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "dpo_ray", "train", "--output_dir", str(out), "--overwrite_output_dir",
            *COMMANDS[name]]
@@ -87,7 +88,8 @@ def main() -> None:
                 runs[key].append(r)
                 first = r["startup"].get("first step", float("nan"))
                 print(f"[{rep}] {key}: rc {r['rc']}, first step {first:.1f}s, wall {r['wall_s']:.1f}s, "
-                      f"PSS {r['peak_pss_mib']:.0f} MiB, console {r['useful']}/{r['lines']} lines useful", flush=True)
+                      f"PSS {r['peak_pss_mib']:.0f} MiB, console {r['useful']}/{r['lines']} lines useful",
+                      flush=True)
                 if args.by_process:
                     for title, v in r["peak_pss_by_process"].items():
                         print(f"      {v['mib']:6d} MiB  {v['n']:2d} x {title}")
@@ -100,15 +102,16 @@ def main() -> None:
             rows.append([key, "failed"] + [""] * 5)
             continue
         s = {"first_step_s": median([r["startup"].get("first step") for r in ok]),
-             "wall_s": median([r["wall_s"] for r in ok]), "peak_pss_mib": median([r["peak_pss_mib"] for r in ok]),
+             "wall_s": median([r["wall_s"] for r in ok]),
+             "peak_pss_mib": median([r["peak_pss_mib"] for r in ok]),
              "useful_fraction": median([r["useful"] / r["lines"] for r in ok]),
              "lines": median([r["lines"] for r in ok]),
              "stages": {st: median([r["startup"].get(st) for r in ok]) for st in stages}}
         summary[key] = s
         rows.append([key, s["first_step_s"], s["wall_s"], s["peak_pss_mib"], s["lines"],
                      f"{s['useful_fraction']:.0%}"])
-    print(table(["command/console", "first step s (from the command)", "wall s", "peak PSS MiB", "console lines",
-                 "useful"], rows))
+    print(table(["command/console", "first step s (from the command)", "wall s", "peak PSS MiB",
+                 "console lines", "useful"], rows))
     timeline_rows = [[st] + [f"{summary[k]['stages'][st]:.1f}" if k in summary else "" for k in runs if
                              k.endswith("/quiet")] for st in stages]
     print(table(["stage ends at (s)"] + [k for k in runs if k.endswith("/quiet")], timeline_rows))

@@ -1,4 +1,5 @@
-"""Wall time of an N-trial sweep whose trials share one reference pass vs N independent runs (each its own pass).
+"""Wall time of an N-trial sweep whose trials share one reference pass vs N independent runs (each its own
+pass).
 
 Both sides are the same Ray Tune sweep (dpo_ray.sweep.run_sweep) over ``beta`` with N values, the same trials
 (bundled task, tiny Llama, 1 worker each), the same concurrency and resources; the only difference is
@@ -25,10 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CHILD_ENV, RESULTS, machine, versions, warm_deepspeed_ops  # noqa: E402
 
-TRIAL = dict(max_steps=8, per_device_train_batch_size=8, per_device_eval_batch_size=16, max_train_samples=3000,
-             max_eval_samples=64, eval_fraction=0.1, logging_steps=2, eval_strategy="steps", eval_steps=8,
-             save_strategy="no", report_to=[], max_length=64, bf16=False, gradient_checkpointing=False,
-             ray={"num_workers": 1, "resources_per_worker": {"CPU": 0.25}},
+TRIAL = dict(max_steps=8, per_device_train_batch_size=8, per_device_eval_batch_size=16,
+             max_train_samples=3000, max_eval_samples=64, eval_fraction=0.1, logging_steps=2,
+             eval_strategy="steps", eval_steps=8, save_strategy="no", report_to=[], max_length=64, bf16=False,
+             gradient_checkpointing=False, ray={"num_workers": 1, "resources_per_worker": {"CPU": 0.25}},
              reference={"num_cpus": 0.5, "batch_size": 32})
 
 
@@ -55,7 +56,8 @@ def run_side(n: int, shared: bool, concurrency: int) -> dict:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
-            raise RuntimeError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -80,18 +82,21 @@ def main() -> None:
         for r in range(a.rounds):
             for shared in ((True, False) if r % 2 == 0 else (False, True)):
                 runs[shared].append(run_side(n, shared, a.concurrency))
-                print(f"N={n} round {r + 1} {'shared' if shared else 'independent'}: {runs[shared][-1]}", flush=True)
+                print(f"N={n} round {r + 1} {'shared' if shared else 'independent'}: {runs[shared][-1]}",
+                      flush=True)
         med = {k: statistics.median(x["wall_s"] for x in v) for k, v in runs.items()}
         ratio = med[True] / med[False]
-        print(f"N={n}: shared {med[True]:.1f} s, independent {med[False]:.1f} s (medians of {a.rounds}), ratio "
-              f"{ratio:.2f} (reference rows scored: {runs[True][0]['reference_rows_scored']} vs "
+        print(f"N={n}: shared {med[True]:.1f} s, independent {med[False]:.1f} s (medians of {a.rounds}), "
+              f"ratio {ratio:.2f} (reference rows scored: {runs[True][0]['reference_rows_scored']} vs "
               f"{runs[False][0]['reference_rows_scored']})", flush=True)
-        results.append({"n": n, "shared": runs[True], "independent": runs[False], "median_shared_s": med[True],
-                        "median_independent_s": med[False], "ratio": round(ratio, 3)})
+        results.append({"n": n, "shared": runs[True], "independent": runs[False],
+                        "median_shared_s": med[True], "median_independent_s": med[False],
+                        "ratio": round(ratio, 3)})
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "sweep.json"  # results for other N from earlier runs are kept
     earlier = json.loads(path.read_text()).get("results", []) if path.exists() else []
-    results = sorted([r for r in earlier if r["n"] not in {x["n"] for x in results}] + results, key=lambda r: r["n"])
+    results = sorted([r for r in earlier if r["n"] not in {x["n"] for x in results}] + results,
+                     key=lambda r: r["n"])
     path.write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), "trial": TRIAL, "concurrency": a.concurrency, "results": results,
          "machine": machine(), "versions": versions()}, indent=1, default=str))

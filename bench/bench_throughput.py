@@ -1,10 +1,11 @@
 """dpo_ray against TRL's DPOTrainer: same tiny model, data, hyper-parameters and CPU cores.
 
 Both load the tiny Llama dpo_ray builds by default, saved once to a directory (TRL also gets an explicit
-``ref_model`` loaded from it: TRL otherwise reloads the reference from the hub by name), and train one epoch over the first ``--pairs`` rows of the
-bundled train.jsonl with a global batch of ``--batch`` pairs, sigmoid loss, β 0.1, linear LR from
-``--lr``, fp32, no gradient checkpointing, seed 42, logging every step. Configurations, each in its own
-process, alternated (A B C A B C ...) ``--repeats`` times because the 2 cores are shared:
+``ref_model`` loaded from it: TRL otherwise reloads the reference from the hub by name), and train one epoch
+over the first ``--pairs`` rows of the bundled train.jsonl with a global batch of ``--batch`` pairs, sigmoid
+loss, β 0.1, linear LR from ``--lr``, fp32, no gradient checkpointing, seed 42, logging every step.
+Configurations, each in its own process, alternated (A B C A B C ...) ``--repeats`` times because the 2 cores
+are shared:
 
   dpo_ray 2w×1t  2 Ray Train workers × 1 torch thread, reference actor pool (the default source)
   dpo_ray 1w×2t  1 worker × 2 threads (same global batch, same data order as trl below)
@@ -17,7 +18,8 @@ Loss agreement: dpo_ray 1w×2t and trl see the same batches in the same order (t
 the order dpo_ray's seeded pool shuffle produces, then read sequentially), so their per-step losses
 must agree; 2w×1t shards the data differently, so only its smoothed curve is compared.
 
-    python bench/bench_throughput.py [--pairs 1024] [--batch 16] [--repeats 3] [--configs dpo_ray_2w1t,dpo_ray_1w2t,trl]
+    python bench/bench_throughput.py [--pairs 1024] [--batch 16] [--repeats 3]
+        [--configs dpo_ray_2w1t,dpo_ray_1w2t,trl]
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ CONFIGS = {
     "dpo_ray_1w2t": {"kind": "dpo_ray", "workers": 1, "threads": 2},
     "dpo_ray_1w1t": {"kind": "dpo_ray", "workers": 1, "threads": 1},
     "dpo_ray_1w": {"kind": "dpo_ray", "workers": 1, "threads": 0},  # threads 0: the worker's own default
-    "dpo_ray_2w": {"kind": "dpo_ray", "workers": 2, "threads": 0},  # ray.num_workers' default, nothing else set
+    # ray.num_workers' default, nothing else set
+    "dpo_ray_2w": {"kind": "dpo_ray", "workers": 2, "threads": 0},
     "trl": {"kind": "trl", "workers": 1, "threads": 2},
 }
 # "+name" suffixes on a dpo_ray config name add DPOConfig keys (e.g. dpo_ray_1w2t+local+bucket)
@@ -80,7 +83,8 @@ def child_dpo_ray(args) -> dict:
                "resources_per_worker": {"CPU": 1, "GPU": 1} if args.gpu else {"CPU": 0.5}}
     if args.threads:
         ray_cfg["torch_threads"] = args.threads
-    ray_cfg.update(extra.pop("ray", {}))  # e.g. {"resources_per_worker": {"CPU": 1, "GPU": 0.5}} (gpu_check.py)
+    # e.g. {"resources_per_worker": {"CPU": 1, "GPU": 0.5}} (gpu_check.py)
+    ray_cfg.update(extra.pop("ray", {}))
     settings = dict(
         model_name_or_path=args.model, dataset_name=args.data, dataset_test_split=None,
         output_dir=args.workdir, overwrite_output_dir=True,  # repeats reuse run_<name>
@@ -172,7 +176,8 @@ def child_trl(args) -> dict:
         gradient_checkpointing=False, use_cpu=not args.gpu, disable_tqdm=True, dataloader_drop_last=True,
         train_sampling_strategy="sequential", warmup_steps=0, **hp,
     )
-    kw.update(json.loads(args.trl_extra) if args.trl_extra else {})  # e.g. TRL's default gradient checkpointing
+    # e.g. TRL's default gradient checkpointing
+    kw.update(json.loads(args.trl_extra) if args.trl_extra else {})
     cfg = DPOConfig(**kw)
     t0 = time.perf_counter()
     trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=ds, processing_class=tok,
@@ -220,12 +225,14 @@ def main() -> None:
     ap.add_argument("--trl_extra", default="", help="JSON of TRL DPOConfig keys overriding the TRL child's")
     ap.add_argument("--model_dir", help="a saved model directory to use instead of the tiny Llama")
     ap.add_argument("--data_file", help="a JSON Lines file to use instead of the bundled subset")
-    ap.add_argument("--long_pairs", metavar="MIN,MAX", help="generate --pairs bundled-task pairs of MIN..MAX "
-                    "tokens per sequence (prompt about as long as the completion) instead of the bundled subset")
+    ap.add_argument("--long_pairs", metavar="MIN,MAX",
+                    help="generate --pairs bundled-task pairs of MIN..MAX tokens per sequence (prompt about "
+                    "as long as the completion) instead of the bundled subset")
     ap.add_argument("--gpu", action="store_true", help="one GPU per trainer process, bf16 (bench_gpu.py)")
     ap.add_argument("--code", action="append", default=[], metavar="LABEL=DIR",
-                    help="a config name ending in @LABEL runs dpo_ray from DIR (another checkout, e.g. `git worktree "
-                         "add DIR <commit>`): a change measured against the code before it, alternated in one run")
+                    help="a config name ending in @LABEL runs dpo_ray from DIR (another checkout, e.g. `git "
+                         "worktree add DIR <commit>`): a change measured against the code before it, "
+                         "alternated in one run")
     # child mode
     ap.add_argument("--child", choices=["dpo_ray", "trl"])
     ap.add_argument("--model")
@@ -241,7 +248,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(res))
         return
 
-    print(f"DeepSpeed ops ready in {warm_deepspeed_ops():.1f}s (built once, outside the timed runs)", flush=True)
+    print(f"DeepSpeed ops ready in {warm_deepspeed_ops():.1f}s (built once, outside the timed runs)",
+          flush=True)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     model = Path(args.model_dir) if args.model_dir else save_tiny_model(work / "model")
@@ -251,7 +259,8 @@ def main() -> None:
         lo, hi = (int(x) for x in args.long_pairs.split(","))
         data = long_pairs(work / "data" / f"long_{lo}_{hi}_{args.pairs}.jsonl", args.pairs, lo, hi)
     else:
-        data = Path(args.data_file) if args.data_file else bundled_subset(work / "data" / "train.jsonl", args.pairs)
+        data = (Path(args.data_file) if args.data_file
+                else bundled_subset(work / "data" / "train.jsonl", args.pairs))
     names = args.configs.split(",")
     runs: dict[str, list[dict]] = {n: [] for n in names}
     code = dict(kv.split("=", 1) for kv in args.code)
@@ -312,7 +321,8 @@ def main() -> None:
         n = min(args.loss_steps, len(base["losses"]), len(other["losses"]))
         a, b = base["losses"][:n], other["losses"][:n]
         summary[name]["max_abs_dloss"] = max(abs(x - y) for x, y in zip(a, b))
-        summary[name]["max_abs_dloss_smooth10"] = max(abs(x - y) for x, y in zip(smooth(a, 10), smooth(b, 10)))
+        summary[name]["max_abs_dloss_smooth10"] = max(
+            abs(x - y) for x, y in zip(smooth(a, 10), smooth(b, 10)))
         summary[name]["loss_steps_compared"] = n
         summary[name]["speedup_vs_trl"] = summary[name]["steady_pairs_s"] / summary["trl"]["steady_pairs_s"]
         summary[name]["pss_vs_trl"] = summary[name]["peak_pss_mib"] / summary["trl"]["peak_pss_mib"]
@@ -326,9 +336,11 @@ def main() -> None:
         if "error" in s:
             rows.append([name, "failed"] + [""] * (len(headers) - 2))
             continue
-        rows.append([name, s["steady_pairs_s"], s["steady_tokens_s"], s.get("speedup_vs_trl", 1.0 if name == "trl" else "-"),
-                     s["first_step_s"], s["first_step_from_start_s"], s["process_wall_s"], s["peak_pss_mib"], s["peak_rss_mib"],
-                     f"{s['max_abs_dloss']:.2e} ({s['loss_steps_compared']})" if "max_abs_dloss" in s else "-",
+        rows.append([name, s["steady_pairs_s"], s["steady_tokens_s"],
+                     s.get("speedup_vs_trl", 1.0 if name == "trl" else "-"), s["first_step_s"],
+                     s["first_step_from_start_s"], s["process_wall_s"], s["peak_pss_mib"], s["peak_rss_mib"],
+                     f"{s['max_abs_dloss']:.2e} ({s['loss_steps_compared']})" if "max_abs_dloss" in s
+                     else "-",
                      f"{s['max_abs_dloss_smooth10']:.2e}" if "max_abs_dloss_smooth10" in s else "-"])
     print(f"\n{args.pairs} bundled pairs, global batch {args.batch}, max_length {args.max_length}, "
           f"{tokens_per_pair:.1f} tokens/pair, medians of {args.repeats} alternating runs")

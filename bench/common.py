@@ -120,7 +120,8 @@ class TreeMemory:
 
         self.root = psutil.Process(pid)
         self.interval = interval
-        self.stop_above = stop_above_mib * 2**20 if stop_above_mib else None  # one process's PSS: kill the tree
+        # one process's PSS: kill the tree
+        self.stop_above = stop_above_mib * 2**20 if stop_above_mib else None
         self.stopped_above: float | None = None  # MiB the largest process had reached when it was stopped
         self.peak_rss = 0
         self.peak_pss = 0
@@ -138,7 +139,8 @@ class TreeMemory:
         except psutil.Error:
             return
         rss = pss = 0
-        by_name: dict[str, list[int]] = {}  # process title (argv[0]; a path's file name) -> each one's PSS, bytes
+        # process title (argv[0]; a path's file name) -> each one's PSS, bytes
+        by_name: dict[str, list[int]] = {}
         for p in procs:
             try:
                 info = p.memory_full_info()
@@ -148,7 +150,8 @@ class TreeMemory:
             p_pss = getattr(info, "pss", info.rss)
             rss += info.rss
             pss += p_pss
-            by_name.setdefault(os.path.basename(title) if title.startswith("/") else title[:60], []).append(p_pss)
+            by_name.setdefault(os.path.basename(title) if title.startswith("/") else title[:60],
+                               []).append(p_pss)
         if pss > self.peak_pss:
             self.peak_breakdown = by_name
         largest = max((max(v) for v in by_name.values()), default=0)
@@ -193,7 +196,8 @@ def run_child(args: list[str], out_json: Path, timeout: float, env: dict[str, st
     without risking the machine); the result then says ``stopped_above_mib``."""
     out_json.unlink(missing_ok=True)
     full_env = {**os.environ, **CHILD_ENV, **(env or {})}
-    # this repo's bench helpers importable; a PYTHONPATH given in ``env`` (another checkout's dpo_ray) comes first
+    # this repo's bench helpers importable; a PYTHONPATH given
+    # in ``env`` (another checkout's dpo_ray) comes first
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [(env or {}).get("PYTHONPATH"), str(REPO),
                                                            os.environ.get("PYTHONPATH")]))
     log_f = open(log, "w") if log else subprocess.DEVNULL

@@ -59,12 +59,12 @@ PEAK_BF16_TFLOPS = {
     "RTX 6000 Ada": 364.0, "V100": 125.0, "T4": 65.0,
 }
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                 tie_word_embeddings=True, vocab_size=151936)
+                 num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1_000_000.0,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=151936)
 # the dry run's stand-in: the same architecture, tiny
 QWEN2_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                  tie_word_embeddings=True)
+                  num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1_000_000.0,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True)
 CONFIGS = ("trl", "dpo_ray", "dpo_ray+local", "dpo_ray+local+noshare")
 QLORA_TEST = "tests/test_peft_moe.py::test_qlora_on_gpu"
 
@@ -187,7 +187,8 @@ def tokens_per_pair(data: Path, model: Path, max_length: int) -> float:
 
     rows = [json.loads(ln) for ln in data.read_text().splitlines() if ln.strip()]
     cols = tokenize_rows(rows, load_tokenizer(str(model)), DPOConfig(max_length=max_length))
-    return (sum(len(x) for x in cols["chosen_input_ids"]) + sum(len(x) for x in cols["rejected_input_ids"])) / len(rows)
+    return (sum(len(x) for x in cols["chosen_input_ids"])
+            + sum(len(x) for x in cols["rejected_input_ids"])) / len(rows)
 
 
 def dpo_ray_extra(name: str, gpus: int, dry: bool) -> dict:
@@ -200,7 +201,9 @@ def dpo_ray_extra(name: str, gpus: int, dry: bool) -> dict:
     elif dry:
         extra["reference"] = {"source": "actor", "num_gpus": 0, "num_cpus": 0.5}
         extra["ray"] = {"resources_per_worker": {"CPU": 0.5}}
-    else:  # the actor beside the policy: half the GPU each on a one-GPU machine, a GPU each where there are more
+    else:
+        # the actor beside the policy: half the GPU each on a one-GPU machine,
+        # a GPU each where there are more
         share = 0.5 if gpus < 2 else 1
         extra["reference"] = {"source": "actor", "num_gpus": share, "num_cpus": 1}
         extra["ray"] = {"resources_per_worker": {"CPU": 1, "GPU": share}}
@@ -211,7 +214,8 @@ def dpo_ray_extra(name: str, gpus: int, dry: bool) -> dict:
 
 def stage_throughput(args, dry: bool, env: dict[str, str], work: Path, device_name: str) -> dict:
     gpus = 0 if dry else __import__("torch").cuda.device_count()
-    model = save_model(work / ("qwen2_tiny" if dry else "qwen2_0.5b_random"), QWEN2_TINY if dry else QWEN2_05B)
+    model = save_model(work / ("qwen2_tiny" if dry else "qwen2_0.5b_random"),
+                       QWEN2_TINY if dry else QWEN2_05B)
     pairs = args.batch * args.steps
     data = skewed_pairs(work / "data" / f"skewed_{args.min_tokens}_{args.max_tokens}_{pairs}.jsonl", pairs,
                         args.min_tokens, args.max_tokens)
@@ -230,9 +234,10 @@ def stage_throughput(args, dry: bool, env: dict[str, str], work: Path, device_na
             continue
         kind = "trl" if name == "trl" else "dpo_ray"
         out = work / f"{name}.json"
-        shutil.rmtree(work / f"run_{name}", ignore_errors=True)  # a fresh output_dir (dpo_ray refuses to reuse one)
-        child = [str(BENCH / "bench_throughput.py"), "--child", kind, "--model", str(model), "--data", str(data),
-                 "--workers", "1", "--threads", "2" if dry else "0", "--out", str(out),
+        # a fresh output_dir (dpo_ray refuses to reuse one)
+        shutil.rmtree(work / f"run_{name}", ignore_errors=True)
+        child = [str(BENCH / "bench_throughput.py"), "--child", kind, "--model", str(model), "--data",
+                 str(data), "--workers", "1", "--threads", "2" if dry else "0", "--out", str(out),
                  "--workdir", str(work / f"run_{name}"), "--batch", str(args.batch), "--epochs", "1",
                  "--lr", str(args.lr), "--max_length", str(max_length),
                  "--dpo_ray_extra", json.dumps(dpo_ray_extra(name, gpus, dry) if kind == "dpo_ray" else {})]
@@ -246,7 +251,8 @@ def stage_throughput(args, dry: bool, env: dict[str, str], work: Path, device_na
             print(f"{name}: FAILED ({res['error']})\n{res.get('log_tail', '')}", file=sys.stderr, flush=True)
         else:
             res["steady_pairs_s"] = steady_rate(res["step_times"], args.batch, args.warmup)
-            print(f"{name}: {res['steady_pairs_s']:.2f} pairs/s, wall {res['process_wall_s']:.0f} s", flush=True)
+            print(f"{name}: {res['steady_pairs_s']:.2f} pairs/s, wall {res['process_wall_s']:.0f} s",
+                  flush=True)
         runs[name] = res
     summary = {}
     base = runs.get("trl") if "error" not in runs.get("trl", {"error": 1}) else None
@@ -257,12 +263,14 @@ def stage_throughput(args, dry: bool, env: dict[str, str], work: Path, device_na
         rate = res["steady_pairs_s"]
         s = {"pairs_s": rate, "tokens_s": rate * tpp,
              "mfu": rate * flops_per_pair / (peak * 1e12) if peak else None,
-             "gpu_used_peak_mib": res["gpu_used_peak_mib"], "gpu_alloc_peak_mib": res.get("gpu_peak_mib") or None,
+             "gpu_used_peak_mib": res["gpu_used_peak_mib"],
+             "gpu_alloc_peak_mib": res.get("gpu_peak_mib") or None,
              "peak_pss_mib": res["peak_pss_mib"], "process_wall_s": res["process_wall_s"],
              "first_step_s": res["first_step_s"], "steps": len(res["losses"])}
         if base is not None and name != "trl":
             n = min(len(base["losses"]), len(res["losses"]))
-            s["max_abs_dloss"] = max(abs(a - b) for a, b in zip(base["losses"][:n], res["losses"][:n])) if n else None
+            s["max_abs_dloss"] = (max(abs(a - b) for a, b in zip(base["losses"][:n], res["losses"][:n])) if n
+                                  else None)
             s["loss_steps_compared"] = n
             s["x_trl_pairs_s"] = rate / base["steady_pairs_s"]
             mem_key = "gpu_used_peak_mib" if not dry else "peak_pss_mib"
@@ -280,16 +288,17 @@ def stage_throughput(args, dry: bool, env: dict[str, str], work: Path, device_na
         if "error" in s:
             rows.append([name, "failed: " + s["error"]] + [""] * 7)
             continue
-        rows.append([name, f(s["pairs_s"]), f(s["tokens_s"], "{:.0f}"), f(s.get("x_trl_pairs_s", 1.0 if name == "trl" else None)),
+        rows.append([name, f(s["pairs_s"]), f(s["tokens_s"], "{:.0f}"),
+                     f(s.get("x_trl_pairs_s", 1.0 if name == "trl" else None)),
                      f(s["mfu"], "{:.1%}") if s["mfu"] is not None else "n/a",
                      f(s["peak_pss_mib"] if dry else s["gpu_used_peak_mib"], "{:.0f}"),
                      f(s["gpu_alloc_peak_mib"], "{:.0f}"), f(s.get("max_abs_dloss"), "{:.2e}"),
                      f(s["process_wall_s"], "{:.0f}")])
-    print(f"\n{'DRY RUN (CPU, tiny Qwen2 shape, fp32): not GPU numbers' if dry else device_name}: {pairs} pairs, "
-          f"batch {args.batch}, {tpp:.0f} tokens/pair (skewed {args.min_tokens}..{args.max_tokens} per sequence), "
-          f"N = {n_params / 1e6:.1f} M, peak {peak or 'unknown'} TFLOP/s")
-    print(table(["config", "pairs/s", "tokens/s", "× TRL", "MFU", mem_col, "alloc peak MiB", "max |Δloss|", "wall s"],
-                rows))
+    print(f"\n{'DRY RUN (CPU, tiny Qwen2 shape, fp32): not GPU numbers' if dry else device_name}: {pairs} "
+          f"pairs, batch {args.batch}, {tpp:.0f} tokens/pair (skewed {args.min_tokens}..{args.max_tokens} "
+          f"per sequence), N = {n_params / 1e6:.1f} M, peak {peak or 'unknown'} TFLOP/s")
+    print(table(["config", "pairs/s", "tokens/s", "× TRL", "MFU", mem_col, "alloc peak MiB", "max |Δloss|",
+                 "wall s"], rows))
     goals = {}
     d, t = summary.get("dpo_ray", {}), summary.get("trl", {})
     if "pairs_s" in d and "pairs_s" in t:
@@ -298,9 +307,9 @@ def stage_throughput(args, dry: bool, env: dict[str, str], work: Path, device_na
             goals["peak_memory_le_trl"] = {"value": d["memory_vs_trl"], "met": d["memory_vs_trl"] <= 1.0}
         print("goals (dpo_ray defaults vs TRL):", json.dumps(goals))
     ok = all("error" not in summary[n] for n in names)
-    return {"ok": ok, "model": str(model), "shape": QWEN2_TINY if dry else QWEN2_05B, "n_flop_params": n_params,
-            "tokens_per_pair": tpp, "pairs": pairs, "batch": args.batch, "peak_tflops": peak,
-            "flops_per_pair": flops_per_pair, "summary": summary, "goals": goals,
+    return {"ok": ok, "model": str(model), "shape": QWEN2_TINY if dry else QWEN2_05B,
+            "n_flop_params": n_params, "tokens_per_pair": tpp, "pairs": pairs, "batch": args.batch,
+            "peak_tflops": peak, "flops_per_pair": flops_per_pair, "summary": summary, "goals": goals,
             "runs": {k: {kk: vv for kk, vv in v.items() if kk != "log_tail"} for k, v in runs.items()}}
 
 
@@ -313,12 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tests_k", default="", help="pytest -k expression for the tests stage")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration (GPU 24, dry 4)")
-    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the steady rate (GPU 4, dry 1)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="optimizer steps per configuration (GPU 24, dry 4)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="steps left out of the steady rate (GPU 4, dry 1)")
     ap.add_argument("--min_tokens", type=int, default=None, help="shortest sequence (GPU 64, dry 16)")
     ap.add_argument("--max_tokens", type=int, default=None, help="longest sequence (GPU 1024, dry 64)")
     ap.add_argument("--lr", type=float, default=5e-7)
-    ap.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
+    ap.add_argument("--peak_tflops", type=float, default=None,
+                    help="the GPU's dense bf16 peak, if not in the table")
     ap.add_argument("--budget_s", type=float, default=480.0, help="stop starting configurations after this")
     ap.add_argument("--child_timeout", type=float, default=300.0)
     ap.add_argument("--workdir", default="/tmp/dpo_ray_bench/gpu_check")
@@ -335,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, key, dry_v if dry else gpu_v)
     device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
     why = "--dry" if args.dry else ("no CUDA device" if not cuda else "")
-    print(f"gpu_check: {'DRY RUN on the CPU (' + why + '): fp32, gloo, tiny model' if dry else device_name + ': bf16, nccl'}",
+    print(f"""gpu_check: {'DRY RUN on the CPU (' + why + '): fp32, gloo, tiny model' if dry
+                          else device_name + ': bf16, nccl'}""",
           flush=True)
     # What the children add to this environment (never replace it: a compiler needs PATH, caches need HOME).
     # DeepSpeed's ops are built first, once, where dpo_ray's workers look for them, and never half-built

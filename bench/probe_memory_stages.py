@@ -1,8 +1,8 @@
 """Where a policy step's memory goes, stage by stage, in one process (a diagnostic for bench_long_context.py).
 
-One pair of L tokens (the prompt half of it), the policy only (no optimizer, no reference), fp32, peak RSS after:
-the first-batch prefix-sharing check, the forward, the backward. ``--tiny``: a tiny Llama instead of SmolLM2,
-with ``--layout off|dense`` (the standard layout, or packed pairs under the dense 4-D mask).
+One pair of L tokens (the prompt half of it), the policy only (no optimizer, no reference), fp32, peak RSS
+after: the first-batch prefix-sharing check, the forward, the backward. ``--tiny``: a tiny Llama instead of
+SmolLM2, with ``--layout off|dense`` (the standard layout, or packed pairs under the dense 4-D mask).
 
     .venv/bin/python bench/probe_memory_stages.py --length 2048 --gc            # SmolLM2 (scripts/smollm2.py)
     .venv/bin/python bench/probe_memory_stages.py --tiny --length 4096 --layout dense
@@ -28,7 +28,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing")
-    ap.add_argument("--tiny", action="store_true", help="a tiny Llama (8 layers, hidden 64) instead of SmolLM2")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a tiny Llama (8 layers, hidden 64) instead of SmolLM2")
     ap.add_argument("--layout", choices=["auto", "off", "dense"], default="auto",
                     help="auto: prefix sharing's own first-batch decision; off / dense: forced")
     args = ap.parse_args()
@@ -40,8 +41,8 @@ def main() -> int:
     torch.set_num_threads(2)
     if args.tiny:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                                             max_position_embeddings=4 * args.length))
+                                             num_hidden_layers=8, num_attention_heads=8,
+                                             num_key_value_heads=2, max_position_embeddings=4 * args.length))
     else:
         import smollm2
 

@@ -1,13 +1,14 @@
 """Peak memory of one SDPA call under prefix sharing's mask against a causal one, a fresh process per cell (a
-diagnostic for bench_long_context.py): SmolLM2's attention shape (9 query heads, 3 key/value heads, head dim 64),
-fp32, one thread; the mask is a lower triangle of the packed row's length S. Modes:
+diagnostic for bench_long_context.py): SmolLM2's attention shape (9 query heads, 3 key/value heads, head dim
+64), fp32, one thread; the mask is a lower triangle of the packed row's length S. Modes:
 
 - ``causal``: ``is_causal=True``, GQA in the kernel, forward + backward;
 - ``mask``: the boolean mask, GQA in the kernel, forward + backward;
-- ``repeat-bool`` / ``repeat-float``: as transformers calls SDPA with a mask (key/value repeated to 9 heads, no
-  ``enable_gqa``), the boolean or an additive float mask, forward only.
+- ``repeat-bool`` / ``repeat-float``: as transformers calls SDPA with a mask (key/value repeated to 9 heads,
+  no ``enable_gqa``), the boolean or an additive float mask, forward only.
 
-    for S in 6144 12288; do for m in causal mask; do .venv/bin/python bench/probe_sdpa_mask.py $S $m; done; done
+    for S in 6144 12288; do for m in causal mask; do
+        .venv/bin/python bench/probe_sdpa_mask.py $S $m; done; done
     for m in repeat-bool repeat-float; do .venv/bin/python bench/probe_sdpa_mask.py 6144 $m; done
 
 Prints the peak RSS over the inputs, MiB.
@@ -40,7 +41,8 @@ def main() -> int:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if not mode.startswith("repeat"):
         out.sum().backward()
-    print(s, mode, "peak over the inputs MiB", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base))
+    print(s, mode, "peak over the inputs MiB",
+          round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base))
     return 0
 
 

@@ -35,8 +35,8 @@ QUICK = {
                   str(BENCH / "results" / "reference_quick.json")],
     "padding": ["bench_padding.py", "--pairs", "128", "--rounds", "1", "--name", "padding_quick"],
     "prefix": ["bench_prefix.py", "--pairs", "8", "--rounds", "1", "--name", "prefix_quick"],
-    "groups": ["bench_groups.py", "--groups", "4", "--length", "16", "--hidden", "64", "--layers", "1", "--rounds", "1",
-               "--name", "groups_quick"],
+    "groups": ["bench_groups.py", "--groups", "4", "--length", "16", "--hidden", "64", "--layers", "1",
+               "--rounds", "1", "--name", "groups_quick"],
     "optimizer": ["bench_optimizer.py", "--steps", "20", "--rounds", "1", "--name", "optimizer_quick"],
     "gpu": ["bench_gpu.py", "--pairs", "256", "--repeats", "1"],
 }

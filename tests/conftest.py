@@ -29,7 +29,8 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    # address "local": a private Ray even when a `ray start` head runs on this machine (another test's cluster)
+    # address "local": a private Ray even when a `ray start`
+    # head runs on this machine (another test's cluster)
     ctx = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
                    runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                                              "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})

@@ -1,6 +1,6 @@
 """Training-loop callbacks the tests use (import as ``from hooks import ...``): fault injection, a pause at a
-known step, a recorder of every hook call; and a reference host that answers late. They travel to the Ray Train
-workers and actors pickled by value: those processes cannot import this test folder."""
+known step, a recorder of every hook call; and a reference host that answers late. They travel to the Ray
+Train workers and actors pickled by value: those processes cannot import this test folder."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class KillOnce(Callback):
-    """Fault injection: the last rank exits hard at the end of optimizer step ``step``, as a lost worker would, once
-    per ``marker`` file (the worker group Ray Train restarts finds it and trains on)."""
+    """Fault injection: the last rank exits hard at the end of optimizer step ``step``, as a lost worker
+    would, once per ``marker`` file (the worker group Ray Train restarts finds it and trains on)."""
 
     def __init__(self, step: int, marker: Path):
         self.step, self.marker = step, Path(marker)
@@ -34,9 +34,9 @@ class KillOnce(Callback):
 
 
 class PauseOnce(Callback):
-    """Rank 0 stops after optimizer step ``step`` (and its checkpoint), writes ``folder/paused`` and waits (at most
-    300 s) for ``folder/go``, so a test acts at a known point; a restarted worker group finds ``paused`` and goes
-    on."""
+    """Rank 0 stops after optimizer step ``step`` (and its checkpoint), writes ``folder/paused`` and waits (at
+    most 300 s) for ``folder/go``, so a test acts at a known point; a restarted worker group finds ``paused``
+    and goes on."""
 
     def __init__(self, step: int, folder: Path):
         self.step, self.folder = step, Path(folder)
@@ -51,8 +51,8 @@ class PauseOnce(Callback):
 
 
 class Recorder(Callback):
-    """Appends one JSON line per hook call to ``folder/rank<r>.jsonl``: the hook, the step, the metric names, whether
-    the policy is in training mode, the Ray node."""
+    """Appends one JSON line per hook call to ``folder/rank<r>.jsonl``: the hook, the step, the metric names,
+    whether the policy is in training mode, the Ray node."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -87,8 +87,8 @@ class Recorder(Callback):
 
 def slow_reference(low_s: float, high_s: float) -> type:
     """A ``ReferenceModelHost`` (for ``ReferencePool.create(host_class=...)``) that sleeps a random
-    ``low_s``..``high_s`` seconds before each answer, seeded by its process id: the actors of a pool answer out of
-    order."""
+    ``low_s``..``high_s`` seconds before each answer, seeded by its process id: the actors of a pool answer
+    out of order."""
 
     class SlowReferenceHost(ReferenceModelHost):
         def logps(self, *args, **kwargs):
@@ -107,8 +107,8 @@ def word_count(prompt, response: str) -> float:
 
 
 def dying_rollout_host(marker: Path) -> type:
-    """A ``RolloutHost`` whose first ``generate`` (across every actor of the pool, once per ``marker`` file) exits
-    the actor's process hard, as a lost node would."""
+    """A ``RolloutHost`` whose first ``generate`` (across every actor of the pool, once per ``marker`` file)
+    exits the actor's process hard, as a lost node would."""
     from dpo_ray.iterate.pools import RolloutHost
 
     class DyingRolloutHost(RolloutHost):

@@ -47,10 +47,11 @@ def test_validate_says_what_each_auto_setting_will_be(capsys, monkeypatch):
     assert "workers: 2 × {'CPU': 0.5}" in plan and "length bucketing: off" in plan
     assert "prefix sharing: on where" in plan and "reference actors" not in plan
     # the bundled tiny model: 0.03 MiB of activations per token, so 1 GiB is ~39k tokens per micro-batch
-    assert "gradient checkpointing: auto: on for micro-batches whose activations pass 1 GiB (38,837+ tokens" in plan
+    assert ("gradient checkpointing: auto: on for micro-batches whose activations pass 1 GiB (38,837+ tokens"
+            in plan)
     # joining a cluster: a pool with GPUs of its own is an actor pool whatever the cluster's size
-    assert main(["validate", "--ray.address", "10.0.0.1:6379", "--reference.num_gpus", "1", "--ray.num_workers", "4",
-                 "--length_bucketing", "auto", "--prefix_sharing", "off"]) == 0
+    assert main(["validate", "--ray.address", "10.0.0.1:6379", "--reference.num_gpus", "1",
+                 "--ray.num_workers", "4", "--length_bucketing", "auto", "--prefix_sharing", "off"]) == 0
     plan = capsys.readouterr().out.split("# what the run will use")[1].split("# DeepSpeed config")[0]
     assert "reference: actor = a Ray actor pool" in plan and "[on the cluster at 10.0.0.1:6379]" in plan
     assert "reference actors: 1 × {'CPU': 0.5, 'GPU': 1.0}" in plan
@@ -71,13 +72,15 @@ def test_unknown_flag_value_errors_name_the_key(capsys):
 
 
 def test_python_m_entry_point():
-    res = subprocess.run([sys.executable, "-m", "dpo_ray", "--help"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "dpo_ray", "--help"], capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0
     for cmd in ("train", "sft", "validate", "demo", "inspect-data"):
         assert cmd in res.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "sft", "validate", "demo", "inspect-data", "sweep", "ref-store"])
+@pytest.mark.parametrize("command", ["train", "sft", "validate", "demo", "inspect-data", "sweep",
+                                     "ref-store"])
 def test_every_command_prints_its_help(command, capsys):
     """--help of each command, as a user types it (a config description with a '%' once crashed argparse)."""
     with pytest.raises(SystemExit) as done:

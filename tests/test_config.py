@@ -36,7 +36,8 @@ RULES = [
     ({"loss_type": "robust", "label_smoothing": 0.5}, "label_smoothing", "< 0.5"),
     ({"loss_type": ["sigmoid", "robust"], "label_smoothing": 0.7}, "label_smoothing", "robust"),
     ({"loss_type": "aot", "f_divergence_type": "js_divergence"}, "f_divergence_type", "aot"),
-    ({"loss_type": ["ipo", "nca_pair"], "f_divergence_type": "alpha_divergence"}, "f_divergence_type", "nca_pair"),
+    ({"loss_type": ["ipo", "nca_pair"], "f_divergence_type": "alpha_divergence"}, "f_divergence_type",
+     "nca_pair"),
     ({"loss_type": "bco_pair", "f_divergence_type": "forward_kl"}, "f_divergence_type", "bco_pair"),
     ({"f_divergence_type": "hellinger"}, "f_divergence_type", "hellinger"),
     ({"loss_type": "aot", "use_weighting": True}, "use_weighting", "aot"),
@@ -46,19 +47,21 @@ RULES = [
     ({"sync_ref_model": True, "precompute_ref_log_probs": True}, "sync_ref_model", "precomputed"),
     ({"sync_ref_model": True, "reference": {"source": "none"}}, "sync_ref_model", "'none'"),
     ({"sync_ref_model": True, "use_peft": True, "reference": {"source": "actor"}}, "sync_ref_model", "PEFT"),
-    # issue 29: these validated, then raised KeyError at the first sync
+    # These validated, then raised KeyError at the first sync
     ({"sync_ref_model": True, "use_peft": True, "reference": {"source": "local", "model_name_or_path": "/m"}},
      "sync_ref_model", "reference.model_name_or_path is a plain model"),
     ({"sync_ref_model": True, "use_peft": True, "reference": {"source": "auto", "model_name_or_path": "/m"}},
      "sync_ref_model", "without the adapter's parameters"),
-    ({"sync_ref_model": True, "use_peft": True, "reference": {"source": "local"}, "deepspeed": {"zero_stage": 3}},
+    ({"sync_ref_model": True, "use_peft": True, "reference": {"source": "local"},
+      "deepspeed": {"zero_stage": 3}},
      "sync_ref_model", "under deepspeed.zero_stage 3"),
     ({"ld_alpha": 1.5}, "ld_alpha", "[0, 1]"),
     ({"ld_alpha": -0.1}, "ld_alpha", "[0, 1]"),
     ({"rpo_alpha": -1.0}, "rpo_alpha", ">= 0"),
     ({"loss_type": "nonsense"}, "loss_type", "not a known loss"),
     ({"loss_type": []}, "loss_type", "at least one"),
-    ({"reference_free": True, "precompute_ref_log_probs": True}, "precompute_ref_log_probs", "reference-free"),
+    ({"reference_free": True, "precompute_ref_log_probs": True}, "precompute_ref_log_probs",
+     "reference-free"),
     ({"reference": {"source": "adapter_off"}}, "reference.source", "use_peft"),
     ({"use_peft": True, "reference": {"source": "ref_adapter"}}, "ref_adapter_name", "model_adapter_name"),
     ({"bf16": True, "fp16": True}, "fp16", "choose one"),
@@ -89,7 +92,8 @@ def test_the_losses_that_take_an_f_divergence_are_trls():
     """Exactly TRL 1.x's set (ipo and sigmoid_norm length-average the scores)."""
     assert {n for n, s in LOSSES.items() if s.takes_f_divergence} == {
         "sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
-    assert DPOConfig(loss_type=["ipo", "sigmoid_norm"], f_divergence_type="forward_kl").loss_type == ["ipo", "sigmoid_norm"]
+    assert (DPOConfig(loss_type=["ipo", "sigmoid_norm"], f_divergence_type="forward_kl").loss_type
+            == ["ipo", "sigmoid_norm"])
     assert DPOConfig().f_alpha_divergence_coef == 0.5  # TRL 1.x's default
 
 
@@ -110,8 +114,8 @@ def test_several_problems_reported_together():
     found = problems(beta=-1, lerning_rate=1e-5, loss_type=["exo_pair", "sigmoid"], loss_weights=[1.0],
                      ld_alpha=3.0, ray={"num_workers": 0, "colour": "red"},
                      sync_ref_model=True, precompute_ref_log_probs=True)
-    assert {k for k, _ in found} == {"beta", "lerning_rate", "ray.num_workers", "ray.colour", "label_smoothing",
-                                     "loss_weights", "ld_alpha", "sync_ref_model"}
+    assert {k for k, _ in found} == {"beta", "lerning_rate", "ray.num_workers", "ray.colour",
+                                     "label_smoothing", "loss_weights", "ld_alpha", "sync_ref_model"}
 
 
 def test_a_rule_is_not_repeated_for_a_key_with_a_field_error():
@@ -169,7 +173,8 @@ def test_yaml_and_flags_resolve_to_the_same_config(tmp_path):
                         "--per_device_train_batch_size", "4", "--ray.num_workers", "3",
                         "--ray.resources_per_worker", '{"CPU": 0.5}', "--deepspeed.zero_stage", "2"])
     assert from_file == from_flags == load_config(path)
-    assert from_flags.loss_weights == [1.0, 0.5] and from_flags.bf16 is False and from_flags.max_length is None
+    assert (from_flags.loss_weights == [1.0, 0.5] and from_flags.bf16 is False
+            and from_flags.max_length is None)
     assert from_flags.ray.resources_per_worker == {"CPU": 0.5}
 
 
@@ -255,24 +260,26 @@ def test_reference_source_auto_is_decided_by_the_cluster(overrides, nodes, expec
 
 
 def test_explicit_and_peft_sources_are_not_touched_by_auto():
-    assert DPOConfig(reference={"source": "actor"}).resolve_auto_reference(nodes=1).reference.source == "actor"
+    assert (DPOConfig(reference={"source": "actor"}).resolve_auto_reference(nodes=1).reference.source
+            == "actor")
     assert DPOConfig(use_peft=True).resolve_auto_reference(nodes=1).reference.source == "adapter_off"
 
 
 def test_tr_dpo_with_peft_and_an_in_memory_reference_model_is_refused_before_training(tmp_path):
-    # issue 29: validated, then KeyError at the first sync (the plain reference has no adapter parameters)
+    # Validated, then KeyError at the first sync (the plain reference has no adapter parameters)
     from torch import nn
 
     from dpo_ray import DPOTrainer
 
-    cfg = DPOConfig(output_dir=str(tmp_path), use_peft=True, sync_ref_model=True, reference={"source": "local"})
+    cfg = DPOConfig(output_dir=str(tmp_path), use_peft=True, sync_ref_model=True,
+                    reference={"source": "local"})
     with pytest.raises(ConfigError, match=r"sync_ref_model.*a separate ref_model= has no adapter parameters"):
         DPOTrainer(ref_model=nn.Linear(2, 2), args=cfg)
 
 
 def test_callbacks_are_checked_when_the_trainer_is_built(tmp_path):
-    """A callback that is not a dpo_ray.Callback, a transformers TrainerCallback, or one that cannot travel to the
-    workers is refused at DPOTrainer(), naming its index and the fix; a good one is kept."""
+    """A callback that is not a dpo_ray.Callback, a transformers TrainerCallback, or one that cannot travel to
+    the workers is refused at DPOTrainer(), naming its index and the fix; a good one is kept."""
     import threading
 
     from transformers import TrainerCallback
@@ -288,13 +295,15 @@ def test_callbacks_are_checked_when_the_trainer_is_built(tmp_path):
         DPOTrainer(args=cfg, callbacks=[Callback(), object()])
     with pytest.raises(TypeError, match=r"callbacks\[0\].*TrainerCallback.*port it to dpo_ray.Callback"):
         DPOTrainer(args=cfg, callbacks=[TrainerCallback()])
-    with pytest.raises(TypeError, match=r"callbacks\[0\] \(Holds\) cannot be pickled to the training workers"):
+    with pytest.raises(TypeError,
+                       match=r"callbacks\[0\] \(Holds\) cannot be pickled to the training workers"):
         DPOTrainer(args=cfg, callbacks=[Holds()])
     assert len(DPOTrainer(args=cfg, callbacks=[Callback()]).callbacks) == 1
 
 
 def test_the_data_order_seed_is_data_seed_else_seed():
-    """One home for transformers' fallback (data order, prompt groups' pairing, resume keys): 0 is a seed too."""
+    """One home for transformers' fallback (data order, prompt groups' pairing, resume keys): 0 is a seed
+    too."""
     assert DPOConfig(seed=7).data_order_seed == 7
     assert DPOConfig(seed=7, data_seed=0).data_order_seed == 0
 

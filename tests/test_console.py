@@ -87,7 +87,8 @@ def test_ctrl_c_stops_cleanly_says_what_was_saved_and_how_to_resume(tmp_path):
 def test_piped_train_console_is_plain_quiet_and_its_numbers_agree(tmp_path):
     """`dpo-ray train` into a pipe: no colour codes, each final line once, >= 90 % of the lines dpo_ray's own;
     the throughput the progress line, the summary and report.json show is one number, the
-    logging windows of metrics.jsonl add up to the training time, and that fits in the wall time measured here."""
+    logging windows of metrics.jsonl add up to the training time, and that fits in the wall time measured
+    here."""
     out = tmp_path / "run"
     t0 = time.monotonic()
     res = subprocess.run([*DPO_RAY, "train", "--config", "examples/tiny_demo.yaml", "--max_steps", "6",
@@ -114,7 +115,8 @@ def test_piped_train_console_is_plain_quiet_and_its_numbers_agree(tmp_path):
     assert 0 < rates["train_runtime_s"] < wall
     assert rates["pairs_per_s"] == pytest.approx(rates["pairs"] / rates["train_runtime_s"], rel=1e-3)
     assert rates["tokens_per_s"] == pytest.approx(rates["tokens"] / rates["train_runtime_s"], rel=1e-3)
-    assert rates["pairs_per_s"] > rates["pairs"] / wall  # start-up excluded, never more time than the command took
+    # start-up excluded, never more time than the command took
+    assert rates["pairs_per_s"] > rates["pairs"] / wall
     # the logging windows tile the training time: window pairs / window rate summed = train_runtime_s
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
@@ -122,7 +124,8 @@ def test_piped_train_console_is_plain_quiet_and_its_numbers_agree(tmp_path):
     windows = [(r["step"] - prev) * pairs_per_step / r["samples_per_second"]
                for prev, r in zip([0, 2, 4], train_rows)]
     assert sum(windows) == pytest.approx(rates["train_runtime_s"], rel=1e-2, abs=5e-3)
-    tokens = [r["num_tokens"] - prev for prev, r in zip([0] + [r["num_tokens"] for r in train_rows], train_rows)]
+    tokens = [r["num_tokens"] - prev
+              for prev, r in zip([0] + [r["num_tokens"] for r in train_rows], train_rows)]
     for w, n, r in zip(windows, tokens, train_rows):
         assert r["tokens_per_second"] == pytest.approx(n / w, rel=1e-6)
     # one number everywhere: the progress line's final value is the summary's and report.json's
@@ -142,7 +145,8 @@ def test_the_readme_python_snippet_runs_as_shown(tmp_path):
     from dpo_ray.models import load_causal_lm
 
     readme = (ROOT / "README.md").read_text()
-    block = readme.split("From Python, in TRL's spelling:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    block = (readme.split("From Python, in TRL's spelling:", 1)[1].split("```python\n", 1)[1]
+             .split("```", 1)[0])
     cfg = DPOConfig()
     tok = load_tokenizer(cfg)
     model_dir = tmp_path / "my-sft-model"
@@ -156,7 +160,8 @@ def test_the_readme_python_snippet_runs_as_shown(tmp_path):
     assert printed and 0.0 <= float(printed[-1]) <= 1.0, lines[-10:]  # the snippet's print
     assert f"dpo-ray dpo: model {model_dir}" in lines, lines[:10]
     assert [ln for ln in lines if ln.startswith(("dpo-ray data: tokenizer ./my-sft-model (66 tokens)",
-                                                 f"dpo-ray data: tokenizer {model_dir} (66 tokens)"))], lines[:10]
+                                                 f"dpo-ray data: tokenizer {model_dir} (66 tokens)"))], \
+        lines[:10]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["steps"] == 4
 
 
@@ -195,11 +200,11 @@ def _run_in_terminal(argv: list[str], timeout_s: float) -> tuple[int, str]:
 
 
 def test_terminal_shows_one_live_display_from_start_up_and_no_glued_worker_lines(tmp_path):
-    """In a terminal: the first line says Ray is starting, a live status line names each start-up stage until the
-    step bar replaces it, no worker line lands on the bar, rank 0 draws no second progress display, and the bar
-    shows one rate (s/step, ours), not tqdm's own steps/s besides it."""
-    rc, screen = _run_in_terminal([*DPO_RAY, "train", "--config", "examples/tiny_demo.yaml", "--max_steps", "6",
-                                   "--logging_steps", "2", "--output_dir", str(tmp_path / "run")], 900)
+    """In a terminal: the first line says Ray is starting, a live status line names each start-up stage until
+    the step bar replaces it, no worker line lands on the bar, rank 0 draws no second progress display, and
+    the bar shows one rate (s/step, ours), not tqdm's own steps/s besides it."""
+    rc, screen = _run_in_terminal([*DPO_RAY, "train", "--config", "examples/tiny_demo.yaml", "--max_steps",
+                                   "6", "--logging_steps", "2", "--output_dir", str(tmp_path / "run")], 900)
     assert rc == 0, screen[-3000:]
     plain = ANSI.sub("", screen)
     assert 0 <= plain.find("dpo-ray dpo: starting a local Ray") < plain.find("reference: "), plain[:800]
@@ -214,9 +219,10 @@ def test_terminal_shows_one_live_display_from_start_up_and_no_glued_worker_lines
 
 
 def test_the_training_ingest_options_raise_no_deprecation_warning():
-    """Ray's ``DataConfig.default_ingest_options()`` copies ``exclude_resources`` through its deprecated setter, a
-    RayDeprecationWarning that reached every run's console; the options dpo_ray hands Ray Train are built without
-    it, for both datasets (a dataset without options would take Ray's default path, warning included)."""
+    """Ray's ``DataConfig.default_ingest_options()`` copies ``exclude_resources`` through its deprecated
+    setter, a RayDeprecationWarning that reached every run's console; the options dpo_ray hands Ray Train are
+    built without it, for both datasets (a dataset without options would take Ray's default path, warning
+    included)."""
     import warnings
 
     from dpo_ray.data.pipeline import ingest_config
@@ -231,10 +237,11 @@ def test_the_training_ingest_options_raise_no_deprecation_warning():
 
 
 def test_the_placement_group_cleaners_traceback_becomes_one_line():
-    """With a second Ray on the machine, Ray Train's PlacementGroupCleaner thread dies with a ~30-line traceback
-    (ConnectionError: multiple Ray instances) that Ray forwards to the run's console; tests/data holds one as Ray
-    wrote it to the actor's .err log (paths shortened). Split across two forwarded batches, it becomes one line
-    naming the error; the cleaner's other lines and other actors' tracebacks pass untouched."""
+    """With a second Ray on the machine, Ray Train's PlacementGroupCleaner thread dies with a ~30-line
+    traceback (ConnectionError: multiple Ray instances) that Ray forwards to the run's console; tests/data
+    holds one as Ray wrote it to the actor's .err log (paths shortened). Split across two forwarded batches,
+    it becomes one line naming the error; the cleaner's other lines and other actors' tracebacks pass
+    untouched."""
     from dpo_ray.cluster import _CleanerTraceback
 
     lines = (ROOT / "tests" / "data" / "placement_group_cleaner.err").read_text().splitlines()

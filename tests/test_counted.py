@@ -46,4 +46,5 @@ def test_an_epoch_costs_one_collective_and_unequal_counts_get_a_clear_error(tmp_
     for rank in range(2):
         even, uneven = open(f"{out}.{rank}").read().split("\n")
         assert even == "ok 50 1"
-        assert uneven.startswith("unequal 1 ") and "3 to 4 micro-batches" in uneven and "equal shares" in uneven
+        assert (uneven.startswith("unequal 1 ") and "3 to 4 micro-batches" in uneven
+                and "equal shares" in uneven)

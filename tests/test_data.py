@@ -96,7 +96,8 @@ def test_standard_explicit_prompt_appends_eos_and_marks_completion(tok):
 
 
 def test_eos_not_doubled_and_bos_not_doubled(tok):
-    cols = tokenize_rows([{"prompt": "<bos>sort: 1 2 =", "chosen": " 1 2<eos>", "rejected": " 2 1"}], tok, cfg())
+    cols = tokenize_rows([{"prompt": "<bos>sort: 1 2 =", "chosen": " 1 2<eos>", "rejected": " 2 1"}], tok,
+                         cfg())
     t = toks(tok, cols["chosen_input_ids"][0])
     assert t.count("<bos>") == 1 and t.count("<eos>") == 1 and t[-1] == "<eos>"
 
@@ -131,8 +132,10 @@ def test_tools_and_chat_template_kwargs_reach_the_template(tok):
            "rejected": [{"role": "assistant", "content": "2"}], "tools": [{"name": "calc"}],
            "chat_template_kwargs": {"shout": True}}
     cols = tokenize_rows([row], t, cfg())
-    assert toks(t, cols["chosen_input_ids"][0])[:3] == ["<unk>", "<unk>", "sort"]  # "loud", "calc" not in vocab
-    plain = tokenize_rows([{k: v for k, v in row.items() if k not in ("tools", "chat_template_kwargs")}], t, cfg())
+    # "loud", "calc" not in vocab
+    assert toks(t, cols["chosen_input_ids"][0])[:3] == ["<unk>", "<unk>", "sort"]
+    plain = tokenize_rows([{k: v for k, v in row.items() if k not in ("tools", "chat_template_kwargs")}], t,
+                          cfg())
     assert len(plain["chosen_input_ids"][0]) == len(cols["chosen_input_ids"][0]) - 2
 
 
@@ -200,12 +203,14 @@ BAD = {
                        "chosen": [{"role": "assistant", "content": "1 2"}],
                        "rejected": [{"role": "assistant", "content": "2 1"}],
                        "chat_template_kwargs": {"add_generation_prompt": False}},  # given twice: TypeError
-    "identical_after_truncation": {"prompt": "sort: 2 1 =", "chosen": " 1" * 70 + " 2", "rejected": " 1" * 70 + " 3"},
+    "identical_after_truncation": {"prompt": "sort: 2 1 =", "chosen": " 1" * 70 + " 2",
+                                   "rejected": " 1" * 70 + " 3"},
 }
 
 
 def test_every_kind_has_a_case():
-    # malformed_json: files only (test_data_ray); bad_image: vision rows (test_vision); no_pairs: prompt groups
+    # malformed_json: files only (test_data_ray); bad_image:
+    # vision rows (test_vision); no_pairs: prompt groups
     # (test_groups)
     assert set(BAD) | {"malformed_json", "bad_image", "no_pairs"} == set(BAD_ROW_KINDS)
 
@@ -262,8 +267,8 @@ def test_collate_pairs_shapes_masks_and_passthrough():
     assert out["row_id"].tolist() == [5, 9]
     assert out["ref_rejected_logps"].dtype == torch.float32 and out["ref_rejected_logps"].tolist() == [-3, -4]
     sft = collate_sft(batch, pad_token_id=0)
-    assert sft["input_ids"].shape == (2, 4) and set(sft) == {"input_ids", "attention_mask", "completion_mask",
-                                                             "row_id", "ref_chosen_logps", "ref_rejected_logps"}
+    assert sft["input_ids"].shape == (2, 4) and set(sft) == {
+        "input_ids", "attention_mask", "completion_mask", "row_id", "ref_chosen_logps", "ref_rejected_logps"}
 
 
 class _Rows:
@@ -298,7 +303,8 @@ def test_a_shard_of_r_rows_gives_r_over_batch_size_batches_however_it_is_cut(buc
         rows = int(rng.integers(1, 200))
         chunks = [int(c) for c in rng.integers(1, 40, size=rows)]
         shard = _Rows(rng.integers(2, 30, size=rows), chunks)
-        got = [b["row_id"].tolist() for b in iter_train_batches(shard, cfg, 0, batch_size=4, epoch=0, seed=trial)]
+        got = [b["row_id"].tolist()
+               for b in iter_train_batches(shard, cfg, 0, batch_size=4, epoch=0, seed=trial)]
         seen = sum(got, [])
         assert len(got) == rows // 4 and len(seen) == len(set(seen)), (trial, rows, chunks[:8])
 

@@ -95,7 +95,8 @@ def test_every_source_gives_the_same_tokens(ray_local, tmp_path, tok, rows, kind
 
 
 def test_conversational_bundled_file(ray_local, tok):
-    prep = build_datasets(cfg(dataset_name=str(bundled.CONVERSATIONAL_TRAIN_FILE), max_train_samples=100), tok)
+    prep = build_datasets(cfg(dataset_name=str(bundled.CONVERSATIONAL_TRAIN_FILE), max_train_samples=100),
+                          tok)
     got = prep.train.take_all()
     assert len(got) == 100 and prep.eval is not None  # test.jsonl beside it is the eval split
     ids = [int(x) for x in got[0]["chosen_input_ids"]]
@@ -144,7 +145,8 @@ def _file_with_bad_rows(tmp: Path, rows) -> Path:
         json.dumps({"prompt": "sort: 2 1 =", "chosen": 5, "rejected": " 2 1"}),  # wrong_type
         json.dumps({"prompt": "sort: 2 1 =", "chosen": "", "rejected": " 2 1"}),  # empty_completion
         json.dumps({"prompt": "sort: 2 1 =", "chosen": " 1 2", "rejected": " 1 2"}),  # identical
-        json.dumps({"prompt": [{"role": "robot", "content": "x"}], "chosen": [{"role": "assistant", "content": "1"}],
+        json.dumps({"prompt": [{"role": "robot", "content": "x"}],
+                    "chosen": [{"role": "assistant", "content": "1"}],
                     "rejected": [{"role": "assistant", "content": "2"}]}),  # invalid_message
         '{"prompt": "sort: 2 1 =", "chosen": " 1 2", "rejected": "\xff"}',  # undecodable (latin-1 byte)
         '{"prompt": "sort: 2 1 =", "chosen": " 1 2"',  # malformed_json
@@ -199,8 +201,8 @@ def _skewed_rows(n: int = 256) -> list[dict]:
 
 def test_bucketing_lowers_the_padding_fraction(ray_local, tok):
     prep = build_datasets(cfg(dataset_test_split=None), tok, _skewed_rows())
-    plain = iter_train_batches(prep.train, cfg(length_bucketing=False), tok.pad_token_id, batch_size=8, epoch=0,
-                               seed=0)
+    plain = iter_train_batches(prep.train, cfg(length_bucketing=False), tok.pad_token_id, batch_size=8,
+                               epoch=0, seed=0)
     n_plain = sum(1 for _ in plain)
     c = cfg(length_bucketing=True, bucket_size_multiplier=8)
     bucketed = iter_train_batches(prep.train, c, tok.pad_token_id, batch_size=8, epoch=0, seed=0)
@@ -208,8 +210,9 @@ def test_bucketing_lowers_the_padding_fraction(ray_local, tok):
     assert n_plain == n_bucketed == 32
     assert bucketed.padding_fraction < 0.5 * plain.padding_fraction, (bucketed.padding_fraction,
                                                                       plain.padding_fraction)
-    auto = iter_train_batches(prep.train, cfg(length_bucketing="auto", bucket_size_multiplier=8), tok.pad_token_id,
-                              batch_size=8, epoch=0, seed=0)  # auto: these skewed rows are bucketed
+    # auto: these skewed rows are bucketed
+    auto = iter_train_batches(prep.train, cfg(length_bucketing="auto", bucket_size_multiplier=8),
+                              tok.pad_token_id, batch_size=8, epoch=0, seed=0)
     assert sum(1 for _ in auto) == 32 and auto.pools_bucketed == auto.pools > 0
     assert auto.padding_fraction == bucketed.padding_fraction
 

@@ -1,4 +1,4 @@
-"""Issue 16: never train on the wrong data. Each silent path from files to tokens either does the right thing
+"""Never train on the wrong data. Each silent path from files to tokens either does the right thing
 or stops with a message naming the file, row or key and the fix. Files are written the way real tools write
 them: pandas / Excel CSV with a byte-order mark, ``datasets`` Parquet and ``save_to_disk``, a model saved
 with ``save_pretrained`` and no tokenizer, sibling split files.
@@ -121,7 +121,7 @@ def test_no_dataset_name_with_a_model_of_ones_own_is_an_error(model_without_toke
 
 
 def test_in_memory_model_without_processing_class_is_an_error_not_the_bundled_tokenizer(tmp_path, tok, rows):
-    # issue 29: DPOTrainer(model=<nn.Module>) with no processing_class used the bundled tokenizer and toy data
+    # DPOTrainer(model=<nn.Module>) with no processing_class used the bundled tokenizer and toy data
     from transformers import AutoModelForCausalLM
 
     from dpo_ray import DPOTrainer
@@ -129,12 +129,15 @@ def test_in_memory_model_without_processing_class_is_an_error_not_the_bundled_to
 
     model = AutoModelForCausalLM.from_config(tiny_llama_config(tok, num_hidden_layers=1, hidden_size=32,
                                                                intermediate_size=64))
-    with pytest.raises(ModelFilesError, match=r"DPOTrainer\(model=<LlamaForCausalLM>\) got a model object and no "
+    with pytest.raises(ModelFilesError,
+                       match=r"DPOTrainer\(model=<LlamaForCausalLM>\) got a model object and no "
                                               r"processing_class: pass its tokenizer as processing_class="):
         DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "out")), train_dataset=rows).train()
-    with pytest.raises(ModelFilesError, match="no processing_class"):  # no data given either: no toy data instead
+    # no data given either: no toy data instead
+    with pytest.raises(ModelFilesError, match="no processing_class"):
         DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "out")))
-    DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "out")), processing_class=tok)  # accepted
+    # accepted
+    DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "out")), processing_class=tok)
 
 
 def test_run_prints_the_tokenizer_and_the_files(ray_local, tok):
@@ -163,7 +166,8 @@ TEST = "(named for split 'test')"
     (["a_train.jsonl", "b_train.jsonl", "a_test.jsonl", "notes.jsonl"], ["a_train.jsonl", "b_train.jsonl"],
      ["a_test.jsonl"], [f"a_test.jsonl {TEST}", "notes.jsonl (named for no split)"]),
     (["train/0.jsonl", "test/0.jsonl"], ["train/0.jsonl"], ["test/0.jsonl"], [f"test/0.jsonl {TEST}"]),
-    (["data.jsonl", "validation.jsonl"], ["data.jsonl"], [], ["validation.jsonl (named for split 'validation')"]),
+    (["data.jsonl", "validation.jsonl"], ["data.jsonl"], [],
+     ["validation.jsonl (named for split 'validation')"]),
     (["train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl", "test-00000-of-00001.jsonl"],
      ["train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl"], ["test-00000-of-00001.jsonl"],
      [f"test-00000-of-00001.jsonl {TEST}"]),
@@ -203,18 +207,20 @@ def test_glob_over_split_files_keeps_the_test_file_out_of_training(tmp_path, row
     write_jsonl(tmp_path / "prefs_test.jsonl", rows[10:20])
     train, ev, _ = pipeline._sources(cfg(dataset_name=str(tmp_path / "*.jsonl")), None, None)
     assert names(train.files) == ["prefs.jsonl"] and names(ev.files) == ["prefs_test.jsonl"]
-    assert [x.replace(f"{tmp_path}/", "") for x in train.ignored] == ["prefs_test.jsonl (named for split 'test')"]
+    assert ([x.replace(f"{tmp_path}/", "") for x in train.ignored]
+            == ["prefs_test.jsonl (named for split 'test')"])
 
 
 def test_glob_over_train_and_test_folders_never_trains_on_the_test_rows(ray_local, tmp_path, tok, rows):
-    # issue 29: `data/**/*.jsonl` over data/train/ and data/test/ folders; the split is in a folder's name
+    # `data/**/*.jsonl` over data/train/ and data/test/ folders; the split is in a folder's name
     data = tmp_path / "data"
     write_jsonl(data / "train" / "part-0.jsonl", rows[:40])
     write_jsonl(data / "train" / "part-1.jsonl", rows[40:80])
     write_jsonl(data / "test" / "part-0.jsonl", rows[80:100])
     write_jsonl(data / "validation" / "part-0.jsonl", rows[100:110])  # another split: in neither
     prep = build_datasets(cfg(dataset_name=str(data / "**" / "*.jsonl"), eval_strategy="epoch"), tok)
-    assert prep.inputs["train_files"] == [str(data / "train" / "part-0.jsonl"), str(data / "train" / "part-1.jsonl")]
+    assert (prep.inputs["train_files"] == [str(data / "train" / "part-0.jsonl"),
+                                           str(data / "train" / "part-1.jsonl")])
     assert prep.inputs["eval_files"] == [str(data / "test" / "part-0.jsonl")]
     assert prep.num_train_rows_estimate == 80 and prep.num_eval_rows_estimate == 20
     assert f"{data}/validation/part-0.jsonl (named for split 'validation')" in prep.inputs["not_used"]
@@ -224,12 +230,15 @@ def test_glob_over_train_and_test_folders_never_trains_on_the_test_rows(ray_loca
 
     assert tokens(prep.train) == tokens(build_datasets(cfg(), tok, train_dataset=rows[:80]).train)
     assert tokens(prep.eval) == tokens(build_datasets(cfg(), tok, train_dataset=rows[80:100]).train)
-    # a glob that names the folder itself is the user's choice: data/test/*.jsonl as eval_dataset_name is the eval
+    # a glob that names the folder itself is the user's choice:
+    # data/test/*.jsonl as eval_dataset_name is the eval
     prep = build_datasets(cfg(dataset_name=str(data / "train" / "*.jsonl"),
                               eval_dataset_name=str(data / "test" / "*.jsonl"), eval_strategy="epoch"), tok)
     assert prep.num_train_rows_estimate == 80 and prep.num_eval_rows_estimate == 20
-    with pytest.raises(DataSourceError, match=r"no file the glob matches is named for split 'dev' or for no split"):
-        pipeline._sources(cfg(dataset_name=str(data / "*" / "part-0.jsonl"), dataset_train_split="dev"), None, None)
+    with pytest.raises(DataSourceError,
+                       match=r"no file the glob matches is named for split 'dev' or for no split"):
+        pipeline._sources(cfg(dataset_name=str(data / "*" / "part-0.jsonl"), dataset_train_split="dev"),
+                          None, None)
 
 
 def _csv_lines(path: Path, lines: list[str]) -> Path:
@@ -238,7 +247,7 @@ def _csv_lines(path: Path, lines: list[str]) -> Path:
 
 
 def test_csv_row_with_an_unquoted_comma_names_file_line_and_the_fix(tmp_path, tok):
-    # issue 29: a CSV written by hand (or by a join), a comma in a text not quoted: the columns would shift
+    # A CSV written by hand (or by a join), a comma in a text not quoted: the columns would shift
     path = _csv_lines(tmp_path / "prefs.csv", ["prompt,chosen,rejected", '"sort: 2 1 =", 1 2, 2 1',
                                                "sort: 3, 1 =, 1 3, 3 1", '"sort: 5 4 =", 4 5, 5 4'])
     with pytest.raises(DataSourceError) as e:
@@ -246,7 +255,8 @@ def test_csv_row_with_an_unquoted_comma_names_file_line_and_the_fix(tmp_path, to
     msg = str(e.value)
     assert msg.startswith(f"{path} line 3: 4 cells, but the header has 3 (prompt, chosen, rejected)")
     assert "must be quoted" in msg and "\n" not in msg
-    _csv_lines(path, ["prompt,chosen,rejected", '"sort: 2 1 =", 1 2, 2 1', '"sort: 5 4 =", 4 5'])  # one too few
+    # one too few
+    _csv_lines(path, ["prompt,chosen,rejected", '"sort: 2 1 =", 1 2, 2 1', '"sort: 5 4 =", 4 5'])
     with pytest.raises(DataSourceError, match=r"prefs\.csv line 3: 2 cells, but the header has 3"):
         build_datasets(cfg(dataset_name=str(path)), tok)
     with open(path, "w", newline="", encoding="utf-8") as f:  # the fix: a CSV writer quotes the comma
@@ -255,7 +265,8 @@ def test_csv_row_with_an_unquoted_comma_names_file_line_and_the_fix(tmp_path, to
 
 
 def test_csv_with_a_column_named_twice_is_refused(tmp_path, tok):
-    path = _csv_lines(tmp_path / "prefs.csv", ["prompt,chosen,rejected,chosen", '"sort: 2 1 =", 1 2, 2 1, 2 1 1'])
+    path = _csv_lines(tmp_path / "prefs.csv",
+                      ["prompt,chosen,rejected,chosen", '"sort: 2 1 =", 1 2, 2 1, 2 1 1'])
     with pytest.raises(DataSourceError, match=r"prefs\.csv line 1: the header names column 'chosen' twice "
                                               r"\(columns 2 and 4\)"):
         build_datasets(cfg(dataset_name=str(path)), tok)
@@ -277,10 +288,12 @@ def test_pandas_csv_with_bom_keeps_the_prompt_column(tmp_path, tok, rows):
     pd.DataFrame(rows[:20]).to_csv(path, index=False, encoding="utf-8-sig")  # Excel's "CSV UTF-8"
     assert path.read_bytes()[:3] == b"\xef\xbb\xbf"
     raw = read_file(path)
-    assert list(raw[0].value) == ["prompt", "chosen", "rejected"] and raw[0].value["prompt"] == rows[0]["prompt"]
+    assert (list(raw[0].value) == ["prompt", "chosen", "rejected"]
+            and raw[0].value["prompt"] == rows[0]["prompt"])
     table, stats = process(raw, tok, str(path))
     want = tokenize_rows(rows[:20], tok, cfg())
-    assert stats.kept == 20 and table.column("chosen_prompt_len").to_pylist() == list(want["chosen_prompt_len"])
+    assert (stats.kept == 20
+            and table.column("chosen_prompt_len").to_pylist() == list(want["chosen_prompt_len"]))
 
 
 def test_excel_bytes_csv_and_bom_jsonl(tmp_path, rows):
@@ -288,13 +301,15 @@ def test_excel_bytes_csv_and_bom_jsonl(tmp_path, rows):
                                                   for r in rows[:5])
     (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
     assert read_file(tmp_path / "excel.csv")[0].value == rows[0]
-    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows[:5]).encode())
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf"
+                                         + "".join(json.dumps(r) + "\n" for r in rows[:5]).encode())
     raw = read_file(tmp_path / "bom.jsonl")
     assert [r.value for r in raw] == rows[:5]
 
 
-@pytest.mark.parametrize("header,known", [("Prompt", "prompt"), ("prompt\u200b", "prompt"), (" chosen", "chosen"),
-                                          ("REJECTED", "rejected"), ("\ufeffprompt", "prompt")])
+@pytest.mark.parametrize("header,known", [("Prompt", "prompt"), ("prompt\u200b", "prompt"),
+                                          (" chosen", "chosen"), ("REJECTED", "rejected"),
+                                          ("\ufeffprompt", "prompt")])
 def test_a_known_column_spelled_another_way_names_both_spellings(tmp_path, header, known):
     cols = [header if c == known else c for c in ("prompt", "chosen", "rejected")]
     path = tmp_path / "t.csv"
@@ -314,14 +329,17 @@ def test_parquet_and_jsonl_misnamed_columns(tmp_path, tok):
     with pytest.raises(DataSourceError, match=r"t\.parquet: column 'Chosen' looks like 'chosen'"):
         sources.plan_files([str(tmp_path / "t.parquet")])
     write_jsonl(tmp_path / "t.jsonl", [{"\ufeffprompt": "sort: 2 1 =", "chosen": " 1 2", "rejected": " 2 1"}])
-    with pytest.raises(BadRowError, match=r"\[misnamed_column\] at .*t\.jsonl line 1.*'\\ufeffprompt' looks like"):
+    with pytest.raises(BadRowError,
+                       match=r"\[misnamed_column\] at .*t\.jsonl line 1.*'\\ufeffprompt' looks like"):
         process(read_file(tmp_path / "t.jsonl"), tok, str(tmp_path / "t.jsonl"))
 
 
 # ------------------------------------------------------------------------ 4. nothing (or less) to train on
 def test_every_row_dropped_stops_before_any_worker(ray_local, tmp_path, tok):
-    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "sort: 1 =", "chosen": " 1", "rejected": " 1"}] * 10)
-    with pytest.raises(TooFewRowsError, match=r"all 10 train rows read were dropped \(identical_chosen_rejected"):
+    path = write_jsonl(tmp_path / "train.jsonl",
+                       [{"prompt": "sort: 1 =", "chosen": " 1", "rejected": " 1"}] * 10)
+    with pytest.raises(TooFewRowsError,
+                       match=r"all 10 train rows read were dropped \(identical_chosen_rejected"):
         build_datasets(cfg(dataset_name=str(path), on_bad_row="skip"), tok)
 
 
@@ -351,8 +369,10 @@ def test_step_plan_and_the_steps_kept_rows_reach():
 
 
 def test_after_the_run_zero_steps_is_an_error_and_a_short_run_is_said():
-    report = {"train": {"rows_seen": 40, "rows_kept": 20, "rows_dropped": 20, "dropped": {"malformed_json": 20}}}
-    with pytest.raises(TooFewRowsError, match=r"trained 0 optimizer steps: 20 of the 40 training rows read were "
+    report = {"train": {"rows_seen": 40, "rows_kept": 20, "rows_dropped": 20,
+                        "dropped": {"malformed_json": 20}}}
+    with pytest.raises(TooFewRowsError,
+                       match=r"trained 0 optimizer steps: 20 of the 40 training rows read were "
                                               r"kept .*untouched input weights"):
         check_trained(0, 1, report, 40, 1.0)
     note = check_trained(3, 5, report, 40, 1.0)
@@ -364,10 +384,12 @@ def test_after_the_run_zero_steps_is_an_error_and_a_short_run_is_said():
 
 # ------------------------------------------------------------------------ 5. row errors, not tracebacks
 def test_malformed_chat_template_kwargs_is_a_bad_row(tok):
-    chat = {"prompt": [{"role": "user", "content": "sort: 2 1 ="}], "chosen": [{"role": "assistant", "content": "1 2"}],
+    chat = {"prompt": [{"role": "user", "content": "sort: 2 1 ="}],
+            "chosen": [{"role": "assistant", "content": "1 2"}],
             "rejected": [{"role": "assistant", "content": "2 1"}]}
     broken = {**chat, "chat_template_kwargs": '{"enable_thinking": fals'}
-    with pytest.raises(BadRowError, match=r"\[wrong_type\] at in-memory rows, row 1: column 'chat_template_kwargs' "
+    with pytest.raises(BadRowError,
+                       match=r"\[wrong_type\] at in-memory rows, row 1: column 'chat_template_kwargs' "
                                           r"is a string but not a JSON object"):
         tokenize_rows([chat, broken], tok, cfg())
     assert list(tokenize_rows([chat, broken, chat], tok, cfg(on_bad_row="skip"))["row_id"]) == [0, 2]
@@ -385,7 +407,8 @@ def test_csv_cells_over_128_kib_are_read_and_csv_errors_name_the_line(tmp_path, 
     monkeypatch.setattr(sources.csv, "field_size_limit", lambda *_: None)  # the stdlib default limit, 128 KiB
     set_limit(131072)
     try:
-        with pytest.raises(DataSourceError, match=r"big\.csv line 2: not readable as CSV \(field larger than field limit"):
+        with pytest.raises(DataSourceError,
+                           match=r"big\.csv line 2: not readable as CSV \(field larger than field limit"):
             read_file(path)
     finally:
         set_limit(2**31 - 1)
@@ -408,7 +431,7 @@ def test_planning_a_large_jsonl_keeps_driver_memory_flat(tmp_path, rows):
 
 
 def test_previewing_a_parquet_file_of_one_large_row_group_reads_a_bounded_batch(tmp_path):
-    # issue 29: a file written as one row group was read whole (every row as a dict) to preview 32 rows
+    # A file written as one row group was read whole (every row as a dict) to preview 32 rows
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -422,10 +445,12 @@ def test_previewing_a_parquet_file_of_one_large_row_group_reads_a_bounded_batch(
     preview = [r for _, r in zip(range(33), sources.iter_chunk(chunk))]
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert [r.line for r in preview] == list(range(1, 34)) and preview[5].value["prompt"] == "sort: 5 3 1 =" * 4
+    assert ([r.line for r in preview] == list(range(1, 34))
+            and preview[5].value["prompt"] == "sort: 5 3 1 =" * 4)
     assert peak < 4 * 2**20, f"previewing 33 rows of a {n}-row group peaked at {peak >> 20} MiB"
     rows = list(sources.iter_chunk(chunk))  # the read task still yields every row once, in order
-    assert len(rows) == n and rows[-1].row_id == n - 1 and rows[-1].value["prompt"] == f"sort: {n - 1} 3 1 =" * 4
+    assert (len(rows) == n and rows[-1].row_id == n - 1
+            and rows[-1].value["prompt"] == f"sort: {n - 1} 3 1 =" * 4)
 
 
 def test_a_json_array_over_the_limit_asks_for_json_lines(tmp_path, monkeypatch, rows):
@@ -444,7 +469,8 @@ def test_pairs_identical_after_truncation_are_bad_rows_in_training_and_inspect(t
         tokenize_rows([rows[0], same_start], tok, cfg())
     assert list(tokenize_rows([rows[0], same_start], tok, cfg(max_length=None))["row_id"]) == [0, 1]
     c = cfg(on_bad_row="skip")
-    piece = Analyzer(tok, c).analyze([RawRow(i, i + 1, r) for i, r in enumerate(rows[:20] + [same_start])], "x.jsonl")
+    piece = Analyzer(tok, c).analyze([RawRow(i, i + 1, r) for i, r in enumerate(rows[:20] + [same_start])],
+                                     "x.jsonl")
     assert piece.bad[IDENTICAL_TRUNCATED].count == 1 and int(piece.lengths["kept"].sum()) == 20
 
 
@@ -458,7 +484,8 @@ def test_null_prompt_in_jsonl_csv_and_parquet_is_a_bad_row_naming_row_and_column
     datasets.Dataset.from_list(data).to_parquet(str(tmp_path / "t.parquet"))
     for name, where in [("t.jsonl", "line 6"), ("t.csv", "line 7"), ("t.parquet", "row 6")]:
         path = tmp_path / name
-        with pytest.raises(BadRowError, match=rf"\[null_value\] at .*{name} {where} \(row_id 5\): column 'prompt' "
+        with pytest.raises(BadRowError,
+                           match=rf"\[null_value\] at .*{name} {where} \(row_id 5\): column 'prompt' "
                                               r"is null") as e:
             process(read_file(path), tok, str(path))
         assert e.value.kind == NULL_VALUE
@@ -471,7 +498,8 @@ def test_null_in_a_save_to_disk_dataset(ray_local, tmp_path, tok, rows):
 
     data = rows[:3] + [{**rows[3], "prompt": None}] + rows[4:10]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(data)}).save_to_disk(str(tmp_path / "saved"))
-    with pytest.raises(BadRowError, match=r"\[null_value\] at .*saved \[train\], row 3: column 'prompt' is null"):
+    with pytest.raises(BadRowError,
+                       match=r"\[null_value\] at .*saved \[train\], row 3: column 'prompt' is null"):
         build_datasets(cfg(dataset_name=str(tmp_path / "saved")), tok)
 
 
@@ -494,15 +522,18 @@ def test_a_file_mixing_standard_and_conversational_rows_is_a_finding(tok, rows):
     checks = run_checks(rows[:17] + chat, tok)
     mixed = checks["mixed_formats"]
     assert mixed["count"] == 3 and mixed["status"] == "error"
-    assert "conversational_explicit_prompt in a file of standard_explicit_prompt" in mixed["rows"][0]["detail"]
+    assert ("conversational_explicit_prompt in a file of standard_explicit_prompt"
+            in mixed["rows"][0]["detail"])
 
 
 def test_dropped_rows_example_names_its_own_kind(tok, rows):
-    data = rows[:18] + [{"prompt": "sort: 1 =", "chosen": " 1", "rejected": " 1"}, {"prompt": "x", "chosen": " 1"}]
+    data = rows[:18] + [{"prompt": "sort: 1 =", "chosen": " 1", "rejected": " 1"},
+                        {"prompt": "x", "chosen": " 1"}]
     checks = run_checks(data, tok)
     dropped = checks["dropped_rows"]
     assert dropped["by_kind"] == {"identical_chosen_rejected": 1, "missing_column": 1}
-    assert [r["detail"].split("]")[0] for r in dropped["rows"]] == ["[identical_chosen_rejected", "[missing_column"]
+    assert ([r["detail"].split("]")[0] for r in dropped["rows"]]
+            == ["[identical_chosen_rejected", "[missing_column"])
     report = {"dataset": "x", "tokenizer": "t", "rows": {"seen": 20, "kept": 18, "dropped": 2, "truncated": 0,
                                                          "by_format": {}, "by_source": {}},
               "bad_rows": {"total": 2, "effect": "e", "kinds": {}}, "lengths": {},
@@ -512,11 +543,13 @@ def test_dropped_rows_example_names_its_own_kind(tok, rows):
                              "rows_dropped": 0, "completion_tokens_cut": 0},
               "padding": {"batch_size": 8, "without_bucketing": 0, "with_bucketing": 0, "configured": 0},
               "compute": {"tokens_per_epoch": 0, "tokens_per_epoch_padded": 0, "parameters": None,
-                          "parameter_source": "", "policy_flops_per_epoch": None, "reference_flops_per_epoch": None,
-                          "needs_reference": True, "total_flops": None, "epochs": 1},
+                          "parameter_source": "", "policy_flops_per_epoch": None,
+                          "reference_flops_per_epoch": None, "needs_reference": True, "total_flops": None,
+                          "epochs": 1},
               "checks": checks, "status": "error", "exit_status": 1, "files": {}}
     text = format_console(report)
-    line = text.splitlines()[text.splitlines().index(next(x for x in text.splitlines() if "] dropped_rows" in x)) + 2]
+    line = text.splitlines()[
+        text.splitlines().index(next(x for x in text.splitlines() if "] dropped_rows" in x)) + 2]
     assert line.strip() == "by kind: identical_chosen_rejected 1, missing_column 1"
 
 
@@ -533,7 +566,8 @@ def test_inspect_data_reports_inputs_steps_and_truncation_identity(ray_local, tm
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     inputs = report["inputs"]
     assert "bundled tokenizer" in inputs["tokenizer"]
-    assert names(inputs["train_files"]) == ["prefs.jsonl"] and names(inputs["eval_files"]) == ["prefs_test.jsonl"]
+    assert (names(inputs["train_files"]) == ["prefs.jsonl"]
+            and names(inputs["eval_files"]) == ["prefs_test.jsonl"])
     assert any("prefs_validation.jsonl (named for split 'validation')" in x for x in inputs["not_used"])
     assert report["rows"]["seen"] == 32  # the test and validation files are not training rows
     assert report["bad_rows"]["kinds"]["identical_after_truncation"]["count"] == 1
@@ -556,11 +590,13 @@ def _cli(tmp_path: Path, data: Path, capsys, **extra) -> tuple[int, str]:
 
 
 def test_cli_bad_row_in_the_first_rows_prints_the_message_alone(ray_local, tmp_path, rows, capsys):
-    data = write_jsonl(tmp_path / "train.jsonl", rows[:3] + [{"prompt": "sort: 1 =", "chosen": " 1"}] + rows[3:40])
+    data = write_jsonl(tmp_path / "train.jsonl", rows[:3] + [{"prompt": "sort: 1 =", "chosen": " 1"}]
+                       + rows[3:40])
     code, err = _cli(tmp_path, data, capsys)
     assert code == 3
     tail = [x for x in err.splitlines() if x.strip()][-2:]
-    assert tail[0].startswith("dpo-ray train: bad row [missing_column] at ") and "train.jsonl line 4" in tail[0]
+    assert (tail[0].startswith("dpo-ray train: bad row [missing_column] at ")
+            and "train.jsonl line 4" in tail[0])
     assert tail[1] == f"(traceback in {tmp_path / 'out' / 'error.log'}; --debug prints it)"
     assert "Traceback" not in err and "Traceback" in (tmp_path / "out" / "error.log").read_text()
 
@@ -583,18 +619,20 @@ def test_cli_run_that_trains_zero_steps_exits_3(ray_local, tmp_path, rows, capsy
                      per_device_train_batch_size=32)
     assert code == 3
     last = [x for x in err.splitlines() if x.strip()][-2]
-    assert last.startswith("dpo-ray train: the run trained 0 optimizer steps: 20 of the 40 training rows read")
+    assert last.startswith(
+        "dpo-ray train: the run trained 0 optimizer steps: 20 of the 40 training rows read")
 
 
 @pytest.mark.parametrize("n_rows, world, batch", [(1, 2, 4), (5, 2, 2), (13, 3, 4), (16, 2, 4)])
 def test_eval_shares_score_every_row_exactly_once(ray_local, tok, rows, n_rows, world, batch):
-    # issue 29: every worker reads the whole eval stream and scores its share; a partial last batch counts
+    # Every worker reads the whole eval stream and scores its share; a partial last batch counts
     from dpo_ray.data import iter_eval_batches
 
     prep = build_datasets(cfg(), tok, train_dataset=rows[:n_rows])
     seen, fillers = [], []
     for rank in range(world):
-        share = iter_eval_batches(prep.train, cfg(), tok.pad_token_id, batch_size=batch, rank=rank, world=world)
+        share = iter_eval_batches(prep.train, cfg(), tok.pad_token_id, batch_size=batch, rank=rank,
+                                  world=world)
         batches = list(share)
         assert all(len(b["row_id"]) <= batch for b in batches)
         seen += [int(i) for b in batches for i in b["row_id"]]
@@ -604,12 +642,12 @@ def test_eval_shares_score_every_row_exactly_once(ray_local, tok, rows, n_rows, 
 
 
 def test_the_plan_line_names_the_rows_an_epoch_leaves_untrained():
-    # issue 29: each worker's last partial batch is not trained (as dataloader_drop_last); the plan says how many
+    # Each worker's last partial batch is not trained (as dataloader_drop_last); the plan says how many
     from dpo_ray.trainer import _untrained
 
     c = cfg(per_device_train_batch_size=4, ray={"num_workers": 2})
     plan = plan_steps(70, c)
     note = _untrained(70, plan.micro_per_epoch * plan.world * c.per_device_train_batch_size)
-    assert note == "; 6 of ~70 rows per epoch not trained (the last partial batch of each worker's share, as " \
-                   "dataloader_drop_last)"
+    assert note == "; 6 of ~70 rows per epoch not trained (the last partial batch of each worker's share, " \
+                   "as dataloader_drop_last)"
     assert _untrained(64, 64) == ""

@@ -1,10 +1,10 @@
 """deploy/: the KubeRay manifests, the Dockerfile and the submit script, checked without a Kubernetes cluster.
 
 What KubeRay needs to accept the objects (the CRD schemas of KubeRay 1.6.2 and 1.7.0), what every Ray pod's
-container command hands to Ray (the operator's line through bash, into Ray's own `ray start` parser), that the Ray custom resources the worker groups advertise are
-the ones the referenced example config requests (so the job is schedulable and policy/reference land
-on different GPUs), that every path the run writes is on the shared volume, and that nothing secret
-or exposed is committed.
+container command hands to Ray (the operator's line through bash, into Ray's own `ray start` parser), that the
+Ray custom resources the worker groups advertise are the ones the referenced example config requests (so the
+job is schedulable and policy/reference land on different GPUs), that every path the run writes is on the
+shared volume, and that nothing secret or exposed is committed.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def _groups(spec: dict) -> list[tuple[str, dict]]:
 
 def _ray_resources(group: dict) -> dict[str, float]:
     """Custom resources as Ray receives them: rayStartParams.resources goes into the pod's bash line as
-    --resources=VALUE (shell text), bash hands Ray what is left after its quoting, and Ray's own parser reads that."""
+    --resources=VALUE (shell text), bash hands Ray what is left after its quoting, and Ray's own parser reads
+    that."""
     raw = group.get("rayStartParams", {}).get("resources")
     if raw is None:
         return {}
@@ -70,12 +71,14 @@ def _ray_resources(group: dict) -> dict[str, float]:
     try:
         return parse_resources_json(value, cli_logger, cf)
     except Exception as e:  # cli_logger.abort raises click's ClickException
-        raise AssertionError(f"rayStartParams.resources {raw!r} reaches Ray as {value!r}, which Ray refuses") from e
+        raise AssertionError(f"rayStartParams.resources {raw!r} reaches Ray as {value!r}, which Ray "
+                             "refuses") from e
 
 
 def _bash_words(text: str) -> list[str]:
     """The words bash makes of `text` (bash itself, not a Python imitation)."""
-    proc = subprocess.run(["bash", "-c", f'printf "%s\\0" {text}'], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["bash", "-c", f'printf "%s\\0" {text}'], capture_output=True, text=True,
+                          timeout=30)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split("\0")[:-1]
 
@@ -114,7 +117,8 @@ def _all_containers(doc: dict) -> list[dict]:
     return found
 
 
-CONFIG_MOUNT = "/etc/dpo-ray"  # where the ConfigMap dpo-ray-config (made from the annotated example) is mounted
+# where the ConfigMap dpo-ray-config (made from the annotated example) is mounted
+CONFIG_MOUNT = "/etc/dpo-ray"
 
 
 def _train_argv(entrypoint: str) -> list[str]:
@@ -149,7 +153,8 @@ def _referenced_config(path: Path, doc: dict) -> tuple[Path, dict]:
     if doc["kind"] == "RayJob":
         return _entrypoint_config(doc)
     rel = doc["metadata"].get("annotations", {}).get("dpo-ray/example-config")
-    assert rel, f"{path.name}: RayCluster should name the config it is sized for (annotation dpo-ray/example-config)"
+    assert rel, (
+        f"{path.name}: RayCluster should name the config it is sized for (annotation dpo-ray/example-config)")
     return ROOT / rel, {}
 
 
@@ -203,7 +208,8 @@ def test_kuberay_required_fields(path, doc):
 def test_policy_and_reference_groups_on_distinct_gpus():
     for path, doc in RAY_DOCS:
         groups = dict(_groups(_cluster_spec(doc)))
-        assert {"policy", "reference"} <= set(groups), f"{path.name}: needs policy and reference worker groups"
+        assert {"policy", "reference"} <= set(groups), (
+            f"{path.name}: needs policy and reference worker groups")
         pol, ref = _ray_resources(groups["policy"]), _ray_resources(groups["reference"])
         assert pol.get("policy_gpu", 0) >= 1 and "reference_gpu" not in pol, path.name
         assert ref.get("reference_gpu", 0) >= 1 and "policy_gpu" not in ref, path.name
@@ -216,7 +222,8 @@ def test_policy_and_reference_groups_on_distinct_gpus():
                 f"{path.name}: group {name} advertises {advertised} {name}_gpu but has {gpus} nvidia.com/gpu"
             assert pod.get("nodeSelector"), f"{path.name}: group {name} should select its GPU nodes"
         assert groups["policy"]["template"]["spec"]["nodeSelector"] != \
-            groups["reference"]["template"]["spec"]["nodeSelector"], "policy and reference select the same nodes"
+            groups["reference"]["template"]["spec"]["nodeSelector"], \
+            "policy and reference select the same nodes"
         head = groups["head"]
         assert "policy_gpu" not in _ray_resources(head) and "reference_gpu" not in _ray_resources(head)
 
@@ -246,12 +253,14 @@ def test_custom_resources_match_the_config_they_run():
                 f"{path.name}: {cfg.ray.num_workers} workers × {k}={v} do not fit in {supply[k]}"
         for k, v in ref_custom.items():
             assert supply[k] >= v * cfg.reference.num_actors, \
-                f"{path.name}: {cfg.reference.num_actors} reference actors × {k}={v} do not fit in {supply[k]}"
+                f"{path.name}: {cfg.reference.num_actors} reference actors × {k}={v} do not fit in " \
+                f"{supply[k]}"
         # GPUs: each policy pod must hold as many GPUs as workers it can host (Ray counts them too).
         pol = groups["policy"]
         per_pod_gpus = int(_pod_spec(pol)["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
         assert cfg.ray.use_gpu is True
-        assert per_pod_gpus * pol["replicas"] >= cfg.ray.num_workers * cfg.ray.resources_per_worker.get("GPU", 1)
+        assert (per_pod_gpus * pol["replicas"]
+                >= cfg.ray.num_workers * cfg.ray.resources_per_worker.get("GPU", 1))
         ref = groups["reference"]
         ref_gpus = int(_pod_spec(ref)["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
         assert ref_gpus * ref["replicas"] >= cfg.reference.num_gpus * cfg.reference.num_actors
@@ -293,7 +302,8 @@ def test_outputs_and_checkpoints_go_to_shared_storage():
             mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0].get("volumeMounts", [])}
             assert mounts.get(SHARED) in claims, f"{path.name}: group {name} does not mount a PVC at {SHARED}"
     pvcs = {d["metadata"]["name"]: d for _, d in DOCS if d["kind"] == "PersistentVolumeClaim"}
-    claimed = {value for _, d in DOCS for key, value in _walk(d) if key.endswith(".persistentVolumeClaim.claimName")}
+    claimed = {value for _, d in DOCS for key, value in _walk(d)
+               if key.endswith(".persistentVolumeClaim.claimName")}
     assert claimed <= set(pvcs), f"claims {claimed - set(pvcs)} have no PersistentVolumeClaim in deploy/"
     for pvc in pvcs.values():
         assert "ReadWriteMany" in pvc["spec"]["accessModes"], "pods on several nodes write the shared volume"
@@ -301,9 +311,11 @@ def test_outputs_and_checkpoints_go_to_shared_storage():
 
 def test_no_literal_secrets():
     for path in MANIFESTS + [DEPLOY / "Dockerfile", DEPLOY / "submit.sh"]:
-        assert not HF_TOKEN_LITERAL.search(path.read_text()), f"{path.name} contains what looks like an HF token"
+        assert not HF_TOKEN_LITERAL.search(path.read_text()), (
+            f"{path.name} contains what looks like an HF token")
     for path, doc in DOCS:
-        assert doc["kind"] != "Secret", f"{path.name}: do not commit Secrets; document `kubectl create secret`"
+        assert doc["kind"] != "Secret", (
+            f"{path.name}: do not commit Secrets; document `kubectl create secret`")
         for c in _all_containers(doc):
             for env in c.get("env", []):
                 if SECRET_NAME.search(env["name"]):
@@ -313,9 +325,11 @@ def test_no_literal_secrets():
 
 def test_dashboard_not_exposed():
     for path, doc in DOCS:
-        assert doc["kind"] not in ("Ingress", "Route", "Gateway"), f"{path.name}: no ingress for the dashboard"
+        assert doc["kind"] not in ("Ingress", "Route", "Gateway"), (
+            f"{path.name}: no ingress for the dashboard")
         if doc["kind"] == "Service":
-            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", f"{path.name}: Service must be ClusterIP"
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", (
+                f"{path.name}: Service must be ClusterIP")
     for path, doc in RAY_DOCS:
         head = _cluster_spec(doc)["headGroupSpec"]
         assert head.get("serviceType") == "ClusterIP", f"{path.name}: head serviceType must be ClusterIP"
@@ -325,8 +339,8 @@ def test_dashboard_not_exposed():
 
 
 def test_one_image_everywhere_built_from_the_dockerfile(tmp_path):
-    """Every Ray pod and the asset Job run `image: dpo-ray`, which deploy/kustomization.yaml names once; the RayJob's
-    submitter runs Ray's CPU image (the same Ray, no GPU layers)."""
+    """Every Ray pod and the asset Job run `image: dpo-ray`, which deploy/kustomization.yaml names once; the
+    RayJob's submitter runs Ray's CPU image (the same Ray, no GPU layers)."""
     job = next(d for _, d in RAY_DOCS if d["kind"] == "RayJob")
     submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
     images = {c["image"] for _, d in DOCS for c in _all_containers(d) if c not in submitter}
@@ -337,7 +351,8 @@ def test_one_image_everywhere_built_from_the_dockerfile(tmp_path):
     assert set(kustomization["resources"]) == {p.name for p in MANIFESTS}
     kubectl = shutil.which("kubectl")
     if kubectl:  # kustomize as kubectl runs it: every dpo-ray image rewritten, KubeRay's kinds included
-        built = subprocess.run([kubectl, "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60)
+        built = subprocess.run([kubectl, "kustomize", str(DEPLOY)], capture_output=True, text=True,
+                               timeout=60)
         assert built.returncode == 0, built.stderr
         want = f"{kustomization['images'][0]['newName']}:{kustomization['images'][0]['newTag']}"
         out = list(yaml.safe_load_all(built.stdout))
@@ -349,25 +364,29 @@ def test_one_image_everywhere_built_from_the_dockerfile(tmp_path):
                      r"FROM \$\{BASE_IMAGE\}\$\{BASE_DIGEST:\+@\}\$\{BASE_DIGEST\}", dockerfile, re.M), \
         "deploy/Dockerfile should build FROM rayproject/ray, by digest (ARG BASE_DIGEST)"
     tag = re.search(r"^ARG BASE_IMAGE=rayproject/ray:(\S+)", dockerfile, re.M).group(1)
-    assert re.search(r'if \[ -z "\$BASE_DIGEST" \] && \[ "\$ALLOW_UNPINNED_BASE" != "1" \]; then.*?exit 1', dockerfile,
-                     re.S), "an unpinned base must stop the build unless ALLOW_UNPINNED_BASE=1"
+    assert re.search(r'if \[ -z "\$BASE_DIGEST" \] && \[ "\$ALLOW_UNPINNED_BASE" != "1" \]; then.*?exit 1',
+                     dockerfile, re.S), "an unpinned base must stop the build unless ALLOW_UNPINNED_BASE=1"
     assert "BuildKit" in dockerfile and dockerfile.startswith("# syntax=docker/dockerfile:1"), \
         "the per-Dockerfile .dockerignore needs BuildKit: say so"
-    assert tag.startswith(_constraint("ray") + "-py3"), f"base tag {tag} != constraints.txt ray {_constraint('ray')}"
+    assert tag.startswith(_constraint("ray") + "-py3"), (
+        f"base tag {tag} != constraints.txt ray {_constraint('ray')}")
     assert re.search(r"-(gpu|cu\d+)$", tag), f"base tag {tag} should be a GPU build"
-    # layer caching: the dependencies from pyproject.toml + constraints.txt only, then the package without deps
+    # layer caching: the dependencies from pyproject.toml +
+    # constraints.txt only, then the package without deps
     lines = [line for line in dockerfile.splitlines() if re.match(r"(COPY|RUN|ENV|USER|WORKDIR)\b", line)]
     first_copy_of_code = next(i for i, line in enumerate(lines) if re.match(r"COPY\b.*\bdpo_ray\b", line))
     deps = next(i for i, line in enumerate(lines) if line.startswith("RUN") and "tomllib" in line)
     assert deps < first_copy_of_code, "dependencies must be installed before the package is copied"
     copied_before = " ".join(line for line in lines[:deps] if line.startswith("COPY"))
-    assert set(re.findall(r"\S+\.(?:toml|txt)", copied_before)) == {"pyproject.toml", "constraints.txt"}, copied_before
+    assert set(re.findall(r"\S+\.(?:toml|txt)", copied_before)) == {"pyproject.toml", "constraints.txt"}, (
+        copied_before)
     assert re.search(r"pip install --no-cache-dir --no-deps \.", dockerfile)
     # the dependency step's own snippet, run here: it lists exactly pyproject.toml's dependencies
     snippet = re.search(r'python -c "import tomllib;[^"]+"', dockerfile).group(0)
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     listed = subprocess.run(["sh", "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+                            env={**os.environ,
+                                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     assert listed.returncode == 0, listed.stderr
     import tomllib
 
@@ -386,7 +405,8 @@ def test_rayjob_and_raycluster_describe_the_same_cluster():
     spec = json.loads(json.dumps(job["spec"]["rayClusterSpec"]))
     for _, group in _groups(spec):  # the label deploy/networkpolicy.yaml selects the job's pods by
         assert group["template"]["metadata"]["labels"].pop("dpo-ray/job") == job["metadata"]["name"]
-    assert spec == cluster["spec"], "deploy/rayjob.yaml's rayClusterSpec drifted from deploy/raycluster.yaml's spec"
+    assert spec == cluster["spec"], (
+        "deploy/rayjob.yaml's rayClusterSpec drifted from deploy/raycluster.yaml's spec")
 
 
 def _submit(tmp_path, *args: str, **env: str):
@@ -400,21 +420,21 @@ def _submit(tmp_path, *args: str, **env: str):
     (fake / "ray").write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
     (fake / "ray").chmod(0o755)
     base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DPO_RAY_SHARED_DIR")}
-    return subprocess.run(["bash", str(DEPLOY / "submit.sh"), *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**base, "PATH": f"{fake}:{base['PATH']}", **env}, timeout=60)
+    return subprocess.run(["bash", str(DEPLOY / "submit.sh"), *args], cwd=ROOT, capture_output=True,
+                          text=True, env={**base, "PATH": f"{fake}:{base['PATH']}", **env}, timeout=60)
 
 
 def test_submit_script_uses_the_jobs_api(tmp_path):
     text = (DEPLOY / "submit.sh").read_text()
     assert "ray job submit" in text and "--working-dir" in text and "--runtime-env-json" in text
-    proc = _submit(tmp_path, "examples/lora.yaml", "--max_steps", "5", DPO_RAY_SHARED_DIR="/mnt/shared/outputs",
-                   SUBMIT_ARGS="--no-wait --submission-id r1")
+    proc = _submit(tmp_path, "examples/lora.yaml", "--max_steps", "5",
+                   DPO_RAY_SHARED_DIR="/mnt/shared/outputs", SUBMIT_ARGS="--no-wait --submission-id r1")
     assert proc.returncode == 0, proc.stderr
     argv = json.loads(proc.stdout)
     assert argv[:4] == ["job", "submit", "--address", "http://127.0.0.1:8265"]
     assert argv[4:7] == ["--no-wait", "--submission-id", "r1"]
-    assert argv[argv.index("--"):] == ["--", "python", "-m", "dpo_ray", "train", "--config", "examples/lora.yaml",
-                                       "--max_steps", "5"]
+    assert argv[argv.index("--"):] == ["--", "python", "-m", "dpo_ray", "train", "--config",
+                                       "examples/lora.yaml", "--max_steps", "5"]
     runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
     assert runtime_env["env_vars"]["DPO_RAY_SHARED_DIR"] == "/mnt/shared/outputs"
     for secret in (".env", "**/.env"):
@@ -441,19 +461,22 @@ def _quantity(value) -> float:
     """A Kubernetes quantity (16Gi, 4G, 3000000000) in bytes."""
     m = re.fullmatch(r"([0-9.]+)([KMGT]i?)?", str(value))
     assert m, f"cannot read the quantity {value!r}"
-    mult = {None: 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    mult = {None: 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+            "Ti": 2**40}
     return float(m.group(1)) * mult[m.group(2)]
 
 
 def test_num_gpus_set_explicitly_and_matching_the_pod():
-    """The operator derives --num-gpus from the container's GPU limit only when it parses rayStartParams; set it
-    explicitly (head: 0) so GPU detection never depends on that."""
+    """The operator derives --num-gpus from the container's GPU limit only when it parses rayStartParams; set
+    it explicitly (head: 0) so GPU detection never depends on that."""
     for path, doc in RAY_DOCS:
         for name, group in _groups(_cluster_spec(doc)):
             params = group["rayStartParams"]
-            assert "num-gpus" in params, f"{path.name}: group {name} should set rayStartParams.num-gpus explicitly"
+            assert "num-gpus" in params, (
+                f"{path.name}: group {name} should set rayStartParams.num-gpus explicitly")
             gpus = int(_container(group)["resources"]["limits"].get("nvidia.com/gpu", 0))
-            assert int(params["num-gpus"]) == gpus, f"{path.name}: group {name} num-gpus != nvidia.com/gpu limit"
+            assert int(params["num-gpus"]) == gpus, (
+                f"{path.name}: group {name} num-gpus != nvidia.com/gpu limit")
             custom = _ray_resources(group)
             for key, amount in custom.items():
                 assert amount <= gpus, f"{path.name}: group {name} advertises {amount} {key} on {gpus} GPU(s)"
@@ -461,21 +484,25 @@ def test_num_gpus_set_explicitly_and_matching_the_pod():
 
 
 def test_object_store_fits_in_dev_shm():
-    """Ray sizes its object store from the pod's memory (30 %) and falls back to /tmp (disk, slow) when /dev/shm is
-    smaller: every group sets object-store-memory, below its /dev/shm emptyDir and its memory limit."""
+    """Ray sizes its object store from the pod's memory (30 %) and falls back to /tmp (disk, slow) when
+    /dev/shm is smaller: every group sets object-store-memory, below its /dev/shm emptyDir and its memory
+    limit."""
     for path, doc in RAY_DOCS:
         for name, group in _groups(_cluster_spec(doc)):
             params, pod = group["rayStartParams"], _pod_spec(group)
-            assert "object-store-memory" in params, f"{path.name}: group {name} should set object-store-memory"
+            assert "object-store-memory" in params, (
+                f"{path.name}: group {name} should set object-store-memory")
             store = _quantity(params["object-store-memory"])
             mounts = {m["mountPath"]: m["name"] for m in _container(group).get("volumeMounts", [])}
             assert "/dev/shm" in mounts, f"{path.name}: group {name} mounts no /dev/shm volume"
             shm = next(v for v in pod["volumes"] if v["name"] == mounts["/dev/shm"])["emptyDir"]
             assert shm.get("medium") == "Memory"
             assert store <= 0.95 * _quantity(shm["sizeLimit"]), \
-                f"{path.name}: group {name} object store {params['object-store-memory']} > /dev/shm {shm['sizeLimit']}"
+                f"{path.name}: group {name} object store {params['object-store-memory']} > " \
+                f"/dev/shm {shm['sizeLimit']}"
             memory = _quantity(_container(group)["resources"]["limits"]["memory"])
-            assert _quantity(shm["sizeLimit"]) < 0.5 * memory, f"{path.name}: /dev/shm counts against the memory limit"
+            assert _quantity(shm["sizeLimit"]) < 0.5 * memory, (
+                f"{path.name}: /dev/shm counts against the memory limit")
 
 
 POD_SECURITY = {"runAsUser": 1000, "runAsGroup": 100, "runAsNonRoot": True, "fsGroup": 100,
@@ -483,21 +510,23 @@ POD_SECURITY = {"runAsUser": 1000, "runAsGroup": 100, "runAsNonRoot": True, "fsG
 
 
 def test_pods_can_write_the_shared_volume():
-    """The image runs as uid 1000 (gid 100), said explicitly in every pod; fsGroup changes ownership only when the
-    volume's root does not match (OnRootMismatch: a full volume is not walked at every pod start); the PVC names a
-    storage class to replace."""
+    """The image runs as uid 1000 (gid 100), said explicitly in every pod; fsGroup changes ownership only when
+    the volume's root does not match (OnRootMismatch: a full volume is not walked at every pod start); the PVC
+    names a storage class to replace."""
     for path, doc in DOCS:
         if doc["kind"] in ("RayJob", "RayCluster"):
             for name, group in _groups(_cluster_spec(doc)):
-                assert _pod_spec(group).get("securityContext") == POD_SECURITY, f"{path.name}: {name} securityContext"
+                assert _pod_spec(group).get("securityContext") == POD_SECURITY, (
+                    f"{path.name}: {name} securityContext")
         if doc["kind"] == "Job":
             assert doc["spec"]["template"]["spec"].get("securityContext") == POD_SECURITY
         if doc["kind"] == "PersistentVolumeClaim":
             assert "REPLACE" in doc["spec"].get("storageClassName", ""), \
-                "pvc.yaml: an explicit storageClassName placeholder (an unset class binds the default, often RWO)"
+                "pvc.yaml: an explicit storageClassName placeholder (an unset class binds the default, " \
+                "often RWO)"
     text = (ROOT / "docs" / "deploy.md").read_text()
-    for needle in ("kubectl get pvc dpo-ray-shared", "Bound", "fsGroupChangePolicy", "no_root_squash", "anonuid",
-                   "uid=1000", "ownerUid"):
+    for needle in ("kubectl get pvc dpo-ray-shared", "Bound", "fsGroupChangePolicy", "no_root_squash",
+                   "anonuid", "uid=1000", "ownerUid"):
         assert needle in text, f"docs/deploy.md should say {needle}"
 
 
@@ -518,12 +547,14 @@ def _as_user(uid: int, gid: int):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the init steps as root and as uid 1000, as the pod does")
 def test_asset_job_init_steps_on_a_root_owned_volume():
-    """deploy/prepare-assets.yaml's init steps, run as the pod runs them (sh; root, then uid 1000 gid 100) on a
-    root-owned folder standing in for the export: the best-effort chown makes it writable; where the chown cannot
-    help (a squashed root, a fixed owner: here, the folders left root-owned 0755), the check fails naming the fix."""
+    """deploy/prepare-assets.yaml's init steps, run as the pod runs them (sh; root, then uid 1000 gid 100) on
+    a root-owned folder standing in for the export: the best-effort chown makes it writable; where the chown
+    cannot help (a squashed root, a fixed owner: here, the folders left root-owned 0755), the check fails
+    naming the fix."""
     import tempfile
 
-    tmp_path = Path(tempfile.mkdtemp(prefix="dporay-volume-", dir="/tmp"))  # uid 1000 can reach it (pytest's cannot)
+    # uid 1000 can reach it (pytest's cannot)
+    tmp_path = Path(tempfile.mkdtemp(prefix="dporay-volume-", dir="/tmp"))
     os.chmod(tmp_path, 0o755)
     try:
         _run_init_steps(tmp_path)
@@ -542,28 +573,28 @@ def _run_init_steps(tmp_path: Path) -> None:
         shared = tmp_path / volume
         shared.mkdir(mode=0o755)
         if chown_works:
-            fixed = subprocess.run(["sh", "-c", _init_script("volume-permissions", shared)], capture_output=True,
-                                   text=True, timeout=60)
+            fixed = subprocess.run(["sh", "-c", _init_script("volume-permissions", shared)],
+                                   capture_output=True, text=True, timeout=60)
             assert fixed.returncode == 0 and "owned by 1000:100" in fixed.stdout, fixed.stdout + fixed.stderr
         else:  # what root_squash leaves: the directories exist, root-owned, and the chown did nothing
             for d in dirs:
                 (shared / d).mkdir(mode=0o755)
-        check = subprocess.run(["sh", "-c", _init_script("check-writable", shared)], capture_output=True, text=True,
-                               timeout=60, preexec_fn=_as_user(1000, 100))
+        check = subprocess.run(["sh", "-c", _init_script("check-writable", shared)], capture_output=True,
+                               text=True, timeout=60, preexec_fn=_as_user(1000, 100))
         if chown_works:
             assert check.returncode == 0, check.stderr
             assert all((shared / d).stat().st_uid == 1000 for d in dirs)
             assert not list(shared.rglob(".dpo-ray-write-check-*")), "the probe files are removed"
         else:
             assert check.returncode == 1, check.stdout
-            for needle in ("uid 1000 gid 100 cannot write", "no_root_squash", "anonuid=1000", "uid=1000,gid=100",
-                           "ownerUid 1000"):
+            for needle in ("uid 1000 gid 100 cannot write", "no_root_squash", "anonuid=1000",
+                           "uid=1000,gid=100", "ownerUid 1000"):
                 assert needle in check.stderr, check.stderr
     # as a non-root user (the chown refused), the best-effort step still lets the Job go on to the check
     shared = tmp_path / "nonroot"
     shared.mkdir(mode=0o777)
-    refused = subprocess.run(["sh", "-c", _init_script("volume-permissions", shared)], capture_output=True, text=True,
-                             timeout=60, preexec_fn=_as_user(1000, 100))
+    refused = subprocess.run(["sh", "-c", _init_script("volume-permissions", shared)], capture_output=True,
+                             text=True, timeout=60, preexec_fn=_as_user(1000, 100))
     assert refused.returncode == 0 and "refused" in refused.stdout, refused.stdout + refused.stderr
 
 
@@ -571,14 +602,16 @@ def test_token_authentication_and_network_policy():
     """The dashboard binds 0.0.0.0, so any pod could reach the Jobs API: token authentication from a Secret
     (authOptions), and per cluster a NetworkPolicy that selects only that cluster's pods (the operator's
     ray.io/cluster label for the RayCluster; the job's own dpo-ray/job label for the RayJob, whose cluster the
-    operator names) and admits its own pods, the submitter and the operator on 8265, the scraper on the metrics ports."""
+    operator names) and admits its own pods, the submitter and the operator on 8265, the scraper on the
+    metrics ports."""
     for path, doc in RAY_DOCS:
         spec = _cluster_spec(doc)
         assert spec.get("authOptions", {}).get("mode") == "token", f"{path.name}: authOptions.mode: token"
         assert spec["authOptions"].get("secretName"), f"{path.name}: the token from a Secret you create"
         for name, group in _groups(spec):
             labels = group["template"].get("metadata", {}).get("labels", {})
-            assert labels.get("app.kubernetes.io/name") == "dpo-ray", f"{path.name}: {name} pods need the label"
+            assert labels.get("app.kubernetes.io/name") == "dpo-ray", (
+                f"{path.name}: {name} pods need the label")
             ports = {p.get("name"): p["containerPort"] for p in _container(group).get("ports", [])}
             assert ports.get("metrics") == 8080, f"{path.name}: {name} should name its metrics port"
     policies = {d["metadata"]["name"]: d["spec"] for _, d in DOCS if d["kind"] == "NetworkPolicy"}
@@ -596,7 +629,8 @@ def test_token_authentication_and_network_policy():
                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
     for name, pol in policies.items():
         own = selectors[name]
-        assert pol["podSelector"] == {"matchLabels": own}, f"policy {name} should select only its cluster's pods"
+        assert pol["podSelector"] == {"matchLabels": own}, (
+            f"policy {name} should select only its cluster's pods")
         assert pol["policyTypes"] == ["Ingress"]
         seen = []
         for rule in pol["ingress"]:
@@ -612,7 +646,8 @@ def test_token_authentication_and_network_policy():
                 assert ports == [8080, 44217, 44227], rule
                 seen.append("scraper")
             else:
-                assert rule["from"] == [{"podSelector": {"matchLabels": {"batch.kubernetes.io/job-name": job_name}}}]
+                assert (rule["from"]
+                        == [{"podSelector": {"matchLabels": {"batch.kubernetes.io/job-name": job_name}}}])
                 assert ports == [8265] and name == job_name, rule
                 seen.append("submitter")
         want = ["operator", "own pods", "scraper"] + (["submitter"] if name == job_name else [])
@@ -621,7 +656,8 @@ def test_token_authentication_and_network_policy():
     assert "--use-kubernetes-proxy" in (ROOT / "docs" / "deploy.md").read_text()
     # the asset Job is not a Ray pod, and the only one with the Hugging Face token
     for path, doc in DOCS:
-        with_token = [c["name"] for c in _all_containers(doc) if "HF_TOKEN" in {e["name"] for e in c.get("env", [])}]
+        with_token = [c["name"] for c in _all_containers(doc)
+                      if "HF_TOKEN" in {e["name"] for e in c.get("env", [])}]
         assert (with_token == ["prepare"]) if doc["kind"] == "Job" else not with_token, \
             f"{path.name}: HF_TOKEN only in prepare-assets' download container ({with_token})"
         if doc["kind"] == "Job":
@@ -638,24 +674,28 @@ def test_rayjob_gives_up_partial_gpus_and_keeps_its_logs():
 
 
 def test_ray_logs_survive_crashes():
-    """/tmp/ray on an emptyDir (a restarted container keeps its earlier sessions), ephemeral-storage requested for
-    it, a preStop hook that copies every session's logs to the volume with the time to do it, unbuffered output."""
+    """/tmp/ray on an emptyDir (a restarted container keeps its earlier sessions), ephemeral-storage requested
+    for it, a preStop hook that copies every session's logs to the volume with the time to do it, unbuffered
+    output."""
     for path, doc in RAY_DOCS:
         for name, group in _groups(_cluster_spec(doc)):
             pod, c = _pod_spec(group), _container(group)
             hook = " ".join(c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", []))
             assert "/tmp/ray/session_2*/" in hook and "/mnt/shared/ray-logs/$HOSTNAME" in hook, \
                 f"{path.name}: {name}: every session's logs should be copied to the volume when the pod stops"
-            assert pod.get("terminationGracePeriodSeconds", 30) >= 60, f"{path.name}: {name}: time for the copy"
+            assert pod.get("terminationGracePeriodSeconds", 30) >= 60, (
+                f"{path.name}: {name}: time for the copy")
             mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
             volume = next(v for v in pod["volumes"] if v["name"] == mounts.get("/tmp/ray"))
-            assert "emptyDir" in volume and volume["emptyDir"].get("medium") != "Memory", f"{path.name}: {name}"
+            assert "emptyDir" in volume and volume["emptyDir"].get("medium") != "Memory", (
+                f"{path.name}: {name}")
             requested = c["resources"]["requests"].get("ephemeral-storage")
             assert requested and _quantity(requested) >= _quantity(volume["emptyDir"]["sizeLimit"]), \
                 f"{path.name}: {name}: request the ephemeral storage /tmp/ray may fill (spilling, logs)"
             env = {e["name"]: e.get("value") for e in c.get("env", [])}
             assert env.get("PYTHONUNBUFFERED") == "1", f"{path.name}: {name}: the driver's output is piped"
-    hooks = {json.dumps(_container(g)["lifecycle"]["preStop"]) for _, d in RAY_DOCS for _, g in _groups(_cluster_spec(d))}
+    hooks = {json.dumps(_container(g)["lifecycle"]["preStop"]) for _, d in RAY_DOCS
+             for _, g in _groups(_cluster_spec(d))}
     assert len(hooks) == 1, "one preStop hook everywhere (tested below)"
 
 
@@ -693,8 +733,10 @@ def test_config_comes_from_a_configmap():
 
 def test_docs_pin_kuberay_and_say_what_to_change():
     text = (ROOT / "docs" / "deploy.md").read_text()
-    m = re.search(r"helm install kuberay-operator kuberay/kuberay-operator --version (\d+)\.(\d+)\.(\d+)", text)
-    assert m and (int(m.group(1)), int(m.group(2))) >= (1, 6), "pin the operator: authOptions needs KubeRay >= 1.6"
+    m = re.search(r"helm install kuberay-operator kuberay/kuberay-operator --version (\d+)\.(\d+)\.(\d+)",
+                  text)
+    assert m and (int(m.group(1)), int(m.group(2))) >= (1, 6), (
+        "pin the operator: authOptions needs KubeRay >= 1.6")
     for needle in ("RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN", "ray status", "policy_gpu", "reference_gpu",
                    "What to change for your cluster", "Pre-flight", "Re-runs", "NCCL", "DPO_RAY_SHARED_DIR"):
         assert needle in text, f"docs/deploy.md should cover {needle}"
@@ -703,8 +745,8 @@ def test_docs_pin_kuberay_and_say_what_to_change():
 # ------------------------------------------------------------------------- the pods' own lines, through bash
 
 def _start_argv(line: str, tmp_path: Path) -> tuple[list[str], str]:
-    """What Ray receives from the pod's container command: the line through /bin/bash -c, as the pod runs it, with
-    a stand-in `ray` on PATH that records its arguments."""
+    """What Ray receives from the pod's container command: the line through /bin/bash -c, as the pod runs it,
+    with a stand-in `ray` on PATH that records its arguments."""
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     (fake / "ray").write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
@@ -724,14 +766,16 @@ def _ray_start_params(argv: list[str]) -> dict:
 
     assert argv[0] == "start"
     params = start.make_context("start", list(argv[1:])).params
-    params["resources"] = parse_resources_json(params["resources"], cli_logger, cf) if params["resources"] else {}
+    params["resources"] = (parse_resources_json(params["resources"], cli_logger, cf) if params["resources"]
+                           else {})
     return params
 
 
 @pytest.mark.parametrize("version", kuberay.VERSIONS)
 def test_every_pod_start_line_reaches_ray_intact(version, tmp_path):
-    """Each Ray pod's container command as KubeRay `version` builds it, run by bash, parsed by Ray's own CLI: the
-    custom resources, GPUs and object store Ray gets are the manifest's, and the line blocks (the pod's process)."""
+    """Each Ray pod's container command as KubeRay `version` builds it, run by bash, parsed by Ray's own CLI:
+    the custom resources, GPUs and object store Ray gets are the manifest's, and the line blocks (the pod's
+    process)."""
     for path, doc in RAY_DOCS:
         for name, node_type, group in kuberay.groups(kuberay.cluster_spec(doc)):
             params = kuberay.start_params(group, node_type, "dpo-ray-head-svc.default.svc.cluster.local")
@@ -740,7 +784,8 @@ def test_every_pod_start_line_reaches_ray_intact(version, tmp_path):
             try:
                 ray = _ray_start_params(argv)
             except Exception as e:
-                raise AssertionError(f"{path.name}: {name}'s pod line is refused by `ray start`: {argv}") from e
+                raise AssertionError(f"{path.name}: {name}'s pod line is refused by `ray start`: "
+                                     f"{argv}") from e
             assert ray["head"] is (node_type == "head") and ray["block"] is True
             assert ray["num_gpus"] == int(group["rayStartParams"]["num-gpus"])
             assert ray["object_store_memory"] == int(group["rayStartParams"]["object-store-memory"])
@@ -755,8 +800,8 @@ def test_every_pod_start_line_reaches_ray_intact(version, tmp_path):
 
 
 def test_a_broken_resources_quoting_is_caught(tmp_path):
-    """The check above discriminates: the JSON written bare (the form KubeRay's operator parses, bash mangles) is
-    refused by Ray's parser at the pod's line, as it was in the pods."""
+    """The check above discriminates: the JSON written bare (the form KubeRay's operator parses, bash mangles)
+    is refused by Ray's parser at the pod's line, as it was in the pods."""
     job = next(d for _, d in RAY_DOCS if d["kind"] == "RayJob")
     group = json.loads(json.dumps(_cluster_spec(job)["workerGroupSpecs"][0]))
     group["rayStartParams"]["resources"] = '{"policy_gpu":4}'
@@ -770,8 +815,8 @@ def test_a_broken_resources_quoting_is_caught(tmp_path):
 
 
 def test_operator_parses_our_resources_too():
-    """KubeRay's own parse of rayStartParams.resources (quotes and spaces trimmed, then JSON) reads ours: the value
-    it would use if it ever derived accelerators from it."""
+    """KubeRay's own parse of rayStartParams.resources (quotes and spaces trimmed, then JSON) reads ours: the
+    value it would use if it ever derived accelerators from it."""
     for _, doc in RAY_DOCS:
         for name, _, group in kuberay.groups(kuberay.cluster_spec(doc)):
             raw = group["rayStartParams"].get("resources")
@@ -780,8 +825,9 @@ def test_operator_parses_our_resources_too():
 
 
 def test_submitter_line_hands_ray_job_submit_the_entrypoint(tmp_path):
-    """The RayJob submitter's line (both operator versions) through bash -ce: `ray job submit` gets the entrypoint
-    as its words, and Ray's CLI joins them back (shlex.join) into the command its driver runs with a shell."""
+    """The RayJob submitter's line (both operator versions) through bash -ce: `ray job submit` gets the
+    entrypoint as its words, and Ray's CLI joins them back (shlex.join) into the command its driver runs with
+    a shell."""
     job = next(d for _, d in RAY_DOCS if d["kind"] == "RayJob")
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -795,7 +841,8 @@ def test_submitter_line_hands_ray_job_submit_the_entrypoint(tmp_path):
     for version in kuberay.VERSIONS:
         log.unlink(missing_ok=True)
         line = kuberay.job_submit_line(job, "dpo-ray-head-svc:8265", "dpo-ray-qwen2-0-5b-abcde", version)
-        proc = subprocess.run([*kuberay.submitter_command(), line], capture_output=True, text=True, timeout=60,
+        proc = subprocess.run([*kuberay.submitter_command(), line],
+                              capture_output=True, text=True, timeout=60,
                               env={**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
         assert proc.returncode == 0, proc.stderr
         calls = [json.loads(x) for x in log.read_text().splitlines()]
@@ -824,8 +871,9 @@ def _crd_schema(version: str, kind: str) -> dict:
 
 
 def _unknown_fields(node, schema: dict, path: str = "") -> list[str]:
-    """Fields the schema does not declare (the API server prunes them silently, or refuses them under strict field
-    validation): where it lists properties and neither preserves unknown fields nor allows additional ones."""
+    """Fields the schema does not declare (the API server prunes them silently, or refuses them under strict
+    field validation): where it lists properties and neither preserves unknown fields nor allows additional
+    ones."""
     out = []
     if isinstance(node, dict) and schema.get("type") == "object":
         props = schema.get("properties")
@@ -852,7 +900,8 @@ def test_manifests_valid_for_kuberay_crds(version):
 
     for path, doc in RAY_DOCS:
         schema = _crd_schema(version, doc["kind"])
-        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.absolute_path))
+        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc),
+                        key=lambda e: list(e.absolute_path))
         assert not errors, f"{path.name} vs KubeRay {version}: " + "; ".join(
             f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5])
         assert not _unknown_fields(doc, schema), f"{path.name}: fields KubeRay {version} does not know"
@@ -870,13 +919,16 @@ def test_crd_check_catches_a_typo():
 
 
 def test_docs_create_the_secret_and_configmap_before_the_cluster():
-    """In docs/deploy.md's steps and in each manifest's header: the Secret authOptions names and the ConfigMap the
-    head mounts exist before the RayJob or RayCluster is applied (pods would wait on them, or the job fail)."""
+    """In docs/deploy.md's steps and in each manifest's header: the Secret authOptions names and the ConfigMap
+    the head mounts exist before the RayJob or RayCluster is applied (pods would wait on them, or the job
+    fail)."""
     docs = (ROOT / "docs" / "deploy.md").read_text()
     for name, text in [("docs/deploy.md", docs)] + [(p.name, p.read_text()) for p, _ in RAY_DOCS]:
         secret = text.find("kubectl create secret generic dpo-ray-auth")
         configmap = text.find("kubectl create configmap dpo-ray-config --from-file")
-        applies = [m.start() for m in re.finditer(r"kubectl apply -k deploy/ -l dpo-ray/part=(job|cluster)", text)]
+        applies = [m.start()
+                   for m in re.finditer(r"kubectl apply -k deploy/ -l dpo-ray/part=(job|cluster)", text)]
         assert secret >= 0 and configmap >= 0 and applies, f"{name}: the Secret, the ConfigMap and the apply"
-        assert max(secret, configmap) < min(applies), f"{name}: create the Secret and ConfigMap before the cluster"
+        assert max(secret, configmap) < min(applies), (
+            f"{name}: create the Secret and ConfigMap before the cluster")
     assert "1.6.2" in docs and "1.7.0" in docs, "docs/deploy.md should state the KubeRay versions tested"

@@ -1,28 +1,31 @@
-"""deploy/*.yaml executed: a Ray cluster started from the manifests' own `ray start` lines runs the RayJob's entrypoint.
+"""deploy/*.yaml executed: a Ray cluster started from the manifests' own `ray start` lines runs the RayJob's
+entrypoint.
 
-What a KubeRay operator would do with deploy/rayjob.yaml (and deploy/raycluster.yaml, whose cluster is the same),
-done on this machine with real processes:
+What a KubeRay operator would do with deploy/rayjob.yaml (and deploy/raycluster.yaml, whose cluster is the
+same), done on this machine with real processes:
 
 1. For the head and every worker group, the container's command as the operator builds it (tests/kuberay.py:
-   ``/bin/bash -c -- 'ulimit ...; ray start --head  --block  --dashboard-host=0.0.0.0 ...'``), from the group's
-   rayStartParams and container resources. Only what one machine cannot be is changed, each change printed: ports
-   (every node gets free ones; the GCS is never 6379), addresses (the head Service's DNS name -> 127.0.0.1), and the
-   amounts this machine cannot hold (num-cpus, memory, object-store-memory). num-gpus and the custom resources
-   (policy_gpu, reference_gpu) stay as written: logical resources, which is all Ray schedules by. One node per group
-   (replicas 1). Each line runs through bash as in the pod, so a quoting error in the manifest fails here as in
-   the pod.
+   ``/bin/bash -c -- 'ulimit ...; ray start --head  --block  --dashboard-host=0.0.0.0 ...'``), from the
+   group's rayStartParams and container resources. Only what one machine cannot be is changed, each change
+   printed: ports (every node gets free ones; the GCS is never 6379), addresses (the head Service's DNS name
+   -> 127.0.0.1), and the amounts this machine cannot hold (num-cpus, memory, object-store-memory). num-gpus
+   and the custom resources (policy_gpu, reference_gpu) stay as written: logical resources, which is all Ray
+   schedules by. One node per group (replicas 1). Each line runs through bash as in the pod, so a quoting
+   error in the manifest fails here as in the pod.
 2. Token authentication as authOptions + the Secret configure it: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (the
-   Secret's auth_token) in every node's and the submitter's environment; a submit without the token is refused.
-3. The ConfigMap: the file docs/deploy.md's `kubectl create configmap` names, written where the head mounts it,
-   /mnt/shared -> a temp folder (the PVC), with this machine's overrides (printed): a tiny model and dataset where
-   deploy/prepare-assets.yaml would put Qwen2-0.5B and UltraFeedback, CPU instead of CUDA, a few steps.
-4. The RayJob: the operator's submitter line (``ray job status || ray job submit --no-wait ... -- <entrypoint>;
-   ray job logs --follow``) through ``bash -ce``, the entrypoint verbatim but for the mount paths.
-   It trains; the state API shows every training worker on the policy node and every reference actor on the
-   reference node; outputs, checkpoints and driver.log are in the shared folder.
-5. docs/deploy.md's re-run procedure, its sed expressions applied to deploy/rayjob.yaml: a second run (renamed),
-   then the first run continued with resume_from_checkpoint latest: it resumes from its own checkpoint (step 2),
-   not from the second run's (step 1), which stays untouched.
+   Secret's auth_token) in every node's and the submitter's environment; a submit without the token is
+   refused.
+3. The ConfigMap: the file docs/deploy.md's `kubectl create configmap` names, written where the head mounts
+   it, /mnt/shared -> a temp folder (the PVC), with this machine's overrides (printed): a tiny model and
+   dataset where deploy/prepare-assets.yaml would put Qwen2-0.5B and UltraFeedback, CPU instead of CUDA, a few
+   steps.
+4. The RayJob: the operator's submitter line (``ray job status || ray job submit --no-wait ...
+   -- <entrypoint>; ray job logs --follow``) through ``bash -ce``, the entrypoint verbatim but for the mount
+   paths. It trains; the state API shows every training worker on the policy node and every reference actor on
+   the reference node; outputs, checkpoints and driver.log are in the shared folder.
+5. docs/deploy.md's re-run procedure, its sed expressions applied to deploy/rayjob.yaml: a second run
+   (renamed), then the first run continued with resume_from_checkpoint latest: it resumes from its own
+   checkpoint (step 2), not from the second run's (step 1), which stays untouched.
 
 Teardown stops only this test's processes (the `ray start` process groups, then whatever carries this test's
 marker variable); never `ray stop`, which would take down every Ray on the machine.
@@ -54,7 +57,8 @@ from test_job_submit import _free_ports, _marked_pids, _terminate
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MARKER = "DPO_RAY_DEPLOY_CLUSTER_TEST"
-VERSION = "1.7.0"   # the submitter line with 1.7's wait for the dashboard; the start lines are the same in 1.6.2
+# the submitter line with 1.7's wait for the dashboard; the start lines are the same in 1.6.2
+VERSION = "1.7.0"
 SHARED, CONFIG_MOUNT = "/mnt/shared", "/etc/dpo-ray"
 STARTUP_TIMEOUT_S, JOB_TIMEOUT_S = 180, 900
 CPU_CAP, MEMORY_CAP, STORE_CAP = 4, 4 << 30, 300_000_000
@@ -63,7 +67,8 @@ CPU_CAP, MEMORY_CAP, STORE_CAP = 4, 4 << 30, 300_000_000
 CONFIG_OVERRIDES = {
     "bf16": False,                                   # no GPU: fp32 on CPU
     "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1,
-    "save_steps": 1,                                 # checkpoints within a few steps (the re-run resumes from one)
+    # checkpoints within a few steps (the re-run resumes from one)
+    "save_steps": 1,
     "report_to": [],
     "ray": {"num_workers": 2, "use_gpu": False,      # 2 workers on a 2-core machine, CPU (gloo) not CUDA
             "resources_per_worker": {"CPU": 0.5, "policy_gpu": 1}},
@@ -82,8 +87,10 @@ def _map_paths(text: str, shared: Path, config_dir: Path) -> str:
     return text.replace(SHARED, str(shared)).replace(CONFIG_MOUNT, str(config_dir))
 
 
-def _localize(params: dict, name: str, node_type: str, ports: dict, gcs: int, temp_dir: str) -> tuple[dict, list]:
-    """The group's full rayStartParams with this machine's substitutions; returns (params, [(key, was, now, why)])."""
+def _localize(params: dict, name: str, node_type: str, ports: dict, gcs: int,
+              temp_dir: str) -> tuple[dict, list]:
+    """The group's full rayStartParams with this machine's substitutions; returns (params, [(key, was, now,
+    why)])."""
     out, changes = dict(params), []
 
     def put(key, value, why):
@@ -92,7 +99,8 @@ def _localize(params: dict, name: str, node_type: str, ports: dict, gcs: int, te
 
     put("node-ip-address", "127.0.0.1", "the pod's IP")
     if node_type == "head":
-        put("port", gcs, f"the GCS port (Ray's default {kuberay.DEFAULT_GCS_PORT}, the manifest's gcs-server port)")
+        put("port", gcs,
+            f"the GCS port (Ray's default {kuberay.DEFAULT_GCS_PORT}, the manifest's gcs-server port)")
         put("dashboard-port", ports["dashboard"], f"the Jobs API (the manifest's dashboard port "
                                                   f"{kuberay.DEFAULT_DASHBOARD_PORT})")
         put("dashboard-host", "127.0.0.1", "listen on this machine only (token auth stays on)")
@@ -101,7 +109,8 @@ def _localize(params: dict, name: str, node_type: str, ports: dict, gcs: int, te
     put("temp-dir", f"{temp_dir}/{name}", "/tmp/ray, the pod's emptyDir: a private folder per node")
     for key in ("metrics-export-port", "dashboard-agent-listen-port"):
         put(key, ports[key], "one machine: each node needs its own port")
-    for key in ("node-manager-port", "object-manager-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"):
+    for key in ("node-manager-port", "object-manager-port", "dashboard-agent-grpc-port",
+                "runtime-env-agent-port"):
         put(key, ports[key], "one machine: Ray's defaults would collide between nodes")
     if float(out.get("num-cpus", 0)) > CPU_CAP:
         put("num-cpus", CPU_CAP, "this machine has 2 cores (logical CPUs only)")
@@ -113,7 +122,8 @@ def _localize(params: dict, name: str, node_type: str, ports: dict, gcs: int, te
 
 
 class ManifestCluster:
-    """The head and one node per worker group of a RayJob's rayClusterSpec, each started from its pod's line."""
+    """The head and one node per worker group of a RayJob's rayClusterSpec, each started from its pod's
+    line."""
 
     def __init__(self, job: dict, shared: Path, config_dir: Path):
         self.temp_dir = tempfile.mkdtemp(prefix="dporay-k8s-", dir="/tmp")  # short: Ray's socket paths
@@ -128,8 +138,8 @@ class ManifestCluster:
         self.lines: dict[str, str] = {}
         fqdn = f"{job['metadata']['name']}-head-svc.default.svc.cluster.local"
         for name, node_type, group in kuberay.groups(spec):
-            keys = ["metrics-export-port", "dashboard-agent-listen-port", "node-manager-port", "object-manager-port",
-                    "dashboard-agent-grpc-port", "runtime-env-agent-port"]
+            keys = ["metrics-export-port", "dashboard-agent-listen-port", "node-manager-port",
+                    "object-manager-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"]
             ports = dict(zip(keys, _free_ports(len(keys))), dashboard=self.dashboard)
             params = kuberay.start_params(group, node_type, fqdn)
             local, changes = _localize(params, name, node_type, ports, self.gcs, self.temp_dir)
@@ -152,17 +162,20 @@ class ManifestCluster:
         pod = {k: _map_paths(v, shared, config_dir)
                for k, v in kuberay.pod_env(container, self.auth, self.token).items()}
         operator = {"RAY_CLUSTER_NAME": "dpo-ray-qwen2-0-5b-test", "RAY_NODE_TYPE_NAME": group,
-                    "RAY_USAGE_STATS_KUBERAY_IN_USE": "1", "KUBERAY_GEN_RAY_START_CMD": line.split("; ", 1)[1],
+                    "RAY_USAGE_STATS_KUBERAY_IN_USE": "1",
+                    "KUBERAY_GEN_RAY_START_CMD": line.split("; ", 1)[1],
                     "RAY_ADDRESS": f"127.0.0.1:{self.gcs}"}
         base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "KUBERAY"))}
-        machine = {MARKER: self.marker, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the image's PATH
+        # the image's PATH
+        machine = {MARKER: self.marker, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                    "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
         return {**base, **machine, **operator, **pod}
 
     def _api(self, path: str, token: str | None = "own"):
         headers = {"Authorization": f"Bearer {self.token if token == 'own' else token}"} if token else {}
         try:
-            with urllib.request.urlopen(urllib.request.Request(self.address + path, headers=headers), timeout=10) as r:
+            with urllib.request.urlopen(urllib.request.Request(self.address + path, headers=headers),
+                                        timeout=10) as r:
                 return json.loads(r.read())
         except (OSError, ValueError):
             return None
@@ -185,7 +198,8 @@ class ManifestCluster:
         return data["data"]["result"]["result"]
 
     def wait_nodes(self, n: int) -> list[dict]:
-        self._wait(lambda: len([x for x in self.state("nodes") if x["state"] == "ALIVE"]) >= n, f"{n} Ray nodes")
+        self._wait(lambda: len([x for x in self.state("nodes") if x["state"] == "ALIVE"]) >= n,
+                   f"{n} Ray nodes")
         return [x for x in self.state("nodes") if x["state"] == "ALIVE"]
 
     def tail(self) -> str:
@@ -218,8 +232,8 @@ def _configmap_source() -> Path:
 
 
 def _write_config(source: Path, config_dir: Path, shared: Path, max_steps: int) -> None:
-    """The ConfigMap's file where the head mounts it: the example's text with the mount paths mapped, then this
-    machine's overrides."""
+    """The ConfigMap's file where the head mounts it: the example's text with the mount paths mapped, then
+    this machine's overrides."""
     cfg = yaml.safe_load(_map_paths(source.read_text(), shared, config_dir))
     for key, value in {**CONFIG_OVERRIDES, "max_steps": max_steps}.items():
         if isinstance(value, dict):
@@ -231,8 +245,9 @@ def _write_config(source: Path, config_dir: Path, shared: Path, max_steps: int) 
 
 
 def _prepare_assets(shared: Path, config_dir: Path, source: Path) -> None:
-    """What deploy/prepare-assets.yaml puts on the volume, at the paths the config names: a model directory (the
-    bundled tiny Llama standing in for Qwen2-0.5B-Instruct) and a save_to_disk dataset with train and test."""
+    """What deploy/prepare-assets.yaml puts on the volume, at the paths the config names: a model directory
+    (the bundled tiny Llama standing in for Qwen2-0.5B-Instruct) and a save_to_disk dataset with train and
+    test."""
     import datasets
 
     from dpo_ray.config import DPOConfig
@@ -255,7 +270,8 @@ def _prepare_assets(shared: Path, config_dir: Path, source: Path) -> None:
 def _rerun_sed(kind: str) -> str:
     """The sed expression docs/deploy.md's re-run procedure applies to the RayJob ("new" run or "resume")."""
     text = (ROOT / "docs" / "deploy.md").read_text()
-    found = re.findall(r"kubectl kustomize deploy/ \| sed ('[^']*') \| kubectl apply -l dpo-ray/part=job -f -", text)
+    found = re.findall(
+        r"kubectl kustomize deploy/ \| sed ('[^']*') \| kubectl apply -l dpo-ray/part=job -f -", text)
     assert len(found) == 2, f"docs/deploy.md's re-run procedure should show two sed lines, found {found}"
     new, resume = (shlex.split(f)[0] for f in found)
     assert "resume_from_checkpoint latest" in resume, resume
@@ -263,11 +279,13 @@ def _rerun_sed(kind: str) -> str:
 
 
 def _rayjob_after(sed: str) -> dict:
-    """The RayJob docs/deploy.md's re-run line applies: `kubectl kustomize deploy/ | sed EXPR` where kubectl is
-    installed (the line as written), else the same sed on deploy/rayjob.yaml (kustomize changes only the image)."""
+    """The RayJob docs/deploy.md's re-run line applies: `kubectl kustomize deploy/ | sed EXPR` where kubectl
+    is installed (the line as written), else the same sed on deploy/rayjob.yaml (kustomize changes only the
+    image)."""
     kubectl = shutil.which("kubectl")
     if kubectl:
-        text = subprocess.run(["bash", "-o", "pipefail", "-c", f"{kubectl} kustomize deploy/ | sed {shlex.quote(sed)}"],
+        text = subprocess.run(["bash", "-o", "pipefail", "-c",
+                               f"{kubectl} kustomize deploy/ | sed {shlex.quote(sed)}"],
                               cwd=ROOT, capture_output=True, text=True, check=True, timeout=120).stdout
     else:
         text = subprocess.run(["sed", sed, "deploy/rayjob.yaml"], cwd=ROOT, capture_output=True, text=True,
@@ -277,8 +295,8 @@ def _rayjob_after(sed: str) -> dict:
 
 
 def _submit(cluster: ManifestCluster, job: dict, shared: Path, config_dir: Path) -> tuple[str, str]:
-    """The operator's submitter line for this RayJob, run as the submitter container runs it; returns (the job's
-    submission id, its log)."""
+    """The operator's submitter line for this RayJob, run as the submitter container runs it; returns (the
+    job's submission id, its log)."""
     job = json.loads(json.dumps(job))
     job["spec"]["entrypoint"] = _map_paths(job["spec"]["entrypoint"], shared, config_dir)
     job_id = f"{job['metadata']['name']}-{uuid.uuid4().hex[:5]}"
@@ -317,8 +335,10 @@ def cluster(tmp_path_factory):
         # deploy/raycluster.yaml's pods run the very same lines (its cluster is the RayJob's)
         fqdn = "head-svc"
         for (name, node_type, group), (_, _, same) in zip(kuberay.groups(kuberay.cluster_spec(long_lived)),
-                                                          kuberay.groups(kuberay.cluster_spec(job)), strict=True):
-            assert kuberay.start_params(group, node_type, fqdn) == kuberay.start_params(same, node_type, fqdn), \
+                                                          kuberay.groups(kuberay.cluster_spec(job)),
+                                                          strict=True):
+            assert kuberay.start_params(group, node_type, fqdn) == \
+                kuberay.start_params(same, node_type, fqdn), \
                 f"raycluster.yaml's {name} pod starts Ray differently from rayjob.yaml's"
         c.nodes = c.wait_nodes(1 + len(kuberay.cluster_spec(job)["workerGroupSpecs"]))
         yield c
@@ -328,7 +348,8 @@ def cluster(tmp_path_factory):
 
 def _node_of(nodes: list[dict], resource: str) -> str:
     found = [n["node_id"] for n in nodes if resource in (n.get("resources_total") or {})]
-    assert len(found) == 1, f"one node should advertise {resource}: {[(n['node_id'], n.get('resources_total')) for n in nodes]}"
+    assert len(found) == 1, (
+        f"one node should advertise {resource}: {[(n['node_id'], n.get('resources_total')) for n in nodes]}")
     return found[0]
 
 
@@ -341,7 +362,8 @@ def test_the_manifests_cluster_runs_the_rayjob(cluster):
         want = {"GPU": float(params.get("num-gpus", 0))}
         if "resources" in params:
             want.update({k: float(v) for k, v in
-                         json.loads(shlex.split(f"--resources={params['resources']}")[0].split("=", 1)[1]).items()})
+                         json.loads(shlex.split(f"--resources={params['resources']}")[0]
+                                    .split("=", 1)[1]).items()})
         advertised = [n.get("resources_total") or {} for n in cluster.nodes]
         assert any(all(r.get(k, 0.0) == v for k, v in want.items()) for r in advertised), \
             f"no node advertises group {name}'s {want}: {advertised}"
@@ -349,12 +371,14 @@ def test_the_manifests_cluster_runs_the_rayjob(cluster):
     # an unauthenticated submit is refused: no token, and a wrong one
     source = _configmap_source()
     bare = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    bare.update({"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": cluster.temp_dir, MARKER: cluster.marker})
+    bare.update({"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": cluster.temp_dir,
+                 MARKER: cluster.marker})
     for extra in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}):
-        refused = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.address, "--no-wait",
-                                  "--", "echo", "should-not-run"], env={**bare, **extra}, capture_output=True,
-                                 text=True, timeout=120)
-        assert refused.returncode != 0, f"submit with {sorted(extra) or 'no token'} accepted:\n{refused.stdout}"
+        refused = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.address,
+                                  "--no-wait", "--", "echo", "should-not-run"], env={**bare, **extra},
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0, (
+            f"submit with {sorted(extra) or 'no token'} accepted:\n{refused.stdout}")
     assert not [j for j in (cluster._api("/api/jobs/") or []) if "should-not-run" in j.get("entrypoint", "")]
     assert cluster._api("/api/jobs/", token=None) is None
 
@@ -364,7 +388,8 @@ def test_the_manifests_cluster_runs_the_rayjob(cluster):
     print("config overrides:", json.dumps({**CONFIG_OVERRIDES, "max_steps": RUN_STEPS["first"]}))
     job_id, logs = _submit(cluster, job, shared, config_dir)
 
-    # placement, from the state API: training workers on the policy node, reference actors on the reference node
+    # placement, from the state API: training workers on the
+    # policy node, reference actors on the reference node
     ray_job = cluster._api(f"/api/jobs/{job_id}")["job_id"]
     actors = cluster.state("actors", job_id=ray_job)
     policy, reference = _node_of(cluster.nodes, "policy_gpu"), _node_of(cluster.nodes, "reference_gpu")
@@ -373,7 +398,8 @@ def test_the_manifests_cluster_runs_the_rayjob(cluster):
         where.setdefault(a["class_name"], set()).add(a.get("node_id"))
     assert where.get("RayTrainWorker") == {policy}, where
     assert where.get("ReferenceModelHost") == {reference}, where
-    assert len([a for a in actors if a["class_name"] == "RayTrainWorker"]) >= CONFIG_OVERRIDES["ray"]["num_workers"]
+    assert (len([a for a in actors if a["class_name"] == "RayTrainWorker"])
+            >= CONFIG_OVERRIDES["ray"]["num_workers"])
 
     # the outputs on the shared volume, where the entrypoint put them
     out = shared / "outputs" / "qwen2-0.5b-dpo-refpool"
@@ -385,7 +411,8 @@ def test_the_manifests_cluster_runs_the_rayjob(cluster):
 
 
 def test_rerun_procedure_resumes_its_own_run(cluster):
-    """docs/deploy.md's "Re-runs": a new run under its own name, then the first continued: its own checkpoint."""
+    """docs/deploy.md's "Re-runs": a new run under its own name, then the first continued: its own
+    checkpoint."""
     shared, config_dir = cluster.shared, cluster.config_dir
     source = _configmap_source()
     first = shared / "outputs" / "qwen2-0.5b-dpo-refpool"

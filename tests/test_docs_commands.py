@@ -138,7 +138,8 @@ def example_commands(path: Path) -> list[DocCommand]:
 ALL = [c for p in MARKDOWN for c in markdown_commands(p)] + [c for p in EXAMPLES for c in example_commands(p)]
 
 
-_ran: dict[str, str] = {}  # command (comments dropped) -> id of the test that ran it (a command shown twice runs once)
+# command (comments dropped) -> id of the test that ran it (a command shown twice runs once)
+_ran: dict[str, str] = {}
 
 
 def test_the_docs_show_commands():
@@ -208,7 +209,8 @@ def _run_cli(argv: list[str], cwd: Path) -> None:
         assert main(argv) == 0, f"dpo-ray {shlex.join(argv)} did not exit 0 in {cwd}"
         if argv[0] in ("train", "sft"):
             out = Path(_resolve(_parser().parse_args(argv)).output_dir)
-            saved = (out / "config.json").is_file() or (out / "adapter_config.json").is_file()  # PEFT: the adapter
+            # PEFT: the adapter
+            saved = (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
             assert saved and (out / "report.json").is_file(), f"no model in {out}"
             check = AFTER.get(shlex.join(["dpo-ray", *argv]))
             if check is not None:
@@ -232,7 +234,8 @@ def _vlm_trained(out: Path) -> None:
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert AutoProcessor.from_pretrained(out).image_token == "<image>"
     start = AutoModelForImageTextToText.from_pretrained(out.parent / "tiny_vlm")
-    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
+    assert any(not torch.equal(a, b)
+               for a, b in zip(model.state_dict().values(), start.state_dict().values()))
 
 
 # Extra checks after a documented training command (keyed by the command as run).
@@ -262,8 +265,8 @@ def run(cmd: DocCommand, cwd: Path, address: str) -> None:
             _subprocess(["make", "demo", f"DEMO_ARGS=--max_steps 2 --output_dir {cwd / 'demo_output'}"], ROOT,
                         address, timeout=850)
         else:
-            pytest.fail(f"{cmd.id}: no way to run {argv[0]!r} here; teach this test to run it, or mark it in the "
-                        f"doc with '{NOT_RUN} <reason>'")
+            pytest.fail(f"{cmd.id}: no way to run {argv[0]!r} here; teach this test to run it, or mark it in "
+                        f"the doc with '{NOT_RUN} <reason>'")
         _ran[key] = cmd.id
 
 

@@ -20,12 +20,14 @@ ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRA
 
 def test_the_examples_exist():
     names = {p.name for p in YAMLS}
-    assert {"tiny_demo.yaml", "qwen2_0.5b_ultrafeedback.yaml", "lora.yaml", "separate_reference_pool.yaml"} <= names
+    assert ({"tiny_demo.yaml", "qwen2_0.5b_ultrafeedback.yaml", "lora.yaml", "separate_reference_pool.yaml"}
+            <= names)
     assert (EXAMPLES / "train_dpo.py").exists()
 
 
 # Recipes whose model is not on this machine (a GPU cluster, a hub download, the tiny VLM its header builds
-# first): validated without path checks here; tests/test_docs_commands.py runs vlm_tiny.yaml after building it.
+# first): validated without path checks here;
+# tests/test_docs_commands.py runs vlm_tiny.yaml after building it.
 ELSEWHERE = {"qwen2_0.5b_ultrafeedback.yaml", "separate_reference_pool.yaml", "vlm_tiny.yaml"}
 
 
@@ -34,7 +36,8 @@ def test_yaml_validates_through_the_cli(path):
     extra = ["--no_path_check"] if path.name in ELSEWHERE else []
     proc = subprocess.run([sys.executable, "-m", "dpo_ray", "validate", "--config", str(path), *extra],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"dpo-ray validate --config {path.name} exited {proc.returncode}:\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"dpo-ray validate --config {path.name} exited {proc.returncode}:\n{proc.stderr}")
     assert "# DeepSpeed config" in proc.stdout
 
 
@@ -42,14 +45,16 @@ def test_yaml_validates_through_the_cli(path):
 def test_validate_names_a_model_directory_this_machine_lacks(name):
     proc = subprocess.run([sys.executable, "-m", "dpo_ray", "validate", "--config", str(EXAMPLES / name)],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "model_name_or_path" in proc.stderr and "is not a directory" in proc.stderr
+    assert (proc.returncode == 2 and "model_name_or_path" in proc.stderr
+            and "is not a directory" in proc.stderr)
 
 
 def test_tiny_demo_is_cpu_friendly():
     cfg = load_config(EXAMPLES / "tiny_demo.yaml")
     assert cfg.model_name_or_path is None and cfg.dataset_name is None  # bundled model and data
     assert cfg.ray.num_workers == 2 and cfg.ray.use_gpu is False
-    # fractional CPUs: 2 workers + reference actor + Ray Data must fit a 2-core box (else Ray Data starves and the run hangs)
+    # fractional CPUs: 2 workers + reference actor + Ray Data must
+    # fit a 2-core box (else Ray Data starves and the run hangs)
     assert cfg.ray.resources_per_worker.get("CPU", 1) <= 0.5
     assert cfg.reference.source in ("local", "actor")
     if cfg.reference.source == "actor":
@@ -78,7 +83,8 @@ def test_lora_uses_the_adapter_off_reference():
 def test_separate_reference_pool_targets_custom_resources():
     cfg = load_config(EXAMPLES / "separate_reference_pool.yaml")
     assert cfg.ray.use_gpu is True
-    assert cfg.ray.resources_per_worker.get("policy_gpu") == 1 and cfg.ray.resources_per_worker.get("CPU") == 4
+    assert (cfg.ray.resources_per_worker.get("policy_gpu") == 1
+            and cfg.ray.resources_per_worker.get("CPU") == 4)
     assert cfg.reference.source == "actor" and cfg.reference.num_actors == 2
     assert cfg.reference.num_gpus == 1 and cfg.reference.resources == {"reference_gpu": 1}
 
@@ -88,8 +94,10 @@ def test_train_dpo_py_has_the_trl_quick_start_shape():
     imports = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     assert {("dpo_ray", "DPOConfig"), ("dpo_ray", "DPOTrainer")} <= imports
     assert not any(mod and mod.startswith("trl") for mod, _ in imports)
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "DPOTrainer"]
-    assert calls and {"model", "args", "train_dataset", "processing_class"} <= {k.arg for k in calls[0].keywords}
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and getattr(n.func, "id", None) == "DPOTrainer"]
+    assert (calls
+            and {"model", "args", "train_dataset", "processing_class"} <= {k.arg for k in calls[0].keywords})
     proc = subprocess.run([sys.executable, str(EXAMPLES / "train_dpo.py"), "--help"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

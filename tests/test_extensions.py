@@ -1,5 +1,6 @@
-"""Torch extension builds a killed process left (dpo_ray.extensions): recognised from real files and a real lock
-held open by another process, and set aside by the training workers' start-up, never a folder that is not one."""
+"""Torch extension builds a killed process left (dpo_ray.extensions): recognised from real files and a real
+lock held open by another process, and set aside by the training workers' start-up, never a folder that is not
+one."""
 
 from __future__ import annotations
 

@@ -33,7 +33,8 @@ from dpo_ray.trainer import _check_output_dir, _find_checkpoint
 # ------------------------------------------------------------------------------------- unit tests
 def test_torn_metrics_line_is_skipped_and_cut(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3))
+                    + '{"step": 4, "lo')
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
     assert "torn" in capsys.readouterr().err
     cut_metrics(path, 2)
@@ -122,7 +123,8 @@ def test_second_run_into_a_used_output_dir_is_refused(tmp_path):
         _check_output_dir(DPOConfig(output_dir=str(fresh), run_name="r"), fresh, None)
     # a run folder dpo_ray did not make (no marker) is never deleted, even with overwrite_output_dir
     with pytest.raises(ConfigError, match="no .dpo_ray_owned marker"):
-        _check_output_dir(DPOConfig(output_dir=str(fresh), run_name="r", overwrite_output_dir=True), fresh, None)
+        _check_output_dir(DPOConfig(output_dir=str(fresh), run_name="r", overwrite_output_dir=True),
+                          fresh, None)
     from dpo_ray.owned import mark_owned
 
     mark_owned(fresh / "ray_results", "ray-storage")
@@ -193,7 +195,8 @@ def test_reference_cache_key_covers_how_the_model_loads():
     base = key()
     assert key(attn_implementation="eager") != base and key(torch_dtype="bfloat16") != base
     assert key(model_init_kwargs={"revision": "x"}) != base
-    assert key(model_init_kwargs={"token": "a"}) == key(model_init_kwargs={"token": "b"})  # secrets: not in the key
+    # secrets: not in the key
+    assert key(model_init_kwargs={"token": "a"}) == key(model_init_kwargs={"token": "b"})
 
 
 # ----------------------------------------------------------------------------- the real stack
@@ -240,7 +243,8 @@ def test_faults_then_latest_resume_reproduce_the_run(ray_local, tmp_path, capsys
     steps = [r["step"] for r in resumed.history if "loss" in r]
     assert steps == [1, 2, 3, 4], steps  # no duplicate rows, nothing of the torn line
     assert [r["step"] for r in resumed.history if "eval_loss" in r] == [4]
-    for a, b in zip([r["loss"] for r in full.history if "loss" in r], [r["loss"] for r in resumed.history if "loss" in r]):
+    for a, b in zip([r["loss"] for r in full.history if "loss" in r],
+                    [r["loss"] for r in resumed.history if "loss" in r]):
         assert a == pytest.approx(b, abs=1e-5)  # steps 3 and 4 need step 2's mixed reference back
     assert resumed.eval_metrics["eval_loss"] == pytest.approx(full.eval_metrics["eval_loss"], abs=1e-5)
     assert resumed.report["steps"] == 4

@@ -2,8 +2,9 @@
 
 CPU, eager FlexAttention (its reference implementation): the packed flex forward must give the standard
 layout's log-probs (gradients need a GPU: torch 2.13 has no CPU backward for it, so the policy falls back to
-dense there, tested here; tests/test_gpu.py compares flex gradients on the GPU); ``prefix_attention`` selects it; ``auto`` times the layouts when asked and
-records why it chose; where FlexAttention cannot run, the selection falls back to dense with the reason."""
+dense there, tested here; tests/test_gpu.py compares flex gradients on the GPU); ``prefix_attention`` selects
+it; ``auto`` times the layouts when asked and records why it chose; where FlexAttention cannot run, the
+selection falls back to dense with the reason."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def model(**kw):
 
 @pytest.mark.parametrize("lean", [True, False])
 def test_flex_logps_equal_the_standard_layout(lean):
-    """Forward (the reference's use): packed flex log-probs = standard layout = dense packed. Gradients through
-    flex need a GPU (torch 2.13 has no CPU backward): tests/test_gpu.py checks them there."""
+    """Forward (the reference's use): packed flex log-probs = standard layout = dense packed. Gradients
+    through flex need a GPU (torch 2.13 has no CPU backward): tests/test_gpu.py checks them there."""
     batch = pairs()
     m = model().eval()
     with torch.no_grad():
@@ -42,8 +43,8 @@ def test_flex_logps_equal_the_standard_layout(lean):
 
 
 def test_flex_without_a_cpu_backward_keeps_the_policy_on_dense():
-    """The policy's forward is differentiated: on the CPU, where FlexAttention has no backward, asking for flex
-    falls back to the dense mask and says why; the reference (no gradient) may use flex on the CPU."""
+    """The policy's forward is differentiated: on the CPU, where FlexAttention has no backward, asking for
+    flex falls back to the dense mask and says why; the reference (no gradient) may use flex on the CPU."""
     batch = pairs()
     pol = PrefixSharing("auto", "policy", "flex")
     assert pol(model(), batch) is True and pol.kernel == "dense"
@@ -61,8 +62,9 @@ def test_flex_without_a_cpu_backward_keeps_the_policy_on_dense():
 
 
 def test_flex_switch_leaves_the_standard_and_dense_paths_unchanged():
-    """After the first flex forward the model's attention is routed through dpo_ray_flex for good: the standard
-    layout (2-D padding mask) and the dense packed path must still give the same numbers (SDPA underneath)."""
+    """After the first flex forward the model's attention is routed through dpo_ray_flex for good: the
+    standard layout (2-D padding mask) and the dense packed path must still give the same numbers (SDPA
+    underneath)."""
     m = model().eval()
     batch = pairs(seed=3)
     with torch.no_grad():
@@ -123,7 +125,7 @@ def test_flex_failure_falls_back_to_dense(monkeypatch):
     assert "flex packed forward failed (RuntimeError: no kernel for this device)" in s.why
 
 
-# ------------------------------------------------------------------ packed width from the collate (no host sync)
+# -------------------------------------------------------------- packed width from the collate (no host sync)
 
 def test_collate_packed_width_equals_pack_pairs():
     """The width the collate computes from the token lists is the one pack_pairs would read from the device,
@@ -136,8 +138,8 @@ def test_collate_packed_width_equals_pack_pairs():
     rng = random.Random(0)
     for trial in range(40):
         b = rng.randint(1, 5)
-        cols = {"chosen_input_ids": [], "rejected_input_ids": [], "chosen_prompt_len": [], "rejected_prompt_len": [],
-                "row_id": list(range(b))}
+        cols = {"chosen_input_ids": [], "rejected_input_ids": [], "chosen_prompt_len": [],
+                "rejected_prompt_len": [], "row_id": list(range(b))}
         for _ in range(b):
             p = rng.randint(1, 6)
             prompt = [rng.randint(3, 9) for _ in range(p)]

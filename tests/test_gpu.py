@@ -26,7 +26,8 @@ BACKEND = "nccl" if CUDA else "gloo"
 VOCAB = 64
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not (CUDA or DRY), reason="needs a CUDA GPU (DPO_RAY_GPU_DRY=1 rehearses on CPU)")]
+              pytest.mark.skipif(not (CUDA or DRY),
+                                 reason="needs a CUDA GPU (DPO_RAY_GPU_DRY=1 rehearses on CPU)")]
 
 
 def pairs_batch(b: int = 4, t: int = 24, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -64,16 +65,18 @@ def test_bf16_forward_backward_matches_fp32():
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.skipif(not CUDA, reason="FlexAttention has no backward on the CPU (torch 2.13): GPU only, also in dry runs")
+@pytest.mark.skipif(
+    not CUDA, reason="FlexAttention has no backward on the CPU (torch 2.13): GPU only, also in dry runs")
 def test_flex_prefix_attention_on_the_gpu():
-    """Prefix sharing's block-sparse path on the GPU (compiled FlexAttention): fp32 log-probs and gradients equal
-    the standard layout's; bf16 within bf16 error; ``prefix_sharing: auto`` times standard / dense / flex on the
-    first batch and says which it kept."""
+    """Prefix sharing's block-sparse path on the GPU (compiled FlexAttention): fp32 log-probs and gradients
+    equal the standard layout's; bf16 within bf16 error; ``prefix_sharing: auto`` times standard / dense /
+    flex on the first batch and says which it kept."""
     from dpo_ray.forward import sequence_forward
     from dpo_ray.sharing import PrefixSharing
 
     batch = to(pairs_batch(b=4, t=48), DEVICE)
-    shape = {"hidden_size": 64, "intermediate_size": 128}  # head_dim 16: FlexAttention's GPU kernels need ≥ 16
+    # head_dim 16: FlexAttention's GPU kernels need ≥ 16
+    shape = {"hidden_size": 64, "intermediate_size": 128}
     grads, logps = {}, {}
     for layout in (False, "flex"):
         m = tiny_llama(VOCAB, 0, tie_word_embeddings=False, **shape).to(DEVICE).train()
@@ -168,8 +171,8 @@ def test_zero_stage_trains_on_the_device(process_group, stage):
 
 
 def test_reference_actor_on_the_gpu_beside_the_policy(ray_local, tmp_path):
-    """One Ray Train fit: the policy on the GPU (NCCL process group, ZeRO-3, bf16) and the reference actor pool on
-    the same GPU with a fractional ``num_gpus`` (whole GPUs when there are two or more); two steps."""
+    """One Ray Train fit: the policy on the GPU (NCCL process group, ZeRO-3, bf16) and the reference actor
+    pool on the same GPU with a fractional ``num_gpus`` (whole GPUs when there are two or more); two steps."""
     import ray
 
     from dpo_ray import DPOTrainer
@@ -192,4 +195,5 @@ def test_reference_actor_on_the_gpu_beside_the_policy(ray_local, tmp_path):
     rows = [r for r in out.history if "loss" in r]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
     if CUDA:
-        assert rows[-1].get("gpu_peak_mib", 0) > 0, "the worker reported no GPU memory: did it train on the CPU?"
+        assert rows[-1].get("gpu_peak_mib", 0) > 0, (
+            "the worker reported no GPU memory: did it train on the CPU?")

@@ -18,8 +18,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def test_gpu_check_dry_runs_both_stages_and_writes_json(tmp_path):
     out = tmp_path / "gpu_check.json"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry", "--tests_k", "bf16 or nccl",
-                        "--configs", "trl", "--steps", "3", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry", "--tests_k",
+                        "bf16 or nccl", "--configs", "trl", "--steps", "3", "--workdir",
+                        str(tmp_path / "work"), "--out", str(out)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "DRY RUN on the CPU" in r.stdout and "not GPU numbers" in r.stdout
@@ -85,11 +86,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_make_gpu_check_from_a_fresh_home_after_killed_builds(tmp_path):
-    """The command a first GPU run uses, from scratch: a fresh HOME (no DeepSpeed op built, no cache), a minimal
-    environment (PATH, HOME). Before it, two first builds are killed half-way: DeepSpeed's own in-place build
-    (it leaves torch's ``lock`` file behind, on which every later load would wait for ever) and gpu_check's
-    atomic one. ``make gpu-check`` then repairs the op, builds it once, and its ZeRO tests pass (the tests that
-    need the op; the throughput stage for TRL only, to keep CI short)."""
+    """The command a first GPU run uses, from scratch: a fresh HOME (no DeepSpeed op built, no cache), a
+    minimal environment (PATH, HOME). Before it, two first builds are killed half-way: DeepSpeed's own
+    in-place build (it leaves torch's ``lock`` file behind, on which every later load would wait for ever) and
+    gpu_check's atomic one. ``make gpu-check`` then repairs the op, builds it once, and its ZeRO tests pass
+    (the tests that need the op; the throughput stage for TRL only, to keep CI short)."""
     from dpo_ray.extensions import op_state
 
     home = tmp_path / "home"
@@ -109,8 +110,9 @@ def test_make_gpu_check_from_a_fresh_home_after_killed_builds(tmp_path):
     assert op_state(op, "deepspeed_shm_comm") == "broken", "a killed build leaves its lock (the trap)"
 
     # 2. gpu_check's own build (bench/ds_ops.py, into a temp dir), killed while compiling
-    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "ds_ops.py")], env={**env, "DS_ACCELERATOR": "cpu"},
-                         cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "ds_ops.py")],
+                         env={**env, "DS_ACCELERATOR": "cpu"}, cwd=ROOT, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(ext / f".build-deepspeed_shm_comm-{p.pid}" / "deepspeed_shm_comm" / "lock", p)
     _kill_group(p)
     assert op_state(op, "deepspeed_shm_comm") == "broken", "the killed atomic build did not touch the target"
@@ -127,8 +129,10 @@ def test_make_gpu_check_from_a_fresh_home_after_killed_builds(tmp_path):
     assert tests == {"test_zero_stage_trains_on_the_device[2]": "passed",
                      "test_zero_stage_trains_on_the_device[3]": "passed"}, tests
     assert op_state(op, "deepspeed_shm_comm") == "ready"
-    assert sorted(x.name for x in ext.iterdir()) == [".dpo_ray_ops.lock", "deepspeed_shm_comm"], "no leftovers"
+    assert sorted(x.name for x in ext.iterdir()) == [".dpo_ray_ops.lock", "deepspeed_shm_comm"], (
+        "no leftovers")
     # a second run finds the op built and loads it (no rebuild)
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "ds_ops.py")], env={**env, "DS_ACCELERATOR": "cpu"},
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "ds_ops.py")],
+                       env={**env, "DS_ACCELERATOR": "cpu"},
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "'built': False" in r.stdout, r.stdout + r.stderr

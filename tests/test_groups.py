@@ -1,5 +1,6 @@
 """Prompt groups (one prompt, K responses with scores or a ranking): rows, pairs, the one-forward-per-group
-layout, and the loss. Pure torch and the real tokenizer / tiny Llama, no Ray (tests/test_groups_ray.py trains).
+layout, and the loss. Pure torch and the real tokenizer / tiny Llama, no Ray (tests/test_groups_ray.py
+trains).
 
 The reference for every number is the per-pair standard layout: the same group rows expanded into pair rows
 (``expand_to_pairs``), tokenized and collated as pairs, [chosen; rejected] rows, no sharing.
@@ -46,7 +47,8 @@ def both_layouts(tok, rows, cfg=CFG):
     cols = tokenize_rows(rows, tok, cfg)
     assert "group_input_ids" in cols  # detected from the first row
     pairs = expand_to_pairs(rows, cfg.group_pairs, cfg.group_margin, cfg.data_order_seed)
-    return collate_groups(cols, tok.pad_token_id), collate_pairs(tokenize_rows(pairs, tok, cfg), tok.pad_token_id)
+    return collate_groups(cols, tok.pad_token_id), collate_pairs(
+        tokenize_rows(pairs, tok, cfg), tok.pad_token_id)
 
 
 # ------------------------------------------------------------------------------------ rows and pairs
@@ -57,7 +59,8 @@ def test_pair_rules_ties_and_margin():
     assert group_pairs(s, "all", margin=0.5) == [(1, 2)]  # the gap must exceed the margin
     assert group_pairs(s, "best_vs_rest") == [(1, 0), (1, 2), (1, 3)]
     assert group_pairs(s, "best_vs_worst") == [(1, 2)]
-    assert group_pairs([2, 2, 1, 1], "best_vs_worst") == [(0, 2)]  # ties: the first listed is the best / worst
+    # ties: the first listed is the best / worst
+    assert group_pairs([2, 2, 1, 1], "best_vs_worst") == [(0, 2)]
     assert group_pairs([2, 2, 1], "best_vs_rest") == [(0, 2)]
     assert group_pairs([1, 1, 1], "all") == []
     draws = {group_pairs([3, 2, 1, 0], "best_vs_random", seed=0, row_id=r)[0] for r in range(40)}
@@ -81,7 +84,8 @@ def test_ranking_is_scores_reversed():
     ({"completions": ["a", "b"], "scores": [1, 0]}, "missing_column", "'prompt'"),
     ({"prompt": "p", "completions": ["a", " "], "scores": [1, 0]}, "empty_completion", "completions[1]"),
     ({"prompt": "p", "completions": "ab", "scores": [1, 0]}, "wrong_type", "list of responses"),
-    ({"prompt": "p", "completions": ["a", "b"], "scores": [1, 0], "chosen": "a"}, "misnamed_column", "one format"),
+    ({"prompt": "p", "completions": ["a", "b"], "scores": [1, 0], "chosen": "a"}, "misnamed_column",
+     "one format"),
 ])
 def test_bad_group_rows_name_the_problem(row, kind, words):
     with pytest.raises(BadRow) as e:
@@ -138,7 +142,8 @@ def test_collated_group_batch(tok):
         assert c // 3 == r // 3  # a pair never crosses groups
 
 
-@pytest.mark.parametrize("impl, lean, ks", [("sdpa", True, (2, 4, 8)), ("sdpa", False, (4,)), ("eager", True, (4,))])
+@pytest.mark.parametrize("impl, lean, ks",
+                         [("sdpa", True, (2, 4, 8)), ("sdpa", False, (4,)), ("eager", True, (4,))])
 def test_group_logps_equal_the_per_pair_standard_layout(tok, impl, lean, ks):
     """One packed row per group, each response scored once and gathered for its pairs, equals the pair
     batch of the expanded pairs run the standard way (every statistic the losses and metrics read)."""
@@ -148,7 +153,8 @@ def test_group_logps_equal_the_per_pair_standard_layout(tok, impl, lean, ks):
         packed = pair_layout(sequence_forward(model, g, share_prefix=True, want_wpo=True, lean=lean).stats, g)
         plain = sequence_forward(model, p, want_wpo=True, lean=lean).stats
         for name in ("logps", "num_tokens", "nll_mean", "entropy", "mean_logit", "num_correct", "wpo_logw"):
-            torch.testing.assert_close(getattr(packed, name), getattr(plain, name), atol=2e-5, rtol=1e-5, msg=name)
+            torch.testing.assert_close(getattr(packed, name), getattr(plain, name), atol=2e-5, rtol=1e-5,
+                                       msg=name)
 
 
 def test_pack_groups_layout(tok):
@@ -181,9 +187,10 @@ def test_group_gradients_equal_the_per_pair_standard_layout(tok):
 
 
 @pytest.mark.parametrize("overrides", [
-    {}, {"rpo_alpha": 1.0}, {"loss_type": ["ipo"]}, {"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [1, 0.5]},
-    {"use_weighting": True}, {"loss_type": ["aot"]}, {"group_pairs": "best_vs_rest"}, {"group_pairs": "best_vs_random"},
-    {"group_pairs": "best_vs_worst", "group_margin": 0.2},
+    {}, {"rpo_alpha": 1.0}, {"loss_type": ["ipo"]},
+    {"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [1, 0.5]},
+    {"use_weighting": True}, {"loss_type": ["aot"]}, {"group_pairs": "best_vs_rest"},
+    {"group_pairs": "best_vs_random"}, {"group_pairs": "best_vs_worst", "group_margin": 0.2},
 ])
 def test_loss_metrics_and_gradients_equal_the_expanded_pairs(tok, overrides):
     cfg = DPOConfig(**overrides)
@@ -235,22 +242,25 @@ def test_tokens_computed_fall_with_k(tok):
     ratios = []
     for k in (2, 4, 8):
         g, p = both_layouts(tok, groups(8, k=k, seed=1))
-        packed = prefix.pack_groups(g["input_ids"], g["attention_mask"], g["completion_mask"], g["group_index"])
+        packed = prefix.pack_groups(g["input_ids"], g["attention_mask"], g["completion_mask"],
+                                    g["group_index"])
         ratios.append(int(p["attention_mask"].sum()) / packed.tokens)
     assert ratios[0] > 1 and ratios[1] > ratios[0] and ratios[2] > ratios[1]
     assert not any(math.isnan(r) for r in ratios)
 
 
 def test_the_bundled_group_example_learns(tok):
-    """examples/groups_demo.yaml's recipe, in-process: the tiny Llama from random weights, 12 steps of 8 groups;
-    eval pair accuracy (rewards/accuracies over the test groups' pairs) and eval loss move the right way."""
+    """examples/groups_demo.yaml's recipe, in-process: the tiny Llama from random weights, 12 steps of 8
+    groups; eval pair accuracy (rewards/accuracies over the test groups' pairs) and eval loss move the right
+    way."""
     import json
 
     from dpo_ray.config import load_config
 
     cfg = load_config(EXAMPLES / "groups_demo.yaml")
     assert cfg.group_pairs == "all" and cfg.dataset_name == "examples/groups/train.jsonl"
-    cfg = DPOConfig(learning_rate=cfg.learning_rate, beta=cfg.beta, rpo_alpha=cfg.rpo_alpha, max_length=cfg.max_length)
+    cfg = DPOConfig(learning_rate=cfg.learning_rate, beta=cfg.beta, rpo_alpha=cfg.rpo_alpha,
+                    max_length=cfg.max_length)
     read = [[json.loads(line) for _, line in zip(range(n), open(EXAMPLES / "groups" / f"{name}.jsonl"))]
             for name, n in (("train", 128), ("test", 32))]
     train, test = (tokenize_rows(rows, tok, cfg) for rows in read)
@@ -292,7 +302,8 @@ def test_inspect_data_reads_groups(tok):
     assert {k: v["count"] for k, v in evaluate(piece, cfg, keep=5).items() if v["count"]} == {}
     tied = {"prompt": "sort: 1 2 =", "completions": [" 1 2", " 2 1"], "scores": [1, 1]}
     pair = {"prompt": "sort: 1 2 =", "chosen": " 1 2", "rejected": " 2 1"}
-    piece = Analyzer(tok, cfg).analyze([RawRow(i, i + 1, r) for i, r in enumerate(rows[:20] + [tied, pair])], "x.jsonl")
+    piece = Analyzer(tok, cfg).analyze([RawRow(i, i + 1, r) for i, r in enumerate(rows[:20] + [tied, pair])],
+                                       "x.jsonl")
     assert bad_row_report(piece, "skip")["kinds"]["no_pairs"]["count"] == 1
     assert evaluate(piece, cfg, keep=5)["mixed_formats"]["count"] == 1
 
@@ -329,7 +340,8 @@ def test_pack_groups_edge_cases(tok):
     groups_ = [[(p0 + r(3), 5), (p0[:4] + r(1) + r(4), 5), (p0 + same + r(2), 5), (p0 + same + r(1), 5)],
                [(r(4), 0), (r(6), 0)],
                [(p1 + r(k), 4) for k in (1, 2, 3, 4, 5)]]
-    cols = {"group_input_ids": [], "group_lens": [], "group_prompt_len": [], "pair_chosen": [], "pair_rejected": []}
+    cols = {"group_input_ids": [], "group_lens": [], "group_prompt_len": [], "pair_chosen": [],
+            "pair_rejected": []}
     for grp in groups_:
         cols["group_input_ids"].append([t for s, _ in grp for t in s])
         cols["group_lens"].append([len(s) for s, _ in grp])
@@ -341,7 +353,8 @@ def test_pack_groups_edge_cases(tok):
     model = tiny(tok).eval()
     plain, packed = (sequence_forward(model, batch, share_prefix=s).stats for s in (False, True))
     for name in ("logps", "num_tokens", "entropy", "mean_logit"):
-        torch.testing.assert_close(getattr(packed, name), getattr(plain, name), atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(getattr(packed, name), getattr(plain, name), atol=1e-5, rtol=1e-5,
+                                   msg=name)
     pk = prefix.pack_groups(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                             batch["group_index"])
     lens = batch["attention_mask"].sum(-1)
@@ -351,9 +364,9 @@ def test_pack_groups_edge_cases(tok):
 
 @pytest.mark.parametrize("rule", ["best_vs_worst", "best_vs_rest", "best_vs_random"])
 def test_only_the_responses_the_pairs_use_are_computed(tok, rule):
-    """best_vs_worst trains 1 pair of K responses: its rows carry (and the policy and reference compute) those 2
-    responses only, fewer tokens than `all`; the loss and metrics equal the expanded pairs' all the same (the
-    test above); every kept response is in a pair."""
+    """best_vs_worst trains 1 pair of K responses: its rows carry (and the policy and reference compute) those
+    2 responses only, fewer tokens than `all`; the loss and metrics equal the expanded pairs' all the same
+    (the test above); every kept response is in a pair."""
     rows = groups(4)
     every = tokenize_rows(rows, tok, CFG)
     some = tokenize_rows(rows, tok, DPOConfig(group_pairs=rule))

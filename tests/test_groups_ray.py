@@ -32,7 +32,8 @@ def make_groups(n: int, seed: int = 0) -> list[dict]:
         nums = [str(rng.randint(0, 9)) for _ in range(3)]
         right = " ".join(sorted(nums))
         rows.append({"prompt": f"sort: {' '.join(nums)}", "scores": [0.5, 1.0, 0.0],
-                     "completions": [right + " " + nums[0], right, " ".join(sorted(nums, reverse=True)) + " 9"]})
+                     "completions": [right + " " + nums[0], right,
+                                     " ".join(sorted(nums, reverse=True)) + " 9"]})
     return rows
 
 
@@ -50,7 +51,8 @@ def test_two_workers_equal_one_worker_and_resume(ray_local, tmp_path):
     1 worker accumulating 2 micro-batches on precomputed per-response reference log-probs (same curve up to
     reduction order). The 1-worker run saves at step 1; resumed from there it gives the same step 2."""
     rows = make_groups(8, seed=3)
-    two = train(tmp_path, "two", rows, num_train_epochs=2, ray={"num_workers": 2}, gradient_accumulation_steps=1,
+    two = train(tmp_path, "two", rows, num_train_epochs=2, ray={"num_workers": 2},
+                gradient_accumulation_steps=1,
                 reference={"source": "actor", "num_actors": 1, "num_cpus": 0.5})
     kw = dict(num_train_epochs=2, ray={"num_workers": 1}, gradient_accumulation_steps=2,
               reference={"source": "precomputed", "cache_dir": str(tmp_path / "refcache")})
@@ -64,7 +66,8 @@ def test_two_workers_equal_one_worker_and_resume(ray_local, tmp_path):
 
     ckpts = sorted((Path(one.output_dir) / "ray_results").glob("*/checkpoint-000001"))
     assert ckpts, "no checkpoint at step 1"
-    resumed = train(tmp_path, "one", rows, resume_from_checkpoint=str(ckpts[0]), run_name="groups-resumed", **kw)
+    resumed = train(tmp_path, "one", rows, resume_from_checkpoint=str(ckpts[0]), run_name="groups-resumed",
+                    **kw)
     assert [r["step"] for r in resumed.history if "loss" in r] == [1, 2]
     for a, b in zip(losses(one), losses(resumed)):
         assert a == pytest.approx(b, abs=1e-5)

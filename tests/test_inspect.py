@@ -1,5 +1,6 @@
-"""`dpo-ray inspect-data` and quick_checks: each check fires on data made for it and stays quiet on the bundled
-task; the report's counts match the rows; the exit status gates (0 clean, 1 error, 3 unreadable data)."""
+"""`dpo-ray inspect-data` and quick_checks: each check fires on data made for it and stays quiet on the
+bundled task; the report's counts match the rows; the exit status gates (0 clean, 1 error, 3 unreadable
+data)."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ BUNDLED_TEMPLATE = (bundled.TOKENIZER_DIR / "chat_template.jinja").read_text()
 # Marks the last message when it is not the assistant's: the prompt alone renders "[system] user: ...", the
 # same prompt inside the conversation does not, so its tokens are not a prefix of prompt+completion.
 LAST_MARKER_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if loop.last and m['role'] != 'assistant' %}[system] {% endif %}"
-    "{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
-NO_GENERATION_PROMPT_TEMPLATE = BUNDLED_TEMPLATE.replace("{% if add_generation_prompt %}assistant:{% endif %}", "")
+    "{{ bos_token }}{% for m in messages %}{% if loop.last and m['role'] != 'assistant' %}[system] "
+    "{% endif %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
+    "{% else %}\n{% endif %}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+NO_GENERATION_PROMPT_TEMPLATE = BUNDLED_TEMPLATE.replace(
+    "{% if add_generation_prompt %}assistant:{% endif %}", "")
 NO_EOS_TEMPLATE = BUNDLED_TEMPLATE.replace("{{ m['content'] }}{{ eos_token }}", "{{ m['content'] }}\n")
 
 
@@ -71,7 +73,8 @@ def fired(checks: dict[str, dict]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------ quiet on bundled data
-@pytest.mark.parametrize("path", [bundled.TRAIN_FILE, bundled.CONVERSATIONAL_TRAIN_FILE], ids=["standard", "chat"])
+@pytest.mark.parametrize("path", [bundled.TRAIN_FILE, bundled.CONVERSATIONAL_TRAIN_FILE],
+                         ids=["standard", "chat"])
 def test_bundled_data_is_clean(tok, path):
     rows = read(path, 300)
     assert fired(run_checks(rows, tok)) == {}
@@ -134,7 +137,8 @@ def test_identical_and_whitespace_only_pairs(tok, deepseek):
             {"prompt": "sort: 3 1 =", "chosen": " 1 3", "rejected": " 3 1"}]
     checks = run_checks(rows, deepseek)
     assert fired(checks) == {"identical_pairs": 2, "whitespace_identical_pairs": 1, "bad_rows_raise": 2,
-                             "dropped_rows": 2, "mixed_formats": 1}  # row 1's implicit prompt among explicit ones
+                             # row 1's implicit prompt among explicit ones
+                             "dropped_rows": 2, "mixed_formats": 1}
     assert [r["row_id"] for r in checks["identical_pairs"]["rows"]] == [0, 1]
     # the bundled tokenizer drops whitespace: the whitespace-only pair is identical token for token
     checks = run_checks(rows, tok)
@@ -158,15 +162,18 @@ def test_over_length_rows_truncated_or_dropped(tok):
 def test_levels_and_thresholds_come_from_the_config(tok):
     rows = read(bundled.CONVERSATIONAL_TRAIN_FILE, 10)
     doubled = with_template(tok, "{{ bos_token }}" + BUNDLED_TEMPLATE)
-    assert run_checks(rows, doubled, inspect={"levels": {"doubled_bos": "error"}})["doubled_bos"]["status"] == "error"
-    assert run_checks(rows, doubled, inspect={"levels": {"doubled_bos": "off"}})["doubled_bos"]["status"] == "off"
+    assert (run_checks(rows, doubled, inspect={"levels": {"doubled_bos": "error"}})["doubled_bos"]["status"]
+            == "error")
+    assert (run_checks(rows, doubled, inspect={"levels": {"doubled_bos": "off"}})["doubled_bos"]["status"]
+            == "off")
     limit = {"max_fraction": {"doubled_bos": 1.0}}
     assert run_checks(rows, doubled, inspect=limit)["doubled_bos"]["status"] == "ok"
 
 
 # ------------------------------------------------------------------------------------ quick_checks
 def test_quick_checks_fast_side_effect_free_one_message_per_kind(tok):
-    rows = read(bundled.TRAIN_FILE, 60) + [{"prompt": "sort: 1 2 =", "chosen": " 1 2", "rejected": " 1 2"}] * 2
+    rows = (read(bundled.TRAIN_FILE, 60)
+            + [{"prompt": "sort: 1 2 =", "chosen": " 1 2", "rejected": " 1 2"}] * 2)
     rows += [{"prompt": "sort: " + "1 " * 80 + "=", "chosen": " 1", "rejected": " 2"}] * 2
     before = copy.deepcopy(rows)
     t0 = time.perf_counter()
@@ -193,9 +200,11 @@ def test_report_counts_match_the_rows(ray_local, tmp_path, tok):
     from dpo_ray.preflight import run_inspect
 
     std = read(bundled.TRAIN_FILE, 10)
-    a = std + ["{not json", {"prompt": "sort: 1 =", "chosen": " 1"}, {"prompt": "x", "chosen": " 1", "rejected": " 1"}]
+    a = std + ["{not json", {"prompt": "sort: 1 =", "chosen": " 1"},
+               {"prompt": "x", "chosen": " 1", "rejected": " 1"}]
     chat = read(bundled.CONVERSATIONAL_TRAIN_FILE, 5)
-    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in std[:3]]
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+                for r in std[:3]]
     b = chat + implicit + [{"prompt": "sort: 1 =", "chosen": " ", "rejected": " 2"}]
     write_jsonl(tmp_path / "data" / "a.jsonl", a)
     write_jsonl(tmp_path / "data" / "b.jsonl", b)
@@ -208,10 +217,12 @@ def test_report_counts_match_the_rows(ray_local, tmp_path, tok):
     assert rows["by_format"] == {"conversational_explicit_prompt": 5, "standard_explicit_prompt": 13,
                                  "standard_implicit_prompt": 3, "unreadable": 1}
     src = {Path(k).name: v for k, v in rows["by_source"].items()}
-    assert src == {"a.jsonl": {"rows": 13, "kept": 10, "bad_rows": 3}, "b.jsonl": {"rows": 9, "kept": 8, "bad_rows": 1}}
+    assert (src == {"a.jsonl": {"rows": 13, "kept": 10, "bad_rows": 3},
+                    "b.jsonl": {"rows": 9, "kept": 8, "bad_rows": 1}})
     kinds = {k: [r["where"].split("/")[-1] for r in v["rows"]] for k, v in report["bad_rows"]["kinds"].items()
              if v["count"]}
-    assert kinds == {"malformed_json": ["a.jsonl line 11 (row_id 10)"], "missing_column": ["a.jsonl line 12 (row_id 11)"],
+    assert kinds == {"malformed_json": ["a.jsonl line 11 (row_id 10)"],
+                     "missing_column": ["a.jsonl line 12 (row_id 11)"],
                      "identical_chosen_rejected": ["a.jsonl line 13 (row_id 12)"],
                      "empty_completion": ["b.jsonl line 9 (row_id 21)"]}
     assert report["checks"]["bad_rows_raise"]["status"] == "error"
@@ -270,8 +281,10 @@ def test_padding_estimate_matches_the_training_batches(ray_local, tok, bucketing
     from dpo_ray.data import build_datasets, iter_train_batches
     from dpo_ray.preflight.report import padding_report
 
-    c = cfg(max_train_samples=600, length_bucketing=bucketing, bucket_size_multiplier=4, dataset_test_split=None)
-    batches = iter_train_batches(build_datasets(c, tok).train, c, tok.pad_token_id, batch_size=8, epoch=0, seed=c.seed)
+    c = cfg(max_train_samples=600, length_bucketing=bucketing, bucket_size_multiplier=4,
+            dataset_test_split=None)
+    batches = iter_train_batches(build_datasets(c, tok).train, c, tok.pad_token_id, batch_size=8, epoch=0,
+                                 seed=c.seed)
     n = sum(1 for _ in batches)
     rows = read(bundled.TRAIN_FILE, 600)
     piece = Analyzer(tok, c).analyze([RawRow(i, i + 1, r) for i, r in enumerate(rows)], "train.jsonl")

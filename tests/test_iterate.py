@@ -1,5 +1,6 @@
-"""Iterative on-policy DPO (dpo_ray/iterate): the pieces in-process, then the rollout and scorer pools and whole
-rounds on a local Ray with the tiny model (a random one: the scorer counts the words of a response, in which its samples differ)."""
+"""Iterative on-policy DPO (dpo_ray/iterate): the pieces in-process, then the rollout and scorer pools and
+whole rounds on a local Ray with the tiny model (a random one: the scorer counts the words of a response, in
+which its samples differ)."""
 
 from __future__ import annotations
 
@@ -42,19 +43,22 @@ def engine(path: Path) -> HFGenerateEngine:
 
 def test_group_rows_keep_distinct_responses_and_only_groups_that_pair():
     rows, pairs = group_rows(["a", "b", "c", "d"],
-                             [["x", "x", "y", "z"], ["u", "u", "u", "u"], ["p", "q", "r", "s"], ["", " ", "e", "e"]],
+                             [["x", "x", "y", "z"], ["u", "u", "u", "u"], ["p", "q", "r", "s"],
+                              ["", " ", "e", "e"]],
                              [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0], [0, 0, 1, 1]],
                              "all", 0.0, 0)
     assert rows == [{"prompt": "a", "completions": ["x", "y", "z"], "scores": [1.0, 0.0, 0.0]}]
     assert pairs == 2  # x > y, x > z; y and z tie
     conv, _ = group_rows([[{"role": "user", "content": "q"}]], [["A ", "B"]], [[1.0, 0.0]], "all", 0.0, 0)
-    assert conv[0]["completions"] == [[{"role": "assistant", "content": "A"}], [{"role": "assistant", "content": "B"}]]
+    assert (conv[0]["completions"] == [[{"role": "assistant", "content": "A"}],
+                                       [{"role": "assistant", "content": "B"}]])
 
 
 def test_scores_that_rank_nothing_are_errors_naming_the_response():
     assert check_scores("s", ["p", "p"], ["a", "b"], [1, 0.5]) == [1.0, 0.5]
     for bad in ([float("nan"), 1.0], ["1", 1.0], [True, 1.0], [None, 1.0], [math.inf, 0.0]):
-        with pytest.raises(ScorerError, match=r"iterate.scorer='s' returned .* for the response 'a' to the prompt 'p'"):
+        with pytest.raises(ScorerError,
+                           match=r"iterate.scorer='s' returned .* for the response 'a' to the prompt 'p'"):
             check_scores("s", ["p", "p"], ["a", "b"], bad)
     with pytest.raises(ScorerError, match=r"returned 1 value\(s\) for 2 response"):
         check_scores("s", ["p", "p"], ["a", "b"], [1.0])
@@ -64,13 +68,15 @@ def test_scorer_specs():
     rule = load_scorer("rule")
     assert rule(["sort: 3 1 2 =", "sort: 3 1 2 ="], [" 1 2 3", " 3 2 1"]) == [1.0, 0.0]
     assert load_scorer("math:hypot")([3, 6], [4, 8]) == [5.0, 10.0]  # module:function, once per response
-    with pytest.raises(ScorerError, match=r"cannot import 'nope' from 'math'.*importable where the scorer actors run"):
+    with pytest.raises(ScorerError,
+                       match=r"cannot import 'nope' from 'math'.*importable where the scorer actors run"):
         load_scorer("math:nope")
     with pytest.raises(ScorerError, match=r"is a str, not a function"):
         load_scorer("os:sep")
     with pytest.raises(ScorerError, match=r"none of: rule, module:function, a reward model directory"):
         load_scorer("best")
-    with pytest.raises(ScorerError, match=r"raised TypeError: .* on the response 'x' to the prompt 'sort: 1 ='"):
+    with pytest.raises(ScorerError,
+                       match=r"raised TypeError: .* on the response 'x' to the prompt 'sort: 1 ='"):
         load_scorer("math:log")(["sort: 1 ="], ["x"])
 
 
@@ -134,8 +140,9 @@ def test_the_iterate_command_reads_its_short_flags(tmp_path):
 
     base = tmp_path / "base.yaml"
     base.write_text("max_steps: 5\niterate:\n  temperature: 0.7\n  rounds: 9\n")
-    ns = _parser().parse_args(["iterate", "--config", str(base), "--rounds", "2", "--samples", "6", "--scorer",
-                               "checks:score", "--iterate.samples", "8", "--output_dir", str(tmp_path / "o")])
+    ns = _parser().parse_args(["iterate", "--config", str(base), "--rounds", "2", "--samples", "6",
+                               "--scorer", "checks:score", "--iterate.samples", "8", "--output_dir",
+                               str(tmp_path / "o")])
     cfg = iterate_config(ns)
     assert (cfg.iterate.rounds, cfg.iterate.samples, cfg.iterate.scorer) == (2, 8, "checks:score")
     assert cfg.iterate.temperature == 0.7 and cfg.max_steps == 5
@@ -155,7 +162,8 @@ def test_a_lost_rollout_actor_is_replaced_and_its_prompts_sampled_again(ray_loca
     calm = RolloutPool(str(model), 2, 0.5, 0, max_restarts=1)
     want = calm.sample(prompts, params)
     calm.shutdown()
-    pool = RolloutPool(str(model), 2, 0.5, 0, max_restarts=1, host_class=dying_rollout_host(tmp_path / "died"))
+    pool = RolloutPool(str(model), 2, 0.5, 0, max_restarts=1,
+                       host_class=dying_rollout_host(tmp_path / "died"))
     try:
         assert pool.sample(prompts, params) == want and pool.restarts == 1
         assert (tmp_path / "died").exists()
@@ -170,10 +178,13 @@ def test_scorer_failures_stop_the_round_before_training(ray_local, tmp_path):
     from dpo_ray.iterate import run_iterate
 
     base = dict(model_name_or_path=str(tiny(tmp_path)), ray={"num_workers": 1}, report_to=[],
-                iterate={"rounds": 1, "samples": 4, "prompts_per_round": 6, "max_new_tokens": 6, "eval_limit": 0})
-    cases = [(nan_scorer, ScorerError, r"returned nan for the response .* every score must be a finite number"),
+                iterate={"rounds": 1, "samples": 4, "prompts_per_round": 6, "max_new_tokens": 6,
+                         "eval_limit": 0})
+    cases = [(nan_scorer, ScorerError,
+              r"returned nan for the response .* every score must be a finite number"),
              (raising_scorer, ScorerError, r"raised KeyError: 'no verifier for this prompt' on the response"),
-             (constant_scorer, NoPairsError, r"round 1: the scorer gave every response of each of the 6 prompt\(s\) "
+             (constant_scorer, NoPairsError,
+              r"round 1: the scorer gave every response of each of the 6 prompt\(s\) "
                                              r"the same score \(mean 0.5\), so there is no pair to train on")]
     for i, (fn, error, message) in enumerate(cases):
         out = tmp_path / f"job{i}"
@@ -183,9 +194,9 @@ def test_scorer_failures_stop_the_round_before_training(ray_local, tmp_path):
 
 
 def test_rounds_train_sync_and_resume_without_sampling_twice(ray_local, tmp_path):
-    """Two rounds on the tiny model: each round's groups are the samples and their scores, the policy moves, the
-    rollout actors answer with the weights of the round just trained; a second call with rounds 3 runs round 3
-    only; a job that stopped after writing a round's groups trains on them without sampling again."""
+    """Two rounds on the tiny model: each round's groups are the samples and their scores, the policy moves,
+    the rollout actors answer with the weights of the round just trained; a second call with rounds 3 runs
+    round 3 only; a job that stopped after writing a round's groups trains on them without sampling again."""
     from hooks import word_count
     from safetensors.torch import load_file
 
@@ -199,11 +210,14 @@ def test_rounds_train_sync_and_resume_without_sampling_twice(ray_local, tmp_path
                              "eval_limit": 8, "rollout_actors": 2})
     summary = run_iterate(cfg, scorer=word_count)
     rounds = summary["rounds"]
-    assert [r["round"] for r in rounds] == [0, 1, 2] and summary["model_dir"] == str(out / "round-2" / "model")
+    assert ([r["round"] for r in rounds] == [0, 1, 2]
+            and summary["model_dir"] == str(out / "round-2" / "model"))
     for r in rounds[1:]:
-        rows = [json.loads(x) for x in (out / f"round-{r['round']}" / "groups.jsonl").read_text().splitlines()]
+        rows = [json.loads(x)
+                for x in (out / f"round-{r['round']}" / "groups.jsonl").read_text().splitlines()]
         assert len(rows) == r["groups"] > 0 and r["pairs"] >= r["groups"] and r["prompts"] == 12
-        assert all(s == word_count(row["prompt"], c) for row in rows for c, s in zip(row["completions"], row["scores"]))
+        assert all(s == word_count(row["prompt"], c) for row in rows
+                   for c, s in zip(row["completions"], row["scores"]))
         assert set(r["seconds"]) == {"sample", "score", "train", "sync", "eval", "round"}
         assert 0 <= r["mean_score"] <= r["best_of_k"]
     w1, w2 = (load_file(str(out / f"round-{r}" / "model" / "model.safetensors")) for r in (1, 2))
@@ -213,9 +227,11 @@ def test_rounds_train_sync_and_resume_without_sampling_twice(ray_local, tmp_path
 
     eng = engine(out / "round-2" / "model")
     enc = PromptEncoder(eng.tokenizer)
-    answers = eng.generate([Prompt(enc(p), cfg.seed) for p in eval_prompts()[:8]], SamplingParams(1, 0.0, 1.0, 6))
+    answers = eng.generate([Prompt(enc(p), cfg.seed) for p in eval_prompts()[:8]],
+                           SamplingParams(1, 0.0, 1.0, 6))
     assert rounds[2]["heldout"] == pytest.approx(sum(word_count(None, a[0]) for a in answers) / 8)
-    assert (out / "iterate.png").exists() and json.loads((out / "iterate.json").read_text())["rounds"] == rounds
+    assert ((out / "iterate.png").exists()
+            and json.loads((out / "iterate.json").read_text())["rounds"] == rounds)
 
     stamps = {r: (out / f"round-{r}" / "groups.jsonl").stat().st_mtime_ns for r in (1, 2)}
     more = cfg.model_copy(update={"iterate": cfg.iterate.model_copy(update={"rounds": 3})})
@@ -255,7 +271,8 @@ def test_overlap_samples_the_next_round_while_this_one_trains(ray_local, tmp_pat
     rounds = run_iterate(cfg, scorer=word_count)["rounds"]
     group = json.loads((out / "round-1" / "groups.jsonl").read_text().splitlines()[0])
     assert group["prompt"][0]["role"] == "user" and group["completions"][0][0]["role"] == "assistant"
-    assert [r["sampled_from"] for r in rounds[1:]] == [str(model), str(model)]  # round 2: from round 1's start
+    # round 2: from round 1's start
+    assert [r["sampled_from"] for r in rounds[1:]] == [str(model), str(model)]
     meta = json.loads((out / "round-2" / "samples.json").read_text())
     assert meta["sampled_from"] == str(model) and rounds[2]["groups"] == meta["groups"] > 0
     assert rounds[1]["seconds"]["round"] >= rounds[1]["seconds"]["train"]
@@ -275,5 +292,6 @@ def test_a_job_does_not_go_on_after_rounds_made_with_other_settings(tmp_path):
     (out / "iterate.json").write_text(json.dumps({"rounds": [], "settings": job_settings(before)}))
     later = before.model_copy(update={"beta": 0.3, "iterate": before.iterate.model_copy(
         update={"temperature": 1.0, "rounds": 5, "eval_limit": 10})})
-    with pytest.raises(ConfigError, match=r"other settings \(beta: 0.1 -> 0.3; iterate.temperature: 0.7 -> 1.0\)"):
+    with pytest.raises(ConfigError,
+                       match=r"other settings \(beta: 0.1 -> 0.3; iterate.temperature: 0.7 -> 1.0\)"):
         run_iterate(later)

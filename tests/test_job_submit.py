@@ -113,10 +113,10 @@ class PrivateRayHead:
                "--node-ip-address", "127.0.0.1", "--port", str(self.gcs),
                "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                "--dashboard-port", str(self.dashboard),
-               "--node-manager-port", str(self.node_manager), "--object-manager-port", str(self.object_manager),
-               "--dashboard-agent-listen-port", str(self.agent_http),
-               "--dashboard-agent-grpc-port", str(self.agent_grpc), "--metrics-export-port", str(self.metrics),
-               "--runtime-env-agent-port", str(self.runtime_env_agent),
+               "--node-manager-port", str(self.node_manager), "--object-manager-port",
+               str(self.object_manager), "--dashboard-agent-listen-port", str(self.agent_http),
+               "--dashboard-agent-grpc-port", str(self.agent_grpc), "--metrics-export-port",
+               str(self.metrics), "--runtime-env-agent-port", str(self.runtime_env_agent),
                "--num-cpus", str(num_cpus), "--num-gpus", "0", "--object-store-memory", str(1 << 30),
                "--temp-dir", self.temp_dir]
         self.log = open(Path(self.temp_dir) / "ray_start.log", "w")  # noqa: SIM115 (closed in stop)
@@ -198,7 +198,8 @@ def ray_head():
 
     missing = get_dashboard_dependency_error()
     if missing is not None:
-        pytest.skip(f"`ray job submit` needs the Ray dashboard: pip install 'ray[default]==2.60.0' ({missing})")
+        pytest.skip(
+            f"`ray job submit` needs the Ray dashboard: pip install 'ray[default]==2.60.0' ({missing})")
     head = PrivateRayHead()
     try:
         head.wait_ready()
@@ -257,7 +258,8 @@ def test_ray_job_submit_runs_tiny_demo(ray_head, tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     initial = load_causal_lm(None, load_config(ROOT / "examples" / "tiny_demo.yaml"), tok).state_dict()
     assert trained.keys() == initial.keys()
-    assert any(not torch.equal(trained[k], initial[k]) for k in initial), "the job saved the untrained weights"
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial), (
+        "the job saved the untrained weights")
 
 
 # ----------------------------------------------------------------------- stop, killed driver, shared outputs
@@ -276,9 +278,10 @@ def _state(head: PrivateRayHead, resource: str, **filters: str) -> list[dict]:
 
 def _held(head: PrivateRayHead, job_id: str) -> list[str]:
     """What a job still holds: actors not DEAD, placement groups not REMOVED. Ray Data's detached per-cluster
-    singletons (_StatsActor, ActorLocationTracker, _AutoscalingCoordinatorActor: zero resources, shared by every
-    later job) outlive the job that first created them by design and hold no resources. A detached actor that holds
-    some (Ray Train's PlacementGroupCleaner: it frees a killed controller's group, then ends) is held until it ends."""
+    singletons (_StatsActor, ActorLocationTracker, _AutoscalingCoordinatorActor: zero resources, shared by
+    every later job) outlive the job that first created them by design and hold no resources. A detached actor
+    that holds some (Ray Train's PlacementGroupCleaner: it frees a killed controller's group, then ends) is
+    held until it ends."""
     actors = []
     for a in _state(head, "actors", job_id=job_id):
         if a["state"] == "DEAD":
@@ -286,24 +289,28 @@ def _held(head: PrivateRayHead, job_id: str) -> list[str]:
         if a.get("is_detached") and not any((a.get("required_resources") or {}).values()):
             continue
         actors.append(f"actor {a['class_name']} {a['state']}")
-    groups = [f"placement group {g['placement_group_id'][:8]} {g['state']}" for g in _state(head, "placement_groups")
+    groups = [f"placement group {g['placement_group_id'][:8]} {g['state']}"
+              for g in _state(head, "placement_groups")
               if g.get("creator_job_id") == job_id and g["state"] != "REMOVED"]
     return actors + groups
 
 
-def _wait_training(head: PrivateRayHead, submission_id: str, classes: set[str], timeout_s: float = 400) -> str:
+def _wait_training(head: PrivateRayHead, submission_id: str, classes: set[str],
+                   timeout_s: float = 400) -> str:
     """Wait until the job's actors of ``classes`` are alive (training has started); returns the Ray job id."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         info = _job_api(head, submission_id)
         assert info["status"] in ("PENDING", "RUNNING"), \
-            f"job {submission_id} ended {info['status']} before training:\n{_job_logs(head, submission_id)[-8000:]}"
+            f"job {submission_id} ended {info['status']} before training:\n" \
+            f"{_job_logs(head, submission_id)[-8000:]}"
         if info.get("job_id"):
             alive = {a["class_name"] for a in _state(head, "actors", job_id=info["job_id"], state="ALIVE")}
             if classes <= alive:
                 return info["job_id"]
         time.sleep(2)
-    raise AssertionError(f"job {submission_id}: {classes} never alive:\n{_job_logs(head, submission_id)[-8000:]}")
+    raise AssertionError(
+        f"job {submission_id}: {classes} never alive:\n{_job_logs(head, submission_id)[-8000:]}")
 
 
 def _wait_freed(head: PrivateRayHead, job_id: str, timeout_s: float = 90) -> None:
@@ -314,12 +321,13 @@ def _wait_freed(head: PrivateRayHead, job_id: str, timeout_s: float = 90) -> Non
 
 
 def test_job_stop_and_killed_driver_free_everything_and_outputs_land_in_shared_storage(ray_head, tmp_path):
-    """Two jobs at once on the head (token authentication on): one sent by deploy/submit.sh (the CLI, precomputed
-    reference, a relative output_dir) and stopped with `ray job stop`; one running examples/train_dpo.py (the
-    reference actor pool, its default relative output_dir) whose driver is SIGKILLed. Afterwards neither holds an
-    actor or a placement group (state API) and every CPU is free again (the same accounting holds GPUs); the
-    relative output_dirs and the precomputed-reference cache are under DPO_RAY_SHARED_DIR (this test's temp dir
-    standing in for the shared volume), not in the jobs' node-local working directories."""
+    """Two jobs at once on the head (token authentication on): one sent by deploy/submit.sh (the CLI,
+    precomputed reference, a relative output_dir) and stopped with `ray job stop`; one running
+    examples/train_dpo.py (the reference actor pool, its default relative output_dir) whose driver is
+    SIGKILLed. Afterwards neither holds an actor or a placement group (state API) and every CPU is free again
+    (the same accounting holds GPUs); the relative output_dirs and the precomputed-reference cache are under
+    DPO_RAY_SHARED_DIR (this test's temp dir standing in for the shared volume), not in the jobs' node-local
+    working directories."""
     # token authentication is on: the Jobs API refuses a request without the token
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{ray_head.address}/api/jobs/", timeout=10)
@@ -329,16 +337,18 @@ def test_job_stop_and_killed_driver_free_everything_and_outputs_land_in_shared_s
     stop_id, kill_id = (f"dpo-ray-{what}-{uuid.uuid4().hex[:8]}" for what in ("stop", "kill"))
 
     submit = subprocess.run(
-        ["bash", "deploy/submit.sh", "examples/tiny_demo.yaml", "--max_steps", "5000", "--output_dir", "stopped",
-         "--reference.source", "precomputed"],
+        ["bash", "deploy/submit.sh", "examples/tiny_demo.yaml", "--max_steps", "5000", "--output_dir",
+         "stopped", "--reference.source", "precomputed"],
         cwd=ROOT, env={**env, "SUBMIT_ARGS": f"--no-wait --submission-id {stop_id}"}, capture_output=True,
         text=True, timeout=300)
-    assert submit.returncode == 0, f"deploy/submit.sh failed:\n{submit.stdout[-3000:]}\n{submit.stderr[-3000:]}"
+    assert submit.returncode == 0, (
+        f"deploy/submit.sh failed:\n{submit.stdout[-3000:]}\n{submit.stderr[-3000:]}")
     runtime_env = {**RUNTIME_ENV, "env_vars": {**RUNTIME_ENV["env_vars"], "DPO_RAY_SHARED_DIR": str(shared)}}
     example = _ray("job", "submit", "--address", ray_head.address, "--submission-id", kill_id, "--no-wait",
                    "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
                    sys.executable, "examples/train_dpo.py", "--max_steps", "5000", env=env, timeout=300)
-    assert example.returncode == 0, f"ray job submit failed:\n{example.stdout[-3000:]}\n{example.stderr[-3000:]}"
+    assert example.returncode == 0, (
+        f"ray job submit failed:\n{example.stdout[-3000:]}\n{example.stderr[-3000:]}")
 
     t0 = time.monotonic()
     stop_job = _wait_training(ray_head, stop_id, {"RayTrainWorker"})
@@ -361,15 +371,17 @@ def test_job_stop_and_killed_driver_free_everything_and_outputs_land_in_shared_s
     assert usage == 0.0, f"{usage} CPU still held after both jobs ended"
 
     # the relative output_dirs went to DPO_RAY_SHARED_DIR, and so did the precomputed reference's cache
-    assert yaml.safe_load((shared / "stopped" / "dpo_config.yaml").read_text())["output_dir"] == str(shared / "stopped")
+    assert (yaml.safe_load((shared / "stopped" / "dpo_config.yaml").read_text())["output_dir"]
+            == str(shared / "stopped"))
     assert (shared / "tiny-dpo" / "dpo_config.yaml").exists(), sorted(p.name for p in shared.iterdir())
-    assert list((shared / "ref_logps_cache").glob("*/train/_SUCCESS")), "the precomputed cache is not on the volume"
+    assert list((shared / "ref_logps_cache").glob("*/train/_SUCCESS")), (
+        "the precomputed cache is not on the volume")
 
 
 def _cpu_usage(head: PrivateRayHead) -> float:
     """CPUs in use on the cluster (`ray status`, through the GCS with the token in the environment)."""
-    out = subprocess.run([RAY, "status", "--address", f"127.0.0.1:{head.gcs}"], env=head.env, capture_output=True,
-                         text=True, timeout=60).stdout
+    out = subprocess.run([RAY, "status", "--address", f"127.0.0.1:{head.gcs}"], env=head.env,
+                         capture_output=True, text=True, timeout=60).stdout
     m = re.search(r"([0-9.]+)/([0-9.]+) CPU", out)
     assert m, out[-2000:]
     return float(m.group(1))

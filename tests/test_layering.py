@@ -2,10 +2,11 @@
 below, never above, and no set of modules imports itself round in a circle. No exceptions list.
 
 Floors, ground up (docs/CONTRACTS.md, "Layers"):
-  0 math        errors, logprobs, losses, prefix, flex, forward (the model forward policy and reference share),
-                vision (what a processor is), vision.images, plotting, progress (the console display),
+  0 math        errors, logprobs, losses, prefix, flex, forward (the model forward policy and reference
+                share), vision (what a processor is), vision.images, plotting, progress (the console display),
                 optim and schedule (optimizers and LR schedules by TrainingArguments name), owned (what a run
-                may delete; the run lock), redact (the one redaction of secrets), dicts (nested dicts by dotted keys)
+                may delete; the run lock), redact (the one redaction of secrets), dicts (nested dicts by
+                dotted keys)
   1 data        data.*, ledger (the bookkeeping actors: Ray and the standard library only), ray_private (every
                 private name of Ray dpo_ray uses, each with its fallback)
   2 config      config, paths, trl_keys (what each TRL key means here)
@@ -28,8 +29,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "dpo_ray"
 
 FLOORS = [
-    (0, ("errors", "logprobs", "losses", "prefix", "flex", "forward", "vision", "vision.images", "plotting", "progress", "timeline",
-         "optim", "schedule", "owned", "redact", "extensions", "dicts")),
+    (0, ("errors", "logprobs", "losses", "prefix", "flex", "forward", "vision", "vision.images", "plotting",
+         "progress", "timeline", "optim", "schedule", "owned", "redact", "extensions", "dicts")),
     (1, ("data", "ledger", "ray_private")),
     (2, ("config", "paths", "trl_keys")),
     (3, ("models", "adapters", "vision.tiny", "sharing")),
@@ -132,7 +133,8 @@ def test_no_import_circles():
 def test_the_walker_sees_what_it_should():
     """The rules are only as good as the graph: spot-check it against imports known to exist."""
     assert "losses" in GRAPH["config.rules"] and "data.checks" in GRAPH["config.schema"]
-    assert "config.rules" in GRAPH["config.schema"] and "config.schema" not in GRAPH["config.rules"]  # TYPE_CHECKING
+    # TYPE_CHECKING
+    assert "config.rules" in GRAPH["config.schema"] and "config.schema" not in GRAPH["config.rules"]
     assert "train.setup" in GRAPH["train.loop"] and "reference.build" in GRAPH["train.setup"]
     assert "prefix" in GRAPH["forward"]  # `from dpo_ray import prefix`
     assert floor("vision.tiny") == 3 and floor("vision") == 0 and floor("") == 8
@@ -144,7 +146,7 @@ def test_the_bookkeeping_actors_module_stays_small():
     import subprocess
     import sys
 
-    code = ("import sys, dpo_ray.ledger; heavy = [m for m in ('torch', 'transformers', 'pydantic', 'deepspeed') "
-            "if m in sys.modules]; print(heavy)")
+    code = ("import sys, dpo_ray.ledger; heavy = [m for m in ('torch', 'transformers', 'pydantic', "
+            "'deepspeed') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

@@ -151,7 +151,8 @@ def test_no_grad_mode():
     with torch.no_grad():
         s = completion_logps_from_hidden(hidden, weight, ids, mask, chunk_tokens=4)
     assert not s.logps.requires_grad
-    torch.testing.assert_close(s.logps.double(), naive(hidden @ weight.T, ids, mask)["logps"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.logps.double(), naive(hidden @ weight.T, ids, mask)["logps"], rtol=1e-5,
+                               atol=1e-5)
 
 
 # ------------------------------------------------------------------ LD-DPO and WPO
@@ -176,7 +177,8 @@ def test_ld_dpo_splits_at_the_shorter_completion():
     assert s.logps_tail[0] == 0 and s.logps_tail[3] == 0
     torch.testing.assert_close(s.logps, s.logps_shared + alpha * s.logps_tail)
     # nll_mean stays the plain, unweighted token mean
-    torch.testing.assert_close(s.nll_mean.double(), naive(logits, ids, mask)["nll_mean"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.nll_mean.double(), naive(logits, ids, mask)["nll_mean"], rtol=1e-5,
+                               atol=1e-5)
     # α = 1 is plain DPO; α = 0 keeps only the shared prefix
     torch.testing.assert_close(completion_logps(logits, ids, mask, ld_alpha=1.0).logps,
                                completion_logps(logits, ids, mask).logps)
@@ -219,12 +221,14 @@ def test_wpo_and_entropy_on_a_hand_example():
 def test_num_correct_counts_argmax_hits_on_completion_tokens_only():
     """Row 0 scores 3 completion tokens (positions 2-4): logits at 1 and 3 put the max on the label, at 2
     on another token; the prompt position 0 hits too but is not a completion token. A tie counts for the
-    first maximal index only (TRL's is_top1): the tie at position 3 of row 1 is won by token 0, not the label 2."""
+    first maximal index only (TRL's is_top1): the tie at position 3 of row 1 is won by token 0, not the label
+    2."""
     v = 5
     ids = torch.tensor([[1, 2, 3, 4, 0], [0, 1, 2, 3, 2]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
     logits = torch.zeros(2, 5, v)
-    logits[0, 0, 2] = logits[0, 1, 3] = logits[0, 3, 0] = 5.0  # hits at positions 1 and 3 score tokens 3 and 0
+    # hits at positions 1 and 3 score tokens 3 and 0
+    logits[0, 0, 2] = logits[0, 1, 3] = logits[0, 3, 0] = 5.0
     logits[0, 2, 1] = 5.0  # position 2 scores token 4 but puts the max on 1: a miss
     logits[1, 2, 3] = 5.0  # hit (scores token 3)
     logits[1, 3, 0] = logits[1, 3, 2] = 5.0  # tie between 0 and 2; the label 2 loses it

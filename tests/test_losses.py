@@ -67,7 +67,7 @@ def smoothed(z: float, eps: float) -> float:
 
 def pair_loss(name: str, c: float, r: float, c_len: int, r_len: int, nll: float, b: float, eps: float,
               tau: float) -> float:
-    """One row of SPEC §3's table, in float64."""
+    """One row of the loss table (docs/losses.md), in float64."""
     z = b * (c - r)
     d_bar = c / c_len - r / r_len  # length-averaged margin
     formulas = {
@@ -133,14 +133,16 @@ def test_worked_values(name):
 
 @pytest.mark.parametrize("name", sorted(set(LOSSES) - {"aot"}))
 def test_every_loss_matches_float64_formula(name):
-    """Every registered loss (aot has its own test) equals SPEC §3's formula written out in float64."""
+    """Every registered loss (aot has its own test) equals the loss table's formula (docs/losses.md) written
+    out in float64."""
     got = per_pair(name, make_pairs())
     want = reference_losses(name, C, R, CHOSEN_LEN, REJECTED_LEN, CHOSEN_NLL)
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
 
 def test_every_loss_matches_formula_on_random_pairs():
-    """Same check on 16 random pairs and several β, ε (guards against a formula fitting only the worked batch)."""
+    """Same check on 16 random pairs and several β, ε (guards against a formula fitting only the worked
+    batch)."""
     gen = random.Random(0)
     for b, eps in [(0.1, 0.001), (1.0, 0.3), (2.5, 0.0)]:
         c = [gen.uniform(-8, 8) for _ in range(16)]
@@ -178,7 +180,8 @@ def test_robust_is_unbiased_under_label_noise():
     for eps in (0.0, 0.1, 0.3, 0.49):
         params = LossParams(beta=BETA, label_smoothing=eps)
         expected = (1 - eps) * per_pair("robust", p, params) + eps * per_pair("robust", flipped, params)
-        torch.testing.assert_close(expected, per_pair("sigmoid", p, LossParams(beta=BETA)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(expected, per_pair("sigmoid", p, LossParams(beta=BETA)), rtol=1e-4,
+                                   atol=1e-5)
 
 
 # ------------------------------------------------------------------ limits
@@ -236,8 +239,8 @@ def test_epsilon_edges():
 # Test point with |βd| ≥ 0.5 (DiscoPOP is non-monotone near d = 0), small c and r (so IPO, SPPO and NCA
 # are below their targets), ε = 0.1 (EXO pushes d up while βd < log((1-ε)/ε) = 2.2).
 GRAD_C, GRAD_R = [0.4, -0.6, 0.3], [-0.8, 0.5, -0.9]
-PUSHES_CHOSEN_UP = {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                    "aot_unpaired", "apo_zero", "discopop", "sigmoid_norm"}
+PUSHES_CHOSEN_UP = {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                    "aot", "aot_unpaired", "apo_zero", "discopop", "sigmoid_norm"}
 # apo_down by design may push the chosen log-prob down (σ(βc) term); it still pushes the rejected one down.
 PUSHES_REJECTED_DOWN = PUSHES_CHOSEN_UP | {"apo_down"}
 
@@ -341,8 +344,8 @@ def test_wpo_weight_value_and_no_gradient():
 
 
 def f_prime(kind: str, u: float, alpha: float) -> float:
-    """f-DPO (arXiv 2309.16240) scores f'(u), u = π/π_ref = e^{log-ratio}, shifted so that f'(1) = 0 (TRL 1.x):
-    reverse KL log u; forward KL 1 - 1/u; JS log(2u/(1+u)); α-divergence (u^(α-1) - 1)/(α-1)."""
+    """f-DPO (arXiv 2309.16240) scores f'(u), u = π/π_ref = e^{log-ratio}, shifted so that f'(1) = 0 (TRL
+    1.x): reverse KL log u; forward KL 1 - 1/u; JS log(2u/(1+u)); α-divergence (u^(α-1) - 1)/(α-1)."""
     return {
         "reverse_kl": lambda: math.log(u),
         "forward_kl": lambda: 1 - 1 / u,
@@ -380,8 +383,8 @@ def test_f_divergences_length_average_the_scores_in_ipo_and_sigmoid_norm(kind, a
     want_ipo = [(x - 1 / (2 * BETA)) ** 2 for x in d_bar]
     want_norm = [-log_sigmoid(BETA * x) for x in d_bar]
     p = make_pairs()
-    torch.testing.assert_close(per_pair("ipo", p, params).double(), torch.tensor(want_ipo, dtype=torch.float64),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per_pair("ipo", p, params).double(),
+                               torch.tensor(want_ipo, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(per_pair("sigmoid_norm", p, params).double(),
                                torch.tensor(want_norm, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     if kind == "forward_kl":
@@ -464,7 +467,8 @@ def test_pairs_from_stats_and_batch_metrics():
     }
     # each averaged metric carries its weight for the cross-worker reduction: pairs or tokens
     weights = {k: 2.0 for k in expected if k.startswith(("rewards/", "logps/"))}
-    weights.update({"logits/chosen": 6.0, "logits/rejected": 6.0, "entropy": 12.0, "mean_token_accuracy": 6.0})
+    weights.update({"logits/chosen": 6.0, "logits/rejected": 6.0, "entropy": 12.0,
+                    "mean_token_accuracy": 6.0})
     expected.update({METRIC_WEIGHT + k: w for k, w in weights.items()})
     assert set(m) == set(expected)
     for k, v in expected.items():

@@ -103,8 +103,9 @@ def _eval_batch(loss: float, pairs: float, acc_value: float, tokens: float) -> d
 
 
 def test_eval_accumulator_is_the_mean_over_rows_and_fillers_weigh_nothing():
-    """Issue 29: batches of 4 and 1 rows (a partial last batch): the loss is Σ mean·rows / Σ rows, a token metric
-    Σ value·tokens / Σ tokens over the whole set; a filler batch changes nothing; no row: NaN, not a guess."""
+    """Batches of 4 and 1 rows (a partial last batch): the loss is Σ mean·rows / Σ rows, a token
+    metric Σ value·tokens / Σ tokens over the whole set; a filler batch changes nothing; no row: NaN, not a
+    guess."""
     from dpo_ray.train.metrics import EvalAccumulator
 
     acc = EvalAccumulator()

@@ -133,9 +133,9 @@ def _losses(out) -> list[float]:
 
 
 def test_reference_node_lost_mid_run_and_replaced(cluster, tmp_path):
-    """Run A: reference actors placed by node_label. After step 1 the reference node goes; the workers' requests
-    wait (never a batch without reference log-probs) until a new node with the label lets Ray restart the actor
-    there, then the run finishes all its steps (step 4's request is sent after the loss)."""
+    """Run A: reference actors placed by node_label. After step 1 the reference node goes; the workers'
+    requests wait (never a batch without reference log-probs) until a new node with the label lets Ray restart
+    the actor there, then the run finishes all its steps (step 4's request is sent after the loss)."""
     run = Paused(tmp_path, "a", reference={"source": "actor", "num_cpus": 0.5,
                                            "node_label": {"pool": "reference"}})
     run.wait_paused()
@@ -156,7 +156,8 @@ def test_reference_node_lost_mid_run_and_replaced(cluster, tmp_path):
         time.sleep(0.1)
     out = run.join()
     assert moved, "the reference actor was never seen on the replacement node"
-    # steps 2 and 3 were answered ahead (prefetch_depth 2) before the loss; step 4's request waited for the new node
+    # steps 2 and 3 were answered ahead (prefetch_depth 2)
+    # before the loss; step 4's request waited for the new node
     assert out.report["steps"] == 4 and [r["step"] for r in out.history if "loss" in r] == [1, 2, 3, 4]
     assert "ReferenceModelHost" not in _placement()  # the pool was shut down at the end
     _CURVES["a"] = _losses(out)
@@ -164,7 +165,8 @@ def test_reference_node_lost_mid_run_and_replaced(cluster, tmp_path):
 
 def test_reference_node_that_never_returns_fails_naming_the_resources(cluster):
     """The client side of a lost reference node with no replacement: a bounded wait, then an error naming what
-    the actor needs. The actor comes back (and answers the same values) once a node with the resource returns."""
+    the actor needs. The actor comes back (and answers the same values) once a node with the resource
+    returns."""
     import ray
     from test_reference_pool import make_batch, tiny_source
 
@@ -180,11 +182,13 @@ def test_reference_node_that_never_returns_fails_naming_the_resources(cluster):
         before = client.result(client.submit(batch), batch)
         cluster.remove_node(_node(cluster, REFERENCE["labels"]))
         t0 = time.monotonic()
-        with pytest.raises(RuntimeError, match=r"Ray found no node with room.*capacity_timeout_s.*needs \{CPU: 0.5, reference_gpu: 1\}"):
+        with pytest.raises(RuntimeError, match=r"Ray found no node with room.*capacity_timeout_s.*needs "
+                           r"\{CPU: 0.5, reference_gpu: 1\}"):
             client.result(client.submit(batch), batch)
         assert time.monotonic() - t0 < 60
         cluster.add_node(**REFERENCE)
-        # the restart on the new node loads the model again (14 s seen on a loaded CI machine): the bound under test
+        # the restart on the new node loads the model again
+        # (14 s seen on a loaded CI machine): the bound under test
         # was the one above, this request only checks that the actor comes back with the same values
         client.capacity_timeout_s = 300
         after = client.result(client.submit(batch), batch)
@@ -196,8 +200,8 @@ def test_reference_node_that_never_returns_fails_naming_the_resources(cluster):
 
 def test_policy_node_lost_restarts_from_checkpoint(cluster, tmp_path, capfd):
     """Run B: reference actors placed by custom resource. After step 1's checkpoint the policy node goes (both
-    workers die); Ray Train restarts the worker group when a policy node is back, from that checkpoint, and the
-    loss curve is run A's."""
+    workers die); Ray Train restarts the worker group when a policy node is back, from that checkpoint, and
+    the loss curve is run A's."""
     run = Paused(tmp_path, "b", reference={"source": "actor", "num_cpus": 0.5,
                                            "resources": {"reference_gpu": 1}})
     run.wait_paused()
@@ -213,7 +217,8 @@ def test_policy_node_lost_restarts_from_checkpoint(cluster, tmp_path, capfd):
     replacement = cluster.add_node(**POLICY)
     out = run.join()
     assert out.report["steps"] == 4
-    assert [r["step"] for r in out.history if "loss" in r] == [1, 2, 3, 4]  # step 1 restored, not trained twice
+    # step 1 restored, not trained twice
+    assert [r["step"] for r in out.history if "loss" in r] == [1, 2, 3, 4]
     assert replacement.node_id != policy.node_id
     time.sleep(1)  # the workers' last lines reach the driver
     assert "resumed from checkpoint at step 1" in "".join(capfd.readouterr()), "restarted from scratch?"
@@ -224,8 +229,8 @@ def test_policy_node_lost_restarts_from_checkpoint(cluster, tmp_path, capfd):
 
 def test_iterate_places_rollout_scorer_and_training_on_their_nodes(cluster, tmp_path):
     """One round: rollout actors (``iterate.rollout_resources``) on the reference node, the scorer
-    (``iterate.scorer_resources``) on the head, the training workers on the policy node; one rollout actor exits
-    in its first generate and is replaced, its prompts sampled again."""
+    (``iterate.scorer_resources``) on the head, the training workers on the policy node; one rollout actor
+    exits in its first generate and is replaced, its prompts sampled again."""
     import json
 
     import ray

@@ -1,4 +1,4 @@
-"""A run touches only its own files (issue 29): what dpo_ray may delete, the run lock, run names, and the one
+"""A run touches only its own files: what dpo_ray may delete, the run lock, run names, and the one
 redaction of secrets. Real folders with other people's files in them, real `dpo-ray` processes."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dpo_ray_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dpo_ray", *args], cwd=cwd or ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    return subprocess.run([sys.executable, "-m", "dpo_ray", *args], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 def home_like(tmp_path: Path) -> Path:
@@ -63,7 +63,8 @@ def test_ref_store_refuses_a_repository_root(tmp_path):
     repo = tmp_path / "repo"
     (repo / ".git").mkdir(parents=True)
     (repo / "src").mkdir()
-    mark_owned(repo, "reference-store")  # even a marker (copied in by hand) does not make a repository a store
+    # even a marker (copied in by hand) does not make a repository a store
+    mark_owned(repo, "reference-store")
     r = dpo_ray_cli("ref-store", "clean", "--store", str(repo), "--all")
     assert r.returncode == 2 and "repository's root" in r.stderr
     assert (repo / "src").is_dir() and (repo / ".git").is_dir()
@@ -87,7 +88,8 @@ def test_ref_store_clean_removes_only_its_entries(tmp_path):
     (store / "notes" / "todo.txt").write_text("keep me")
     r = dpo_ray_cli("ref-store", "clean", "--store", str(store), "--all")
     assert r.returncode == 0, r.stderr
-    assert "removed 2 key(s): k1, k2" in r.stdout and "left alone (not entries this store wrote): notes" in r.stdout
+    assert ("removed 2 key(s): k1, k2" in r.stdout
+            and "left alone (not entries this store wrote): notes" in r.stdout)
     assert sorted(p.name for p in store.iterdir()) == [".dpo_ray_owned", "notes"]
     assert (store / "notes" / "todo.txt").read_text() == "keep me"
 
@@ -112,7 +114,8 @@ def test_remove_owned_checks_marker_root_and_inside(tmp_path):
     with pytest.raises(OwnershipError, match="no .dpo_ray_owned marker"):
         remove_owned(home / "Documents", home)
     out = mark_owned(tmp_path / "out", "output_dir")
-    (tmp_path / "out" / "link").symlink_to(home)  # a link out of the owned folder: the link goes, not its target
+    # a link out of the owned folder: the link goes, not its target
+    (tmp_path / "out" / "link").symlink_to(home)
     assert remove_owned(out / "link", out) and (home / ".ssh" / "id_ed25519").exists()
     with pytest.raises(OwnershipError, match="outside the folder"):
         remove_owned(out / ".." / "home", out)
@@ -142,7 +145,8 @@ def test_run_lock_second_process_stops_at_once_naming_the_holder_and_a_dead_hold
         with pytest.raises(OwnershipError) as e:
             RunLock(out, "output_dir").acquire()
         msg = str(e.value)
-        assert f"pid {holder.pid}" in msg and "on host" in msg and "started" in msg and "in use by another run" in msg
+        assert (f"pid {holder.pid}" in msg and "on host" in msg and "started" in msg
+                and "in use by another run" in msg)
     finally:
         holder.kill()
         holder.wait()
@@ -161,7 +165,8 @@ def test_run_name_is_a_plain_name_checked_before_anything_runs(tmp_path):
     (victim / "keep").mkdir(parents=True)
     out = tmp_path / "a" / "out"
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"output_dir: {out}\nrun_name: ../../x\noverwrite_output_dir: true\nray:\n  storage_path: {out}\n")
+    cfg.write_text(
+        f"output_dir: {out}\nrun_name: ../../x\noverwrite_output_dir: true\nray:\n  storage_path: {out}\n")
     r = dpo_ray_cli("train", "--config", str(cfg))
     assert r.returncode == 2, r.stdout + r.stderr[-2000:]
     assert "run_name" in r.stderr and "must be a plain name" in r.stderr and "Traceback" not in r.stderr
@@ -214,8 +219,9 @@ def test_output_dir_roots_repositories_and_foreign_model_files_are_refused(tmp_p
 
 
 def test_a_full_model_written_over_a_lora_one_leaves_no_adapter_and_keeps_the_users_readme(tmp_path):
-    """The writer itself (``write_model``, what every run's final save and load_best_model_at_end call): a LoRA
-    adapter with merged/, then a full model into the same folder. The real runs: test_ownership_runs.py."""
+    """The writer itself (``write_model``, what every run's final save and load_best_model_at_end call): a
+    LoRA adapter with merged/, then a full model into the same folder. The real runs:
+    test_ownership_runs.py."""
     from helpers import tiny_llama
     from transformers import AutoModelForCausalLM
 
@@ -260,15 +266,17 @@ def test_one_redaction_for_configs_errors_validate_and_store_keys(tmp_path):
     dumped = cfg.to_yaml()
     assert "S3CRET" not in dumped
     data = yaml.safe_load(dumped)
-    assert data["model_init_kwargs"] == {"hf_password": REDACTED, "revision": "main", "headers": {"auth_header": REDACTED}}
+    assert (data["model_init_kwargs"] == {"hf_password": REDACTED, "revision": "main",
+                                          "headers": {"auth_header": REDACTED}})
     assert data["deepspeed"]["overrides"]["comet"] == {"api_key": REDACTED, "project": "p"}
     assert data["dataset_name"] == f"https://{REDACTED}@example.com/data.jsonl"
-    assert redact({"pad_token": "<pad>", "tokenizer": "t", "max_tokens": 5}) == {"pad_token": "<pad>", "tokenizer": "t",
-                                                                                "max_tokens": 5}
+    assert redact({"pad_token": "<pad>", "tokenizer": "t", "max_tokens": 5}) == \
+        {"pad_token": "<pad>", "tokenizer": "t", "max_tokens": 5}
     # the store's key file is made of reference_settings
     assert "S3CRET" not in json.dumps(reference_settings(cfg))
     # error messages: TRL's hub_token note, pydantic's "got ...", a URL in any message
-    for bad in ({"hub_token": "S3CRET-F"}, {"model_init_kwargs": ["token", "hf_S3CRETabcdefghijklmnopqrstuv"]},
+    for bad in ({"hub_token": "S3CRET-F"},
+                {"model_init_kwargs": ["token", "hf_S3CRETabcdefghijklmnopqrstuv"]},
                 {"ray": {"address": 5, "runtime_env": "HF_TOKEN=S3CRET-G"}}):
         with pytest.raises(ConfigError) as e:
             DPOConfig(**bad)
@@ -283,11 +291,12 @@ def test_one_redaction_for_configs_errors_validate_and_store_keys(tmp_path):
     assert r.returncode == 2 and "S3CRET" not in r.stdout + r.stderr, r.stderr
 
 
-# ------------------------------------------------------------------------------------ storage URIs, resume keys
+# ------------------------------------------------------------------------------ storage URIs, resume keys
 
 def test_a_storage_uri_reaches_ray_train_unchanged(tmp_path, monkeypatch):
-    """What Ray Train does with the storage_path it is given (its own resolver): the URI is a file system and a
-    path in it, not a folder named 's3:' under the working directory. The real run: test_ownership_runs.py."""
+    """What Ray Train does with the storage_path it is given (its own resolver): the URI is a file system and
+    a path in it, not a folder named 's3:' under the working directory. The real run:
+    test_ownership_runs.py."""
     from ray.train._internal.storage import get_fs_and_path
 
     from dpo_ray.config import DPOConfig
@@ -320,8 +329,9 @@ def test_resume_keys_and_manifest_completeness(tmp_path):
     (d / "engine" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
     for r in range(2):
         (d / f"rng_rank{r}.pt").write_bytes(b"r" * 10)
-    (d / "manifest_rank0.json").write_text(json.dumps({"engine/mp_rank_00_model_states.pt": 100, "rng_rank0.pt": 10,
-                                                       CHECKPOINT_STATE_FILE: (d / CHECKPOINT_STATE_FILE).stat().st_size}))
+    (d / "manifest_rank0.json").write_text(json.dumps({
+        "engine/mp_rank_00_model_states.pt": 100, "rng_rank0.pt": 10,
+        CHECKPOINT_STATE_FILE: (d / CHECKPOINT_STATE_FILE).stat().st_size}))
     assert "missing manifest_rank1.json" in checkpoint_problems(d)
     (d / "manifest_rank1.json").write_text(json.dumps({"rng_rank1.pt": 10}))
     assert checkpoint_problems(d) == ""
@@ -335,7 +345,8 @@ def test_resume_keys_and_manifest_completeness(tmp_path):
                         ({"ray": {"num_workers": 1}}, "ray.num_workers"), ({"seed": 1}, "data_seed"),
                         ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps")):
         with pytest.raises(ConfigError) as e:
-            _check_resume(d, DPOConfig(**{"ray": {"num_workers": 2}, "per_device_train_batch_size": 4, **change}), "abc")
+            _check_resume(d, DPOConfig(**{"ray": {"num_workers": 2}, "per_device_train_batch_size": 4,
+                                          **change}), "abc")
         assert [k for k, _ in e.value.problems] == [key], e.value.problems
     with pytest.raises(ConfigError, match="other data"):
         _check_resume(d, ok, "def")

@@ -1,4 +1,4 @@
-"""A run touches only its own files (issue 29), on real runs: a resume with a changed batch size, a checkpoint
+"""A run touches only its own files, on real runs: a resume with a changed batch size, a checkpoint
 emptied after it was written, a URI storage_path, a LoRA run then a full run into one folder, and two
 `dpo-ray train` processes into one output_dir at once."""
 
@@ -42,7 +42,8 @@ def test_uri_storage_manifests_and_a_resume_that_cannot_continue(ray_local, tmp_
         ray={"num_workers": 1, "storage_path": f"file://{storage}"})
     # the URI went to Ray Train unchanged: the checkpoints are in the bucket, nothing under <cwd>/file:
     ckpts = sorted((storage / "geo").glob("checkpoint-*"))
-    assert [c.name for c in ckpts] == ["checkpoint-000001", "checkpoint-000002"], list(storage.rglob("*"))[:20]
+    assert [c.name for c in ckpts] == ["checkpoint-000001", "checkpoint-000002"], (
+        list(storage.rglob("*"))[:20])
     assert not (tmp_path / "file:").exists() and not (out / "ray_results").exists()
     state = json.loads((ckpts[0] / "checkpoint_state.json").read_text())
     assert state["per_device_train_batch_size"] == 4 and state["gradient_accumulation_steps"] == 1
@@ -108,8 +109,9 @@ def test_two_train_processes_into_one_output_dir(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(_TRAIN_CFG.format(out=out))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen([sys.executable, "-m", "dpo_ray", "train", "--config", str(cfg)], cwd=tmp_path, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen([sys.executable, "-m", "dpo_ray", "train", "--config", str(cfg)],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
     try:
         lock = out / ".dpo_ray_run.lock"
         for _ in range(600):  # the lock is the run's first act; wait for it (no timing is asserted)
@@ -117,10 +119,11 @@ def test_two_train_processes_into_one_output_dir(tmp_path):
                 break
             assert first.poll() is None, "the first run ended before taking the lock"
             time.sleep(0.1)
-        second = subprocess.run([sys.executable, "-m", "dpo_ray", "train", "--config", str(cfg)], cwd=tmp_path,
-                                env=env, capture_output=True, text=True, timeout=300)
+        second = subprocess.run([sys.executable, "-m", "dpo_ray", "train", "--config", str(cfg)],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]
-        assert f"is in use by another run (pid {first.pid} on host" in second.stderr and "started" in second.stderr
+        assert (f"is in use by another run (pid {first.pid} on host" in second.stderr
+                and "started" in second.stderr)
         assert first.poll() is None  # the first run goes on
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the run and the Ray it started

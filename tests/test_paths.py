@@ -35,8 +35,9 @@ def in_tmp(tmp_path, monkeypatch):
 
 def test_relative_paths_become_absolute_against_the_working_directory(in_tmp):
     cfg = resolve_config_paths(DPOConfig(
-        model_name_or_path="model", dataset_name="data/*.jsonl", output_dir="out", resume_from_checkpoint="ckpt",
-        ray={"storage_path": "../storage"}, reference={"cache_dir": "~/refcache", "model_name_or_path": "./model"}))
+        model_name_or_path="model", dataset_name="data/*.jsonl", output_dir="out",
+        resume_from_checkpoint="ckpt", ray={"storage_path": "../storage"},
+        reference={"cache_dir": "~/refcache", "model_name_or_path": "./model"}))
     assert cfg.model_name_or_path == str(in_tmp / "model")
     assert cfg.dataset_name == str(in_tmp / "data" / "*.jsonl")  # a glob that matches here
     assert cfg.output_dir == str(in_tmp / "out")  # need not exist yet
@@ -48,23 +49,29 @@ def test_relative_paths_become_absolute_against_the_working_directory(in_tmp):
 
 
 def test_outputs_of_a_ray_job_never_land_in_its_uploaded_working_dir(in_tmp, monkeypatch):
-    """Under `ray job submit --working-dir` the driver's working directory is a node-local copy Ray deletes after
-    the job: a relative output path there is refused, naming the key; DPO_RAY_SHARED_DIR is where relative output
-    paths (and the default precomputed-reference cache) go instead, while inputs stay the working directory's."""
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg.zip"}}))
+    """Under `ray job submit --working-dir` the driver's working directory is a node-local copy Ray deletes
+    after the job: a relative output path there is refused, naming the key; DPO_RAY_SHARED_DIR is where
+    relative output paths (and the default precomputed-reference cache) go instead, while inputs stay the
+    working directory's."""
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg.zip"}}))
     monkeypatch.delenv("DPO_RAY_SHARED_DIR", raising=False)
     with pytest.raises(ConfigError) as e:
         resolve_config_paths(DPOConfig(output_dir="out", ray={"storage_path": "ckpts"}))
     assert [k for k, _ in e.value.problems] == ["output_dir", "ray.storage_path"]
-    assert "shared_dir" in str(e.value) and "DPO_RAY_SHARED_DIR" in str(e.value) and "deletes after the job" in str(e.value)
-    assert resolve_config_paths(DPOConfig(output_dir="/abs/out")).output_dir == "/abs/out"  # absolute: as given
+    assert ("shared_dir" in str(e.value) and "DPO_RAY_SHARED_DIR" in str(e.value)
+            and "deletes after the job" in str(e.value))
+    # absolute: as given
+    assert resolve_config_paths(DPOConfig(output_dir="/abs/out")).output_dir == "/abs/out"
     shared = in_tmp / "shared"
     monkeypatch.setenv("DPO_RAY_SHARED_DIR", str(shared))
-    cfg = resolve_config_paths(DPOConfig(model_name_or_path="model", output_dir="out", ray={"storage_path": "ckpts"}))
+    cfg = resolve_config_paths(DPOConfig(model_name_or_path="model", output_dir="out",
+                                         ray={"storage_path": "ckpts"}))
     assert cfg.output_dir == str(shared / "out") and cfg.ray.storage_path == str(shared / "ckpts")
     assert cfg.reference.cache_dir == str(shared / "ref_logps_cache")
     assert cfg.model_name_or_path == str(in_tmp / "model")  # an input: the (uploaded) working directory's
-    assert cfg.shared_dir == str(shared)  # the variable is the setting's default: validate and dpo_config.yaml show it
+    # the variable is the setting's default: validate and dpo_config.yaml show it
+    assert cfg.shared_dir == str(shared)
     assert resolve_config_paths(cfg) == cfg
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # outside a job too: shared_dir is the output base
     assert resolve_config_paths(DPOConfig(output_dir="o")).output_dir == str(shared / "o")
@@ -77,7 +84,8 @@ def test_outputs_of_a_ray_job_never_land_in_its_uploaded_working_dir(in_tmp, mon
 def test_names_uris_and_latest_pass_through(in_tmp):
     cfg = resolve_config_paths(DPOConfig(model_name_or_path="Qwen/Qwen2-0.5B-Instruct",
                                          dataset_name="trl-lib/ultrafeedback_binarized",
-                                         output_dir="s3://bucket/run", ray={"storage_path": "gs://bucket/ray"}))
+                                         output_dir="s3://bucket/run",
+                                         ray={"storage_path": "gs://bucket/ray"}))
     assert cfg.model_name_or_path == "Qwen/Qwen2-0.5B-Instruct"  # a hub-style name: checked, not rewritten
     assert cfg.dataset_name == "trl-lib/ultrafeedback_binarized"
     assert cfg.output_dir == "s3://bucket/run" and cfg.ray.storage_path == "gs://bucket/ray"
@@ -86,7 +94,8 @@ def test_names_uris_and_latest_pass_through(in_tmp):
     with pytest.raises(ConfigError, match="resume_from_checkpoint: latest reads the checkpoints"):
         DPOConfig(resume_from_checkpoint="latest", ray={"storage_path": "gs://bucket/ray"})
     # path-like values are paths even when nothing is there yet
-    assert resolve_config_paths(DPOConfig(model_name_or_path="./missing")).model_name_or_path == str(in_tmp / "missing")
+    assert (resolve_config_paths(DPOConfig(model_name_or_path="./missing")).model_name_or_path
+            == str(in_tmp / "missing"))
 
 
 def test_a_yaml_file_elsewhere_means_the_same_as_flags(in_tmp):
@@ -152,7 +161,8 @@ _PROBE = textwrap.dedent("""
 
 @pytest.mark.timeout(300)
 def test_multi_node_probe_names_the_nodes_that_miss_a_path(tmp_path):
-    """Two raylets on this machine: a path every node sees passes, one no node sees is named with the nodes."""
+    """Two raylets on this machine: a path every node sees passes, one no node sees is named with the
+    nodes."""
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     proc = subprocess.run([sys.executable, "-c", _PROBE, str(ROOT)], env=env, capture_output=True, text=True,

@@ -71,8 +71,8 @@ def test_ref_adapter_from_existing_adapter_dir(tmp_path):
     start.save_pretrained(tmp_path / "adapter")
     expected = reference_logps(start, batch())
 
-    cfg = lora_cfg(reference={"source": "ref_adapter"}, model_adapter_name="policy", ref_adapter_name="reference",
-                   peft_adapter_path=str(tmp_path / "adapter"))
+    cfg = lora_cfg(reference={"source": "ref_adapter"}, model_adapter_name="policy",
+                   ref_adapter_name="reference", peft_adapter_path=str(tmp_path / "adapter"))
     policy = wrap_peft(tiny_llama(), cfg)
     perturb_lora(policy, "policy")  # training moves the policy adapter only
     ref = AdapterReference(policy, cfg, torch.device("cpu"))
@@ -88,12 +88,14 @@ def test_ref_adapter_without_start_dir_equals_base_at_step0():
     """With no adapter to start from, the reference adapter is a fresh (identity) one: the base model, even
     after the policy's own adapter has moved (perturbed here: at step 0 every LoRA B is zero, so a reference
     that wrongly used the policy's adapter would pass unperturbed)."""
-    cfg = lora_cfg(reference={"source": "ref_adapter"}, model_adapter_name="policy", ref_adapter_name="reference")
+    cfg = lora_cfg(reference={"source": "ref_adapter"}, model_adapter_name="policy",
+                   ref_adapter_name="reference")
     policy = wrap_peft(tiny_llama(), cfg)
     perturb_lora(policy, "policy")
     expected = reference_logps(tiny_llama(), batch())
     moved = reference_logps(policy, batch())
-    assert not torch.allclose(moved[0], expected[0], atol=1e-3), "perturbing the policy adapter changed nothing"
+    assert not torch.allclose(moved[0], expected[0], atol=1e-3), (
+        "perturbing the policy adapter changed nothing")
     got = AdapterReference(policy, cfg, torch.device("cpu")).result(None, batch())
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -170,8 +172,8 @@ def test_moe_flag_on_dense_model_is_a_clear_error(tmp_path):
 
 
 def _saved_for_backward(model, ids) -> int:
-    """Bytes the forward keeps for the backward, each storage once and the parameters left out: what activation
-    memory is made of."""
+    """Bytes the forward keeps for the backward, each storage once and the parameters left out: what
+    activation memory is made of."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -220,14 +222,15 @@ def test_the_policy_trains_in_training_mode_so_checkpointing_and_dropout_apply(t
 
 
 def test_auto_checkpointing_recomputes_only_micro_batches_past_the_budget(tmp_path):
-    """``gradient_checkpointing: auto`` (the default) checkpoints a micro-batch whose estimated activations pass
-    ``gradient_checkpointing_gib``, and leaves shorter ones alone; under ZeRO-3 it is on for every micro-batch.
-    The estimate is within 15 % of what the forward really keeps."""
+    """``gradient_checkpointing: auto`` (the default) checkpoints a micro-batch whose estimated activations
+    pass ``gradient_checkpointing_gib``, and leaves shorter ones alone; under ZeRO-3 it is on for every
+    micro-batch. The estimate is within 15 % of what the forward really keeps."""
     from dpo_ray.models import ActivationCheckpointing, activation_bytes_per_token, prepare_policy
 
     model = tiny_llama()
     per_token = activation_bytes_per_token(model.config, 4)
-    short, long = (torch.randint(1, VOCAB, (2, n), generator=torch.Generator().manual_seed(0)) for n in (16, 64))
+    short, long = (torch.randint(1, VOCAB, (2, n), generator=torch.Generator().manual_seed(0))
+                   for n in (16, 64))
     cfg = DPOConfig(output_dir=str(tmp_path), gradient_checkpointing_gib=per_token * 100 / 2**30)
     assert cfg.gradient_checkpointing == "auto"
     plain = _saved_for_backward(prepare_policy(tiny_llama(), cfg), long)
@@ -244,6 +247,8 @@ def test_auto_checkpointing_recomputes_only_micro_batches_past_the_budget(tmp_pa
     assert gc.checkpointed == 1
 
     zero3 = DPOConfig(output_dir=str(tmp_path), deepspeed={"zero_stage": 3})
-    assert ActivationCheckpointing(prepare_policy(tiny_llama(), zero3), zero3, elem_bytes=4)({"input_ids": short})
+    assert ActivationCheckpointing(prepare_policy(tiny_llama(), zero3), zero3,
+                                   elem_bytes=4)({"input_ids": short})
     off = DPOConfig(output_dir=str(tmp_path), gradient_checkpointing=False)
-    assert ActivationCheckpointing(prepare_policy(tiny_llama(), off), off, elem_bytes=4)({"input_ids": long}) is False
+    assert (ActivationCheckpointing(prepare_policy(tiny_llama(), off), off, elem_bytes=4)({"input_ids": long})
+            is False)

@@ -81,15 +81,16 @@ def test_other_architectures_agree(arch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     small = {"gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 2, "bos_token_id": 1, "eos_token_id": 2},
-             "qwen2": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "num_key_value_heads": 1, "use_sliding_window": False},
+             "qwen2": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "num_key_value_heads": 1, "use_sliding_window": False},
              "gpt_neox": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                           "num_attention_heads": 2}}[arch]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, vocab_size=64, **small)).eval()
     batch = edge_batch(64)
     assert prefix.supports(model) == (True, "")
-    assert_same_stats(sequence_forward(model, batch).stats, sequence_forward(model, batch, share_prefix=True).stats)
+    assert_same_stats(sequence_forward(model, batch).stats,
+                      sequence_forward(model, batch, share_prefix=True).stats)
 
 
 def test_alibi_models_keep_the_standard_layout():
@@ -112,7 +113,8 @@ def test_chat_template_and_left_truncation_agree(tok, kind):
         rows = [json.loads(line) for _, line in zip(range(16), f)]
     batch = collate_pairs(tokenize_rows(rows, tok, cfg), tok.pad_token_id)
     model = tiny(tok).eval()
-    assert_same_stats(sequence_forward(model, batch).stats, sequence_forward(model, batch, share_prefix=True).stats)
+    assert_same_stats(sequence_forward(model, batch).stats,
+                      sequence_forward(model, batch, share_prefix=True).stats)
 
 
 def test_packed_gradients_equal_the_standard_layout(tok):
@@ -197,7 +199,8 @@ def test_sliding_window_models_keep_the_standard_layout():
     small = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
              "num_attention_heads": 2, "num_key_value_heads": 2}
     windowed = AutoModelForCausalLM.from_config(MistralConfig(sliding_window=16, **small))
-    assert prefix.supports(windowed) == (False, "sliding-window attention: a custom 4-D mask would replace the window")
+    assert (prefix.supports(windowed)
+            == (False, "sliding-window attention: a custom 4-D mask would replace the window"))
     full = AutoModelForCausalLM.from_config(Qwen2Config(use_sliding_window=False, **small))
     assert prefix.supports(full) == (True, "")
 
@@ -213,7 +216,8 @@ def test_auto_check_catches_a_model_that_ignores_the_mask(tok, monkeypatch, capl
     with caplog.at_level("WARNING"):
         assert PrefixSharing("auto")(tiny(tok), bundled_batch(tok)) is False
     assert "custom 4-D mask" in caplog.text
-    assert PrefixSharing("on")(tiny(tok), bundled_batch(tok)) is True  # on trusts the attention implementation
+    # on trusts the attention implementation
+    assert PrefixSharing("on")(tiny(tok), bundled_batch(tok)) is True
 
 
 def test_config_accepts_booleans():

@@ -46,7 +46,8 @@ def test_unknown_total_gives_a_rate_and_no_time_left():
     bar.update(512)
     bar.close()
     last = out.getvalue().splitlines()[-1]
-    assert last.startswith("reference log-probs (train): 512 rows (") and "rows/s)" in last and "left" not in last
+    assert (last.startswith("reference log-probs (train): 512 rows (") and "rows/s)" in last
+            and "left" not in last)
 
 
 def test_resumed_job_counts_rates_from_where_it_started():
@@ -74,8 +75,10 @@ def test_durations_read_as_clock_times():
     assert fmt_duration(5) == "00:05" and fmt_duration(3725) == "1:02:05" and fmt_duration(None) == "?"
 
 
-NOISE_LINES = [  # forwarded to a local run's console by Ray 2.60 before the filter (docs/training.md#start-up)
-    "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. Continuing to monitor.",
+# forwarded to a local run's console by Ray 2.60 before the filter (docs/training.md#start-up)
+NOISE_LINES = [
+    "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. Continuing "
+    "to monitor.",
     "Requesting resources: {'CPU': 0.5} * 2",
     "Attempting to start training worker group of size 2 with the following resources: [{'CPU': 0.5}] * 2",
     "Started training worker group of size 2: ",
@@ -84,14 +87,16 @@ NOISE_LINES = [  # forwarded to a local run's console by Ray 2.60 before the fil
     "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
     "/x/ray/data/_internal/execution/interfaces/execution_options.py:436: RayDeprecationWarning: "
     "`ExecutionOptions.exclude_resources` is deprecated and will be removed",
-    "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
+    "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = "
+    "True`.",
     "✔️  Dataset train_0356G4RAmOTdWWikfQGmU6_0 execution finished in 3.72 seconds",
     "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/tmp/out/checkpoint-000003)",
     "Reporting training result 1: TrainingReport(checkpoint=..., metrics={'step': 3}, validation=False)",
     "WARNING: 8 PYTHON worker processes have been started on node: 2cf7 with address: 192.0.2.2, which is 4x",
 ]
 KEPT_LINES = [
-    "prefix sharing on for the policy (prefix_sharing: auto; the first batch agrees with the standard layout)",
+    "prefix sharing on for the policy (prefix_sharing: auto; the first batch agrees with the standard "
+    "layout)",
     "step 3/3 | loss 0.6932 | rewards/accuracies 0.3125",
     "resumed from checkpoint at step 2 (epoch 0, micro-batch 4)",
     "Traceback (most recent call last):",

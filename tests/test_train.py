@@ -42,7 +42,8 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 
 def train(tmp_path: Path, name: str, rows, eval_rows=None, model=None, callbacks=None, **overrides):
     cfg = DPOConfig(**{**BASE, **overrides, "output_dir": str(tmp_path / name)})
-    return DPOTrainer(model=model, args=cfg, train_dataset=rows, eval_dataset=eval_rows, callbacks=callbacks).train()
+    return DPOTrainer(model=model, args=cfg, train_dataset=rows, eval_dataset=eval_rows,
+                      callbacks=callbacks).train()
 
 
 def losses(out) -> list[float]:
@@ -71,13 +72,14 @@ def test_zero_stages_train_every_parameter(ray_local, tmp_path, stage):
     unchanged = [k for k, v in initial.items() if torch.equal(v, trained[k])]
     assert not unchanged, f"ZeRO-{stage}: parameters never updated: {unchanged[:5]}"
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "num_tokens", "learning_rate",
-                "grad_norm", "epoch", "samples_per_second", "tokens_per_second"):
+                "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "num_tokens",
+                "learning_rate", "grad_norm", "epoch", "samples_per_second", "tokens_per_second"):
         assert key in out.metrics, key
     report = json.loads((Path(out.output_dir) / "report.json").read_text())
     assert report["steps"] == 4
     assert (Path(out.output_dir) / "metrics.png").stat().st_size > 1000
-    if stage == 0:  # a Ray this process started: no placement-group cleaner process (cluster.torch_trainer_class)
+    # a Ray this process started: no placement-group cleaner process (cluster.torch_trainer_class)
+    if stage == 0:
         from ray._private.state import state
 
         started = {a["ActorClassName"] for a in state.actor_table(None).values()}
@@ -101,8 +103,8 @@ def test_two_workers_equal_one_worker_with_accumulation(ray_local, tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_curve(ray_local, tmp_path):
-    """The run saves at step 3 and goes on to step 6 (saving changes no number: it is the uninterrupted curve);
-    resumed from step 3's checkpoint, steps 4-6 come out the same."""
+    """The run saves at step 3 and goes on to step 6 (saving changes no number: it is the uninterrupted
+    curve); resumed from step 3's checkpoint, steps 4-6 come out the same."""
     rows = make_rows(64, seed=5)
     part = train(tmp_path, "part", rows, max_steps=6, ray={"num_workers": 1}, save_strategy="steps",
                  save_steps=3, run_name="resume-me")
@@ -117,9 +119,9 @@ def test_resume_reproduces_the_uninterrupted_curve(ray_local, tmp_path):
 
 
 def test_killed_worker_is_recovered(ray_local, tmp_path):
-    """The last rank dies at the end of step 3 (a callback, tests/hooks.py); Ray Train restarts the group from the
-    step-2 checkpoint. The curve is the uninterrupted run's (ZeRO-0's of the test above: same rows and steps),
-    each step logged once."""
+    """The last rank dies at the end of step 3 (a callback, tests/hooks.py); Ray Train restarts the group from
+    the step-2 checkpoint. The curve is the uninterrupted run's (ZeRO-0's of the test above: same rows and
+    steps), each step logged once."""
     from hooks import KillOnce
 
     if 0 not in _CURVES:  # run alone: make the uninterrupted curve here
@@ -137,7 +139,8 @@ def test_killed_worker_is_recovered(ray_local, tmp_path):
 
 def test_saved_model_reproduces_eval_logps(ray_local, tmp_path):
     """The model written for load_best_model_at_end scores the eval rows as logged; and the run calls every
-    callback hook on every rank, in the documented order, with the step's metrics (dpo_ray.train.callbacks)."""
+    callback hook on every rank, in the documented order, with the step's metrics
+    (dpo_ray.train.callbacks)."""
     from hooks import Recorder
     from transformers import AutoModelForCausalLM
 
@@ -149,9 +152,10 @@ def test_saved_model_reproduces_eval_logps(ray_local, tmp_path):
     # load_best_model_at_end with the *highest* eval loss as "best": normally step 1, so the model written to
     # output_dir is a checkpoint's, exported, not the final weights; the rule is recomputed here either way
     out = train(tmp_path, "eval", rows, eval_rows, max_steps=3, eval_strategy="steps", eval_steps=1,
-                save_strategy="steps", save_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
-                greater_is_better=True, callbacks=[Recorder(calls)])
-    step_calls = [f"{hook} {s}" for s in (1, 2, 3) for hook in ("on_log", "on_evaluate", "on_save", "on_step_end")
+                save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+                metric_for_best_model="loss", greater_is_better=True, callbacks=[Recorder(calls)])
+    step_calls = [f"{hook} {s}" for s in (1, 2, 3)
+                  for hook in ("on_log", "on_evaluate", "on_save", "on_step_end")
                   if not (hook == "on_save" and s == 3)]  # the last checkpoint is taken after the last step
     expected = ["on_train_begin 0", *step_calls, "on_save 3", "on_train_end 3"]
     for rank in (0, 1):
@@ -180,10 +184,10 @@ def test_saved_model_reproduces_eval_logps(ray_local, tmp_path):
 
 
 def test_two_worker_eval_equals_one_process_over_every_eval_row(ray_local, tmp_path):
-    """Issue 29: 5 eval rows, 2 workers × per_device_eval_batch_size 2: shares of 3 and 2 rows, a partial last
-    batch and a weight-0 filler forward on the worker that ran out. Every row counts once: the run's eval metrics
-    equal one process's DPO metrics over all 5 rows in one batch (the saved policy, the initial model as
-    reference). Before, the partial batch and the remainder were never scored."""
+    """5 eval rows, 2 workers × per_device_eval_batch_size 2: shares of 3 and 2 rows, a partial last
+    batch and a weight-0 filler forward on the worker that ran out. Every row counts once: the run's eval
+    metrics equal one process's DPO metrics over all 5 rows in one batch (the saved policy, the initial model
+    as reference). Before, the partial batch and the remainder were never scored."""
     from transformers import AutoModelForCausalLM
 
     from dpo_ray.data import collate_pairs, tokenize_rows
@@ -221,8 +225,9 @@ def test_dpo_after_sft_starts_from_the_sft_weights(ray_local, tmp_path):
     load_causal_lm(None, cfg, tok).save_pretrained(init)
     tok.save_pretrained(init)
     rows = make_rows(64)
-    sft = DPOTrainer(model=str(init), args=DPOConfig(**{**BASE, "output_dir": str(tmp_path / "sft"), "max_steps": 6,
-                                                         "learning_rate": 1e-2, "reference": {"source": "none"}}),
+    sft = DPOTrainer(model=str(init),
+                     args=DPOConfig(**{**BASE, "output_dir": str(tmp_path / "sft"), "max_steps": 6,
+                                        "learning_rate": 1e-2, "reference": {"source": "none"}}),
                      train_dataset=rows, mode="sft").train()
     assert sft.report["steps"] == 6
     dpo = train(tmp_path, "dpo", rows, model=str(tmp_path / "sft"), max_steps=1,
@@ -260,8 +265,8 @@ def test_actor_pool_reference_matches_local_reference(ray_local, tmp_path, capsy
 
     # the start-up timeline (docs/training.md#start-up): every stage, in time order, printed with the summary
     stages = json.loads((Path(pooled.output_dir) / "report.json").read_text())["startup"]
-    assert {"imports", "ray", "data plan", "reference pool", "fit", "worker", "policy", "engine", "first batch",
-            "first step"} <= set(stages), stages
+    assert {"imports", "ray", "data plan", "reference pool", "fit", "worker", "policy", "engine",
+            "first batch", "first step"} <= set(stages), stages
     assert list(stages.values()) == sorted(stages.values()) and stages["first step"] > 0
     # a quiet console: none of Ray's start-up chatter reached it (it stays in Ray's log files)
     from dpo_ray.cluster import _is_noise
@@ -288,4 +293,5 @@ def test_lora_on_two_workers_changes_only_adapter_weights(ray_local, tmp_path):
     # merged/ is a model directory of its own: its tokenizer loads from it (the adapter's base is not needed)
     from transformers import AutoTokenizer
 
-    assert AutoTokenizer.from_pretrained(Path(out.output_dir) / "merged").vocab_size == load_tokenizer(cfg).vocab_size
+    assert (AutoTokenizer.from_pretrained(Path(out.output_dir) / "merged").vocab_size
+            == load_tokenizer(cfg).vocab_size)

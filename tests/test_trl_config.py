@@ -39,14 +39,17 @@ def test_the_table_is_consistent():
 def test_every_trl_key_is_in_the_table():
     trl = pytest.importorskip("trl", minversion="1.16")
     for cls in (trl.DPOConfig, trl.ModelConfig, trl.ScriptArguments):
-        missing = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_") and f.name not in TRL_KEYS]
+        missing = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")
+                   and f.name not in TRL_KEYS]
         assert not missing, (cls.__name__, missing)
 
 
 def test_a_dumped_trl_config_loads_with_its_meaning(tmp_path):
-    """TrainingArguments.to_dict() of TRL's DPOConfig (every key, at TRL's values) is a valid dpo_ray config."""
+    """TrainingArguments.to_dict() of TRL's DPOConfig (every key, at TRL's values) is a valid dpo_ray
+    config."""
     trl = pytest.importorskip("trl", minversion="1.16")
-    dumped = trl.DPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, beta=0.3, loss_type=["sigmoid", "sft"],
+    dumped = trl.DPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, beta=0.3,
+                           loss_type=["sigmoid", "sft"],
                            loss_weights=[1.0, 0.5], lr_scheduler_type="cosine", warmup_steps=3).to_dict()
     cfg = DPOConfig(**dumped)
     assert cfg.beta == 0.3 and cfg.loss_type == ["sigmoid", "sft"] and cfg.loss_weights == [1.0, 0.5]
@@ -71,13 +74,15 @@ def test_a_dumped_trl_config_loads_with_its_meaning(tmp_path):
     ({"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}},
      lambda c: c.lr_scheduler_kwargs == {"min_lr_rate": 0.1}),
     ({"lr_scheduler_kwargs": None, "model_init_kwargs": None, "router_aux_loss_coef": None, "deepspeed": None,
-      "pad_to_multiple_of": "auto"}, lambda c: c.lr_scheduler_kwargs == {} and c.router_aux_loss_coef == 0.001),
+      "pad_to_multiple_of": "auto"},
+     lambda c: c.lr_scheduler_kwargs == {} and c.router_aux_loss_coef == 0.001),
     ({"push_to_hub": False, "hub_model_id": None, "dataloader_num_workers": 8, "remove_unused_columns": False,
       "logging_first_step": True, "eval_on_start": True}, lambda c: c.logging_first_step and c.eval_on_start),
     ({"load_best_model_at_end": True, "eval_strategy": "steps", "eval_steps": 10, "save_steps": 20},
      lambda c: c.best_model_metric() == ("eval_loss", False)),
     ({"load_best_model_at_end": True, "eval_strategy": "epoch", "save_strategy": "epoch",
-      "metric_for_best_model": "rewards/accuracies"}, lambda c: c.best_model_metric() == ("eval_rewards/accuracies", True)),
+      "metric_for_best_model": "rewards/accuracies"},
+     lambda c: c.best_model_metric() == ("eval_rewards/accuracies", True)),
 ])
 def test_trl_keys_take_their_meaning(kwargs, check):
     assert check(DPOConfig(**kwargs))
@@ -97,11 +102,13 @@ def test_trl_keys_take_their_meaning(kwargs, check):
     ({"optim": "adamm"}, "optim", "not an optimizer"),
     ({"optim": "adamw_torch", "optim_args": "momentum=0.9"}, "optim_args", "reads no optim_args"),
     ({"lr_scheduler_type": "reduce_lr_on_plateau"}, "lr_scheduler_type", "eval metrics"),
-    ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"min_lr": 0.0}}, "lr_scheduler_kwargs", "num_cycles"),
+    ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"min_lr": 0.0}}, "lr_scheduler_kwargs",
+     "num_cycles"),
     ({"lr_scheduler_type": "cosine_with_min_lr"}, "lr_scheduler_kwargs", "exactly one of min_lr"),
     ({"load_best_model_at_end": True}, "load_best_model_at_end", "eval_strategy"),
     ({"load_best_model_at_end": True, "eval_strategy": "epoch"}, "load_best_model_at_end", "save_strategy"),
-    ({"metric_for_best_model": "eval_rewards/acuracies"}, "metric_for_best_model", "did you mean rewards/accuracies"),
+    ({"metric_for_best_model": "eval_rewards/acuracies"}, "metric_for_best_model",
+     "did you mean rewards/accuracies"),
     ({"lora_r": 32}, "lora_r", "use_peft is false"),
     ({"lora_target_modules": ["q_proj"]}, "lora_target_modules", "use_peft"),
     ({"merge_adapter": True}, "merge_adapter", "use_peft"),
@@ -164,7 +171,8 @@ def test_an_existing_adapter_defaults_to_a_frozen_copy_named_ref(tmp_path):
     """TRL 1.x with a PeftModel and no ref_model adds a frozen copy of the adapter named "ref"."""
     (tmp_path / "adapter_config.json").write_text("{}")
     cfg = DPOConfig(peft_adapter_path=str(tmp_path))
-    assert (cfg.reference.source, cfg.model_adapter_name, cfg.ref_adapter_name) == ("ref_adapter", "default", "ref")
+    assert ((cfg.reference.source, cfg.model_adapter_name, cfg.ref_adapter_name)
+            == ("ref_adapter", "default", "ref"))
     assert "'ref'" in cfg.describe_reference()
 
 
@@ -174,10 +182,10 @@ def test_tr_dpo_under_peft_asks_for_a_model_reference():
 
 
 def test_every_trl_field_type_is_accepted_with_its_meaning(tmp_path):
-    """For each TRL DPOConfig / TrainingArguments key dpo_ray takes as it is ("same"), a value of every type TRL's
-    annotation allows loads here too (a Literal's misspelt value aside: that is a value, not a type, and gets a
-    did-you-mean). Caught before: warmup_steps / logging_steps / eval_steps / save_steps fractions, report_to
-    and output_dir None, lr_scheduler_kwargs as a JSON string."""
+    """For each TRL DPOConfig / TrainingArguments key dpo_ray takes as it is ("same"), a value of every type
+    TRL's annotation allows loads here too (a Literal's misspelt value aside: that is a value, not a type, and
+    gets a did-you-mean). Caught before: warmup_steps / logging_steps / eval_steps / save_steps fractions,
+    report_to and output_dir None, lr_scheduler_kwargs as a JSON string."""
     import typing
 
     trl = pytest.importorskip("trl", minversion="1.16")
@@ -196,7 +204,8 @@ def test_every_trl_field_type_is_accepted_with_its_meaning(tmp_path):
             try:
                 DPOConfig(**{f.name: value})
             except ConfigError as e:
-                type_errors = [m for k, m in e.problems if k.split(".")[0] == f.name and "Input should be a valid" in m]
+                type_errors = [m for k, m in e.problems if k.split(".")[0] == f.name
+                               and "Input should be a valid" in m]
                 refused += [(f.name, value, m) for m in type_errors]
     assert not refused, refused
 
@@ -215,7 +224,8 @@ def test_transformers_5_spellings_load(kwargs, check):
 def test_fractions_of_the_run_mean_what_transformers_means():
     from dpo_ray.schedule import interval_steps, warmup_steps
 
-    assert warmup_steps(50, 0.0, 0.1) == 5 and warmup_steps(50, 0.2, 0) == 10 and warmup_steps(50, 0.2, 3) == 3
+    assert (warmup_steps(50, 0.0, 0.1) == 5 and warmup_steps(50, 0.2, 0) == 10
+            and warmup_steps(50, 0.2, 3) == 3)
     assert interval_steps(0.25, 10) == 3 and interval_steps(0.001, 10) == 1 and interval_steps(4, 10) == 4
     assert "neither a whole number" in problems(save_steps=2.5)["save_steps"]
 

@@ -1,4 +1,4 @@
-"""TRL 1.x parity: the same option gives the same loss and the same logged metrics (issue 15).
+"""TRL 1.x parity: the same option gives the same loss and the same logged metrics.
 
 TRL's own ``DPOTrainer`` loss code (``compute_loss`` → ``_compute_loss``: its fused LM head, its reference
 forward, its loss chain and metric logging) runs on a tiny Llama built from a config, and dpo_ray's
@@ -54,7 +54,8 @@ class Case:
         parts = ["+".join(self.loss_type), f"b{self.beta}"]
         defaults = Case()
         for f in dataclasses.fields(self):
-            if f.name not in ("loss_type", "beta", "extra") and getattr(self, f.name) != getattr(defaults, f.name):
+            if f.name not in ("loss_type", "beta", "extra") and \
+                    getattr(self, f.name) != getattr(defaults, f.name):
                 parts.append(f"{f.name}={getattr(self, f.name)}")
         return ",".join(parts)
 
@@ -69,8 +70,10 @@ CASES += [  # ε where TRL applies it (sigmoid_norm: TRL ignores ε, and so does
     Case(("robust",), 0.5, label_smoothing=0.3), Case(("aot",), 0.1, label_smoothing=0.1),
     Case(("aot_unpaired",), 0.5, label_smoothing=0.2), Case(("sigmoid_norm",), 0.1, label_smoothing=0.1),
 ]
-CASES += [Case((n,), 0.1, ld_alpha=a) for n in ("sigmoid", "ipo", "apo_zero", "sft", "aot") for a in (0.0, 0.5)]
-CASES += [Case((n,), b, use_weighting=True) for n in ("sigmoid", "ipo", "hinge", "sft", "bco_pair") for b in (0.1, 0.5)]
+CASES += [Case((n,), 0.1, ld_alpha=a) for n in ("sigmoid", "ipo", "apo_zero", "sft", "aot")
+          for a in (0.0, 0.5)]
+CASES += [Case((n,), b, use_weighting=True) for n in ("sigmoid", "ipo", "hinge", "sft", "bco_pair")
+          for b in (0.1, 0.5)]
 CASES += [  # every f-divergence, α ≠ 0.5 too, on every loss that takes one
     Case((n,), 0.1, f_divergence_type=kind, f_alpha_divergence_coef=alpha,
          label_smoothing=1e-3 if n == "exo_pair" else 0.0)
@@ -98,7 +101,8 @@ def _tokenizer():
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {f"w{i}": i + 3 for i in range(V - 3)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
 
 
 def _models():
@@ -117,7 +121,8 @@ def _models():
     ref = copy.deepcopy(policy)
     with torch.no_grad():
         ref.lm_head.weight.add_(torch.randn_like(ref.lm_head.weight) * 0.08)
-        ref.model.layers[0].mlp.down_proj.weight.add_(torch.randn_like(ref.model.layers[0].mlp.down_proj.weight) * 0.05)
+        ref.model.layers[0].mlp.down_proj.weight.add_(
+            torch.randn_like(ref.model.layers[0].mlp.down_proj.weight) * 0.05)
     return policy.eval(), ref.eval()
 
 
@@ -143,7 +148,8 @@ def _batch(policy) -> dict[str, torch.Tensor]:
     greedy = torch.rand(2 * B, t, generator=g) < 0.5
     with torch.no_grad():  # make some completion tokens the argmax, left to right (causal)
         for pos in range(1, t):
-            logits = policy(input_ids=ids[:, :pos], attention_mask=attn[:, :pos], use_cache=False).logits[:, -1]
+            logits = policy(input_ids=ids[:, :pos], attention_mask=attn[:, :pos],
+                            use_cache=False).logits[:, -1]
             pick = greedy[:, pos] & comp_mask[:, pos].bool()
             ids[pick, pos] = logits.argmax(-1)[pick]
     return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp_mask}
@@ -155,7 +161,8 @@ def _trl_trainer(policy, ref, tmp_path, **args):
     rows = {"prompt": ["w1 w2"], "chosen": [" w3"], "rejected": [" w4"]}
     config = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=B, bf16=False, fp16=False,
                            gradient_checkpointing=False, report_to="none", use_cpu=True, max_length=None,
-                           use_weighting=True, **args)  # use_weighting: the fused head also computes WPO's term
+                           # use_weighting: the fused head also computes WPO's term
+                           use_weighting=True, **args)
     trainer = trl.DPOTrainer(model=policy, ref_model=ref, args=config, train_dataset=Dataset.from_dict(rows),
                              processing_class=_tokenizer())
     trainer.model.train()
@@ -163,7 +170,8 @@ def _trl_trainer(policy, ref, tmp_path, **args):
 
 
 def configure(trainer, case: Case) -> None:
-    """Set the loss options as ``DPOTrainer.__init__`` copies them from ``args`` (discopop_tau stays in args)."""
+    """Set the loss options as ``DPOTrainer.__init__`` copies them from ``args`` (discopop_tau stays in
+    args)."""
     trainer.beta = case.beta
     trainer.loss_types = list(case.loss_type)
     trainer.loss_weights = list(case.loss_weights) if case.loss_weights else [1.0] * len(case.loss_type)
@@ -189,9 +197,9 @@ def trl_wpo_weights(trainer, batch) -> torch.Tensor:
 
 
 def trl_loss(trainer, batch, case: Case) -> float:
-    """TRL's loss for ``case``. TRL 1.16 raises on sft under use_weighting (``per_sequence_loss *= ...`` writes
-    into the expanded scalar); there the sft term is TRL's unweighted sft loss times the mean of TRL's WPO
-    weights, the value that line means, and every other term is TRL's own."""
+    """TRL's loss for ``case``. TRL 1.16 raises on sft under use_weighting (``per_sequence_loss *= ...``
+    writes into the expanded scalar); there the sft term is TRL's unweighted sft loss times the mean of TRL's
+    WPO weights, the value that line means, and every other term is TRL's own."""
     if not (case.use_weighting and "sft" in case.loss_type):
         return trl_loss_and_metrics(trainer, batch, case)[0]
     with pytest.raises(RuntimeError, match="more than one element"):  # the upstream bug; drop this when fixed
@@ -257,8 +265,10 @@ def test_the_batch_is_realistic(setup):
     _, m = dpo_ray_loss_and_metrics(policy, ref, batch, Case(beta=1.0))
     mask = batch["completion_mask"][:, 1:]
     with torch.no_grad():
-        c = completion_logps(policy(input_ids=batch["input_ids"]).logits, batch["input_ids"], batch["completion_mask"])
-        r = completion_logps(ref(input_ids=batch["input_ids"]).logits, batch["input_ids"], batch["completion_mask"])
+        c = completion_logps(policy(input_ids=batch["input_ids"]).logits, batch["input_ids"],
+                             batch["completion_mask"])
+        r = completion_logps(ref(input_ids=batch["input_ids"]).logits, batch["input_ids"],
+                             batch["completion_mask"])
     ratios = c.logps - r.logps
     assert 0.5 < ratios.abs().max() < 30 and (ratios > 0).any() and (ratios < 0).any(), ratios
     assert len(set(mask.sum(-1).tolist())) >= 6 and len(set(batch["attention_mask"].sum(-1).tolist())) >= 6
@@ -281,7 +291,8 @@ def test_every_loss_type_and_f_divergence_is_covered():
     assert {n for c in CASES for n in c.loss_type} == set(LOSSES)
     assert {(c.f_divergence_type, c.loss_type[0]) for c in CASES if len(c.loss_type) == 1} >= {
         (k, n) for k in ("forward_kl", "js_divergence", "alpha_divergence") for n in F_LOSSES}
-    assert {c.f_alpha_divergence_coef for c in CASES if c.f_divergence_type == "alpha_divergence"} >= {0.2, 0.5, 1.5}
+    assert ({c.f_alpha_divergence_coef for c in CASES if c.f_divergence_type == "alpha_divergence"}
+            >= {0.2, 0.5, 1.5})
 
 
 # ------------------------------------------------------------------ metrics
@@ -307,10 +318,12 @@ def test_every_logged_metric_matches_trl(setup, case):
 @pytest.mark.parametrize("case", [
     Case(("ipo", "apo_down"), 0.5, use_weighting=True, ld_alpha=0.5),
     Case(("discopop",), 0.1, discopop_tau=0.2, f_divergence_type="js_divergence"),
-    Case(("exo_pair",), 0.1, label_smoothing=0.1, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.2),
+    Case(("exo_pair",), 0.1, label_smoothing=0.1, f_divergence_type="alpha_divergence",
+         f_alpha_divergence_coef=0.2),
 ], ids=lambda c: c.id)
 def test_switched_options_equal_a_fresh_trainer(setup, tmp_path, case):
-    """``configure`` sets what DPOTrainer.__init__ reads from args: a trainer built with the options agrees."""
+    """``configure`` sets what DPOTrainer.__init__ reads from args: a trainer built with the options
+    agrees."""
     policy, ref, batch, trainer = setup
     opts = {f.name: getattr(case, f.name) for f in dataclasses.fields(case) if f.name != "extra"}
     opts["loss_type"] = list(opts["loss_type"])
@@ -325,7 +338,8 @@ def test_switched_options_equal_a_fresh_trainer(setup, tmp_path, case):
 
 
 def test_cdpo_epsilon_on_sigmoid_is_seed_only(setup):
-    """The one deliberate difference: TRL 1.x ignores label_smoothing on sigmoid; dpo_ray keeps the seed's cDPO."""
+    """The one deliberate difference: TRL 1.x ignores label_smoothing on sigmoid; dpo_ray keeps the seed's
+    cDPO."""
     policy, ref, batch, trainer = setup
     smoothed = Case(label_smoothing=0.2)
     trl_smoothed, _ = trl_loss_and_metrics(trainer, batch, smoothed)

@@ -29,7 +29,8 @@ def processor(vlm_dir):
 
 
 def bundled_rows(n: int) -> list[dict]:
-    """The first bundled vision rows, image paths made absolute (in-memory rows have no file to resolve against)."""
+    """The first bundled vision rows, image paths made absolute (in-memory rows have no file to resolve
+    against)."""
     rows = [json.loads(line) for line in VISION_TRAIN_FILE.read_text().splitlines()[:n]]
     for r in rows:
         r["images"] = [str(VISION_DIR / p) for p in r["images"]]
@@ -57,8 +58,8 @@ def test_processor_expands_images_and_completion_mask_skips_image_tokens(process
     assert (is_image.sum(1) == IMAGE_TOKENS).all()  # every sequence carries its image's tokens
     assert not (batch["completion_mask"].bool() & is_image).any()  # log-probs cover only completion text
     completion = batch["input_ids"][0][batch["completion_mask"][0].bool()].tolist()
-    assert processor.tokenizer.convert_ids_to_tokens(completion) == [bundled_rows(1)[0]["chosen"][0]["content"][0]["text"],
-                                                                     "<eos>"]
+    assert processor.tokenizer.convert_ids_to_tokens(completion) == [
+        bundled_rows(1)[0]["chosen"][0]["content"][0]["text"], "<eos>"]
 
 
 def test_collate_lines_up_pixels_with_the_2b_rows(processor):
@@ -122,7 +123,8 @@ def test_keep_start_never_cuts_into_image_tokens(processor):
     # the prompt is 3 + 16 image + 7 text tokens: max_length 20 would cut the image tokens -> dropped, counted
     with pytest.raises(BadRowError, match="prompt_fills_max_length"):
         tokenize_rows(bundled_rows(1), processor, cfg(max_length=20))
-    assert len(tokenize_rows(bundled_rows(2), processor, cfg(max_length=20, on_bad_row="skip"))["row_id"]) == 0
+    assert (len(tokenize_rows(bundled_rows(2), processor, cfg(max_length=20, on_bad_row="skip"))["row_id"])
+            == 0)
     # image tokens past the prompt (the guard is on every kept sequence): cutting them is refused too
     from dpo_ray.data.tokenize import RowProcessor, TokenizeOptions
 
@@ -158,7 +160,8 @@ def test_both_reference_paths_send_the_pixels(vlm_dir, processor):
     host = ReferenceModelHost(c, vlm_dir, processor)
     expected = reference_logps(host.model, batch)
     _, _, chosen, rejected = host.logps("r0", batch)  # answers travel as numpy
-    assert torch.allclose(torch.from_numpy(chosen), expected[0]) and torch.allclose(torch.from_numpy(rejected), expected[1])
+    assert (torch.allclose(torch.from_numpy(chosen), expected[0])
+            and torch.allclose(torch.from_numpy(rejected), expected[1]))
     local = LocalReference(host.model, torch.device("cpu"))
     assert torch.allclose(local.result(None, batch)[0], expected[0])
 
@@ -172,14 +175,16 @@ def test_both_reference_paths_send_the_pixels(vlm_dir, processor):
                 return None
 
     ActorPoolReference([FakeActor()], c, rank=0).submit(batch)
-    assert set(FakeActor.sent) == {"input_ids", "attention_mask", "completion_mask", "pixel_values", "packed_width"}
+    assert (set(FakeActor.sent) == {"input_ids", "attention_mask", "completion_mask", "pixel_values",
+                                    "packed_width"})
     assert torch.equal(torch.as_tensor(FakeActor.sent["pixel_values"]), batch["pixel_values"])
 
 
 def test_precomputed_reference_is_refused_for_vision(vlm_dir, processor):
     from dpo_ray.reference.precompute import attach_reference_logps
 
-    with pytest.raises(ConfigError, match=r"reference.source: precomputed reference log-probs do not carry images"):
+    with pytest.raises(ConfigError,
+                       match=r"reference.source: precomputed reference log-probs do not carry images"):
         DPOConfig(model_name_or_path=vlm_dir, reference={"source": "precomputed"})
     with pytest.raises(ConfigError, match=r"reference.source"):
         attach_reference_logps(None, cfg(), None, processor, split="train")

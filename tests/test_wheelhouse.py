@@ -46,7 +46,8 @@ def fake_ray_wheel(folder: Path) -> Path:
     }
     dist = "fakeray-1.0.dist-info"
     files[f"{dist}/METADATA"] = b"Metadata-Version: 2.1\nName: fakeray\nVersion: 1.0\n"
-    files[f"{dist}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    files[f"{dist}/WHEEL"] = (
+        b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
     path = folder / "fakeray-1.0-py3-none-any.whl"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         rows = []
@@ -70,7 +71,8 @@ def test_trim_drops_the_patterns_and_rewrites_record(tmp_path):
     with zipfile.ZipFile(dst) as z:
         names = set(z.namelist())
         assert all(i.compress_type == zipfile.ZIP_LZMA for i in z.infolist())
-        assert not any("jars/" in n or n.endswith(".map") or "/tests/" in n or "client/build" in n for n in names)
+        assert not any("jars/" in n or n.endswith(".map") or "/tests/" in n or "client/build" in n
+                       for n in names)
         assert {"fakeray/__init__.py", "fakeray/core/raylet", "fakeray/dashboard/head.py"} <= names
         assert (z.getinfo("fakeray/core/raylet").external_attr >> 16) & 0o111, "the executable bit is kept"
         record = list(csv.reader(io.StringIO(z.read("fakeray-1.0.dist-info/RECORD").decode())))
@@ -116,9 +118,9 @@ def test_size_table_totals():
 
 @pytest.mark.slow
 def test_make_wheelhouse_from_a_fresh_home_fits_and_imports(tmp_path):
-    """``make wheelhouse`` as a user types it, from a fresh HOME (no pip cache, no torch extensions) and a minimal
-    environment: downloads, trims, stays under 60 MiB, installs offline and imports (its --verify). Skipped, with
-    the reason, where the package index cannot be reached."""
+    """``make wheelhouse`` as a user types it, from a fresh HOME (no pip cache, no torch extensions) and a
+    minimal environment: downloads, trims, stays under 60 MiB, installs offline and imports (its --verify).
+    Skipped, with the reason, where the package index cannot be reached."""
     import os
     import socket
     import urllib.parse
@@ -126,7 +128,8 @@ def test_make_wheelhouse_from_a_fresh_home_fits_and_imports(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
-    for key in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CONFIG_FILE"):  # the machine's index
+    # the machine's index
+    for key in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CONFIG_FILE"):
         if key in os.environ:
             env[key] = os.environ[key]
     r = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
