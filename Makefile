@@ -33,7 +33,7 @@ test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check dpo_ray tests bench examples
+	$(VENV)/bin/ruff check dpo_ray tests bench examples scripts
 
 demo: install
 	$(PY) -m dpo_ray demo --output_dir demo_output $(DEMO_ARGS)

@@ -347,9 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, key, dry_v if dry else gpu_v)
     device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
     why = "--dry" if args.dry else ("no CUDA device" if not cuda else "")
-    print(f"""gpu_check: {'DRY RUN on the CPU (' + why + '): fp32, gloo, tiny model' if dry
-                          else device_name + ': bf16, nccl'}""",
-          flush=True)
+    mode = f"DRY RUN on the CPU ({why}): fp32, gloo, tiny model" if dry else f"{device_name}: bf16, nccl"
+    print(f"gpu_check: {mode}", flush=True)
     # What the children add to this environment (never replace it: a compiler needs PATH, caches need HOME).
     # DeepSpeed's ops are built first, once, where dpo_ray's workers look for them, and never half-built
     # (bench/ds_ops.py): a fresh machine builds them here, a killed build is repaired on the next run.
