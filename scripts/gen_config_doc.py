@@ -49,7 +49,7 @@ def render() -> str:
              "",
              "| rule | checked in | when |",
              "|---|---|---|",
-             ("| `ld_alpha` needs pair rows, not prompt groups | `data/pipeline.py` | the data's format is "
+             ("| `ld_alpha` needs pair rows, not prompt groups | `data/plan.py` | the data's format is "
               "read |"),
              "| prompt groups take text rows only (no images) | `data/tokenize.py` | the first group row |",
              ("| `truncation_mode: keep_end` is refused for a vision processor | `data/tokenize.py` | a "

@@ -25,7 +25,7 @@ from dpo_ray.data import (
     bundled,
     iter_train_batches,
     load_tokenizer,
-    pipeline,
+    plan,
     sources,
     tokenize_rows,
 )
@@ -111,12 +111,12 @@ def test_no_dataset_name_with_a_model_of_ones_own_is_an_error(model_without_toke
     tok.save_pretrained(model_without_tokenizer / "with_tok")
     c = cfg(model_name_or_path=str(model_without_tokenizer / "with_tok"))
     with pytest.raises(DataSourceError, match=r"dataset_name is not set.*toy task.*--dataset_name"):
-        pipeline._sources(c, None, None, load_tokenizer(c))
+        plan.plan_sources(c, None, None, load_tokenizer(c))
     # the bundled data with a tokenizer of one's own is refused too (no model_name_or_path at all)
     other = load_tokenizer(str(model_without_tokenizer / "with_tok"))
     with pytest.raises(DataSourceError, match="dataset_name is not set"):
-        pipeline._sources(cfg(), None, None, other)
-    train, ev, _ = pipeline._sources(cfg(), None, None, tok)  # the embedded default: bundled model + data
+        plan.plan_sources(cfg(), None, None, other)
+    train, ev, _ = plan.plan_sources(cfg(), None, None, tok)  # the embedded default: bundled model + data
     assert names(train.files) == ["train.jsonl"] and names(ev.files) == ["test.jsonl"]
 
 
@@ -153,7 +153,7 @@ def test_directory_split_files_are_never_in_both_splits(tmp_path, rows):
     d = tmp_path / "d"
     write_jsonl(d / "prefs.jsonl", rows[:80])
     write_jsonl(d / "prefs_test.jsonl", rows[80:])
-    train, ev, _ = pipeline._sources(cfg(dataset_name=str(d)), None, None)
+    train, ev, _ = plan.plan_sources(cfg(dataset_name=str(d)), None, None)
     assert names(train.files) == ["prefs.jsonl"] and names(ev.files) == ["prefs_test.jsonl"]
     assert train.num_rows == 80
 
@@ -176,7 +176,7 @@ def test_directory_layouts(tmp_path, rows, layout, train_files, eval_files, left
     d = tmp_path / "d"
     for name in layout:
         write_jsonl(d / name, rows[:10])
-    train, ev, _ = pipeline._sources(cfg(dataset_name=str(d)), None, None)
+    train, ev, _ = plan.plan_sources(cfg(dataset_name=str(d)), None, None)
     rel = lambda paths: sorted(str(Path(p).relative_to(d)) for p in paths)  # noqa: E731
     assert rel(train.files) == train_files
     assert rel(ev.files if ev is not None else []) == eval_files
@@ -186,26 +186,26 @@ def test_directory_layouts(tmp_path, rows, layout, train_files, eval_files, left
 def test_a_file_pairs_only_with_the_sibling_its_name_names(tmp_path, rows):
     write_jsonl(tmp_path / "my_prefs.jsonl", rows[:40])
     write_jsonl(tmp_path / "test.jsonl", [{"unrelated": 1}])  # not the eval split of my_prefs.jsonl
-    train, ev, _ = pipeline._sources(cfg(dataset_name=str(tmp_path / "my_prefs.jsonl")), None, None)
+    train, ev, _ = plan.plan_sources(cfg(dataset_name=str(tmp_path / "my_prefs.jsonl")), None, None)
     assert names(train.files) == ["my_prefs.jsonl"] and ev is None
     write_jsonl(tmp_path / "my_prefs_test.jsonl", rows[40:50])  # this one is
-    _, ev, _ = pipeline._sources(cfg(dataset_name=str(tmp_path / "my_prefs.jsonl")), None, None)
+    _, ev, _ = plan.plan_sources(cfg(dataset_name=str(tmp_path / "my_prefs.jsonl")), None, None)
     assert names(ev.files) == ["my_prefs_test.jsonl"]
     write_jsonl(tmp_path / "foo_train.jsonl", rows[:40])
-    _, ev, _ = pipeline._sources(cfg(dataset_name=str(tmp_path / "foo_train.jsonl")), None, None)
+    _, ev, _ = plan.plan_sources(cfg(dataset_name=str(tmp_path / "foo_train.jsonl")), None, None)
     assert ev is None  # foo_test.jsonl does not exist, and test.jsonl is not its sibling
 
 
 def test_eval_file_that_is_also_training_data_is_refused(tmp_path, rows):
     path = write_jsonl(tmp_path / "all.jsonl", rows)
     with pytest.raises(DataSourceError, match="both training and eval data"):
-        pipeline._sources(cfg(dataset_name=str(path), eval_dataset_name=str(path)), None, None)
+        plan.plan_sources(cfg(dataset_name=str(path), eval_dataset_name=str(path)), None, None)
 
 
 def test_glob_over_split_files_keeps_the_test_file_out_of_training(tmp_path, rows):
     write_jsonl(tmp_path / "prefs.jsonl", rows[:10])
     write_jsonl(tmp_path / "prefs_test.jsonl", rows[10:20])
-    train, ev, _ = pipeline._sources(cfg(dataset_name=str(tmp_path / "*.jsonl")), None, None)
+    train, ev, _ = plan.plan_sources(cfg(dataset_name=str(tmp_path / "*.jsonl")), None, None)
     assert names(train.files) == ["prefs.jsonl"] and names(ev.files) == ["prefs_test.jsonl"]
     assert ([x.replace(f"{tmp_path}/", "") for x in train.ignored]
             == ["prefs_test.jsonl (named for split 'test')"])
@@ -237,7 +237,7 @@ def test_glob_over_train_and_test_folders_never_trains_on_the_test_rows(ray_loca
     assert prep.num_train_rows_estimate == 80 and prep.num_eval_rows_estimate == 20
     with pytest.raises(DataSourceError,
                        match=r"no file the glob matches is named for split 'dev' or for no split"):
-        pipeline._sources(cfg(dataset_name=str(data / "*" / "part-0.jsonl"), dataset_train_split="dev"),
+        plan.plan_sources(cfg(dataset_name=str(data / "*" / "part-0.jsonl"), dataset_train_split="dev"),
                           None, None)
 
 

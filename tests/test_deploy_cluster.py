@@ -251,8 +251,8 @@ def _prepare_assets(shared: Path, config_dir: Path, source: Path) -> None:
     import datasets
 
     from dpo_ray.config import DPOConfig
+    from dpo_ray.data import load_tokenizer
     from dpo_ray.data.bundled import DATA_DIR
-    from dpo_ray.data.pipeline import load_tokenizer
     from dpo_ray.models import load_causal_lm
 
     cfg = yaml.safe_load(_map_paths(source.read_text(), shared, config_dir))

@@ -11,16 +11,10 @@ from dpo_ray.data.batching import (
     unwrap_data_error,
 )
 from dpo_ray.data.collate import collate_pairs, collate_sft
-from dpo_ray.data.pipeline import (
-    PreparedData,
-    build_datasets,
-    ingest_config,
-    load_processing_class,
-    load_tokenizer,
-    tokenize_rows,
-)
+from dpo_ray.data.pipeline import PreparedData, build_datasets, ingest_config, tokenize_rows
 from dpo_ray.data.rows import BAD_ROW_KINDS
 from dpo_ray.data.stats import DataStats
+from dpo_ray.data.tokenizers import load_processing_class, load_tokenizer
 from dpo_ray.errors import BadRowError, DataError, DataSourceError, ModelFilesError, TooFewRowsError
 
 __all__ = [

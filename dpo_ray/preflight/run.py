@@ -17,16 +17,8 @@ from typing import Any
 import pyarrow as pa
 
 from dpo_ray.data.analyze import Analyzer, Piece
-from dpo_ray.data.pipeline import (
-    DATA_TASK_CPUS,
-    PIECE_ROWS,
-    PREFLIGHT_ROWS,
-    _Source,
-    _sources,
-    chunk_pieces,
-    describe_inputs,
-    table_rows,
-)
+from dpo_ray.data.pipeline import DATA_TASK_CPUS, chunk_pieces, table_rows
+from dpo_ray.data.plan import PIECE_ROWS, PREFLIGHT_ROWS, Source, describe_inputs, plan_sources
 from dpo_ray.data.sources import iter_chunk
 from dpo_ray.errors import DataSourceError
 from dpo_ray.preflight.report import build_report, format_console, parameter_count, write_report
@@ -59,26 +51,26 @@ class _TableUDF:
         return _encode(self.analyzer.analyze(table_rows(batch), self.label))
 
 
-def _plan(cfg, dataset: Any, max_rows: int | None, tokenizer=None) -> _Source:
+def _plan(cfg, dataset: Any, max_rows: int | None, tokenizer=None) -> Source:
     """The training source exactly as build_datasets plans it: every row (no held-out split), capped."""
     cap = max_rows if max_rows is not None else cfg.max_train_samples
     whole = cfg.model_copy(update={"eval_fraction": 0.0, "max_train_samples": cap, "eval_dataset_name": None,
                                    "dataset_test_split": None})
-    src, _, _ = _sources(whole, dataset, None, tokenizer)
+    src, _, _ = plan_sources(whole, dataset, None, tokenizer)
     return src
 
 
-def _inputs(cfg, dataset: Any, tokenizer, src: _Source) -> dict[str, Any]:
+def _inputs(cfg, dataset: Any, tokenizer, src: Source) -> dict[str, Any]:
     """The tokenizer, train and eval files as `dpo-ray train` would use them (planning only, no rows read;
     an in-memory ``dataset`` is the training data as given, ``src``, with no eval split)."""
     if dataset is not None:
         return describe_inputs(cfg, tokenizer, src, None, 0.0, src.num_rows)
-    train, ev, frac = _sources(cfg, None, None, tokenizer)
+    train, ev, frac = plan_sources(cfg, None, None, tokenizer)
     n = train.num_rows - (round(train.num_rows * frac) if frac else 0)
     return describe_inputs(cfg, tokenizer, train, ev, frac, min(n, cfg.max_train_samples or n))
 
 
-def _preflight(src: _Source, analyzer: Analyzer) -> None:
+def _preflight(src: Source, analyzer: Analyzer) -> None:
     """The first rows on the driver: a source or template error surfaces here, not inside a Ray task."""
     if src.preview is not None:
         analyzer.analyze(src.preview, src.label)
@@ -89,7 +81,7 @@ def _preflight(src: _Source, analyzer: Analyzer) -> None:
         raise DataSourceError(f"{src.label}: no rows")
 
 
-def _pieces(src: _Source, analyzer: Analyzer) -> Iterator[Piece]:
+def _pieces(src: Source, analyzer: Analyzer) -> Iterator[Piece]:
     import ray
 
     if src.chunks is not None:
