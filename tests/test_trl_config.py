@@ -152,6 +152,13 @@ def test_peft_defaults_to_the_adapter_disabled_as_trl():
     assert "source" not in cfg.model_dump(exclude_unset=True).get("reference", {})
     again = DPOConfig(**cfg.model_dump(mode="json"))  # what the workers rebuild
     assert again.reference.source == "adapter_off" and not again.reference_source_defaulted
+    # a config rebuilt from what was given (a sweep trial without PEFT) resolves the default again for itself
+    trial = DPOConfig(**{**cfg.model_dump(mode="json", exclude_unset=True), "use_peft": False})
+    assert trial.reference.source == "auto" and trial.reference_source_defaulted
+    # auto decided for one node: the run's copy says local, and still that the user gave no source
+    decided = trial.resolve_auto_reference(nodes=1)
+    assert decided.reference.source == "local" and decided.reference_source_defaulted
+    assert trial.reference.source == "auto"  # a copy: the config itself is unchanged
 
 
 @pytest.mark.parametrize("kwargs,source", [

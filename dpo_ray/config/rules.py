@@ -41,6 +41,17 @@ def default_reference_source(c: DPOConfig) -> str:
     return "auto"
 
 
+def effective_reference_source(c: DPOConfig) -> str:
+    """reference.source as the run uses it, before Ray decides ``auto``: TRL's switches first
+    (``reference_free`` -> none, ``precompute_ref_log_probs`` -> precomputed), then the source given, else
+    ``default_reference_source``. The one place the rules and the config's own resolution read it from."""
+    if c.reference_free:
+        return "none"
+    if c.precompute_ref_log_probs:
+        return "precomputed"
+    return default_reference_source(c) if c.reference_source_defaulted else c.reference.source
+
+
 def choose_reference_source(c: DPOConfig, nodes: int) -> tuple[str, str]:
     """What ``reference.source: auto`` means on a cluster of ``nodes`` alive nodes: (actor | local, why).
 
@@ -145,8 +156,7 @@ def cross_field_problems(c: DPOConfig) -> list[tuple[str, str]]:
     if c.rpo_alpha is not None and c.rpo_alpha < 0:
         p.append(("rpo_alpha", f"must be >= 0 (got {c.rpo_alpha}); the RPO paper uses 1.0"))
     defaulted = c.reference_source_defaulted
-    src = ("none" if c.reference_free else "precomputed" if c.precompute_ref_log_probs
-           else default_reference_source(c) if defaulted else c.reference.source)
+    src = effective_reference_source(c)
     if c.reference_free and c.precompute_ref_log_probs:
         p.append(("precompute_ref_log_probs", "a reference-free run has no reference to precompute; drop one "
                                               "of them"))

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from dpo_ray.config.messages import problems_from_pydantic
-from dpo_ray.config.rules import choose_reference_source, cross_field_problems, default_reference_source
+from dpo_ray.config.rules import choose_reference_source, cross_field_problems, effective_reference_source
 from dpo_ray.data.checks import INSPECT_CHECKS
 from dpo_ray.errors import ConfigError
 from dpo_ray.losses import LOSSES, LossParams, canonical_loss_name
@@ -112,6 +112,16 @@ class ReferenceConfig(_Section):
                                    "their model")
     check_placement: bool = Field(True, description="fail at once when the cluster's nodes cannot hold the "
                                   "pool; turn off under an autoscaler that adds nodes on demand")
+
+    def resolve_source(self, source: str) -> None:
+        """Set the source the run uses (a default, or ``auto`` decided) without marking it as given:
+        whether the user wrote ``source`` stays what ``model_fields_set`` says, so
+        ``reference_source_defaulted`` holds and a config rebuilt from ``model_dump(exclude_unset=True)``
+        (sweep trials, resumes) resolves it again for its own settings."""
+        given = "source" in self.model_fields_set
+        self.source = source
+        if not given:
+            self.model_fields_set.discard("source")
 
 
 class DeepSpeedConfig(_Section):
@@ -456,17 +466,13 @@ class DPOConfig(BaseModel):
         problems = cross_field_problems(self)
         if problems:
             raise _RuleViolations(problems)
-        # TRL spellings of the reference source resolve into the reference section.
-        if self.reference_free:
-            self.reference.source = "none"
-        elif self.precompute_ref_log_probs:
-            self.reference.source = "precomputed"
+        # TRL spellings of the reference source resolve into the reference section; an unset source takes its
+        # default (TRL's reference under PEFT), still marked as not given.
+        source = effective_reference_source(self)
+        if self.reference_free or self.precompute_ref_log_probs:
+            self.reference.source = source
         elif self.reference_source_defaulted:
-            # TRL's reference under PEFT. Written past pydantic so model_fields_set still says the user left
-            # it unset (reference_source_defaulted; a rebuild from model_dump(exclude_unset=True)
-            # re-resolves).
-            source = default_reference_source(self)
-            self.reference.__dict__["source"] = source
+            self.reference.resolve_source(source)
             if source == "ref_adapter":  # TRL's names: the trained adapter "default", its frozen copy "ref"
                 self.model_adapter_name = self.model_adapter_name or "default"
                 self.ref_adapter_name = self.ref_adapter_name or "ref"
@@ -496,7 +502,7 @@ class DPOConfig(BaseModel):
             return self
         source, why = choose_reference_source(self, nodes)
         out = self.model_copy(deep=True)
-        out.reference.__dict__["source"] = source  # as the default is written: fields_set keeps "unset"
+        out.reference.resolve_source(source)
         out._auto_reason = why
         return out
 
