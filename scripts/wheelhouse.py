@@ -231,7 +231,35 @@ def build_deepspeed(version: str, folder: Path) -> Path:
     return wheel
 
 
-def build(out: Path, pyver: str, compression: int, strip: bool, log=print) -> list[dict]:
+def _trim_all(raw: Path, out: Path, compression: int, strip: bool, reuse: Path | None) -> list[dict]:
+    """Every wheel of ``raw`` trimmed into ``out``, the largest first, one process per core (LZMA is one
+    core's work per wheel). A wheel ``reuse`` (another build of the same recipe) already holds under the same
+    file name is the same file (pure-Python and abi3 wheels serve every Python): copied, not trimmed again."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    done = {}
+    if reuse is not None and (reuse / "wheelhouse.json").exists():
+        done = {r["wheel"]: r for r in json.loads((reuse / "wheelhouse.json").read_text())["wheels"]}
+    wheels = sorted(raw.glob("*.whl"), key=lambda w: -w.stat().st_size)
+    todo = [w for w in wheels if w.name not in done]
+    with ProcessPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        jobs = {w.name: pool.submit(trim_wheel, w, out / w.name, TRIM.get(_dist_name(w), ()),
+                                    strip=strip and _dist_name(w) in TRIM, compression=compression)
+                for w in todo}
+        stats = {name: job.result() for name, job in jobs.items()}
+    rows = []
+    for wheel in sorted(wheels):
+        if wheel.name in done:
+            shutil.copy(reuse / wheel.name, out / wheel.name)
+            rows.append(done[wheel.name])
+            continue
+        rows.append({"wheel": wheel.name, "dist": _dist_name(wheel), "original_bytes": wheel.stat().st_size,
+                     "bytes": (out / wheel.name).stat().st_size, **stats[wheel.name]})
+    return rows
+
+
+def build(out: Path, pyver: str, compression: int, strip: bool, log=print, reuse: Path | None = None
+          ) -> list[dict]:
     pins = constraints()
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.whl"):
@@ -258,13 +286,7 @@ def build(out: Path, pyver: str, compression: int, strip: bool, log=print) -> li
         shutil.copy(ds, raw)
         reqs = [f"{n}=={v}" for n, v in sorted(missing.items()) if n != "deepspeed"]
         pip("download", "--no-deps", "-d", str(raw), *_target_flags(pyver), *reqs)
-        rows = []
-        for wheel in sorted(raw.glob("*.whl")):
-            dist = _dist_name(wheel)
-            st = trim_wheel(wheel, out / wheel.name, TRIM.get(dist, ()), strip=strip and dist in TRIM,
-                            compression=compression)
-            rows.append({"wheel": wheel.name, "dist": dist, "original_bytes": wheel.stat().st_size,
-                         "bytes": (out / wheel.name).stat().st_size, **st})
+        rows = _trim_all(raw, out, compression, strip, reuse)
     (out / "wheelhouse.json").write_text(json.dumps({"python": pyver, "platforms": PLATFORMS,
                                                      "box": list(BOX), "wheels": rows}, indent=1))
     return rows
@@ -325,7 +347,7 @@ def verify(out: Path, pyver: str, compression: int, strip: bool, rebuild: bool =
         print(f"this interpreter is Python {local}, not {pyver}: building the same recipe for {local} in "
               f"{other} to import it")
         if rebuild or not (other / "wheelhouse.json").exists():
-            build(other, local, compression, strip, log=lambda *_: None)
+            build(other, local, compression, strip, log=lambda *_: None, reuse=out)
         size = sum(r["bytes"] for r in json.loads((other / "wheelhouse.json").read_text())["wheels"])
         print(f"  {other.name}: {size / 2**20:.1f} MiB")
         out = other
