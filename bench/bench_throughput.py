@@ -276,7 +276,8 @@ def main() -> None:
                      str(args.epochs), "--lr", str(args.lr), "--max_length", str(args.max_length),
                      "--dpo_ray_extra", json.dumps(variant_extra(base, args.dpo_ray_extra))]
             child += ["--gpu"] if args.gpu else []
-            res = run_child(child, out, args.timeout, env=env, log=work / f"{name}_{rep}.log")
+            res = run_child(child, out, args.timeout, env=env, log=work / f"{name}_{rep}.log",
+                            cwd=Path(code[label]) if label else None)
             if "error" in res:
                 print(f"[{rep}] {name}: FAILED ({res['error']})\n{res['log_tail']}", file=sys.stderr)
             else:

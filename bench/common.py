@@ -189,11 +189,14 @@ class TreeMemory:
 
 
 def run_child(args: list[str], out_json: Path, timeout: float, env: dict[str, str] | None = None,
-              log: Path | None = None, stop_above_mib: float | None = None) -> dict[str, Any]:
+              log: Path | None = None, stop_above_mib: float | None = None, cwd: Path | None = None
+              ) -> dict[str, Any]:
     """Run ``python <args>`` (which writes ``out_json``) in its own session, sampling its process tree's
     memory; returns the child's JSON plus memory peaks and wall time. A failure returns {"error": ...}.
     ``stop_above_mib``: kill the tree once one of its processes passes that PSS (a memory budget measured
-    without risking the machine); the result then says ``stopped_above_mib``."""
+    without risking the machine); the result then says ``stopped_above_mib``. ``cwd``: the child's working
+    directory (default the repository): Ray workers import from the driver's working directory first, so a
+    child running another checkout's dpo_ray must start there."""
     out_json.unlink(missing_ok=True)
     full_env = {**os.environ, **CHILD_ENV, **(env or {})}
     # this repo's bench helpers importable; a PYTHONPATH given
@@ -203,7 +206,7 @@ def run_child(args: list[str], out_json: Path, timeout: float, env: dict[str, st
     log_f = open(log, "w") if log else subprocess.DEVNULL
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], env=full_env, stdout=log_f, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=REPO)
+                            start_new_session=True, cwd=cwd or REPO)
     with TreeMemory(proc.pid, stop_above_mib=stop_above_mib) as mem:
         try:
             rc = proc.wait(timeout=timeout)
