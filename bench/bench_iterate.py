@@ -41,6 +41,10 @@ def main() -> int:
     ap.add_argument("--overlap", action="store_true",
                     help="iterate.overlap: sample round r+1 while round r trains")
     ap.add_argument("--workdir", default="/tmp/dpo_ray_bench/iterate")
+    ap.add_argument("--dpo_extra", default="", help="JSON of DPOConfig keys for the iterative rounds (e.g. "
+                    "'{\"group_pairs\": \"best_vs_worst\"}')")
+    ap.add_argument("--iterate_extra", default="", help="JSON of iterate.* keys (e.g. '{\"reference\": "
+                    "\"initial\"}')")
     args = ap.parse_args()
 
     from dpo_ray.config import DPOConfig
@@ -69,17 +73,22 @@ def main() -> int:
             acc = greedy_task_accuracy(work / f"offline_{seed}")
             results["runs"][f"offline seed {seed}"] = {"heldout": [greedy_task_accuracy(sft), acc],
                                                        "seconds": round(time.perf_counter() - t0, 1)}
+        dpo_extra = json.loads(args.dpo_extra) if args.dpo_extra else {}
+        it_extra = json.loads(args.iterate_extra) if args.iterate_extra else {}
+        extras = "".join(f" {k} {v}" for k, v in {**dpo_extra, **it_extra}.items())
         name = (f"iterative seed {seed} prompts {args.prompts_per_round} K {args.samples} T "
-                f"{args.temperature:g} lr {args.learning_rate:g}{' overlap' if args.overlap else ''}")
+                f"{args.temperature:g} lr {args.learning_rate:g}{' overlap' if args.overlap else ''}{extras}")
         t0 = time.perf_counter()
         settings = {k: v for k, v in DEMO_DPO.items()
                     if k not in ("eval_strategy", "eval_steps", "num_train_epochs")}
-        cfg = DPOConfig(**{**settings, "learning_rate": args.learning_rate}, seed=seed, max_steps=steps,
+        cfg = DPOConfig(**{**settings, "learning_rate": args.learning_rate, **dpo_extra}, seed=seed,
+                        max_steps=steps,
                         eval_strategy="no", report_to=[], model_name_or_path=str(sft),
                         overwrite_output_dir=True, output_dir=str(work / name.replace(" ", "_")),
                         iterate={"rounds": args.rounds, "samples": args.samples,
                                  "temperature": args.temperature, "prompts_per_round": args.prompts_per_round,
-                                 "max_new_tokens": 16, "eval_limit": 200, "overlap": args.overlap})
+                                 "max_new_tokens": 16, "eval_limit": 200, "overlap": args.overlap,
+                                 **it_extra})
         summary = run_iterate(cfg)
         results["runs"][name] = {"heldout": [r["heldout"] for r in summary["rounds"]],
                                  "groups": [r["groups"] for r in summary["rounds"][1:]],
