@@ -29,7 +29,7 @@ DEMO_DPO = {"learning_rate": 5e-4, "beta": 0.1, "rpo_alpha": 1.0, "num_train_epo
 # `dpo-ray demo --iterative`: after the same SFT stage, 3 rounds of iterative DPO, each sampling 8 answers to
 # 1,024 of the bundled prompts from the current policy and scoring them by the task's rule; DEMO_DPO's
 # settings at lr 2e-4, its 94 optimizer steps split over the rounds (docs/BENCHMARKS.md section 11: the best
-# of the settings tried, 0.630 -> 0.660 on one seed; offline DPO reaches 0.690).
+# of the settings tried, 0.630 -> 0.655 on average over four seeds; offline DPO reaches 0.694).
 DEMO_ITERATE = {**{k: v for k, v in DEMO_DPO.items()
                    if k not in ("eval_strategy", "eval_steps", "num_train_epochs")},
                 "learning_rate": 2e-4, "max_steps": 31, "eval_strategy": "no",
