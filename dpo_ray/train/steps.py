@@ -43,9 +43,10 @@ def counted(batches: Iterable, device) -> Iterator:
 
     Every worker yields the same number: ``streaming_split(equal=True)`` gives each worker the same number of
     rows, and ``BatchIterator`` cuts R rows into exactly ``R // batch_size`` batches whatever the block sizes
-    (tests/test_data.py). So the loop issues no per-micro-batch all-reduce or host read; at the epoch's end
-    the counts are compared once (MIN against MAX), and a mismatch, should the split ever break its promise,
-    is a clear error rather than a silent difference.
+    (tests/test_data.py). So the loop issues no per-micro-batch all-reduce or host read. At the epoch's end
+    the counts are compared once (MIN against MAX) and a difference is named (``UnequalShardsError``). That
+    check is a witness, not the guarantee: in a training epoch the worker with more batches would first meet
+    it with a gradient all-reduce; equal counts come from the split and the batching above.
     """
     n = 0
     for batch in batches:
