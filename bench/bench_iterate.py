@@ -76,7 +76,8 @@ def main() -> int:
         dpo_extra = json.loads(args.dpo_extra) if args.dpo_extra else {}
         it_extra = json.loads(args.iterate_extra) if args.iterate_extra else {}
         extras = "".join(f" {k} {v}" for k, v in {**dpo_extra, **it_extra}.items())
-        name = (f"iterative seed {seed} prompts {args.prompts_per_round} K {args.samples} T "
+        rounds = f" rounds {args.rounds}" if args.rounds != 3 else ""  # the 3-round runs keep their names
+        name = (f"iterative seed {seed}{rounds} prompts {args.prompts_per_round} K {args.samples} T "
                 f"{args.temperature:g} lr {args.learning_rate:g}{' overlap' if args.overlap else ''}{extras}")
         t0 = time.perf_counter()
         settings = {k: v for k, v in DEMO_DPO.items()
