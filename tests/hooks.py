@@ -113,10 +113,13 @@ def dying_rollout_host(marker: Path) -> type:
 
     class DyingRolloutHost(RolloutHost):
         def generate(self, prompts, params):
-            if not Path(marker).exists():
-                Path(marker).write_text(str(os.getpid()))
-                os._exit(1)
-            return super().generate(prompts, params)
+            try:  # O_EXCL: of two actors that ask at once, exactly one claims the death
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return super().generate(prompts, params)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            os._exit(1)
 
     return DyingRolloutHost
 
