@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpo_ray.allocator import return_freed_memory
 from dpo_ray.config import DPOConfig
 from dpo_ray.errors import ModelFilesError
 
@@ -215,7 +216,11 @@ class ActivationCheckpointing:
     never, ``auto`` for a micro-batch whose estimated activations (its tokens ×
     ``activation_bytes_per_token``) pass ``gradient_checkpointing_gib``: long rows get TRL's memory, short
     ones keep their speed. Under ZeRO-3 ``auto`` is on for every micro-batch: a recompute gathers the layer's
-    parameter shards again, and ranks that decided differently would issue different collectives."""
+    parameter shards again, and ranks that decided differently would issue different collectives.
+
+    The first micro-batch past that bound, whatever the setting, also makes the process return freed activation
+    blocks to the system from then on (``allocator.return_freed_memory``): glibc's heap would otherwise keep the
+    longest row's peak. Short rows never pay for it (their step is a few % slower with it)."""
 
     def __init__(self, model: nn.Module, cfg: DPOConfig, elem_bytes: int):
         setting = cfg.gradient_checkpointing
@@ -224,8 +229,11 @@ class ActivationCheckpointing:
         self.on = bool(setting)
         self.flags: list[nn.Module] = []
         self.min_tokens: int | None = None
-        self.per_token: int | None = None
         self.checkpointed = 0
+        self.per_token = activation_bytes_per_token(model.config, elem_bytes)
+        # the micro-batch size from which memory, not speed, is what counts (unknown widths: never)
+        self.long_tokens = (checkpoint_min_tokens(cfg.gradient_checkpointing_gib, self.per_token)
+                            if self.per_token else None)
         if not self.on:
             return
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name
@@ -235,15 +243,13 @@ class ActivationCheckpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         self.flags = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
-        per_token = activation_bytes_per_token(model.config, elem_bytes)
-        if self.auto:
-            self.per_token = per_token
-            # a config that does not say its widths: checkpoint everything, the safe side
-            self.min_tokens = (checkpoint_min_tokens(cfg.gradient_checkpointing_gib, per_token) if per_token
-                               else 0)
+        if self.auto:  # a config that does not say its widths: checkpoint everything, the safe side
+            self.min_tokens = self.long_tokens or 0
 
     def __call__(self, batch: dict) -> bool:
         """Whether this micro-batch's forward is checkpointed (set on the model's layers)."""
+        if self.long_tokens is not None and batch["input_ids"].numel() >= self.long_tokens:
+            return_freed_memory()  # once per process; later calls return at once
         if not self.auto:
             on = self.on
         else:

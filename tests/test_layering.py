@@ -30,7 +30,7 @@ PKG = Path(__file__).resolve().parents[1] / "dpo_ray"
 
 FLOORS = [
     (0, ("errors", "logprobs", "losses", "prefix", "flex", "forward", "vision", "vision.images", "plotting",
-         "progress", "timeline", "optim", "schedule", "owned", "redact", "extensions", "dicts")),
+         "progress", "timeline", "optim", "schedule", "owned", "redact", "extensions", "dicts", "allocator")),
     (1, ("data", "ledger", "ray_private")),
     (2, ("config", "paths", "trl_keys")),
     (3, ("models", "adapters", "vision.tiny", "sharing")),

@@ -221,11 +221,16 @@ def test_the_policy_trains_in_training_mode_so_checkpointing_and_dropout_apply(t
     assert not torch.equal(a, b)
 
 
-def test_auto_checkpointing_recomputes_only_micro_batches_past_the_budget(tmp_path):
+def test_auto_checkpointing_recomputes_only_micro_batches_past_the_budget(tmp_path, monkeypatch):
     """``gradient_checkpointing: auto`` (the default) checkpoints a micro-batch whose estimated activations
     pass ``gradient_checkpointing_gib``, and leaves shorter ones alone; under ZeRO-3 it is on for every
-    micro-batch. The estimate is within 15 % of what the forward really keeps."""
+    micro-batch. The estimate is within 15 % of what the forward really keeps. A micro-batch past the bound
+    also fixes the allocator's threshold, whatever the setting (its effect: tests/test_allocator.py)."""
+    import dpo_ray.models
     from dpo_ray.models import ActivationCheckpointing, activation_bytes_per_token, prepare_policy
+
+    fixed = []  # this process's allocator stays as it is; the calls are what is checked here
+    monkeypatch.setattr(dpo_ray.models, "return_freed_memory", lambda: fixed.append(1))
 
     model = tiny_llama()
     per_token = activation_bytes_per_token(model.config, 4)
@@ -239,9 +244,9 @@ def test_auto_checkpointing_recomputes_only_micro_batches_past_the_budget(tmp_pa
     model = prepare_policy(model, cfg)
     gc = ActivationCheckpointing(model, cfg, elem_bytes=4)
     assert gc.min_tokens == 100 and "on for micro-batches of 100+ tokens" in gc.describe()
-    assert gc({"input_ids": long}) is True
+    assert gc({"input_ids": long}) is True and fixed == [1]
     assert _saved_for_backward(model, long) < 0.5 * plain
-    assert gc({"input_ids": short}) is False
+    assert gc({"input_ids": short}) is False and fixed == [1]
     short_plain = _saved_for_backward(prepare_policy(tiny_llama(), cfg), short)
     assert _saved_for_backward(model, short) == short_plain
     assert gc.checkpointed == 1
@@ -249,6 +254,9 @@ def test_auto_checkpointing_recomputes_only_micro_batches_past_the_budget(tmp_pa
     zero3 = DPOConfig(output_dir=str(tmp_path), deepspeed={"zero_stage": 3})
     assert ActivationCheckpointing(prepare_policy(tiny_llama(), zero3), zero3,
                                    elem_bytes=4)({"input_ids": short})
-    off = DPOConfig(output_dir=str(tmp_path), gradient_checkpointing=False)
+    off = DPOConfig(output_dir=str(tmp_path), gradient_checkpointing=False,
+                    gradient_checkpointing_gib=per_token * 100 / 2**30)
+    fixed.clear()
     assert (ActivationCheckpointing(prepare_policy(tiny_llama(), off), off, elem_bytes=4)({"input_ids": long})
             is False)
+    assert fixed == [1]  # long rows without checkpointing: the allocator still returns what they free
