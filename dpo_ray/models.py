@@ -218,9 +218,9 @@ class ActivationCheckpointing:
     ones keep their speed. Under ZeRO-3 ``auto`` is on for every micro-batch: a recompute gathers the layer's
     parameter shards again, and ranks that decided differently would issue different collectives.
 
-    The first micro-batch past that bound, whatever the setting, also makes the process return freed activation
-    blocks to the system from then on (``allocator.return_freed_memory``): glibc's heap would otherwise keep the
-    longest row's peak. Short rows never pay for it (their step is a few % slower with it)."""
+    The first micro-batch past that bound, whatever the setting, also makes the process return freed
+    activation blocks to the system from then on (``allocator.return_freed_memory``): glibc's heap would
+    otherwise keep the longest row's peak. Short rows never pay for it (a step is a few % slower with it)."""
 
     def __init__(self, model: nn.Module, cfg: DPOConfig, elem_bytes: int):
         setting = cfg.gradient_checkpointing

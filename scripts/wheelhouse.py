@@ -17,10 +17,11 @@ Each re-packed wheel gets a fresh RECORD (sha256 + size of every file kept), so 
 
 Verification (``--verify``): every wheel is installed with ``pip install --no-index --no-deps --target DIR``
 (for the target platform: this is what the box runs). When this interpreter's Python version differs from
-the target's, the same recipe is built for this interpreter too (``<out>-py3XX``: the same files kept, stored
-without compression since it is never shipped; the wheels whose names match the target's, DeepSpeed's among them,
-copied rather than built again) and that set is imported from ``PYTHONPATH=DIR`` in a subprocess: ray, ray.train, ray.data, deepspeed, datasets, trl, a ``ray.init``
-and a remote task, with the module files checked to come from DIR.
+the target's, the same recipe is built for this interpreter too (``<out>-py3XX``: the same files kept,
+stored without compression since it is never shipped; the wheels whose names match the target's, DeepSpeed's
+among them, copied rather than built again) and that set is imported from ``PYTHONPATH=DIR`` in a subprocess:
+ray, ray.train, ray.data, deepspeed, datasets, trl, a ``ray.init`` and a remote task, with the module files
+checked to come from DIR.
 
 Run it with the project's venv (DeepSpeed's build imports torch):
 

@@ -1,4 +1,5 @@
-"""dpo_ray.allocator: freed activation-sized blocks go back to the system (glibc), measured in fresh processes."""
+"""dpo_ray.allocator: freed activation-sized blocks go back to the system (glibc), measured in fresh
+processes."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ print(round(rss() - base, 1))
 
 def _held_mib(mode: str) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    r = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, env=env,
+                       timeout=60)
     assert r.returncode == 0, r.stderr
     return float(r.stdout.split()[-1])
 
