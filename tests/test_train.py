@@ -56,11 +56,32 @@ _CURVES: dict[int, list[float]] = {}
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stages_train_every_parameter(ray_local, tmp_path, stage):
+    """Each stage's run trains every parameter. Two of the runs also carry checks that only read more of a
+    run's outputs (a fit costs ~15 s here, so they share one): ZeRO-1's evaluates and saves at every step
+    (``_check_best_model_and_callbacks``), ZeRO-3's scores 5 eval rows on 2 workers
+    (``_check_every_eval_row``)."""
+    from hooks import Recorder
     from ray._private.state import state
 
     rows = make_rows(64)
     before = set(state.actor_table(None))  # the module's Ray may have run other modules' actors
-    out = train(tmp_path, f"z{stage}", rows, max_steps=4, deepspeed={"zero_stage": stage})
+    extra, calls, eval_rows = {}, tmp_path / "calls", None
+    if stage == 1:
+        # load_best_model_at_end with the *highest* eval loss as "best": normally step 1, so the model written
+        # to output_dir is a checkpoint's, exported, not the final weights; the rule is recomputed either way
+        calls.mkdir()
+        eval_rows = make_rows(8, seed=11)
+        extra = dict(eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                     load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
+                     callbacks=[Recorder(calls)])
+    elif stage == 3:
+        # 5 rows, 2 workers × per_device_eval_batch_size 2: shares of 3 and 2, a partial last batch and a
+        # weight-0 filler forward on the worker that ran out; the policy from a saved initial model, which is
+        # then the reference a one-process computation can rebuild
+        eval_rows = make_rows(5, seed=13)
+        extra = dict(model=str(_saved_initial(tmp_path)), eval_strategy="steps", eval_steps=4,
+                     per_device_eval_batch_size=2)
+    out = train(tmp_path, f"z{stage}", rows, eval_rows, max_steps=4, deepspeed={"zero_stage": stage}, **extra)
     curve = losses(out)
     _CURVES[stage] = curve
     assert len(curve) == 4 and all(math.isfinite(x) for x in curve)
@@ -85,6 +106,82 @@ def test_zero_stages_train_every_parameter(ray_local, tmp_path, stage):
     if stage == 0:
         started = {a["ActorClassName"] for aid, a in state.actor_table(None).items() if aid not in before}
         assert "TrainController" in started and "PlacementGroupCleaner" not in started, started
+    if stage == 1:
+        _check_best_model_and_callbacks(out, calls, eval_rows, steps=4)
+    if stage == 3:
+        _check_every_eval_row(out, eval_rows, tmp_path / "init")
+
+
+def _saved_initial(tmp_path: Path) -> Path:
+    """The bundled tiny model as BASE seeds it, saved with its tokenizer."""
+    cfg = DPOConfig(**{**BASE, "output_dir": str(tmp_path)})
+    tok = load_tokenizer(cfg)
+    init = tmp_path / "init"
+    load_causal_lm(None, cfg, tok).save_pretrained(init)
+    tok.save_pretrained(init)
+    return init
+
+
+def _check_best_model_and_callbacks(out, calls: Path, eval_rows, steps: int) -> None:
+    """The model written for load_best_model_at_end scores the eval rows as logged; and the run called every
+    callback hook on every rank, in the documented order, with the step's metrics
+    (dpo_ray.train.callbacks)."""
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ray.data import collate_pairs, tokenize_rows
+    from dpo_ray.forward import sequence_forward
+
+    step_calls = [f"{hook} {s}" for s in range(1, steps + 1)
+                  for hook in ("on_log", "on_evaluate", "on_save", "on_step_end")
+                  if not (hook == "on_save" and s == steps)]  # the last checkpoint: after the last step
+    expected = ["on_train_begin 0", *step_calls, f"on_save {steps}", f"on_train_end {steps}"]
+    for rank in (0, 1):
+        got = [json.loads(line) for line in (calls / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert [f"{c['hook']} {c['step']}" for c in got] == expected, rank
+        assert {(c["total"], c["world"], c["out"]) for c in got} == {(steps, 2, out.output_dir)}
+        assert all(c["params"] > 0 for c in got)
+        assert all(c["training"] for c in got)  # eval passes hand the policy back in training mode
+        by_hook = {c["hook"]: c["metrics"] for c in got}
+        assert {"loss", "rewards/accuracies", "learning_rate", "grad_norm"} <= set(by_hook["on_log"])
+        assert "eval_loss" in by_hook["on_evaluate"] and by_hook["on_step_end"] == []
+    evals = {r["step"]: r for r in out.history if "eval_loss" in r}
+    assert sorted(evals) == list(range(1, steps + 1))
+    best = max(evals, key=lambda s: (evals[s]["eval_loss"], -s))
+    assert out.report["best_model"]["step"] == best
+    cfg = DPOConfig(**{**BASE, "output_dir": out.output_dir})
+    model = AutoModelForCausalLM.from_pretrained(out.output_dir).eval()
+    tok = load_tokenizer(out.output_dir)
+    batch = collate_pairs(tokenize_rows(eval_rows, tok, cfg), tok.pad_token_id)
+    with torch.no_grad():
+        stats = sequence_forward(model, batch).stats
+    chosen = stats.logps[: len(eval_rows)].mean().item()
+    assert chosen == pytest.approx(evals[best]["eval_logps/chosen"], abs=1e-4)
+
+
+def _check_every_eval_row(out, eval_rows, init: Path) -> None:
+    """Every eval row counts once: the run's eval metrics equal one process's DPO metrics over all the rows
+    in one batch (the saved policy, the initial model as reference). Before, a partial batch and the
+    remainder of an uneven split were never scored."""
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ray.data import collate_pairs, tokenize_rows
+    from dpo_ray.forward import sequence_forward
+    from dpo_ray.train.steps import dpo_step
+
+    cfg = DPOConfig(**{**BASE, "output_dir": out.output_dir})
+    tok = load_tokenizer(cfg)
+    ev = out.eval_metrics
+    assert ev["eval_num_pairs"] == len(eval_rows)
+    policy = AutoModelForCausalLM.from_pretrained(out.output_dir).eval()
+    ref = AutoModelForCausalLM.from_pretrained(init).eval()
+    batch = collate_pairs(tokenize_rows(eval_rows, tok, cfg), tok.pad_token_id)
+    n = len(eval_rows)
+    with torch.no_grad():
+        ref_logps = sequence_forward(ref, batch).stats.logps
+        _, one = dpo_step(policy, cfg, batch, ref_logps[:n], ref_logps[n:])
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected"):
+        assert ev[f"eval_{key}"] == pytest.approx(float(one[key]), abs=1e-4), key
 
 
 def test_two_workers_equal_one_worker_with_accumulation(ray_local, tmp_path):
@@ -138,93 +235,13 @@ def test_killed_worker_is_recovered(ray_local, tmp_path):
         assert a == pytest.approx(b, abs=1e-5)
 
 
-def test_saved_model_reproduces_eval_logps(ray_local, tmp_path):
-    """The model written for load_best_model_at_end scores the eval rows as logged; and the run calls every
-    callback hook on every rank, in the documented order, with the step's metrics
-    (dpo_ray.train.callbacks)."""
-    from hooks import Recorder
-    from transformers import AutoModelForCausalLM
-
-    from dpo_ray.data import collate_pairs, tokenize_rows
-
-    rows, eval_rows = make_rows(32), make_rows(8, seed=11)
-    calls = tmp_path / "calls"
-    calls.mkdir()
-    # load_best_model_at_end with the *highest* eval loss as "best": normally step 1, so the model written to
-    # output_dir is a checkpoint's, exported, not the final weights; the rule is recomputed here either way
-    out = train(tmp_path, "eval", rows, eval_rows, max_steps=3, eval_strategy="steps", eval_steps=1,
-                save_strategy="steps", save_steps=1, load_best_model_at_end=True,
-                metric_for_best_model="loss", greater_is_better=True, callbacks=[Recorder(calls)])
-    step_calls = [f"{hook} {s}" for s in (1, 2, 3)
-                  for hook in ("on_log", "on_evaluate", "on_save", "on_step_end")
-                  if not (hook == "on_save" and s == 3)]  # the last checkpoint is taken after the last step
-    expected = ["on_train_begin 0", *step_calls, "on_save 3", "on_train_end 3"]
-    for rank in (0, 1):
-        got = [json.loads(line) for line in (calls / f"rank{rank}.jsonl").read_text().splitlines()]
-        assert [f"{c['hook']} {c['step']}" for c in got] == expected, rank
-        assert {(c["total"], c["world"], c["out"]) for c in got} == {(3, 2, out.output_dir)}
-        assert all(c["params"] > 0 for c in got)
-        assert all(c["training"] for c in got)  # eval passes hand the policy back in training mode
-        by_hook = {c["hook"]: c["metrics"] for c in got}
-        assert {"loss", "rewards/accuracies", "learning_rate", "grad_norm"} <= set(by_hook["on_log"])
-        assert "eval_loss" in by_hook["on_evaluate"] and by_hook["on_step_end"] == []
-    evals = {r["step"]: r for r in out.history if "eval_loss" in r}
-    assert sorted(evals) == [1, 2, 3]
-    best = max(evals, key=lambda s: (evals[s]["eval_loss"], -s))
-    assert out.report["best_model"]["step"] == best
-    cfg = DPOConfig(**{**BASE, "output_dir": str(tmp_path)})
-    model = AutoModelForCausalLM.from_pretrained(out.output_dir).eval()
-    tok = load_tokenizer(out.output_dir)
-    batch = collate_pairs(tokenize_rows(eval_rows, tok, cfg), tok.pad_token_id)
-    from dpo_ray.forward import sequence_forward
-
-    with torch.no_grad():
-        stats = sequence_forward(model, batch).stats
-    chosen = stats.logps[: len(eval_rows)].mean().item()
-    assert chosen == pytest.approx(evals[best]["eval_logps/chosen"], abs=1e-4)
-
-
-def test_two_worker_eval_equals_one_process_over_every_eval_row(ray_local, tmp_path):
-    """5 eval rows, 2 workers × per_device_eval_batch_size 2: shares of 3 and 2 rows, a partial last
-    batch and a weight-0 filler forward on the worker that ran out. Every row counts once: the run's eval
-    metrics equal one process's DPO metrics over all 5 rows in one batch (the saved policy, the initial model
-    as reference). Before, the partial batch and the remainder were never scored."""
-    from transformers import AutoModelForCausalLM
-
-    from dpo_ray.data import collate_pairs, tokenize_rows
-    from dpo_ray.forward import sequence_forward
-    from dpo_ray.train.steps import dpo_step
-
-    cfg = DPOConfig(**{**BASE, "output_dir": str(tmp_path)})
-    tok = load_tokenizer(cfg)
-    init = tmp_path / "init"
-    load_causal_lm(None, cfg, tok).save_pretrained(init)
-    tok.save_pretrained(init)
-    rows, eval_rows = make_rows(32), make_rows(5, seed=13)
-    out = train(tmp_path, "every_row", rows, eval_rows, model=str(init), max_steps=2, eval_strategy="steps",
-                eval_steps=2, per_device_eval_batch_size=2)
-    ev = out.eval_metrics
-    assert ev["eval_num_pairs"] == 5
-    policy = AutoModelForCausalLM.from_pretrained(out.output_dir).eval()
-    ref = AutoModelForCausalLM.from_pretrained(init).eval()
-    batch = collate_pairs(tokenize_rows(eval_rows, tok, cfg), tok.pad_token_id)
-    with torch.no_grad():
-        ref_logps = sequence_forward(ref, batch).stats.logps
-        _, one = dpo_step(policy, cfg, batch, ref_logps[:5], ref_logps[5:])
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                "logps/chosen", "logps/rejected"):
-        assert ev[f"eval_{key}"] == pytest.approx(float(one[key]), abs=1e-4), key
-
-
 def test_dpo_after_sft_starts_from_the_sft_weights(ray_local, tmp_path):
     """SFT from a saved initial model, then DPO from the SFT output with the *initial* model as reference:
     at step 1 (logged before any DPO update moves the policy) rewards/chosen = β·(log π_sft - log π_init) on
     chosen completions, which SFT raised; a policy that started anywhere else would log 0 here."""
     cfg = DPOConfig(**{**BASE, "output_dir": str(tmp_path)})
     tok = load_tokenizer(cfg)
-    init = tmp_path / "init"
-    load_causal_lm(None, cfg, tok).save_pretrained(init)
-    tok.save_pretrained(init)
+    init = _saved_initial(tmp_path)
     rows = make_rows(64)
     sft = DPOTrainer(model=str(init),
                      args=DPOConfig(**{**BASE, "output_dir": str(tmp_path / "sft"), "max_steps": 6,
