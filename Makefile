@@ -71,6 +71,7 @@ LONG_ARGS ?=
 long-context: smollm2
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
 	$(PY) bench/bench_long_context.py $(LONG_ARGS)
+	$(PY) bench/bench_allocator.py --parts memory
 
 clean:
 	rm -rf $(VENV) demo_output dpo_output .pytest_cache

@@ -39,6 +39,8 @@ FULL = {
     "groups": ["bench_groups.py"],
     "optimizer": ["bench_optimizer.py"],
     "gpu": ["bench_gpu.py"],
+    # docs/training.md's step-time cost of a fixed mmap threshold (its memory part: make long-context)
+    "allocator": ["bench_allocator.py", "--parts", "speed"],
 }
 QUICK = {
     "realistic": ["bench_realistic.py", "--pairs", "48", "--batch", "8", "--repeats", "1", "--name",
@@ -57,6 +59,8 @@ QUICK = {
                "--rounds", "1", "--name", "groups_quick"],
     "optimizer": ["bench_optimizer.py", "--steps", "20", "--rounds", "1", "--name", "optimizer_quick"],
     "gpu": ["bench_gpu.py", "--pairs", "256", "--repeats", "1"],
+    "allocator": ["bench_allocator.py", "--parts", "speed", "--steps", "5", "--repeats", "1", "--out",
+                  str(BENCH / "results" / "allocator_quick.json")],
 }
 
 
