@@ -212,7 +212,8 @@ def test_faults_then_latest_resume_reproduce_the_run(ray_local, tmp_path, capsys
     last metrics line, the newest checkpoint half-written, a checkpoint folder with only its state file. A
     second run into the same output_dir is refused; ``resume_from_checkpoint: latest`` skips both broken
     checkpoints, resumes at step 2 with the reference weights of that step, and logs the same curve, each
-    step once."""
+    step once. (A resume from a checkpoint named by its path: tests/test_groups_ray.py, same curve;
+    test_ownership_runs.py, what is refused; Ray Train's own restart: test_train.py, killed worker.)"""
     from test_train import make_rows, train
 
     rows, eval_rows = make_rows(64, seed=5), make_rows(8, seed=11)
