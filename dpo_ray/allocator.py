@@ -10,10 +10,11 @@ one 4k-token pair peaked at 3.1-3.8 GiB resident against 2.0 GiB with the thresh
 
 ``return_freed_memory`` fixes the threshold in the calling process, so blocks of ``MMAP_THRESHOLD`` bytes and
 more are mapped on their own and unmapped when freed: what ``MALLOC_MMAP_THRESHOLD_`` does at process
-start. Mapping costs page faults: a step on short rows (an 11M-parameter model, ~800-token pairs) runs 5-7 %
-slower with a 4 MiB threshold and 14 % with 1 MiB, so it is applied only once a micro-batch is long enough for
-memory to count (``models.ActivationCheckpointing``). A ``MALLOC_MMAP_THRESHOLD_`` in the environment is the
-user's choice and is left as it is; other C libraries (musl, macOS) are left alone.
+start. Mapping costs page faults: a step on short rows (an 11M-parameter model, ~300-900-token pairs) runs 4 %
+slower with a 4 MiB threshold and 13 % with 1 MiB, and the 4k forward above 7 % (bench/bench_allocator.py),
+so it is applied only once a micro-batch is long enough for memory to count
+(``models.ActivationCheckpointing``). A ``MALLOC_MMAP_THRESHOLD_`` in the environment is the user's choice
+and is left as it is; other C libraries (musl, macOS) are left alone.
 """
 
 from __future__ import annotations
