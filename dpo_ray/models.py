@@ -218,11 +218,12 @@ class ActivationCheckpointing:
     ones keep their speed. Under ZeRO-3 ``auto`` is on for every micro-batch: a recompute gathers the layer's
     parameter shards again, and ranks that decided differently would issue different collectives.
 
-    The first micro-batch past that bound, whatever the setting, also makes the process return freed
-    activation blocks to the system from then on (``allocator.return_freed_memory``): glibc's heap would
-    otherwise keep the longest row's peak. Short rows never pay for it (a step is a few % slower with it)."""
+    Where the activations live in host memory (``host_activations``: a CPU run), the first micro-batch past
+    that bound, whatever the setting, also makes the process return freed activation blocks to the system from
+    then on (``allocator.return_freed_memory``): glibc's heap would otherwise keep the longest row's peak.
+    Short rows never pay for it (a step is a few % slower with it)."""
 
-    def __init__(self, model: nn.Module, cfg: DPOConfig, elem_bytes: int):
+    def __init__(self, model: nn.Module, cfg: DPOConfig, elem_bytes: int, host_activations: bool = True):
         setting = cfg.gradient_checkpointing
         self.auto = setting == "auto" and cfg.deepspeed.zero_stage != 3
         # "auto" included: the layers get their checkpoint function; __call__ toggles them
@@ -234,6 +235,7 @@ class ActivationCheckpointing:
         # the micro-batch size from which memory, not speed, is what counts (unknown widths: never)
         self.long_tokens = (checkpoint_min_tokens(cfg.gradient_checkpointing_gib, self.per_token)
                             if self.per_token else None)
+        self.host_activations = host_activations
         if not self.on:
             return
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name
@@ -248,7 +250,8 @@ class ActivationCheckpointing:
 
     def __call__(self, batch: dict) -> bool:
         """Whether this micro-batch's forward is checkpointed (set on the model's layers)."""
-        if self.long_tokens is not None and batch["input_ids"].numel() >= self.long_tokens:
+        if (self.host_activations and self.long_tokens is not None
+                and batch["input_ids"].numel() >= self.long_tokens):
             return_freed_memory()  # once per process; later calls return at once
         if not self.auto:
             on = self.on

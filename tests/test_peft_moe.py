@@ -260,3 +260,7 @@ def test_auto_checkpointing_recomputes_only_micro_batches_past_the_budget(tmp_pa
     assert (ActivationCheckpointing(prepare_policy(tiny_llama(), off), off, elem_bytes=4)({"input_ids": long})
             is False)
     assert fixed == [1]  # long rows without checkpointing: the allocator still returns what they free
+    fixed.clear()
+    on_gpu = ActivationCheckpointing(prepare_policy(tiny_llama(), cfg), cfg, elem_bytes=4,
+                                     host_activations=False)
+    assert on_gpu({"input_ids": long}) is True and fixed == []  # activations on a GPU: host allocator alone

@@ -182,7 +182,8 @@ def setup(lc: LoopConfig) -> Worker:
     prepare_policy(model, cfg)
     half = on_gpu and (cfg.use_bf16(on_gpu) or cfg.fp16)  # DeepSpeed casts the module: its activations too
     checkpointing = ActivationCheckpointing(model, cfg,
-                                            elem_bytes=2 if half else next(model.parameters()).element_size())
+                                            elem_bytes=2 if half else next(model.parameters()).element_size(),
+                                            host_activations=not on_gpu)
     mark(lc, rank, "policy")
     reference = None
     if lc.mode == "dpo":
