@@ -269,9 +269,14 @@ def build(out: Path, pyver: str, compression: int, strip: bool, log=print, reuse
     with tempfile.TemporaryDirectory(prefix="wheelhouse-") as tmp:
         work = Path(tmp)
         ver = stub_torch(work / "stub", pins["torch"])
-        # DeepSpeed's wheel is pure Python (py3-none-any): another build of the recipe already made it
+        # DeepSpeed's wheel is pure Python (py3-none-any): another build of the recipe already made it (copied
+        # into the folder pip resolves from, as a fresh build would be)
         built = sorted(reuse.glob(f"deepspeed-{pins['deepspeed']}-*.whl")) if reuse is not None else []
-        ds = built[0] if built else build_deepspeed(pins["deepspeed"], work / "ds")
+        if built:
+            (work / "ds").mkdir(parents=True)
+            ds = Path(shutil.copy(built[0], work / "ds" / built[0].name))
+        else:
+            ds = build_deepspeed(pins["deepspeed"], work / "ds")
         links = [work / "stub", work / "ds"]
         box = [f"torch=={ver}"] + [_pinned(b, pins) for b in BOX[1:]]
         log(f"resolving for Python {pyver}: box = {' '.join(box)}")
