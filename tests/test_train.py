@@ -54,6 +54,13 @@ def losses(out) -> list[float]:
 _CURVES: dict[int, list[float]] = {}
 
 
+def zero0_curve(tmp_path: Path) -> list[float]:
+    """ZeRO-0's uninterrupted curve with the local reference (made here when a test runs alone)."""
+    if 0 not in _CURVES:
+        _CURVES[0] = losses(train(tmp_path, "z0", make_rows(64), max_steps=4, deepspeed={"zero_stage": 0}))
+    return _CURVES[0]
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stages_train_every_parameter(ray_local, tmp_path, stage):
     """Each stage's run trains every parameter. Two of the runs also carry checks that only read more of a
@@ -206,8 +213,6 @@ def test_killed_worker_is_recovered(ray_local, tmp_path):
     steps), each step logged once."""
     from hooks import KillOnce
 
-    if 0 not in _CURVES:  # run alone: make the uninterrupted curve here
-        _CURVES[0] = losses(train(tmp_path, "z0", make_rows(64), max_steps=4, deepspeed={"zero_stage": 0}))
     marker = tmp_path / "killed"
     out = train(tmp_path, "kill", make_rows(64), max_steps=4, save_strategy="steps", save_steps=2,
                 ray={"num_workers": 2, "max_failures": 2}, deepspeed={"zero_stage": 0},
@@ -215,7 +220,7 @@ def test_killed_worker_is_recovered(ray_local, tmp_path):
     assert marker.exists(), "the fault was never injected"
     assert out.report["steps"] == 4
     assert [r["step"] for r in out.history if "loss" in r] == [1, 2, 3, 4]  # no row twice
-    for a, b in zip(_CURVES[0], losses(out)):
+    for a, b in zip(zero0_curve(tmp_path), losses(out)):
         assert a == pytest.approx(b, abs=1e-5)
 
 
@@ -246,13 +251,12 @@ def test_actor_pool_reference_matches_local_reference(ray_local, tmp_path, capsy
     Also the driver's progress display where output is not a terminal (as under `ray job logs`): plain lines
     (one per poll here), step and elapsed time counting up, the last at 100 %, and the duration estimate."""
     monkeypatch.setenv("DPO_RAY_PROGRESS_INTERVAL_S", "0")
-    if 0 not in _CURVES:  # run alone: make the local reference's curve here
-        _CURVES[0] = losses(train(tmp_path, "z0", make_rows(64), max_steps=4, deepspeed={"zero_stage": 0}))
+    local = zero0_curve(tmp_path)  # before the capture: run alone, it trains here
     capsys.readouterr()
     pooled = train(tmp_path, "pool", make_rows(64), max_steps=4, deepspeed={"zero_stage": 0},
                    reference={"source": "actor", "num_actors": 2, "num_cpus": 0.25, "prefetch_depth": 2})
     assert len(losses(pooled)) == 4
-    for a, b in zip(_CURVES[0], losses(pooled)):
+    for a, b in zip(local, losses(pooled)):
         assert a == pytest.approx(b, abs=1e-5)
 
     captured = capsys.readouterr()
