@@ -10,6 +10,11 @@ For each ``--seeds`` value, one after the other:
 
 ``--sft``: the SFT model (default: ``make demo``'s SFT stage is run once into ``--workdir``/sft).
 
+The held-out file has 300 prompts (the runs' own per-round metric uses 200: ±0.03 at these accuracies), too
+few to tell settings apart. Each final model (and the SFT model, and every round's) is also scored on
+``--fresh`` prompts the task's generator makes that are in neither bundled file (``fresh_prompts``: the same
+set in every call; 2,000 by default, ±0.01), reported as ``fresh``.
+
     .venv/bin/python bench/bench_iterate.py --seeds 42 --prompts_per_round 1024 --samples 4 --temperature 0.7
 
 Writes bench/results/iterate.json (merged over calls) and prints the table.
@@ -28,6 +33,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, table, versions  # noqa: E402
 
 
+def fresh_prompts(n: int, seed: int = 987_654) -> list[str]:
+    """``n`` distinct prompts of the bundled task that neither its training nor its held-out file has."""
+    from dpo_ray.data.bundled import TEST_FILE, TRAIN_FILE, make_pairs
+
+    seen = {json.loads(line)["prompt"] for f in (TRAIN_FILE, TEST_FILE)
+            for line in Path(f).read_text().splitlines() if line.strip()}
+    out: dict[str, None] = {}
+    for row in make_pairs(20 * n, seed):
+        if row["prompt"] not in seen:
+            out.setdefault(row["prompt"])
+        if len(out) == n:
+            return list(out)
+    raise ValueError(f"the task's generator made fewer than {n} fresh prompts")
+
+
+def fresh_accuracy(model_dir: Path, prompts: list[str]) -> float:
+    """Greedy task accuracy of ``model_dir`` on ``prompts`` (4 decimals)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_ray.data.bundled import task_accuracy
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return round(task_accuracy(model, AutoTokenizer.from_pretrained(model_dir), prompts), 4)
+
+
+def rescore(runs: dict, work: Path, fresh: list[str], sft_fresh: float) -> None:
+    """Add the fresh-prompt accuracies to recorded runs whose models are still in ``work``."""
+    for name, run in runs.items():
+        folder = work / (f"offline_{name.rsplit(' ', 1)[1]}" if name.startswith("offline seed ")
+                         else name.replace(" ", "_"))
+        models = ([folder] if name.startswith("offline") else
+                  [folder / f"round-{r}" / "model" for r in range(1, len(run["heldout"]))])
+        if "fresh" in run or not all((m / "config.json").exists() for m in models):
+            continue
+        run["fresh"] = [sft_fresh] + [fresh_accuracy(m, fresh) for m in models]
+        print(f"{name}: fresh {run['fresh']}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sft", default=None, help="the SFT model directory (default: run the demo's SFT stage)")
@@ -40,6 +85,10 @@ def main() -> int:
     ap.add_argument("--skip_offline", action="store_true")
     ap.add_argument("--overlap", action="store_true",
                     help="iterate.overlap: sample round r+1 while round r trains")
+    ap.add_argument("--fresh", type=int, default=2000, help="fresh prompts each model is also scored on "
+                    "(0: none)")
+    ap.add_argument("--rescore", action="store_true", help="only score the models of recorded runs that "
+                    "have no fresh-prompt numbers yet and whose folders are still in --workdir")
     ap.add_argument("--workdir", default="/tmp/dpo_ray_bench/iterate")
     ap.add_argument("--dpo_extra", default="", help="JSON of DPOConfig keys for the iterative rounds (e.g. "
                     "'{\"group_pairs\": \"best_vs_worst\"}')")
@@ -62,8 +111,14 @@ def main() -> int:
     results = json.loads(out_file.read_text()) if out_file.exists() else {"runs": {}}
     results.update(machine=machine(), versions=versions(), sft=str(sft))
     steps = 94 // args.rounds
+    fresh = fresh_prompts(args.fresh) if args.fresh else []
+    sft_fresh = fresh_accuracy(sft, fresh) if fresh else None
     rows = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    seeds = [] if args.rescore else [int(s) for s in args.seeds.split(",")]
+    if args.rescore:
+        rescore(results["runs"], work, fresh, sft_fresh)
+        out_file.write_text(json.dumps(results, indent=2) + "\n")
+    for seed in seeds:
         if not args.skip_offline:
             t0 = time.perf_counter()
             cfg = DPOConfig(**{**DEMO_DPO, "eval_strategy": "no"}, seed=seed,
@@ -73,6 +128,9 @@ def main() -> int:
             acc = greedy_task_accuracy(work / f"offline_{seed}")
             results["runs"][f"offline seed {seed}"] = {"heldout": [greedy_task_accuracy(sft), acc],
                                                        "seconds": round(time.perf_counter() - t0, 1)}
+            if fresh:
+                results["runs"][f"offline seed {seed}"]["fresh"] = [
+                    sft_fresh, fresh_accuracy(work / f"offline_{seed}", fresh)]
         dpo_extra = json.loads(args.dpo_extra) if args.dpo_extra else {}
         it_extra = json.loads(args.iterate_extra) if args.iterate_extra else {}
         extras = "".join(f" {k} {v}" for k, v in {**dpo_extra, **it_extra}.items())
@@ -96,11 +154,15 @@ def main() -> int:
                                  "pairs": [r["pairs"] for r in summary["rounds"][1:]],
                                  "seconds": [r["seconds"] for r in summary["rounds"]],
                                  "wall_s": round(time.perf_counter() - t0, 1)}
+        if fresh:
+            results["runs"][name]["fresh"] = [sft_fresh] + [fresh_accuracy(Path(r["model_dir"]), fresh)
+                                                            for r in summary["rounds"][1:]]
         out_file.write_text(json.dumps(results, indent=2) + "\n")
     for name, run in results["runs"].items():
         rows.append([name, " / ".join(f"{x:.3f}" for x in run["heldout"]),
+                     " / ".join(f"{x:.3f}" for x in run.get("fresh", [])) or "-",
                      run.get("wall_s", run.get("seconds"))])
-    print(table(["run", "held-out accuracy by round (0 = SFT)", "seconds"], rows))
+    print(table(["run", "held-out accuracy by round (0 = SFT)", "fresh prompts", "seconds"], rows))
     return 0
 
 

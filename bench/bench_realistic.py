@@ -17,6 +17,9 @@ Configurations (bench_throughput.py runs each in its own process, alternated ``-
   trl                   TRL DPOTrainer, 1 process, 2 torch threads, in-process reference, fp32
 
     python bench/bench_realistic.py [--pairs 200] [--batch 8] [--repeats 2] [--configs ...] [--name realistic]
+
+``--model DIR``: a pretrained model folder with its own tokenizer instead of the random 11M Llama (issue 30's
+table on SmolLM2-135M-Instruct: ``make smollm2`` caches it; its 49k vocabulary then sets the token counts).
 """
 
 from __future__ import annotations
@@ -139,20 +142,25 @@ def main() -> None:
     ap.add_argument("--prompt_median", type=int, default=120)
     ap.add_argument("--completion_median", type=int, default=150)
     ap.add_argument("--configs", default="dpo_ray_2w,dpo_ray_1w+nobucket,trl")
+    ap.add_argument("--model", default=None, help="a model folder with its tokenizer (default: the random "
+                    "11M Llama with Mistral's 32k vocabulary)")
+    ap.add_argument("--warmup", type=int, default=3, help="steps left out of the steady rate")
     ap.add_argument("--workdir", default="/tmp/dpo_ray_bench/realistic")
     ap.add_argument("--name", default="realistic", help="bench/results/<name>.json")
     ap.add_argument("--code", action="append", default=[], metavar="LABEL=DIR",
                     help="configs ending in @LABEL run dpo_ray from DIR (bench_throughput.py --code)")
     args = ap.parse_args()
     work = Path(args.workdir)
-    model = save_model(work)
+    model = Path(args.model) if args.model else save_model(work)
+    tag = f"{model.name}_" if args.model else ""  # the token counts follow the model's tokenizer
     data = make_pairs(work / "data"
-                      / f"pairs_{args.pairs}_{args.prompt_median}_{args.completion_median}.jsonl",
+                      / f"pairs_{tag}{args.pairs}_{args.prompt_median}_{args.completion_median}.jsonl",
                       args.pairs, model, args.prompt_median, args.completion_median)
     cmd = [sys.executable, str(BENCH / "bench_throughput.py"), "--model_dir", str(model), "--data_file",
            str(data), "--pairs", str(args.pairs), "--batch", str(args.batch), "--max_length", "1024",
-           "--repeats", str(args.repeats), "--warmup", "3", "--configs", args.configs, "--workdir",
-           str(work / "runs"), "--name", args.name, "--timeout", "1500", *(f"--code={c}" for c in args.code)]
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--configs", args.configs,
+           "--workdir", str(work / "runs"), "--name", args.name, "--timeout", "1500",
+           *(f"--code={c}" for c in args.code)]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
