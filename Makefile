@@ -14,7 +14,7 @@ export RAY_TRAIN_V2_ENABLED ?= 1
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test test-fast lint demo bench gpu-check wheelhouse smollm2 smollm2-example long-context clean
+.PHONY: install test test-fast lint demo bench gpu-check wheelhouse smollm2 smollm2-example smollm2-bench long-context clean
 
 install: $(STAMP)
 
@@ -68,6 +68,17 @@ smollm2-example: smollm2
 
 # Peak memory of one DPO step at 1k..8k tokens per pair, dpo_ray vs TRL (bench/bench_long_context.py)
 LONG_ARGS ?=
+# where scripts/smollm2.py caches the model
+SMOLLM2_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dpo_ray/models/SmolLM2-135M-Instruct
+SMOLLM2_BENCH = $(PY) bench/bench_realistic.py --model $(SMOLLM2_DIR) --pairs 48 --batch 8 --repeats 1 \
+	--warmup 2 --lr 1e-6
+
+smollm2-bench: smollm2
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
+	$(SMOLLM2_BENCH) --configs dpo_ray_2w,dpo_ray_1w+nobucket --name realistic_smollm2
+	$(SMOLLM2_BENCH) --configs trl --name realistic_smollm2_trl \
+		--trl_extra '{"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}'
+
 long-context: smollm2
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
 	$(PY) bench/bench_long_context.py $(LONG_ARGS)

@@ -145,6 +145,10 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a model folder with its tokenizer (default: the random "
                     "11M Llama with Mistral's 32k vocabulary)")
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the steady rate")
+    ap.add_argument("--lr", type=float, default=5e-4, help="learning rate of both trainers (a pretrained "
+                    "model wants a DPO-sized one, e.g. 1e-6)")
+    ap.add_argument("--trl_extra", default="", help="JSON of TRL DPOConfig keys (bench_throughput.py), e.g. "
+                    "micro-batches with accumulation where TRL's batch does not fit in memory")
     ap.add_argument("--workdir", default="/tmp/dpo_ray_bench/realistic")
     ap.add_argument("--name", default="realistic", help="bench/results/<name>.json")
     ap.add_argument("--code", action="append", default=[], metavar="LABEL=DIR",
@@ -157,10 +161,11 @@ def main() -> None:
                       / f"pairs_{tag}{args.pairs}_{args.prompt_median}_{args.completion_median}.jsonl",
                       args.pairs, model, args.prompt_median, args.completion_median)
     cmd = [sys.executable, str(BENCH / "bench_throughput.py"), "--model_dir", str(model), "--data_file",
-           str(data), "--pairs", str(args.pairs), "--batch", str(args.batch), "--max_length", "1024",
+           str(data), "--pairs", str(args.pairs), "--batch", str(args.batch), "--lr", str(args.lr),
+           "--max_length", "1024",
            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--configs", args.configs,
            "--workdir", str(work / "runs"), "--name", args.name, "--timeout", "1500",
-           *(f"--code={c}" for c in args.code)]
+           *(f"--code={c}" for c in args.code), *(["--trl_extra", args.trl_extra] if args.trl_extra else [])]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 

@@ -275,6 +275,7 @@ def main() -> None:
                      "--workdir", str(work / f"run_{name}"), "--batch", str(args.batch), "--epochs",
                      str(args.epochs), "--lr", str(args.lr), "--max_length", str(args.max_length),
                      "--dpo_ray_extra", json.dumps(variant_extra(base, args.dpo_ray_extra))]
+            child += ["--trl_extra", args.trl_extra] if args.trl_extra else []  # the child reads it
             child += ["--gpu"] if args.gpu else []
             res = run_child(child, out, args.timeout, env=env, log=work / f"{name}_{rep}.log",
                             cwd=Path(code[label]) if label else None)
