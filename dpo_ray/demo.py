@@ -29,7 +29,7 @@ DEMO_DPO = {"learning_rate": 5e-4, "beta": 0.1, "rpo_alpha": 1.0, "num_train_epo
 # `dpo-ray demo --iterative`: after the same SFT stage, 3 rounds of iterative DPO, each sampling 8 answers to
 # 1,024 of the bundled prompts from the current policy and scoring them by the task's rule; DEMO_DPO's
 # settings at lr 2e-4 and beta 0.02, its 94 optimizer steps split over the rounds. docs/BENCHMARKS.md section
-# 11: the best of the settings tried (on 2,000 fresh prompts 0.682 -> 0.717 over four seeds, offline DPO
+# 11: the best of the settings tried (on 2,000 fresh prompts 0.682 -> 0.715 over seeds 1-3, offline DPO
 # 0.727; at beta 0.1 the policy's own near misses pull it back to 0.690).
 DEMO_ITERATE = {**{k: v for k, v in DEMO_DPO.items()
                    if k not in ("eval_strategy", "eval_steps", "num_train_epochs")},
