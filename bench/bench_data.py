@@ -103,7 +103,7 @@ def main() -> None:
     from dpo_ray import DPOConfig
     from dpo_ray.data import bundled, load_tokenizer
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)  # never joins another
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -67,7 +67,7 @@ def main() -> None:
     init = {k: v.clone() for k, v in model.state_dict().items()}
     rows = skewed_rows(args.pairs, len(tok), args.max_len, seed=0)
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)  # never joins another
     try:
         ds = ray.data.from_items(rows).materialize()
         settings = {"off": False, "on": True}

@@ -124,7 +124,7 @@ def main() -> None:
         b = next_batch()
         policy_step(b, *reference_logps(reference, b))
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)  # never joins another
     try:
         pool = ReferencePool.create(cfg, ray.put(shippable(reference)), tok, ready_timeout_s=300)
         client = ActorPoolReference(pool.handles(), cfg, rank=0, timeout_s=300)

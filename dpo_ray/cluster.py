@@ -183,7 +183,7 @@ def init_ray(cfg: DPOConfig) -> None:
         pin_ray_data_stats_to_driver()
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {**WORKER_ENV, **cfg.ray.runtime_env.get("env_vars", {})}
+    env = {**WORKER_ENV, **joined_cluster_env(address), **cfg.ray.runtime_env.get("env_vars", {})}
     runtime_env = {**cfg.ray.runtime_env, "env_vars": env}
     job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if job_config:
@@ -207,6 +207,19 @@ def init_ray(cfg: DPOConfig) -> None:
                  log_to_driver=True)
     quiet_ray_console()
     pin_ray_data_stats_to_driver()
+
+
+def joined_cluster_env(address: str | None) -> dict[str, str]:
+    """RAY_ADDRESS for the run's actors when it joins a cluster at a concrete ``host:port`` (``ray job
+    submit`` sets one). Ray Train's placement-group cleaner (a detached actor per run on a joined cluster)
+    asks the state API whether the run's controller lives; without an address that call looks for Ray
+    instances on its machine, and with a second one there (another user's local run, a test suite) it
+    raises "Found multiple active Ray instances", its monitor thread dies and the actor stays alive after the
+    run, holding its memory until the cluster stops. With the address it finds its own cluster. "auto", Ray
+    Client URLs and a variable already set are left as they are."""
+    if not address or "://" in address or address in ("auto", "local") or ":" not in address:
+        return {}
+    return {"RAY_ADDRESS": address}
 
 
 def started_here() -> bool:

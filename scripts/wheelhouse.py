@@ -320,7 +320,8 @@ target = os.path.realpath(sys.argv[1])
 import ray, ray.train, ray.data, deepspeed, datasets, trl, pydantic, pytest
 for m in (ray, deepspeed, datasets, trl, pytest):
     assert os.path.realpath(m.__file__).startswith(target), f"{m.__name__} came from {m.__file__}, not {target}"
-ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+# a private Ray even when another runs on this machine (a bare ray.init would join it and refuse num_cpus)
+ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
 @ray.remote
 def f(x):
     return x + 1

@@ -320,9 +320,25 @@ def _wait_freed(head: PrivateRayHead, job_id: str, timeout_s: float = 90) -> Non
     assert not held, f"job {job_id} still holds {held} {timeout_s}s after it ended"
 
 
-def test_job_stop_and_killed_driver_free_everything_and_outputs_land_in_shared_storage(ray_head, tmp_path):
-    """Two jobs at once on the head (token authentication on): one sent by deploy/submit.sh (the CLI,
-    precomputed reference, a relative output_dir) and stopped with `ray job stop`; one running
+@pytest.fixture
+def another_ray_on_this_machine():
+    """A second Ray instance on the machine (another user's local run, a suite beside the cluster): Ray code
+    that looks for "the" Ray of this machine instead of using its address finds two. Ray Train's
+    placement-group cleaner did, and stayed alive after its run (dpo_ray.cluster.joined_cluster_env)."""
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_job_stop_and_killed_driver_free_everything_and_outputs_land_in_shared_storage(
+        ray_head, tmp_path, another_ray_on_this_machine):
+    """Two jobs at once on the head (token authentication on), with another Ray instance running on the
+    machine: one sent by deploy/submit.sh (the CLI, precomputed reference, a relative output_dir) and stopped
+    with `ray job stop`; one running
     examples/train_dpo.py (the reference actor pool, its default relative output_dir) whose driver is
     SIGKILLed. Afterwards neither holds an actor or a placement group (state API) and every CPU is free again
     (the same accounting holds GPUs); the relative output_dirs and the precomputed-reference cache are under

@@ -202,3 +202,15 @@ def test_data_stats_actor_and_dataset_context(monkeypatch, ray_local):
         ray_private.set_dataset_context(Renamed(), fallback)
         assert current.execution_options.preserve_order is True and current.target_max_block_size == 12345
     assert current.execution_options.preserve_order == before
+
+
+def test_a_joined_cluster_hands_its_address_to_the_runs_actors():
+    """The actors of a run that joins a cluster at host:port get RAY_ADDRESS (Ray Train's placement-group
+    cleaner then finds its own cluster with another Ray on the machine: tests/test_job_submit.py runs that);
+    a local run, "auto" and Ray Client URLs add nothing."""
+    from dpo_ray.cluster import joined_cluster_env
+
+    assert joined_cluster_env("10.0.0.1:6379") == {"RAY_ADDRESS": "10.0.0.1:6379"}
+    assert joined_cluster_env("raycluster-head-svc:6379") == {"RAY_ADDRESS": "raycluster-head-svc:6379"}
+    for address in (None, "", "auto", "local", "ray://head:10001", "http://head:8265"):
+        assert joined_cluster_env(address) == {}, address
