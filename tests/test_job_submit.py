@@ -339,10 +339,10 @@ def test_job_stop_and_killed_driver_free_everything_and_outputs_land_in_shared_s
     """Two jobs at once on the head (token authentication on), with another Ray instance running on the
     machine: one sent by deploy/submit.sh (the CLI, precomputed reference, a relative output_dir) and stopped
     with `ray job stop`; one running examples/train_dpo.py (the reference actor pool, its default relative
-    output_dir) whose driver is SIGKILLed. Afterwards neither holds an actor or a placement group (state API) and every CPU is free again
-    (the same accounting holds GPUs); the relative output_dirs and the precomputed-reference cache are under
-    DPO_RAY_SHARED_DIR (this test's temp dir standing in for the shared volume), not in the jobs' node-local
-    working directories."""
+    output_dir) whose driver is SIGKILLed. Afterwards neither holds an actor or a placement group (state API)
+    and every CPU is free again (the same accounting holds GPUs); the relative output_dirs and the
+    precomputed-reference cache are under DPO_RAY_SHARED_DIR (this test's temp dir standing in for the shared
+    volume), not in the jobs' node-local working directories."""
     # token authentication is on: the Jobs API refuses a request without the token
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{ray_head.address}/api/jobs/", timeout=10)
