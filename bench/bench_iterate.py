@@ -50,21 +50,22 @@ def fresh_prompts(n: int, seed: int = 987_654) -> list[str]:
 
 def fresh_accuracy(model_dir: Path, prompts: list[str]) -> float:
     """Greedy task accuracy of ``model_dir`` on ``prompts`` (4 decimals)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from dpo_ray.demo import greedy_task_accuracy
 
-    from dpo_ray.data.bundled import task_accuracy
+    return round(greedy_task_accuracy(model_dir, prompts=prompts), 4)
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return round(task_accuracy(model, AutoTokenizer.from_pretrained(model_dir), prompts), 4)
+
+def run_folder(work: Path, name: str) -> Path:
+    """Where the run recorded as ``name`` writes its model(s)."""
+    if name.startswith("offline seed "):
+        return work / f"offline_{name.rsplit(' ', 1)[1]}"
+    return work / name.replace(" ", "_")
 
 
 def rescore(runs: dict, work: Path, fresh: list[str], sft_fresh: float) -> None:
     """Add the fresh-prompt accuracies to recorded runs whose models are still in ``work``."""
     for name, run in runs.items():
-        folder = work / (f"offline_{name.rsplit(' ', 1)[1]}" if name.startswith("offline seed ")
-                         else name.replace(" ", "_"))
+        folder = run_folder(work, name)
         models = ([folder] if name.startswith("offline") else
                   [folder / f"round-{r}" / "model" for r in range(1, len(run["heldout"]))])
         if "fresh" in run or not all((m / "config.json").exists() for m in models):
@@ -121,16 +122,15 @@ def main() -> int:
     for seed in seeds:
         if not args.skip_offline:
             t0 = time.perf_counter()
-            cfg = DPOConfig(**{**DEMO_DPO, "eval_strategy": "no"}, seed=seed,
-                            output_dir=str(work / f"offline_{seed}"),
+            offline = f"offline seed {seed}"
+            folder = run_folder(work, offline)
+            cfg = DPOConfig(**{**DEMO_DPO, "eval_strategy": "no"}, seed=seed, output_dir=str(folder),
                             overwrite_output_dir=True, dataset_name=str(TRAIN_FILE), report_to=[])
             DPOTrainer(model=str(sft), args=cfg).train()
-            acc = greedy_task_accuracy(work / f"offline_{seed}")
-            results["runs"][f"offline seed {seed}"] = {"heldout": [greedy_task_accuracy(sft), acc],
-                                                       "seconds": round(time.perf_counter() - t0, 1)}
+            results["runs"][offline] = {"heldout": [greedy_task_accuracy(sft), greedy_task_accuracy(folder)],
+                                        "seconds": round(time.perf_counter() - t0, 1)}
             if fresh:
-                results["runs"][f"offline seed {seed}"]["fresh"] = [
-                    sft_fresh, fresh_accuracy(work / f"offline_{seed}", fresh)]
+                results["runs"][offline]["fresh"] = [sft_fresh, fresh_accuracy(folder, fresh)]
         dpo_extra = json.loads(args.dpo_extra) if args.dpo_extra else {}
         it_extra = json.loads(args.iterate_extra) if args.iterate_extra else {}
         extras = "".join(f" {k} {v}" for k, v in {**dpo_extra, **it_extra}.items())
@@ -143,7 +143,7 @@ def main() -> int:
         cfg = DPOConfig(**{**settings, "learning_rate": args.learning_rate, **dpo_extra}, seed=seed,
                         max_steps=steps,
                         eval_strategy="no", report_to=[], model_name_or_path=str(sft),
-                        overwrite_output_dir=True, output_dir=str(work / name.replace(" ", "_")),
+                        overwrite_output_dir=True, output_dir=str(run_folder(work, name)),
                         iterate={"rounds": args.rounds, "samples": args.samples,
                                  "temperature": args.temperature, "prompts_per_round": args.prompts_per_round,
                                  "max_new_tokens": 16, "eval_limit": 200, "overlap": args.overlap,

@@ -47,7 +47,8 @@ def _stage_config(base: dict, output_dir: Path, overrides: dict, config_file) ->
     return load_config(config_file, {**settings, "output_dir": str(output_dir)})
 
 
-def greedy_task_accuracy(model_dir: Path, limit: int = 200) -> float:
+def greedy_task_accuracy(model_dir: Path, limit: int = 200, prompts: list[str] | None = None) -> float:
+    """Greedy task accuracy of ``model_dir`` on ``prompts`` (default: the first ``limit`` held-out ones)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,7 +57,7 @@ def greedy_task_accuracy(model_dir: Path, limit: int = 200) -> float:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return task_accuracy(model, tokenizer, eval_prompts()[:limit])
+    return task_accuracy(model, tokenizer, eval_prompts()[:limit] if prompts is None else prompts)
 
 
 def run_iterative(output_dir: Path, sft_dir: Path, overrides: dict, config_file=None) -> dict:
