@@ -4,9 +4,9 @@
 
 --quick shrinks each run (fewer pairs/repeats, TRL scale capped at 1k) to check the scripts in minutes;
 the numbers in docs/BENCHMARKS.md come from the full defaults. Every script behind a number the README
-quotes is here (realistic: the headline; throughput_long; startup; scale). The ones that need a downloaded
-model or a GPU have their own make targets: ``make long-context`` (SmolLM2), ``make gpu-check``; the
-iterative-DPO tables take an SFT model (``bench_iterate.py``, ``bench_rollout.py``, docs/BENCHMARKS.md
+quotes is here (realistic: the headline; throughput_long; startup; scale; suite_floor). The ones that need
+a downloaded model or a GPU have their own make targets: ``make long-context`` (SmolLM2), ``make gpu-check``;
+the iterative-DPO tables take an SFT model (``bench_iterate.py``, ``bench_rollout.py``, docs/BENCHMARKS.md
 section 11). The benchmarks run one after another, never side by side: they measure the same 2 cores.
 """
 
@@ -41,6 +41,8 @@ FULL = {
     "gpu": ["bench_gpu.py"],
     # docs/training.md's step-time cost of a fixed mmap threshold (its memory part: make long-context)
     "allocator": ["bench_allocator.py", "--parts", "speed"],
+    # the README's floor under `make test`: what one Ray Train fit of the tests' shape costs
+    "suite_floor": ["bench_suite_floor.py", "--repeats", "3"],
 }
 QUICK = {
     "realistic": ["bench_realistic.py", "--pairs", "48", "--batch", "8", "--repeats", "1", "--name",
@@ -61,6 +63,7 @@ QUICK = {
     "gpu": ["bench_gpu.py", "--pairs", "256", "--repeats", "1"],
     "allocator": ["bench_allocator.py", "--parts", "speed", "--steps", "5", "--repeats", "1", "--out",
                   str(BENCH / "results" / "allocator_quick.json")],
+    "suite_floor": ["bench_suite_floor.py", "--repeats", "1", "--name", "suite_floor_quick"],
 }
 
 
