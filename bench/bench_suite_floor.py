@@ -38,6 +38,8 @@ STAGES = ("worker", "policy", "first batch", "first step")
 
 
 def fits(repeats: int, work: Path) -> list[dict]:
+    """``repeats`` rounds of a 2-worker then a 1-worker fit on one local Ray; per fit its wall time and the
+    seconds from ``fit()`` to each start-up stage (the first fit of all is the cold one)."""
     for key, value in CHILD_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as tests/conftest.py
@@ -113,7 +115,7 @@ def count(ray_tmp: Path, since: str, until: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="fits,reuse", help="comma-separated: fits, reuse, count")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ray_tmp", default="/tmp/ray")
     ap.add_argument("--since", default="", help="session folder time stamp, e.g. 2026-12-05_08-18")
     ap.add_argument("--until", default="9999")
