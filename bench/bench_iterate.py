@@ -114,6 +114,7 @@ def main() -> int:
     steps = 94 // args.rounds
     fresh = fresh_prompts(args.fresh) if args.fresh else []
     sft_fresh = fresh_accuracy(sft, fresh) if fresh else None
+    sft_heldout = greedy_task_accuracy(sft) if not (args.skip_offline or args.rescore) else None
     rows = []
     seeds = [] if args.rescore else [int(s) for s in args.seeds.split(",")]
     if args.rescore:
@@ -127,7 +128,7 @@ def main() -> int:
             cfg = DPOConfig(**{**DEMO_DPO, "eval_strategy": "no"}, seed=seed, output_dir=str(folder),
                             overwrite_output_dir=True, dataset_name=str(TRAIN_FILE), report_to=[])
             DPOTrainer(model=str(sft), args=cfg).train()
-            results["runs"][offline] = {"heldout": [greedy_task_accuracy(sft), greedy_task_accuracy(folder)],
+            results["runs"][offline] = {"heldout": [sft_heldout, greedy_task_accuracy(folder)],
                                         "seconds": round(time.perf_counter() - t0, 1)}
             if fresh:
                 results["runs"][offline]["fresh"] = [sft_fresh, fresh_accuracy(folder, fresh)]
